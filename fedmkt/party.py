@@ -1,0 +1,120 @@
+"""The party `LightningModule`: a frozen base LM with a LoRA adapter.
+
+One module serves every phase a party goes through in a round:
+- training on private data (batches carry only `targets`): task CE on answer tokens;
+- training on public data with teacher targets (batches also carry `kd_ids`/`kd_probs`/`kd_mask`):
+  `λ·CE + (1−λ)·KD`, where KD is the sparse top-k loss — no dense [B, L, V] target is built;
+- prediction on public data: per-sample CE and top-k next-token logits at every position, which
+  is what the party shares with others.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from peft import LoraConfig, get_peft_model
+from torchmetrics import MeanMetric
+from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+
+from fedmkt.config import LoRAConfig, OptimizerConfig, TransferConfig
+from fedmkt.errors import FedMKTError
+from fedmkt.losses import kd_objective, sparse_kd_loss, token_cross_entropy
+
+
+class PartyModule(L.LightningModule):
+    """A party's trainable model: LoRA on a frozen base, with task and KD losses."""
+
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        lora: LoRAConfig,
+        optimizer: OptimizerConfig,
+        transfer: TransferConfig,
+        name: str = "party",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.optimizer_config = optimizer
+        self.transfer = transfer
+        self.save_hyperparameters({"lora": vars(lora), "optimizer": vars(optimizer), "transfer": vars(transfer), "name": name})
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        try:
+            self.model = get_peft_model(base_model, peft_config)
+        except ValueError as error:
+            raise FedMKTError(
+                f"{name}: LoRA target modules {list(lora.target_modules)} not found in {type(base_model).__name__} ({error}). "
+                "Fix: set lora.target_modules to that architecture's projection names."
+            ) from error
+        self.task_loss = MeanMetric()
+        self.kd_loss = MeanMetric()
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    # ---- training -------------------------------------------------------------------------
+
+    def on_train_epoch_start(self) -> None:
+        self.task_loss.reset()
+        self.kd_loss.reset()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        ce = token_cross_entropy(logits, batch["targets"])
+        if "kd_ids" in batch:
+            kd = sparse_kd_loss(
+                logits, batch["kd_ids"], batch["kd_probs"], temperature=self.transfer.temperature, kind=self.transfer.kd_loss
+            )
+            mask = batch["kd_mask"]
+            loss = kd_objective(ce, kd, mask, self.transfer.ce_weight)
+            kd_mean = (kd * mask).sum() / mask.sum().clamp_min(1)
+            self.kd_loss.update(kd_mean.detach())
+            self.log("kd_loss", kd_mean.detach(), prog_bar=True, batch_size=len(ce))
+        else:
+            loss = ce.mean()
+        if not torch.isfinite(loss):
+            raise FedMKTError(
+                f"{self.name}: loss became {loss.item()} at step {self.global_step}. "
+                "Fix: lower optimizer.lr, use precision 32-true, or check the data for empty answers."
+            )
+        self.task_loss.update(ce.mean().detach())
+        self.log("task_loss", ce.mean().detach(), prog_bar=True, batch_size=len(ce))
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        config = self.optimizer_config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = math.ceil(config.warmup_ratio * total)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- sharing knowledge -----------------------------------------------------------------
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-sample CE and top-k logits at every real (non-pad) position, moved to CPU."""
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        losses = token_cross_entropy(logits, batch["targets"]).float()
+        values, ids = logits.topk(self.transfer.top_k, dim=-1)
+        mask = batch["attention_mask"].bool()
+        return {
+            "index": batch["index"].cpu(),
+            "losses": losses.cpu(),
+            "lengths": mask.sum(-1).cpu(),
+            "token_ids": batch["input_ids"][mask].cpu(),
+            "topk_ids": ids[mask].cpu(),
+            "topk_logits": values[mask].to(torch.float16).cpu(),
+        }

@@ -1,0 +1,123 @@
+"""What crosses a party boundary: knowledge about the public dataset, as tensors.
+
+A `KnowledgePayload` holds, for every public sample the sender scored, its per-sample loss and
+its top-k next-token logits at every token position (values + ids), plus the sender's own token
+ids for that sample (needed by the receiver to align the two tokenizations). Rows are ragged:
+sample `s` owns rows `offsets[s]:offsets[s+1]`.
+
+Payloads travel as safetensors bytes — never pickles, never Python lists — so the receiver can
+deserialise untrusted input safely, and the byte count we report is the real wire size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from fedmkt.errors import FedMKTError
+
+_TENSOR_FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits")
+
+
+def smallest_id_dtype(vocab_size: int) -> torch.dtype:
+    """The narrowest signed integer type that holds every token id of a vocabulary."""
+    return torch.int16 if vocab_size <= torch.iinfo(torch.int16).max + 1 else torch.int32
+
+
+@dataclass
+class KnowledgePayload:
+    """Top-k logits and per-sample losses of one party on the public dataset."""
+
+    sender: str
+    """Name of the party that produced it (e.g. `client_0`, `server`)."""
+
+    round: int
+    """Federated round it belongs to."""
+
+    vocab_size: int
+    """Size of the sender's vocabulary (ids must lie below it)."""
+
+    sample_index: torch.Tensor
+    """[N] long: index of each sample in the public dataset."""
+
+    losses: torch.Tensor
+    """[N] float32: the sender's token-mean CE on each sample's labels."""
+
+    offsets: torch.Tensor
+    """[N+1] long: row ranges of each sample in the per-token tensors."""
+
+    token_ids: torch.Tensor
+    """[T] ids of the sender's own input tokens."""
+
+    topk_ids: torch.Tensor
+    """[T, k] ids of the top-k next-token logits at each position."""
+
+    topk_logits: torch.Tensor
+    """[T, k] float16 values of those logits."""
+
+    @property
+    def top_k(self) -> int:
+        return int(self.topk_ids.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.sample_index.numel())
+
+    def sample(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token_ids, topk_ids, topk_logits) of the `row`-th sample in this payload, ids as long."""
+        start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+        return (
+            self.token_ids[start:end].long(),
+            self.topk_ids[start:end].long(),
+            self.topk_logits[start:end].float(),
+        )
+
+    def to_bytes(self) -> bytes:
+        """Serialise with safetensors (the metadata carries sender, round and vocab size)."""
+        tensors = {name: getattr(self, name).contiguous() for name in _TENSOR_FIELDS}
+        metadata = {"sender": self.sender, "round": str(self.round), "vocab_size": str(self.vocab_size)}
+        return save_safetensors(tensors, metadata=metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "KnowledgePayload":
+        """Deserialise and validate bytes received from another party."""
+        try:
+            tensors = load_safetensors(data)
+            metadata = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
+        except (SafetensorError, ValueError, json.JSONDecodeError) as error:
+            raise FedMKTError(f"received payload is not valid safetensors data ({error}). Fix: check the sender's fedmkt version.") from error
+        missing = [name for name in _TENSOR_FIELDS if name not in tensors] + [
+            key for key in ("sender", "round", "vocab_size") if key not in metadata
+        ]
+        if missing:
+            raise FedMKTError(f"received payload lacks {missing}. Fix: check the sender's fedmkt version.")
+        payload = cls(
+            sender=metadata["sender"], round=int(metadata["round"]), vocab_size=int(metadata["vocab_size"]), **tensors
+        )
+        payload.validate()
+        return payload
+
+    def validate(self, num_public: int | None = None) -> None:
+        """Reject malformed knowledge before anything is distilled from it."""
+        n, rows = len(self), int(self.token_ids.numel())
+        problems = []
+        if self.losses.shape != (n,) or self.offsets.shape != (n + 1,):
+            problems.append(f"losses/offsets shapes {tuple(self.losses.shape)}/{tuple(self.offsets.shape)} do not fit {n} samples")
+        elif int(self.offsets[0]) != 0 or int(self.offsets[-1]) != rows or bool((self.offsets.diff() < 0).any()):
+            problems.append("offsets are not a non-decreasing cover of the token rows")
+        if self.topk_ids.ndim != 2 or self.topk_ids.shape != self.topk_logits.shape or self.topk_ids.shape[0] != rows:
+            problems.append(f"top-k shapes {tuple(self.topk_ids.shape)}/{tuple(self.topk_logits.shape)} do not match {rows} token rows")
+        if not bool(torch.isfinite(self.losses).all()) or not bool(torch.isfinite(self.topk_logits.float()).all()):
+            problems.append("losses or logits contain NaN/inf")
+        for name in ("token_ids", "topk_ids"):
+            ids = getattr(self, name)
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+                problems.append(f"{name} fall outside the sender's vocabulary of {self.vocab_size}")
+        if num_public is not None and n and (int(self.sample_index.min()) < 0 or int(self.sample_index.max()) >= num_public):
+            problems.append(f"sample_index outside the public dataset of {num_public} samples")
+        if problems:
+            raise FedMKTError(f"rejected payload from {self.sender}: {'; '.join(problems)}. Fix: nothing is distilled from it; check that party's model and data.")

@@ -1,0 +1,48 @@
+"""DualMinCE: which public samples a receiver distils, and from whom.
+
+Per sample, the teacher is the candidate with the lowest loss (on the server: argmin over the
+clients; on a client there is one candidate, the server). The sample is distilled only if that
+teacher's loss is strictly lower than the receiver's own loss — knowledge flows only where the
+teacher knows better. Everything else still trains with the task CE, with no KD term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Selection:
+    """The outcome of selective transfer for one receiver in one round."""
+
+    teachers: list[str]
+    """Candidate teacher names, in a fixed order."""
+
+    teacher_of_sample: torch.Tensor
+    """[N] long: index into `teachers` of the sample's teacher, or -1 where nothing is distilled."""
+
+    @property
+    def num_selected(self) -> int:
+        return int((self.teacher_of_sample >= 0).sum())
+
+    def counts(self) -> dict[str, int]:
+        """How many samples each teacher contributes."""
+        return {name: int((self.teacher_of_sample == i).sum()) for i, name in enumerate(self.teachers)}
+
+
+def dual_min_ce(own_losses: torch.Tensor, teacher_losses: dict[str, torch.Tensor], require_improvement: bool = True) -> Selection:
+    """Pick each sample's lowest-loss teacher and keep it only if it beats the receiver.
+
+    `require_improvement=False` keeps every sample's best teacher (the "all" ablation).
+    Ties go to the teacher listed first (stable, deterministic).
+    """
+    names = sorted(teacher_losses)
+    if not names:
+        return Selection([], torch.full_like(own_losses, -1, dtype=torch.long))
+    stacked = torch.stack([teacher_losses[name].float() for name in names])  # [T, N]
+    best_loss, best_teacher = stacked.min(dim=0)
+    if require_improvement:
+        best_teacher = torch.where(best_loss < own_losses.float(), best_teacher, torch.full_like(best_teacher, -1))
+    return Selection(names, best_teacher)
