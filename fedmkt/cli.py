@@ -1,0 +1,145 @@
+"""The `fedmkt` command: `fit`, `evaluate` and `map-vocab`, each mapped to a plain function.
+
+`--config NAME` accepts a path, or the bare name of a shipped config (`demo`, `tiny.yaml`,
+`heterogeneous.yaml`, …) which resolves to the `lightning_configs/` folder. Any key can be
+overridden on the command line (`--transfer.top_k 8`), `--print_config` shows the resolved
+config, and `fit` saves it in the run directory. User errors print one line naming the problem
+and the fix; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+from fedmkt.config import RunConfig
+from fedmkt.errors import FedMKTError
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The YAML configs installed with fedmkt, by file name."""
+    folder = resources.files("fedmkt.lightning_configs")
+    return {entry.name: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def resolve_config_path(value: str) -> str:
+    """A path stays a path; a bare name (with or without `.yaml`) becomes a shipped config."""
+    if Path(value).exists():
+        return value
+    shipped = shipped_configs()
+    for name in (value, f"{value}.yaml"):
+        if name in shipped and "/" not in value:
+            return str(shipped[name])
+    raise FedMKTError(
+        f"config file `{value}` not found. Fix: give an existing path or a shipped config name ({', '.join(sorted(shipped))})."
+    )
+
+
+def _resolve_config_arguments(argv: list[str]) -> list[str]:
+    resolved = list(argv)
+    for i, arg in enumerate(resolved):
+        if arg == "--config" and i + 1 < len(resolved):
+            resolved[i + 1] = resolve_config_path(resolved[i + 1])
+        elif arg.startswith("--config="):
+            resolved[i] = "--config=" + resolve_config_path(arg.split("=", 1)[1])
+    return resolved
+
+
+def _run_parser(description: str) -> ArgumentParser:
+    parser = ArgumentParser(description=description, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config: a path or a shipped name (demo, tiny, heterogeneous, …).")
+    parser.add_class_arguments(RunConfig)
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    """The top-level parser with one sub-parser per subcommand."""
+    parser = ArgumentParser(prog="fedmkt", description="FedMKT: federated mutual knowledge transfer between an LLM and SLMs.", exit_on_error=False)
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
+    subcommands = parser.add_subcommands()
+
+    subcommands.add_subcommand("fit", _run_parser("Run FedMKT rounds end to end."), help="Run FedMKT rounds end to end.")
+
+    evaluate = _run_parser("Score one party (base model + optional LoRA adapter) on the run's held-out split.")
+    evaluate.add_argument("--party", type=str, default="server", help="server, client_0, client_1, …")
+    evaluate.add_argument("--adapter", type=Optional[str], default=None, help="LoRA adapter folder (e.g. RUN_DIR/adapters/round_2/server).")
+    subcommands.add_subcommand("evaluate", evaluate, help="Score a party on the held-out evaluation split.")
+
+    map_vocab = ArgumentParser(description="Precompute a MinED vocabulary map between two tokenizers.", exit_on_error=False)
+    map_vocab.add_argument("--src", type=str, required=True, help="Source model spec: hub name, local dir, .gguf file or embedded:NAME.")
+    map_vocab.add_argument("--dst", type=str, required=True, help="Destination model spec (same forms as --src).")
+    map_vocab.add_argument("--out", type=str, required=True, help="Output JSON: source token string -> destination token string.")
+    map_vocab.add_argument("--cache_dir", type=Optional[str], default=None, help="Cache folder (default $FEDMKT_CACHE or ~/.cache/fedmkt).")
+    subcommands.add_subcommand("map-vocab", map_vocab, help="Precompute a MinED vocabulary map.")
+    return parser
+
+
+def _run_config(parser: ArgumentParser, namespace) -> RunConfig:
+    """Instantiate the typed RunConfig from a parsed sub-command namespace."""
+    values = parser.instantiate(namespace)
+    fields = RunConfig.__dataclass_fields__
+    return RunConfig(**{key: values[key] for key in fields})
+
+
+def _dispatch(argv: list[str]) -> None:
+    parser = build_parser()
+    namespace = parser.parse_args(_resolve_config_arguments(argv))
+    command = namespace.subcommand
+    sub_namespace = namespace[command]
+    sub_parser = parser._subcommands_action._name_parser_map[command]
+    if command == "fit":
+        from fedmkt.run import fit
+
+        config = _run_config(sub_parser, sub_namespace)
+        resolved = sub_parser.dump(sub_namespace, skip_none=False)
+        fit(config, resolved_config=resolved)
+    elif command == "evaluate":
+        from fedmkt.run import evaluate_party
+
+        config = _run_config(sub_parser, sub_namespace)
+        scores = evaluate_party(config, sub_namespace.party, sub_namespace.adapter)
+        print(" ".join(f"{key}={value:.4f}" for key, value in scores.items()))
+    elif command == "map-vocab":
+        from fedmkt.alignment.vocab_map import write_vocab_map_json
+        from fedmkt.config import ModelSpec
+        from fedmkt.models import cache_root, load_tokenizer
+
+        cache = sub_namespace.cache_dir
+        source, target = load_tokenizer(ModelSpec(sub_namespace.src), cache), load_tokenizer(ModelSpec(sub_namespace.dst), cache)
+        out = write_vocab_map_json(source, target, sub_namespace.out, cache_dir=cache_root(cache) / "vocab_maps")
+        print(f"wrote {out}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:  # accepted anywhere on the line, like other global flags
+        argv = ["--debug"] + [arg for arg in argv if arg != "--debug"]
+    try:
+        _dispatch(argv)
+    except FedMKTError as error:
+        if debug:
+            raise
+        print(f"fedmkt: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # jsonargparse reports config problems as ArgumentError
+        if debug or type(error).__name__ != "ArgumentError":
+            raise
+        problem = " ".join(str(error).split())
+        print(
+            f"fedmkt: config error: {problem}. Fix: correct that key or value (see `fedmkt fit --help`, or `--print_config` for the resolved config).",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""One party at run time: its module, tokenizer and data, and a Lightning `Trainer` per phase.
+
+The FedMKT protocol (see `trainer.py`) only calls the named phases below; a participant never
+touches another participant's objects — what it learns about others arrives as payloads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+
+from fedmkt.callbacks import AlignmentCacheCallback, SelectiveTransferCallback
+from fedmkt.config import PartyConfig, TransferConfig
+from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
+from fedmkt.data.tasks import QAExample
+from fedmkt.evaluation import evaluate_multiple_choice
+from fedmkt.party import PartyModule
+from fedmkt.payload import KnowledgePayload, smallest_id_dtype
+
+
+class Participant:
+    """A server or client: fine-tune, share knowledge, distil, evaluate."""
+
+    def __init__(
+        self,
+        name: str,
+        config: PartyConfig,
+        transfer: TransferConfig,
+        module: PartyModule,
+        tokenizer,
+        data: PartyDataModule,
+        evaluation: list[QAExample],
+        peer_tokenizers: dict,
+        cache_dir: Path,
+        max_length: int,
+        seed: int,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.transfer = transfer
+        self.module = module
+        self.tokenizer = tokenizer
+        self.data = data
+        self.evaluation = evaluation
+        self.max_length = max_length
+        self.seed = seed
+        self.selective_transfer = SelectiveTransferCallback(require_improvement=transfer.selection == "dualmince")
+        self.alignment = AlignmentCacheCallback(tokenizer, peer_tokenizers, cache_dir, transfer.temperature)
+        self._public_losses: Optional[torch.Tensor] = None  # valid until the weights change
+
+    def _trainer(self, max_epochs: int = 1, callbacks: tuple = ()) -> L.Trainer:
+        settings = self.config.trainer
+        return L.Trainer(
+            accelerator=settings.accelerator,
+            devices=settings.devices,
+            strategy=settings.strategy,
+            precision=settings.precision,
+            max_epochs=max_epochs,
+            accumulate_grad_batches=settings.accumulate_grad_batches,
+            gradient_clip_val=self.config.optimizer.grad_clip or None,
+            callbacks=list(callbacks),
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=settings.enable_progress_bar,
+            num_sanity_val_steps=0,
+        )
+
+    def _fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule, phase_seed: int) -> dict[str, float]:
+        L.seed_everything(phase_seed, verbose=False)
+        start = time.perf_counter()
+        trainer.fit(self.module, datamodule=datamodule)
+        self.module.cpu()  # off the accelerator while other parties work
+        self._public_losses = None
+        return {
+            "task_loss": float(self.module.task_loss.compute()) if self.module.task_loss.update_count else float("nan"),
+            "kd_loss": float(self.module.kd_loss.compute()) if self.module.kd_loss.update_count else 0.0,
+            "train_seconds": time.perf_counter() - start,
+        }
+
+    # ---- phases ---------------------------------------------------------------------------
+
+    def fine_tune(self, round_index: int) -> dict[str, float]:
+        """Step 1: local fine-tuning on private data (task CE)."""
+        if self.config.local_epochs == 0 or not self.data.private:
+            return {"task_loss": float("nan"), "kd_loss": 0.0, "train_seconds": 0.0}
+        trainer = self._trainer(self.config.local_epochs)
+        return self._fit(trainer, self.data, self.seed + 1000 * round_index + 1)
+
+    def share_knowledge(self, round_index: int) -> KnowledgePayload:
+        """Steps 2/7: per-sample CE and top-k logits on the public data."""
+        L.seed_everything(self.seed, verbose=False)
+        outputs = self._trainer().predict(self.module, datamodule=self.data)
+        self.module.cpu()
+        lengths = torch.cat([o["lengths"] for o in outputs])
+        id_dtype = smallest_id_dtype(self.module.vocab_size)
+        payload = KnowledgePayload(
+            sender=self.name,
+            round=round_index,
+            vocab_size=self.module.vocab_size,
+            sample_index=torch.cat([o["index"] for o in outputs]).long(),
+            losses=torch.cat([o["losses"] for o in outputs]),
+            offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+            token_ids=torch.cat([o["token_ids"] for o in outputs]).to(id_dtype),
+            topk_ids=torch.cat([o["topk_ids"] for o in outputs]).to(id_dtype),
+            topk_logits=torch.cat([o["topk_logits"] for o in outputs]),
+        )
+        self._public_losses = payload.losses[payload.sample_index.argsort()]
+        return payload
+
+    def public_losses(self) -> torch.Tensor:
+        """The receiver's own per-sample CE on the public data, for DualMinCE (reused if fresh)."""
+        if self._public_losses is None:
+            self.share_knowledge(round_index=-1)
+        return self._public_losses
+
+    def distill(self, round_index: int, teacher_payloads: dict[str, KnowledgePayload]) -> dict:
+        """Steps 4–6 / 9–11: align, select (DualMinCE) and train on λ·CE + (1−λ)·KD."""
+        data = DistillationDataModule(
+            receiver=self.name,
+            public=self.data.public,
+            teacher_payloads=teacher_payloads,
+            own_losses=self.public_losses(),
+            batch_size=self.config.batch_size,
+            pad_id=self.data.pad_id,
+            seed=self.seed + 1000 * round_index + 2,
+            top_k=self.transfer.top_k,
+            kd_positions=self.transfer.kd_positions,
+        )
+        if self.config.distill_epochs == 0:  # a frozen party (e.g. the LLM in LLM2SLM) learns nothing
+            return {"task_loss": float("nan"), "kd_loss": 0.0, "train_seconds": 0.0, "selected": 0, "teacher_counts": {}}
+        trainer = self._trainer(self.config.distill_epochs, callbacks=(self.selective_transfer, self.alignment))
+        stats = self._fit(trainer, data, self.seed + 1000 * round_index + 2)
+        return stats | self.selective_transfer.last
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy of base + adapter (multiple-choice log-likelihood)."""
+        start = time.perf_counter()
+        use_gpu = torch.cuda.is_available() and self.config.trainer.accelerator in ("auto", "gpu", "cuda")
+        device = torch.device("cuda" if use_gpu else "cpu")
+        scores = evaluate_multiple_choice(
+            self.module.model.to(device), self.tokenizer, self.evaluation,
+            batch_size=self.config.eval_batch_size, max_length=self.max_length, device=device,
+        )
+        self.module.cpu()
+        return {"eval_accuracy": scores["acc"], "eval_accuracy_norm": scores["acc_norm"], "eval_seconds": time.perf_counter() - start}
+
+    def save_adapter(self, directory: Path) -> None:
+        """LoRA weights (safetensors) + adapter config, written to a temporary folder then renamed."""
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+        self.module.model.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)

@@ -1,0 +1,117 @@
+"""`fit`: from a validated `RunConfig` to a finished federated run in `run_dir`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+from fedmkt.config import RunConfig, validate
+from fedmkt.data.datamodule import PartyDataModule
+from fedmkt.data.tasks import load_task, split_task
+from fedmkt.evaluation import assert_disjoint
+from fedmkt.federation.participant import Participant
+from fedmkt.federation.trainer import FederatedTrainer, atomic_write_text
+from fedmkt.models import cache_root, load_model, load_tokenizer
+from fedmkt.party import PartyModule
+
+SERVER = "server"
+
+
+def party_names(num_clients: int) -> list[str]:
+    """`server`, `client_0`, …: the names used in payloads, logs and summary.json."""
+    return [SERVER] + [f"client_{i}" for i in range(num_clients)]
+
+
+def build_participants(config: RunConfig) -> tuple[Participant, list[Participant]]:
+    """Load the task split, every party's model and tokenizer, and wire up the participants."""
+    examples = load_task(config.data.task, config.data.data_dir)
+    split = split_task(examples, len(config.clients), config.data.eval_size, config.data.pool_size, config.seed)
+    assert_disjoint(split.evaluation, split.pool)
+
+    names = party_names(len(config.clients))
+    party_configs = dict(zip(names, [config.server, *config.clients]))
+    tokenizers = {name: load_tokenizer(party.model, config.cache_dir) for name, party in party_configs.items()}
+    cache = cache_root(config.cache_dir) / "vocab_maps"
+
+    participants = []
+    for index, (name, party) in enumerate(party_configs.items()):
+        L.seed_everything(config.seed + index, verbose=False)  # distinct, reproducible LoRA inits
+        module = PartyModule(load_model(party.model, config.cache_dir, seed=config.seed + index), party.lora, party.optimizer, config.transfer, name)
+        private = [] if name == SERVER else split.private[index - 1]
+        data = PartyDataModule(
+            name, private, split.public, tokenizers[name], config.data.max_length, party.batch_size, party.eval_batch_size, config.seed
+        )
+        peers = {n: t for n, t in tokenizers.items() if (n == SERVER) != (name == SERVER)}
+        participants.append(
+            Participant(name, party, config.transfer, module, tokenizers[name], data, split.evaluation, peers, cache, config.data.max_length, config.seed)
+        )
+    return participants[0], participants[1:]
+
+
+def make_loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
+    """W&B (offline unless told otherwise; one run per federated run) and a CSV fallback."""
+    loggers: list[Logger] = []
+    if config.logging.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="logs"))
+    if config.logging.wandb:
+        if config.logging.wandb_offline:
+            os.environ.setdefault("WANDB_MODE", "offline")
+        loggers.append(
+            WandbLogger(project=config.logging.wandb_project, name=run_dir.name, save_dir=str(run_dir), offline=config.logging.wandb_offline)
+        )
+    for logger in loggers:
+        logger.log_hyperparams(asdict(config))
+    return loggers
+
+
+def fit(config: RunConfig, resolved_config: Optional[str] = None) -> dict:
+    """Run FedMKT end to end; writes config.yaml, summary.json, adapters and logs to `run_dir`."""
+    validate(config)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resolved_config is not None:
+        atomic_write_text(run_dir / "config.yaml", resolved_config)
+    server, clients = build_participants(config)
+    for party in (server, *clients):  # what's needed, with the adapters, to reproduce a checkpoint
+        party.tokenizer.save_pretrained(run_dir / "tokenizers" / party.name)
+    loggers = make_loggers(config, run_dir)
+    trainer = FederatedTrainer(server, clients, config, run_dir, loggers)
+    try:
+        summary = trainer.fit()
+    finally:
+        for logger in loggers:
+            logger.finalize("success")
+        if any(isinstance(logger, WandbLogger) for logger in loggers):
+            import wandb
+
+            wandb.finish()
+    print("\n" + trainer.results_table())
+    print(f"\nsummary: {run_dir / 'summary.json'}")
+    return summary
+
+
+def evaluate_party(config: RunConfig, party: str = SERVER, adapter: Optional[str] = None) -> dict[str, float]:
+    """Held-out accuracy of one party's base model, optionally with a saved LoRA adapter."""
+    from peft import PeftModel
+
+    from fedmkt.errors import FedMKTError
+    from fedmkt.evaluation import evaluate_multiple_choice
+
+    names = party_names(len(config.clients))
+    if party not in names:
+        raise FedMKTError(f"unknown party `{party}`. Fix: use one of {', '.join(names)}.")
+    spec = dict(zip(names, [config.server, *config.clients]))[party]
+    examples = load_task(config.data.task, config.data.data_dir)
+    split = split_task(examples, len(config.clients), config.data.eval_size, config.data.pool_size, config.seed)
+    model = load_model(spec.model, config.cache_dir, seed=config.seed + names.index(party))
+    if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FedMKTError(f"no LoRA adapter at {adapter}. Fix: pass a folder such as RUN_DIR/adapters/round_1/{party}.")
+        model = PeftModel.from_pretrained(model, adapter)
+    tokenizer = load_tokenizer(spec.model, config.cache_dir)
+    return evaluate_multiple_choice(model, tokenizer, split.evaluation, batch_size=spec.eval_batch_size, max_length=config.data.max_length)
