@@ -49,10 +49,8 @@ def _chunk_scaled_logsumexp(rows: Tensor, temperature: float) -> Tensor:
     # A row that is entirely -inf (or +inf) would make ``rows - max`` NaN; shift by 0 instead,
     # as torch.logsumexp does, so the result is the honest -inf/+inf rather than NaN.
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    shifted = rows.to(acc) if rows.dtype != acc else rows.clone()
-    shifted.sub_(row_max)
-    if temperature != 1.0:
-        shifted.div_(temperature)
+    # (rows - max) / T in one pass, promoted to fp32 for bf16/fp16 rows.
+    shifted = torch.add(row_max / -temperature, rows, alpha=1.0 / temperature)
     lse = shifted.exp_().sum(dim=-1).log_()
     return lse + row_max.squeeze(-1) / temperature
 
@@ -128,7 +126,8 @@ class _SparseSoftTargetCE(torch.autograd.Function):
         # log q(id_j) for every slot; empty slots are masked out below, never multiplied (so an
         # infinite logit at the clamped dummy id cannot turn into 0 * inf = NaN).
         probs = probs.to(acc)
-        gathered = logits.gather(2, ids.view(batch, length, -1)).view(batch * length, -1)
+        k = ids.shape[1]
+        gathered = logits.gather(2, ids.view(batch, length, k)).view(batch * length, k)
         target_logp = gathered.to(acc).div_(temperature).sub_(lse.unsqueeze(1))
         weighted = torch.where(valid, probs * target_logp, torch.zeros_like(target_logp))
         loss = 0.0 - weighted.sum(dim=1)  # +0.0, not -0.0, on empty rows
@@ -154,7 +153,9 @@ class _SparseSoftTargetCE(torch.autograd.Function):
             softmax_scale = prob_mass * grad_loss / temperature  # [N]
             scatter_vals = -(probs * (grad_loss / temperature).unsqueeze(1))  # [N, k]
             if ctx.inplace_grad:
-                grad_logits = logits  # overwrite the logits' own storage, chunk by chunk
+                # Overwrite the logits' own storage, chunk by chunk. A fresh alias (not the
+                # saved tensor itself) so that AccumulateGrad can adopt it without a copy.
+                grad_logits = logits.detach()
             else:
                 grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
             direct = logits.dtype in (torch.float32, torch.float64)
@@ -162,16 +163,13 @@ class _SparseSoftTargetCE(torch.autograd.Function):
             for start, stop in _row_ranges(batch, length, chunk_size, ctx.flat):
                 rows = _rows(logits, start, stop)
                 out = _rows(grad_logits, start, stop)
+                neg_lse = lse[start:stop].neg().unsqueeze(1)
                 if direct:
-                    # Work directly in the output slice: no temporary at all.
-                    if out.data_ptr() != rows.data_ptr():
-                        out.copy_(rows)
-                    work = out
+                    # Work directly in the output slice (x / T - lse in one pass): no temporary.
+                    work = torch.add(neg_lse, rows, alpha=1.0 / temperature, out=out)
                 else:
-                    work = rows.to(lse.dtype)
-                if temperature != 1.0:
-                    work.div_(temperature)
-                work.sub_(lse[start:stop].unsqueeze(1)).exp_()
+                    work = torch.add(neg_lse, rows, alpha=1.0 / temperature)  # fp32 chunk
+                work.exp_()
                 work.mul_(softmax_scale[start:stop].unsqueeze(1))
                 # scatter_add (not scatter) so that the gradient matches the loss, which sums
                 # over slots; empty slots carry 0 and add nothing to their dummy id.
