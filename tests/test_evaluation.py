@@ -1,0 +1,169 @@
+"""Multiple-choice evaluation equals a slow per-choice reference, and scores what it should."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from fedmkt.data.tasks import QAExample, load_task
+from fedmkt.data.tokenize import encode_prompt_answer
+from fedmkt.errors import FedMKTError
+from fedmkt.evaluation import assert_disjoint, choice_loglikelihoods, evaluate_multiple_choice, rouge_l
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(smollm2_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def mixed_examples() -> list[QAExample]:
+    """Real rows of different shapes: ARC (4-5 choices, short), BoolQ (long passage), RTE."""
+    return load_task("arc_easy")[:5] + load_task("boolq")[:2] + load_task("rte")[:2]
+
+
+def reference_loglikelihood(model, tokenizer, prompt: str, choice: str, max_length: int) -> float:
+    """One unpadded forward per (prompt, choice), straight from the definition."""
+    input_ids, targets = encode_prompt_answer(tokenizer, prompt, choice, max_length)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids[None]).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    total = 0.0
+    for position, target in enumerate(targets.tolist()):
+        if target != -100:
+            total += float(logprobs[position, target])
+    return total
+
+
+def test_batched_scores_equal_a_per_choice_reference(tiny_llama, smollm2_tokenizer, mixed_examples):
+    batched = choice_loglikelihoods(tiny_llama, smollm2_tokenizer, mixed_examples, batch_size=3, max_length=256)
+    for example, scores in zip(mixed_examples, batched):
+        assert scores.shape == (len(example.choices),)
+        expected = [reference_loglikelihood(tiny_llama, smollm2_tokenizer, example.prompt, c, 256) for c in example.choices]
+        torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=0)
+        assert int(scores.argmax()) == max(range(len(expected)), key=expected.__getitem__)
+
+
+class NoLogitsToKeep(nn.Module):
+    """A causal LM whose forward does not know `logits_to_keep` (older or custom models)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_models_without_logits_to_keep_score_the_same(tiny_llama, smollm2_tokenizer, mixed_examples):
+    fast = choice_loglikelihoods(tiny_llama, smollm2_tokenizer, mixed_examples, batch_size=4)
+    plain = choice_loglikelihoods(NoLogitsToKeep(tiny_llama), smollm2_tokenizer, mixed_examples, batch_size=4)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_peft_wrapped_model_is_scored_and_training_mode_restored(tiny_llama, smollm2_tokenizer, mixed_examples):
+    peft = pytest.importorskip("peft")
+    import copy
+
+    wrapped = peft.get_peft_model(
+        copy.deepcopy(tiny_llama), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    wrapped.train()
+    # A fresh LoRA adapter (B = 0) leaves the base model's function unchanged.
+    base = choice_loglikelihoods(tiny_llama, smollm2_tokenizer, mixed_examples[:3])
+    lora = choice_loglikelihoods(wrapped, smollm2_tokenizer, mixed_examples[:3])
+    for a, b in zip(base, lora):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert wrapped.training
+    metrics = evaluate_multiple_choice(wrapped, smollm2_tokenizer, mixed_examples[:3])
+    assert set(metrics) == {"acc", "acc_norm"} and 0.0 <= metrics["acc"] <= 1.0
+    assert wrapped.training
+
+
+class CraftedLM(nn.Module):
+    """Logits that favour a fixed set of token ids everywhere (uniform when the set is empty)."""
+
+    def __init__(self, vocab_size: int, favoured: set[int]) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        with torch.no_grad():
+            self.bias[list(favoured)] = 8.0
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=None):
+        logits = self.bias.expand(*input_ids.shape, -1)
+        if logits_to_keep is not None:
+            logits = logits[:, logits_to_keep]
+        return SimpleNamespace(logits=logits)
+
+
+def test_a_model_that_prefers_the_right_answers_scores_one(smollm2_tokenizer, mixed_examples):
+    favoured = {
+        token for e in mixed_examples for token in smollm2_tokenizer(e.answer, add_special_tokens=False)["input_ids"]
+    }
+    # Keep only examples where no wrong option is spelled entirely with favoured tokens.
+    def clean(example: QAExample) -> bool:
+        return all(
+            not set(smollm2_tokenizer(c, add_special_tokens=False)["input_ids"]) <= favoured
+            for i, c in enumerate(example.choices) if i != example.answer_index
+        )
+
+    examples = [e for e in mixed_examples if clean(e)]
+    assert len(examples) >= 5
+    model = CraftedLM(len(smollm2_tokenizer), favoured)
+    assert evaluate_multiple_choice(model, smollm2_tokenizer, examples, batch_size=5) == {"acc": 1.0, "acc_norm": 1.0}
+    # The same model on answers it does not favour gets every question wrong.
+    flipped = [QAExample(e.uid, e.prompt, e.choices, (e.answer_index + 1) % len(e.choices)) for e in examples]
+    assert evaluate_multiple_choice(model, smollm2_tokenizer, flipped)["acc"] == 0.0
+
+
+def test_acc_norm_divides_by_characters(smollm2_tokenizer):
+    short, long = " a", " internationalization"
+    n_short = len(smollm2_tokenizer(short, add_special_tokens=False)["input_ids"])
+    n_long = len(smollm2_tokenizer(long, add_special_tokens=False)["input_ids"])
+    assert n_short < n_long < len(long) / len(short) * n_short
+    # Uniform logits: log-likelihood is -tokens·log V, so raw acc prefers the option with fewer
+    # tokens while acc_norm prefers the one with fewer tokens per character.
+    model = CraftedLM(len(smollm2_tokenizer), set())
+    example = QAExample("x", "Question: Which word?\nAnswer:", (short, long), answer_index=1)
+    assert evaluate_multiple_choice(model, smollm2_tokenizer, [example]) == {"acc": 0.0, "acc_norm": 1.0}
+
+
+def test_accuracy_is_a_mean_over_examples(smollm2_tokenizer):
+    model = CraftedLM(len(smollm2_tokenizer), set())
+    right = QAExample("r", "Question: ?\nAnswer:", (" a", " internationalization"), 0)
+    wrong = QAExample("w", "Question: ?\nAnswer:", (" a", " internationalization"), 1)
+    metrics = evaluate_multiple_choice(model, smollm2_tokenizer, [right, wrong, wrong, wrong])
+    assert metrics == {"acc": 0.25, "acc_norm": 0.75}
+
+
+def test_no_examples_is_a_user_error(tiny_llama, smollm2_tokenizer):
+    with pytest.raises(FedMKTError, match="No examples"):
+        evaluate_multiple_choice(tiny_llama, smollm2_tokenizer, [])
+
+
+def test_assert_disjoint():
+    a = QAExample("a", "Q", (" x",), 0)
+    b = QAExample("b", "Q", (" x",), 0)
+    assert_disjoint([a], [b])
+    with pytest.raises(FedMKTError, match="uid 'a'"):
+        assert_disjoint([a, b], [QAExample("a", "other", (" y",), 0)])
+
+
+def test_rouge_l():
+    assert rouge_l(["the cat sat"], ["the cat sat"]) == pytest.approx(1.0)
+    assert rouge_l(["dog"], ["the cat sat"]) == pytest.approx(0.0)
+    # LCS "the cat sat" (3) of 3 predicted and 4 reference words: F = 2·1·0.75 / 1.75.
+    assert rouge_l(["the cat sat", "x"], ["the cat sat down", "x"]) == pytest.approx((6 / 7 + 1) / 2, abs=1e-4)
+    with pytest.raises(FedMKTError, match="one per reference"):
+        rouge_l(["a"], ["a", "b"])
