@@ -13,6 +13,9 @@ target (about 1 GiB per teacher per 4x512 batch at a 262k vocabulary) and then b
 
 So the only ``[B, L, V]`` tensor the loss adds is the gradient that autograd needs anyway, and even
 that can be avoided with ``inplace_grad=True`` (the gradient then overwrites the logits' storage).
+Each call that needs a gradient allocates its own one: CE and KD on the same logits produce two
+gradient-sized tensors that autograd then sums (``inplace_grad`` cannot be used there, since the
+other loss still needs the logits).
 
 Conventions: ``targets[b, i]`` / ``target_ids[b, i]`` are the targets of ``logits[b, i]`` (already
 shifted); ``-100`` marks an ignored label, ``-1`` an empty top-k slot.
