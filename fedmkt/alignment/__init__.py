@@ -1,0 +1,33 @@
+"""Token alignment between heterogeneous tokenizers (FedMKT step 4/9).
+
+* :mod:`~fedmkt.alignment.tokens` - one spelling for ``Ġ``/``▁``/byte-fallback tokens;
+* :mod:`~fedmkt.alignment.mined` - nearest token by Levenshtein distance, exact and fast;
+* :mod:`~fedmkt.alignment.vocab_map` - MinED vocabulary map, cached on disk, JSON export;
+* :mod:`~fedmkt.alignment.sequence` - DTW between two tokenisations of the same text;
+* :mod:`~fedmkt.alignment.reindex` - top-k logits re-indexed into the receiver's vocabulary;
+* :class:`TokenAligner` - the three put together per public sample.
+"""
+
+from fedmkt.alignment.aligner import TokenAligner
+from fedmkt.alignment.reindex import align_topk
+from fedmkt.alignment.sequence import dtw_path, one_to_one_matches
+from fedmkt.alignment.tokens import normalize_token, vocab_strings
+from fedmkt.alignment.vocab_map import (
+    build_vocab_map,
+    load_or_build_vocab_map,
+    tokenizer_fingerprint,
+    write_vocab_map_json,
+)
+
+__all__ = [
+    "TokenAligner",
+    "align_topk",
+    "build_vocab_map",
+    "dtw_path",
+    "load_or_build_vocab_map",
+    "normalize_token",
+    "one_to_one_matches",
+    "tokenizer_fingerprint",
+    "vocab_strings",
+    "write_vocab_map_json",
+]

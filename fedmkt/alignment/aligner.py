@@ -1,0 +1,81 @@
+"""Per-sample token alignment of a teacher's top-k logits to a receiver's tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedmkt.alignment.reindex import align_topk
+from fedmkt.alignment.sequence import one_to_one_matches
+from fedmkt.alignment.tokens import vocab_strings
+from fedmkt.alignment.vocab_map import load_or_build_vocab_map
+
+__all__ = ["TokenAligner"]
+
+
+class TokenAligner:
+    """Aligns one teacher tokenizer's top-k outputs to one receiver tokenizer.
+
+    Holds what is fixed for the pair, computed once: the MinED vocabulary map teacher id ->
+    receiver id (from the on-disk cache when present) and both tokenizers' normalised token
+    strings, which the DTW sequence alignment compares.
+    """
+
+    def __init__(self, teacher_tokenizer: Any, receiver_tokenizer: Any, cache_dir: str | Path) -> None:
+        self.teacher_tokenizer = teacher_tokenizer
+        self.receiver_tokenizer = receiver_tokenizer
+        self.teacher_strings = vocab_strings(teacher_tokenizer)
+        self.receiver_strings = vocab_strings(receiver_tokenizer)
+        self.vocab_map = load_or_build_vocab_map(
+            teacher_tokenizer,
+            receiver_tokenizer,
+            cache_dir,
+            src_strings=self.teacher_strings,
+            dst_strings=self.receiver_strings,
+        )
+
+    @staticmethod
+    def _spell(strings: list[str], ids: Tensor) -> list[str]:
+        size = len(strings)
+        return [strings[i] if 0 <= i < size else "" for i in ids.reshape(-1).tolist()]
+
+    def match_positions(self, teacher_input_ids: Tensor, receiver_input_ids: Tensor) -> Tensor:
+        """``[Ls]`` long: the teacher position matched one-to-one to each receiver position, or -1."""
+        teacher = self._spell(self.teacher_strings, teacher_input_ids)
+        receiver = self._spell(self.receiver_strings, receiver_input_ids)
+        return torch.from_numpy(one_to_one_matches(teacher, receiver))
+
+    def align(
+        self,
+        teacher_input_ids: list[Tensor],
+        teacher_topk_ids: list[Tensor],
+        teacher_topk_logits: list[Tensor],
+        receiver_input_ids: list[Tensor],
+        temperature: float = 1.0,
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Receiver-side ``(ids [Ls, k], probs [Ls, k])`` targets for each public sample.
+
+        Inputs are per sample and unpadded. Position ``j``'s logits predict token ``j + 1``. A
+        receiver position ``i`` matched one-to-one to teacher position ``j`` gets the teacher's
+        top-k at ``j`` mapped through the vocabulary map; any other position gets a one-hot on the
+        receiver's own *next* token ``receiver_input_ids[i + 1]`` (the last position, which has
+        no next token, gets an empty row: ids -1, probabilities 0). The reference implementation
+        one-hots the *current* token there, which is off by one for next-token targets; we use
+        the next token on purpose.
+        """
+        counts = {len(teacher_input_ids), len(teacher_topk_ids), len(teacher_topk_logits), len(receiver_input_ids)}
+        if len(counts) != 1:
+            raise ValueError(f"align() needs one entry per sample in every list, got lengths {sorted(counts)}")
+        out: list[tuple[Tensor, Tensor]] = []
+        for t_ids, top_ids, top_logits, r_ids in zip(
+            teacher_input_ids, teacher_topk_ids, teacher_topk_logits, receiver_input_ids
+        ):
+            r_ids = r_ids.reshape(-1).long()
+            matched = self.match_positions(t_ids, r_ids)
+            fallback = torch.full_like(r_ids, -1)
+            fallback[:-1] = r_ids[1:]
+            out.append(align_topk(top_ids, top_logits, matched, self.vocab_map, fallback, temperature))
+        return out

@@ -1,0 +1,154 @@
+"""Vocabulary mapping between two tokenizers by minimum edit distance (MinED), cached on disk.
+
+The map sends every source token id to the destination id whose normalised string (see
+:mod:`fedmkt.alignment.tokens`) is nearest in Levenshtein distance: exact matches first, then ties
+broken by the longest common prefix with the source, then by the smallest destination id. It
+depends only on the two vocabularies, so it is built once per ordered tokenizer pair and cached
+under a key made of both vocabularies' content hashes (a renamed copy of a tokenizer hits the
+cache; a changed vocabulary misses it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmkt.alignment.mined import nearest_tokens
+from fedmkt.alignment.tokens import is_byte_level, normalize_token, vocab_strings
+
+__all__ = [
+    "build_vocab_map",
+    "load_or_build_vocab_map",
+    "normalize_token",
+    "tokenizer_fingerprint",
+    "vocab_strings",
+    "write_vocab_map_json",
+]
+
+# Bump when normalisation, tie-break or the file layout changes: old cache files then miss.
+_CACHE_VERSION = 1
+
+
+def build_vocab_map(src_tokens: Sequence[str], dst_tokens: Sequence[str]) -> np.ndarray:
+    """MinED map from normalised source strings to destination ids (int64 ``[len(src_tokens)]``).
+
+    Each entry is the destination index with the minimum Levenshtein distance to the source
+    string; ties go to the longest common prefix, then to the smallest index. Empty destination
+    strings are never chosen; an empty source string (an id the tokenizer cannot spell) maps to -1.
+    """
+    ids, _ = nearest_tokens(list(src_tokens), list(dst_tokens))
+    return ids
+
+
+def _raw_tokens(tokenizer: Any) -> list[str | None]:
+    return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 (hex) of the vocabulary content: every id's raw token string, in id order."""
+    digest = hashlib.sha256()
+    for index, token in enumerate(_raw_tokens(tokenizer)):
+        spelled = "\x00none" if token is None else token
+        digest.update(f"{index}\x1f{len(spelled)}\x1f{spelled}\x1e".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def _cache_path(src_tokenizer: Any, dst_tokenizer: Any, cache_dir: str | Path) -> Path:
+    src_fp = tokenizer_fingerprint(src_tokenizer)
+    dst_fp = tokenizer_fingerprint(dst_tokenizer)
+    conventions = f"{int(is_byte_level(src_tokenizer))}{int(is_byte_level(dst_tokenizer))}"
+    name = f"vocabmap-v{_CACHE_VERSION}-{conventions}-{src_fp[:32]}-{dst_fp[:32]}.npy"
+    return Path(cache_dir) / name
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cached(path: Path, length: int) -> np.ndarray | None:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if array.dtype != np.int64 or array.shape != (length,):
+        return None
+    return array
+
+
+def load_or_build_vocab_map(
+    src_tokenizer: Any,
+    dst_tokenizer: Any,
+    cache_dir: str | Path,
+    *,
+    src_strings: Sequence[str] | None = None,
+    dst_strings: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """The MinED map ``src id -> dst id`` as a LongTensor ``[len(src_tokenizer)]``, cached on disk.
+
+    The cache file (``.npy``, never pickle) is named by both tokenizers' fingerprints and written
+    to a temporary file first, then moved into place with ``os.replace``, so concurrent builders
+    and crashed runs never leave a half-written map. ``src_strings``/``dst_strings`` let a caller
+    that already holds :func:`vocab_strings` skip recomputing them.
+    """
+    path = _cache_path(src_tokenizer, dst_tokenizer, cache_dir)
+    cached = _load_cached(path, len(src_tokenizer)) if path.exists() else None
+    if cached is None:
+        src = vocab_strings(src_tokenizer) if src_strings is None else src_strings
+        dst = vocab_strings(dst_tokenizer) if dst_strings is None else dst_strings
+        cached = build_vocab_map(src, dst)
+        _atomic_save_npy(path, cached)
+    return torch.from_numpy(cached).long()
+
+
+def write_vocab_map_json(
+    src_tokenizer: Any,
+    dst_tokenizer: Any,
+    out: str | Path,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Write ``{source token: destination token}`` (raw spellings) for every source id as JSON.
+
+    Used by ``fedmkt map-vocab``. With ``cache_dir`` the map comes from (and lands in) the same
+    cache as training runs use. Source ids the tokenizer cannot spell are skipped; a source token
+    with no candidate maps to ``null``; if a raw spelling occurs twice, the smallest id wins.
+    """
+    if cache_dir is None:
+        mapping = build_vocab_map(vocab_strings(src_tokenizer), vocab_strings(dst_tokenizer))
+    else:
+        mapping = load_or_build_vocab_map(src_tokenizer, dst_tokenizer, cache_dir).numpy()
+    src_raw = _raw_tokens(src_tokenizer)
+    dst_raw = _raw_tokens(dst_tokenizer)
+    table: dict[str, str | None] = {}
+    for token, target in zip(src_raw, mapping.tolist()):
+        if token is None or token in table:
+            continue
+        table[token] = dst_raw[target] if target >= 0 else None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(table, handle, ensure_ascii=False, indent=0)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
