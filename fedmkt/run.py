@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -20,6 +22,13 @@ from fedmkt.models import cache_root, load_model, load_tokenizer
 from fedmkt.party import PartyModule
 
 SERVER = "server"
+
+
+def quiet_lightning() -> None:
+    """One Trainer per party per phase would repeat Lightning's start-up banners dozens of times."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|LeafSpec|does not have many workers).*")
 
 
 def party_names(num_clients: int) -> list[str]:
@@ -72,6 +81,7 @@ def make_loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
 def fit(config: RunConfig, resolved_config: Optional[str] = None) -> dict:
     """Run FedMKT end to end; writes config.yaml, summary.json, adapters and logs to `run_dir`."""
     validate(config)
+    quiet_lightning()
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resolved_config is not None:
