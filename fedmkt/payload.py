@@ -95,9 +95,16 @@ class KnowledgePayload:
         ]
         if missing:
             raise FedMKTError(f"received payload lacks {missing}. Fix: check the sender's fedmkt version.")
-        payload = cls(
-            sender=metadata["sender"], round=int(metadata["round"]), vocab_size=int(metadata["vocab_size"]), **tensors
-        )
+        unexpected = sorted(set(tensors) - set(_TENSOR_FIELDS))
+        if unexpected:  # nothing beyond the declared fields may cross the boundary
+            raise FedMKTError(f"received payload carries unexpected tensors {unexpected}. Fix: check the sender's fedmkt version.")
+        try:
+            round_index, vocab_size = int(metadata["round"]), int(metadata["vocab_size"])
+        except ValueError as error:
+            raise FedMKTError(
+                f"received payload has non-integer round/vocab_size metadata ({error}). Fix: check the sender's fedmkt version."
+            ) from error
+        payload = cls(sender=metadata["sender"], round=round_index, vocab_size=vocab_size, **tensors)
         payload.validate()
         return payload
 
@@ -105,7 +112,21 @@ class KnowledgePayload:
         """Reject malformed knowledge before anything is distilled from it."""
         n, rows = len(self), int(self.token_ids.numel())
         problems = []
-        if self.losses.shape != (n,) or self.offsets.shape != (n + 1,):
+        wrong_dtype = [
+            name
+            for name in _TENSOR_FIELDS
+            if getattr(self, name).is_floating_point() != (name in ("losses", "topk_logits"))
+            or getattr(self, name).dtype in (torch.bool, torch.uint8)
+            or getattr(self, name).is_complex()
+        ]
+        if wrong_dtype:  # ids must be integers and values floats before anything below compares them
+            raise FedMKTError(
+                f"rejected payload from {self.sender}: {wrong_dtype} have the wrong dtype (ids must be signed integers, "
+                "losses/logits floats). Fix: nothing is distilled from it; check the sender's fedmkt version."
+            )
+        if self.sample_index.ndim != 1 or self.token_ids.ndim != 1:
+            problems.append(f"sample_index/token_ids must be 1-D, got shapes {tuple(self.sample_index.shape)}/{tuple(self.token_ids.shape)}")
+        elif self.losses.shape != (n,) or self.offsets.shape != (n + 1,):
             problems.append(f"losses/offsets shapes {tuple(self.losses.shape)}/{tuple(self.offsets.shape)} do not fit {n} samples")
         elif int(self.offsets[0]) != 0 or int(self.offsets[-1]) != rows or bool((self.offsets.diff() < 0).any()):
             problems.append("offsets are not a non-decreasing cover of the token rows")
@@ -117,6 +138,8 @@ class KnowledgePayload:
             ids = getattr(self, name)
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
                 problems.append(f"{name} fall outside the sender's vocabulary of {self.vocab_size}")
+        if self.sample_index.ndim == 1 and n and int(self.sample_index.unique().numel()) != n:
+            problems.append("sample_index repeats a sample")
         if num_public is not None and n and (int(self.sample_index.min()) < 0 or int(self.sample_index.max()) >= num_public):
             problems.append(f"sample_index outside the public dataset of {num_public} samples")
         if problems:

@@ -1,0 +1,278 @@
+"""KnowledgePayload: bit-exact safetensors round trip, no pickle, and rejection of malformed knowledge."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save as save_safetensors
+
+from fedmkt.errors import FedMKTError
+from fedmkt.payload import KnowledgePayload, smallest_id_dtype
+
+FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits")
+
+
+def make_payload(lengths=(2, 3, 1), k=4, vocab=50, sender="client_0", round_index=3, seed=0, id_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    rows = sum(lengths)
+    id_dtype = id_dtype or smallest_id_dtype(vocab)
+    return KnowledgePayload(
+        sender=sender,
+        round=round_index,
+        vocab_size=vocab,
+        sample_index=torch.arange(len(lengths), dtype=torch.long).flip(0),  # any order is allowed
+        losses=torch.rand(len(lengths), generator=g) * 5,
+        offsets=torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(lengths, dtype=torch.long).cumsum(0)]),
+        token_ids=torch.randint(vocab, (rows,), generator=g).to(id_dtype),
+        topk_ids=torch.randint(vocab, (rows, k), generator=g).to(id_dtype),
+        topk_logits=(torch.randn(rows, k, generator=g) * 10).to(torch.float16),
+    )
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor, so -0.0 vs 0.0 and NaN payloads compare exactly."""
+    return t.contiguous().view(torch.uint8) if t.numel() else t
+
+
+def _assert_one_line_error(error: pytest.ExceptionInfo, *needles: str) -> None:
+    message = str(error.value)
+    assert "\n" not in message
+    assert "Fix:" in message
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+
+
+# ---- round trip ---------------------------------------------------------------------------------
+
+
+def test_round_trip_is_bit_exact_and_keeps_metadata():
+    payload = make_payload()
+    payload.topk_logits[0, 0] = -0.0  # sign of zero must survive
+    back = KnowledgePayload.from_bytes(payload.to_bytes())
+    assert (back.sender, back.round, back.vocab_size) == ("client_0", 3, 50)
+    for name in FIELDS:
+        sent, got = getattr(payload, name), getattr(back, name)
+        assert got.dtype == sent.dtype, name
+        assert got.shape == sent.shape, name
+        assert torch.equal(_bits(got), _bits(sent)), name
+    assert back.top_k == 4 and len(back) == 3
+
+
+def test_round_trip_large_vocab_uses_int32_ids():
+    payload = make_payload(vocab=262_144)
+    assert payload.topk_ids.dtype == torch.int32
+    back = KnowledgePayload.from_bytes(payload.to_bytes())
+    assert torch.equal(back.topk_ids, payload.topk_ids) and back.topk_ids.dtype == torch.int32
+
+
+def test_wire_format_is_plain_safetensors_without_pickle(monkeypatch):
+    payload = make_payload()
+    data = payload.to_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    assert set(header) == set(FIELDS) | {"__metadata__"}
+    assert header["__metadata__"] == {"sender": "client_0", "round": "3", "vocab_size": "50"}
+    # The byte count is the real wire size: header + raw tensor bytes, nothing else.
+    tensor_bytes = sum(getattr(payload, name).numel() * getattr(payload, name).element_size() for name in FIELDS)
+    assert len(data) == 8 + header_len + tensor_bytes
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("payload deserialisation must never unpickle")
+
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    back = KnowledgePayload.from_bytes(data)
+    assert torch.equal(back.token_ids, payload.token_ids)
+
+
+def test_sample_returns_the_rows_of_one_sample_as_long_and_float():
+    payload = make_payload(lengths=(2, 3, 1))
+    token_ids, topk_ids, topk_logits = payload.sample(1)
+    assert token_ids.dtype == topk_ids.dtype == torch.long and topk_logits.dtype == torch.float32
+    assert torch.equal(token_ids, payload.token_ids[2:5].long())
+    assert torch.equal(topk_ids, payload.topk_ids[2:5].long())
+    assert torch.equal(topk_logits, payload.topk_logits[2:5].float())
+    assert payload.sample(2)[0].shape == (1,)
+
+
+def test_smallest_id_dtype_boundaries():
+    assert smallest_id_dtype(32_768) == torch.int16  # ids 0..32767 fit int16
+    assert smallest_id_dtype(32_769) == torch.int32
+    assert smallest_id_dtype(49_152) == torch.int32
+    assert smallest_id_dtype(262_144) == torch.int32
+
+
+def test_empty_payload_is_valid_and_round_trips():
+    payload = make_payload(lengths=())
+    payload.validate(num_public=10)
+    back = KnowledgePayload.from_bytes(payload.to_bytes())
+    assert len(back) == 0 and back.topk_ids.shape == (0, 4)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+def test_valid_payload_passes_with_and_without_public_size():
+    payload = make_payload()
+    payload.validate()
+    payload.validate(num_public=3)
+
+
+@pytest.mark.parametrize("where", ["topk_logits_nan", "topk_logits_inf", "losses_nan", "losses_inf"])
+def test_validate_rejects_non_finite_values(where):
+    payload = make_payload()
+    bad = float("nan") if where.endswith("nan") else float("-inf")
+    if where.startswith("topk_logits"):
+        payload.topk_logits[1, 2] = bad
+    else:
+        payload.losses[0] = bad
+    with pytest.raises(FedMKTError) as error:
+        payload.validate()
+    _assert_one_line_error(error, "client_0", "NaN/inf")
+
+
+@pytest.mark.parametrize("name", ["token_ids", "topk_ids"])
+@pytest.mark.parametrize("value", [50, -1])
+def test_validate_rejects_ids_outside_the_vocabulary(name, value):
+    payload = make_payload(vocab=50)
+    getattr(payload, name).view(-1)[0] = value
+    with pytest.raises(FedMKTError) as error:
+        payload.validate()
+    _assert_one_line_error(error, name, "vocabulary of 50")
+
+
+def test_validate_accepts_the_largest_id():
+    payload = make_payload(vocab=50)
+    payload.topk_ids[0, 0] = 49
+    payload.validate()
+
+
+def test_validate_rejects_topk_shape_mismatch():
+    payload = make_payload()
+    payload.topk_logits = payload.topk_logits[:, :3]
+    with pytest.raises(FedMKTError) as error:
+        payload.validate()
+    _assert_one_line_error(error, "top-k shapes")
+
+
+def test_validate_rejects_topk_rows_that_do_not_match_tokens():
+    payload = make_payload()
+    payload.topk_ids, payload.topk_logits = payload.topk_ids[:-1], payload.topk_logits[:-1]
+    with pytest.raises(FedMKTError) as error:
+        payload.validate()
+    _assert_one_line_error(error, "token rows")
+
+
+def test_validate_rejects_wrong_losses_shape():
+    payload = make_payload()
+    payload.losses = payload.losses[:2]
+    with pytest.raises(FedMKTError) as error:
+        payload.validate()
+    _assert_one_line_error(error, "losses/offsets shapes")
+
+
+@pytest.mark.parametrize(
+    "offsets",
+    [[1, 2, 5, 6], [0, 2, 5, 7], [0, 4, 3, 6], [0, 2, 5, 5]],
+    ids=["not-from-zero", "past-the-end", "decreasing", "short-of-the-end"],
+)
+def test_validate_rejects_bad_offsets(offsets):
+    payload = make_payload(lengths=(2, 3, 1))
+    payload.offsets = torch.tensor(offsets)
+    with pytest.raises(FedMKTError) as error:
+        payload.validate()
+    _assert_one_line_error(error, "offsets")
+
+
+def test_validate_rejects_sample_index_outside_the_public_set():
+    payload = make_payload()  # sample_index = [2, 1, 0]
+    payload.validate(num_public=3)
+    with pytest.raises(FedMKTError) as error:
+        payload.validate(num_public=2)
+    _assert_one_line_error(error, "sample_index", "2 samples")
+    payload.sample_index[0] = -1
+    with pytest.raises(FedMKTError):
+        payload.validate(num_public=3)
+
+
+def test_validate_rejects_duplicate_sample_index():
+    payload = make_payload()
+    payload.sample_index = torch.tensor([0, 0, 1])
+    with pytest.raises(FedMKTError) as error:
+        payload.validate()
+    _assert_one_line_error(error, "sample_index", "repeat")
+
+
+def test_validate_rejects_float_ids():
+    payload = make_payload()
+    payload.topk_ids = payload.topk_ids.float() + 0.5
+    with pytest.raises(FedMKTError) as error:
+        payload.validate()
+    _assert_one_line_error(error, "topk_ids", "dtype")
+
+
+def test_validate_lists_every_problem_in_one_line():
+    payload = make_payload(vocab=50)
+    payload.topk_logits[0, 0] = float("nan")
+    payload.topk_ids[0, 0] = 999
+    with pytest.raises(FedMKTError) as error:
+        payload.validate()
+    _assert_one_line_error(error, "NaN/inf", "topk_ids fall outside")
+
+
+# ---- deserialising untrusted bytes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [b"", b"garbage", b"\xff" * 8 + b"{}"], ids=["empty", "short", "huge-header"])
+def test_from_bytes_rejects_non_safetensors_data(data):
+    with pytest.raises(FedMKTError) as error:
+        KnowledgePayload.from_bytes(data)
+    _assert_one_line_error(error, "not valid safetensors")
+
+
+def test_from_bytes_rejects_a_pickle():
+    payload = make_payload()
+    with pytest.raises(FedMKTError):
+        KnowledgePayload.from_bytes(pickle.dumps({n: getattr(payload, n) for n in FIELDS}))
+
+
+def test_from_bytes_names_missing_fields():
+    payload = make_payload()
+    tensors = {n: getattr(payload, n) for n in FIELDS if n != "losses"}
+    data = save_safetensors(tensors, metadata={"sender": "client_0", "round": "1"})
+    with pytest.raises(FedMKTError) as error:
+        KnowledgePayload.from_bytes(data)
+    _assert_one_line_error(error, "losses", "vocab_size")
+
+
+def test_from_bytes_rejects_unexpected_tensors():
+    # Nothing beyond the declared fields may cross the boundary (e.g. private token ids).
+    payload = make_payload()
+    tensors = {n: getattr(payload, n) for n in FIELDS} | {"private_ids": torch.arange(4)}
+    data = save_safetensors(tensors, metadata={"sender": "client_0", "round": "1", "vocab_size": "50"})
+    with pytest.raises(FedMKTError) as error:
+        KnowledgePayload.from_bytes(data)
+    _assert_one_line_error(error, "private_ids")
+
+
+def test_from_bytes_rejects_malformed_metadata():
+    payload = make_payload()
+    tensors = {n: getattr(payload, n) for n in FIELDS}
+    data = save_safetensors(tensors, metadata={"sender": "client_0", "round": "one", "vocab_size": "50"})
+    with pytest.raises(FedMKTError) as error:
+        KnowledgePayload.from_bytes(data)
+    _assert_one_line_error(error, "round")
+
+
+def test_from_bytes_validates_content():
+    payload = make_payload()
+    payload.topk_logits[0, 0] = float("inf")
+    data = payload.to_bytes()  # the sender does not check; the receiver must
+    with pytest.raises(FedMKTError) as error:
+        KnowledgePayload.from_bytes(data)
+    _assert_one_line_error(error, "rejected payload from client_0", "NaN/inf")
