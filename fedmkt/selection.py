@@ -36,6 +36,7 @@ def dual_min_ce(own_losses: torch.Tensor, teacher_losses: dict[str, torch.Tensor
     """Pick each sample's lowest-loss teacher and keep it only if it beats the receiver.
 
     `require_improvement=False` keeps every sample's best teacher (the "all" ablation).
+    A teacher loss of +inf means that teacher did not score the sample; it is never chosen there.
     Ties go to the teacher listed first (stable, deterministic).
     """
     names = sorted(teacher_losses)
@@ -43,6 +44,8 @@ def dual_min_ce(own_losses: torch.Tensor, teacher_losses: dict[str, torch.Tensor
         return Selection([], torch.full_like(own_losses, -1, dtype=torch.long))
     stacked = torch.stack([teacher_losses[name].float() for name in names])  # [T, N]
     best_loss, best_teacher = stacked.min(dim=0)
+    keep = best_loss < float("inf")  # +inf: no teacher scored the sample, so it has none (even in "all")
     if require_improvement:
-        best_teacher = torch.where(best_loss < own_losses.float(), best_teacher, torch.full_like(best_teacher, -1))
+        keep &= best_loss < own_losses.float()
+    best_teacher = torch.where(keep, best_teacher, torch.full_like(best_teacher, -1))
     return Selection(names, best_teacher)
