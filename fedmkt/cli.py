@@ -10,6 +10,7 @@ and the fix; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -87,6 +88,13 @@ def _run_config(parser: ArgumentParser, namespace) -> RunConfig:
     return RunConfig(**{key: values[key] for key in fields})
 
 
+def parse_run_config(args: list[str]) -> RunConfig:
+    """The RunConfig that `fedmkt fit ARGS` would run (used by tests and notebooks)."""
+    parser = build_parser()
+    namespace = parser.parse_args(["fit", *_resolve_config_arguments(args)])
+    return _run_config(parser._subcommands_action._name_parser_map["fit"], namespace["fit"])
+
+
 def _dispatch(argv: list[str]) -> None:
     parser = build_parser()
     namespace = parser.parse_args(_resolve_config_arguments(argv))
@@ -97,7 +105,7 @@ def _dispatch(argv: list[str]) -> None:
         from fedmkt.run import fit
 
         config = _run_config(sub_parser, sub_namespace)
-        resolved = sub_parser.dump(sub_namespace, skip_none=False)
+        resolved = sub_parser.dump(sub_namespace)
         fit(config, resolved_config=resolved)
     elif command == "evaluate":
         from fedmkt.run import evaluate_party
@@ -122,6 +130,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = "--debug" in argv
     if debug:  # accepted anywhere on the line, like other global flags
         argv = ["--debug"] + [arg for arg in argv if arg != "--debug"]
+    else:  # library deprecation chatter would bury the one line that matters
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         _dispatch(argv)
     except FedMKTError as error:

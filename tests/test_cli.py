@@ -1,0 +1,87 @@
+"""The `fedmkt` command line: config resolution and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedmkt.cli import main, resolve_config_path, shipped_configs
+from fedmkt.errors import FedMKTError
+
+TINY = shipped_configs()["tiny.yaml"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedmkt.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_bare_names_resolve_to_shipped_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Path(resolve_config_path("tiny.yaml")) == TINY
+    assert Path(resolve_config_path("tiny")) == TINY
+    local = tmp_path / "tiny.yaml"
+    local.write_text("seed: 1\n")
+    assert resolve_config_path("tiny.yaml") == "tiny.yaml"  # an existing path wins over the shipped name
+
+
+def test_unknown_config_name_lists_the_shipped_ones():
+    with pytest.raises(FedMKTError, match="heterogeneous.yaml"):
+        resolve_config_path("no-such-config")
+
+
+def _write_config(tmp_path: Path, edit) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    edit(data)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr  # no traceback
+    assert "Fix:" in lines[0]
+    return lines[0]
+
+
+def test_unknown_yaml_key_names_the_key(tmp_path):
+    path = _write_config(tmp_path, lambda d: d["transfer"].update(topk=4))
+    assert "transfer.topk" in _one_line_error(run_cli("fit", "--config", str(path)))
+
+
+def test_missing_model_file_names_the_file(tmp_path):
+    path = _write_config(tmp_path, lambda d: d["server"]["model"].update(source=str(tmp_path / "missing.gguf")))
+    assert "missing.gguf" in _one_line_error(run_cli("fit", "--config", str(path), "--run_dir", str(tmp_path / "run")))
+
+
+def test_non_positive_top_k_names_the_key(tmp_path):
+    assert "transfer.top_k" in _one_line_error(run_cli("fit", "--config", "tiny", "--transfer.top_k", "0"))
+
+
+def test_task_with_zero_samples_is_reported(tmp_path):
+    import datasets
+
+    empty = tmp_path / "empty"
+    datasets.Dataset.from_dict({"id": [], "question": [], "choices": [], "answerKey": []}).save_to_disk(str(empty))
+    line = _one_line_error(run_cli("fit", "--config", "tiny", "--data.data_dir", str(empty), "--run_dir", str(tmp_path / "run")))
+    assert "empty" in line.lower() or "0 " in line
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(FedMKTError):
+        main(["fit", "--config", "tiny", "--transfer.top_k", "-1", "--debug"])
+
+
+def test_print_config_round_trips(tmp_path):
+    result = run_cli("fit", "--config", "tiny", "--transfer.top_k", "5", "--print_config")
+    assert result.returncode == 0, result.stderr
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(result.stdout)
+    assert yaml.safe_load(result.stdout)["transfer"]["top_k"] == 5
+    again = run_cli("fit", "--config", str(printed), "--print_config")
+    assert again.returncode == 0 and yaml.safe_load(again.stdout) == yaml.safe_load(result.stdout)
