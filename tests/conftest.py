@@ -24,3 +24,33 @@ def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tok():
+    """SmolLM2's tokenizer through `fedmkt.models.load_tokenizer` (cached converted copy; pad = EOS)."""
+    from fedmkt.config import ModelSpec
+    from fedmkt.models import load_tokenizer
+
+    return load_tokenizer(ModelSpec("embedded:smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama():
+    """Factory for fresh, seeded 1-layer Llama models (hidden 32); pass `vocab_size` (e.g. `len(tokenizer)`).
+
+    A factory rather than one model: wrapping a model in LoRA (peft) modifies it in place.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(vocab_size: int, seed: int = 0):
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return LlamaForCausalLM(config).float()
+
+    return make

@@ -1,0 +1,207 @@
+"""PartyModule: LoRA on a frozen base, task CE / λ·CE + (1−λ)·KD training, top-k knowledge sharing."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from fedmkt.config import LoRAConfig, OptimizerConfig, TransferConfig
+from fedmkt.data.tokenize import IGNORE_INDEX, collate, encode_prompt_answer
+from fedmkt.errors import FedMKTError
+from fedmkt.losses import dense_kd_loss_reference
+from fedmkt.party import PartyModule
+
+# training_step is also called directly, without a Trainer; Lightning then skips self.log with a warning.
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
+PROMPTS = [
+    ("Question: Which gas do plants take in?\nAnswer:", " carbon dioxide"),
+    ("Question: What is two plus two?\nAnswer:", " four"),
+]
+
+
+def make_module(make_tiny_llama, tokenizer, top_k=5, ce_weight=0.9, lr=1e-2, **lora) -> PartyModule:
+    lora_config = LoRAConfig(**({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]} | lora))
+    return PartyModule(
+        make_tiny_llama(len(tokenizer)),
+        lora_config,
+        OptimizerConfig(lr=lr, warmup_ratio=0.0, weight_decay=0.0),
+        TransferConfig(top_k=top_k, ce_weight=ce_weight),
+        name="client_0",
+    )
+
+
+def make_batch(tokenizer, prompts=PROMPTS):
+    items = []
+    for index, (prompt, answer) in enumerate(prompts):
+        input_ids, targets = encode_prompt_answer(tokenizer, prompt, answer, max_length=64)
+        items.append({"index": index, "input_ids": input_ids, "targets": targets})
+    return collate(items, tokenizer.pad_token_id)
+
+
+def add_kd_targets(batch, vocab_size, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, length = batch["input_ids"].shape
+    batch = dict(batch)
+    batch["kd_ids"] = torch.randint(vocab_size, (b, length, k), generator=g)
+    batch["kd_probs"] = torch.softmax(torch.randn(b, length, k, generator=g), dim=-1)
+    batch["kd_mask"] = batch["attention_mask"].bool().clone()
+    batch["kd_mask"][:, -1] = False
+    return batch
+
+
+def lora_grads(module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def _trainer(max_steps: int) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+
+
+# ---- structure ----------------------------------------------------------------------------------
+
+
+def test_only_lora_parameters_are_trainable(make_tiny_llama, smollm2_tok):
+    module = make_module(make_tiny_llama, smollm2_tok)
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # q_proj and v_proj adapted (A and B each), nothing else
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == {"q_proj", "v_proj"}
+    assert any("embed_tokens" in n for n in frozen) and any("lm_head" in n for n in frozen)
+    assert module.vocab_size == len(smollm2_tok)
+
+
+def test_missing_lora_target_is_a_one_line_error(make_tiny_llama, smollm2_tok):
+    with pytest.raises(FedMKTError) as error:
+        make_module(make_tiny_llama, smollm2_tok, target_modules=["c_attn"])
+    message = str(error.value)
+    assert "c_attn" in message and "lora.target_modules" in message and "Fix:" in message
+    assert "\n" not in message
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+def test_fit_changes_only_lora_parameters(make_tiny_llama, smollm2_tok):
+    module = make_module(make_tiny_llama, smollm2_tok)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    batch = make_batch(smollm2_tok)
+    trainer = _trainer(max_steps=2)
+    trainer.fit(module, train_dataloaders=DataLoader([batch, batch], batch_size=None))
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed, "training changed nothing"
+    assert all("lora_" in n for n in changed), sorted(changed)
+    assert any("lora_B" in n for n in changed)  # B starts at zero; it must have moved
+    # the optimiser holds exactly the trainable (LoRA) parameters
+    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in module.parameters() if p.requires_grad}
+    assert module.task_loss.update_count == 2 and module.kd_loss.update_count == 0
+    assert torch.isfinite(module.task_loss.compute())
+
+
+def test_training_step_without_kd_is_mean_answer_ce(make_tiny_llama, smollm2_tok):
+    module = make_module(make_tiny_llama, smollm2_tok)
+    batch = make_batch(smollm2_tok)
+    loss = module.training_step(batch, 0)
+    logits = module(batch["input_ids"], batch["attention_mask"])
+    expected = torch.stack(
+        [F.cross_entropy(logits[b], batch["targets"][b], ignore_index=IGNORE_INDEX) for b in range(len(logits))]
+    ).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_step_with_kd_is_lambda_mix_and_changes_the_gradient(make_tiny_llama, smollm2_tok):
+    module = make_module(make_tiny_llama, smollm2_tok, ce_weight=0.7)
+    batch = make_batch(smollm2_tok)
+    kd_batch = add_kd_targets(batch, len(smollm2_tok))
+
+    module.zero_grad()
+    plain_loss = module.training_step(batch, 0)
+    plain_loss.backward()
+    plain = lora_grads(module)
+
+    module.zero_grad()
+    kd_loss = module.training_step(kd_batch, 0)
+    kd_loss.backward()
+    distilled = lora_grads(module)
+
+    assert plain.keys() == distilled.keys() and plain
+    assert any(not torch.allclose(plain[n], distilled[n]) for n in plain)
+
+    with torch.no_grad():
+        logits = module(batch["input_ids"], batch["attention_mask"])
+        kd = dense_kd_loss_reference(logits, kd_batch["kd_ids"], kd_batch["kd_probs"])
+        kd_mean = kd[kd_batch["kd_mask"]].mean()
+    torch.testing.assert_close(kd_loss.detach(), 0.7 * plain_loss.detach() + 0.3 * kd_mean, rtol=1e-5, atol=1e-6)
+    assert module.kd_loss.update_count == 1
+    torch.testing.assert_close(module.kd_loss.compute(), kd_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_out_kd_positions_do_not_affect_the_loss(make_tiny_llama, smollm2_tok):
+    module = make_module(make_tiny_llama, smollm2_tok)
+    kd_batch = add_kd_targets(make_batch(smollm2_tok), len(smollm2_tok))
+    loss = module.training_step(kd_batch, 0)
+    scrambled = dict(kd_batch)
+    scrambled["kd_ids"] = kd_batch["kd_ids"].clone()
+    scrambled["kd_ids"][~kd_batch["kd_mask"]] = 7  # garbage where the mask is off
+    torch.testing.assert_close(module.training_step(scrambled, 0), loss)
+    # no KD position at all: λ·CE only
+    empty = dict(kd_batch, kd_mask=torch.zeros_like(kd_batch["kd_mask"]))
+    ce_only = make_module(make_tiny_llama, smollm2_tok).training_step(make_batch(smollm2_tok), 0)
+    torch.testing.assert_close(module.training_step(empty, 0), 0.9 * ce_only, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_raises_fedmkt_error(make_tiny_llama, smollm2_tok):
+    module = make_module(make_tiny_llama, smollm2_tok)
+    with torch.no_grad():
+        module.model.get_output_embeddings().weight[0, 0] = float("nan")
+    with pytest.raises(FedMKTError) as error:
+        module.training_step(make_batch(smollm2_tok), 0)
+    message = str(error.value)
+    assert message.startswith("client_0: loss became nan") and "Fix:" in message and "\n" not in message
+
+
+# ---- knowledge sharing --------------------------------------------------------------------------
+
+
+def test_predict_step_matches_topk_and_cross_entropy_at_real_positions(make_tiny_llama, smollm2_tok):
+    module = make_module(make_tiny_llama, smollm2_tok, top_k=5).eval()
+    batch = make_batch(smollm2_tok)
+    batch["index"] = torch.tensor([7, 3])
+    lengths = batch["attention_mask"].sum(-1)
+    assert lengths[0] != lengths[1]  # one sample is padded
+    with torch.no_grad():
+        out = module.predict_step(batch, 0)
+        logits = module(batch["input_ids"], batch["attention_mask"])
+
+    assert out["index"].tolist() == [7, 3]
+    assert out["lengths"].tolist() == lengths.tolist()
+    assert out["topk_logits"].dtype == torch.float16 and out["topk_ids"].shape == (int(lengths.sum()), 5)
+    start = 0
+    for b, length in enumerate(lengths.tolist()):
+        rows = slice(start, start + length)
+        values, ids = torch.topk(logits[b, :length], 5, dim=-1)
+        assert torch.equal(out["token_ids"][rows], batch["input_ids"][b, :length])
+        assert torch.equal(out["topk_ids"][rows], ids)
+        assert torch.equal(out["topk_logits"][rows], values.to(torch.float16))
+        expected = F.cross_entropy(logits[b], batch["targets"][b], ignore_index=IGNORE_INDEX)
+        torch.testing.assert_close(out["losses"][b], expected, rtol=1e-5, atol=1e-6)
+        start += length
+    assert start == len(out["token_ids"])
+
+
+def test_predict_step_is_unaffected_by_padding(make_tiny_llama, smollm2_tok):
+    module = make_module(make_tiny_llama, smollm2_tok).eval()
+    with torch.no_grad():
+        together = module.predict_step(make_batch(smollm2_tok), 0)
+        alone = module.predict_step(make_batch(smollm2_tok, PROMPTS[1:]), 0)
+    length = int(alone["lengths"][0])
+    torch.testing.assert_close(together["losses"][1], alone["losses"][0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(together["topk_ids"][-length:], alone["topk_ids"])
