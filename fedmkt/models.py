@@ -169,10 +169,16 @@ def load_model(spec: ModelSpec, cache_dir: Optional[str] = None, seed: int = 0) 
 
 
 def _random_init_model(config, overrides: dict, dtype: torch.dtype, seed: int) -> PreTrainedModel:
+    # A head_dim that was hidden_size / heads (LLaMA-style configs store it explicitly) follows new
+    # sizes unless given; otherwise a shrunk model would keep the full-size attention width.
+    head_dim = getattr(config, "head_dim", None)
+    derived_head_dim = head_dim is not None and head_dim == _heads_split(config)
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise FedMKTError(f"model.random_init key `{key}` is not a field of {type(config).__name__}. Fix: remove or rename it.")
         setattr(config, key, value)
+    if derived_head_dim and "head_dim" not in overrides and _heads_split(config):
+        config.head_dim = _heads_split(config)
     # Per-layer lists (Gemma's sliding/full attention pattern) must match the new depth.
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and len(layer_types) != config.num_hidden_layers:
@@ -181,3 +187,9 @@ def _random_init_model(config, overrides: dict, dtype: torch.dtype, seed: int) -
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
+
+
+def _heads_split(config) -> Optional[int]:
+    """hidden_size // num_attention_heads, or None where the config has no such fields."""
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None

@@ -1,0 +1,220 @@
+"""Model sources (embedded / GGUF / directory / hub), random-init overrides, and config validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Gemma3TextConfig, LlamaConfig
+
+from fedmkt.config import LoRAConfig, ModelSpec, PartyConfig, RunConfig, validate
+from fedmkt.errors import FedMKTError
+from fedmkt.models import (
+    EMBEDDED_MODELS,
+    ResolvedSource,
+    _random_init_model,
+    cache_root,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+)
+
+TINY = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def _one_line(error: pytest.ExceptionInfo, *needles: str) -> None:
+    message = str(error.value)
+    assert "\n" not in message and "Fix:" in message
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+
+
+# ---- resolve_source -----------------------------------------------------------------------------
+
+
+def test_unknown_embedded_model_lists_the_known_ones():
+    with pytest.raises(FedMKTError) as error:
+        resolve_source("embedded:llama-9000")
+    _one_line(error, "embedded:llama-9000", *(f"embedded:{name}" for name in EMBEDDED_MODELS))
+
+
+def test_embedded_model_resolves_to_its_gguf_file():
+    resolved = resolve_source("embedded:smollm2-135m-instruct")
+    assert resolved.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (Path(resolved.path) / resolved.gguf_file).is_file()
+
+
+def test_gguf_file(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert resolve_source(str(tmp_path / "m.gguf")) == ResolvedSource(str(tmp_path.resolve()), "m.gguf")
+    with pytest.raises(FedMKTError) as error:
+        resolve_source(str(tmp_path / "missing.gguf"))
+    _one_line(error, "missing.gguf", "does not exist", "model.source")
+
+
+def test_model_directory_needs_config_json(tmp_path):
+    with pytest.raises(FedMKTError) as error:
+        resolve_source(str(tmp_path))
+    _one_line(error, str(tmp_path), "config.json", "save_pretrained")
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_source(str(tmp_path)) == ResolvedSource(str(tmp_path.resolve()))
+
+
+@pytest.mark.parametrize("source", ["./no/such/model", "/no/such/model", "~/no/such/model"])
+def test_missing_local_paths_are_errors_not_hub_names(source):
+    with pytest.raises(FedMKTError) as error:
+        resolve_source(source)
+    _one_line(error, source, "does not exist")
+
+
+def test_hub_names_pass_through():
+    assert resolve_source("meta-llama/Llama-2-7b-hf") == ResolvedSource("meta-llama/Llama-2-7b-hf")
+    assert resolve_source("gpt2") == ResolvedSource("gpt2")
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDMKT_CACHE", str(tmp_path / "env"))
+    assert cache_root() == tmp_path / "env"
+    assert cache_root(str(tmp_path / "arg")) == tmp_path / "arg"
+    monkeypatch.delenv("FEDMKT_CACHE")
+    assert cache_root() == Path.home() / ".cache" / "fedmkt"
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def test_load_tokenizer_is_cached_and_has_a_pad_token(smollm2_tok):
+    again = load_tokenizer(ModelSpec("embedded:smollm2-135m-instruct"))
+    assert again is smollm2_tok
+    assert len(smollm2_tok) == 49_152 and smollm2_tok.pad_token_id is not None
+
+
+def test_missing_model_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(FedMKTError) as error:
+        load_model(ModelSpec(str(tmp_path / "gone.gguf")))
+    _one_line(error, "gone.gguf")
+
+
+def test_random_init_applies_overrides_and_is_seeded():
+    spec = ModelSpec("embedded:smollm2-135m-instruct", random_init=TINY)
+    model = load_model(spec, seed=1)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
+    assert model.config.hidden_size == 32 and model.config.vocab_size == 49_152  # the real tokenizer's size
+    # head_dim was hidden/heads in the real config, so it follows the new sizes: 32 / 2
+    assert model.config.head_dim == 16
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
+    same = load_model(spec, seed=1)
+    other = load_model(spec, seed=2)
+    weight = lambda m: m.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(weight(model), weight(same)) and not torch.equal(weight(model), weight(other))
+
+
+def test_random_init_keeps_an_explicit_head_dim():
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16, vocab_size=10, num_hidden_layers=1)
+    model = _random_init_model(config, {"hidden_size": 32, "num_attention_heads": 2, "head_dim": 8}, torch.float32, 0)
+    assert model.config.head_dim == 8
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=32, vocab_size=10, num_hidden_layers=1)
+    model = _random_init_model(config, {"hidden_size": 32}, torch.float32, 0)  # 32 was not 64 / 4: kept
+    assert model.config.head_dim == 32
+
+
+def test_random_init_unknown_key_names_the_key():
+    with pytest.raises(FedMKTError) as error:
+        load_model(ModelSpec("embedded:smollm2-135m-instruct", random_init={"num_layers": 2}))
+    _one_line(error, "model.random_init key `num_layers`", "LlamaConfig")
+
+
+def test_random_init_cycles_gemma_layer_types_to_the_new_depth():
+    pattern = ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"]
+    gemma = lambda: Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, num_hidden_layers=6, layer_types=list(pattern),
+    )
+    model = _random_init_model(gemma(), {"num_hidden_layers": 4}, torch.float32, 0)
+    assert model.config.layer_types == pattern[:4]
+    assert len(model.model.layers) == 4
+    deeper = _random_init_model(gemma(), {"num_hidden_layers": 8}, torch.float32, 0)
+    assert deeper.config.layer_types == pattern + pattern[:2]
+    logits = deeper(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
+
+
+def test_embedded_gemma_random_init_keeps_its_pattern_and_vocabulary():
+    model = load_model(
+        ModelSpec("embedded:gemma3-270m", random_init=TINY | {"num_hidden_layers": 7, "hidden_size": 16, "head_dim": 8}), seed=0
+    )
+    assert model.config.vocab_size == 262_144
+    assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    assert len(model.model.layers) == 7 and model.config.head_dim == 8
+
+
+# ---- config.validate ----------------------------------------------------------------------------
+
+
+def run_config(clients: int = 2) -> RunConfig:
+    return RunConfig(
+        server=PartyConfig(model=ModelSpec("embedded:gemma3-270m")),
+        clients=[PartyConfig(model=ModelSpec("embedded:smollm2-135m-instruct")) for _ in range(clients)],
+    )
+
+
+def test_default_config_is_valid():
+    validate(run_config())
+
+
+def _set(path: str, value):
+    def edit(config):
+        *parents, last = path.split(".")
+        target = config
+        for part in parents:
+            target = target[int(part)] if part.isdigit() else getattr(target, part)
+        setattr(target, last, value)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (_set("transfer.top_k", 0), "transfer.top_k must be > 0"),
+        (_set("transfer.top_k", -3), "transfer.top_k must be > 0"),
+        (_set("transfer.ce_weight", 1.5), "transfer.ce_weight must be in [0, 1]"),
+        (_set("transfer.temperature", 0.0), "transfer.temperature must be > 0"),
+        (_set("clients", []), "clients is empty"),
+        (_set("federation.rounds", 0), "federation.rounds must be >= 1"),
+        (_set("data.eval_size", 0), "data.eval_size must be >= 1"),
+        (_set("data.max_length", 4), "data.max_length must be >= 8"),
+        (_set("server.batch_size", 0), "server.batch_size must be >= 1"),
+        (_set("clients.1.eval_batch_size", 0), "clients[1].eval_batch_size must be >= 1"),
+        (_set("clients.0.optimizer.lr", 0.0), "clients[0].optimizer.lr must be > 0"),
+        (_set("server.lora.r", 0), "server.lora.r must be >= 1"),
+        (_set("clients.1.lora.target_modules", []), "clients[1].lora.target_modules is empty"),
+        (_set("clients.0.local_epochs", -1), "clients[0] epochs must be >= 0"),
+    ],
+)
+def test_validate_names_the_key_and_the_fix(edit, needle):
+    config = run_config()
+    edit(config)
+    with pytest.raises(FedMKTError) as error:
+        validate(config)
+    _one_line(error, needle)
+    assert str(error.value).startswith(needle)
+
+
+def test_validate_accepts_edge_values():
+    config = run_config(clients=1)
+    config.transfer.ce_weight = 0.0
+    config.server.local_epochs = config.server.distill_epochs = 0
+    validate(config)
+    config.transfer.ce_weight = 1.0
+    validate(config)
+
+
+def test_config_groups_are_independent_between_parties():
+    config = run_config()
+    config.clients[0].lora.target_modules.append("gate_proj")
+    assert config.clients[1].lora.target_modules == LoRAConfig().target_modules
+    assert dataclasses.asdict(config)["clients"][1]["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
