@@ -30,9 +30,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that a crash leaves either the old or the new content, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as file:
-        file.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # no partial files left behind
+        raise
 
 
 class FederatedTrainer:
@@ -126,7 +132,10 @@ class FederatedTrainer:
         }
 
     def _write_summary(self) -> None:
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=2, default=_json_default))
+        # Standard JSON for the tools that read it: a NaN/inf (e.g. the task loss of a phase that did
+        # not train) is written as null.
+        text = json.dumps(_finite_or_none(self.summary), indent=2, default=_json_default, allow_nan=False)
+        atomic_write_text(self.run_dir / "summary.json", text)
 
     def _log(self, stats: dict[str, dict], step: int) -> None:
         metrics = {}
@@ -158,6 +167,17 @@ class FederatedTrainer:
             cells += [str(last.get("selected", "–")), f"{last.get('bytes_sent', 0) / 1e6:.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+
+def _finite_or_none(value):
+    """A copy of a JSON-like tree with non-finite floats replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 def _json_default(value):

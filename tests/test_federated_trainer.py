@@ -1,0 +1,324 @@
+"""FederatedTrainer (round protocol, byte counting, summary.json, results table) and Participant phases."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import fedmkt.federation.trainer as trainer_module
+from fedmkt.config import LoRAConfig, ModelSpec, OptimizerConfig, PartyConfig, RunConfig, TrainerConfig, TransferConfig
+from fedmkt.data.datamodule import PartyDataModule
+from fedmkt.data.tasks import QAExample
+from fedmkt.errors import FedMKTError
+from fedmkt.federation.participant import Participant
+from fedmkt.federation.trainer import FederatedTrainer, atomic_write_text
+from fedmkt.party import PartyModule
+from fedmkt.payload import KnowledgePayload
+
+PUBLIC = 4
+
+
+def payload(sender: str, round_index: int = 1, n: int = PUBLIC, length: int = 3, k: int = 2, seed: int = 0) -> KnowledgePayload:
+    g = torch.Generator().manual_seed(seed)
+    rows = n * length
+    return KnowledgePayload(
+        sender=sender, round=round_index, vocab_size=100,
+        sample_index=torch.arange(n), losses=torch.rand(n, generator=g),
+        offsets=torch.arange(0, rows + 1, length), token_ids=torch.randint(100, (rows,), generator=g).to(torch.int16),
+        topk_ids=torch.randint(100, (rows, k), generator=g).to(torch.int16), topk_logits=torch.randn(rows, k, generator=g).half(),
+    )
+
+
+def strict_json(text: str):
+    """Parse as standard JSON (NaN / Infinity are not JSON; other tools reject them)."""
+
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+class FakeParty:
+    """A participant that records the protocol's calls and answers with fixed numbers."""
+
+    def __init__(self, name: str, calls: list, task_loss: float = 1.0, seed: int = 0) -> None:
+        self.name, self.calls, self.task_loss, self.seed = name, calls, task_loss, seed
+        self.data = SimpleNamespace(public=[None] * PUBLIC)
+        self.sent: list[KnowledgePayload] = []
+        self.received: list[dict] = []
+
+    def fine_tune(self, round_index):
+        self.calls.append((self.name, "fine_tune", round_index))
+        return {"task_loss": self.task_loss, "kd_loss": 0.0, "train_seconds": 0.5}
+
+    def share_knowledge(self, round_index):
+        self.calls.append((self.name, "share", round_index))
+        self.sent.append(payload(self.name, round_index, seed=self.seed + round_index))
+        return self.sent[-1]
+
+    def distill(self, round_index, teacher_payloads):
+        self.calls.append((self.name, "distill", round_index, tuple(sorted(teacher_payloads))))
+        self.received.append(teacher_payloads)
+        counts = {name: 1 for name in teacher_payloads}
+        return {"task_loss": 2.0, "kd_loss": 0.25, "train_seconds": 1.0, "selected": len(counts), "teacher_counts": counts}
+
+    def evaluate(self):
+        return {"eval_accuracy": 0.5 + 0.1 * len(self.received), "eval_accuracy_norm": 0.5, "eval_seconds": 0.1}
+
+    def save_adapter(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "adapter_model.safetensors").write_bytes(b"")
+
+
+class FakeLogger:
+    def __init__(self):
+        self.logged = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, metrics))
+
+    def save(self):
+        pass
+
+
+def run_config(rounds: int = 2, clients: int = 2) -> RunConfig:
+    config = RunConfig(
+        server=PartyConfig(model=ModelSpec("embedded:gemma3-270m")),
+        clients=[PartyConfig(model=ModelSpec("embedded:smollm2-135m-instruct")) for _ in range(clients)],
+    )
+    config.federation.rounds = rounds
+    return config
+
+
+@pytest.fixture
+def federation(tmp_path):
+    calls: list = []
+    server = FakeParty("server", calls, seed=100)
+    clients = [FakeParty("client_0", calls, seed=200), FakeParty("client_1", calls, seed=300)]
+    logger = FakeLogger()
+    trainer = FederatedTrainer(server, clients, run_config(), tmp_path / "run", loggers=[logger])
+    return SimpleNamespace(trainer=trainer, server=server, clients=clients, calls=calls, logger=logger, run_dir=tmp_path / "run")
+
+
+# ---- _send -------------------------------------------------------------------------------------
+
+
+def test_send_counts_bytes_on_both_ends_and_hands_over_a_validated_copy(federation):
+    trainer, server, clients = federation.trainer, federation.server, federation.clients
+    sent = payload("server")
+    size = len(sent.to_bytes())
+    received = trainer._send(sent, receivers=clients)
+    assert trainer._traffic["server"] == {"bytes_sent": 2 * size, "bytes_received": 0}
+    assert trainer._traffic["client_0"] == trainer._traffic["client_1"] == {"bytes_sent": 0, "bytes_received": size}
+    assert received is not sent and isinstance(received, KnowledgePayload)
+    for name in ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits"):
+        assert torch.equal(getattr(received, name), getattr(sent, name))
+
+    trainer._send(payload("client_0", seed=5), receivers=[server])  # counts add up within a round
+    client_size = len(payload("client_0", seed=5).to_bytes())
+    assert trainer._traffic["client_0"] == {"bytes_sent": client_size, "bytes_received": size}
+    assert trainer._traffic["server"]["bytes_received"] == client_size
+
+
+def test_send_rejects_a_nan_payload(federation):
+    bad = payload("client_0")
+    bad.topk_logits[2, 1] = float("nan")
+    with pytest.raises(FedMKTError, match=r"rejected payload from client_0: .*NaN/inf.*Fix:"):
+        federation.trainer._send(bad, receivers=[federation.server])
+
+
+def test_send_rejects_samples_outside_the_receivers_public_set(federation):
+    too_many = payload("client_0", n=PUBLIC + 1)
+    with pytest.raises(FedMKTError, match=rf"sample_index outside the public dataset of {PUBLIC} samples"):
+        federation.trainer._send(too_many, receivers=[federation.server])
+
+
+# ---- the round protocol ------------------------------------------------------------------------
+
+
+def test_run_round_follows_the_protocol_and_records_every_party(federation):
+    trainer, server, clients = federation.trainer, federation.server, federation.clients
+    record = trainer.run_round(1)
+    assert federation.calls == [
+        ("client_0", "fine_tune", 1), ("client_0", "share", 1),
+        ("client_1", "fine_tune", 1), ("client_1", "share", 1),
+        ("server", "distill", 1, ("client_0", "client_1")),
+        ("server", "share", 1),
+        ("client_0", "distill", 1, ("server",)),
+        ("client_1", "distill", 1, ("server",)),
+    ]
+    # what each receiver distilled from is a copy of what the sender shared, not the object itself
+    got = server.received[0]["client_1"]
+    assert got is not clients[1].sent[0] and torch.equal(got.topk_ids, clients[1].sent[0].topk_ids)
+
+    sizes = {p.name: len(p.sent[0].to_bytes()) for p in (server, *clients)}
+    parties = record["parties"]
+    assert record["round"] == 1 and set(parties) == {"server", "client_0", "client_1"}
+    assert parties["server"]["bytes_sent"] == 2 * sizes["server"]
+    assert parties["server"]["bytes_received"] == sizes["client_0"] + sizes["client_1"]
+    for client in clients:
+        entry = parties[client.name]
+        assert entry["bytes_sent"] == sizes[client.name] and entry["bytes_received"] == sizes["server"]
+        assert entry["task_loss"] == 1.0 and entry["distill_task_loss"] == 2.0 and entry["kd_loss"] == 0.25
+        assert entry["selected"] == 1 and entry["teacher_counts"] == {"server": 1}
+        assert entry["train_seconds"] == 1.5 and entry["eval_accuracy"] == pytest.approx(0.6)
+    assert parties["server"]["selected"] == 2 and parties["server"]["teacher_counts"] == {"client_0": 1, "client_1": 1}
+    for key in ("task_loss", "kd_loss", "selected", "bytes_sent", "bytes_received", "eval_accuracy"):
+        assert all(key in entry for entry in parties.values()), key
+
+    for name in parties:
+        assert (federation.run_dir / "adapters" / "round_1" / name / "adapter_model.safetensors").is_file()
+    on_disk = strict_json((federation.run_dir / "summary.json").read_text())
+    assert on_disk["rounds"] == [record]
+
+
+def test_traffic_is_counted_per_round(federation):
+    first = federation.trainer.run_round(1)["parties"]
+    second = federation.trainer.run_round(2)["parties"]
+    for name in first:  # same payload sizes each round: counts must not accumulate across rounds
+        assert second[name]["bytes_sent"] == first[name]["bytes_sent"] > 0
+        assert second[name]["bytes_received"] == first[name]["bytes_received"] > 0
+
+
+def test_fit_runs_every_round_after_zero_shot_and_logs_namespaced_metrics(federation):
+    summary = federation.trainer.fit()
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert set(summary["zero_shot"]) == {"server", "client_0", "client_1"}
+    assert summary["config"]["federation"]["rounds"] == 2
+    assert strict_json((federation.run_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+    steps = [step for step, _ in federation.logger.logged]
+    assert steps == [0, 1, 2]
+    zero, first = federation.logger.logged[0][1], federation.logger.logged[1][1]
+    assert zero == {"server/eval_accuracy": 0.5, "client_0/eval_accuracy": 0.5, "client_1/eval_accuracy": 0.5, "round": 0}
+    assert first["round"] == 1 and first["client_0/task_loss"] == 1.0
+    assert first["server/teacher_counts/client_1"] == 1.0
+    assert first["server/bytes_received"] > 0
+    assert all(isinstance(v, float) or key == "round" for key, v in first.items())
+
+
+def test_summary_json_is_standard_json_even_with_nan_losses(tmp_path):
+    calls: list = []
+    clients = [FakeParty("client_0", calls, task_loss=float("nan"))]  # e.g. local_epochs: 0
+    trainer = FederatedTrainer(FakeParty("server", calls), clients, run_config(rounds=1, clients=1), tmp_path, loggers=[FakeLogger()])
+    trainer.run_round(1)
+    on_disk = strict_json((tmp_path / "summary.json").read_text())
+    assert on_disk["rounds"][0]["parties"]["client_0"]["task_loss"] is None
+    assert math.isnan(trainer.summary["rounds"][0]["parties"]["client_0"]["task_loss"])  # in memory: untouched
+
+
+def test_a_bad_payload_stops_the_round_before_anyone_distils(federation):
+    client = federation.clients[1]
+    original = client.share_knowledge
+
+    def share_nan(round_index):
+        bad = original(round_index)
+        bad.losses[0] = float("inf")
+        return bad
+
+    client.share_knowledge = share_nan
+    with pytest.raises(FedMKTError, match="rejected payload from client_1"):
+        federation.trainer.run_round(1)
+    assert not any(call[1] == "distill" for call in federation.calls)
+    assert not (federation.run_dir / "summary.json").exists()
+
+
+# ---- summary writing and the results table -----------------------------------------------------
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path, monkeypatch):
+    target = tmp_path / "deep" / "summary.json"
+    atomic_write_text(target, '{"rounds": []}')
+    assert strict_json(target.read_text()) == {"rounds": []}
+    atomic_write_text(target, '{"rounds": [1]}')
+    assert strict_json(target.read_text()) == {"rounds": [1]}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer_module.os, "replace", crash)
+    with pytest.raises(OSError):
+        atomic_write_text(target, '{"rounds": [1, 2]}')
+    assert strict_json(target.read_text()) == {"rounds": [1]}  # the old content, intact
+    assert sorted(p.name for p in target.parent.iterdir()) == ["summary.json"]
+
+
+def test_results_table_lists_accuracy_per_round_selection_and_traffic(federation):
+    federation.trainer.fit()
+    lines = federation.trainer.results_table().splitlines()
+    assert lines[0] == "| party | zero-shot | round 1 | round 2 | selected (last) | MB sent (last) |"
+    assert lines[1] == "|---|---|---|---|---|---|"
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in lines[2:]}
+    assert list(rows) == ["server", "client_0", "client_1"]
+    last = federation.trainer.summary["rounds"][-1]["parties"]
+    for name, line in rows.items():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1:4] == ["0.500", "0.600", "0.700"]
+        assert cells[4] == str(last[name]["selected"])
+        assert cells[5] == f"{last[name]['bytes_sent'] / 1e6:.2f}"
+
+
+def test_results_table_without_zero_shot_or_rounds(tmp_path):
+    calls: list = []
+    trainer = FederatedTrainer(FakeParty("server", calls), [FakeParty("client_0", calls)], run_config(clients=1), tmp_path)
+    lines = trainer.results_table().splitlines()
+    assert lines[0] == "| party | selected (last) | MB sent (last) |"
+    assert lines[2] == "| server | – | 0.00 |"
+
+
+# ---- a real Participant ------------------------------------------------------------------------
+
+
+def qa(n: int, tag: str) -> list[QAExample]:
+    return [QAExample(f"{tag}{i}", f"Question: is {tag} number {i} {'big ' * (i % 3)}?\nAnswer:", (" yes", " no"), i % 2) for i in range(n)]
+
+
+def make_participant(name, tokenizer, make_tiny_llama, cache_dir, seed, transfer):
+    config = PartyConfig(
+        model=ModelSpec("embedded:smollm2-135m-instruct"),
+        lora=LoRAConfig(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        optimizer=OptimizerConfig(lr=1e-2, warmup_ratio=0.0),
+        trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
+        batch_size=2, eval_batch_size=3,
+    )
+    module = PartyModule(make_tiny_llama(len(tokenizer), seed=seed), config.lora, config.optimizer, transfer, name=name)
+    data = PartyDataModule(name, qa(2, f"{name}-private"), qa(3, "public"), tokenizer, 48, 2, 3, seed)
+    return Participant(name, config, transfer, module, tokenizer, data, qa(2, "eval"), {"peer": tokenizer}, cache_dir, 48, seed)
+
+
+def test_participant_phases_share_distil_and_save(smollm2_tok, make_tiny_llama, tmp_path):
+    transfer = TransferConfig(top_k=3, selection="all")
+    party = make_participant("client_0", smollm2_tok, make_tiny_llama, tmp_path / "cache", 0, transfer)
+    peer = make_participant("peer", smollm2_tok, make_tiny_llama, tmp_path / "cache", 1, transfer)
+
+    shared = party.share_knowledge(round_index=1)
+    shared.validate(num_public=3)
+    assert (shared.sender, shared.round, shared.vocab_size, shared.top_k) == ("client_0", 1, len(smollm2_tok), 3)
+    assert shared.topk_ids.dtype == torch.int32  # 49,152 ids do not fit int16
+    assert sorted(shared.sample_index.tolist()) == [0, 1, 2]
+    for row, index in enumerate(shared.sample_index.tolist()):  # the sender's own tokens, per public sample
+        assert torch.equal(shared.sample(row)[0], party.data.public[index].input_ids)
+    # public_losses is the same CE, ordered by sample index, reused while the weights are unchanged
+    assert torch.equal(party.public_losses(), shared.losses[shared.sample_index.argsort()])
+
+    stats = party.fine_tune(round_index=1)
+    assert math.isfinite(stats["task_loss"]) and stats["kd_loss"] == 0.0
+    assert party._public_losses is None  # weights changed: own losses must be recomputed
+
+    teacher = peer.share_knowledge(round_index=1)
+    distilled = party.distill(1, {"peer": KnowledgePayload.from_bytes(teacher.to_bytes())})
+    assert distilled["selected"] == 3 and distilled["teacher_counts"] == {"peer": 3}  # "all": every sample
+    assert distilled["kd_loss"] > 0 and math.isfinite(distilled["task_loss"])
+
+    scores = party.evaluate()
+    assert 0.0 <= scores["eval_accuracy"] <= 1.0
+    party.save_adapter(tmp_path / "adapters" / "client_0")
+    saved = sorted(p.name for p in (tmp_path / "adapters" / "client_0").iterdir())
+    assert "adapter_model.safetensors" in saved and "adapter_config.json" in saved
+    assert [p.name for p in (tmp_path / "adapters").iterdir()] == ["client_0"]  # no temporary folder left
