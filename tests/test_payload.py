@@ -276,3 +276,15 @@ def test_from_bytes_validates_content():
     with pytest.raises(FedMKTError) as error:
         KnowledgePayload.from_bytes(data)
     _assert_one_line_error(error, "rejected payload from client_0", "NaN/inf")
+
+
+def test_validate_rejects_multi_dimensional_index_or_tokens():
+    payload = make_payload(lengths=(2, 2))
+    payload.sample_index = payload.sample_index.view(1, 2)
+    with pytest.raises(FedMKTError) as error:
+        payload.validate()
+    _assert_one_line_error(error, "must be 1-D")
+    payload = make_payload(lengths=(2, 2))
+    payload.token_ids = payload.token_ids.view(2, 2)
+    with pytest.raises(FedMKTError):
+        payload.validate()
