@@ -5,9 +5,12 @@ dataloader is built:
 1. `SelectiveTransferCallback` — DualMinCE: which public samples to distil, from which teacher;
 2. `AlignmentCacheCallback` — maps the chosen teachers' top-k logits onto the receiver's tokens,
    with MinED vocabulary maps built once per tokenizer pair and cached on disk.
+
+A third, `PhaseDeadlineCallback`, bounds how long a client's phase may run.
 """
 
 from fedmkt.callbacks.alignment_cache import AlignmentCacheCallback
+from fedmkt.callbacks.deadline import PhaseDeadlineCallback, PhaseTimeout
 from fedmkt.callbacks.selective_transfer import SelectiveTransferCallback
 
-__all__ = ["AlignmentCacheCallback", "SelectiveTransferCallback"]
+__all__ = ["AlignmentCacheCallback", "PhaseDeadlineCallback", "PhaseTimeout", "SelectiveTransferCallback"]

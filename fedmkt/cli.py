@@ -65,7 +65,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
     subcommands = parser.add_subcommands()
 
-    subcommands.add_subcommand("fit", _run_parser("Run FedMKT rounds end to end."), help="Run FedMKT rounds end to end.")
+    fit = _run_parser("Run FedMKT rounds end to end.")
+    fit.add_argument("--resume", type=Optional[str], default=None, help="Continue the interrupted run in this run_dir from its last round checkpoint.")
+    subcommands.add_subcommand("fit", fit, help="Run FedMKT rounds end to end.")
 
     evaluate = _run_parser("Score one party (base model + optional LoRA adapter) on the run's held-out split.")
     evaluate.add_argument("--party", type=str, default="server", help="server, client_0, client_1, …")
@@ -83,7 +85,7 @@ def build_parser() -> ArgumentParser:
 
 def _run_config(parser: ArgumentParser, namespace) -> RunConfig:
     """Instantiate the typed RunConfig from a parsed sub-command namespace."""
-    values = parser.instantiate(namespace)
+    values = parser.instantiate(namespace.clone())
     fields = RunConfig.__dataclass_fields__
     return RunConfig(**{key: values[key] for key in fields})
 
@@ -105,8 +107,9 @@ def _dispatch(argv: list[str]) -> None:
         from fedmkt.run import fit
 
         config = _run_config(sub_parser, sub_namespace)
+        resume = sub_namespace.pop("resume")
         resolved = sub_parser.dump(sub_namespace)
-        fit(config, resolved_config=resolved)
+        fit(config, resolved_config=resolved, resume=resume)
     elif command == "evaluate":
         from fedmkt.run import evaluate_party
 

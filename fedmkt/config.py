@@ -174,6 +174,19 @@ class FederationConfig:
     rounds: int = 2
     """Number of federated rounds."""
 
+    mode: Literal["fedmkt", "fedavg", "llm2slm", "standalone", "centralized", "zero_shot"] = "fedmkt"
+    """fedmkt: the method. Baselines: fedavg (FedMKT + LoRA averaging of homogeneous clients after
+    their KD step), llm2slm (LLM frozen, one-way LLM→SLM transfer), standalone (each client trains
+    on its own private data only), centralized (the server trains on all private + public data),
+    zero_shot (evaluation only)."""
+
+    min_clients: int = 1
+    """A round proceeds when at least this many clients answered; below it the run stops with an
+    error and the last round checkpoint stays valid."""
+
+    client_timeout_s: Optional[float] = None
+    """A client phase running longer than this many seconds counts as failed for the round."""
+
     evaluate_before: bool = True
     """Evaluate every party before round 1 (zero-shot, reported as round 0)."""
 
@@ -231,6 +244,16 @@ def validate(config: RunConfig) -> None:
         (config.transfer.temperature > 0, "transfer.temperature must be > 0", "use e.g. 1.0"),
         (len(config.clients) >= 1, "clients is empty", "list at least one client under `clients:`"),
         (config.federation.rounds >= 1, "federation.rounds must be >= 1", "set federation.rounds: 2"),
+        (
+            1 <= config.federation.min_clients <= len(config.clients),
+            f"federation.min_clients must be between 1 and the number of clients ({len(config.clients)})",
+            "lower federation.min_clients or add clients",
+        ),
+        (
+            config.federation.client_timeout_s is None or config.federation.client_timeout_s > 0,
+            "federation.client_timeout_s must be > 0",
+            "set it to a number of seconds, or null for no limit",
+        ),
         (config.data.eval_size >= 1, "data.eval_size must be >= 1", "set data.eval_size: 100"),
         (config.data.max_length >= 8, "data.max_length must be >= 8", "set data.max_length: 256"),
     ]

@@ -10,6 +10,7 @@ We count the continuation as trained on, i.e. with its leading space, so every o
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,27 +32,6 @@ def _pad_id(tokenizer: Any) -> int:
     return 0  # padded positions are masked out of attention and out of the score
 
 
-def _forward_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, keep: Tensor) -> Tensor:
-    """Logits at sequence positions `keep` only ([B, len(keep), V]).
-
-    Asking the model for just those positions (`logits_to_keep`) avoids a [B, L, V] tensor, which at
-    Gemma-3's 262k vocabulary is gigabytes for a batch of long BoolQ passages. Models that do not
-    know the argument get the full forward and are indexed afterwards.
-    """
-    length = input_ids.shape[1]
-    if len(keep) < length:
-        try:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-        except TypeError:
-            logits = None
-        if logits is not None and logits.shape[1] == len(keep):
-            return logits
-        if logits is not None and logits.shape[1] == length:
-            return logits[:, keep]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return logits[:, keep]
-
-
 def _model_device(model: Any) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -59,27 +39,151 @@ def _model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
+_OPTIONAL_KWARGS = ("logits_to_keep", "use_cache")
+
+
+def _call(model: Any, **kwargs: Any) -> Any:
+    """`model(**kwargs)`, dropping the optional arguments (`_OPTIONAL_KWARGS`) a forward rejects."""
+    while True:
+        try:
+            return model(**kwargs)
+        except TypeError as error:
+            rejected = [k for k in _OPTIONAL_KWARGS if k in kwargs and f"'{k}'" in str(error)]
+            if not rejected:
+                raise
+            for key in rejected:
+                kwargs.pop(key)
+
+
+def _logits_at(model: Any, keep: Tensor, **kwargs: Any) -> tuple[Tensor, Any]:
+    """Logits at sequence positions `keep` only ([B, len(keep), V]), and the model's output.
+
+    Asking the model for just those positions (`logits_to_keep`) avoids a [B, L, V] tensor, which at
+    Gemma-3's 262k vocabulary is gigabytes for a batch of long BoolQ passages. Models that do not
+    know the argument compute all positions, which are indexed afterwards.
+    """
+    output = _call(model, logits_to_keep=keep, **kwargs)
+    logits = output.logits
+    if logits.shape[1] != len(keep):
+        logits = logits[:, keep]
+    return logits, output
+
+
+def _summed_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """Sum over positions of log p(target); targets equal to -100 count zero. [B, K, V], [B, K] -> [B]."""
+    mask = targets != IGNORE_INDEX
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(dim=1).double().cpu()
+
+
 @torch.inference_mode()
-def _score_pairs(
-    model: Any, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int, max_length: int, device: torch.device
-) -> Tensor:
-    """Summed log-probability of each answer given its prompt, one float per (prompt, answer) pair."""
-    encoded = [encode_prompt_answer(tokenizer, prompt, answer, max_length) for prompt, answer in pairs]
+def _score_pairs(model: Any, encoded: list[tuple[Tensor, Tensor]], batch_size: int, pad_id: int, device: torch.device) -> Tensor:
+    """Summed log-probability of each answer given its prompt, one full forward per (prompt, answer)."""
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     scores = torch.empty(len(encoded), dtype=torch.float64)
-    pad_id = _pad_id(tokenizer)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = collate([{"input_ids": encoded[i][0], "targets": encoded[i][1]} for i in rows], pad_id)
         targets = batch["targets"].to(device)
         keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-        logits = _forward_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), keep)
-        targets = targets[:, keep]
-        mask = targets != IGNORE_INDEX
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores[rows] = (picked * mask).sum(dim=1).double().cpu()
+        logits, _ = _logits_at(
+            model, keep, input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        )
+        scores[rows] = _summed_logprobs(logits, targets[:, keep])
+    return scores
+
+
+class _NoPromptCache(Exception):
+    """The model returned no key/value cache that can be expanded over answer options."""
+
+
+@dataclass
+class _PromptGroup:
+    """Answer options that share the same (possibly truncated) prompt tokens."""
+
+    prompt: Tensor
+    pairs: list[int] = field(default_factory=list)
+    continuations: list[Tensor] = field(default_factory=list)
+
+
+def _group_by_prompt(encoded: list[tuple[Tensor, Tensor]], sizes: list[int]) -> list[_PromptGroup]:
+    groups: list[_PromptGroup] = []
+    pair = 0
+    for size in sizes:
+        by_prompt: dict[tuple[int, ...], _PromptGroup] = {}
+        for input_ids, targets in encoded[pair : pair + size]:
+            cut = int((targets != IGNORE_INDEX).nonzero()[0]) + 1  # prompt = tokens up to the first predictor
+            group = by_prompt.setdefault(tuple(input_ids[:cut].tolist()), _PromptGroup(input_ids[:cut]))
+            group.pairs.append(pair)
+            group.continuations.append(input_ids[cut:])
+            pair += 1
+        groups.extend(by_prompt.values())
+    return groups
+
+
+@torch.inference_mode()
+def _score_shared_prompts(
+    model: Any, encoded: list[tuple[Tensor, Tensor]], sizes: list[int], batch_size: int, pad_id: int, device: torch.device
+) -> Tensor:
+    """Same scores as `_score_pairs`, running each prompt once instead of once per answer option.
+
+    The prompts of a batch run first (right-padded) and leave their key/value cache; the cache is
+    copied once per option and the options run as a continuation, attending to their own prompt
+    through an attention mask with the prompt padding as holes, at positions that continue each
+    prompt. An ARC question (4 options of a few tokens after a ~25-token prompt) costs about a
+    third of the tokens; BoolQ/RTE options are one token, which the prompt pass alone scores.
+    """
+    groups = sorted(_group_by_prompt(encoded, sizes), key=lambda g: -len(g.prompt))
+    scores = torch.empty(len(encoded), dtype=torch.float64)
+    start = 0
+    while start < len(groups):
+        stop, rows = start, 0
+        while stop < len(groups) and (stop == start or rows + len(groups[stop].pairs) <= batch_size):
+            rows += len(groups[stop].pairs)
+            stop += 1
+        batch, start = groups[start:stop], stop
+
+        prompts = collate([{"input_ids": g.prompt} for g in batch], pad_id)
+        lengths = prompts["attention_mask"].sum(dim=1).to(device)
+        prompt_mask = prompts["attention_mask"].to(device)
+        last = lengths - 1
+        keep = torch.unique(last)
+        logits, output = _logits_at(
+            model, keep, input_ids=prompts["input_ids"].to(device), attention_mask=prompt_mask, use_cache=True
+        )
+        # transformers >= 5.2x names the cache `cache`; earlier versions `past_key_values`.
+        cache_key = "cache" if getattr(output, "cache", None) is not None else "past_key_values"
+        cache = getattr(output, cache_key, None)
+        if cache is None or not hasattr(cache, "reorder_cache"):
+            raise _NoPromptCache
+        owner = torch.tensor([i for i, g in enumerate(batch) for _ in g.pairs], device=device)
+        continuations = [c for g in batch for c in g.continuations]
+        first_tokens = torch.stack([c[:1] for c in continuations]).to(device)  # [R, 1]
+        at_last = logits[torch.arange(len(batch), device=device), torch.searchsorted(keep, last)]  # [G, V]
+        total = _summed_logprobs(at_last[owner].unsqueeze(1), first_tokens)
+
+        width = max(len(c) for c in continuations)
+        if width > 1:  # the rest of each option, predicted by its own earlier tokens
+            cache.reorder_cache(owner)
+            options = collate([{"input_ids": c} for c in continuations], pad_id)
+            option_ids = options["input_ids"].to(device)
+            option_mask = options["attention_mask"].to(device)
+            try:  # without explicit positions and the cache, the continuation would be scored wrongly
+                rest, _ = _logits_at(
+                    model,
+                    torch.arange(width - 1, device=device),
+                    input_ids=option_ids,
+                    attention_mask=torch.cat([prompt_mask[owner], option_mask], dim=1),
+                    position_ids=lengths[owner, None] + torch.arange(width, device=device),
+                    **{cache_key: cache},
+                )
+            except TypeError as error:
+                raise _NoPromptCache from error
+            targets = option_ids[:, 1:].masked_fill(option_mask[:, 1:] == 0, IGNORE_INDEX)
+            total += _summed_logprobs(rest, targets)
+        scores[[p for g in batch for p in g.pairs]] = total
     return scores
 
 
@@ -90,21 +194,37 @@ def choice_loglikelihoods(
     batch_size: int = 8,
     max_length: int = 512,
     device: torch.device | str | None = None,
+    share_prompt: bool = True,
 ) -> list[Tensor]:
     """For each example, the summed log-likelihood of every choice continuation ([num_choices] each).
 
-    Batched over all (example, choice) pairs; the model is put in eval mode and given back in the
-    mode it came in, so this can run mid-training.
+    Batched over (example, choice) pairs, `batch_size` pairs per forward. With `share_prompt` each
+    prompt runs once and its key/value cache serves all of its options (falls back to one full
+    forward per pair for models without an expandable cache). The model is put in eval mode and
+    given back in the mode it came in, so this can run mid-training.
     """
     device = torch.device(device) if device is not None else _model_device(model)
-    pairs = [(example.prompt, choice) for example in examples for choice in example.choices]
+    encoded = [
+        encode_prompt_answer(tokenizer, example.prompt, choice, max_length)
+        for example in examples
+        for choice in example.choices
+    ]
+    sizes = [len(example.choices) for example in examples]
+    pad_id = _pad_id(tokenizer)
     was_training = model.training
     model.eval()
     try:
-        flat = _score_pairs(model, tokenizer, pairs, batch_size, max_length, device)
+        flat = None
+        if share_prompt:
+            try:
+                flat = _score_shared_prompts(model, encoded, sizes, batch_size, pad_id, device)
+            except _NoPromptCache:
+                flat = None
+        if flat is None:
+            flat = _score_pairs(model, encoded, batch_size, pad_id, device)
     finally:
         model.train(was_training)
-    return list(flat.split([len(example.choices) for example in examples]))
+    return list(flat.split(sizes))
 
 
 def evaluate_multiple_choice(
@@ -114,11 +234,12 @@ def evaluate_multiple_choice(
     batch_size: int = 8,
     max_length: int = 512,
     device: torch.device | str | None = None,
+    share_prompt: bool = True,
 ) -> dict[str, float]:
     """`{"acc", "acc_norm"}` of `model` on `examples` (see the module docstring for the two)."""
     if not examples:
         raise FedMKTError("No examples to evaluate. Fix: give the task a non-empty evaluation split (eval_size > 0).")
-    loglikelihoods = choice_loglikelihoods(model, tokenizer, examples, batch_size, max_length, device)
+    loglikelihoods = choice_loglikelihoods(model, tokenizer, examples, batch_size, max_length, device, share_prompt)
     acc, acc_norm = MeanMetric(), MeanMetric()
     for example, scores in zip(examples, loglikelihoods):
         lengths = torch.tensor([len(choice) for choice in example.choices], dtype=torch.float64)

@@ -17,7 +17,9 @@ from fedmkt.data.datamodule import PartyDataModule
 from fedmkt.data.tasks import load_task, split_task
 from fedmkt.evaluation import assert_disjoint
 from fedmkt.federation.participant import Participant
-from fedmkt.federation.trainer import FederatedTrainer, atomic_write_text
+from fedmkt.errors import FedMKTError
+from fedmkt.federation.checkpoint import atomic_write_text
+from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.models import cache_root, load_model, load_tokenizer
 from fedmkt.party import PartyModule
 
@@ -51,22 +53,35 @@ def build_participants(config: RunConfig) -> tuple[Participant, list[Participant
     for index, (name, party) in enumerate(party_configs.items()):
         L.seed_everything(config.seed + index, verbose=False)  # distinct, reproducible LoRA inits
         module = PartyModule(load_model(party.model, config.cache_dir, seed=config.seed + index), party.lora, party.optimizer, config.transfer, name)
-        private = [] if name == SERVER else split.private[index - 1]
+        if name == SERVER:  # the server owns no private data, except in the centralized baseline
+            private = split.pool if config.federation.mode == "centralized" else []
+        else:
+            private = split.private[index - 1]
         data = PartyDataModule(
             name, private, split.public, tokenizers[name], config.data.max_length, party.batch_size, party.eval_batch_size, config.seed
         )
         peers = {n: t for n, t in tokenizers.items() if (n == SERVER) != (name == SERVER)}
         participants.append(
-            Participant(name, party, config.transfer, module, tokenizers[name], data, split.evaluation, peers, cache, config.data.max_length, config.seed)
+            Participant(
+                name, party, config.transfer, module, tokenizers[name], data, split.evaluation, peers, cache,
+                config.data.max_length, config.seed,
+                phase_timeout_s=None if name == SERVER else config.federation.client_timeout_s,
+            )
         )
     return participants[0], participants[1:]
 
 
-def make_loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
-    """W&B (offline unless told otherwise; one run per federated run) and a CSV fallback."""
+def make_loggers(config: RunConfig, run_dir: Path, resumed: bool = False) -> list[Logger]:
+    """W&B (offline unless told otherwise; one run per federated run) and a CSV fallback.
+
+    A resumed run logs its CSV next to the original's instead of overwriting it.
+    """
     loggers: list[Logger] = []
     if config.logging.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="logs"))
+        version = "logs"
+        while resumed and (run_dir / version).exists():
+            version = f"logs_resumed_{len(list(run_dir.glob('logs*')))}"
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=version))
     if config.logging.wandb:
         if config.logging.wandb_offline:
             os.environ.setdefault("WANDB_MODE", "offline")
@@ -78,21 +93,30 @@ def make_loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def fit(config: RunConfig, resolved_config: Optional[str] = None) -> dict:
-    """Run FedMKT end to end; writes config.yaml, summary.json, adapters and logs to `run_dir`."""
+def fit(config: RunConfig, resolved_config: Optional[str] = None, resume: Optional[str] = None) -> dict:
+    """Run FedMKT end to end; writes config.yaml, summary.json, adapters and logs to `run_dir`.
+
+    With `resume`, `run_dir` becomes that folder and the run continues after its last complete
+    round checkpoint, ending with the same results an uninterrupted run would have.
+    """
+    if resume is not None:
+        if not Path(resume).is_dir():
+            raise FedMKTError(f"--resume folder {resume} does not exist. Fix: pass the run_dir of the interrupted run.")
+        config.run_dir = str(resume)
     validate(config)
     quiet_lightning()
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resolved_config is not None:
+    if resolved_config is not None and resume is None:
         atomic_write_text(run_dir / "config.yaml", resolved_config)
     server, clients = build_participants(config)
     for party in (server, *clients):  # what's needed, with the adapters, to reproduce a checkpoint
         party.tokenizer.save_pretrained(run_dir / "tokenizers" / party.name)
-    loggers = make_loggers(config, run_dir)
+    loggers = make_loggers(config, run_dir, resumed=resume is not None)
     trainer = FederatedTrainer(server, clients, config, run_dir, loggers)
+    start_round = trainer.restore() if resume is not None else 1
     try:
-        summary = trainer.fit()
+        summary = trainer.fit(start_round)
     finally:
         for logger in loggers:
             logger.finalize("success")
@@ -109,7 +133,6 @@ def evaluate_party(config: RunConfig, party: str = SERVER, adapter: Optional[str
     """Held-out accuracy of one party's base model, optionally with a saved LoRA adapter."""
     from peft import PeftModel
 
-    from fedmkt.errors import FedMKTError
     from fedmkt.evaluation import evaluate_multiple_choice
 
     names = party_names(len(config.clients))

@@ -84,3 +84,47 @@ def test_evaluate_command_reproduces_the_summary_accuracy(tiny_run, capsys):
     assert code == 0
     printed = dict(item.split("=") for item in capsys.readouterr().out.split())
     assert float(printed["acc"]) == pytest.approx(summary["rounds"][-1]["parties"]["client_1"]["eval_accuracy"], abs=5e-5)
+
+
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if not k.endswith("_seconds")}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL: not an Exception, so nothing in the run may swallow it."""
+
+
+def test_a_run_killed_in_round_2_resumes_to_the_same_summary(tiny_run, tmp_path, monkeypatch):
+    from fedmkt.federation.participant import Participant
+
+    run_dir = tmp_path / "killed"
+    original = Participant.distill
+
+    def distill_then_die(self, round_index, payloads):
+        if round_index == 2 and self.name == "server":
+            raise Killed()
+        return original(self, round_index, payloads)
+
+    monkeypatch.setattr(Participant, "distill", distill_then_die)
+    with pytest.raises(Killed):
+        main(["fit", "--config", "tiny", "--run_dir", str(run_dir)])
+    checkpoint = json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text())
+    assert checkpoint["round"] == 1
+    assert not list(run_dir.rglob(".*.tmp*")) and not (run_dir / "adapters" / "round_2").exists()
+
+    monkeypatch.setattr(Participant, "distill", original)
+    assert main(["fit", "--config", "tiny", "--resume", str(run_dir)]) == 0
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    uninterrupted = json.loads((tiny_run / "summary.json").read_text())
+    assert _without_timings(resumed["rounds"]) == _without_timings(uninterrupted["rounds"])
+    assert _without_timings(resumed["zero_shot"]) == _without_timings(uninterrupted["zero_shot"])
+
+
+def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["fit", "--config", "tiny", "--resume", str(tmp_path / "empty")]) == 2
+    assert "no round checkpoint" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import fedmkt.federation.checkpoint as checkpoint_module
 import fedmkt.federation.trainer as trainer_module
 from fedmkt.config import LoRAConfig, ModelSpec, OptimizerConfig, PartyConfig, RunConfig, TrainerConfig, TransferConfig
 from fedmkt.data.datamodule import PartyDataModule
@@ -74,6 +75,9 @@ class FakeParty:
     def save_adapter(self, directory: Path):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "adapter_model.safetensors").write_bytes(b"")
+
+    def cached_public_losses(self):
+        return None
 
 
 class FakeLogger:
@@ -213,8 +217,7 @@ def test_summary_json_is_standard_json_even_with_nan_losses(tmp_path):
     assert math.isnan(trainer.summary["rounds"][0]["parties"]["client_0"]["task_loss"])  # in memory: untouched
 
 
-def test_a_bad_payload_stops_the_round_before_anyone_distils(federation):
-    client = federation.clients[1]
+def _corrupt_share(client):
     original = client.share_knowledge
 
     def share_nan(round_index):
@@ -223,10 +226,30 @@ def test_a_bad_payload_stops_the_round_before_anyone_distils(federation):
         return bad
 
     client.share_knowledge = share_nan
-    with pytest.raises(FedMKTError, match="rejected payload from client_1"):
-        federation.trainer.run_round(1)
-    assert not any(call[1] == "distill" for call in federation.calls)
-    assert not (federation.run_dir / "summary.json").exists()
+
+
+def test_a_bad_payload_is_rejected_and_its_sender_left_out_of_the_round(federation):
+    _corrupt_share(federation.clients[1])
+    with pytest.warns(UserWarning, match="client_1 failed"):
+        record = federation.trainer.run_round(1)
+    assert "rejected payload from client_1" in record["failed"]["client_1"]
+    assert "NaN/inf" in record["parties"]["client_1"]["failed"]
+    # The server distilled from the healthy client only; the failed one got no server knowledge.
+    server_calls = [c for c in federation.calls if c[0] == "server" and c[1] == "distill"]
+    assert server_calls == [("server", "distill", 1, ("client_0",))]
+    assert not any(c[0] == "client_1" and c[1] == "distill" for c in federation.calls)
+    assert strict_json((federation.run_dir / "summary.json").read_text())["rounds"][0]["failed"] == record["failed"]
+
+
+def test_below_min_clients_the_round_fails_and_the_checkpoint_stays(federation):
+    federation.trainer.run_round(1)
+    checkpoint = (federation.run_dir / "checkpoint" / "checkpoint.json").read_text()
+    federation.trainer.config.federation.min_clients = 2
+    _corrupt_share(federation.clients[1])
+    with pytest.raises(FedMKTError, match=r"only 1 of 2 clients answered .*--resume"):
+        federation.trainer.run_round(2)
+    assert (federation.run_dir / "checkpoint" / "checkpoint.json").read_text() == checkpoint
+    assert [r["round"] for r in strict_json((federation.run_dir / "summary.json").read_text())["rounds"]] == [1]
 
 
 # ---- summary writing and the results table -----------------------------------------------------
@@ -242,7 +265,7 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path, m
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(trainer_module.os, "replace", crash)
+    monkeypatch.setattr(checkpoint_module.os, "replace", crash)
     with pytest.raises(OSError):
         atomic_write_text(target, '{"rounds": [1, 2]}')
     assert strict_json(target.read_text()) == {"rounds": [1]}  # the old content, intact

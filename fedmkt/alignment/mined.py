@@ -4,38 +4,506 @@ For every source string, find the destination index with the smallest Levenshtei
 Ties are broken by the longest common prefix with the source (the candidate that starts like the
 source token is the better substitute), then by the smallest destination index, so the result is
 deterministic. Empty destination strings are never candidates; an empty source maps to -1.
+
+Brute force compares every pair (about 1.3e10 pairs for Gemma-3 x SmolLM2). The search here is
+exact but skips almost all of them:
+
+1. exact matches come from a dict;
+2. destinations are bucketed by length and scanned outwards from the source's length, stopping
+   once the length difference (a lower bound on the distance) exceeds the best distance found;
+3. each candidate first meets an O(1) lower bound from 64-bit character signatures: a character
+   of one string that does not occur in the other must be inserted, deleted or substituted, so
+   ``d >= max(la, lb) - lb + |chars(b) \\ chars(a)|`` (and symmetrically). A candidate whose bound
+   cannot beat the current best on ``(distance, -common prefix, id)`` is skipped;
+4. survivors get the exact distance from Myers' bit-parallel algorithm (one machine word per
+   column for sources up to 64 characters, a plain DP row beyond), abandoned early once it cannot
+   come under the current best.
+
+The kernel is compiled by Numba and runs in parallel over source strings.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 
+import numba
 import numpy as np
-from rapidfuzz import process
-from rapidfuzz.distance import Levenshtein
+from numba import types
+from numba.extending import intrinsic
 
-__all__ = ["nearest_tokens"]
+__all__ = ["nearest_tokens", "encode_strings"]
 
-_CHUNK = 512
-_MAX_CHAR = "\U0010ffff"
+_INF = np.int64(1 << 40)
+_NO_ID = np.int64(1 << 62)
+# Neighbours on each side of the query in sorted order that are scored before the scan.
+_SEEDS = 4
 
 
-def _prefix_range(sorted_strings: list[str], prefix: str) -> tuple[int, int]:
-    lo = bisect.bisect_left(sorted_strings, prefix)
-    hi = bisect.bisect_left(sorted_strings, prefix + _MAX_CHAR, lo)
+def encode_strings(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Code points of all strings concatenated (int32) and their offsets (int64, ``len + 1``)."""
+    lengths = np.fromiter((len(s) for s in strings), dtype=np.int64, count=len(strings))
+    offsets = np.zeros(len(strings) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    joined = "".join(strings)
+    chars = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int32)
+    return chars, offsets
+
+
+@intrinsic
+def _popcount(typingctx, x):  # pragma: no cover - compiled
+    """Hardware population count of a uint64 (LLVM ctpop)."""
+    signature = types.int64(types.uint64)
+
+    def codegen(context, builder, sig, args):
+        return builder.zext(builder.ctpop(args[0]), context.get_value_type(types.int64))
+
+    return signature, codegen
+
+
+# Signature layout: 96 bits are given to the (character, occurrence) pairs most common in the
+# destination vocabulary, so frequent characters never collide; every other pair hashes into the
+# remaining 32 bits. Pairs eligible for a dedicated bit: characters below _DEDICATED_CHARS and the
+# first _DEDICATED_OCCURRENCES occurrences.
+_DEDICATED_BITS = 96
+_DEDICATED_CHARS = 0x3000
+_DEDICATED_OCCURRENCES = 4
+
+
+@numba.njit(cache=True, inline="always")
+def _occurrence(chars, start, p):  # pragma: no cover - compiled
+    """How many times ``chars[p]`` already occurred in ``chars[start:p]``."""
+    c = chars[p]
+    n = 0
+    for r in range(start, p):
+        if chars[r] == c:
+            n += 1
+    return n
+
+
+@numba.njit(cache=True)
+def _pair_counts(chars, offsets):  # pragma: no cover - compiled
+    counts = np.zeros(_DEDICATED_CHARS * _DEDICATED_OCCURRENCES, dtype=np.int64)
+    for i in range(offsets.shape[0] - 1):
+        for p in range(offsets[i], offsets[i + 1]):
+            c = chars[p]
+            if c < _DEDICATED_CHARS:
+                k = _occurrence(chars, offsets[i], p)
+                if k < _DEDICATED_OCCURRENCES:
+                    counts[c * _DEDICATED_OCCURRENCES + k] += 1
+    return counts
+
+
+def signature_layout(chars: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Bit table for :func:`_signature`: dedicated bits for the most frequent pairs, -1 elsewhere."""
+    counts = _pair_counts(chars, offsets)
+    top = np.argsort(-counts, kind="stable")[:_DEDICATED_BITS]
+    top = top[counts[top] > 0]
+    layout = np.full(counts.shape[0], -1, dtype=np.int64)
+    layout[top] = np.arange(len(top))
+    return layout
+
+
+@numba.njit(cache=True)
+def _signature(chars, start, length, layout):  # pragma: no cover - compiled
+    """128-bit multiset signature (two words): one bit per (character, occurrence number).
+
+    The k-th occurrence of a character sets one bit (its dedicated bit, else a hashed one). A bit
+    set for one string and not the other comes from an occurrence the other string lacks, so
+    ``popcount(sa & ~sb)`` never exceeds the number of characters of ``a`` that no alignment
+    can match in ``b``: a lower bound on the edit distance, whatever the collisions.
+    """
+    lo = np.uint64(0)
+    hi = np.uint64(0)
+    for p in range(start, start + length):
+        c = chars[p]
+        k = _occurrence(chars, start, p)
+        index = np.int64(-1)
+        if c < _DEDICATED_CHARS and k < _DEDICATED_OCCURRENCES:
+            index = layout[c * _DEDICATED_OCCURRENCES + k]
+        if index < 0:
+            x = np.uint64(c) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(k) * np.uint64(0xC2B2AE3D27D4EB4F)
+            x ^= x >> np.uint64(31)
+            x *= np.uint64(0x94D049BB133111EB)
+            index = _DEDICATED_BITS + np.int64(x >> np.uint64(59))
+        if index < 64:
+            lo |= np.uint64(1) << np.uint64(index)
+        else:
+            hi |= np.uint64(1) << np.uint64(index - 64)
     return lo, hi
+
+
+@numba.njit(cache=True)
+def _signatures(chars, offsets, layout):  # pragma: no cover - compiled
+    n = offsets.shape[0] - 1
+    lo = np.zeros(n, dtype=np.uint64)
+    hi = np.zeros(n, dtype=np.uint64)
+    for i in range(n):
+        lo[i], hi[i] = _signature(chars, offsets[i], offsets[i + 1] - offsets[i], layout)
+    return lo, hi
+
+
+@numba.njit(cache=True, inline="always")
+def _myers(a_len, low_peq, high_chars, high_masks, n_high, b, b_start, b_len, cutoff):  # pragma: no cover
+    """Levenshtein(a, b) for len(a) <= 64, or ``cutoff + 1`` once it must exceed ``cutoff``."""
+    one = np.uint64(1)
+    top = one << np.uint64(a_len - 1)
+    vp = ~np.uint64(0)
+    vn = np.uint64(0)
+    score = a_len
+    for j in range(b_len):
+        c = b[b_start + j]
+        if c < 256:
+            eq = low_peq[c]
+        else:
+            eq = np.uint64(0)
+            for h in range(n_high):
+                if high_chars[h] == c:
+                    eq = high_masks[h]
+                    break
+        xv = eq | vn
+        xh = (((eq & vp) + vp) ^ vp) | eq
+        ph = vn | ~(xh | vp)
+        mh = vp & xh
+        if ph & top:
+            score += 1
+        elif mh & top:
+            score -= 1
+        ph = (ph << one) | one
+        mh = mh << one
+        vp = mh | ~(xv | ph)
+        vn = ph & xv
+        if score - (b_len - 1 - j) > cutoff:
+            return cutoff + 1
+    return score
+
+
+@numba.njit(cache=True)
+def _dp_distance(a, a_start, a_len, b, b_start, b_len, row):  # pragma: no cover - compiled
+    """Plain O(la*lb) Levenshtein, used only for sources longer than 64 characters."""
+    for j in range(b_len + 1):
+        row[j] = j
+    for i in range(1, a_len + 1):
+        diag = row[0]
+        row[0] = i
+        ca = a[a_start + i - 1]
+        for j in range(1, b_len + 1):
+            up = row[j]
+            best = diag + (0 if ca == b[b_start + j - 1] else 1)
+            if up + 1 < best:
+                best = up + 1
+            if row[j - 1] + 1 < best:
+                best = row[j - 1] + 1
+            row[j] = best
+            diag = up
+    return row[b_len]
+
+
+@numba.njit(cache=True, inline="always")
+def _slot(c, high_chars, n_high):  # pragma: no cover - compiled
+    """Index of character ``c`` in the query's count table (-1: not in the query)."""
+    if c < 256:
+        return c
+    for h in range(n_high):
+        if high_chars[h] == c:
+            return 256 + h
+    return -1
+
+
+@numba.njit(cache=True, inline="always")
+def _common_at_least(need, counts, left, high_chars, n_high, b, b_start, b_len):  # pragma: no cover
+    """Whether the multiset intersection of query and ``b`` has at least ``need`` characters."""
+    if need <= 0:
+        return True
+    common = 0
+    ok = False
+    for j in range(b_len):
+        slot = _slot(b[b_start + j], high_chars, n_high)
+        if slot >= 0 and left[slot] > 0:
+            left[slot] -= 1
+            common += 1
+            if common >= need:
+                ok = True
+                break
+        elif common + (b_len - 1 - j) < need:
+            break
+    for j in range(b_len):  # restore the scratch counts
+        slot = _slot(b[b_start + j], high_chars, n_high)
+        if slot >= 0:
+            left[slot] = counts[slot]
+    return ok
+
+
+@numba.njit(cache=True, inline="always")
+def _compare(q_chars, a_start, la, d_chars, b_start, lb):  # pragma: no cover - compiled
+    """-1, 0, 1 as the query string sorts before, equal to, after the candidate (code points)."""
+    n = la if la < lb else lb
+    for i in range(n):
+        x = q_chars[a_start + i]
+        y = d_chars[b_start + i]
+        if x != y:
+            return -1 if x < y else 1
+    if la == lb:
+        return 0
+    return -1 if la < lb else 1
+
+
+@numba.njit(cache=True, inline="always")
+def _consider(
+    cand, bound, best, q_chars, a_start, la, d_chars, d_off, d_id,
+    low_peq, high_chars, high_masks, n_high, counts, left, row,
+):  # pragma: no cover - compiled
+    """Score one candidate whose lower bound is ``bound``; return the updated best triple.
+
+    ``best`` is ``(distance, common prefix, id)``; the candidate replaces it if it is nearer, or
+    as near with a longer common prefix, or as near with the same prefix and a smaller id.
+    """
+    best_d, best_lcp, best_id = best
+    b_start = d_off[cand]
+    lb = d_off[cand + 1] - b_start
+    lcp = 0
+    shortest = la if la < lb else lb
+    while lcp < shortest and q_chars[a_start + lcp] == d_chars[b_start + lcp]:
+        lcp += 1
+    cid = d_id[cand]
+    better_key = lcp > best_lcp or (lcp == best_lcp and cid < best_id)
+    # A candidate that loses the tie-break must be strictly nearer to win.
+    limit = best_d if better_key else best_d - 1
+    if bound > limit:
+        return best
+    longer = la if la > lb else lb
+    if limit < _INF and not _common_at_least(longer - limit, counts, left, high_chars, n_high, d_chars, b_start, lb):
+        return best
+    if la <= 64:
+        dist = _myers(la, low_peq, high_chars, high_masks, n_high, d_chars, b_start, lb, limit)
+    else:
+        dist = _dp_distance(q_chars, a_start, la, d_chars, b_start, lb, row)
+    if dist < best_d or (dist == best_d and better_key):
+        return (np.int64(dist), np.int64(lcp), np.int64(cid))
+    return best
+
+
+@numba.njit(cache=True, inline="always")
+def _visit(
+    k, bound, best, a_head0, a_head1, d_head, q_chars, a_start, la,
+    d_chars, d_off, d_id, low_peq, high_chars, high_masks, n_high, counts, left, row,
+):  # pragma: no cover - compiled
+    """Cheap rejections from the bound and the packed first two characters, then `_consider`."""
+    if bound > best[0]:
+        return best
+    # At equal bound only a better tie-break can win. The common prefix, capped at 2, comes from
+    # the packed heads array without touching the candidate's string.
+    if bound == best[0]:
+        short_lcp = 0 if d_head[k, 0] != a_head0 else (1 if d_head[k, 1] != a_head1 else 2)
+        if short_lcp < 2 and (short_lcp < best[1] or (short_lcp == best[1] and d_id[k] > best[2])):
+            return best
+    return _consider(
+        k, bound, best, q_chars, a_start, la, d_chars, d_off, d_id,
+        low_peq, high_chars, high_masks, n_high, counts, left, row,
+    )
+
+
+@numba.njit(cache=True)
+def _postings(sig_lo, sig_hi, bucket):  # pragma: no cover - compiled
+    """Per (length, signature bit): the candidates carrying that bit, as CSR (ptr, idx)."""
+    n_keys = bucket.shape[0] * 128
+    ptr = np.zeros(n_keys + 1, dtype=np.int64)
+    for length in range(bucket.shape[0] - 1):
+        for k in range(bucket[length], bucket[length + 1]):
+            for i in range(128):
+                word = sig_lo[k] if i < 64 else sig_hi[k]
+                if (word >> np.uint64(i % 64)) & np.uint64(1):
+                    ptr[length * 128 + i + 1] += 1
+    for key in range(n_keys):
+        ptr[key + 1] += ptr[key]
+    idx = np.empty(ptr[n_keys], dtype=np.int64)
+    fill = ptr[:-1].copy()
+    for length in range(bucket.shape[0] - 1):
+        for k in range(bucket[length], bucket[length + 1]):
+            for i in range(128):
+                word = sig_lo[k] if i < 64 else sig_hi[k]
+                if (word >> np.uint64(i % 64)) & np.uint64(1):
+                    key = length * 128 + i
+                    idx[fill[key]] = k
+                    fill[key] += 1
+    return ptr, idx
+
+
+@numba.njit(cache=True, parallel=True)
+def _nearest_kernel(
+    q_chars, q_off, d_chars, d_off, d_head, d_sig_lo, d_sig_hi, layout, post_ptr, post_idx, d_id, bucket, by_string, n_seeds, out_id, out_dist
+):  # pragma: no cover - compiled
+    n_queries = q_off.shape[0] - 1
+    n_cand = d_id.shape[0]
+    max_len = bucket.shape[0] - 2
+    widest = 0
+    for length in range(max_len + 1):
+        if bucket[length + 1] - bucket[length] > widest:
+            widest = bucket[length + 1] - bucket[length]
+    for q in numba.prange(n_queries):
+        a_start = q_off[q]
+        la = q_off[q + 1] - a_start
+        # Pattern bitmasks (Myers) and character counts (multiset bound) of the query.
+        low_peq = np.zeros(256, dtype=np.uint64)
+        high_chars = np.empty(la, dtype=np.int32)
+        high_masks = np.zeros(la, dtype=np.uint64)
+        counts = np.zeros(256 + la, dtype=np.int32)
+        n_high = 0
+        sig_lo, sig_hi = _signature(q_chars, a_start, la, layout)
+        n_bits = 0
+        bits = np.empty(128, dtype=np.int64)
+        bit_len = np.empty(128, dtype=np.int64)
+        for i in range(128):
+            word = sig_lo if i < 64 else sig_hi
+            if (word >> np.uint64(i % 64)) & np.uint64(1):
+                bits[n_bits] = i
+                n_bits += 1
+        a_head0 = q_chars[a_start]
+        a_head1 = q_chars[a_start + 1] if la > 1 else -1
+        for i in range(la):
+            c = q_chars[a_start + i]
+            bit = np.uint64(1) << np.uint64(i % 64)
+            if c < 256:
+                low_peq[c] |= bit
+                counts[c] += 1
+            else:
+                slot = _slot(c, high_chars, n_high)
+                if slot < 0:
+                    high_chars[n_high] = c
+                    high_masks[n_high] = bit
+                    counts[256 + n_high] = 1
+                    n_high += 1
+                else:
+                    high_masks[slot - 256] |= bit
+                    counts[slot] += 1
+        left = counts.copy()
+        row = np.empty(max_len + 1, dtype=np.int64)
+        bounds = np.empty(widest, dtype=np.int64)
+        best = (_INF, np.int64(-1), _NO_ID)
+
+        # Seeds: the strings sorting next to the query share its longest prefix and are often its
+        # nearest tokens; scoring them first makes the pruning of the scan tight from the start.
+        lo, hi = 0, n_cand
+        while lo < hi:
+            mid = (lo + hi) // 2
+            cm = by_string[mid]
+            if _compare(q_chars, a_start, la, d_chars, d_off[cm], d_off[cm + 1] - d_off[cm]) > 0:
+                lo = mid + 1
+            else:
+                hi = mid
+        for k in range(max(lo - n_seeds, 0), min(lo + n_seeds, n_cand)):
+            cand = by_string[k]
+            lb = d_off[cand + 1] - d_off[cand]
+            best = _consider(
+                cand, abs(la - lb), best, q_chars, a_start, la, d_chars, d_off, d_id,
+                low_peq, high_chars, high_masks, n_high, counts, left, row,
+            )
+
+        # Iterative deepening on the distance: a pass with threshold t finds the best candidate
+        # within distance t, pruning as if the answer were known to be t (tighter than pruning
+        # with a loose running best). Passes start two below the seeds' distance and stop at the
+        # first threshold with a candidate; the last possible pass keeps the seeds' best.
+        seeded = best
+        threshold = max(np.int64(1), seeded[0] - 2)
+        while True:
+            if threshold >= seeded[0]:
+                best = seeded
+            else:
+                best = (threshold, np.int64(-1), _NO_ID)
+            # Scan the length buckets outwards from the query's length while the length
+            # difference can still reach the best distance.
+            delta = 0
+            while delta <= best[0] and (la - delta >= 1 or la + delta <= max_len):
+                for side in range(2 if delta > 0 else 1):
+                    lb = la - delta if side == 0 else la + delta
+                    if lb < 1 or lb > max_len or delta > best[0]:
+                        continue
+                    start, stop = bucket[lb], bucket[lb + 1]
+                    longer = la if la > lb else lb
+                    extra_a = longer - la
+                    extra_b = longer - lb
+                    # A candidate within reach misses at most `spare` of the query's signature bits, so
+                    # it carries at least one of any `spare + 1` of them: the union of those bits'
+                    # posting lists (the shortest ones) holds every candidate worth scoring.
+                    spare = best[0] - extra_a
+                    lists = 0
+                    if spare + 1 <= n_bits:
+                        base = lb * 128
+                        for i in range(n_bits):
+                            bit_len[i] = post_ptr[base + bits[i] + 1] - post_ptr[base + bits[i]]
+                        total = 0
+                        for j in range(spare + 1):  # selection of the spare + 1 shortest lists
+                            pick = j
+                            for i in range(j + 1, n_bits):
+                                if bit_len[i] < bit_len[pick]:
+                                    pick = i
+                            bit_len[j], bit_len[pick] = bit_len[pick], bit_len[j]
+                            bits[j], bits[pick] = bits[pick], bits[j]
+                            total += bit_len[j]
+                        if total < stop - start:
+                            lists = spare + 1
+                    if lists > 0:
+                        seen_lo = np.uint64(0)
+                        seen_hi = np.uint64(0)
+                        for j in range(lists):
+                            if j > best[0] - extra_a:
+                                break  # the best improved: the lists read so far already cover it
+                            base = lb * 128 + bits[j]
+                            for t in range(post_ptr[base], post_ptr[base + 1]):
+                                k = post_idx[t]
+                                lo_b = d_sig_lo[k]
+                                hi_b = d_sig_hi[k]
+                                if (lo_b & seen_lo) | (hi_b & seen_hi):
+                                    continue  # already met in an earlier list
+                                b1 = extra_a + _popcount(sig_lo & ~lo_b) + _popcount(sig_hi & ~hi_b)
+                                b2 = extra_b + _popcount(lo_b & ~sig_lo) + _popcount(hi_b & ~sig_hi)
+                                best = _visit(
+                                    k, b1 if b1 > b2 else b2, best, a_head0, a_head1, d_head, q_chars, a_start, la,
+                                    d_chars, d_off, d_id, low_peq, high_chars, high_masks, n_high, counts, left, row,
+                                )
+                            if bits[j] < 64:
+                                seen_lo |= np.uint64(1) << np.uint64(bits[j])
+                            else:
+                                seen_hi |= np.uint64(1) << np.uint64(bits[j] - 64)
+                        continue
+                    # Otherwise the signature bound for the whole bucket in one vectorisable loop.
+                    for k in range(start, stop):
+                        lo_b = d_sig_lo[k]
+                        hi_b = d_sig_hi[k]
+                        b1 = extra_a + _popcount(sig_lo & ~lo_b) + _popcount(sig_hi & ~hi_b)
+                        b2 = extra_b + _popcount(lo_b & ~sig_lo) + _popcount(hi_b & ~sig_hi)
+                        bounds[k - start] = b1 if b1 > b2 else b2
+                    for k in range(start, stop):
+                        if bounds[k - start] <= best[0]:
+                            best = _visit(
+                                k, bounds[k - start], best, a_head0, a_head1, d_head, q_chars, a_start, la,
+                                d_chars, d_off, d_id, low_peq, high_chars, high_masks, n_high, counts, left, row,
+                            )
+                delta += 1
+            if best[2] != _NO_ID:
+                break
+            threshold += 1
+        out_id[q] = best[2]
+        out_dist[q] = best[0]
+
+
+def _heads(chars: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """First two code points of each string (-1 past its end), as a contiguous [n, 2] array."""
+    lengths = np.diff(offsets)
+    heads = np.full((len(lengths), 2), -1, dtype=np.int32)
+    heads[lengths >= 1, 0] = chars[offsets[:-1][lengths >= 1]]
+    heads[lengths >= 2, 1] = chars[offsets[:-1][lengths >= 2] + 1]
+    return heads
 
 
 def nearest_tokens(src: Sequence[str], dst: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(ids, distances)``, both int64 of shape ``[len(src)]`` (-1 where no candidate)."""
     ids = np.full(len(src), -1, dtype=np.int64)
     dists = np.full(len(src), -1, dtype=np.int64)
-    cand = np.array([i for i, tok in enumerate(dst) if tok], dtype=np.int64)
-    if len(cand) == 0:
+    cand = [i for i, tok in enumerate(dst) if tok]
+    if not cand:
         return ids, dists
     exact: dict[str, int] = {}
-    for i in cand.tolist():
+    for i in cand:
         exact.setdefault(dst[i], i)
 
     pending: dict[str, list[int]] = {}
@@ -47,29 +515,32 @@ def nearest_tokens(src: Sequence[str], dst: Sequence[str]) -> tuple[np.ndarray, 
             ids[i], dists[i] = hit, 0
         else:
             pending.setdefault(tok, []).append(i)
+    if not pending:
+        return ids, dists
 
-    cand_strings = [dst[i] for i in cand.tolist()]
-    order = np.argsort(np.array(cand_strings, dtype=object), kind="stable")
-    sorted_strings = [cand_strings[i] for i in order.tolist()]
+    # Destinations in (length, id) order, with the start of each length's bucket.
+    cand_ids = np.asarray(cand, dtype=np.int64)
+    cand_len = np.fromiter((len(dst[i]) for i in cand), dtype=np.int64, count=len(cand))
+    order = np.lexsort((cand_ids, cand_len))
+    d_id = cand_ids[order]
+    d_chars, d_off = encode_strings([dst[i] for i in d_id.tolist()])
+    max_len = int(cand_len.max())
+    bucket = np.searchsorted(cand_len[order], np.arange(max_len + 2), side="left").astype(np.int64)
+    layout = signature_layout(d_chars, d_off)
+    d_sig_lo, d_sig_hi = _signatures(d_chars, d_off, layout)
+    post_ptr, post_idx = _postings(d_sig_lo, d_sig_hi, bucket)
+    bucket_strings = [dst[i] for i in d_id.tolist()]
+    by_string = np.asarray(sorted(range(len(bucket_strings)), key=bucket_strings.__getitem__), dtype=np.int64)
+
+    # Queries in random order so the parallel chunks get similar amounts of work.
     queries = list(pending)
-    for start in range(0, len(queries), _CHUNK):
-        chunk = queries[start : start + _CHUNK]
-        matrix = process.cdist(
-            chunk, cand_strings, scorer=Levenshtein.distance, dtype=np.int32, workers=-1
-        )
-        best = matrix.min(axis=1)
-        for row, query in enumerate(chunk):
-            tied = matrix[row] == best[row]
-            choice = -1
-            for length in range(len(query), 0, -1):
-                lo, hi = _prefix_range(sorted_strings, query[:length])
-                if hi > lo:
-                    in_range = order[lo:hi][tied[order[lo:hi]]]
-                    if len(in_range):
-                        choice = int(in_range.min())
-                        break
-            if choice < 0:
-                choice = int(np.flatnonzero(tied)[0])
-            for i in pending[query]:
-                ids[i], dists[i] = cand[choice], best[row]
+    shuffle = np.random.default_rng(0).permutation(len(queries))
+    queries = [queries[i] for i in shuffle.tolist()]
+    q_chars, q_off = encode_strings(queries)
+    out_id = np.empty(len(queries), dtype=np.int64)
+    out_dist = np.empty(len(queries), dtype=np.int64)
+    _nearest_kernel(q_chars, q_off, d_chars, d_off, _heads(d_chars, d_off), d_sig_lo, d_sig_hi, layout, post_ptr, post_idx, d_id, bucket, by_string, _SEEDS, out_id, out_dist)
+    for query, found, dist in zip(queries, out_id.tolist(), out_dist.tolist()):
+        for i in pending[query]:
+            ids[i], dists[i] = found, dist
     return ids, dists

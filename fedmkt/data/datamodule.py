@@ -76,13 +76,15 @@ class PartyDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
+        self.shuffle_seed = seed
+        """Seed of the next private epoch's order; the participant sets it per round."""
         self.private = tokenize_examples(private, tokenizer, max_length)
         self.public = tokenize_examples(public, tokenizer, max_length)
 
     def train_dataloader(self) -> DataLoader:
         if not self.private:
             raise FedMKTError(f"{self.name} has no private data. Fix: raise data.pool_size or use fewer clients.")
-        return _loader([s.as_item() for s in self.private], self.batch_size, self.pad_id, True, self.seed)
+        return _loader([s.as_item() for s in self.private], self.batch_size, self.pad_id, True, self.shuffle_seed)
 
     def predict_dataloader(self) -> DataLoader:
         return _loader([s.as_item() for s in self.public], self.eval_batch_size, self.pad_id, False, self.seed)

@@ -15,11 +15,14 @@ from typing import Optional
 
 import lightning as L
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
 
-from fedmkt.callbacks import AlignmentCacheCallback, SelectiveTransferCallback
+from fedmkt.callbacks import AlignmentCacheCallback, PhaseDeadlineCallback, SelectiveTransferCallback
 from fedmkt.config import PartyConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.tasks import QAExample
+from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import evaluate_multiple_choice
 from fedmkt.party import PartyModule
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
@@ -41,6 +44,7 @@ class Participant:
         cache_dir: Path,
         max_length: int,
         seed: int,
+        phase_timeout_s: Optional[float] = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -51,6 +55,7 @@ class Participant:
         self.evaluation = evaluation
         self.max_length = max_length
         self.seed = seed
+        self.phase_timeout_s = phase_timeout_s
         self.selective_transfer = SelectiveTransferCallback(require_improvement=transfer.selection == "dualmince")
         self.alignment = AlignmentCacheCallback(tokenizer, peer_tokenizers, cache_dir, transfer.temperature)
         self._public_losses: Optional[torch.Tensor] = None  # valid until the weights change
@@ -65,7 +70,7 @@ class Participant:
             max_epochs=max_epochs,
             accumulate_grad_batches=settings.accumulate_grad_batches,
             gradient_clip_val=self.config.optimizer.grad_clip or None,
-            callbacks=list(callbacks),
+            callbacks=list(callbacks) + ([PhaseDeadlineCallback(self.phase_timeout_s)] if self.phase_timeout_s else []),
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
@@ -92,7 +97,9 @@ class Participant:
         if self.config.local_epochs == 0 or not self.data.private:
             return {"task_loss": float("nan"), "kd_loss": 0.0, "train_seconds": 0.0}
         trainer = self._trainer(self.config.local_epochs)
-        return self._fit(trainer, self.data, self.seed + 1000 * round_index + 1)
+        phase_seed = self.seed + 1000 * round_index + 1
+        self.data.shuffle_seed = phase_seed  # a fresh private-data order every round
+        return self._fit(trainer, self.data, phase_seed)
 
     def share_knowledge(self, round_index: int) -> KnowledgePayload:
         """Steps 2/7: per-sample CE and top-k logits on the public data."""
@@ -151,6 +158,30 @@ class Participant:
         )
         self.module.cpu()
         return {"eval_accuracy": scores["acc"], "eval_accuracy_norm": scores["acc_norm"], "eval_seconds": time.perf_counter() - start}
+
+    # ---- state for checkpoints and adapter averaging --------------------------------------
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights only (what FedAvg exchanges and checkpoints store)."""
+        return {key: value.detach().cpu().clone() for key, value in get_peft_model_state_dict(self.module.model).items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        set_peft_model_state_dict(self.module.model, state)
+        self._public_losses = None
+
+    def load_adapter(self, directory: Path) -> None:
+        """Restore LoRA weights saved by `save_adapter`."""
+        weights = Path(directory) / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise FedMKTError(f"{self.name}: adapter {weights} is missing. Fix: resume from a run_dir whose checkpoint is complete.")
+        self.load_adapter_state(load_file(weights))
+
+    def cached_public_losses(self) -> Optional[torch.Tensor]:
+        """This party's own public-data CE if still valid for its current weights."""
+        return self._public_losses
+
+    def restore_public_losses(self, losses: Optional[torch.Tensor]) -> None:
+        self._public_losses = losses
 
     def save_adapter(self, directory: Path) -> None:
         """LoRA weights (safetensors) + adapter config, written to a temporary folder then renamed."""

@@ -13,32 +13,35 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import warnings
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import torch
 from lightning.pytorch.loggers import Logger
+from safetensors.torch import load_file as load_safetensors_file
+from safetensors.torch import save as save_safetensors
 
 from fedmkt.config import RunConfig
+from fedmkt.errors import FedMKTError
+from fedmkt.federation.checkpoint import atomic_write_bytes, atomic_write_text, capture_rng_state, restore_rng_state
 from fedmkt.federation.participant import Participant
 from fedmkt.payload import KnowledgePayload
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that a crash leaves either the old or the new content, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # no partial files left behind
-        raise
+# Which steps of a round each mode runs (baselines are the method with steps removed or added).
+_MODE_STEPS = {
+    "fedmkt": {"client_train", "client_share", "server_distil", "server_share", "client_distil"},
+    "fedavg": {"client_train", "client_share", "server_distil", "server_share", "client_distil", "adapter_average"},
+    "llm2slm": {"client_train", "server_share", "client_distil"},
+    "standalone": {"client_train"},
+    "centralized": {"server_train"},
+    "zero_shot": set(),
+}
+
+_EMPTY_ENTRY = {"task_loss": float("nan"), "kd_loss": 0.0, "selected": 0, "teacher_counts": {}, "train_seconds": 0.0}
 
 
 class FederatedTrainer:
@@ -57,6 +60,7 @@ class FederatedTrainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.loggers = loggers or []
+        self.steps = _MODE_STEPS[config.federation.mode]
         self.summary: dict = {"config": asdict(config), "zero_shot": {}, "rounds": []}
         self._traffic: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_sent": 0, "bytes_received": 0})
 
@@ -66,46 +70,138 @@ class FederatedTrainer:
 
     # ---- the protocol ---------------------------------------------------------------------
 
-    def fit(self) -> dict:
-        """All rounds; returns the summary (also in `<run_dir>/summary.json`)."""
-        if self.config.federation.evaluate_before:
+    def fit(self, start_round: int = 1) -> dict:
+        """All rounds from `start_round`; returns the summary (also in `<run_dir>/summary.json`)."""
+        if start_round == 1 and self.config.federation.evaluate_before:
             self.summary["zero_shot"] = {p.name: p.evaluate() for p in self.parties}
             self._log({p: {"eval_accuracy": s["eval_accuracy"]} for p, s in self.summary["zero_shot"].items()}, step=0)
             self._write_summary()
-        for round_index in range(1, self.config.federation.rounds + 1):
+        if not self.steps:  # zero_shot: nothing to train
+            return self.summary
+        for round_index in range(start_round, self.config.federation.rounds + 1):
             self.run_round(round_index)
         return self.summary
 
     def run_round(self, round_index: int) -> dict:
-        """One FedMKT round; appends its record to the summary and saves adapters."""
+        """One round; appends its record to the summary, saves adapters and a checkpoint."""
         self._traffic.clear()
-        stats: dict[str, dict] = {}
+        stats: dict[str, dict] = {party.name: dict(_EMPTY_ENTRY) for party in self.parties}
+        failed: dict[str, str] = {}
 
+        # Steps 1–3: clients fine-tune on private data and share knowledge of the public data.
         client_knowledge = {}
         for client in self.clients:
-            stats[client.name] = client.fine_tune(round_index)
-            client_knowledge[client.name] = self._send(client.share_knowledge(round_index), receivers=[self.server])
+            if "client_train" not in self.steps:
+                break
+            try:
+                stats[client.name] |= client.fine_tune(round_index)
+                if "client_share" in self.steps:
+                    client_knowledge[client.name] = self._send(client.share_knowledge(round_index), receivers=[self.server])
+            except Exception as error:  # a failing client must not stop the federation
+                failed[client.name] = _describe(error)
+        self._require_quorum(round_index, failed)
 
-        stats[self.server.name] = self.server.distill(round_index, client_knowledge)
+        # Steps 4–6: the server distils from the clients (or, centralized, trains on all data).
+        if "server_distil" in self.steps:
+            stats[self.server.name] |= self.server.distill(round_index, client_knowledge)
+        if "server_train" in self.steps:
+            stats[self.server.name] |= self.server.fine_tune(round_index)
 
-        server_knowledge = self._send(self.server.share_knowledge(round_index), receivers=self.clients)
+        # Steps 7–11: the server shares its knowledge; each client distils from it.
+        if "server_share" in self.steps:
+            answering = [c for c in self.clients if c.name not in failed]
+            server_knowledge = self._send(self.server.share_knowledge(round_index), receivers=answering)
+            for client in answering:
+                try:
+                    distilled = client.distill(round_index, {self.server.name: server_knowledge})
+                    stats[client.name] = self._merge_phases(stats[client.name], distilled)
+                except Exception as error:
+                    failed[client.name] = _describe(error)
+            self._require_quorum(round_index, failed)
 
-        for client in self.clients:
-            distilled = client.distill(round_index, {self.server.name: server_knowledge})
-            stats[client.name] = self._merge_phases(stats[client.name], distilled)
+        if "adapter_average" in self.steps:
+            self._average_client_adapters([c for c in self.clients if c.name not in failed])
 
         if self.config.federation.evaluate_every_round:
             for party in self.parties:
                 stats[party.name] |= party.evaluate()
         for party in self.parties:
             stats[party.name] |= self._traffic[party.name]
-            party.save_adapter(self.run_dir / "adapters" / f"round_{round_index}" / party.name)
+            if party.name in failed:
+                stats[party.name]["failed"] = failed[party.name]
 
-        record = {"round": round_index, "parties": stats}
+        record = {"round": round_index, "parties": stats, "failed": failed}
         self.summary["rounds"].append(record)
-        self._write_summary()
+        self._save_checkpoint(round_index)
         self._log(stats, step=round_index)
+        for name, reason in failed.items():
+            warnings.warn(f"round {round_index}: {name} failed and was left out ({reason})", stacklevel=1)
         return record
+
+    def _require_quorum(self, round_index: int, failed: dict[str, str]) -> None:
+        answered = len(self.clients) - len(failed)
+        if failed and answered < self.config.federation.min_clients:
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
+            raise FedMKTError(
+                f"round {round_index}: only {answered} of {len(self.clients)} clients answered "
+                f"(federation.min_clients={self.config.federation.min_clients}) — {reasons}. "
+                f"Fix: repair those clients, then `fedmkt fit --config ... --resume {self.run_dir}` (the last round checkpoint is intact)."
+            )
+
+    def _average_client_adapters(self, clients: list[Participant]) -> None:
+        """FedAvg baseline: every client adopts the mean of the clients' LoRA weights."""
+        states = [client.adapter_state() for client in clients]
+        keys = set(states[0])
+        if any(set(s) != keys or any(s[k].shape != states[0][k].shape for k in keys) for s in states):
+            raise FedMKTError("federation.mode fedavg needs clients with identical architectures and LoRA settings. Fix: use mode fedmkt for heterogeneous clients.")
+        mean = {key: torch.stack([s[key].float() for s in states]).mean(0).to(states[0][key].dtype) for key in keys}
+        size = len(save_safetensors({k: v.contiguous() for k, v in mean.items()}))
+        for client in clients:
+            client.load_adapter_state(mean)
+            self._traffic[client.name]["bytes_sent"] += size  # its adapter up ...
+            self._traffic[client.name]["bytes_received"] += size  # ... the average down
+            self._traffic[self.server.name]["bytes_received"] += size
+            self._traffic[self.server.name]["bytes_sent"] += size
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def _save_checkpoint(self, round_index: int) -> None:
+        """Adapters of every party, then the summary, then the checkpoint record — each atomic.
+
+        `checkpoint.json` is written last, so it only ever names a round whose files are complete.
+        """
+        for party in self.parties:
+            party.save_adapter(self.run_dir / "adapters" / f"round_{round_index}" / party.name)
+            losses = party.cached_public_losses()
+            if losses is not None:
+                atomic_write_bytes(
+                    self.run_dir / "checkpoint" / f"public_losses_{party.name}.safetensors",
+                    save_safetensors({"losses": losses.contiguous()}),
+                )
+        self._write_summary()
+        state = {"round": round_index, "summary": _finite_or_none(self.summary), "rng": capture_rng_state()}
+        atomic_write_text(self.run_dir / "checkpoint" / "checkpoint.json", json.dumps(state, default=_json_default, allow_nan=False))
+
+    def restore(self) -> int:
+        """Load the last complete round checkpoint from `run_dir`; returns the round to start at."""
+        path = self.run_dir / "checkpoint" / "checkpoint.json"
+        if not path.is_file():
+            raise FedMKTError(f"no round checkpoint in {self.run_dir} ({path} is missing). Fix: pass the run_dir of a run that finished at least one round, or start afresh without --resume.")
+        state = json.loads(path.read_text())
+        saved = state["summary"]["config"]
+        current = _finite_or_none(json.loads(json.dumps(asdict(self.config), default=_json_default)))
+        differing = _differing_keys(saved, current, ignore={"run_dir", "federation.rounds", "logging"})
+        if differing:
+            raise FedMKTError(f"--resume config differs from the checkpoint's at {', '.join(differing)}. Fix: resume with {self.run_dir / 'config.yaml'}.")
+        round_index = int(state["round"])
+        for party in self.parties:
+            party.load_adapter(self.run_dir / "adapters" / f"round_{round_index}" / party.name)
+            losses_file = self.run_dir / "checkpoint" / f"public_losses_{party.name}.safetensors"
+            party.restore_public_losses(load_safetensors_file(losses_file)["losses"] if losses_file.is_file() else None)
+        self.summary = state["summary"]
+        self.summary["config"] = asdict(self.config)
+        restore_rng_state(state["rng"])
+        return round_index + 1
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -186,3 +282,23 @@ def _json_default(value):
     if isinstance(value, tuple):
         return list(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _describe(error: BaseException) -> str:
+    """`TypeName: message` on one line, for summary.json."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
+
+
+def _differing_keys(saved: dict, current: dict, ignore: set[str], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if dotted in ignore:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differing_keys(a, b, ignore, dotted + ".")
+        elif a != b:
+            keys.append(dotted)
+    return keys
