@@ -195,6 +195,17 @@ class FederationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Optional protection of the shared logits (not a formal DP guarantee)."""
+
+    logit_noise: float = 0.0
+    """Standard deviation of Gaussian noise added to every shared top-k logit (0: off)."""
+
+    logit_clip: float = 10.0
+    """Each position's top-k logits, centred on their max, are clipped to this L2 norm before noise."""
+
+
+@dataclass
 class LoggingConfig:
     """Experiment tracking."""
 
@@ -224,6 +235,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     seed: int = 42
@@ -242,6 +254,8 @@ def validate(config: RunConfig) -> None:
         (config.transfer.top_k > 0, "transfer.top_k must be > 0", "set transfer.top_k to e.g. 16"),
         (0.0 <= config.transfer.ce_weight <= 1.0, "transfer.ce_weight must be in [0, 1]", "use e.g. 0.9"),
         (config.transfer.temperature > 0, "transfer.temperature must be > 0", "use e.g. 1.0"),
+        (config.privacy.logit_noise >= 0, "privacy.logit_noise must be >= 0", "use 0 to switch it off"),
+        (config.privacy.logit_clip > 0, "privacy.logit_clip must be > 0", "use e.g. 10.0"),
         (len(config.clients) >= 1, "clients is empty", "list at least one client under `clients:`"),
         (config.federation.rounds >= 1, "federation.rounds must be >= 1", "set federation.rounds: 2"),
         (

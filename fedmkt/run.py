@@ -66,6 +66,7 @@ def build_participants(config: RunConfig) -> tuple[Participant, list[Participant
                 name, party, config.transfer, module, tokenizers[name], data, split.evaluation, peers, cache,
                 config.data.max_length, config.seed,
                 phase_timeout_s=None if name == SERVER else config.federation.client_timeout_s,
+                privacy=config.privacy,
             )
         )
     return participants[0], participants[1:]

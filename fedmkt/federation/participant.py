@@ -19,12 +19,13 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from fedmkt.callbacks import AlignmentCacheCallback, PhaseDeadlineCallback, SelectiveTransferCallback
-from fedmkt.config import PartyConfig, TransferConfig
+from fedmkt.config import PartyConfig, PrivacyConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.tasks import QAExample
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import evaluate_multiple_choice
 from fedmkt.party import PartyModule
+from fedmkt.privacy import add_logit_noise
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 
 
@@ -45,6 +46,7 @@ class Participant:
         max_length: int,
         seed: int,
         phase_timeout_s: Optional[float] = None,
+        privacy: Optional[PrivacyConfig] = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -56,6 +58,7 @@ class Participant:
         self.max_length = max_length
         self.seed = seed
         self.phase_timeout_s = phase_timeout_s
+        self.privacy = privacy or PrivacyConfig()
         self.selective_transfer = SelectiveTransferCallback(require_improvement=transfer.selection == "dualmince")
         self.alignment = AlignmentCacheCallback(tokenizer, peer_tokenizers, cache_dir, transfer.temperature)
         self._public_losses: Optional[torch.Tensor] = None  # valid until the weights change
@@ -120,7 +123,7 @@ class Participant:
             topk_logits=torch.cat([o["topk_logits"] for o in outputs]),
         )
         self._public_losses = payload.losses[payload.sample_index.argsort()]
-        return payload
+        return add_logit_noise(payload, self.privacy, seed=self.seed + 1000 * round_index + 3)
 
     def public_losses(self) -> torch.Tensor:
         """The receiver's own per-sample CE on the public data, for DualMinCE (reused if fresh)."""

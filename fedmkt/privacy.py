@@ -1,0 +1,29 @@
+"""Optional noise on the logits a party shares (`privacy.logit_noise`).
+
+Each shared position's top-k logits are centred on their maximum, clipped to an L2 norm of
+`logit_clip` (bounding any single position's contribution), and perturbed with Gaussian noise of
+standard deviation `logit_noise`. This blurs what the logits reveal about a party's weights; it is
+NOT a formal differential-privacy guarantee — no privacy accountant tracks the spent budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from fedmkt.config import PrivacyConfig
+from fedmkt.payload import KnowledgePayload
+
+
+def add_logit_noise(payload: KnowledgePayload, privacy: PrivacyConfig, seed: int) -> KnowledgePayload:
+    """A copy of `payload` whose top-k logits are clipped and noised (ids and losses unchanged)."""
+    if privacy.logit_noise <= 0:
+        return payload
+    logits = payload.topk_logits.float()
+    centred = logits - logits.max(dim=-1, keepdim=True).values
+    norms = centred.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    clipped = centred * (privacy.logit_clip / norms).clamp(max=1.0)
+    generator = torch.Generator().manual_seed(seed)
+    noisy = clipped + privacy.logit_noise * torch.randn(clipped.shape, generator=generator)
+    return replace(payload, topk_logits=noisy.to(payload.topk_logits.dtype))
