@@ -10,7 +10,6 @@ One module serves every phase a party goes through in a round:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -98,7 +97,9 @@ class PartyModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = math.ceil(config.warmup_ratio * total)
+        # Rounded down: a warm-up step starts at lr 0, so with few steps a rounded-up warm-up would
+        # waste a whole (sometimes the only) optimizer step of a phase.
+        warmup = int(config.warmup_ratio * total)
         scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
