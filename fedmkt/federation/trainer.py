@@ -123,7 +123,7 @@ class FederatedTrainer:
             self._average_client_adapters([c for c in self.clients if c.name not in failed])
 
         if self.config.federation.evaluate_every_round:
-            for party in self.parties:
+            for party in self._parties_that_learn():
                 stats[party.name] |= party.evaluate()
         for party in self.parties:
             stats[party.name] |= self._traffic[party.name]
@@ -137,6 +137,12 @@ class FederatedTrainer:
         for name, reason in failed.items():
             warnings.warn(f"round {round_index}: {name} failed and was left out ({reason})", stacklevel=1)
         return record
+
+    def _parties_that_learn(self) -> list[Participant]:
+        """Parties whose weights this mode changes (others keep their zero-shot accuracy)."""
+        server_learns = bool(self.steps & {"server_distil", "server_train"})
+        clients_learn = bool(self.steps & {"client_train", "client_distil"})
+        return ([self.server] if server_learns else []) + (self.clients if clients_learn else [])
 
     def _require_quorum(self, round_index: int, failed: dict[str, str]) -> None:
         answered = len(self.clients) - len(failed)
