@@ -25,12 +25,12 @@ from fedmkt.run import fit
 MODES = ("fedmkt", "standalone", "centralized")
 
 
-def run(task: str, mode: str, out: Path, overrides: list[str]) -> dict:
+def run(base: str, task: str, mode: str, out: Path, overrides: list[str]) -> dict:
     """One federated run; reuses a finished run's summary if present (so the script can resume)."""
     run_dir = out / task / mode
     summary_path = run_dir / "summary.json"
     config = parse_run_config(
-        ["--config", "demo", "--data.task", task, "--federation.mode", mode, "--run_dir", str(run_dir), "--logging.wandb", "false"]
+        ["--config", base, "--data.task", task, "--federation.mode", mode, "--run_dir", str(run_dir), "--logging.wandb", "false"]
         + [f"--{item.split('=', 1)[0]}={item.split('=', 1)[1]}" for item in overrides]
     )
     if mode != "fedmkt":
@@ -91,7 +91,7 @@ def plot(results: dict[str, dict[str, dict]], parties: list[str], path: Path) ->
         centralized = final_accuracy(runs["centralized"], "server")
         if centralized is not None:
             axis.axhline(100 * centralized, linestyle="--", color="grey", label="server, centralized")
-        axis.set(title=task, xlabel="round", ylabel="accuracy (%)")
+        axis.set(title=task, xlabel="round", ylabel="accuracy (%)", xticks=rounds)
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -99,13 +99,14 @@ def plot(results: dict[str, dict[str, dict]], parties: list[str], path: Path) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo", help="base config (demo: real models; tiny: a quick smoke run)")
     parser.add_argument("--tasks", nargs="+", default=["arc_easy", "arc_challenge", "boolq"])
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("--override", nargs="*", default=[], help="KEY=VALUE config overrides for every run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = {task: {mode: run(task, mode, args.out, args.override) for mode in MODES} for task in args.tasks}
+    results = {task: {mode: run(args.config, task, mode, args.out, args.override) for mode in MODES} for task in args.tasks}
     parties = list(next(iter(results.values()))["fedmkt"]["zero_shot"])
     markdown = table(results, parties)
     (args.out / "table.md").write_text(markdown + "\n")
