@@ -85,3 +85,17 @@ def test_print_config_round_trips(tmp_path):
     assert yaml.safe_load(result.stdout)["transfer"]["top_k"] == 5
     again = run_cli("fit", "--config", str(printed), "--print_config")
     assert again.returncode == 0 and yaml.safe_load(again.stdout) == yaml.safe_load(result.stdout)
+
+
+def test_map_vocab_writes_every_source_token(tmp_path, capsys):
+    from fedmkt.config import ModelSpec
+    from fedmkt.models import load_tokenizer
+
+    out = tmp_path / "smollm2_to_gemma3.json"
+    assert main(["map-vocab", "--src", "embedded:smollm2-135m-instruct", "--dst", "embedded:gemma3-270m", "--out", str(out)]) == 0
+    mapping = __import__("json").loads(out.read_text())
+    source = load_tokenizer(ModelSpec("embedded:smollm2-135m-instruct"))
+    target_vocab = set(load_tokenizer(ModelSpec("embedded:gemma3-270m")).get_vocab())
+    assert len(mapping) == len(source.get_vocab())
+    assert set(mapping.values()) <= target_vocab
+    assert mapping["Ġthe"] == "▁the"  # word-boundary markers normalised before matching
