@@ -59,72 +59,91 @@ def _run_parser(description: str) -> ArgumentParser:
     return parser
 
 
-def build_parser() -> ArgumentParser:
-    """The top-level parser with one sub-parser per subcommand."""
-    parser = ArgumentParser(prog="fedmkt", description="FedMKT: federated mutual knowledge transfer between an LLM and SLMs.", exit_on_error=False)
-    parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
-    subcommands = parser.add_subcommands()
+def _fit_parser() -> ArgumentParser:
+    parser = _run_parser("Run FedMKT rounds end to end.")
+    parser.add_argument("--resume", type=Optional[str], default=None, help="Continue the interrupted run in this run_dir from its last round checkpoint.")
+    return parser
 
-    fit = _run_parser("Run FedMKT rounds end to end.")
-    fit.add_argument("--resume", type=Optional[str], default=None, help="Continue the interrupted run in this run_dir from its last round checkpoint.")
-    subcommands.add_subcommand("fit", fit, help="Run FedMKT rounds end to end.")
 
-    evaluate = _run_parser("Score one party (base model + optional LoRA adapter) on the run's held-out split.")
-    evaluate.add_argument("--party", type=str, default="server", help="server, client_0, client_1, …")
-    evaluate.add_argument("--adapter", type=Optional[str], default=None, help="LoRA adapter folder (e.g. RUN_DIR/adapters/round_2/server).")
-    subcommands.add_subcommand("evaluate", evaluate, help="Score a party on the held-out evaluation split.")
+def _evaluate_parser() -> ArgumentParser:
+    parser = _run_parser("Score one party (base model + optional LoRA adapter) on the run's held-out split.")
+    parser.add_argument("--party", type=str, default="server", help="server, client_0, client_1, …")
+    parser.add_argument("--adapter", type=Optional[str], default=None, help="LoRA adapter folder (e.g. RUN_DIR/adapters/round_2/server).")
+    return parser
 
-    map_vocab = ArgumentParser(description="Precompute a MinED vocabulary map between two tokenizers.", exit_on_error=False)
-    map_vocab.add_argument("--src", type=str, required=True, help="Source model spec: hub name, local dir, .gguf file or embedded:NAME.")
-    map_vocab.add_argument("--dst", type=str, required=True, help="Destination model spec (same forms as --src).")
-    map_vocab.add_argument("--out", type=str, required=True, help="Output JSON: source token string -> destination token string.")
-    map_vocab.add_argument("--cache_dir", type=Optional[str], default=None, help="Cache folder (default $FEDMKT_CACHE or ~/.cache/fedmkt).")
-    subcommands.add_subcommand("map-vocab", map_vocab, help="Precompute a MinED vocabulary map.")
+
+def _map_vocab_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Precompute a MinED vocabulary map between two tokenizers.", exit_on_error=False)
+    parser.add_argument("--src", type=str, required=True, help="Source model spec: hub name, local dir, .gguf file or embedded:NAME.")
+    parser.add_argument("--dst", type=str, required=True, help="Destination model spec (same forms as --src).")
+    parser.add_argument("--out", type=str, required=True, help="Output JSON: source token string -> destination token string.")
+    parser.add_argument("--cache_dir", type=Optional[str], default=None, help="Cache folder (default $FEDMKT_CACHE or ~/.cache/fedmkt).")
     return parser
 
 
 def _run_config(parser: ArgumentParser, namespace) -> RunConfig:
     """Instantiate the typed RunConfig from a parsed sub-command namespace."""
     values = parser.instantiate(namespace.clone())
-    fields = RunConfig.__dataclass_fields__
-    return RunConfig(**{key: values[key] for key in fields})
+    return RunConfig(**{key: values[key] for key in RunConfig.__dataclass_fields__})
+
+
+def _fit(parser: ArgumentParser, namespace) -> None:
+    from fedmkt.run import fit
+
+    config = _run_config(parser, namespace)
+    resume = namespace.pop("resume")
+    fit(config, resolved_config=parser.dump(namespace), resume=resume)
+
+
+def _evaluate(parser: ArgumentParser, namespace) -> None:
+    from fedmkt.run import evaluate_party
+
+    scores = evaluate_party(_run_config(parser, namespace), namespace.party, namespace.adapter)
+    print(" ".join(f"{key}={value:.4f}" for key, value in scores.items()))
+
+
+def _map_vocab(parser: ArgumentParser, namespace) -> None:
+    from fedmkt.alignment.vocab_map import write_vocab_map_json
+    from fedmkt.config import ModelSpec
+    from fedmkt.models import cache_root, load_tokenizer
+
+    cache = namespace.cache_dir
+    source, target = load_tokenizer(ModelSpec(namespace.src), cache), load_tokenizer(ModelSpec(namespace.dst), cache)
+    print(f"wrote {write_vocab_map_json(source, target, namespace.out, cache_dir=cache_root(cache) / 'vocab_maps')}")
+
+
+SUBCOMMANDS = {
+    "fit": (_fit_parser, _fit, "Run FedMKT rounds end to end."),
+    "evaluate": (_evaluate_parser, _evaluate, "Score a party on the held-out evaluation split."),
+    "map-vocab": (_map_vocab_parser, _map_vocab, "Precompute a MinED vocabulary map."),
+}
+"""Subcommand → (its parser, the plain function it runs, one-line help)."""
+
+
+def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
+    """The top-level parser and its sub-parsers by subcommand name."""
+    parser = ArgumentParser(prog="fedmkt", description="FedMKT: federated mutual knowledge transfer between an LLM and SLMs.", exit_on_error=False)
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
+    subcommands = parser.add_subcommands()
+    sub_parsers = {}
+    for name, (make_parser, _, help_text) in SUBCOMMANDS.items():
+        sub_parsers[name] = make_parser()
+        subcommands.add_subcommand(name, sub_parsers[name], help=help_text)
+    return parser, sub_parsers
 
 
 def parse_run_config(args: list[str]) -> RunConfig:
     """The RunConfig that `fedmkt fit ARGS` would run (used by tests and notebooks)."""
-    parser = build_parser()
+    parser, sub_parsers = build_parser()
     namespace = parser.parse_args(["fit", *_resolve_config_arguments(args)])
-    return _run_config(parser._subcommands_action._name_parser_map["fit"], namespace["fit"])
+    return _run_config(sub_parsers["fit"], namespace["fit"])
 
 
 def _dispatch(argv: list[str]) -> None:
-    parser = build_parser()
+    parser, sub_parsers = build_parser()
     namespace = parser.parse_args(_resolve_config_arguments(argv))
     command = namespace.subcommand
-    sub_namespace = namespace[command]
-    sub_parser = parser._subcommands_action._name_parser_map[command]
-    if command == "fit":
-        from fedmkt.run import fit
-
-        config = _run_config(sub_parser, sub_namespace)
-        resume = sub_namespace.pop("resume")
-        resolved = sub_parser.dump(sub_namespace)
-        fit(config, resolved_config=resolved, resume=resume)
-    elif command == "evaluate":
-        from fedmkt.run import evaluate_party
-
-        config = _run_config(sub_parser, sub_namespace)
-        scores = evaluate_party(config, sub_namespace.party, sub_namespace.adapter)
-        print(" ".join(f"{key}={value:.4f}" for key, value in scores.items()))
-    elif command == "map-vocab":
-        from fedmkt.alignment.vocab_map import write_vocab_map_json
-        from fedmkt.config import ModelSpec
-        from fedmkt.models import cache_root, load_tokenizer
-
-        cache = sub_namespace.cache_dir
-        source, target = load_tokenizer(ModelSpec(sub_namespace.src), cache), load_tokenizer(ModelSpec(sub_namespace.dst), cache)
-        out = write_vocab_map_json(source, target, sub_namespace.out, cache_dir=cache_root(cache) / "vocab_maps")
-        print(f"wrote {out}")
+    SUBCOMMANDS[command][1](sub_parsers[command], namespace[command])
 
 
 def main(argv: Optional[list[str]] = None) -> int:

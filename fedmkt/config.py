@@ -219,7 +219,7 @@ class LoggingConfig:
     """Log offline (sync later with `wandb sync`); set False with network access."""
 
     csv: bool = True
-    """Also log round metrics to `<run_dir>/metrics.csv`."""
+    """Also log round metrics to `<run_dir>/logs/metrics.csv`."""
 
 
 @dataclass
