@@ -24,7 +24,9 @@ The kernel is compiled by Numba and runs in parallel over source strings.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -142,41 +144,6 @@ def _signatures(chars, offsets, layout):  # pragma: no cover - compiled
     return lo, hi
 
 
-@numba.njit(cache=True, inline="always")
-def _myers(a_len, low_peq, high_chars, high_masks, n_high, b, b_start, b_len, cutoff):  # pragma: no cover
-    """Levenshtein(a, b) for len(a) <= 64, or ``cutoff + 1`` once it must exceed ``cutoff``."""
-    one = np.uint64(1)
-    top = one << np.uint64(a_len - 1)
-    vp = ~np.uint64(0)
-    vn = np.uint64(0)
-    score = a_len
-    for j in range(b_len):
-        c = b[b_start + j]
-        if c < 256:
-            eq = low_peq[c]
-        else:
-            eq = np.uint64(0)
-            for h in range(n_high):
-                if high_chars[h] == c:
-                    eq = high_masks[h]
-                    break
-        xv = eq | vn
-        xh = (((eq & vp) + vp) ^ vp) | eq
-        ph = vn | ~(xh | vp)
-        mh = vp & xh
-        if ph & top:
-            score += 1
-        elif mh & top:
-            score -= 1
-        ph = (ph << one) | one
-        mh = mh << one
-        vp = mh | ~(xv | ph)
-        vn = ph & xv
-        if score - (b_len - 1 - j) > cutoff:
-            return cutoff + 1
-    return score
-
-
 @numba.njit(cache=True)
 def _dp_distance(a, a_start, a_len, b, b_start, b_len, row):  # pragma: no cover - compiled
     """Plain O(la*lb) Levenshtein, used only for sources longer than 64 characters."""
@@ -209,31 +176,7 @@ def _slot(c, high_chars, n_high):  # pragma: no cover - compiled
     return -1
 
 
-@numba.njit(cache=True, inline="always")
-def _common_at_least(need, counts, left, high_chars, n_high, b, b_start, b_len):  # pragma: no cover
-    """Whether the multiset intersection of query and ``b`` has at least ``need`` characters."""
-    if need <= 0:
-        return True
-    common = 0
-    ok = False
-    for j in range(b_len):
-        slot = _slot(b[b_start + j], high_chars, n_high)
-        if slot >= 0 and left[slot] > 0:
-            left[slot] -= 1
-            common += 1
-            if common >= need:
-                ok = True
-                break
-        elif common + (b_len - 1 - j) < need:
-            break
-    for j in range(b_len):  # restore the scratch counts
-        slot = _slot(b[b_start + j], high_chars, n_high)
-        if slot >= 0:
-            left[slot] = counts[slot]
-    return ok
-
-
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True)
 def _compare(q_chars, a_start, la, d_chars, b_start, lb):  # pragma: no cover - compiled
     """-1, 0, 1 as the query string sorts before, equal to, after the candidate (code points)."""
     n = la if la < lb else lb
@@ -247,59 +190,105 @@ def _compare(q_chars, a_start, la, d_chars, b_start, lb):  # pragma: no cover - 
     return -1 if la < lb else 1
 
 
-@numba.njit(cache=True, inline="always")
-def _consider(
-    cand, bound, best, q_chars, a_start, la, d_chars, d_off, d_id,
-    low_peq, high_chars, high_masks, n_high, counts, left, row,
-):  # pragma: no cover - compiled
-    """Score one candidate whose lower bound is ``bound``; return the updated best triple.
-
-    ``best`` is ``(distance, common prefix, id)``; the candidate replaces it if it is nearer, or
-    as near with a longer common prefix, or as near with the same prefix and a smaller id.
-    """
-    best_d, best_lcp, best_id = best
-    b_start = d_off[cand]
-    lb = d_off[cand + 1] - b_start
-    lcp = 0
-    shortest = la if la < lb else lb
-    while lcp < shortest and q_chars[a_start + lcp] == d_chars[b_start + lcp]:
-        lcp += 1
-    cid = d_id[cand]
-    better_key = lcp > best_lcp or (lcp == best_lcp and cid < best_id)
-    # A candidate that loses the tie-break must be strictly nearer to win.
-    limit = best_d if better_key else best_d - 1
-    if bound > limit:
-        return best
-    longer = la if la > lb else lb
-    if limit < _INF and not _common_at_least(longer - limit, counts, left, high_chars, n_high, d_chars, b_start, lb):
-        return best
-    if la <= 64:
-        dist = _myers(la, low_peq, high_chars, high_masks, n_high, d_chars, b_start, lb, limit)
-    else:
-        dist = _dp_distance(q_chars, a_start, la, d_chars, b_start, lb, row)
-    if dist < best_d or (dist == best_d and better_key):
-        return (np.int64(dist), np.int64(lcp), np.int64(cid))
-    return best
-
-
-@numba.njit(cache=True, inline="always")
-def _visit(
-    k, bound, best, a_head0, a_head1, d_head, q_chars, a_start, la,
+@numba.njit(cache=True)
+def _process(
+    buf_k, buf_bound, n, best, a_head0, a_head1, d_head, q_chars, a_start, la,
     d_chars, d_off, d_id, low_peq, high_chars, high_masks, n_high, counts, left, row,
 ):  # pragma: no cover - compiled
-    """Cheap rejections from the bound and the packed first two characters, then `_consider`."""
-    if bound > best[0]:
-        return best
-    # At equal bound only a better tie-break can win. The common prefix, capped at 2, comes from
-    # the packed heads array without touching the candidate's string.
-    if bound == best[0]:
-        short_lcp = 0 if d_head[k, 0] != a_head0 else (1 if d_head[k, 1] != a_head1 else 2)
-        if short_lcp < 2 and (short_lcp < best[1] or (short_lcp == best[1] and d_id[k] > best[2])):
-            return best
-    return _consider(
-        k, bound, best, q_chars, a_start, la, d_chars, d_off, d_id,
-        low_peq, high_chars, high_masks, n_high, counts, left, row,
-    )
+    """Score the ``n`` buffered candidates (index, lower bound); return the updated best.
+
+    ``best`` is ``(distance, common prefix, id)``; a candidate replaces it if it is nearer, or as
+    near with a longer common prefix, or as near with the same prefix and a smaller id. The
+    steps, cheapest first: the bound, the first two characters, the exact common prefix, the
+    exact multiset bound, and only then the distance itself. Written as one flat function (no
+    nested inlining), which keeps Numba's compile time down.
+    """
+    best_d, best_lcp, best_id = best
+    one = np.uint64(1)
+    for t in range(n):
+        k = buf_k[t]
+        bound = buf_bound[t]
+        if bound > best_d:
+            continue
+        # At equal bound only a better tie-break can win; the common prefix capped at 2 comes
+        # from the packed heads array without touching the candidate's string.
+        if bound == best_d:
+            short_lcp = 0 if d_head[k, 0] != a_head0 else (1 if d_head[k, 1] != a_head1 else 2)
+            if short_lcp < 2 and (short_lcp < best_lcp or (short_lcp == best_lcp and d_id[k] > best_id)):
+                continue
+        b_start = d_off[k]
+        lb = d_off[k + 1] - b_start
+        lcp = 0
+        shortest = la if la < lb else lb
+        while lcp < shortest and q_chars[a_start + lcp] == d_chars[b_start + lcp]:
+            lcp += 1
+        cid = d_id[k]
+        better_key = lcp > best_lcp or (lcp == best_lcp and cid < best_id)
+        # A candidate that loses the tie-break must be strictly nearer to win.
+        limit = best_d if better_key else best_d - 1
+        if bound > limit:
+            continue
+        longer = la if la > lb else lb
+
+        # Exact multiset bound: d >= longer - |common characters|; `left` is scratch space.
+        need = longer - limit
+        if limit < _INF and need > 0:
+            common = 0
+            for j in range(lb):
+                slot = _slot(d_chars[b_start + j], high_chars, n_high)
+                if slot >= 0 and left[slot] > 0:
+                    left[slot] -= 1
+                    common += 1
+                    if common >= need:
+                        break
+                elif common + (lb - 1 - j) < need:
+                    break
+            for j in range(lb):
+                slot = _slot(d_chars[b_start + j], high_chars, n_high)
+                if slot >= 0:
+                    left[slot] = counts[slot]
+            if common < need:
+                continue
+
+        if la <= 64:
+            # Myers' bit-parallel Levenshtein (Hyyro's formulation), abandoned as soon as the
+            # remaining characters can no longer bring it under `limit`.
+            top = one << np.uint64(la - 1)
+            vp = ~np.uint64(0)
+            vn = np.uint64(0)
+            dist = la
+            for j in range(lb):
+                c = d_chars[b_start + j]
+                if c < 256:
+                    eq = low_peq[c]
+                else:
+                    eq = np.uint64(0)
+                    for h in range(n_high):
+                        if high_chars[h] == c:
+                            eq = high_masks[h]
+                            break
+                xv = eq | vn
+                xh = (((eq & vp) + vp) ^ vp) | eq
+                ph = vn | ~(xh | vp)
+                mh = vp & xh
+                if ph & top:
+                    dist += 1
+                elif mh & top:
+                    dist -= 1
+                ph = (ph << one) | one
+                mh = mh << one
+                vp = mh | ~(xv | ph)
+                vn = ph & xv
+                if dist - (lb - 1 - j) > limit:
+                    dist = limit + 1
+                    break
+        else:
+            dist = _dp_distance(q_chars, a_start, la, d_chars, b_start, lb, row)
+        if dist < best_d or (dist == best_d and better_key):
+            best_d = np.int64(dist)
+            best_lcp = np.int64(lcp)
+            best_id = np.int64(cid)
+    return (best_d, best_lcp, best_id)
 
 
 @numba.njit(cache=True)
@@ -328,162 +317,186 @@ def _postings(sig_lo, sig_hi, bucket):  # pragma: no cover - compiled
     return ptr, idx
 
 
-@numba.njit(cache=True, parallel=True)
-def _nearest_kernel(
-    q_chars, q_off, d_chars, d_off, d_head, d_sig_lo, d_sig_hi, layout, post_ptr, post_idx, d_id, bucket, by_string, n_seeds, out_id, out_dist
+@numba.njit(cache=True)
+def _nearest_one(
+    q_chars, a_start, la, d_chars, d_off, d_head, d_sig_lo, d_sig_hi, layout,
+    post_ptr, post_idx, d_id, bucket, by_string, n_seeds, widest,
 ):  # pragma: no cover - compiled
-    n_queries = q_off.shape[0] - 1
+    """Nearest candidate ``(distance, common prefix, id)`` for one query string."""
     n_cand = d_id.shape[0]
     max_len = bucket.shape[0] - 2
-    widest = 0
-    for length in range(max_len + 1):
-        if bucket[length + 1] - bucket[length] > widest:
-            widest = bucket[length + 1] - bucket[length]
-    for q in numba.prange(n_queries):
-        a_start = q_off[q]
-        la = q_off[q + 1] - a_start
-        # Pattern bitmasks (Myers) and character counts (multiset bound) of the query.
-        low_peq = np.zeros(256, dtype=np.uint64)
-        high_chars = np.empty(la, dtype=np.int32)
-        high_masks = np.zeros(la, dtype=np.uint64)
-        counts = np.zeros(256 + la, dtype=np.int32)
-        n_high = 0
-        sig_lo, sig_hi = _signature(q_chars, a_start, la, layout)
-        n_bits = 0
-        bits = np.empty(128, dtype=np.int64)
-        bit_len = np.empty(128, dtype=np.int64)
-        for i in range(128):
-            word = sig_lo if i < 64 else sig_hi
-            if (word >> np.uint64(i % 64)) & np.uint64(1):
-                bits[n_bits] = i
-                n_bits += 1
-        a_head0 = q_chars[a_start]
-        a_head1 = q_chars[a_start + 1] if la > 1 else -1
-        for i in range(la):
-            c = q_chars[a_start + i]
-            bit = np.uint64(1) << np.uint64(i % 64)
-            if c < 256:
-                low_peq[c] |= bit
-                counts[c] += 1
+    # Pattern bitmasks (Myers) and character counts (multiset bound) of the query.
+    low_peq = np.zeros(256, dtype=np.uint64)
+    high_chars = np.empty(la, dtype=np.int32)
+    high_masks = np.zeros(la, dtype=np.uint64)
+    counts = np.zeros(256 + la, dtype=np.int32)
+    n_high = 0
+    for i in range(la):
+        c = q_chars[a_start + i]
+        bit = np.uint64(1) << np.uint64(i % 64)
+        if c < 256:
+            low_peq[c] |= bit
+            counts[c] += 1
+        else:
+            slot = _slot(c, high_chars, n_high)
+            if slot < 0:
+                high_chars[n_high] = c
+                high_masks[n_high] = bit
+                counts[256 + n_high] = 1
+                n_high += 1
             else:
-                slot = _slot(c, high_chars, n_high)
-                if slot < 0:
-                    high_chars[n_high] = c
-                    high_masks[n_high] = bit
-                    counts[256 + n_high] = 1
-                    n_high += 1
+                high_masks[slot - 256] |= bit
+                counts[slot] += 1
+    left = counts.copy()
+    sig_lo, sig_hi = _signature(q_chars, a_start, la, layout)
+    bits = np.empty(128, dtype=np.int64)
+    bit_len = np.empty(128, dtype=np.int64)
+    n_bits = 0
+    for i in range(128):
+        word = sig_lo if i < 64 else sig_hi
+        if (word >> np.uint64(i % 64)) & np.uint64(1):
+            bits[n_bits] = i
+            n_bits += 1
+    a_head0 = q_chars[a_start]
+    a_head1 = q_chars[a_start + 1] if la > 1 else -1
+    row = np.empty(max_len + 1, dtype=np.int64)
+    size = widest if widest > 2 * n_seeds else 2 * n_seeds
+    buf_k = np.empty(size, dtype=np.int64)
+    buf_bound = np.empty(size, dtype=np.int64)
+
+    # Seeds: the strings sorting next to the query share its longest prefix and are often its
+    # nearest tokens; scoring them first gives the scan a finite bound to prune with.
+    lo, hi = 0, n_cand
+    while lo < hi:
+        mid = (lo + hi) // 2
+        cm = by_string[mid]
+        if _compare(q_chars, a_start, la, d_chars, d_off[cm], d_off[cm + 1] - d_off[cm]) > 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    n = 0
+    for k in range(max(lo - n_seeds, 0), min(lo + n_seeds, n_cand)):
+        buf_k[n] = by_string[k]
+        buf_bound[n] = 0
+        n += 1
+    seeded = _process(
+        buf_k, buf_bound, n, (_INF, np.int64(-1), _NO_ID), a_head0, a_head1, d_head, q_chars, a_start, la,
+        d_chars, d_off, d_id, low_peq, high_chars, high_masks, n_high, counts, left, row,
+    )
+
+    # Iterative deepening on the distance: a pass with threshold t finds the best candidate within
+    # distance t, pruning as if the answer were known to be t (tighter than pruning with a loose
+    # running best). Passes start two below the seeds' distance and stop at the first threshold
+    # with a candidate; the last possible pass keeps the seeds' best.
+    threshold = max(np.int64(1), seeded[0] - 2)
+    while True:
+        best = seeded if threshold >= seeded[0] else (threshold, np.int64(-1), _NO_ID)
+        # Length buckets outwards from the query's length, while the length difference (a lower
+        # bound on the distance) can still reach the best distance.
+        delta = 0
+        while delta <= best[0] and (la - delta >= 1 or la + delta <= max_len):
+            for side in range(2 if delta > 0 else 1):
+                lb = la - delta if side == 0 else la + delta
+                if lb < 1 or lb > max_len or delta > best[0]:
+                    continue
+                start, stop = bucket[lb], bucket[lb + 1]
+                longer = la if la > lb else lb
+                extra_a = longer - la
+                extra_b = longer - lb
+                # A candidate within reach misses at most `spare` of the query's signature bits,
+                # so it carries at least one of any `spare + 1` of them: the union of the posting
+                # lists of the `spare + 1` rarest bits holds every candidate worth scoring.
+                spare = best[0] - extra_a
+                lists = 0
+                if spare + 1 <= n_bits:
+                    base = lb * 128
+                    for i in range(n_bits):
+                        bit_len[i] = post_ptr[base + bits[i] + 1] - post_ptr[base + bits[i]]
+                    total = 0
+                    for j in range(spare + 1):  # selection of the spare + 1 shortest lists
+                        pick = j
+                        for i in range(j + 1, n_bits):
+                            if bit_len[i] < bit_len[pick]:
+                                pick = i
+                        bit_len[j], bit_len[pick] = bit_len[pick], bit_len[j]
+                        bits[j], bits[pick] = bits[pick], bits[j]
+                        total += bit_len[j]
+                    if total < stop - start:
+                        lists = spare + 1
+                if lists > 0:
+                    seen_lo = np.uint64(0)
+                    seen_hi = np.uint64(0)
+                    for j in range(lists):
+                        if j > best[0] - extra_a:
+                            break  # the best improved: the lists read so far already cover it
+                        base = lb * 128 + bits[j]
+                        n = 0
+                        for t in range(post_ptr[base], post_ptr[base + 1]):
+                            k = post_idx[t]
+                            lo_b = d_sig_lo[k]
+                            hi_b = d_sig_hi[k]
+                            if (lo_b & seen_lo) | (hi_b & seen_hi):
+                                continue  # already met in an earlier list
+                            b1 = extra_a + _popcount(sig_lo & ~lo_b) + _popcount(sig_hi & ~hi_b)
+                            b2 = extra_b + _popcount(lo_b & ~sig_lo) + _popcount(hi_b & ~sig_hi)
+                            buf_k[n] = k
+                            buf_bound[n] = b1 if b1 > b2 else b2
+                            n += 1
+                        best = _process(
+                            buf_k, buf_bound, n, best, a_head0, a_head1, d_head, q_chars, a_start, la,
+                            d_chars, d_off, d_id, low_peq, high_chars, high_masks, n_high, counts, left, row,
+                        )
+                        if bits[j] < 64:
+                            seen_lo |= np.uint64(1) << np.uint64(bits[j])
+                        else:
+                            seen_hi |= np.uint64(1) << np.uint64(bits[j] - 64)
                 else:
-                    high_masks[slot - 256] |= bit
-                    counts[slot] += 1
-        left = counts.copy()
-        row = np.empty(max_len + 1, dtype=np.int64)
-        bounds = np.empty(widest, dtype=np.int64)
-        best = (_INF, np.int64(-1), _NO_ID)
-
-        # Seeds: the strings sorting next to the query share its longest prefix and are often its
-        # nearest tokens; scoring them first makes the pruning of the scan tight from the start.
-        lo, hi = 0, n_cand
-        while lo < hi:
-            mid = (lo + hi) // 2
-            cm = by_string[mid]
-            if _compare(q_chars, a_start, la, d_chars, d_off[cm], d_off[cm + 1] - d_off[cm]) > 0:
-                lo = mid + 1
-            else:
-                hi = mid
-        for k in range(max(lo - n_seeds, 0), min(lo + n_seeds, n_cand)):
-            cand = by_string[k]
-            lb = d_off[cand + 1] - d_off[cand]
-            best = _consider(
-                cand, abs(la - lb), best, q_chars, a_start, la, d_chars, d_off, d_id,
-                low_peq, high_chars, high_masks, n_high, counts, left, row,
-            )
-
-        # Iterative deepening on the distance: a pass with threshold t finds the best candidate
-        # within distance t, pruning as if the answer were known to be t (tighter than pruning
-        # with a loose running best). Passes start two below the seeds' distance and stop at the
-        # first threshold with a candidate; the last possible pass keeps the seeds' best.
-        seeded = best
-        threshold = max(np.int64(1), seeded[0] - 2)
-        while True:
-            if threshold >= seeded[0]:
-                best = seeded
-            else:
-                best = (threshold, np.int64(-1), _NO_ID)
-            # Scan the length buckets outwards from the query's length while the length
-            # difference can still reach the best distance.
-            delta = 0
-            while delta <= best[0] and (la - delta >= 1 or la + delta <= max_len):
-                for side in range(2 if delta > 0 else 1):
-                    lb = la - delta if side == 0 else la + delta
-                    if lb < 1 or lb > max_len or delta > best[0]:
-                        continue
-                    start, stop = bucket[lb], bucket[lb + 1]
-                    longer = la if la > lb else lb
-                    extra_a = longer - la
-                    extra_b = longer - lb
-                    # A candidate within reach misses at most `spare` of the query's signature bits, so
-                    # it carries at least one of any `spare + 1` of them: the union of those bits'
-                    # posting lists (the shortest ones) holds every candidate worth scoring.
-                    spare = best[0] - extra_a
-                    lists = 0
-                    if spare + 1 <= n_bits:
-                        base = lb * 128
-                        for i in range(n_bits):
-                            bit_len[i] = post_ptr[base + bits[i] + 1] - post_ptr[base + bits[i]]
-                        total = 0
-                        for j in range(spare + 1):  # selection of the spare + 1 shortest lists
-                            pick = j
-                            for i in range(j + 1, n_bits):
-                                if bit_len[i] < bit_len[pick]:
-                                    pick = i
-                            bit_len[j], bit_len[pick] = bit_len[pick], bit_len[j]
-                            bits[j], bits[pick] = bits[pick], bits[j]
-                            total += bit_len[j]
-                        if total < stop - start:
-                            lists = spare + 1
-                    if lists > 0:
-                        seen_lo = np.uint64(0)
-                        seen_hi = np.uint64(0)
-                        for j in range(lists):
-                            if j > best[0] - extra_a:
-                                break  # the best improved: the lists read so far already cover it
-                            base = lb * 128 + bits[j]
-                            for t in range(post_ptr[base], post_ptr[base + 1]):
-                                k = post_idx[t]
-                                lo_b = d_sig_lo[k]
-                                hi_b = d_sig_hi[k]
-                                if (lo_b & seen_lo) | (hi_b & seen_hi):
-                                    continue  # already met in an earlier list
-                                b1 = extra_a + _popcount(sig_lo & ~lo_b) + _popcount(sig_hi & ~hi_b)
-                                b2 = extra_b + _popcount(lo_b & ~sig_lo) + _popcount(hi_b & ~sig_hi)
-                                best = _visit(
-                                    k, b1 if b1 > b2 else b2, best, a_head0, a_head1, d_head, q_chars, a_start, la,
-                                    d_chars, d_off, d_id, low_peq, high_chars, high_masks, n_high, counts, left, row,
-                                )
-                            if bits[j] < 64:
-                                seen_lo |= np.uint64(1) << np.uint64(bits[j])
-                            else:
-                                seen_hi |= np.uint64(1) << np.uint64(bits[j] - 64)
-                        continue
-                    # Otherwise the signature bound for the whole bucket in one vectorisable loop.
+                    # The signature bound of the whole bucket in one vectorisable loop.
                     for k in range(start, stop):
                         lo_b = d_sig_lo[k]
                         hi_b = d_sig_hi[k]
                         b1 = extra_a + _popcount(sig_lo & ~lo_b) + _popcount(sig_hi & ~hi_b)
                         b2 = extra_b + _popcount(lo_b & ~sig_lo) + _popcount(hi_b & ~sig_hi)
-                        bounds[k - start] = b1 if b1 > b2 else b2
-                    for k in range(start, stop):
-                        if bounds[k - start] <= best[0]:
-                            best = _visit(
-                                k, bounds[k - start], best, a_head0, a_head1, d_head, q_chars, a_start, la,
-                                d_chars, d_off, d_id, low_peq, high_chars, high_masks, n_high, counts, left, row,
-                            )
-                delta += 1
-            if best[2] != _NO_ID:
-                break
-            threshold += 1
+                        buf_k[k - start] = k
+                        buf_bound[k - start] = b1 if b1 > b2 else b2
+                    best = _process(
+                        buf_k, buf_bound, stop - start, best, a_head0, a_head1, d_head, q_chars, a_start, la,
+                        d_chars, d_off, d_id, low_peq, high_chars, high_masks, n_high, counts, left, row,
+                    )
+            delta += 1
+        if best[2] != _NO_ID:
+            return best
+        threshold += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _nearest_kernel(
+    q_chars, q_off, first, last, d_chars, d_off, d_head, d_sig_lo, d_sig_hi, layout,
+    post_ptr, post_idx, d_id, bucket, by_string, n_seeds, out_id, out_dist,
+):  # pragma: no cover - compiled
+    """Queries ``first .. last - 1``; releases the GIL so threads can share the work."""
+    widest = 0
+    for length in range(bucket.shape[0] - 1):
+        if bucket[length + 1] - bucket[length] > widest:
+            widest = bucket[length + 1] - bucket[length]
+    for q in range(first, last):
+        best = _nearest_one(
+            q_chars, q_off[q], q_off[q + 1] - q_off[q], d_chars, d_off, d_head, d_sig_lo, d_sig_hi,
+            layout, post_ptr, post_idx, d_id, bucket, by_string, n_seeds, widest,
+        )
         out_id[q] = best[2]
         out_dist[q] = best[0]
+
+
+def _workers() -> int:
+    """Threads for the search: the CPUs this process may use (``FEDMKT_ALIGN_THREADS`` overrides)."""
+    configured = os.environ.get("FEDMKT_ALIGN_THREADS")
+    if configured:
+        return max(1, int(configured))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _heads(chars: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -539,7 +552,19 @@ def nearest_tokens(src: Sequence[str], dst: Sequence[str]) -> tuple[np.ndarray, 
     q_chars, q_off = encode_strings(queries)
     out_id = np.empty(len(queries), dtype=np.int64)
     out_dist = np.empty(len(queries), dtype=np.int64)
-    _nearest_kernel(q_chars, q_off, d_chars, d_off, _heads(d_chars, d_off), d_sig_lo, d_sig_hi, layout, post_ptr, post_idx, d_id, bucket, by_string, _SEEDS, out_id, out_dist)
+    heads = _heads(d_chars, d_off)
+
+    def run(first: int, last: int) -> None:
+        _nearest_kernel(
+            q_chars, q_off, first, last, d_chars, d_off, heads, d_sig_lo, d_sig_hi, layout,
+            post_ptr, post_idx, d_id, bucket, by_string, _SEEDS, out_id, out_dist,
+        )
+
+    # Small chunks handed to a thread pool balance the very uneven per-query cost.
+    chunk = max(64, len(queries) // 256)
+    spans = [(i, min(i + chunk, len(queries))) for i in range(0, len(queries), chunk)]
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        list(pool.map(lambda span: run(*span), spans))
     for query, found, dist in zip(queries, out_id.tolist(), out_dist.tolist()):
         for i in pending[query]:
             ids[i], dists[i] = found, dist
