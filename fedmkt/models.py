@@ -116,9 +116,12 @@ def _convert_gguf(resolved: ResolvedSource, target: Path) -> None:
         os.replace(tmp, target)
     except FileExistsError:
         pass  # another process converted it first
-    except OSError as error:
+    except Exception as error:  # a corrupt or truncated file fails in many ways (ValueError, UnicodeDecodeError, ...)
         if not target.is_dir():
-            raise FedMKTError(f"could not read GGUF file {resolved.gguf_file}: {error}. Fix: check the file is a complete .gguf.") from error
+            raise FedMKTError(
+                f"could not read GGUF file {Path(resolved.path) / resolved.gguf_file} ({_one_line(error)}). "
+                "Fix: check the file is a complete, uncorrupted .gguf (download it again)."
+            ) from error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -149,8 +152,13 @@ def load_tokenizer(spec: ModelSpec, cache_dir: Optional[str] = None) -> PreTrain
     where = _loadable(spec, cache_dir)
     try:
         return _load_tokenizer_cached(where.path, spec.revision, spec.trust_remote_code)
-    except OSError as error:
-        raise FedMKTError(f"could not load a tokenizer from `{spec.source}`: {error}. Fix: check model.source.") from error
+    except FedMKTError:
+        raise
+    except Exception as error:  # no tokenizer files (ValueError), a corrupt tokenizer.json (JSONDecodeError), ...
+        raise FedMKTError(
+            f"could not load a tokenizer from `{spec.source}` ({_one_line(error)}). "
+            "Fix: check model.source; a local folder needs the tokenizer files `save_pretrained` writes (tokenizer.json, tokenizer_config.json)."
+        ) from error
 
 
 def load_model(spec: ModelSpec, cache_dir: Optional[str] = None, seed: int = 0) -> PreTrainedModel:
@@ -163,9 +171,14 @@ def load_model(spec: ModelSpec, cache_dir: Optional[str] = None, seed: int = 0) 
                 where.path, revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code
             )
         config = AutoConfig.from_pretrained(where.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    except OSError as error:
-        raise FedMKTError(f"could not load model `{spec.source}`: {error}. Fix: check model.source.") from error
+    except (OSError, ValueError) as error:  # missing weights, unreadable or incomplete config.json (no model_type), ...
+        raise FedMKTError(f"could not load model `{spec.source}` ({_one_line(error)}). Fix: check model.source.") from error
     return _random_init_model(config, spec.random_init, dtype, seed)
+
+
+def _one_line(error: BaseException) -> str:
+    """`TypeName: message` with the message's whitespace (newlines included) collapsed."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def _random_init_model(config, overrides: dict, dtype: torch.dtype, seed: int) -> PreTrainedModel:

@@ -23,6 +23,11 @@ from fedmkt.errors import FedMKTError
 
 _TENSOR_FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits")
 
+MAX_PAYLOAD_BYTES = 4 * 1024**3
+"""Largest payload `from_bytes` accepts by default (4 GiB). The paper's exchange (1,000 public
+samples × 512 tokens × top-16) is about 50 MB; anything near this limit is a misconfiguration or
+a hostile sender, and is refused before any tensor is parsed."""
+
 
 def smallest_id_dtype(vocab_size: int) -> torch.dtype:
     """The narrowest signed integer type that holds every token id of a vocabulary."""
@@ -83,8 +88,17 @@ class KnowledgePayload:
         return save_safetensors(tensors, metadata=metadata)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "KnowledgePayload":
-        """Deserialise and validate bytes received from another party."""
+    def from_bytes(cls, data: bytes, max_bytes: int | None = None) -> "KnowledgePayload":
+        """Deserialise and validate bytes received from another party.
+
+        Payloads over `max_bytes` (default `MAX_PAYLOAD_BYTES`) are refused unread.
+        """
+        limit = MAX_PAYLOAD_BYTES if max_bytes is None else max_bytes
+        if len(data) > limit:
+            raise FedMKTError(
+                f"received payload is {len(data):,} bytes, over the {limit:,}-byte limit; it was refused unread. "
+                "Fix: lower data.pool_size, data.max_length or transfer.top_k, or raise fedmkt.payload.MAX_PAYLOAD_BYTES if the size is expected."
+            )
         try:
             tensors = load_safetensors(data)
             metadata = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
@@ -132,6 +146,8 @@ class KnowledgePayload:
             problems.append("offsets are not a non-decreasing cover of the token rows")
         if self.topk_ids.ndim != 2 or self.topk_ids.shape != self.topk_logits.shape or self.topk_ids.shape[0] != rows:
             problems.append(f"top-k shapes {tuple(self.topk_ids.shape)}/{tuple(self.topk_logits.shape)} do not match {rows} token rows")
+        elif rows and self.topk_ids.shape[1] == 0:  # would count as distilled while carrying no logits
+            problems.append("top-k has no columns (k = 0)")
         if not bool(torch.isfinite(self.losses).all()) or not bool(torch.isfinite(self.topk_logits.float()).all()):
             problems.append("losses or logits contain NaN/inf")
         for name in ("token_ids", "topk_ids"):
