@@ -49,6 +49,17 @@ def vocab_map(src: Sequence[str], dst: Sequence[str], distance: Distance = leven
     return out
 
 
+def nearest_first_min(src: str, dst: Sequence[str], distance: Distance = levenshtein) -> tuple[int, int]:
+    """The reference implementation's loop: every destination, keep the first minimum (id, distance)."""
+    best_id, best = -1, None
+    for j, d in enumerate(dst):
+        if d:
+            value = distance(src, d)
+            if best is None or value < best:
+                best_id, best = j, value
+    return best_id, -1 if best is None else best
+
+
 def min_distances(src: Sequence[str], dst: Sequence[str], distance: Distance = levenshtein) -> list[int]:
     """For each non-empty source string, the minimum distance to any non-empty destination."""
     candidates = [d for d in dst if d]

@@ -100,3 +100,11 @@ def test_write_vocab_map_json(tmp_path):
     assert table == {"<pad>": "Ġcat", "▁the": "Ġthe", "▁cat": "Ġcat"}
     again = write_vocab_map_json(src, dst, tmp_path / "nocache.json")
     assert json.loads(again.read_text(encoding="utf-8")) == table
+
+
+def test_sources_longer_than_a_machine_word():
+    # Sources over 64 characters take the plain DP path instead of the bit-parallel one.
+    rng = __import__("random").Random(3)
+    src = ["".join(rng.choice("ab▁") for _ in range(rng.randint(60, 90))) for _ in range(6)]
+    dst = ["".join(rng.choice("ab▁") for _ in range(rng.randint(1, 90))) for _ in range(25)]
+    assert build_vocab_map(src, dst).tolist() == ref.vocab_map(src, dst)

@@ -156,10 +156,10 @@ def test_corrupt_tokenizer_json(tmp_path, capsys):
     assert "could not load a tokenizer" in line
 
 
-def test_config_json_without_model_type(tmp_path, capsys, smollm2_tok):
+def test_config_json_without_model_type(tmp_path, capsys, smollm2_tokenizer):
     folder = tmp_path / "model"
     folder.mkdir()
-    smollm2_tok.save_pretrained(folder)  # a working tokenizer, so the failure is the model's
+    smollm2_tokenizer.save_pretrained(folder)  # a working tokenizer, so the failure is the model's
     (folder / "config.json").write_text("{}")
     line = fit_error(capsys, tmp_path / "run", "--server.model.source", str(folder))
     assert "could not load model" in line and "model_type" in line

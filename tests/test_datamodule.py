@@ -35,31 +35,31 @@ def party_data(tokenizer, private=5, public=4, batch_size=2, seed=0) -> PartyDat
 # ---- PartyDataModule ----------------------------------------------------------------------------
 
 
-def test_tokenize_examples_indexes_by_position_and_trains_on_the_answer(smollm2_tok):
+def test_tokenize_examples_indexes_by_position_and_trains_on_the_answer(smollm2_tokenizer):
     items = examples(3)
-    samples = tokenize_examples(items, smollm2_tok, max_length=48)
+    samples = tokenize_examples(items, smollm2_tokenizer, max_length=48)
     assert [s.index for s in samples] == [0, 1, 2]
     for sample, example in zip(samples, items):
-        input_ids, targets = encode_prompt_answer(smollm2_tok, example.prompt, example.answer, 48)
+        input_ids, targets = encode_prompt_answer(smollm2_tokenizer, example.prompt, example.answer, 48)
         assert torch.equal(sample.input_ids, input_ids) and torch.equal(sample.targets, targets)
-        answer = smollm2_tok(example.answer, add_special_tokens=False)["input_ids"]
+        answer = smollm2_tokenizer(example.answer, add_special_tokens=False)["input_ids"]
         assert sample.targets[sample.targets != IGNORE_INDEX].tolist() == answer
 
 
-def test_empty_public_set_is_a_one_line_error(smollm2_tok):
+def test_empty_public_set_is_a_one_line_error(smollm2_tokenizer):
     with pytest.raises(FedMKTError, match=r"public dataset is empty\. Fix: .*data\.pool_size"):
-        PartyDataModule("server", examples(2), [], smollm2_tok, 48, 2, 2, 0)
+        PartyDataModule("server", examples(2), [], smollm2_tokenizer, 48, 2, 2, 0)
 
 
-def test_no_private_data_is_an_error_naming_the_party(smollm2_tok):
-    data = party_data(smollm2_tok, private=0)
+def test_no_private_data_is_an_error_naming_the_party(smollm2_tokenizer):
+    data = party_data(smollm2_tokenizer, private=0)
     with pytest.raises(FedMKTError, match=r"client_0 has no private data\. Fix:"):
         data.train_dataloader()
 
 
-def test_predict_dataloader_covers_the_public_set_in_order_with_padding(smollm2_tok):
-    data = party_data(smollm2_tok, public=4)
-    assert data.pad_id == smollm2_tok.pad_token_id
+def test_predict_dataloader_covers_the_public_set_in_order_with_padding(smollm2_tokenizer):
+    data = party_data(smollm2_tokenizer, public=4)
+    assert data.pad_id == smollm2_tokenizer.pad_token_id
     batches = list(data.predict_dataloader())
     assert [len(b["index"]) for b in batches] == [3, 1]
     assert torch.cat([b["index"] for b in batches]).tolist() == [0, 1, 2, 3]
@@ -73,11 +73,11 @@ def test_predict_dataloader_covers_the_public_set_in_order_with_padding(smollm2_
         assert (first["targets"][row, length:] == IGNORE_INDEX).all()
 
 
-def test_train_dataloader_shuffles_the_private_set_reproducibly(smollm2_tok):
+def test_train_dataloader_shuffles_the_private_set_reproducibly(smollm2_tokenizer):
     order = lambda data: torch.cat([b["index"] for b in data.train_dataloader()]).tolist()
-    first = order(party_data(smollm2_tok, private=8, seed=3))
+    first = order(party_data(smollm2_tokenizer, private=8, seed=3))
     assert sorted(first) == list(range(8))
-    assert first == order(party_data(smollm2_tok, private=8, seed=3))
+    assert first == order(party_data(smollm2_tokenizer, private=8, seed=3))
     assert first != list(range(8))  # shuffled (this seed does not give the identity)
 
 

@@ -315,14 +315,14 @@ def make_participant(name, tokenizer, make_tiny_llama, cache_dir, seed, transfer
     return Participant(name, config, transfer, module, tokenizer, data, qa(2, "eval"), {"peer": tokenizer}, cache_dir, 48, seed)
 
 
-def test_participant_phases_share_distil_and_save(smollm2_tok, make_tiny_llama, tmp_path):
+def test_participant_phases_share_distil_and_save(smollm2_tokenizer, make_tiny_llama, tmp_path):
     transfer = TransferConfig(top_k=3, selection="all")
-    party = make_participant("client_0", smollm2_tok, make_tiny_llama, tmp_path / "cache", 0, transfer)
-    peer = make_participant("peer", smollm2_tok, make_tiny_llama, tmp_path / "cache", 1, transfer)
+    party = make_participant("client_0", smollm2_tokenizer, make_tiny_llama, tmp_path / "cache", 0, transfer)
+    peer = make_participant("peer", smollm2_tokenizer, make_tiny_llama, tmp_path / "cache", 1, transfer)
 
     shared = party.share_knowledge(round_index=1)
     shared.validate(num_public=3)
-    assert (shared.sender, shared.round, shared.vocab_size, shared.top_k) == ("client_0", 1, len(smollm2_tok), 3)
+    assert (shared.sender, shared.round, shared.vocab_size, shared.top_k) == ("client_0", 1, len(smollm2_tokenizer), 3)
     assert shared.topk_ids.dtype == torch.int32  # 49,152 ids do not fit int16
     assert sorted(shared.sample_index.tolist()) == [0, 1, 2]
     for row, index in enumerate(shared.sample_index.tolist()):  # the sender's own tokens, per public sample

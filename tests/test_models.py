@@ -85,10 +85,10 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
 # ---- loading ------------------------------------------------------------------------------------
 
 
-def test_load_tokenizer_is_cached_and_has_a_pad_token(smollm2_tok):
+def test_load_tokenizer_is_cached_and_has_a_pad_token(smollm2_tokenizer):
     again = load_tokenizer(ModelSpec("embedded:smollm2-135m-instruct"))
-    assert again is smollm2_tok
-    assert len(smollm2_tok) == 49_152 and smollm2_tok.pad_token_id is not None
+    assert again is smollm2_tokenizer
+    assert len(smollm2_tokenizer) == 49_152 and smollm2_tokenizer.pad_token_id is not None
 
 
 def test_missing_model_file_is_a_one_line_error(tmp_path):

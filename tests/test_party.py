@@ -67,20 +67,20 @@ def _trainer(max_steps: int) -> L.Trainer:
 # ---- structure ----------------------------------------------------------------------------------
 
 
-def test_only_lora_parameters_are_trainable(make_tiny_llama, smollm2_tok):
-    module = make_module(make_tiny_llama, smollm2_tok)
+def test_only_lora_parameters_are_trainable(make_tiny_llama, smollm2_tokenizer):
+    module = make_module(make_tiny_llama, smollm2_tokenizer)
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     # q_proj and v_proj adapted (A and B each), nothing else
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == {"q_proj", "v_proj"}
     assert any("embed_tokens" in n for n in frozen) and any("lm_head" in n for n in frozen)
-    assert module.vocab_size == len(smollm2_tok)
+    assert module.vocab_size == len(smollm2_tokenizer)
 
 
-def test_missing_lora_target_is_a_one_line_error(make_tiny_llama, smollm2_tok):
+def test_missing_lora_target_is_a_one_line_error(make_tiny_llama, smollm2_tokenizer):
     with pytest.raises(FedMKTError) as error:
-        make_module(make_tiny_llama, smollm2_tok, target_modules=["c_attn"])
+        make_module(make_tiny_llama, smollm2_tokenizer, target_modules=["c_attn"])
     message = str(error.value)
     assert "c_attn" in message and "lora.target_modules" in message and "Fix:" in message
     assert "\n" not in message
@@ -89,10 +89,10 @@ def test_missing_lora_target_is_a_one_line_error(make_tiny_llama, smollm2_tok):
 # ---- training -----------------------------------------------------------------------------------
 
 
-def test_fit_changes_only_lora_parameters(make_tiny_llama, smollm2_tok):
-    module = make_module(make_tiny_llama, smollm2_tok)
+def test_fit_changes_only_lora_parameters(make_tiny_llama, smollm2_tokenizer):
+    module = make_module(make_tiny_llama, smollm2_tokenizer)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    batch = make_batch(smollm2_tok)
+    batch = make_batch(smollm2_tokenizer)
     trainer = _trainer(max_steps=2)
     trainer.fit(module, train_dataloaders=DataLoader([batch, batch], batch_size=None))
     changed = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
@@ -106,9 +106,9 @@ def test_fit_changes_only_lora_parameters(make_tiny_llama, smollm2_tok):
     assert torch.isfinite(module.task_loss.compute())
 
 
-def test_training_step_without_kd_is_mean_answer_ce(make_tiny_llama, smollm2_tok):
-    module = make_module(make_tiny_llama, smollm2_tok)
-    batch = make_batch(smollm2_tok)
+def test_training_step_without_kd_is_mean_answer_ce(make_tiny_llama, smollm2_tokenizer):
+    module = make_module(make_tiny_llama, smollm2_tokenizer)
+    batch = make_batch(smollm2_tokenizer)
     loss = module.training_step(batch, 0)
     logits = module(batch["input_ids"], batch["attention_mask"])
     expected = torch.stack(
@@ -117,10 +117,10 @@ def test_training_step_without_kd_is_mean_answer_ce(make_tiny_llama, smollm2_tok
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_training_step_with_kd_is_lambda_mix_and_changes_the_gradient(make_tiny_llama, smollm2_tok):
-    module = make_module(make_tiny_llama, smollm2_tok, ce_weight=0.7)
-    batch = make_batch(smollm2_tok)
-    kd_batch = add_kd_targets(batch, len(smollm2_tok))
+def test_training_step_with_kd_is_lambda_mix_and_changes_the_gradient(make_tiny_llama, smollm2_tokenizer):
+    module = make_module(make_tiny_llama, smollm2_tokenizer, ce_weight=0.7)
+    batch = make_batch(smollm2_tokenizer)
+    kd_batch = add_kd_targets(batch, len(smollm2_tokenizer))
 
     module.zero_grad()
     plain_loss = module.training_step(batch, 0)
@@ -144,9 +144,9 @@ def test_training_step_with_kd_is_lambda_mix_and_changes_the_gradient(make_tiny_
     torch.testing.assert_close(module.kd_loss.compute(), kd_mean, rtol=1e-5, atol=1e-6)
 
 
-def test_masked_out_kd_positions_do_not_affect_the_loss(make_tiny_llama, smollm2_tok):
-    module = make_module(make_tiny_llama, smollm2_tok)
-    kd_batch = add_kd_targets(make_batch(smollm2_tok), len(smollm2_tok))
+def test_masked_out_kd_positions_do_not_affect_the_loss(make_tiny_llama, smollm2_tokenizer):
+    module = make_module(make_tiny_llama, smollm2_tokenizer)
+    kd_batch = add_kd_targets(make_batch(smollm2_tokenizer), len(smollm2_tokenizer))
     loss = module.training_step(kd_batch, 0)
     scrambled = dict(kd_batch)
     scrambled["kd_ids"] = kd_batch["kd_ids"].clone()
@@ -154,16 +154,16 @@ def test_masked_out_kd_positions_do_not_affect_the_loss(make_tiny_llama, smollm2
     torch.testing.assert_close(module.training_step(scrambled, 0), loss)
     # no KD position at all: λ·CE only
     empty = dict(kd_batch, kd_mask=torch.zeros_like(kd_batch["kd_mask"]))
-    ce_only = make_module(make_tiny_llama, smollm2_tok).training_step(make_batch(smollm2_tok), 0)
+    ce_only = make_module(make_tiny_llama, smollm2_tokenizer).training_step(make_batch(smollm2_tokenizer), 0)
     torch.testing.assert_close(module.training_step(empty, 0), 0.9 * ce_only, rtol=1e-5, atol=1e-6)
 
 
-def test_nan_loss_raises_fedmkt_error(make_tiny_llama, smollm2_tok):
-    module = make_module(make_tiny_llama, smollm2_tok)
+def test_nan_loss_raises_fedmkt_error(make_tiny_llama, smollm2_tokenizer):
+    module = make_module(make_tiny_llama, smollm2_tokenizer)
     with torch.no_grad():
         module.model.get_output_embeddings().weight[0, 0] = float("nan")
     with pytest.raises(FedMKTError) as error:
-        module.training_step(make_batch(smollm2_tok), 0)
+        module.training_step(make_batch(smollm2_tokenizer), 0)
     message = str(error.value)
     assert message.startswith("client_0: loss became nan") and "Fix:" in message and "\n" not in message
 
@@ -171,9 +171,9 @@ def test_nan_loss_raises_fedmkt_error(make_tiny_llama, smollm2_tok):
 # ---- knowledge sharing --------------------------------------------------------------------------
 
 
-def test_predict_step_matches_topk_and_cross_entropy_at_real_positions(make_tiny_llama, smollm2_tok):
-    module = make_module(make_tiny_llama, smollm2_tok, top_k=5).eval()
-    batch = make_batch(smollm2_tok)
+def test_predict_step_matches_topk_and_cross_entropy_at_real_positions(make_tiny_llama, smollm2_tokenizer):
+    module = make_module(make_tiny_llama, smollm2_tokenizer, top_k=5).eval()
+    batch = make_batch(smollm2_tokenizer)
     batch["index"] = torch.tensor([7, 3])
     lengths = batch["attention_mask"].sum(-1)
     assert lengths[0] != lengths[1]  # one sample is padded
@@ -197,11 +197,11 @@ def test_predict_step_matches_topk_and_cross_entropy_at_real_positions(make_tiny
     assert start == len(out["token_ids"])
 
 
-def test_predict_step_is_unaffected_by_padding(make_tiny_llama, smollm2_tok):
-    module = make_module(make_tiny_llama, smollm2_tok).eval()
+def test_predict_step_is_unaffected_by_padding(make_tiny_llama, smollm2_tokenizer):
+    module = make_module(make_tiny_llama, smollm2_tokenizer).eval()
     with torch.no_grad():
-        together = module.predict_step(make_batch(smollm2_tok), 0)
-        alone = module.predict_step(make_batch(smollm2_tok, PROMPTS[1:]), 0)
+        together = module.predict_step(make_batch(smollm2_tokenizer), 0)
+        alone = module.predict_step(make_batch(smollm2_tokenizer, PROMPTS[1:]), 0)
     length = int(alone["lengths"][0])
     torch.testing.assert_close(together["losses"][1], alone["losses"][0], rtol=1e-5, atol=1e-5)
     assert torch.equal(together["topk_ids"][-length:], alone["topk_ids"])

@@ -1,0 +1,105 @@
+"""Token alignment on the real tokenizer pair: Gemma-3 (SentencePiece, 262k) <-> SmolLM2 (BPE, 49k).
+
+The full vocabulary maps are built once and cached on disk (the same cache the runs use), so only
+the first session pays for them; exactness is checked on random samples against brute force.
+"""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
+
+from fedmkt.alignment import TokenAligner, load_or_build_vocab_map, vocab_strings
+
+try:
+    import reference_alignment as ref
+except ImportError:  # tests/ imported as a package
+    from tests import reference_alignment as ref
+
+pytestmark = pytest.mark.slow
+
+SAMPLE = 2000
+
+
+@pytest.fixture(scope="session")
+def real_pair():
+    from fedmkt.config import ModelSpec
+    from fedmkt.models import cache_root, load_tokenizer
+
+    gemma = load_tokenizer(ModelSpec("embedded:gemma3-270m"))
+    smol = load_tokenizer(ModelSpec("embedded:smollm2-135m-instruct"))
+    cache = cache_root() / "vocab_maps"
+    strings = {"gemma": vocab_strings(gemma), "smol": vocab_strings(smol)}
+    maps = {
+        ("gemma", "smol"): load_or_build_vocab_map(
+            gemma, smol, cache, src_strings=strings["gemma"], dst_strings=strings["smol"]
+        ).numpy(),
+        ("smol", "gemma"): load_or_build_vocab_map(
+            smol, gemma, cache, src_strings=strings["smol"], dst_strings=strings["gemma"]
+        ).numpy(),
+    }
+    return {"gemma": gemma, "smol": smol, "strings": strings, "maps": maps, "cache": cache}
+
+
+@pytest.mark.parametrize(("src", "dst"), [("gemma", "smol"), ("smol", "gemma")])
+def test_min_distance_equals_brute_force_on_a_sample(real_pair, src, dst):
+    src_strings, dst_strings = real_pair["strings"][src], real_pair["strings"][dst]
+    mapping = real_pair["maps"][(src, dst)]
+    assert mapping.shape == (len(src_strings),) and mapping.dtype == np.int64
+    sample = [i for i in random.Random(0).sample(range(len(src_strings)), SAMPLE) if src_strings[i]]
+    candidates = [s for s in dst_strings if s]
+    brute = process.cdist(
+        [src_strings[i] for i in sample], candidates, scorer=Levenshtein.distance, dtype=np.int32, workers=-1
+    ).min(axis=1)
+    ours = [Levenshtein.distance(src_strings[i], dst_strings[mapping[i]]) for i in sample]
+    assert ours == brute.tolist()
+
+
+@pytest.mark.parametrize(("src", "dst", "count"), [("gemma", "smol", 20), ("smol", "gemma", 8)])
+def test_tie_break_equals_reference_on_a_sample(real_pair, src, dst, count):
+    src_strings, dst_strings = real_pair["strings"][src], real_pair["strings"][dst]
+    exact = set(dst_strings)
+    pool = [i for i, s in enumerate(src_strings) if s and s not in exact]  # the interesting ones
+    sample = random.Random(1).sample(pool, count)
+    expected = ref.vocab_map([src_strings[i] for i in sample], dst_strings, Levenshtein.distance)
+    assert real_pair["maps"][(src, dst)][sample].tolist() == expected
+
+
+def test_word_boundaries_and_newlines_meet(real_pair):
+    smol, gemma = real_pair["smol"], real_pair["gemma"]
+    to_gemma = real_pair["maps"][("smol", "gemma")]
+    for smol_token, gemma_token in [("Ġthe", "▁the"), ("Ċ", "\n"), ("ĠĠ", "▁▁"), ("Ġquick", "▁quick")]:
+        mapped = to_gemma[smol.convert_tokens_to_ids(smol_token)]
+        assert gemma.convert_ids_to_tokens(int(mapped)) == gemma_token
+
+
+def test_cache_hit_is_fast_and_identical(real_pair):
+    again = load_or_build_vocab_map(real_pair["smol"], real_pair["gemma"], real_pair["cache"])
+    assert torch.equal(again, torch.from_numpy(real_pair["maps"][("smol", "gemma")]))
+
+
+@pytest.mark.parametrize(("teacher", "receiver"), [("gemma", "smol"), ("smol", "gemma")])
+def test_token_aligner_on_a_real_sentence(real_pair, teacher, receiver):
+    t_tok, r_tok = real_pair[teacher], real_pair[receiver]
+    aligner = TokenAligner(t_tok, r_tok, real_pair["cache"])
+    text = "Question: Which gas do plants absorb from the air?\nAnswer: carbon dioxide"
+    t_ids = torch.tensor(t_tok(text, add_special_tokens=False).input_ids)
+    r_ids = torch.tensor(r_tok(text, add_special_tokens=False).input_ids)
+    k = 4
+    top_ids = torch.stack([torch.roll(t_ids, -1), t_ids, t_ids, t_ids], dim=1)  # "predicts" the next token
+    top_logits = torch.tensor([[3.0, 0.0, -1.0, -2.0]]).expand(len(t_ids), k)
+    ((ids, probs),) = aligner.align([t_ids], [top_ids], [top_logits], [r_ids])
+    assert ids.shape == probs.shape == (len(r_ids), k)
+    sums = probs.sum(1)
+    assert torch.allclose(sums[:-1], torch.ones(len(r_ids) - 1))
+    matched = aligner.match_positions(t_ids, r_ids)
+    assert (matched >= 0).float().mean() > 0.6
+    # Where a position is matched, the teacher's favourite next token lands on the receiver's own
+    # next token for most of the sentence (same text, mapped vocabulary).
+    hits = [
+        ids[i, 0].item() == r_ids[i + 1].item() for i in range(len(r_ids) - 1) if matched[i] >= 0
+    ]
+    assert sum(hits) / len(hits) > 0.6
