@@ -5,21 +5,29 @@ Ties are broken by the longest common prefix with the source (the candidate that
 source token is the better substitute), then by the smallest destination index, so the result is
 deterministic. Empty destination strings are never candidates; an empty source maps to -1.
 
-Brute force compares every pair (about 1.3e10 pairs for Gemma-3 x SmolLM2). The search here is
-exact but skips almost all of them:
+Brute force compares every pair (about 1.3e10 pairs for Gemma-3 x SmolLM2, ~100 core-minutes per
+direction in the reference implementation). The search here returns exactly the same answer but
+scores only a tiny fraction of the pairs:
 
 1. exact matches come from a dict;
-2. destinations are bucketed by length and scanned outwards from the source's length, stopping
-   once the length difference (a lower bound on the distance) exceeds the best distance found;
-3. each candidate first meets an O(1) lower bound from 64-bit character signatures: a character
-   of one string that does not occur in the other must be inserted, deleted or substituted, so
-   ``d >= max(la, lb) - lb + |chars(b) \\ chars(a)|`` (and symmetrically). A candidate whose bound
-   cannot beat the current best on ``(distance, -common prefix, id)`` is skipped;
-4. survivors get the exact distance from Myers' bit-parallel algorithm (one machine word per
-   column for sources up to 64 characters, a plain DP row beyond), abandoned early once it cannot
-   come under the current best.
+2. destinations are bucketed by length and visited outwards from the source's length, stopping
+   once the length difference (a lower bound on the distance) exceeds the best distance;
+3. every destination carries a 128-bit multiset signature: one bit per (character, occurrence
+   number), dedicated bits for the pairs frequent in the destination vocabulary. An occurrence
+   one string has and the other lacks costs at least one edit, so
+   ``d >= max(la, lb) - la + popcount(sig_a & ~sig_b)`` (and symmetrically): an O(1) bound;
+4. a candidate within distance ``t`` can miss at most ``t - (lb - la)+`` of the source's signature
+   bits, so it appears in the posting list of at least one of any that-many-plus-one source
+   bits; per length bucket only the shortest such lists are read (or the whole bucket through a
+   vectorised bound loop when that is cheaper);
+5. the strings sorting next to the source (longest common prefixes) are scored first as seeds,
+   and a few passes of iterative deepening on the distance keep the pruning threshold tight;
+6. survivors of the bound, of a check of the first two characters against the tie-break and of
+   an exact character-multiset bound get the distance from Myers' bit-parallel algorithm (one
+   machine word for sources up to 64 characters, a DP row beyond), abandoned early.
 
-The kernel is compiled by Numba and runs in parallel over source strings.
+The search is compiled by Numba (cached on disk after the first call) and runs on a thread pool
+over chunks of source strings.
 """
 
 from __future__ import annotations
@@ -545,10 +553,7 @@ def nearest_tokens(src: Sequence[str], dst: Sequence[str]) -> tuple[np.ndarray, 
     bucket_strings = [dst[i] for i in d_id.tolist()]
     by_string = np.asarray(sorted(range(len(bucket_strings)), key=bucket_strings.__getitem__), dtype=np.int64)
 
-    # Queries in random order so the parallel chunks get similar amounts of work.
     queries = list(pending)
-    shuffle = np.random.default_rng(0).permutation(len(queries))
-    queries = [queries[i] for i in shuffle.tolist()]
     q_chars, q_off = encode_strings(queries)
     out_id = np.empty(len(queries), dtype=np.int64)
     out_dist = np.empty(len(queries), dtype=np.int64)

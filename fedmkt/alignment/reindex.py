@@ -16,12 +16,14 @@ __all__ = ["align_topk"]
 def _first_occurrence(ids: Tensor) -> Tensor:
     """Mask of slots whose id does not already appear in an earlier slot of the same row."""
     if ids.shape[1] <= 1:
-        return torch.ones_like(ids, dtype=torch.bool)
+        return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     sorted_ids, perm = torch.sort(ids, dim=1, stable=True)
-    repeat = torch.zeros_like(sorted_ids, dtype=torch.bool)
-    repeat[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
-    # A stable sort keeps equal ids in slot order, so the first of each run is the earliest slot.
-    return torch.ones_like(repeat).scatter(1, perm, ~repeat)
+    first = torch.empty(ids.shape, dtype=torch.bool, device=ids.device)
+    first[:, 0] = True
+    torch.ne(sorted_ids[:, 1:], sorted_ids[:, :-1], out=first[:, 1:])
+    # A stable sort keeps equal ids in slot order, so the first of each run is the earliest slot;
+    # `perm` is a permutation of every row, so the scatter writes every slot.
+    return torch.empty_like(first).scatter_(1, perm, first)
 
 
 def align_topk(
