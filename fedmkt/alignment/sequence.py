@@ -98,7 +98,7 @@ def dtw_path(a: Sequence[str], b: Sequence[str]) -> list[tuple[int, int]]:
     diagonal, then up (``i-1``), then left (``j-1``), so the path is unique. Returned from
     ``(0, 0)`` to ``(n-1, m-1)``; empty when either sequence is empty.
     """
-    return [(int(i), int(j)) for i, j in _path_array(a, b)]
+    return list(map(tuple, _path_array(a, b).tolist()))
 
 
 def one_to_one_matches(teacher: Sequence[str], receiver: Sequence[str]) -> np.ndarray:
