@@ -15,10 +15,10 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from fedmkt.config import RunConfig, validate
 from fedmkt.data.datamodule import PartyDataModule
 from fedmkt.data.tasks import load_task, split_task
-from fedmkt.evaluation import assert_disjoint
-from fedmkt.federation.participant import Participant
 from fedmkt.errors import FedMKTError
+from fedmkt.evaluation import assert_disjoint
 from fedmkt.federation.checkpoint import atomic_write_text
+from fedmkt.federation.participant import Participant
 from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.models import cache_root, load_model, load_tokenizer
 from fedmkt.party import PartyModule
