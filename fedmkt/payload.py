@@ -88,10 +88,11 @@ class KnowledgePayload:
         return save_safetensors(tensors, metadata=metadata)
 
     @classmethod
-    def from_bytes(cls, data: bytes, max_bytes: int | None = None) -> "KnowledgePayload":
+    def from_bytes(cls, data: bytes, max_bytes: int | None = None, num_public: int | None = None) -> "KnowledgePayload":
         """Deserialise and validate bytes received from another party.
 
-        Payloads over `max_bytes` (default `MAX_PAYLOAD_BYTES`) are refused unread.
+        Payloads over `max_bytes` (default `MAX_PAYLOAD_BYTES`) are refused unread; with
+        `num_public`, sample indices are also checked against the public dataset's size.
         """
         limit = MAX_PAYLOAD_BYTES if max_bytes is None else max_bytes
         if len(data) > limit:
@@ -119,7 +120,7 @@ class KnowledgePayload:
                 f"received payload has non-integer round/vocab_size metadata ({error}). Fix: check the sender's fedmkt version."
             ) from error
         payload = cls(sender=metadata["sender"], round=round_index, vocab_size=vocab_size, **tensors)
-        payload.validate()
+        payload.validate(num_public=num_public)
         return payload
 
     def validate(self, num_public: int | None = None) -> None:

@@ -217,9 +217,7 @@ class FederatedTrainer:
         self._traffic[payload.sender]["bytes_sent"] += len(data) * len(receivers)
         for receiver in receivers:
             self._traffic[receiver.name]["bytes_received"] += len(data)
-        received = KnowledgePayload.from_bytes(data)
-        received.validate(num_public=len(receivers[0].data.public))
-        return received
+        return KnowledgePayload.from_bytes(data, num_public=len(receivers[0].data.public))
 
     @staticmethod
     def _merge_phases(local: dict, distill: dict) -> dict:
