@@ -61,6 +61,7 @@ class FederatedTrainer:
         self.run_dir = Path(run_dir)
         self.loggers = loggers or []
         self.steps = _MODE_STEPS[config.federation.mode]
+        self.num_public = len(server.data.public)  # every party holds the same public samples
         self.summary: dict = {"config": asdict(config), "zero_shot": {}, "rounds": []}
         self._traffic: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_sent": 0, "bytes_received": 0})
 
@@ -217,7 +218,7 @@ class FederatedTrainer:
         self._traffic[payload.sender]["bytes_sent"] += len(data) * len(receivers)
         for receiver in receivers:
             self._traffic[receiver.name]["bytes_received"] += len(data)
-        return KnowledgePayload.from_bytes(data, num_public=len(receivers[0].data.public))
+        return KnowledgePayload.from_bytes(data, num_public=self.num_public)
 
     @staticmethod
     def _merge_phases(local: dict, distill: dict) -> dict:
