@@ -15,6 +15,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -159,6 +160,31 @@ def load_tokenizer(spec: ModelSpec, cache_dir: Optional[str] = None) -> PreTrain
             f"could not load a tokenizer from `{spec.source}` ({_one_line(error)}). "
             "Fix: check model.source; a local folder needs the tokenizer files `save_pretrained` writes (tokenizer.json, tokenizer_config.json)."
         ) from error
+
+
+class TokenizersOnDemand(Mapping):
+    """Tokenizers by party name, each loaded on first access.
+
+    A party needs its peers' tokenizers only to align their logits when it distils; a process that
+    runs one phase of one party (a Flower ClientApp) skips loading, e.g., a 262k-token vocabulary
+    for the phases that never read it.
+    """
+
+    def __init__(self, specs: dict[str, ModelSpec], cache_dir: Optional[str] = None) -> None:
+        self._specs = dict(specs)
+        self._cache_dir = cache_dir
+        self._loaded: dict[str, PreTrainedTokenizerBase] = {}
+
+    def __getitem__(self, name: str) -> PreTrainedTokenizerBase:
+        if name not in self._loaded:
+            self._loaded[name] = load_tokenizer(self._specs[name], self._cache_dir)
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
 
 
 def load_model(spec: ModelSpec, cache_dir: Optional[str] = None, seed: int = 0) -> PreTrainedModel:

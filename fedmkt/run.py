@@ -149,3 +149,37 @@ def evaluate_party(config: RunConfig, party: str = SERVER, adapter: Optional[str
         model = PeftModel.from_pretrained(model, adapter)
     tokenizer = load_tokenizer(spec.model, config.cache_dir)
     return evaluate_multiple_choice(model, tokenizer, split.evaluation, batch_size=spec.eval_batch_size, max_length=config.data.max_length)
+
+
+def build_participant(config: RunConfig, name: str) -> Participant:
+    """One party alone, identical to the one `build_participants` builds (split, seeds, LoRA init).
+
+    For deployments that run each party in its own process or machine (the Flower backend): it
+    loads only this party's model, and its peers' tokenizers only when it first aligns with them.
+    """
+    from fedmkt.models import TokenizersOnDemand
+
+    names = party_names(len(config.clients))
+    if name not in names:
+        raise FedMKTError(f"unknown party `{name}`. Fix: use one of {', '.join(names)}.")
+    index = names.index(name)
+    party = [config.server, *config.clients][index]
+    examples = load_task(config.data.task, config.data.data_dir)
+    split = split_task(examples, len(config.clients), config.data.eval_size, config.data.pool_size, config.seed)
+    assert_disjoint(split.evaluation, split.pool)
+    tokenizer = load_tokenizer(party.model, config.cache_dir)
+    peer_specs = {n: p.model for n, p in zip(names, [config.server, *config.clients]) if (n == SERVER) != (name == SERVER)}
+
+    L.seed_everything(config.seed + index, verbose=False)  # the same LoRA init as build_participants
+    module = PartyModule(load_model(party.model, config.cache_dir, seed=config.seed + index), party.lora, party.optimizer, config.transfer, name)
+    if name == SERVER:
+        private = split.pool if config.federation.mode == "centralized" else []
+    else:
+        private = split.private[index - 1]
+    data = PartyDataModule(name, private, split.public, tokenizer, config.data.max_length, party.batch_size, party.eval_batch_size, config.seed)
+    return Participant(
+        name, party, config.transfer, module, tokenizer, data, split.evaluation, TokenizersOnDemand(peer_specs, config.cache_dir),
+        cache_root(config.cache_dir) / "vocab_maps", config.data.max_length, config.seed,
+        phase_timeout_s=None if name == SERVER else config.federation.client_timeout_s,
+        privacy=config.privacy,
+    )
