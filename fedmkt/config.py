@@ -193,6 +193,31 @@ class FederationConfig:
     evaluate_every_round: bool = True
     """Evaluate every party after each round."""
 
+    backend: Literal["inprocess", "flower"] = "inprocess"
+    """inprocess: every party runs in this process. flower: the server runs as a Flower ServerApp
+    on the SuperLink named in `flower`, each client as a ClientApp on its own SuperNode (started
+    with `--node-config partition-id=N` for client_N); same protocol, same results."""
+
+
+@dataclass
+class FlowerConfig:
+    """Where the Flower SuperLink runs (read only when `federation.backend` is flower)."""
+
+    superlink: str = "127.0.0.1:8000"
+    """SuperLink address (host:port) that `fedmkt fit` submits the run to (`flower-superlink
+    --host/--port`; 8000 by default)."""
+
+    insecure: bool = False
+    """Talk to the SuperLink without TLS. Only for tests on one machine: traffic, payloads and
+    adapters included, then crosses the network unencrypted."""
+
+    root_certificates: Optional[str] = None
+    """PEM file of the CA that signed the SuperLink's certificate (`--ssl-certfile`); null: the
+    system's trusted CAs."""
+
+    wait_for_nodes_s: float = 120.0
+    """How long the ServerApp waits for one SuperNode per client to connect before giving up."""
+
 
 @dataclass
 class PrivacyConfig:
@@ -237,6 +262,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     seed: int = 42
     """Seed for data splits, LoRA init and training order."""
@@ -269,6 +295,7 @@ def validate(config: RunConfig) -> None:
             "set it to a number of seconds, or null for no limit",
         ),
         (config.data.eval_size >= 1, "data.eval_size must be >= 1", "set data.eval_size: 100"),
+        (config.flower.wait_for_nodes_s > 0, "flower.wait_for_nodes_s must be > 0", "use e.g. 120"),
         (config.data.max_length >= 8, "data.max_length must be >= 8", "set data.max_length: 256"),
     ]
     parties = {"server": config.server} | {f"clients[{i}]": c for i, c in enumerate(config.clients)}
