@@ -53,8 +53,10 @@ class PartyModule(L.LightningModule):
                 f"{name}: LoRA target modules {list(lora.target_modules)} not found in {type(base_model).__name__} ({error}). "
                 "Fix: set lora.target_modules to that architecture's projection names."
             ) from error
-        self.task_loss = MeanMetric()
-        self.kd_loss = MeanMetric()
+        # Synced explicitly by the participant, and only when the phase ran on several ranks: a
+        # single-device party trains on rank 0 alone, where an implicit sync would wait forever.
+        self.task_loss = MeanMetric(sync_on_compute=False)
+        self.kd_loss = MeanMetric(sync_on_compute=False)
 
     @property
     def vocab_size(self) -> int:

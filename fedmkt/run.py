@@ -18,6 +18,7 @@ from fedmkt.data.tasks import load_task, split_task
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import assert_disjoint
 from fedmkt.federation.checkpoint import atomic_write_text
+from fedmkt.federation.distributed import coordinate, is_rank_zero, launch_ranks
 from fedmkt.federation.participant import Participant
 from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.models import cache_root, load_model, load_tokenizer
@@ -106,14 +107,17 @@ def fit(config: RunConfig, resolved_config: Optional[str] = None, resume: Option
         config.run_dir = str(resume)
     validate(config)
     quiet_lightning()
+    launch_ranks(config)  # ddp/fsdp parties: every rank runs from here on (see federation/distributed.py)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resolved_config is not None and resume is None:
+    if resolved_config is not None and resume is None and is_rank_zero():
         atomic_write_text(run_dir / "config.yaml", resolved_config)
     server, clients = build_participants(config)
-    for party in (server, *clients):  # what's needed, with the adapters, to reproduce a checkpoint
-        party.tokenizer.save_pretrained(run_dir / "tokenizers" / party.name)
-    loggers = make_loggers(config, run_dir, resumed=resume is not None)
+    if is_rank_zero():
+        for party in (server, *clients):  # what's needed, with the adapters, to reproduce a checkpoint
+            party.tokenizer.save_pretrained(run_dir / "tokenizers" / party.name)
+    loggers = make_loggers(config, run_dir, resumed=resume is not None) if is_rank_zero() else []
+    server, *clients = coordinate([server, *clients], [p.trainer for p in (config.server, *config.clients)])
     trainer = FederatedTrainer(server, clients, config, run_dir, loggers)
     start_round = trainer.restore() if resume is not None else 1
     try:
@@ -125,8 +129,9 @@ def fit(config: RunConfig, resolved_config: Optional[str] = None, resume: Option
             import wandb
 
             wandb.finish()
-    print("\n" + trainer.results_table())
-    print(f"\nsummary: {run_dir / 'summary.json'}")
+    if is_rank_zero():
+        print("\n" + trainer.results_table())
+        print(f"\nsummary: {run_dir / 'summary.json'}")
     return summary
 
 

@@ -24,6 +24,7 @@ from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.tasks import QAExample
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import evaluate_multiple_choice
+from fedmkt.federation.distributed import gather_predictions, party_processes
 from fedmkt.party import PartyModule
 from fedmkt.privacy import add_logit_noise
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
@@ -87,10 +88,12 @@ class Participant:
         trainer.fit(self.module, datamodule=datamodule)
         self.module.cpu()  # off the accelerator while other parties work
         self._public_losses = None
+        spans_ranks = trainer.world_size > 1
         return {
-            "task_loss": float(self.module.task_loss.compute()) if self.module.task_loss.update_count else float("nan"),
-            "kd_loss": float(self.module.kd_loss.compute()) if self.module.kd_loss.update_count else 0.0,
+            "task_loss": _phase_mean(self.module.task_loss, spans_ranks, empty=float("nan")),
+            "kd_loss": _phase_mean(self.module.kd_loss, spans_ranks, empty=0.0),
             "train_seconds": time.perf_counter() - start,
+            "ranks": trainer.world_size,  # processes this phase trained on (ddp/fsdp: > 1)
         }
 
     # ---- phases ---------------------------------------------------------------------------
@@ -109,6 +112,8 @@ class Participant:
         L.seed_everything(self.seed, verbose=False)
         outputs = self._trainer().predict(self.module, datamodule=self.data)
         self.module.cpu()
+        if party_processes(self.config.trainer) > 1:  # each rank predicted a shard of the public data
+            outputs = gather_predictions(outputs)
         lengths = torch.cat([o["lengths"] for o in outputs])
         id_dtype = smallest_id_dtype(self.module.vocab_size)
         payload = KnowledgePayload(
@@ -193,3 +198,11 @@ class Participant:
         self.module.model.save_pretrained(tmp, safe_serialization=True)
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
+
+
+def _phase_mean(metric, spans_ranks: bool, empty: float) -> float:
+    """A phase's mean loss; over every rank's batches when the phase ran on several ranks."""
+    if not metric.update_count:
+        return empty
+    with metric.sync_context(should_sync=spans_ranks):
+        return float(metric.compute())

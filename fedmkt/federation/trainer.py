@@ -27,6 +27,7 @@ from safetensors.torch import save as save_safetensors
 from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.checkpoint import atomic_write_bytes, atomic_write_text, capture_rng_state, restore_rng_state
+from fedmkt.federation.distributed import is_rank_zero
 from fedmkt.federation.participant import Participant
 from fedmkt.payload import KnowledgePayload
 
@@ -177,6 +178,8 @@ class FederatedTrainer:
 
         `checkpoint.json` is written last, so it only ever names a round whose files are complete.
         """
+        if not is_rank_zero():  # one writer; other ranks hold the same state
+            return
         for party in self.parties:
             party.save_adapter(self.run_dir / "adapters" / f"round_{round_index}" / party.name)
             losses = party.cached_public_losses()
@@ -230,11 +233,14 @@ class FederatedTrainer:
             "selected": distill["selected"],
             "teacher_counts": distill["teacher_counts"],
             "train_seconds": local["train_seconds"] + distill["train_seconds"],
+            "ranks": distill.get("ranks", local.get("ranks", 1)),
         }
 
     def _write_summary(self) -> None:
         # Standard JSON for the tools that read it: a NaN/inf (e.g. the task loss of a phase that did
         # not train) is written as null.
+        if not is_rank_zero():
+            return
         text = json.dumps(_finite_or_none(self.summary), indent=2, default=_json_default, allow_nan=False)
         atomic_write_text(self.run_dir / "summary.json", text)
 

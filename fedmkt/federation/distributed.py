@@ -1,0 +1,197 @@
+"""Parties on several devices (Lightning DDP/FSDP) under the one-process round protocol.
+
+Lightning's DDP and FSDP strategies are SPMD: every rank runs the whole program. fedmkt launches
+the ranks once, before anything is loaded (`launch_ranks`, through Lightning Fabric), so every rank
+walks the same protocol in lock-step:
+
+* a party whose trainer spans several devices runs each phase on every rank (Lightning shards the
+  batches; public-data predictions are gathered from all ranks before they become a payload);
+* a single-device party runs its phases on rank 0 only;
+* either way rank 0's result — stats, payload, or the error that made a client fail — is broadcast,
+  so all ranks take the same branch (quorum, failures) and a multi-rank receiver distils from the
+  same teacher payload on every rank;
+* evaluation, checkpoints, summary.json and logs are rank 0's alone.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from fedmkt.config import RunConfig, TrainerConfig
+from fedmkt.errors import FedMKTError
+
+# Ranks of a multi-device party wait in a collective while rank 0 runs single-device parties (a whole
+# client fine-tune, say); the default 10–30 min collective timeouts would kill a healthy run.
+RANK_WAIT_TIMEOUT = timedelta(hours=12)
+
+_SPMD_STRATEGIES = ("ddp", "fsdp")
+
+
+def party_processes(trainer: TrainerConfig) -> int:
+    """How many processes (ranks) this party's Lightning trainer uses: 1 unless strategy is ddp/fsdp."""
+    if not str(trainer.strategy).startswith(_SPMD_STRATEGIES):
+        return 1
+    devices = trainer.devices
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, int):
+        return devices
+    if isinstance(devices, str) and devices.strip().isdigit():
+        return int(devices)
+    raise FedMKTError(
+        f"trainer.devices={devices!r} with strategy {trainer.strategy}: fedmkt needs the number of processes up front. "
+        "Fix: give devices as a number, e.g. `devices: 2`."
+    )
+
+
+def world_size(config: RunConfig) -> int:
+    """Ranks the run needs: 1, or the shared device count of every multi-device party."""
+    parties = {"server": config.server} | {f"client_{i}": c for i, c in enumerate(config.clients)}
+    for name, party in parties.items():
+        if party.trainer.strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook"):
+            raise FedMKTError(
+                f"{name}.trainer.strategy={party.trainer.strategy}: spawned ranks would train a copy of the party outside "
+                "the round protocol. Fix: use strategy ddp (or fsdp); fedmkt launches the ranks itself."
+            )
+    sizes = {name: party_processes(party.trainer) for name, party in parties.items()}
+    multi = {name: size for name, size in sizes.items() if size > 1}
+    if len(set(multi.values())) > 1:
+        listing = ", ".join(f"{name}: {size}" for name, size in multi.items())
+        raise FedMKTError(
+            f"multi-device parties must share one world size, got {listing}. "
+            "Fix: give every ddp/fsdp party the same `trainer.devices` (the others use devices: 1)."
+        )
+    return next(iter(multi.values()), 1)
+
+
+def launch_ranks(config: RunConfig) -> None:
+    """Start the other ranks (they re-run this command) and join the process group; no-op for 1 rank.
+
+    Lightning's script launcher sets LOCAL_RANK afterwards, so the per-phase trainers reuse these
+    processes and this process group instead of launching again.
+    """
+    size = world_size(config)
+    if size == 1 or dist.is_initialized():
+        return
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    parties = [config.server, *config.clients]
+    accelerator = next(p.trainer.accelerator for p in parties if party_processes(p.trainer) > 1)
+    Fabric(accelerator=accelerator, devices=size, strategy=DDPStrategy(timeout=RANK_WAIT_TIMEOUT)).launch()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_rank_zero() -> bool:
+    return rank() == 0
+
+
+def broadcast_from_rank_zero(value: Any) -> Any:
+    """Rank 0's `value` on every rank (picklable objects; identity with one rank)."""
+    if not is_distributed():
+        return value
+    box = [value if is_rank_zero() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_predictions(outputs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """All ranks' `PartyModule.predict_step` outputs, each public sample once.
+
+    Under DDP each rank predicts a shard of the public data; a payload must cover all of it. A
+    distributed sampler may pad a shard with repeats, so samples already seen are dropped.
+    """
+    if not is_distributed():
+        return outputs
+    per_rank: list[Optional[list]] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, outputs)
+    return merge_rank_predictions(per_rank)
+
+
+def merge_rank_predictions(per_rank: list[list[dict[str, torch.Tensor]]]) -> list[dict[str, torch.Tensor]]:
+    """Concatenate the ranks' predict batches, keeping the first occurrence of every sample index."""
+    merged, seen = [], set()
+    for batch in (b for rank_outputs in per_rank for b in rank_outputs):
+        keep = []
+        for position, index in enumerate(batch["index"].tolist()):
+            if index not in seen:
+                seen.add(index)
+                keep.append(position)
+        if len(keep) == len(batch["index"]):
+            merged.append(batch)
+        elif keep:
+            merged.append(_select_samples(batch, keep))
+    return merged
+
+
+def _select_samples(batch: dict[str, torch.Tensor], keep: list[int]) -> dict[str, torch.Tensor]:
+    """The `keep` samples of one predict batch (per-sample and per-position tensors cut alike)."""
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), batch["lengths"].long().cumsum(0)])
+    positions = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in keep])
+    rows = torch.tensor(keep)
+    per_sample = {"index", "losses", "lengths"}
+    return {key: value[rows] if key in per_sample else value[positions] for key, value in batch.items()}
+
+
+class RankCoordinatedParticipant:
+    """A `Participant` seen through the rank rules in this module's docstring.
+
+    The federated trainer calls it exactly like a participant; with one rank every call passes
+    straight through.
+    """
+
+    def __init__(self, participant: Any, spans_ranks: bool) -> None:
+        self.participant = participant
+        self.spans_ranks = spans_ranks
+
+    def __getattr__(self, attribute: str) -> Any:  # name, data, save_adapter, ...
+        return getattr(self.participant, attribute)
+
+    def _phase(self, method: Callable[..., Any], *args: Any) -> Any:
+        """Run a phase where the rules say, hand every rank rank 0's outcome (or its error)."""
+        outcome: tuple[Optional[Any], Optional[BaseException]] = (None, None)
+        if self.spans_ranks or is_rank_zero():
+            try:
+                outcome = (method(*args), None)
+            except Exception as error:  # re-raised on every rank below, so all ranks branch alike
+                outcome = (None, error)
+        result, error = broadcast_from_rank_zero(outcome)
+        if error is not None:
+            raise error
+        return result
+
+    def fine_tune(self, round_index: int) -> dict:
+        return self._phase(self.participant.fine_tune, round_index)
+
+    def share_knowledge(self, round_index: int):
+        return self._phase(self.participant.share_knowledge, round_index)
+
+    def distill(self, round_index: int, teacher_payloads: dict) -> dict:
+        return self._phase(self.participant.distill, round_index, teacher_payloads)
+
+    def evaluate(self) -> dict:
+        """Rank 0 scores the (replicated) weights; the others get its numbers."""
+        return broadcast_from_rank_zero(self.participant.evaluate() if is_rank_zero() else None)
+
+    def save_adapter(self, directory) -> None:
+        if is_rank_zero():
+            self.participant.save_adapter(directory)
+
+
+def coordinate(participants: list[Any], config_per_party: list[TrainerConfig]) -> list[Any]:
+    """Wrap participants for a multi-rank run; the same objects when there is one rank."""
+    if not is_distributed():
+        return participants
+    return [RankCoordinatedParticipant(p, party_processes(t) > 1) for p, t in zip(participants, config_per_party)]
+

@@ -1,0 +1,211 @@
+"""Parties on several processes (DDP on CPU with gloo): who runs what, and that the protocol holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fedmkt.cli import main, parse_run_config
+from fedmkt.errors import FedMKTError
+from fedmkt.federation.distributed import (
+    RankCoordinatedParticipant,
+    merge_rank_predictions,
+    party_processes,
+    world_size,
+)
+
+
+def _config(*overrides: str):
+    return parse_run_config(["--config", "tiny", *overrides])
+
+
+# ---- which parties span ranks ---------------------------------------------------------------
+
+
+def test_only_ddp_and_fsdp_parties_span_several_processes():
+    config = _config("--server.trainer.strategy", "ddp", "--server.trainer.devices", "2")
+    assert party_processes(config.server.trainer) == 2
+    assert party_processes(config.clients[0].trainer) == 1
+    assert world_size(config) == 2
+    # devices: 2 without a ddp/fsdp strategy stays one process (Lightning would launch; fedmkt does not).
+    assert world_size(_config("--server.trainer.devices", "2")) == 1
+
+
+def test_multi_device_parties_must_share_one_world_size():
+    config = _config("--server.trainer.strategy", "ddp", "--server.trainer.devices", "2")
+    config.clients[0].trainer.strategy, config.clients[0].trainer.devices = "fsdp", 3
+    with pytest.raises(FedMKTError, match="same `trainer.devices`"):
+        world_size(config)
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_spawning_strategies_are_refused_with_a_fix(strategy):
+    with pytest.raises(FedMKTError, match="Fix: use strategy ddp"):
+        world_size(_config("--server.trainer.strategy", strategy, "--server.trainer.devices", "2"))
+
+
+def test_devices_auto_with_ddp_asks_for_a_number():
+    with pytest.raises(FedMKTError, match="devices as a number"):
+        world_size(_config("--server.trainer.strategy", "ddp", "--server.trainer.devices", "auto"))
+
+
+# ---- gathering public-data predictions ------------------------------------------------------
+
+
+def _batch(indices: list[int], lengths: list[int]) -> dict[str, torch.Tensor]:
+    """A predict batch whose per-position values encode (sample index, position)."""
+    positions = torch.cat([torch.full((n,), i) * 100 + torch.arange(n) for i, n in zip(indices, lengths)])
+    return {
+        "index": torch.tensor(indices),
+        "losses": torch.tensor(indices, dtype=torch.float),
+        "lengths": torch.tensor(lengths),
+        "token_ids": positions,
+        "topk_ids": positions[:, None].repeat(1, 2),
+        "topk_logits": positions[:, None].repeat(1, 2).half(),
+    }
+
+
+def test_merging_rank_shards_keeps_each_sample_once_with_its_own_positions():
+    # Rank 1's shard was padded with a repeat of sample 0 (as a distributed sampler does).
+    per_rank = [[_batch([0, 2], [3, 1])], [_batch([1, 0], [2, 3])]]
+    merged = merge_rank_predictions(per_rank)
+    indices = torch.cat([b["index"] for b in merged]).tolist()
+    assert sorted(indices) == [0, 1, 2] and len(indices) == 3
+    for batch in merged:
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), batch["lengths"].cumsum(0)])
+        for row, index in enumerate(batch["index"].tolist()):
+            values = batch["token_ids"][starts[row] : starts[row + 1]]
+            assert values.tolist() == [index * 100 + p for p in range(int(batch["lengths"][row]))]
+            assert batch["losses"][row] == index
+            assert batch["topk_ids"].shape[0] == batch["token_ids"].shape[0]
+
+
+# ---- rank coordination over a real gloo process group ---------------------------------------
+
+
+class _RecordingParticipant:
+    """Counts the phases it ran; fails a phase on request (to check that errors reach all ranks)."""
+
+    def __init__(self, name: str, fail: bool = False) -> None:
+        self.name = name
+        self.fail = fail
+        self.calls = 0
+
+    def fine_tune(self, round_index: int) -> dict:
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError(f"{self.name} broke on rank {dist.get_rank()}")
+        return {"task_loss": float(dist.get_rank() + 10 * round_index), "rank": dist.get_rank()}
+
+    def evaluate(self) -> dict:
+        self.calls += 1
+        return {"eval_accuracy": 0.5, "rank": dist.get_rank()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _coordination_worker(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        single = RankCoordinatedParticipant(_RecordingParticipant("client_0"), spans_ranks=False)
+        spanning = RankCoordinatedParticipant(_RecordingParticipant("server"), spans_ranks=True)
+        failing = RankCoordinatedParticipant(_RecordingParticipant("client_1", fail=True), spans_ranks=False)
+        outcome = {
+            "single": single.fine_tune(1),
+            "spanning": spanning.fine_tune(1),
+            "evaluate": spanning.evaluate(),
+            "name": single.name,
+        }
+        try:
+            failing.fine_tune(1)
+        except RuntimeError as error:
+            outcome["error"] = str(error)
+        outcome["calls"] = (single.participant.calls, spanning.participant.calls, failing.participant.calls)
+        results[rank] = outcome
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_zero_runs_single_device_phases_and_every_rank_gets_its_outcome():
+    results = mp.Manager().dict()
+    mp.spawn(_coordination_worker, args=(_free_port(), results), nprocs=2, join=True)
+    zero, one = results[0], results[1]
+    # A single-device party ran on rank 0 only; a spanning party on both; evaluation on rank 0 only.
+    assert zero["calls"] == (1, 2, 1) and one["calls"] == (0, 1, 0)
+    # Every rank sees rank 0's results, so all ranks branch alike.
+    assert zero["single"] == one["single"] == {"task_loss": 10.0, "rank": 0}
+    assert zero["spanning"] == one["spanning"] == {"task_loss": 10.0, "rank": 0}
+    assert zero["evaluate"] == one["evaluate"] == {"eval_accuracy": 0.5, "rank": 0}
+    # A failure on rank 0 is raised on rank 1 too (quorum decisions must not diverge).
+    assert zero["error"] == one["error"] == "client_1 broke on rank 0"
+    assert one["name"] == "client_0"  # other attributes pass through
+
+
+# ---- end to end: the server on 2 DDP processes ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ddp_and_single_process_runs(tmp_path_factory) -> tuple[dict, dict, Path]:
+    base = tmp_path_factory.mktemp("ddp")
+    ddp_dir, single_dir = base / "ddp", base / "single"
+    env = dict(os.environ, WANDB_MODE="offline")
+    env.pop("LOCAL_RANK", None)
+    completed = subprocess.run(
+        [sys.executable, "-m", "fedmkt.cli", "fit", "--config", "tiny", "--run_dir", str(ddp_dir),
+         "--server.trainer.strategy", "ddp", "--server.trainer.devices", "2", "--logging.wandb", "false"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert main(["fit", "--config", "tiny", "--run_dir", str(single_dir), "--logging.wandb", "false"]) == 0
+    load = lambda d: json.loads((d / "summary.json").read_text())  # noqa: E731
+    return load(ddp_dir), load(single_dir), ddp_dir
+
+
+def test_ddp_server_trains_on_two_ranks_and_its_payload_covers_all_public_samples(ddp_and_single_process_runs):
+    ddp, single, _ = ddp_and_single_process_runs
+    assert [r["round"] for r in ddp["rounds"]] == [1, 2]
+    for ddp_round, single_round in zip(ddp["rounds"], single["rounds"]):
+        server = ddp_round["parties"]["server"]
+        assert server["ranks"] == 2 and single_round["parties"]["server"]["ranks"] == 1
+        assert torch.isfinite(torch.tensor(server["task_loss"])) and server["task_loss"] > 0
+        # Gathered from both ranks: the server's payload has every public sample, so it is as
+        # large as the single-process server's (each rank alone holds half).
+        assert server["bytes_sent"] == single_round["parties"]["server"]["bytes_sent"]
+        assert ddp_round["parties"]["client_0"]["bytes_received"] == single_round["parties"]["client_0"]["bytes_received"]
+        assert server["teacher_counts"].keys() == {"client_0", "client_1"}
+
+
+def test_single_device_clients_are_untouched_by_the_ddp_server(ddp_and_single_process_runs):
+    ddp, single, _ = ddp_and_single_process_runs
+    # Round 1's client fine-tune happens before any server step: identical to the single-process run.
+    for client in ("client_0", "client_1"):
+        a, b = ddp["rounds"][0]["parties"][client], single["rounds"][0]["parties"][client]
+        assert a["ranks"] == 1
+        assert a["task_loss"] == pytest.approx(b["task_loss"], abs=1e-6)
+        assert a["bytes_sent"] == b["bytes_sent"]
+    for party, scores in single["zero_shot"].items():
+        assert ddp["zero_shot"][party]["eval_accuracy"] == scores["eval_accuracy"]
+
+
+def test_only_rank_zero_writes_run_outputs(ddp_and_single_process_runs):
+    _, _, ddp_dir = ddp_and_single_process_runs
+    assert sorted(p.name for p in ddp_dir.glob("logs*")) == ["logs"]
+    rows = (ddp_dir / "logs" / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3  # header + zero-shot + 2 rounds, not twice as many
+    assert json.loads((ddp_dir / "checkpoint" / "checkpoint.json").read_text())["round"] == 2
+    for party in ("server", "client_0", "client_1"):
+        assert (ddp_dir / "adapters" / "round_2" / party / "adapter_model.safetensors").is_file()
