@@ -13,7 +13,7 @@ import sys
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
@@ -62,6 +62,10 @@ def _run_parser(description: str) -> ArgumentParser:
 def _fit_parser() -> ArgumentParser:
     parser = _run_parser("Run FedMKT rounds end to end.")
     parser.add_argument("--resume", type=Optional[str], default=None, help="Continue the interrupted run in this run_dir from its last round checkpoint.")
+    parser.add_argument(
+        "--backend", type=Optional[Literal["inprocess", "flower"]], default=None,
+        help="Shorthand for --federation.backend: inprocess, or flower (submit the run to the SuperLink in `flower.superlink`).",
+    )
     return parser
 
 
@@ -90,8 +94,21 @@ def _run_config(parser: ArgumentParser, namespace) -> RunConfig:
 def _fit(parser: ArgumentParser, namespace) -> None:
     from fedmkt.run import fit
 
+    resume, backend = namespace.pop("resume"), namespace.pop("backend")
+    if backend is not None:
+        namespace["federation.backend"] = backend
+    if namespace["federation.backend"] == "flower":
+        from fedmkt.federation.flower.submit import submit
+
+        if resume is not None:
+            raise FedMKTError(
+                "--resume is not supported on the flower backend (each client's adapter lives on its SuperNode, not in the "
+                "run_dir checkpoint). Fix: start the run afresh, or rerun it with --backend inprocess to use --resume."
+            )
+        namespace.run_dir = str(Path(namespace.run_dir).expanduser().resolve())  # the ServerApp starts in the SuperLink's folder
+        submit(_run_config(parser, namespace), resolved_config=parser.dump(namespace))
+        return
     config = _run_config(parser, namespace)
-    resume = namespace.pop("resume")
     fit(config, resolved_config=parser.dump(namespace), resume=resume)
 
 
@@ -137,6 +154,16 @@ def parse_run_config(args: list[str]) -> RunConfig:
     parser, sub_parsers = build_parser()
     namespace = parser.parse_args(["fit", *_resolve_config_arguments(args)])
     return _run_config(sub_parsers["fit"], namespace["fit"])
+
+
+def run_config_from_text(text: str) -> RunConfig:
+    """The RunConfig of a resolved config (the YAML `fedmkt fit` saves as `config.yaml`).
+
+    The Flower backend ships this text to the ServerApp and every ClientApp, so all parties parse
+    one config exactly as the command line did.
+    """
+    parser = _run_parser("config")
+    return _run_config(parser, parser.parse_string(text))
 
 
 def _dispatch(argv: list[str]) -> None:

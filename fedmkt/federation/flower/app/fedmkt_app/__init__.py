@@ -1,0 +1,1 @@
+"""Flower App components for FedMKT: thin re-exports of `fedmkt.federation.flower`."""

@@ -1,0 +1,131 @@
+"""A phase call and its answer as Flower records.
+
+A request names the phase, the client it is meant for, the round, and carries the resolved run
+config (YAML text) so that a ClientApp, which Flower starts afresh for every message, can rebuild
+its party without any other input. Binary data (knowledge payloads, adapter weights) travels as
+raw byte arrays in an `ArrayRecord`: Flower splits arrays into chunks on the wire, and the bytes
+arrive exactly as sent (no pickles; the receiver parses them with safetensors). Phase statistics
+travel as JSON text, which keeps NaN task losses and nested `teacher_counts` intact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedmkt.errors import FedMKTError
+
+PHASE_MESSAGE_TYPES = {
+    "hello": "query.hello",
+    "fine_tune": "train.fine_tune",
+    "share_knowledge": "query.share_knowledge",
+    "distill": "train.distill",
+    "evaluate": "evaluate.evaluate",
+    "adapter_state": "query.adapter_state",
+    "load_adapter_state": "train.load_adapter_state",
+    "save_adapter": "query.save_adapter",
+}
+"""Phase → Flower message type (`<category>.<action>`; Flower routes on it in the ClientApp)."""
+
+BYTES_STYPE = "fedmkt.bytes"
+"""Serialisation tag of a byte-array `Array`: the data is the blob itself, not a NumPy file."""
+
+_REQUEST, _REPLY, _BLOBS = "fedmkt.request", "fedmkt.reply", "fedmkt.blobs"
+
+
+@dataclass
+class Request:
+    """One phase call for one client."""
+
+    phase: str
+    client: str
+    config_text: str
+    round: int = 0
+    path: str = ""
+    """For save_adapter: where to write, relative to the node's output folder."""
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    """What a phase returned: statistics and/or binary blobs."""
+
+    stats: dict = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    """Small facts about the node (e.g. its partition id, answering `hello`)."""
+
+
+def bytes_array(data: bytes) -> Array:
+    """A blob as a Flower `Array` (uint8, one dimension), sent unchanged."""
+    return Array(dtype="uint8", shape=(len(data),), stype=BYTES_STYPE, data=bytes(data))
+
+
+def array_bytes(array: Array) -> bytes:
+    """Inverse of `bytes_array`; refuses arrays that were not built by it."""
+    if array.stype != BYTES_STYPE or array.dtype != "uint8" or tuple(array.shape) != (len(array.data),):
+        raise FedMKTError(f"received a Flower array of type {array.stype}/{array.dtype}, expected raw bytes. Fix: run the same fedmkt version on every machine.")
+    return array.data
+
+
+def _blob_record(blobs: dict[str, bytes]) -> ArrayRecord:
+    return ArrayRecord({name: bytes_array(data) for name, data in blobs.items()})
+
+
+def _read_blobs(content: RecordDict) -> dict[str, bytes]:
+    if _BLOBS not in content:
+        return {}
+    return {name: array_bytes(array) for name, array in content.array_records[_BLOBS].items()}
+
+
+def encode_request(request: Request) -> RecordDict:
+    """A `Request` as the content of a Flower Message."""
+    if request.phase not in PHASE_MESSAGE_TYPES:
+        raise ValueError(f"unknown phase {request.phase}")
+    fields = {"phase": request.phase, "client": request.client, "config": request.config_text, "round": request.round, "path": request.path}
+    return RecordDict({_REQUEST: ConfigRecord(fields), _BLOBS: _blob_record(request.blobs)})
+
+
+def decode_request(content: RecordDict) -> Request:
+    """Inverse of `encode_request`."""
+    if _REQUEST not in content:
+        raise FedMKTError("received a Flower message without a fedmkt request. Fix: run the same fedmkt version on every machine.")
+    fields = content.config_records[_REQUEST]
+    return Request(
+        phase=str(fields["phase"]), client=str(fields["client"]), config_text=str(fields["config"]),
+        round=int(fields["round"]), path=str(fields["path"]), blobs=_read_blobs(content),
+    )
+
+
+def encode_reply(reply: Reply) -> RecordDict:
+    """A `Reply` as the content of a Flower Message."""
+    fields = {"stats": json.dumps(reply.stats), "info": json.dumps(reply.info)}
+    return RecordDict({_REPLY: ConfigRecord(fields), _BLOBS: _blob_record(reply.blobs)})
+
+
+def decode_reply(content: RecordDict) -> Reply:
+    """Inverse of `encode_reply`."""
+    if _REPLY not in content:
+        raise FedMKTError("received a Flower reply without fedmkt results. Fix: run the same fedmkt version on every machine.")
+    fields = content.config_records[_REPLY]
+    return Reply(stats=json.loads(str(fields["stats"])), info=json.loads(str(fields["info"])), blobs=_read_blobs(content))
+
+
+def client_of_node(node_config: dict, num_clients: Optional[int] = None) -> str:
+    """`client_N` for a SuperNode started with `--node-config partition-id=N`."""
+    value = node_config.get("partition-id")
+    if value is None:
+        raise FedMKTError(
+            "this SuperNode has no partition-id. Fix: start it with `flower-supernode ... --node-config partition-id=N` "
+            "(N = 0 for client_0, 1 for client_1, ...)."
+        )
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        raise FedMKTError(f"partition-id {value!r} is not an integer. Fix: use --node-config partition-id=N with N = 0, 1, ...") from None
+    if index < 0 or (num_clients is not None and index >= num_clients):
+        raise FedMKTError(f"partition-id {index} names no client of this run. Fix: use 0 to {(num_clients or 1) - 1}.")
+    return f"client_{index}"

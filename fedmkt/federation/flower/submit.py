@@ -1,0 +1,168 @@
+"""`fedmkt fit --backend flower`: submit the packaged Flower App to a SuperLink and wait for it.
+
+`flwr run` builds the app folder shipped with fedmkt (`app/`) into a FAB and starts a run on the
+SuperLink, with the path of the resolved config as the run config `config-path`. The ServerApp
+then runs the federation and writes `summary.json` into `run_dir`; this process streams its log
+and, once the run has finished, reports its outcome. The SuperLink connection (address, TLS)
+comes from the `flower` config group, written into a private Flower config home, so the user's
+`~/.flwr` is neither read nor changed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from fedmkt.config import RunConfig, validate
+from fedmkt.errors import FedMKTError
+from fedmkt.federation.checkpoint import atomic_write_text
+
+CONNECTION = "fedmkt"
+"""Name of the SuperLink connection in the private Flower config."""
+
+_STATUS_POLL_S = 3.0
+
+
+def app_dir() -> Path:
+    """The Flower App project folder installed with fedmkt."""
+    return Path(__file__).resolve().parent / "app"
+
+
+def flwr_executable() -> str:
+    """Path of the `flwr` command, or a one-line error saying how to get it."""
+    executable = shutil.which("flwr", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if importlib.util.find_spec("flwr") is None or executable is None:
+        raise FedMKTError("federation.backend flower needs Flower, which is not installed. Fix: `pip install 'flwr>=1.42'` on every machine.")
+    return executable
+
+
+def write_flower_home(home: Path, config: RunConfig) -> None:
+    """A Flower config home whose default connection is the SuperLink in `config.flower`."""
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f"address = {json.dumps(config.flower.superlink)}"]
+    if config.flower.insecure:
+        lines.append("insecure = true")
+    elif config.flower.root_certificates:
+        certificates = Path(config.flower.root_certificates).expanduser().resolve()
+        if not certificates.is_file():
+            raise FedMKTError(f"flower.root_certificates {certificates} does not exist. Fix: point it at the CA certificate (PEM) that signed the SuperLink's certificate.")
+        lines.append(f"root-certificates = {json.dumps(str(certificates))}")
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def submit(config: RunConfig, resolved_config: str, stream: bool = True) -> dict:
+    """Run FedMKT on the Flower SuperLink in `config.flower`; returns the summary from run_dir."""
+    validate(config)
+    flwr = flwr_executable()
+    run_dir = Path(config.run_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    atomic_write_text(config_path, resolved_config)
+    (run_dir / "summary.json").unlink(missing_ok=True)  # so a stale one is never mistaken for this run's
+
+    if not _listening(config.flower.superlink):
+        raise FedMKTError(
+            f"cannot reach the Flower SuperLink at {config.flower.superlink} (nothing accepts connections there). Fix: start it "
+            "(`flower-superlink --host 0.0.0.0 --port PORT --ssl-ca-certfile ... --ssl-certfile ... --ssl-keyfile ...`, see README) "
+            "or set flower.superlink to its host:port."
+        )
+    with tempfile.TemporaryDirectory(prefix="fedmkt-flwr-home-") as home:
+        write_flower_home(Path(home), config)
+        env = dict(os.environ, FLWR_HOME=home)
+        command = [flwr, "run", str(app_dir()), CONNECTION, "--run-config", f"config-path={json.dumps(str(config_path))}"]
+        if stream:
+            command.append("--stream")
+        run_id, output = _start(command, env, echo=stream)
+        if run_id is None:
+            raise FedMKTError(_start_failure(config, output))
+        status, details = _wait_until_finished(flwr, run_id, env)
+
+    if status != "finished:completed":
+        reason = " ".join(details.replace("ServerApp failed with exception:", "").split()) or "no details"
+        raise FedMKTError(
+            f"Flower run {run_id} ended as {status}: {reason}"
+            + ("" if "Fix:" in reason else f". Fix: see `flwr log {run_id}` on the SuperLink and the SuperNodes' logs.")
+        )
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():
+        raise FedMKTError(
+            f"Flower run {run_id} finished but {summary_file} is missing: the ServerApp wrote its outputs on the SuperLink's machine. "
+            "Fix: run `fedmkt fit` on the SuperLink's machine, or give run_dir a path on a file system both share."
+        )
+    print(f"\nsummary: {summary_file}")
+    return json.loads(summary_file.read_text())
+
+
+def _start(command: list[str], env: dict, echo: bool) -> tuple[Optional[int], str]:
+    """Run `flwr run`, echoing its output (the streamed ServerApp log); returns (run id, output)."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    run_id = None
+    assert process.stdout is not None
+    for line in process.stdout:
+        match = re.search(r"Successfully started run (\d+)", line)
+        if match and run_id is None:
+            run_id = int(match.group(1))
+        if echo and run_id is not None:  # the run's log; Flower's own complaints become one FedMKTError line
+            print(line, end="", flush=True)
+        else:
+            lines.append(line)
+    process.wait()
+    return run_id, "".join(lines)
+
+
+def _start_failure(config: RunConfig, output: str) -> str:
+    """One line saying why `flwr run` could not start the run, and what to do."""
+    text = " ".join(_strip_ansi(output).split())
+    text = re.sub(r"^Using SuperLink: \S+ \([^)]*\) ", "", text)
+    address = config.flower.superlink
+    if re.search(r"unavailable|ssl|tls|certificate|handshake", text, re.IGNORECASE):  # the port answers (checked), the API does not
+        return (
+            f"the Flower SuperLink at {address} accepts connections but `flwr run` cannot talk to it ({text[-300:]}). Fix: match its TLS "
+            "settings: flower.root_certificates = the CA certificate that signed its --ssl-certfile, or flower.insecure true only if it "
+            "runs with --insecure (tests)."
+        )
+    return f"`flwr run` could not start the run on the SuperLink at {address} ({text[-300:] or 'no output'}). Fix: check the SuperLink's log."
+
+
+def _listening(address: str, timeout_s: float = 5.0) -> bool:
+    """Whether something accepts TCP connections at `host:port` (IPv6 as `[::1]:port`)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _wait_until_finished(flwr: str, run_id: int, env: dict) -> tuple[str, str]:
+    """Poll `flwr ls --run-id` until the run has finished; returns (status, status details)."""
+    while True:
+        result = subprocess.run(
+            [flwr, "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env=env, capture_output=True, text=True
+        )
+        try:
+            runs = json.loads(result.stdout).get("runs", [])
+        except json.JSONDecodeError:
+            runs = []
+        if runs and str(runs[0].get("status", "")).startswith("finished"):
+            return str(runs[0]["status"]), str(runs[0].get("status-details", ""))
+        if result.returncode != 0 and not runs:
+            text = " ".join(_strip_ansi(result.stdout + result.stderr).split())
+            raise FedMKTError(f"lost the Flower SuperLink while waiting for run {run_id} ({text[-300:]}). Fix: check that the SuperLink is still running.")
+        time.sleep(_STATUS_POLL_S)
+
+
+def _strip_ansi(text: str) -> str:
+    """Flower's CLI output without colour codes and the box it draws around errors."""
+    return re.sub(r"[╭╮╰╯│─]+", " ", re.sub(r"\x1b\[[0-9;]*m", "", text)).replace(" Error ", " ")
