@@ -42,13 +42,13 @@ def test_only_ddp_and_fsdp_parties_span_several_processes():
 
 def test_multi_device_parties_must_share_one_world_size():
     config = _config("--server.trainer.strategy", "ddp", "--server.trainer.devices", "2")
-    config.clients[0].trainer.strategy, config.clients[0].trainer.devices = "fsdp", 3
+    config.clients[0].trainer.strategy, config.clients[0].trainer.devices = "ddp", 3
     with pytest.raises(FedMKTError, match="same `trainer.devices`"):
         world_size(config)
 
 
-@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
-def test_spawning_strategies_are_refused_with_a_fix(strategy):
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork", "fsdp"])
+def test_spawning_and_unsupported_strategies_are_refused_with_a_fix(strategy):
     with pytest.raises(FedMKTError, match="Fix: use strategy ddp"):
         world_size(_config("--server.trainer.strategy", strategy, "--server.trainer.devices", "2"))
 

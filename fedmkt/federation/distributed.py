@@ -4,7 +4,7 @@ Lightning's DDP and FSDP strategies are SPMD: every rank runs the whole program.
 the ranks once, before anything is loaded (`launch_ranks`, through Lightning Fabric), so every rank
 walks the same protocol in lock-step:
 
-* a party whose trainer spans several devices runs each phase on every rank (Lightning shards the
+* a party whose trainer spans several devices (strategy ddp; FSDP is refused for now) runs each phase on every rank (Lightning shards the
   batches; public-data predictions are gathered from all ranks before they become a payload);
 * a single-device party runs its phases on rank 0 only;
 * either way rank 0's result — stats, payload, or the error that made a client fail — is broadcast,
@@ -56,6 +56,13 @@ def world_size(config: RunConfig) -> int:
             raise FedMKTError(
                 f"{name}.trainer.strategy={party.trainer.strategy}: spawned ranks would train a copy of the party outside "
                 "the round protocol. Fix: use strategy ddp (or fsdp); fedmkt launches the ranks itself."
+            )
+        if str(party.trainer.strategy).startswith("fsdp"):
+            # Lightning keeps FSDP weights sharded after fit; evaluation, payloads and adapter checkpoints
+            # would need them gathered, and that path has not run on a GPU yet. Refuse rather than guess.
+            raise FedMKTError(
+                f"{name}.trainer.strategy={party.trainer.strategy}: FSDP parties are not supported yet (sharded "
+                "weights are not gathered for evaluation and checkpoints). Fix: use strategy ddp with bf16-mixed."
             )
     sizes = {name: party_processes(party.trainer) for name, party in parties.items()}
     multi = {name: size for name, size in sizes.items() if size > 1}
