@@ -30,8 +30,20 @@ a hostile sender, and is refused before any tensor is parsed."""
 
 
 def smallest_id_dtype(vocab_size: int) -> torch.dtype:
-    """The narrowest signed integer type that holds every token id of a vocabulary."""
+    """The narrowest signed integer type that holds every token id of a vocabulary (in memory)."""
     return torch.int16 if vocab_size <= torch.iinfo(torch.int16).max + 1 else torch.int32
+
+
+def wire_id_dtype(vocab_size: int) -> torch.dtype:
+    """The narrowest integer type for token ids on the wire: uint16 up to 65,536 tokens, else int32.
+
+    SmolLM2's 49,152 ids fit 2 bytes only unsigned; torch computes little on uint16, so ids are
+    widened back to a signed type as soon as they are read.
+    """
+    return torch.uint16 if vocab_size <= 2**16 else torch.int32
+
+
+_ID_FIELDS = ("token_ids", "topk_ids")
 
 
 @dataclass
@@ -84,6 +96,12 @@ class KnowledgePayload:
     def to_bytes(self) -> bytes:
         """Serialise with safetensors (the metadata carries sender, round and vocab size)."""
         tensors = {name: getattr(self, name).contiguous() for name in _TENSOR_FIELDS}
+        if wire_id_dtype(self.vocab_size) == torch.uint16:
+            for name in _ID_FIELDS:
+                ids = tensors[name]
+                if not ids.numel() or (int(ids.min()) >= 0 and int(ids.max()) < 2**16):
+                    tensors[name] = ids.to(torch.uint16)
+                # else: they travel as they are, and the receiver's validation names the bad ids
         metadata = {"sender": self.sender, "round": str(self.round), "vocab_size": str(self.vocab_size)}
         return save_safetensors(tensors, metadata=metadata)
 
@@ -119,6 +137,9 @@ class KnowledgePayload:
             raise FedMKTError(
                 f"received payload has non-integer round/vocab_size metadata ({error}). Fix: check the sender's fedmkt version."
             ) from error
+        for name in _ID_FIELDS:  # widen 2-byte unsigned wire ids to a signed type torch can compute with
+            if tensors[name].dtype == torch.uint16:
+                tensors[name] = tensors[name].to(smallest_id_dtype(vocab_size))
         payload = cls(sender=metadata["sender"], round=round_index, vocab_size=vocab_size, **tensors)
         payload.validate(num_public=num_public)
         return payload
