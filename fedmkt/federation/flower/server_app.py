@@ -45,12 +45,14 @@ def serve(grid: Grid, config_text: str) -> dict:
 
     from fedmkt.cli import run_config_from_text
     from fedmkt.config import validate
+    from fedmkt.federation.flower.submit import check_supported
     from fedmkt.federation.trainer import FederatedTrainer
     from fedmkt.models import load_tokenizer
     from fedmkt.run import build_participant, make_loggers, party_names, quiet_lightning
 
     config = run_config_from_text(config_text)
     validate(config)
+    check_supported(config)
     quiet_lightning()
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -60,9 +60,23 @@ def write_flower_home(home: Path, config: RunConfig) -> None:
     (home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
+def check_supported(config: RunConfig) -> None:
+    """Refuse what the flower backend does not do yet: parties spread over several processes."""
+    from fedmkt.federation.distributed import party_processes
+
+    parties = {"server": config.server} | {f"clients[{i}]": c for i, c in enumerate(config.clients)}
+    spread = [name for name, party in parties.items() if party_processes(party.trainer) > 1]
+    if spread:
+        raise FedMKTError(
+            f"the flower backend does not support parties spread over several processes yet (strategy ddp/fsdp with devices > 1: "
+            f"{', '.join(spread)}). Fix: give every party trainer.devices: 1 with --backend flower, or use the inprocess backend."
+        )
+
+
 def submit(config: RunConfig, resolved_config: str, stream: bool = True) -> dict:
     """Run FedMKT on the Flower SuperLink in `config.flower`; returns the summary from run_dir."""
     validate(config)
+    check_supported(config)
     flwr = flwr_executable()
     run_dir = Path(config.run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
