@@ -1,0 +1,526 @@
+"""The Flower deployment backend (`federation.backend: flower`).
+
+Fast tests cover the message encoding, the server-side client proxy talking to an in-memory
+grid, the ClientApp's node state and the one-line errors. The end-to-end test starts a real
+SuperLink and two SuperNodes (partition-id 0 and 1) on 127.0.0.1 in insecure mode, runs tiny.yaml
+through them and checks that the summary and every saved adapter match an in-process run with
+the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from fedmkt.cli import main, parse_run_config, run_config_from_text, shipped_configs  # noqa: E402
+from fedmkt.errors import FedMKTError  # noqa: E402
+from fedmkt.federation.flower import client_app, submit  # noqa: E402
+from fedmkt.federation.flower.messages import (  # noqa: E402
+    PHASE_MESSAGE_TYPES,
+    Reply,
+    Request,
+    array_bytes,
+    bytes_array,
+    client_of_node,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+)
+from fedmkt.federation.flower.proxy import RemoteParticipant, RemoteParticipantError  # noqa: E402
+from fedmkt.federation.flower.server_app import find_client_nodes  # noqa: E402
+from fedmkt.payload import KnowledgePayload  # noqa: E402
+
+TINY_TEXT = shipped_configs()["tiny.yaml"].read_text()
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages built outside a Flower process need a run/node/task identity."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class FakeGrid:
+    """An in-memory Grid: `nodes[node_id](message, context)` answers at once (None: never answers).
+
+    As in Flower, an exception in the node's handler comes back as an error reply.
+    """
+
+    def __init__(self, nodes: dict, node_configs: dict | None = None) -> None:
+        self.nodes = nodes
+        self.contexts = {
+            node_id: Context(run_id=1, node_id=node_id, node_config=(node_configs or {}).get(node_id, {}), state=RecordDict(), run_config={})
+            for node_id in nodes
+        }
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            try:
+                reply = self.nodes[message.metadata.dst_node_id](message, self.contexts[message.metadata.dst_node_id])
+            except Exception as error:
+                reply = Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=message)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+
+def _payload(sender: str = "client_0", vocab_size: int = 100, num_samples: int = 3) -> KnowledgePayload:
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([4, 2, 5][:num_samples])
+    rows = int(lengths.sum())
+    return KnowledgePayload(
+        sender=sender, round=1, vocab_size=vocab_size,
+        sample_index=torch.arange(num_samples), losses=torch.rand(num_samples, generator=generator),
+        offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+        token_ids=torch.randint(0, vocab_size, (rows,), generator=generator, dtype=torch.int16),
+        topk_ids=torch.randint(0, vocab_size, (rows, 4), generator=generator, dtype=torch.int16),
+        topk_logits=torch.randn(rows, 4, generator=generator).half(),
+    )
+
+
+def _same_payload(a: KnowledgePayload, b: KnowledgePayload) -> bool:
+    """Equal content (safetensors bytes are not: the header's metadata order varies between calls)."""
+    fields = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits")
+    return (a.sender, a.round, a.vocab_size) == (b.sender, b.round, b.vocab_size) and all(
+        getattr(a, f).dtype == getattr(b, f).dtype and torch.equal(getattr(a, f), getattr(b, f)) for f in fields
+    )
+
+
+def _proxy(grid: FakeGrid, tmp_path: Path, node_id: int = 7, timeout_s=None) -> RemoteParticipant:
+    return RemoteParticipant("client_0", node_id, grid, TINY_TEXT, tmp_path / "run", num_public=3, timeout_s=timeout_s)
+
+
+# ---- message encoding ----------------------------------------------------------------------
+
+
+def test_requests_and_replies_round_trip_bytes_and_nan_statistics():
+    blob = bytes(range(256)) * 3
+    request = Request(phase="distill", client="client_1", config_text=TINY_TEXT, round=2, path="adapters/x", blobs={"payload/server": blob})
+    decoded = decode_request(encode_request(request))
+    assert decoded == request
+    stats = {"task_loss": float("nan"), "kd_loss": 0.25, "selected": 3, "teacher_counts": {"server": 3}}
+    reply = decode_reply(encode_reply(Reply(stats=stats, blobs={"adapter": b""}, info={"client": "client_1"})))
+    assert math.isnan(reply.stats["task_loss"])
+    assert {k: v for k, v in reply.stats.items() if k != "task_loss"} == {k: v for k, v in stats.items() if k != "task_loss"}
+    assert reply.blobs == {"adapter": b""} and reply.info == {"client": "client_1"}
+
+
+def test_byte_arrays_refuse_foreign_arrays():
+    import numpy as np
+    from flwr.app import Array
+
+    assert array_bytes(bytes_array(b"\x00abc")) == b"\x00abc"
+    with pytest.raises(FedMKTError, match="raw bytes"):
+        array_bytes(Array(np.zeros(3, dtype=np.uint8)))
+
+
+def test_every_phase_routes_to_a_registered_client_app_handler():
+    assert set(client_app.app._registered_funcs) == set(PHASE_MESSAGE_TYPES.values())
+
+
+def test_partition_id_names_the_client():
+    assert client_of_node({"partition-id": 1}) == "client_1"
+    assert client_of_node({"partition-id": "0"}, num_clients=2) == "client_0"
+    for bad in ({}, {"partition-id": "x"}, {"partition-id": -1}):
+        with pytest.raises(FedMKTError, match="Fix:"):
+            client_of_node(bad)
+    with pytest.raises(FedMKTError, match="partition-id 2"):
+        client_of_node({"partition-id": 2}, num_clients=2)
+
+
+# ---- the proxy, against an in-memory grid ----------------------------------------------------
+
+
+def test_proxy_forwards_phases_and_returns_their_results(task_identity, tmp_path):
+    payload = _payload()
+
+    def node(message: Message, context: Context) -> Message:
+        request = decode_request(message.content)
+        assert request.client == "client_0" and request.config_text == TINY_TEXT
+        if request.phase == "share_knowledge":
+            return Message(encode_reply(Reply(blobs={"payload": payload.to_bytes()})), reply_to=message)
+        if request.phase == "distill":
+            assert set(request.blobs) == {"payload/server"}
+            assert _same_payload(KnowledgePayload.from_bytes(request.blobs["payload/server"]), server_payload)
+        return Message(encode_reply(Reply(stats={"phase": request.phase, "round": request.round, "path": request.path})), reply_to=message)
+
+    server_payload = _payload("server", vocab_size=300)
+    grid = FakeGrid({7: node})
+    proxy = _proxy(grid, tmp_path)
+    assert proxy.fine_tune(3) == {"phase": "fine_tune", "round": 3, "path": ""}
+    shared = proxy.share_knowledge(3)
+    assert _same_payload(shared, payload)
+    assert proxy.distill(3, {"server": server_payload})["phase"] == "distill"
+    assert proxy.evaluate()["phase"] == "evaluate"
+    proxy.save_adapter(tmp_path / "run" / "adapters" / "round_3" / "client_0")
+    assert decode_request(grid.sent[-1].content).path == "adapters/round_3/client_0"  # relative: the node has its own folder
+    assert [m.metadata.message_type for m in grid.sent] == [
+        "train.fine_tune", "query.share_knowledge", "train.distill", "evaluate.evaluate", "query.save_adapter",
+    ]
+    assert {m.metadata.dst_node_id for m in grid.sent} == {7}
+    assert proxy.cached_public_losses() is None  # client losses never reach the server
+
+
+def test_proxy_validates_payloads_at_the_network_boundary(task_identity, tmp_path):
+    bad = _payload()
+    bad.topk_ids[0, 0] = 100  # outside the sender's vocabulary of 100
+    forged = _payload(sender="client_1")
+    answers = iter([bad, forged])
+
+    def node(message, context):
+        return Message(encode_reply(Reply(blobs={"payload": next(answers).to_bytes()})), reply_to=message)
+
+    proxy = _proxy(FakeGrid({7: node}), tmp_path)
+    with pytest.raises(FedMKTError, match="vocabulary"):
+        proxy.share_knowledge(1)
+    with pytest.raises(FedMKTError, match="signed by client_1"):
+        proxy.share_knowledge(1)
+
+
+def test_proxy_turns_node_errors_and_silence_into_client_failures(task_identity, tmp_path):
+    def failing(message, context):
+        return Message(Error(code=3, reason="FedMKTError: out of memory"), reply_to=message)
+
+    with pytest.raises(RemoteParticipantError, match="fine_tune failed on SuperNode 7.*out of memory"):
+        _proxy(FakeGrid({7: failing}), tmp_path).fine_tune(1)
+    with pytest.raises(RemoteParticipantError, match="no reply to evaluate"):
+        _proxy(FakeGrid({7: lambda message, context: None}), tmp_path, timeout_s=0.1).evaluate()
+
+
+def test_proxy_moves_adapters_only_when_asked_and_refuses_resume(task_identity, tmp_path):
+    state = {"a.lora_A.weight": torch.randn(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
+    received = {}
+
+    def node(message, context):
+        request = decode_request(message.content)
+        from safetensors.torch import load, save
+
+        if request.phase == "load_adapter_state":
+            received.update(load(request.blobs["adapter"]))
+            return Message(encode_reply(Reply()), reply_to=message)
+        return Message(encode_reply(Reply(blobs={"adapter": save(state)})), reply_to=message)
+
+    proxy = _proxy(FakeGrid({7: node}), tmp_path)
+    assert all(torch.equal(proxy.adapter_state()[k], v) for k, v in state.items())
+    proxy.load_adapter_state(state)
+    assert all(torch.equal(received[k], v) for k, v in state.items())
+    with pytest.raises(FedMKTError, match="not supported on the flower backend.*Fix:"):
+        proxy.load_adapter(tmp_path)
+
+
+# ---- the ClientApp's node state -------------------------------------------------------------
+
+
+class _FakeParticipant:
+    """What `_store_state` / `_restore_state` use of a Participant."""
+
+    def __init__(self, losses=None):
+        self.losses = losses
+        self.loaded = None
+
+    weights = {"layer.lora_A.weight": torch.arange(6.0).reshape(2, 3)}
+
+    def save_adapter(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True)
+        save_file(self.weights, directory / "adapter_model.safetensors")
+        (directory / "adapter_config.json").write_text('{"r": 8}')
+
+    def cached_public_losses(self):
+        return self.losses
+
+    def load_adapter_state(self, state):
+        self.loaded = state
+
+    def restore_public_losses(self, losses):
+        self.losses = losses
+
+
+def test_client_state_persists_in_the_node_context_and_save_adapter_writes_it(task_identity, tmp_path):
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "output-dir": str(tmp_path / "node")}, state=RecordDict(), run_config={})
+    restored = _FakeParticipant()
+    client_app._restore_state(restored, context)  # before the first phase: a fresh party
+    assert restored.loaded is None and restored.losses is None
+
+    client_app._store_state(_FakeParticipant(torch.tensor([0.5, 1.5])), context)
+    assert set(context.state.array_records[client_app.STATE_KEY]) == {"adapter_model.safetensors", "adapter_config.json", "public_losses"}
+    client_app._restore_state(restored, context)
+    assert torch.equal(restored.loaded["layer.lora_A.weight"], _FakeParticipant.weights["layer.lora_A.weight"])
+    assert torch.equal(restored.losses, torch.tensor([0.5, 1.5]))
+    client_app._store_state(_FakeParticipant(None), context)  # losses no longer valid: dropped
+    client_app._restore_state(restored, context)
+    assert restored.losses is None
+
+    request = Message(encode_request(Request(phase="save_adapter", client="client_0", config_text=TINY_TEXT, path="adapters/round_1/client_0")), dst_node_id=7, message_type="query.save_adapter")
+    reply = client_app.handle(request, context)
+    assert not reply.has_error()
+    folder = tmp_path / "node" / "adapters" / "round_1" / "client_0"
+    assert torch.equal(load_file(folder / "adapter_model.safetensors")["layer.lora_A.weight"], _FakeParticipant.weights["layer.lora_A.weight"])
+    assert json.loads((folder / "adapter_config.json").read_text()) == {"r": 8}
+
+
+def test_client_app_answers_hello_and_refuses_messages_for_another_client(task_identity):
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    hello = Message(encode_request(Request(phase="hello", client="", config_text="")), dst_node_id=7, message_type="query.hello")
+    assert decode_reply(client_app.handle(hello, context).content).info["client"] == "client_1"
+    wrong = Message(encode_request(Request(phase="evaluate", client="client_0", config_text=TINY_TEXT)), dst_node_id=7, message_type="evaluate.evaluate")
+    with pytest.raises(FedMKTError, match="reached the SuperNode of client_1"):
+        client_app.handle(wrong, context)
+
+
+def test_the_server_maps_partition_ids_to_nodes_and_names_what_is_missing(task_identity):
+    config = run_config_from_text(TINY_TEXT)
+    config.flower.wait_for_nodes_s = 0.5
+    grid = FakeGrid({11: client_app.handle, 12: client_app.handle}, {11: {"partition-id": 1}, 12: {"partition-id": 0}})
+    assert find_client_nodes(grid, config) == {"client_0": 12, "client_1": 11}
+
+    one = FakeGrid({11: client_app.handle}, {11: {"partition-id": 1}})
+    with pytest.raises(FedMKTError, match="1 of the 2 SuperNodes.*partition-id=N"):
+        find_client_nodes(one, config)
+    twins = FakeGrid({11: client_app.handle, 12: client_app.handle}, {11: {"partition-id": 1}, 12: {"partition-id": 1}})
+    with pytest.raises(FedMKTError, match="client_0"):
+        find_client_nodes(twins, config)
+    unnamed = FakeGrid({11: client_app.handle, 12: client_app.handle}, {11: {"partition-id": 1}, 12: {}})
+    with pytest.raises(FedMKTError, match="no SuperNode answered for client_0.*no partition-id"):
+        find_client_nodes(unnamed, config)
+    spare = FakeGrid(
+        {11: client_app.handle, 12: client_app.handle, 13: client_app.handle},
+        {11: {"partition-id": 1}, 12: {"partition-id": 0}, 13: {"partition-id": 5}},
+    )
+    assert find_client_nodes(spare, config) == {"client_0": 12, "client_1": 11}  # a node for no client of this run is ignored
+
+
+# ---- one real client phase through the message layer ---------------------------------------
+
+
+def test_a_client_phase_through_messages_matches_the_in_process_participant(task_identity, tmp_path):
+    """build_participant gives the same party as build_participants, and share_knowledge through
+    proxy → messages → ClientApp (rebuilt party) returns the same payload."""
+    from fedmkt.run import build_participant, build_participants
+
+    text = TINY_TEXT.replace("pool_size: 24", "pool_size: 6").replace("max_length: 96", "max_length: 48")
+    config = run_config_from_text(text)
+    _, clients = build_participants(config)
+    alone = build_participant(config, "client_1")
+    reference = clients[1].adapter_state()
+    assert reference.keys() == alone.adapter_state().keys()
+    assert all(torch.equal(reference[k], alone.adapter_state()[k]) for k in reference)
+
+    reference_payload = clients[1].share_knowledge(1)
+    grid = FakeGrid({3: client_app.handle}, {3: {"partition-id": 1}})
+    proxy = RemoteParticipant("client_1", 3, grid, text, tmp_path, num_public=len(clients[1].data.public))
+    assert _same_payload(proxy.share_knowledge(1), reference_payload)
+    assert client_app.STATE_KEY in grid.contexts[3].state.array_records  # losses + adapter kept on the node
+
+
+# ---- one-line errors ------------------------------------------------------------------------
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fedmkt:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "Fix:" in lines[0]
+    return lines[0]
+
+
+def test_unreachable_superlink_is_one_line(tmp_path, capsys):
+    port = _free_ports(1)[0]
+    code = main(["fit", "--config", "tiny", "--backend", "flower", "--flower.superlink", f"127.0.0.1:{port}", "--flower.insecure", "true", "--run_dir", str(tmp_path / "run")])
+    assert code == 2
+    assert f"127.0.0.1:{port}" in _error_line(capsys)
+
+
+def test_missing_flwr_and_resume_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(submit.shutil, "which", lambda *args, **kwargs: None)
+    assert main(["fit", "--config", "tiny", "--backend", "flower", "--run_dir", str(tmp_path / "run")]) == 2
+    assert "pip install" in _error_line(capsys)
+    assert main(["fit", "--config", "tiny", "--backend", "flower", "--resume", str(tmp_path)]) == 2
+    assert "not supported on the flower backend" in _error_line(capsys)
+
+
+def test_multi_process_parties_are_refused_on_the_flower_backend(tmp_path, capsys):
+    code = main([
+        "fit", "--config", "tiny", "--backend", "flower", "--server.trainer.strategy", "ddp", "--server.trainer.devices", "2",
+        "--run_dir", str(tmp_path / "run"),
+    ])
+    assert code == 2
+    assert "devices > 1: server)" in _error_line(capsys)
+
+
+def test_backend_is_a_config_key_with_a_command_line_shorthand():
+    assert parse_run_config(["--config", "tiny"]).federation.backend == "inprocess"
+    assert parse_run_config(["--config", "tiny", "--federation.backend", "flower"]).federation.backend == "flower"
+    for name, path in shipped_configs().items():
+        assert "backend: inprocess" in path.read_text(), name
+
+
+def test_the_packaged_flower_app_builds_into_a_fab():
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.config import validate_config
+
+    import tomli
+
+    app = submit.app_dir()
+    config = tomli.loads((app / "pyproject.toml").read_text())
+    valid, errors, _ = validate_config(config, check_module=True, project_dir=app)
+    assert valid, errors
+    import io
+    import zipfile
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
+    assert {"pyproject.toml", "fedmkt_app/server_app.py", "fedmkt_app/client_app.py"} <= set(names)
+
+
+# ---- end to end: a SuperLink and two SuperNodes on 127.0.0.1 --------------------------------
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited: {log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"flower-superlink did not listen on {port}: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory):
+    """A SuperLink and SuperNodes for client_0 and client_1, insecure, on 127.0.0.1 (tests only)."""
+    if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None:
+        pytest.skip("Flower's flower-superlink/flower-supernode commands are not installed")
+    base = tmp_path_factory.mktemp("flower")
+    link_port, *node_ports = _free_ports(3)
+    processes: list[subprocess.Popen] = []
+
+    def start(name: str, command: list[str]) -> subprocess.Popen:
+        env = dict(os.environ, FLWR_HOME=str(base / name), FLWR_TELEMETRY_ENABLED="0")
+        log = open(base / f"{name}.log", "w")
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        processes.append(process)
+        return process
+
+    try:
+        link = start("superlink", [
+            "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port), "--disable-runtime-dependency-installation",
+        ])
+        _wait_for_port(link_port, link, base / "superlink.log")
+        for index, port in enumerate(node_ports):
+            start(f"supernode_{index}", [
+                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
+                "--node-config", f"partition-id={index}",
+            ])
+        yield {"address": f"127.0.0.1:{link_port}", "logs": base}
+    finally:
+        for process in reversed(processes):  # each in its own session: its ServerApp/ClientApp children go with it
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+# One round keeps the test near five minutes on a busy 2-core machine (Flower starts a fresh
+# ClientApp process per message, ~15 s of imports each); it still crosses every state hand-over:
+# fine-tune → share (restored adapter), share → distill (restored public losses), distill →
+# evaluate / save_adapter (restored distilled adapter).
+SETTINGS = ["--config", "tiny", "--federation.rounds", "1", "--logging.wandb", "false"]
+
+
+@pytest.mark.slow
+def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
+    flower_dir, inprocess_dir = tmp_path / "flower", tmp_path / "inprocess"
+    started = time.monotonic()
+    code = main(["fit", *SETTINGS, "--backend", "flower", "--flower.superlink", superlink["address"], "--flower.insecure", "true", "--run_dir", str(flower_dir)])
+    assert code == 0, [p.name + ":\n" + p.read_text()[-3000:] for p in sorted(superlink["logs"].glob("*.log"))]
+    flower_seconds = time.monotonic() - started
+    assert main(["fit", *SETTINGS, "--run_dir", str(inprocess_dir)]) == 0
+
+    flower = json.loads((flower_dir / "summary.json").read_text())
+    inprocess = json.loads((inprocess_dir / "summary.json").read_text())
+    assert flower["config"]["federation"]["backend"] == "flower"
+    assert set(flower["zero_shot"]) == set(inprocess["zero_shot"]) == {"server", "client_0", "client_1"}
+    for party, scores in inprocess["zero_shot"].items():
+        assert flower["zero_shot"][party]["eval_accuracy"] == pytest.approx(scores["eval_accuracy"], abs=1e-4)
+    assert len(flower["rounds"]) == len(inprocess["rounds"]) == 1
+    for ours, theirs in zip(flower["rounds"], inprocess["rounds"]):
+        assert ours["failed"] == theirs["failed"] == {}
+        assert set(ours["parties"]) == set(theirs["parties"])
+        for party, expected in theirs["parties"].items():
+            got = ours["parties"][party]
+            assert got["selected"] == expected["selected"], party
+            assert got["teacher_counts"] == expected["teacher_counts"], party
+            assert got["bytes_sent"] == expected["bytes_sent"] and got["bytes_received"] == expected["bytes_received"], party
+            for key in ("task_loss", "distill_task_loss", "kd_loss", "eval_accuracy", "eval_accuracy_norm"):
+                if key in expected:
+                    assert got[key] == pytest.approx(expected[key], abs=1e-4), (party, key)
+        assert ours["parties"]["server"]["selected"] > 0  # the server really distilled from the clients
+
+    # Client adapters are written by their SuperNodes (here on the same machine, into run_dir).
+    for party in ("server", "client_0", "client_1"):
+        ours = load_file(flower_dir / "adapters" / "round_1" / party / "adapter_model.safetensors")
+        theirs = load_file(inprocess_dir / "adapters" / "round_1" / party / "adapter_model.safetensors")
+        assert ours.keys() == theirs.keys()
+        assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs), party
+    print(f"flower backend: {flower_seconds:.0f} s for one tiny round")
+
+
+def test_too_few_supernodes_is_one_line_from_the_server_app(superlink, tmp_path, capsys):
+    """Three clients, two SuperNodes: the ServerApp gives up after flower.wait_for_nodes_s and
+    the FedMKTError it raised reaches the command line through Flower's run status."""
+    data = yaml.safe_load(TINY_TEXT)
+    data["clients"].append(data["clients"][0])
+    path = tmp_path / "three.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code = main([
+        "fit", "--config", str(path), "--backend", "flower", "--flower.superlink", superlink["address"], "--flower.insecure", "true",
+        "--flower.wait_for_nodes_s", "2", "--run_dir", str(tmp_path / "run"), "--logging.wandb", "false",
+    ])
+    assert code == 2
+    line = _error_line(capsys)
+    assert "2 of the 3 SuperNodes" in line and "partition-id" in line
