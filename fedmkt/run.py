@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from fedmkt.config import RunConfig, validate
 from fedmkt.data.datamodule import PartyDataModule
-from fedmkt.data.tasks import load_task, split_task
+from fedmkt.data.tasks import FederatedSplit, load_task, split_task
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import assert_disjoint
 from fedmkt.federation.checkpoint import atomic_write_text
@@ -41,36 +41,17 @@ def party_names(num_clients: int) -> list[str]:
 
 def build_participants(config: RunConfig) -> tuple[Participant, list[Participant]]:
     """Load the task split, every party's model and tokenizer, and wire up the participants."""
+    split = federated_split(config)
+    participants = [build_participant(config, name, split) for name in party_names(len(config.clients))]
+    return participants[0], participants[1:]
+
+
+def federated_split(config: RunConfig) -> FederatedSplit:
+    """The task cut into public, private and held-out parts, the same on every party's machine."""
     examples = load_task(config.data.task, config.data.data_dir)
     split = split_task(examples, len(config.clients), config.data.eval_size, config.data.pool_size, config.seed)
     assert_disjoint(split.evaluation, split.pool)
-
-    names = party_names(len(config.clients))
-    party_configs = dict(zip(names, [config.server, *config.clients]))
-    tokenizers = {name: load_tokenizer(party.model, config.cache_dir) for name, party in party_configs.items()}
-    cache = cache_root(config.cache_dir) / "vocab_maps"
-
-    participants = []
-    for index, (name, party) in enumerate(party_configs.items()):
-        L.seed_everything(config.seed + index, verbose=False)  # distinct, reproducible LoRA inits
-        module = PartyModule(load_model(party.model, config.cache_dir, seed=config.seed + index), party.lora, party.optimizer, config.transfer, name)
-        if name == SERVER:  # the server owns no private data, except in the centralized baseline
-            private = split.pool if config.federation.mode == "centralized" else []
-        else:
-            private = split.private[index - 1]
-        data = PartyDataModule(
-            name, private, split.public, tokenizers[name], config.data.max_length, party.batch_size, party.eval_batch_size, config.seed
-        )
-        peers = {n: t for n, t in tokenizers.items() if (n == SERVER) != (name == SERVER)}
-        participants.append(
-            Participant(
-                name, party, config.transfer, module, tokenizers[name], data, split.evaluation, peers, cache,
-                config.data.max_length, config.seed,
-                phase_timeout_s=None if name == SERVER else config.federation.client_timeout_s,
-                privacy=config.privacy,
-            )
-        )
-    return participants[0], participants[1:]
+    return split
 
 
 def make_loggers(config: RunConfig, run_dir: Path, resumed: bool = False) -> list[Logger]:
@@ -145,8 +126,7 @@ def evaluate_party(config: RunConfig, party: str = SERVER, adapter: Optional[str
     if party not in names:
         raise FedMKTError(f"unknown party `{party}`. Fix: use one of {', '.join(names)}.")
     spec = dict(zip(names, [config.server, *config.clients]))[party]
-    examples = load_task(config.data.task, config.data.data_dir)
-    split = split_task(examples, len(config.clients), config.data.eval_size, config.data.pool_size, config.seed)
+    split = federated_split(config)
     model = load_model(spec.model, config.cache_dir, seed=config.seed + names.index(party))
     if adapter is not None:
         if not (Path(adapter) / "adapter_config.json").is_file():
@@ -156,11 +136,12 @@ def evaluate_party(config: RunConfig, party: str = SERVER, adapter: Optional[str
     return evaluate_multiple_choice(model, tokenizer, split.evaluation, batch_size=spec.eval_batch_size, max_length=config.data.max_length)
 
 
-def build_participant(config: RunConfig, name: str) -> Participant:
-    """One party alone, identical to the one `build_participants` builds (split, seeds, LoRA init).
+def build_participant(config: RunConfig, name: str, split: Optional[FederatedSplit] = None) -> Participant:
+    """One party: its model (seeded LoRA init), tokenizer, data and evaluation questions.
 
-    For deployments that run each party in its own process or machine (the Flower backend): it
-    loads only this party's model, and its peers' tokenizers only when it first aligns with them.
+    Used for every party in-process, and alone where each party runs in its own process or machine
+    (the Flower backend): it loads only this party's model, and its peers' tokenizers only when it
+    first aligns with them.
     """
     from fedmkt.models import TokenizersOnDemand
 
@@ -169,15 +150,13 @@ def build_participant(config: RunConfig, name: str) -> Participant:
         raise FedMKTError(f"unknown party `{name}`. Fix: use one of {', '.join(names)}.")
     index = names.index(name)
     party = [config.server, *config.clients][index]
-    examples = load_task(config.data.task, config.data.data_dir)
-    split = split_task(examples, len(config.clients), config.data.eval_size, config.data.pool_size, config.seed)
-    assert_disjoint(split.evaluation, split.pool)
+    split = split if split is not None else federated_split(config)
     tokenizer = load_tokenizer(party.model, config.cache_dir)
     peer_specs = {n: p.model for n, p in zip(names, [config.server, *config.clients]) if (n == SERVER) != (name == SERVER)}
 
-    L.seed_everything(config.seed + index, verbose=False)  # the same LoRA init as build_participants
+    L.seed_everything(config.seed + index, verbose=False)  # distinct, reproducible LoRA inits
     module = PartyModule(load_model(party.model, config.cache_dir, seed=config.seed + index), party.lora, party.optimizer, config.transfer, name)
-    if name == SERVER:
+    if name == SERVER:  # the server owns no private data, except in the centralized baseline
         private = split.pool if config.federation.mode == "centralized" else []
     else:
         private = split.private[index - 1]

@@ -200,7 +200,7 @@ class FederatedTrainer:
         state = json.loads(path.read_text())
         saved = state["summary"]["config"]
         current = _finite_or_none(json.loads(json.dumps(asdict(self.config), default=_json_default)))
-        differing = _differing_keys(saved, current, ignore={"run_dir", "federation.rounds", "logging"})
+        differing = _differing_keys(saved, current, ignore={"run_dir", "federation.rounds", "logging", "federation.backend", "flower"})
         if differing:
             raise FedMKTError(f"--resume config differs from the checkpoint's at {', '.join(differing)}. Fix: resume with {self.run_dir / 'config.yaml'}.")
         round_index = int(state["round"])
