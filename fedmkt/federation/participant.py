@@ -93,7 +93,7 @@ class Participant:
             "task_loss": _phase_mean(self.module.task_loss, spans_ranks, empty=float("nan")),
             "kd_loss": _phase_mean(self.module.kd_loss, spans_ranks, empty=0.0),
             "train_seconds": time.perf_counter() - start,
-            "ranks": trainer.world_size,  # processes this phase trained on (ddp/fsdp: > 1)
+            "ranks": trainer.world_size,  # processes this phase trained on (ddp: > 1)
         }
 
     # ---- phases ---------------------------------------------------------------------------
