@@ -4,8 +4,9 @@ Lightning's DDP and FSDP strategies are SPMD: every rank runs the whole program.
 the ranks once, before anything is loaded (`launch_ranks`, through Lightning Fabric), so every rank
 walks the same protocol in lock-step:
 
-* a party whose trainer spans several devices (strategy ddp; FSDP is refused for now) runs each phase on every rank (Lightning shards the
-  batches; public-data predictions are gathered from all ranks before they become a payload);
+* a party whose trainer spans several devices (strategy ddp; fsdp is refused for now) runs each
+  phase on every rank (Lightning shards the batches; public-data predictions are gathered from all
+  ranks before they become a payload);
 * a single-device party runs its phases on rank 0 only;
 * either way rank 0's result — stats, payload, or the error that made a client fail — is broadcast,
   so all ranks take the same branch (quorum, failures) and a multi-rank receiver distils from the
