@@ -192,10 +192,6 @@ class RankCoordinatedParticipant:
         """Rank 0 scores the (replicated) weights; the others get its numbers."""
         return broadcast_from_rank_zero(self.participant.evaluate() if is_rank_zero() else None)
 
-    def save_adapter(self, directory) -> None:
-        if is_rank_zero():
-            self.participant.save_adapter(directory)
-
 
 def coordinate(participants: list[Any], config_per_party: list[TrainerConfig]) -> list[Any]:
     """Wrap participants for a multi-rank run; the same objects when there is one rank."""
