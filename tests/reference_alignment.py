@@ -104,11 +104,13 @@ def dtw_path(a: Sequence[str], b: Sequence[str], distance: Distance = levenshtei
 
 
 def one_to_one_matches(teacher: Sequence[str], receiver: Sequence[str], distance: Distance = levenshtein) -> list[int]:
-    """Receiver position -> its single teacher position on the DTW path, else -1."""
+    """Receiver position -> its teacher position where each is the other's only partner on the DTW path, else -1."""
     partners: list[list[int]] = [[] for _ in receiver]
+    teacher_partners: list[list[int]] = [[] for _ in teacher]
     for i, j in dtw_path(teacher, receiver, distance):
         partners[j].append(i)
-    return [p[0] if len(p) == 1 else -1 for p in partners]
+        teacher_partners[i].append(j)
+    return [p[0] if len(p) == 1 and len(teacher_partners[p[0]]) == 1 else -1 for p in partners]
 
 
 def align_topk(topk_ids, topk_logits, matched, vocab_map, fallback, temperature=1.0, k=None):

@@ -80,9 +80,12 @@ def test_token_aligner_end_to_end(tmp_path):
     top_ids = torch.tensor([[2, 5], [3, 5], [4, 5], [5, 4]])
     top_logits = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     ((ids, probs),) = aligner.align([t_ids], [top_ids], [top_logits], [r_ids])
-    # Receiver "Ġqu" and "ick" both pair with teacher "▁quick" (one teacher position each), so all
-    # receiver positions are matched; position i takes the teacher's top-k at its match.
-    assert ids.tolist() == [[2, 6], [4, 6], [4, 6], [5, 6], [6, 5]]
+    # Receiver "Ġquic" and "k" both pair with teacher "▁quick": many-to-one, so both fall back to
+    # a one-hot on their own next token ("k", then "Ġbrown"). The one-to-one positions take the
+    # teacher's top-k at their match.
+    assert aligner.match_positions(t_ids, r_ids).tolist() == [0, -1, -1, 2, 3]
+    assert ids.tolist() == [[2, 6], [3, -1], [4, -1], [5, 6], [6, 5]]
+    assert probs[1].tolist() == probs[2].tolist() == [1.0, 0.0]
     assert torch.allclose(probs.sum(1), torch.ones(5))
 
     # Other direction: teacher "▁quick" pairs with receiver "Ġquic" and "k", so that position is not

@@ -42,10 +42,20 @@ def test_two_tokenisations_of_one_text():
     teacher = ["▁The", "▁quick", "▁brown", "▁fox"]
     receiver = ["▁The", "▁quic", "k", "▁brown", "▁fox"]
     assert dtw_path(teacher, receiver) == [(0, 0), (1, 1), (1, 2), (2, 3), (3, 4)]
-    # "▁quic" and "k" each pair with the single teacher token "▁quick".
-    assert one_to_one_matches(teacher, receiver).tolist() == [0, 1, 1, 2, 3]
-    # Seen from the other side, "▁quick" pairs with two receiver tokens: not one-to-one.
+    # "▁quic" and "k" share the teacher token "▁quick": many-to-one, so neither is matched
+    # (after "▁quic" the next token is "k", not what follows "▁quick").
+    assert one_to_one_matches(teacher, receiver).tolist() == [0, -1, -1, 2, 3]
+    # Seen from the other side, "▁quick" pairs with two receiver tokens: not one-to-one either.
     assert one_to_one_matches(receiver, teacher).tolist() == [0, -1, 3, 4]
+
+
+def test_leading_bos_is_not_matched_to_the_first_word():
+    # DTW folds a receiver-only <bos> onto the teacher's first word; the teacher's distribution
+    # after "In" must not become the target after <bos> (whose next token is "In"), nor after "In".
+    teacher = ["In", "▁management", ","]
+    receiver = ["<bos>", "In", "▁management", ","]
+    assert dtw_path(teacher, receiver)[:2] == [(0, 0), (0, 1)]
+    assert one_to_one_matches(teacher, receiver).tolist() == [-1, -1, 1, 2]
 
 
 def test_empty_sequences():

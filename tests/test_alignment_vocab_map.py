@@ -44,6 +44,29 @@ def test_exact_match_wins_and_duplicates_take_smallest_id():
     assert build_vocab_map(["▁the", "the"], ["the", "▁the", "▁the"]).tolist() == [1, 0]
 
 
+def test_byte_fallback_twin_of_an_ordinary_token_is_never_chosen():
+    # Gemma-like destination: the byte fallback "<0x2C>" (normalised ",") comes before the real ",".
+    raw = ["<pad>", "<0x2C>", "<0xE6>", "▁a", ",", "a,"]
+    dst = vocab_map_module.vocab_strings(ref.ListTokenizer(raw))
+    assert dst[1] == dst[4] == ","
+    # Without the raw spellings, ties (exact or at distance 1) go to the smallest id: the twin.
+    assert build_vocab_map([",", "b,"], dst).tolist() == [1, 1]
+    assert build_vocab_map([",", "æ", "b,"], dst, raw).tolist() == [4, 2, 4]
+    # A byte fallback with no ordinary twin (a lone UTF-8 lead byte) stays a candidate.
+    assert vocab_map_module.mapping_candidates(dst, raw) == ["<pad>", "", dst[2], "▁a", ",", "a,"]
+
+
+def test_special_tokens_only_match_an_identically_spelled_special():
+    src = ["<|im_end|>", "<eos>", "<unused>", "eos>"]
+    dst = ["<unused0>", "<eos>", "<unused>", "▁eos"]
+    # By distance alone, <|im_end|> would take <unused0> and the ordinary "eos>" the special <eos>.
+    assert build_vocab_map(src, dst).tolist() == [0, 1, 2, 1]
+    # With ids 0-1 special on both sides: <|im_end|> has no twin (-1), <eos> keeps its twin, and the
+    # ordinary tokens only see ordinary candidates ("<unused>" is ordinary on both sides here).
+    mapped = build_vocab_map(src, dst, src_special={0, 1}, dst_special={0, 1})
+    assert mapped.tolist() == [-1, 1, 2, 3]
+
+
 def test_empty_strings_never_match():
     assert build_vocab_map(["", "a"], ["", "b", "a"]).tolist() == [-1, 2]
     assert build_vocab_map(["a"], ["", ""]).tolist() == [-1]

@@ -102,17 +102,21 @@ def dtw_path(a: Sequence[str], b: Sequence[str]) -> list[tuple[int, int]]:
 
 
 def one_to_one_matches(teacher: Sequence[str], receiver: Sequence[str]) -> np.ndarray:
-    """For each receiver position, the teacher position it is matched to, or -1.
+    """For each receiver position, the teacher position it is matched to one-to-one, or -1.
 
-    A receiver position counts as matched when the DTW path pairs it with exactly one teacher
-    position (several receiver positions may share that teacher position). A receiver position
-    paired with several teacher positions, or with none (empty teacher), gets -1.
+    A pair ``(j, i)`` on the DTW path is one-to-one when receiver position ``i`` pairs with no
+    other teacher position and teacher position ``j`` with no other receiver position. Anything
+    else is many-to-one in one direction or the other and gets -1: when ``"▁quic", "k"`` both
+    pair with ``"▁quick"``, the teacher's distribution after ``"▁quick"`` is the right target for
+    neither ``"▁quic"`` (whose next token is ``"k"``) nor, in general, a leading ``<bos>`` that
+    DTW folds onto the first word.
     """
     out = np.full(len(receiver), -1, dtype=np.int64)
     path = _path_array(teacher, receiver)
     if len(path) == 0:
         return out
-    counts = np.bincount(path[:, 1], minlength=len(receiver))
-    single = counts[path[:, 1]] == 1
+    receiver_degree = np.bincount(path[:, 1], minlength=len(receiver))
+    teacher_degree = np.bincount(path[:, 0], minlength=len(teacher))
+    single = (receiver_degree[path[:, 1]] == 1) & (teacher_degree[path[:, 0]] == 1)
     out[path[single, 1]] = path[single, 0]
     return out

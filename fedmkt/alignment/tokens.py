@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["WORD_MARKER", "normalize_token", "is_byte_level", "vocab_strings"]
+__all__ = ["WORD_MARKER", "normalize_token", "is_byte_fallback", "is_byte_level", "special_token_ids", "vocab_strings"]
 
 #: The common word-boundary marker every space is normalised to.
 WORD_MARKER = "\u2581"
@@ -75,6 +75,11 @@ def _looks_byte_level(token: str) -> bool:
         return raw.decode("utf-8") != token
     except UnicodeDecodeError:
         return False
+
+
+def is_byte_fallback(token: str | None) -> bool:
+    """Whether ``token`` is a SentencePiece byte-fallback token such as ``<0x2C>``."""
+    return token is not None and _BYTE_FALLBACK.fullmatch(token) is not None
 
 
 def normalize_token(token: str, byte_level: bool | None = None) -> str:
@@ -135,3 +140,15 @@ def vocab_strings(tokenizer: Any) -> list[str]:
     raw = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     byte_level = is_byte_level(tokenizer)
     return ["" if tok is None else normalize_token(tok, byte_level=byte_level) for tok in raw]
+
+
+def special_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of the tokenizer's special (control) tokens: ``<bos>``, ``<|im_end|>``, ``<unused0>``...
+
+    These name roles, not text, so their spelling says nothing about what they mean to another
+    tokenizer (``<|im_end|>`` is nearest in edit distance to Gemma's ``<unused0>``, a token
+    Gemma never predicts). Read from the added tokens flagged special plus ``all_special_ids``.
+    """
+    ids = {int(i) for i, added in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(added, "special", False)}
+    ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+    return frozenset(ids)

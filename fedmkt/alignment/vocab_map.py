@@ -2,7 +2,12 @@
 
 The map sends every source token id to the destination id whose normalised string (see
 :mod:`fedmkt.alignment.tokens`) is nearest in Levenshtein distance: exact matches first, then ties
-broken by the longest common prefix with the source, then by the smallest destination id. It
+broken by the longest common prefix with the source, then by the smallest destination id. A
+destination byte-fallback token (``<0x2C>``) is never a candidate when an ordinary token spells the
+same text (``,``): SentencePiece only emits byte fallbacks for text it has no token for, so the
+receiver's model gives them almost no probability and a KD target there cannot be learnt. For
+the same reason special tokens (``<|im_end|>``, ``<unused0>``) map only to an identically spelled
+special token of the other side, never by edit distance. It
 depends only on the two vocabularies, so it is built once per ordered tokenizer pair and cached
 under a key made of both vocabularies' content hashes (a renamed copy of a tokenizer hits the
 cache; a changed vocabulary misses it).
@@ -14,7 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +27,12 @@ import numpy as np
 import torch
 
 from fedmkt.alignment.mined import nearest_tokens
-from fedmkt.alignment.tokens import is_byte_level, normalize_token, vocab_strings
+from fedmkt.alignment.tokens import is_byte_fallback, is_byte_level, normalize_token, special_token_ids, vocab_strings
 
 __all__ = [
     "build_vocab_map",
     "load_or_build_vocab_map",
+    "mapping_candidates",
     "normalize_token",
     "tokenizer_fingerprint",
     "vocab_strings",
@@ -34,18 +40,54 @@ __all__ = [
 ]
 
 # Bump when normalisation, tie-break or the file layout changes: old cache files then miss.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: byte-fallback twins and special tokens are no longer matched by distance
 
 
-def build_vocab_map(src_tokens: Sequence[str], dst_tokens: Sequence[str]) -> np.ndarray:
+def build_vocab_map(
+    src_tokens: Sequence[str],
+    dst_tokens: Sequence[str],
+    dst_raw_tokens: Sequence[str | None] | None = None,
+    *,
+    src_special: Collection[int] = frozenset(),
+    dst_special: Collection[int] = frozenset(),
+) -> np.ndarray:
     """MinED map from normalised source strings to destination ids (int64 ``[len(src_tokens)]``).
 
     Each entry is the destination index with the minimum Levenshtein distance to the source
     string; ties go to the longest common prefix, then to the smallest index. Empty destination
     strings are never chosen; an empty source string (an id the tokenizer cannot spell) maps to -1.
+    With ``dst_raw_tokens`` (the destination's raw spellings), a byte-fallback destination whose
+    normalised string equals an ordinary destination token's is left out of the candidates.
+    Special tokens (``src_special``/``dst_special`` ids) only ever map to each other, and only
+    on an exact string match (``<eos>`` to ``<eos>``); any other special source token maps to -1.
     """
-    ids, _ = nearest_tokens(list(src_tokens), list(dst_tokens))
+    candidates = list(dst_tokens) if dst_raw_tokens is None else mapping_candidates(dst_tokens, dst_raw_tokens)
+    special_dst: dict[str, int] = {}
+    for i in sorted(dst_special):
+        if 0 <= i < len(candidates) and candidates[i]:
+            special_dst.setdefault(candidates[i], i)
+            candidates[i] = ""
+    sources = ["" if i in src_special else text for i, text in enumerate(src_tokens)] if src_special else list(src_tokens)
+    ids, _ = nearest_tokens(sources, candidates)
+    for i in src_special:
+        if 0 <= i < len(ids):
+            ids[i] = special_dst.get(src_tokens[i], -1)
     return ids
+
+
+def mapping_candidates(strings: Sequence[str], raw: Sequence[str | None]) -> list[str]:
+    """Normalised destination ``strings`` with every byte-fallback entry blanked whose text an ordinary token also spells."""
+    if len(raw) != len(strings):
+        raise ValueError(f"got {len(raw)} raw tokens for {len(strings)} normalised ones")
+    ordinary = {text for text, token in zip(strings, raw) if text and not is_byte_fallback(token)}
+    return ["" if is_byte_fallback(token) and text in ordinary else text for text, token in zip(strings, raw)]
+
+
+def _build_for(src_tokenizer: Any, dst_tokenizer: Any, src: Sequence[str], dst: Sequence[str]) -> np.ndarray:
+    return build_vocab_map(
+        src, dst, _raw_tokens(dst_tokenizer),
+        src_special=special_token_ids(src_tokenizer), dst_special=special_token_ids(dst_tokenizer),
+    )
 
 
 def _raw_tokens(tokenizer: Any) -> list[str | None]:
@@ -113,7 +155,7 @@ def load_or_build_vocab_map(
     if cached is None:
         src = vocab_strings(src_tokenizer) if src_strings is None else src_strings
         dst = vocab_strings(dst_tokenizer) if dst_strings is None else dst_strings
-        cached = build_vocab_map(src, dst)
+        cached = _build_for(src_tokenizer, dst_tokenizer, src, dst)
         _atomic_save_npy(path, cached)
     return torch.from_numpy(cached).long()
 
@@ -131,7 +173,7 @@ def write_vocab_map_json(
     with no candidate maps to ``null``; if a raw spelling occurs twice, the smallest id wins.
     """
     if cache_dir is None:
-        mapping = build_vocab_map(vocab_strings(src_tokenizer), vocab_strings(dst_tokenizer))
+        mapping = _build_for(src_tokenizer, dst_tokenizer, vocab_strings(src_tokenizer), vocab_strings(dst_tokenizer))
     else:
         mapping = load_or_build_vocab_map(src_tokenizer, dst_tokenizer, cache_dir).numpy()
     src_raw = _raw_tokens(src_tokenizer)
