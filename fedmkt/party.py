@@ -58,6 +58,31 @@ class PartyModule(L.LightningModule):
         self.task_loss = MeanMetric(sync_on_compute=False)
         self.kd_loss = MeanMetric(sync_on_compute=False)
 
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 when this phase's trainer uses `ModelParallelStrategy` (fsdp).
+
+        Each decoder layer becomes its own FSDP unit (all-gathered only while it runs), the rest
+        (embeddings, the tied head, the final norm) one root unit. Called at the start of every
+        phase's trainer; the first call shards, later ones find the model sharded and keep it.
+        Single-device and DDP trainers never call for sharding, so this is a no-op there.
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or isinstance(self.model, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        layer_types = set(getattr(self.model.get_base_model(), "_no_split_modules", None) or [])
+        if not layer_types:
+            raise FedMKTError(
+                f"{self.name}: {type(self.model.get_base_model()).__name__} does not name its decoder layers "
+                "(`_no_split_modules`), so fsdp cannot shard it layer by layer. Fix: use strategy ddp for this party."
+            )
+        for module in self.model.modules():
+            if type(module).__name__ in layer_types:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
     @property
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])

@@ -4,14 +4,20 @@ Lightning's DDP and FSDP strategies are SPMD: every rank runs the whole program.
 the ranks once, before anything is loaded (`launch_ranks`, through Lightning Fabric), so every rank
 walks the same protocol in lock-step:
 
-* a party whose trainer spans several devices (strategy ddp; fsdp is refused for now) runs each
-  phase on every rank (Lightning shards the batches; public-data predictions are gathered from all
-  ranks before they become a payload);
+* a party whose trainer spans several devices (strategy ddp or fsdp) runs each phase on every rank
+  (Lightning shards the batches; public-data predictions are gathered from all ranks before they
+  become a payload);
 * a single-device party runs its phases on rank 0 only;
 * either way rank 0's result — stats, payload, or the error that made a client fail — is broadcast,
   so all ranks take the same branch (quorum, failures) and a multi-rank receiver distils from the
   same teacher payload on every rank;
-* evaluation, checkpoints, summary.json and logs are rank 0's alone.
+* summary.json, logs and checkpoint files are written by rank 0 alone. An fsdp party's weights are
+  sharded, so its evaluation runs on all its ranks in lock-step and its adapter is gathered from
+  all ranks before rank 0 writes it; a ddp party's replicated weights are evaluated by rank 0.
+
+`strategy: fsdp` is PyTorch's FSDP2 (`fully_shard`) through Lightning's `ModelParallelStrategy`
+(data-parallel only): Lightning's older `FSDPStrategy` and PyTorch's FSDP1 need CUDA, FSDP2 runs
+on CPU (gloo) as well, so the same path is tested here and used on GPUs.
 """
 
 from __future__ import annotations
@@ -30,6 +36,24 @@ from fedmkt.errors import FedMKTError
 RANK_WAIT_TIMEOUT = timedelta(hours=12)
 
 _SPMD_STRATEGIES = ("ddp", "fsdp")
+
+
+def shards_weights(trainer: TrainerConfig) -> bool:
+    """Whether this party's weights are sharded over its ranks (strategy fsdp)."""
+    return str(trainer.strategy) == "fsdp"
+
+
+def lightning_strategy(trainer: TrainerConfig) -> Any:
+    """The `strategy` argument for this party's Lightning trainers.
+
+    `fsdp` becomes `ModelParallelStrategy` (FSDP2, data-parallel over the party's devices;
+    `PartyModule.configure_model` shards it); anything else is passed to Lightning as written.
+    """
+    if not shards_weights(trainer):
+        return trainer.strategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=party_processes(trainer), tensor_parallel_size=1, timeout=RANK_WAIT_TIMEOUT)
 
 
 def party_processes(trainer: TrainerConfig) -> int:
@@ -58,12 +82,10 @@ def world_size(config: RunConfig) -> int:
                 f"{name}.trainer.strategy={party.trainer.strategy}: spawned ranks would train a copy of the party outside "
                 "the round protocol. Fix: use strategy ddp (or fsdp); fedmkt launches the ranks itself."
             )
-        if str(party.trainer.strategy).startswith("fsdp"):
-            # Lightning keeps FSDP weights sharded after fit; evaluation, payloads and adapter checkpoints
-            # would need them gathered, and that path has not run on a GPU yet. Refuse rather than guess.
+        if str(party.trainer.strategy).startswith("fsdp") and not shards_weights(party.trainer):
             raise FedMKTError(
-                f"{name}.trainer.strategy={party.trainer.strategy}: FSDP parties are not supported yet (sharded "
-                "weights are not gathered for evaluation and checkpoints). Fix: use strategy ddp with bf16-mixed."
+                f"{name}.trainer.strategy={party.trainer.strategy}: only plain `fsdp` (FSDP2) is supported; CPU offload "
+                "and Lightning's FSDP1 variants are not. Fix: use strategy fsdp or ddp."
             )
     sizes = {name: party_processes(party.trainer) for name, party in parties.items()}
     multi = {name: size for name, size in sizes.items() if size > 1}
@@ -159,9 +181,10 @@ class RankCoordinatedParticipant:
     straight through.
     """
 
-    def __init__(self, participant: Any, spans_ranks: bool) -> None:
+    def __init__(self, participant: Any, spans_ranks: bool, sharded: bool = False) -> None:
         self.participant = participant
         self.spans_ranks = spans_ranks
+        self.sharded = sharded and spans_ranks
 
     def __getattr__(self, attribute: str) -> Any:  # name, data, save_adapter, ...
         return getattr(self.participant, attribute)
@@ -189,13 +212,30 @@ class RankCoordinatedParticipant:
         return self._phase(self.participant.distill, round_index, teacher_payloads)
 
     def evaluate(self) -> dict:
-        """Rank 0 scores the (replicated) weights; the others get its numbers."""
-        return broadcast_from_rank_zero(self.participant.evaluate() if is_rank_zero() else None)
+        """Rank 0 scores replicated weights; sharded ones need every rank's forward. All get rank 0's numbers."""
+        runs_here = self.sharded or is_rank_zero()
+        return broadcast_from_rank_zero(self.participant.evaluate() if runs_here else None)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The full LoRA weights; for a sharded party every rank takes part in gathering them."""
+        return self.participant.adapter_state()
+
+    def save_adapter(self, directory: Any) -> None:
+        """Rank 0 writes the adapter; a sharded party's ranks first gather it together."""
+        if self.sharded:
+            state = self.participant.adapter_state()
+            if is_rank_zero():
+                self.participant.save_adapter(directory, state)
+        elif is_rank_zero():
+            self.participant.save_adapter(directory)
 
 
 def coordinate(participants: list[Any], config_per_party: list[TrainerConfig]) -> list[Any]:
     """Wrap participants for a multi-rank run; the same objects when there is one rank."""
     if not is_distributed():
         return participants
-    return [RankCoordinatedParticipant(p, party_processes(t) > 1) for p, t in zip(participants, config_per_party)]
+    return [
+        RankCoordinatedParticipant(p, party_processes(t) > 1, sharded=shards_weights(t))
+        for p, t in zip(participants, config_per_party)
+    ]
 

@@ -15,16 +15,16 @@ from typing import Optional
 
 import lightning as L
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from fedmkt.adapters import adapter_state, is_sharded, load_adapter_state, under_model_keys
 from fedmkt.callbacks import AlignmentCacheCallback, PhaseDeadlineCallback, SelectiveTransferCallback
 from fedmkt.config import PartyConfig, PrivacyConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.tasks import QAExample
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import evaluate_multiple_choice
-from fedmkt.federation.distributed import gather_predictions, party_processes
+from fedmkt.federation.distributed import gather_predictions, lightning_strategy, party_processes
 from fedmkt.party import PartyModule
 from fedmkt.privacy import add_logit_noise
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
@@ -69,7 +69,7 @@ class Participant:
         return L.Trainer(
             accelerator=settings.accelerator,
             devices=settings.devices,
-            strategy=settings.strategy,
+            strategy=lightning_strategy(settings),
             precision=settings.precision,
             max_epochs=max_epochs,
             accumulate_grad_batches=settings.accumulate_grad_batches,
@@ -86,15 +86,18 @@ class Participant:
         L.seed_everything(phase_seed, verbose=False)
         start = time.perf_counter()
         trainer.fit(self.module, datamodule=datamodule)
-        self.module.cpu()  # off the accelerator while other parties work
+        self._park()
         self._public_losses = None
         spans_ranks = trainer.world_size > 1
-        return {
+        stats = {
             "task_loss": _phase_mean(self.module.task_loss, spans_ranks, empty=float("nan")),
             "kd_loss": _phase_mean(self.module.kd_loss, spans_ranks, empty=0.0),
             "train_seconds": time.perf_counter() - start,
-            "ranks": trainer.world_size,  # processes this phase trained on (ddp: > 1)
+            "ranks": trainer.world_size,  # processes this phase trained on (ddp/fsdp: > 1)
         }
+        if is_sharded(self.module.model):
+            stats["sharded"] = True  # FSDP2: each rank held 1/ranks of the weights
+        return stats
 
     # ---- phases ---------------------------------------------------------------------------
 
@@ -111,7 +114,7 @@ class Participant:
         """Steps 2/7: per-sample CE and top-k logits on the public data."""
         L.seed_everything(self.seed, verbose=False)
         outputs = self._trainer().predict(self.module, datamodule=self.data)
-        self.module.cpu()
+        self._park()
         if party_processes(self.config.trainer) > 1:  # each rank predicted a shard of the public data
             outputs = gather_predictions(outputs)
         lengths = torch.cat([o["lengths"] for o in outputs])
@@ -164,17 +167,26 @@ class Participant:
             self.module.model.to(device), self.tokenizer, self.evaluation,
             batch_size=self.config.eval_batch_size, max_length=self.max_length, device=device,
         )
-        self.module.cpu()
+        self._park()
         return {"eval_accuracy": scores["acc"], "eval_accuracy_norm": scores["acc_norm"], "eval_seconds": time.perf_counter() - start}
+
+    def _park(self) -> None:
+        """Move the model off the accelerator while other parties work, unless it is sharded.
+
+        FSDP2 shards stay on their devices: they are bound to the party's device mesh, and each
+        shard is small by design.
+        """
+        if not is_sharded(self.module.model):
+            self.module.cpu()
 
     # ---- state for checkpoints and adapter averaging --------------------------------------
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights only (what FedAvg exchanges and checkpoints store)."""
-        return {key: value.detach().cpu().clone() for key, value in get_peft_model_state_dict(self.module.model).items()}
+        """The LoRA weights only (what FedAvg exchanges and checkpoints store), gathered if sharded."""
+        return adapter_state(self.module.model)
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        set_peft_model_state_dict(self.module.model, state)
+        load_adapter_state(self.module.model, state)
         self._public_losses = None
 
     def load_adapter(self, directory: Path) -> None:
@@ -191,11 +203,16 @@ class Participant:
     def restore_public_losses(self, losses: Optional[torch.Tensor]) -> None:
         self._public_losses = losses
 
-    def save_adapter(self, directory: Path) -> None:
-        """LoRA weights (safetensors) + adapter config, written to a temporary folder then renamed."""
+    def save_adapter(self, directory: Path, state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """LoRA weights (safetensors) + adapter config, written to a temporary folder then renamed.
+
+        `state` is an already gathered `adapter_state()` (how a sharded party's rank 0 writes).
+        """
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-        self.module.model.save_pretrained(tmp, safe_serialization=True)
+        if state is None:
+            state = self.adapter_state()
+        self.module.model.save_pretrained(tmp, safe_serialization=True, state_dict=under_model_keys(self.module.model, state))
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
 
@@ -206,3 +223,4 @@ def _phase_mean(metric, spans_ranks: bool, empty: float) -> float:
         return empty
     with metric.sync_context(should_sync=spans_ranks):
         return float(metric.compute())
+

@@ -178,10 +178,11 @@ class FederatedTrainer:
 
         `checkpoint.json` is written last, so it only ever names a round whose files are complete.
         """
+        for party in self.parties:  # every rank: a sharded (fsdp) party gathers its adapter first
+            party.save_adapter(self.run_dir / "adapters" / f"round_{round_index}" / party.name)
         if not is_rank_zero():  # one writer; other ranks hold the same state
             return
         for party in self.parties:
-            party.save_adapter(self.run_dir / "adapters" / f"round_{round_index}" / party.name)
             losses = party.cached_public_losses()
             if losses is not None:
                 atomic_write_bytes(
@@ -226,7 +227,7 @@ class FederatedTrainer:
     @staticmethod
     def _merge_phases(local: dict, distill: dict) -> dict:
         """A client's round entry: task loss of local fine-tuning, KD/selection of distillation."""
-        return {
+        merged = {
             "task_loss": local["task_loss"],
             "distill_task_loss": distill["task_loss"],
             "kd_loss": distill["kd_loss"],
@@ -235,6 +236,9 @@ class FederatedTrainer:
             "train_seconds": local["train_seconds"] + distill["train_seconds"],
             "ranks": distill.get("ranks", local.get("ranks", 1)),
         }
+        if distill.get("sharded") or local.get("sharded"):
+            merged["sharded"] = True
+        return merged
 
     def _write_summary(self) -> None:
         # Standard JSON for the tools that read it: a NaN/inf (e.g. the task loss of a phase that did
