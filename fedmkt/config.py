@@ -83,7 +83,7 @@ class TrainerConfig:
     """Number of devices (or 'auto') for this party."""
 
     strategy: str = "auto"
-    """Lightning strategy: auto, ddp, fsdp, deepspeed, ..."""
+    """Lightning strategy: auto, ddp (weights replicated per rank), fsdp (weights sharded: FSDP2 via ModelParallelStrategy), ..."""
 
     precision: str = "32-true"
     """Lightning precision: 32-true, bf16-mixed, bf16-true, 16-mixed."""
