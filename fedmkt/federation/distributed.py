@@ -186,7 +186,7 @@ class RankCoordinatedParticipant:
         self.spans_ranks = spans_ranks
         self.sharded = sharded and spans_ranks
 
-    def __getattr__(self, attribute: str) -> Any:  # name, data, save_adapter, ...
+    def __getattr__(self, attribute: str) -> Any:  # name, data, adapter_state (a collective when sharded), ...
         return getattr(self.participant, attribute)
 
     def _phase(self, method: Callable[..., Any], *args: Any) -> Any:
@@ -215,10 +215,6 @@ class RankCoordinatedParticipant:
         """Rank 0 scores replicated weights; sharded ones need every rank's forward. All get rank 0's numbers."""
         runs_here = self.sharded or is_rank_zero()
         return broadcast_from_rank_zero(self.participant.evaluate() if runs_here else None)
-
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The full LoRA weights; for a sharded party every rank takes part in gathering them."""
-        return self.participant.adapter_state()
 
     def save_adapter(self, directory: Any) -> None:
         """Rank 0 writes the adapter; a sharded party's ranks first gather it together."""
