@@ -240,7 +240,8 @@ def evaluate_multiple_choice(
     if not examples:
         raise FedMKTError("No examples to evaluate. Fix: give the task a non-empty evaluation split (eval_size > 0).")
     loglikelihoods = choice_loglikelihoods(model, tokenizer, examples, batch_size, max_length, device, share_prompt)
-    # Scored by one process (rank 0 under DDP): syncing across ranks here would wait forever.
+    # Never synced: under DDP rank 0 scores alone (a sync would wait forever); under FSDP every rank
+    # scores all questions in lock-step and already holds the same numbers.
     acc, acc_norm = MeanMetric(sync_on_compute=False), MeanMetric(sync_on_compute=False)
     for example, scores in zip(examples, loglikelihoods):
         lengths = torch.tensor([len(choice) for choice in example.choices], dtype=torch.float64)
