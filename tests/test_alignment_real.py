@@ -127,10 +127,8 @@ def test_token_aligner_on_a_real_sentence(real_pair, teacher, receiver):
     sums = probs.sum(1)
     assert torch.allclose(sums[:-1], torch.ones(len(r_ids) - 1))
     matched = aligner.match_positions(t_ids, r_ids)
-    assert (matched >= 0).float().mean() > 0.6
-    # Where a position is matched, the teacher's favourite next token lands on the receiver's own
-    # next token for most of the sentence (same text, mapped vocabulary).
-    hits = [
-        ids[i, 0].item() == r_ids[i + 1].item() for i in range(len(r_ids) - 1) if matched[i] >= 0
-    ]
-    assert sum(hits) / len(hits) > 0.6
+    # Both tokenizers cut this sentence into the same 16 pieces, so every position is one-to-one,
+    # and the teacher's favourite next token lands exactly on the receiver's own next token,
+    # punctuation included (":" and "?" once went to Gemma's byte fallbacks <0x3A>/<0x3F>).
+    assert bool((matched >= 0).all())
+    assert all(ids[i, 0].item() == r_ids[i + 1].item() for i in range(len(r_ids) - 1))
