@@ -223,4 +223,3 @@ def _phase_mean(metric, spans_ranks: bool, empty: float) -> float:
         return empty
     with metric.sync_context(should_sync=spans_ranks):
         return float(metric.compute())
-
