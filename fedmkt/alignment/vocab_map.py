@@ -170,7 +170,8 @@ def write_vocab_map_json(
 
     Used by ``fedmkt map-vocab``. With ``cache_dir`` the map comes from (and lands in) the same
     cache as training runs use. Source ids the tokenizer cannot spell are skipped; a source token
-    with no candidate maps to ``null``; if a raw spelling occurs twice, the smallest id wins.
+    with no candidate (or a special token with no identically spelled twin) maps to ``null``; if a
+    raw spelling occurs twice, the smallest id wins.
     """
     if cache_dir is None:
         mapping = _build_for(src_tokenizer, dst_tokenizer, vocab_strings(src_tokenizer), vocab_strings(dst_tokenizer))
