@@ -465,11 +465,12 @@ def superlink(tmp_path_factory):
                 process.wait()
 
 
-# One round keeps the test near five minutes on a busy 2-core machine (Flower starts a fresh
-# ClientApp process per message, ~15 s of imports each); it still crosses every state hand-over:
-# fine-tune → share (restored adapter), share → distill (restored public losses), distill →
-# evaluate / save_adapter (restored distilled adapter).
-SETTINGS = ["--config", "tiny", "--federation.rounds", "1", "--logging.wandb", "false"]
+# tiny.yaml as shipped (2 rounds). Flower starts a fresh ClientApp process per message (~15 s of
+# imports each), which makes this the suite's slowest test. The rounds cross every state
+# hand-over: fine-tune → share (restored adapter), share → distill (restored public losses),
+# distill → evaluate / save_adapter (restored distilled adapter), round 1 → round 2 fine-tune.
+SETTINGS = ["--config", "tiny", "--logging.wandb", "false"]
+ROUNDS = 2
 
 
 @pytest.mark.slow
@@ -487,7 +488,7 @@ def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
     assert set(flower["zero_shot"]) == set(inprocess["zero_shot"]) == {"server", "client_0", "client_1"}
     for party, scores in inprocess["zero_shot"].items():
         assert flower["zero_shot"][party]["eval_accuracy"] == pytest.approx(scores["eval_accuracy"], abs=1e-4)
-    assert len(flower["rounds"]) == len(inprocess["rounds"]) == 1
+    assert len(flower["rounds"]) == len(inprocess["rounds"]) == ROUNDS
     for ours, theirs in zip(flower["rounds"], inprocess["rounds"]):
         assert ours["failed"] == theirs["failed"] == {}
         assert set(ours["parties"]) == set(theirs["parties"])
@@ -502,12 +503,13 @@ def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
         assert ours["parties"]["server"]["selected"] > 0  # the server really distilled from the clients
 
     # Client adapters are written by their SuperNodes (here on the same machine, into run_dir).
-    for party in ("server", "client_0", "client_1"):
-        ours = load_file(flower_dir / "adapters" / "round_1" / party / "adapter_model.safetensors")
-        theirs = load_file(inprocess_dir / "adapters" / "round_1" / party / "adapter_model.safetensors")
-        assert ours.keys() == theirs.keys()
-        assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs), party
-    print(f"flower backend: {flower_seconds:.0f} s for one tiny round")
+    for round_index in range(1, ROUNDS + 1):
+        for party in ("server", "client_0", "client_1"):
+            ours = load_file(flower_dir / "adapters" / f"round_{round_index}" / party / "adapter_model.safetensors")
+            theirs = load_file(inprocess_dir / "adapters" / f"round_{round_index}" / party / "adapter_model.safetensors")
+            assert ours.keys() == theirs.keys()
+            assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs), (round_index, party)
+    print(f"flower backend: {flower_seconds:.0f} s for {ROUNDS} tiny rounds")
 
 
 def test_too_few_supernodes_is_one_line_from_the_server_app(superlink, tmp_path, capsys):
