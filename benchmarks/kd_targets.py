@@ -65,7 +65,8 @@ def check_direction(aligner, teacher, receiver, teacher_payload, receiver_payloa
         t_ids, t_top, t_logits = teacher_payload.sample(i)
         r_ids = receiver.data.public[i].input_ids
         ((ids, probs),) = aligner.align([t_ids], [t_top], [t_logits], [r_ids])
-        matched = aligner.match_positions(t_ids, r_ids)[:-1] >= 0
+        positions = aligner.match_positions(t_ids, r_ids)  # teacher position per receiver position, or -1
+        matched = positions[:-1] >= 0
         matched_share.append(matched.float().mean().item())
         with torch.no_grad():
             logits = receiver.module(r_ids[None], torch.ones_like(r_ids)[None])
@@ -74,7 +75,6 @@ def check_direction(aligner, teacher, receiver, teacher_payload, receiver_payloa
         _, own_top, own_logits = receiver_payload.sample(i)
         own_probs = torch.softmax(own_logits.float(), -1)
         own_floor.append(-(own_probs * log_probs.gather(1, own_top.long())).sum(1)[:-1].mean().item())
-        positions = aligner.match_positions(t_ids, r_ids)
         for pos in range(len(r_ids) - 1):
             for slot in range(ids.shape[1]):
                 target = int(ids[pos, slot])
