@@ -259,7 +259,13 @@ def test_fsdp_server_is_sharded_and_learns_what_the_ddp_server_learns(fsdp_run, 
         assert sharded.keys() == replicated.keys()
         for key in sharded:
             assert sharded[key].shape == replicated[key].shape
-            assert torch.allclose(sharded[key], replicated[key], atol=1e-6)
+            # FSDP reduce-scatters gradients and DDP all-reduces them: the same sum in another
+            # order, so fp32 rounding (~1e-7 relative per sum) differs. Adam divides by sqrt(v),
+            # which amplifies that for coordinates with tiny gradients, and each step moves a weight
+            # by up to lr (1e-3 in tiny.yaml); after round 1's steps the adapters agree to ~1e-10,
+            # after round 2's to ~1e-5 on some machines. 1e-4 (a tenth of one step) still fails
+            # for a wrongly gathered or mis-sliced shard, whose entries differ by O(1e-2) or more.
+            assert torch.allclose(sharded[key], replicated[key], rtol=1e-3, atol=1e-4), key
 
 
 @pytest.mark.skipif(
