@@ -6,11 +6,13 @@ dataloader is built:
 2. `AlignmentCacheCallback` — maps the chosen teachers' top-k logits onto the receiver's tokens,
    with MinED vocabulary maps built once per tokenizer pair and cached on disk.
 
-A third, `PhaseDeadlineCallback`, bounds how long a client's phase may run.
+A third, `PhaseDeadlineCallback`, bounds how long a client's phase may run, and
+`PhaseProgressBar` labels every phase's progress bar with its party, phase and round.
 """
 
 from fedmkt.callbacks.alignment_cache import AlignmentCacheCallback
 from fedmkt.callbacks.deadline import PhaseDeadlineCallback, PhaseTimeout
+from fedmkt.callbacks.phase_progress import PhaseProgressBar
 from fedmkt.callbacks.selective_transfer import SelectiveTransferCallback
 
-__all__ = ["AlignmentCacheCallback", "PhaseDeadlineCallback", "PhaseTimeout", "SelectiveTransferCallback"]
+__all__ = ["AlignmentCacheCallback", "PhaseDeadlineCallback", "PhaseProgressBar", "PhaseTimeout", "SelectiveTransferCallback"]

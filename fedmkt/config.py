@@ -36,6 +36,34 @@ class ModelSpec:
 
 
 @dataclass
+class DataSource:
+    """Where one set of examples comes from and how its rows map onto fedmkt's fields."""
+
+    path: str
+    """A `.jsonl`/`.json`/`.csv`/`.parquet` file, a `datasets.save_to_disk` folder, an embedded task
+    (`embedded:arc_easy`, `embedded:nq_open`, ...) or a Hugging Face Hub dataset `hub:OWNER/NAME`."""
+
+    name: Optional[str] = None
+    """Hub datasets: the dataset config (`datasets.load_dataset(NAME, name)`)."""
+
+    split: Optional[str] = None
+    """Hub datasets and saved DatasetDicts: which split (a single-split source needs none)."""
+
+    format: Optional[Literal["multiple_choice", "generation"]] = None
+    """multiple_choice: rows {prompt, choices, answer}; generation: rows {prompt, response}; an optional
+    `id` is kept. null: the embedded task's own format, or inferred from the columns."""
+
+    columns: Optional[dict[str, str]] = None
+    """Map from fedmkt's fields (prompt, choices, answer, response, id, labels) to the dataset's own
+    columns; `a.b` reaches into a nested column, e.g. {prompt: question, choices: choices.text,
+    labels: choices.label, answer: answerKey}. An answer may be an index, one of `labels`, a letter
+    (A = 0) or a 1-based digit."""
+
+    limit: Optional[int] = None
+    """Use only the first `limit` rows (null: all)."""
+
+
+@dataclass
 class LoRAConfig:
     """LoRA adapter trained on top of the frozen base model (peft)."""
 
@@ -123,25 +151,44 @@ class PartyConfig:
     distill_epochs: int = 1
     """R (server) / client distillation epochs on the public data per round."""
 
+    data: Optional[DataSource] = None
+    """Clients: this client's private training set, read on its own machine only (null: its part of
+    `data.task`)."""
+
+    eval: Optional[DataSource] = None
+    """Clients: an optional held-out set from the client's own domain, scored for this client in
+    addition to `data.eval` (summary keys own_eval_accuracy, own_eval_n, own_eval_accuracy_ci)."""
+
 
 @dataclass
 class DataConfig:
-    """The task and how its rows are cut into public, private and evaluation parts."""
+    """The shared public and evaluation sets, and the preset that carves one task into every part."""
 
-    task: str = "arc_easy"
-    """One of arc_easy, arc_challenge, boolq, rte, commonsense_qa."""
+    task: Optional[str] = None
+    """Preset: carve this embedded task (arc_easy, arc_challenge, boolq, rte, commonsense_qa, nq_open)
+    into eval + public + one private part per client. Explicit sources (`public`, `eval`,
+    `clients[i].data`) replace the preset's parts; null: every part must be given."""
 
     data_dir: Optional[str] = None
-    """Load the task from this `datasets.save_to_disk` folder instead of the embedded copy."""
+    """Load the preset task from this `datasets.save_to_disk` folder instead of the embedded copy."""
 
     eval_size: int = 100
-    """Held-out questions for evaluation (never trained on)."""
+    """Preset: held-out questions for evaluation (never trained on)."""
 
     pool_size: Optional[int] = None
-    """Training-pool size, cut into 1 public + K private parts (None: all remaining rows)."""
+    """Preset: training-pool size, cut into 1 public + K private parts (None: all remaining rows)."""
+
+    public: Optional[DataSource] = None
+    """The public set every party holds and shares logits on (null: the preset's public part)."""
+
+    eval: Optional[DataSource] = None
+    """The common held-out set every party is scored on (null: the preset's evaluation part)."""
 
     max_length: int = 256
     """Maximum tokens per sample (prompt truncated from the left)."""
+
+    max_new_tokens: int = 32
+    """Generation tasks: most tokens generated per answer at evaluation (greedy; stops at a newline)."""
 
 
 @dataclass
@@ -295,6 +342,12 @@ def validate(config: RunConfig) -> None:
             "set it to a number of seconds, or null for no limit",
         ),
         (config.data.eval_size >= 1, "data.eval_size must be >= 1", "set data.eval_size: 100"),
+        (config.data.max_new_tokens >= 1, "data.max_new_tokens must be >= 1", "set data.max_new_tokens: 32"),
+        (
+            config.server.data is None and config.server.eval is None,
+            "server.data / server.eval are set, but the server owns no private data",
+            "move them to a client, or use data.public / data.eval for shared sets",
+        ),
         (config.flower.wait_for_nodes_s > 0, "flower.wait_for_nodes_s must be > 0", "use e.g. 120"),
         (config.data.max_length >= 8, "data.max_length must be >= 8", "set data.max_length: 256"),
     ]

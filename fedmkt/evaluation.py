@@ -1,4 +1,4 @@
-"""Zero-shot scoring as lm-evaluation-harness does it: multiple-choice QA by log-likelihood, Rouge-L.
+"""Scoring as lm-evaluation-harness does it: multiple-choice QA by log-likelihood, generation by Rouge-L.
 
 A multiple-choice question is answered by the option whose continuation the model finds most likely
 after the prompt; no generation, no answer parsing. `acc` takes the raw summed log-likelihood,
@@ -6,23 +6,57 @@ after the prompt; no generation, no answer parsing. `acc` takes the raw summed l
 for having more tokens. (lm-evaluation-harness describes acc_norm as byte-length normalisation; its
 code divides by `len()` of the option string, i.e. characters, which is the same for ASCII text.
 We count the continuation as trained on, i.e. with its leading space, so every option gets +1.)
+
+A generation example is answered by greedy decoding up to the first newline and scored with Rouge-L
+(the paper's metric) and exact match after SQuAD-style normalisation. Accuracies come with a 95 %
+Wilson score interval, which stays inside [0, 1] and is sound at the small n of a quick run.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import string
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
-from fedmkt.data.tasks import QAExample
-from fedmkt.data.tokenize import IGNORE_INDEX, collate, encode_prompt_answer
+from fedmkt.data.examples import GenerationExample, QAExample
+from fedmkt.data.tokenize import IGNORE_INDEX, collate, encode_prompt_answer, prompt_ids
 from fedmkt.errors import FedMKTError
 
-__all__ = ["choice_loglikelihoods", "evaluate_multiple_choice", "assert_disjoint", "rouge_l"]
+__all__ = [
+    "choice_loglikelihoods",
+    "evaluate_multiple_choice",
+    "evaluate_generation",
+    "generate_greedy",
+    "wilson_interval",
+    "exact_match",
+    "rouge_l",
+]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a proportion `successes / n`."""
+    if n <= 0:
+        raise ValueError("wilson_interval needs n >= 1")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _progress(total: int, description: Optional[str]):
+    """A tqdm bar over `total` items, or None when there is nothing to describe."""
+    if description is None:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="q", leave=False, dynamic_ncols=True)
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -78,7 +112,9 @@ def _summed_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def _score_pairs(model: Any, encoded: list[tuple[Tensor, Tensor]], batch_size: int, pad_id: int, device: torch.device) -> Tensor:
+def _score_pairs(
+    model: Any, encoded: list[tuple[Tensor, Tensor]], batch_size: int, pad_id: int, device: torch.device, bar: Any = None
+) -> Tensor:
     """Summed log-probability of each answer given its prompt, one full forward per (prompt, answer)."""
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
@@ -92,6 +128,8 @@ def _score_pairs(model: Any, encoded: list[tuple[Tensor, Tensor]], batch_size: i
             model, keep, input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
         )
         scores[rows] = _summed_logprobs(logits, targets[:, keep])
+        if bar is not None:
+            bar.update(len(rows))
     return scores
 
 
@@ -125,7 +163,13 @@ def _group_by_prompt(encoded: list[tuple[Tensor, Tensor]], sizes: list[int]) -> 
 
 @torch.inference_mode()
 def _score_shared_prompts(
-    model: Any, encoded: list[tuple[Tensor, Tensor]], sizes: list[int], batch_size: int, pad_id: int, device: torch.device
+    model: Any,
+    encoded: list[tuple[Tensor, Tensor]],
+    sizes: list[int],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    bar: Any = None,
 ) -> Tensor:
     """Same scores as `_score_pairs`, running each prompt once instead of once per answer option.
 
@@ -184,6 +228,8 @@ def _score_shared_prompts(
             targets = option_ids[:, 1:].masked_fill(option_mask[:, 1:] == 0, IGNORE_INDEX)
             total += _summed_logprobs(rest, targets)
         scores[[p for g in batch for p in g.pairs]] = total
+        if bar is not None:
+            bar.update(rows)
     return scores
 
 
@@ -195,13 +241,15 @@ def choice_loglikelihoods(
     max_length: int = 512,
     device: torch.device | str | None = None,
     share_prompt: bool = True,
+    progress: Optional[str] = None,
 ) -> list[Tensor]:
     """For each example, the summed log-likelihood of every choice continuation ([num_choices] each).
 
     Batched over (example, choice) pairs, `batch_size` pairs per forward. With `share_prompt` each
     prompt runs once and its key/value cache serves all of its options (falls back to one full
     forward per pair for models without an expandable cache). The model is put in eval mode and
-    given back in the mode it came in, so this can run mid-training.
+    given back in the mode it came in, so this can run mid-training. `progress` labels a progress
+    bar over the answer options (none without it).
     """
     device = torch.device(device) if device is not None else _model_device(model)
     encoded = [
@@ -213,17 +261,22 @@ def choice_loglikelihoods(
     pad_id = _pad_id(tokenizer)
     was_training = model.training
     model.eval()
+    bar = _progress(len(encoded), progress)
     try:
         flat = None
         if share_prompt:
             try:
-                flat = _score_shared_prompts(model, encoded, sizes, batch_size, pad_id, device)
+                flat = _score_shared_prompts(model, encoded, sizes, batch_size, pad_id, device, bar)
             except _NoPromptCache:
                 flat = None
+                if bar is not None:
+                    bar.reset()
         if flat is None:
-            flat = _score_pairs(model, encoded, batch_size, pad_id, device)
+            flat = _score_pairs(model, encoded, batch_size, pad_id, device, bar)
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     return list(flat.split(sizes))
 
 
@@ -235,11 +288,12 @@ def evaluate_multiple_choice(
     max_length: int = 512,
     device: torch.device | str | None = None,
     share_prompt: bool = True,
-) -> dict[str, float]:
-    """`{"acc", "acc_norm"}` of `model` on `examples` (see the module docstring for the two)."""
+    progress: Optional[str] = None,
+) -> dict[str, Any]:
+    """`{"acc", "acc_norm", "n", "acc_ci"}` of `model` on `examples` (see the module docstring)."""
     if not examples:
         raise FedMKTError("No examples to evaluate. Fix: give the task a non-empty evaluation split (eval_size > 0).")
-    loglikelihoods = choice_loglikelihoods(model, tokenizer, examples, batch_size, max_length, device, share_prompt)
+    loglikelihoods = choice_loglikelihoods(model, tokenizer, examples, batch_size, max_length, device, share_prompt, progress)
     # Never synced: under DDP rank 0 scores alone (a sync would wait forever); under FSDP every rank
     # scores all questions in lock-step and already holds the same numbers.
     acc, acc_norm = MeanMetric(sync_on_compute=False), MeanMetric(sync_on_compute=False)
@@ -247,17 +301,99 @@ def evaluate_multiple_choice(
         lengths = torch.tensor([len(choice) for choice in example.choices], dtype=torch.float64)
         acc.update(float(int(scores.argmax()) == example.answer_index))
         acc_norm.update(float(int((scores / lengths).argmax()) == example.answer_index))
-    return {"acc": float(acc.compute()), "acc_norm": float(acc_norm.compute())}
+    accuracy = float(acc.compute())
+    correct = round(accuracy * len(examples))
+    return {"acc": accuracy, "acc_norm": float(acc_norm.compute()), "n": len(examples), "acc_ci": list(wilson_interval(correct, len(examples)))}
 
 
-def assert_disjoint(evaluation: list[QAExample], training: list[QAExample]) -> None:
-    """Raise if an evaluation example is also a training example: a score on seen data means nothing."""
-    overlap = {e.uid for e in evaluation} & {e.uid for e in training}
-    if overlap:
-        raise FedMKTError(
-            f"{len(overlap)} evaluation example(s) are also in the training data (e.g. uid {sorted(overlap)[0]!r}). "
-            "Fix: build both from one split_task call so the held-out part is excluded from training."
-        )
+@torch.inference_mode()
+def generate_greedy(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    batch_size: int = 8,
+    max_length: int = 512,
+    max_new_tokens: int = 32,
+    device: torch.device | str | None = None,
+    progress: Optional[str] = None,
+) -> list[str]:
+    """Greedy continuations of `prompts`, cut at the first newline (an answer is one line).
+
+    Prompts are tokenised as in training (leading specials, left truncation to leave room for the
+    answer) and left-padded so every row's next token sits at the same position.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    pad_id = _pad_id(tokenizer)
+    was_training = model.training
+    model.eval()
+    bar = _progress(len(prompts), progress)
+    texts: list[str] = [""] * len(prompts)
+    try:
+        encoded = []
+        for prompt in prompts:
+            ids, lead = prompt_ids(tokenizer, prompt)
+            room = max(max_length - max_new_tokens, lead + 1)
+            encoded.append(ids if len(ids) <= room else ids[:lead] + ids[len(ids) - (room - lead) :])
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, i in enumerate(rows):
+                input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                attention[row, width - len(encoded[i]) :] = 1
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
+            for row, i in enumerate(rows):
+                text = tokenizer.decode(output[row, width:], skip_special_tokens=True)
+                texts[i] = text.split("\n", 1)[0].strip()
+            if bar is not None:
+                bar.update(len(rows))
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return texts
+
+
+def _normalise_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share of predictions equal to their reference after `_normalise_answer`."""
+    if len(predictions) != len(references) or not predictions:
+        raise FedMKTError(f"exact_match got {len(predictions)} predictions for {len(references)} references. Fix: pass one per reference.")
+    return sum(_normalise_answer(p) == _normalise_answer(r) for p, r in zip(predictions, references)) / len(predictions)
+
+
+def evaluate_generation(
+    model: Any,
+    tokenizer: Any,
+    examples: list[GenerationExample],
+    batch_size: int = 8,
+    max_length: int = 512,
+    max_new_tokens: int = 32,
+    device: torch.device | str | None = None,
+    progress: Optional[str] = None,
+) -> dict[str, Any]:
+    """`{"rouge_l", "exact_match", "n"}` of greedy answers to `examples` against their responses."""
+    if not examples:
+        raise FedMKTError("No examples to evaluate. Fix: give the run a non-empty evaluation set.")
+    predictions = generate_greedy(
+        model, tokenizer, [e.prompt for e in examples], batch_size, max_length, max_new_tokens, device, progress
+    )
+    references = [e.response.strip() for e in examples]
+    return {"rouge_l": rouge_l(predictions, references), "exact_match": exact_match(predictions, references), "n": len(examples)}
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:

@@ -14,9 +14,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from fedmkt.config import RunConfig, validate
 from fedmkt.data.datamodule import PartyDataModule
-from fedmkt.data.tasks import FederatedSplit, load_task, split_task
+from fedmkt.data.parts import PartyData, federation_data, party_data
 from fedmkt.errors import FedMKTError
-from fedmkt.evaluation import assert_disjoint
 from fedmkt.federation.checkpoint import atomic_write_text
 from fedmkt.federation.distributed import coordinate, is_rank_zero, launch_ranks
 from fedmkt.federation.participant import Participant
@@ -40,18 +39,12 @@ def party_names(num_clients: int) -> list[str]:
 
 
 def build_participants(config: RunConfig) -> tuple[Participant, list[Participant]]:
-    """Load the task split, every party's model and tokenizer, and wire up the participants."""
-    split = federated_split(config)
-    participants = [build_participant(config, name, split) for name in party_names(len(config.clients))]
+    """Load every party's data (all checked before any model loads), model and tokenizer, and wire
+    up the participants; each receives only its own private examples."""
+    names = party_names(len(config.clients))
+    data = federation_data(config, names)
+    participants = [build_participant(config, name, data[name]) for name in names]
     return participants[0], participants[1:]
-
-
-def federated_split(config: RunConfig) -> FederatedSplit:
-    """The task cut into public, private and held-out parts, the same on every party's machine."""
-    examples = load_task(config.data.task, config.data.data_dir)
-    split = split_task(examples, len(config.clients), config.data.eval_size, config.data.pool_size, config.seed)
-    assert_disjoint(split.evaluation, split.pool)
-    return split
 
 
 def make_loggers(config: RunConfig, run_dir: Path, resumed: bool = False) -> list[Logger]:
@@ -116,28 +109,31 @@ def fit(config: RunConfig, resolved_config: Optional[str] = None, resume: Option
     return summary
 
 
-def evaluate_party(config: RunConfig, party: str = SERVER, adapter: Optional[str] = None) -> dict[str, float]:
-    """Held-out accuracy of one party's base model, optionally with a saved LoRA adapter."""
+def evaluate_party(config: RunConfig, party: str = SERVER, adapter: Optional[str] = None) -> dict:
+    """Held-out scores of one party's base model, optionally with a saved LoRA adapter."""
     from peft import PeftModel
 
-    from fedmkt.evaluation import evaluate_multiple_choice
+    from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice
 
     names = party_names(len(config.clients))
     if party not in names:
         raise FedMKTError(f"unknown party `{party}`. Fix: use one of {', '.join(names)}.")
     spec = dict(zip(names, [config.server, *config.clients]))[party]
-    split = federated_split(config)
+    data = party_data(config, party)
     model = load_model(spec.model, config.cache_dir, seed=config.seed + names.index(party))
     if adapter is not None:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise FedMKTError(f"no LoRA adapter at {adapter}. Fix: pass a folder such as RUN_DIR/adapters/round_1/{party}.")
         model = PeftModel.from_pretrained(model, adapter)
     tokenizer = load_tokenizer(spec.model, config.cache_dir)
-    return evaluate_multiple_choice(model, tokenizer, split.evaluation, batch_size=spec.eval_batch_size, max_length=config.data.max_length)
+    settings = {"batch_size": spec.eval_batch_size, "max_length": config.data.max_length, "progress": f"{party} · evaluate"}
+    if data.format == "generation":
+        return evaluate_generation(model, tokenizer, data.evaluation, max_new_tokens=config.data.max_new_tokens, **settings)
+    return evaluate_multiple_choice(model, tokenizer, data.evaluation, **settings)
 
 
-def build_participant(config: RunConfig, name: str, split: Optional[FederatedSplit] = None) -> Participant:
-    """One party: its model (seeded LoRA init), tokenizer, data and evaluation questions.
+def build_participant(config: RunConfig, name: str, data: Optional[PartyData] = None) -> Participant:
+    """One party: its model (seeded LoRA init), tokenizer, data and evaluation examples.
 
     Used for every party in-process, and alone where each party runs in its own process or machine
     (the Flower backend): it loads only this party's model, and its peers' tokenizers only when it
@@ -150,20 +146,22 @@ def build_participant(config: RunConfig, name: str, split: Optional[FederatedSpl
         raise FedMKTError(f"unknown party `{name}`. Fix: use one of {', '.join(names)}.")
     index = names.index(name)
     party = [config.server, *config.clients][index]
-    split = split if split is not None else federated_split(config)
+    data = data if data is not None else party_data(config, name)  # read on this party's machine only
     tokenizer = load_tokenizer(party.model, config.cache_dir)
     peer_specs = {n: p.model for n, p in zip(names, [config.server, *config.clients]) if (n == SERVER) != (name == SERVER)}
 
     L.seed_everything(config.seed + index, verbose=False)  # distinct, reproducible LoRA inits
     module = PartyModule(load_model(party.model, config.cache_dir, seed=config.seed + index), party.lora, party.optimizer, config.transfer, name)
-    if name == SERVER:  # the server owns no private data, except in the centralized baseline
-        private = split.pool if config.federation.mode == "centralized" else []
-    else:
-        private = split.private[index - 1]
-    data = PartyDataModule(name, private, split.public, tokenizer, config.data.max_length, party.batch_size, party.eval_batch_size, config.seed)
+    # The server's private part is empty, except in the centralized baseline (all clients' data).
+    datamodule = PartyDataModule(
+        name, data.private, data.public, tokenizer, config.data.max_length, party.batch_size, party.eval_batch_size, config.seed
+    )
     return Participant(
-        name, party, config.transfer, module, tokenizer, data, split.evaluation, TokenizersOnDemand(peer_specs, config.cache_dir),
+        name, party, config.transfer, module, tokenizer, datamodule, data.evaluation, TokenizersOnDemand(peer_specs, config.cache_dir),
         cache_root(config.cache_dir) / "vocab_maps", config.data.max_length, config.seed,
         phase_timeout_s=None if name == SERVER else config.federation.client_timeout_s,
         privacy=config.privacy,
+        own_evaluation=data.own_evaluation,
+        data_format=data.format,
+        max_new_tokens=config.data.max_new_tokens,
     )

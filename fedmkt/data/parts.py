@@ -1,0 +1,135 @@
+"""Which examples each party holds: the shared public and evaluation sets, and its own private set.
+
+Each part comes from an explicit data source (`data.public`, `data.eval`, `clients[i].data`,
+`clients[i].eval`) or, where none is given, from the `data.task` preset that carves one embedded
+task into eval + public + K private parts. `party_data` reads only what one party may hold — a
+client's private source is read by that client alone — so the same call serves every party in one
+process and one party on its own machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from fedmkt.config import DataSource, RunConfig
+from fedmkt.data.examples import Example, Format, content_key, format_of
+from fedmkt.data.sources import load_source
+from fedmkt.data.tasks import TASK_FORMATS, FederatedSplit, load_task, split_task
+from fedmkt.errors import FedMKTError
+
+__all__ = ["PartyData", "SourceReader", "party_data", "federation_data", "check_disjoint"]
+
+SERVER = "server"
+
+
+@dataclass
+class PartyData:
+    """What one party trains and is scored on."""
+
+    public: list[Example]
+    private: list[Example]
+    evaluation: list[Example]
+    own_evaluation: Optional[list[Example]]
+    format: Format
+
+
+class SourceReader:
+    """Loads each source of a run once, in the run's one format, and the preset split when needed."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self._split: Optional[FederatedSplit] = None
+        self._loaded: dict[str, list[Example]] = {}
+        self.format = self._run_format()
+
+    def _run_format(self) -> Format:
+        """The preset task's format, else that of the common evaluation set (every set must match)."""
+        data = self.config.data
+        if data.task is not None:
+            if data.task not in TASK_FORMATS:
+                raise FedMKTError(f"data.task: unknown task {data.task!r}. Fix: use one of {', '.join(TASK_FORMATS)}, or null.")
+            return TASK_FORMATS[data.task]  # type: ignore[return-value]
+        if data.eval is None:
+            raise FedMKTError("data.eval is not set and there is no data.task preset. Fix: set data.eval to a data source, or set data.task.")
+        return format_of(self.source("data.eval", data.eval, check_format=False)[0])
+
+    def split(self, missing_key: str) -> FederatedSplit:
+        """The preset's carve of `data.task` (the same on every machine for the same seed)."""
+        data = self.config.data
+        if data.task is None:
+            raise FedMKTError(f"{missing_key} is not set and there is no data.task preset. Fix: set {missing_key} to a data source, or set data.task.")
+        if self._split is None:
+            examples = load_task(data.task, data.data_dir)
+            self._split = split_task(examples, len(self.config.clients), data.eval_size, data.pool_size, self.config.seed)
+        return self._split
+
+    def source(self, key: str, source: DataSource, check_format: bool = True) -> list[Example]:
+        if key not in self._loaded:
+            self._loaded[key] = load_source(source, key, self.format if check_format else None)
+        return self._loaded[key]
+
+    def public(self) -> list[Example]:
+        data = self.config.data
+        return self.source("data.public", data.public) if data.public is not None else self.split("data.public").public
+
+    def evaluation(self) -> list[Example]:
+        data = self.config.data
+        return self.source("data.eval", data.eval) if data.eval is not None else self.split("data.eval").evaluation
+
+    def private(self, client: int) -> list[Example]:
+        source = self.config.clients[client].data
+        key = f"clients[{client}].data"
+        return self.source(key, source) if source is not None else self.split(key).private[client]
+
+    def own_evaluation(self, client: int) -> Optional[list[Example]]:
+        source = self.config.clients[client].eval
+        return self.source(f"clients[{client}].eval", source) if source is not None else None
+
+
+def party_data(config: RunConfig, name: str, loader: Optional[SourceReader] = None) -> PartyData:
+    """The examples party `name` holds; its evaluation sets are checked against its training sets."""
+    loader = loader or SourceReader(config)
+    public, evaluation = loader.public(), loader.evaluation()
+    own_evaluation = None
+    if name == SERVER:  # the server owns no private data, except in the centralized baseline
+        clients = range(len(config.clients)) if config.federation.mode == "centralized" else ()
+        training = {f"clients[{i}].data": loader.private(i) for i in clients}
+        private = [e for part in training.values() for e in part]
+    else:
+        index = int(name.split("_", 1)[1])
+        private = loader.private(index)
+        training = {f"clients[{index}].data": private}
+        own_evaluation = loader.own_evaluation(index)
+    evaluations = {"data.eval": evaluation} | ({f"{name}.eval": own_evaluation} if own_evaluation is not None else {})
+    check_disjoint(evaluations, {"data.public": public} | training)
+    return PartyData(public, private, evaluation, own_evaluation, loader.format)
+
+
+def federation_data(config: RunConfig, names: list[str]) -> dict[str, PartyData]:
+    """Every party's examples for an in-process run, each source read once, and every evaluation
+    set checked against every training set of the federation (public and all private)."""
+    loader = SourceReader(config)
+    parts = {name: party_data(config, name, loader) for name in names}
+    evaluations = {"data.eval": loader.evaluation()}
+    evaluations |= {f"clients[{i}].eval": e for i in range(len(config.clients)) if (e := loader.own_evaluation(i)) is not None}
+    training = {"data.public": loader.public()} | {f"clients[{i}].data": loader.private(i) for i in range(len(config.clients))}
+    check_disjoint(evaluations, training)
+    return parts
+
+
+def check_disjoint(evaluations: dict[str, list[Example]], training: dict[str, list[Example]]) -> None:
+    """Raise if an evaluation example is also a training example (same normalised text, whatever its
+    id): a score on seen data means nothing."""
+    seen = {content_key(e): (key, e) for key, examples in training.items() for e in examples}
+    for eval_key, examples in evaluations.items():
+        for example in examples:
+            hit = seen.get(content_key(example))
+            if hit is not None:
+                train_key, twin = hit
+                count = sum(content_key(e) in seen for e in examples)
+                raise FedMKTError(
+                    f"{count} example(s) of {eval_key} are also in {train_key} or another training set "
+                    f"(e.g. {example.prompt[:60]!r}, ids {example.uid!r} / {twin.uid!r}). "
+                    f"Fix: remove them from {eval_key} or from the training sets."
+                )
