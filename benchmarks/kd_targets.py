@@ -32,7 +32,8 @@ import torch
 from fedmkt.alignment import TokenAligner, build_vocab_map, dtw_path
 from fedmkt.cli import parse_run_config
 from fedmkt.losses import sparse_kd_loss
-from fedmkt.run import build_participant, federated_split
+from fedmkt.data.parts import federation_data
+from fedmkt.run import build_participant
 
 UNLEARNABLE_LOG_PROB = -20.0
 
@@ -98,8 +99,8 @@ def main() -> None:
     args = parser.parse_args()
 
     config = parse_run_config(["--config", args.config, "--data.task", args.task, "--logging.wandb", "false"])
-    split = federated_split(config)
-    parties = {name: build_participant(config, name, split) for name in ("server", "client_0")}
+    data = federation_data(config, ["server", "client_0"])
+    parties = {name: build_participant(config, name, data[name]) for name in ("server", "client_0")}
     for party in parties.values():
         party.data.public = party.data.public[: args.samples]
     payloads = {name: party.share_knowledge(round_index=1) for name, party in parties.items()}

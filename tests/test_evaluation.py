@@ -11,7 +11,7 @@ from torch import nn
 from fedmkt.data.tasks import QAExample, load_task
 from fedmkt.data.tokenize import encode_prompt_answer
 from fedmkt.errors import FedMKTError
-from fedmkt.evaluation import assert_disjoint, choice_loglikelihoods, evaluate_multiple_choice, rouge_l
+from fedmkt.evaluation import choice_loglikelihoods, evaluate_multiple_choice, rouge_l, wilson_interval
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_accuracy_is_a_mean_over_examples(smollm2_tokenizer):
     right = QAExample("r", "Question: ?\nAnswer:", (" a", " internationalization"), 0)
     wrong = QAExample("w", "Question: ?\nAnswer:", (" a", " internationalization"), 1)
     metrics = evaluate_multiple_choice(model, smollm2_tokenizer, [right, wrong, wrong, wrong])
-    assert metrics == {"acc": 0.25, "acc_norm": 0.75}
+    assert (metrics["acc"], metrics["acc_norm"], metrics["n"]) == (0.25, 0.75, 4)
 
 
 def test_no_examples_is_a_user_error(tiny_llama, smollm2_tokenizer):
@@ -212,12 +212,19 @@ def test_no_examples_is_a_user_error(tiny_llama, smollm2_tokenizer):
         evaluate_multiple_choice(tiny_llama, smollm2_tokenizer, [])
 
 
-def test_assert_disjoint():
-    a = QAExample("a", "Q", (" x",), 0)
-    b = QAExample("b", "Q", (" x",), 0)
-    assert_disjoint([a], [b])
-    with pytest.raises(FedMKTError, match="uid 'a'"):
-        assert_disjoint([a, b], [QAExample("a", "other", (" y",), 0)])
+def test_wilson_interval_matches_the_closed_form_values():
+    # Reference values of the 95 % Wilson score interval (Newcombe 1998, table I: 81/263; 15/148; 0/20).
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=5e-4)
+    assert wilson_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=5e-4)
+    low, high = wilson_interval(0, 20)
+    assert low == 0.0 and high == pytest.approx(0.1611, abs=5e-4)
+
+
+def test_accuracy_comes_with_its_sample_size_and_interval(tiny_llama, smollm2_tokenizer, mixed_examples):
+    metrics = evaluate_multiple_choice(tiny_llama, smollm2_tokenizer, mixed_examples, batch_size=4)
+    assert metrics["n"] == len(mixed_examples)
+    low, high = metrics["acc_ci"]
+    assert low <= metrics["acc"] <= high and 0.0 <= low < high <= 1.0
 
 
 def test_rouge_l():
