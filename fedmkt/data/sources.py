@@ -117,6 +117,8 @@ def _hub_dataset(source: DataSource, key: str):
         + (f", '{source.name}'" if source.name else "")
         + f", split='{source.split or 'train'}').save_to_disk('FOLDER')), then point {key}.path at FOLDER."
     )
+    if not Path(name).is_dir() and not _hub_reachable():
+        raise FedMKTError(f"{key}.path: the Hugging Face Hub cannot be reached (offline, or HF_HUB_OFFLINE is set) to load {name}. {fix}")
     try:
         loaded = datasets.load_dataset(name, source.name, split=source.split)
     except (ConnectionError, OSError) as error:
@@ -127,6 +129,24 @@ def _hub_dataset(source: DataSource, key: str):
             f"Check {key}.name and {key}.split; without network: {fix[5:]}"
         ) from error
     return _one_split(loaded, source, key)
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hub answers within seconds: `datasets` would otherwise retry for about half a minute."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def _one_split(loaded, source: DataSource, key: str):
@@ -176,6 +196,14 @@ def _rows_to_examples(dataset, source: DataSource, fmt: Format, key: str) -> lis
         raise FedMKTError(
             f"{key}.columns maps unknown field(s) {', '.join(unknown)}. Fix: map only prompt, choices, answer, "
             "response, id or labels."
+        )
+    other: Format = "generation" if fmt == "multiple_choice" else "multiple_choice"
+    if all(_has_column(dataset, columns.get(f, f)) for f in FIELDS[other]) and not all(
+        _has_column(dataset, columns.get(f, f)) for f in FIELDS[fmt]
+    ):
+        raise FedMKTError(
+            f"{key}: {source.path} holds {other} rows but {key}.format is {fmt}. "
+            f"Fix: set {key}.format: {other}, or point {key}.path at {fmt} data."
         )
     mapping = {field: columns.get(field, field) for field in (*FIELDS[fmt], *_OPTIONAL_FIELDS)}
     for field, column in mapping.items():
