@@ -116,7 +116,14 @@ def _evaluate(parser: ArgumentParser, namespace) -> None:
     from fedmkt.run import evaluate_party
 
     scores = evaluate_party(_run_config(parser, namespace), namespace.party, namespace.adapter)
-    print(" ".join(f"{key}={value:.4f}" for key, value in scores.items()))
+    print(" ".join(f"{key}={_plain(value)}" for key, value in scores.items()))
+
+
+def _plain(value) -> str:
+    """`0.6250`, `12`, or `0.3567,0.8591` for an interval: one token per score, for scripts to split."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:.4f}" for v in value)
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
 def _map_vocab(parser: ArgumentParser, namespace) -> None:

@@ -147,7 +147,7 @@ def test_peft_wrapped_model_is_scored_and_training_mode_restored(tiny_llama, smo
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert wrapped.training
     metrics = evaluate_multiple_choice(wrapped, smollm2_tokenizer, mixed_examples[:3])
-    assert set(metrics) == {"acc", "acc_norm"} and 0.0 <= metrics["acc"] <= 1.0
+    assert set(metrics) == {"acc", "acc_norm", "n", "acc_ci"} and 0.0 <= metrics["acc"] <= 1.0
     assert wrapped.training
 
 
@@ -181,7 +181,8 @@ def test_a_model_that_prefers_the_right_answers_scores_one(smollm2_tokenizer, mi
     examples = [e for e in mixed_examples if clean(e)]
     assert len(examples) >= 4
     model = CraftedLM(len(smollm2_tokenizer), favoured)
-    assert evaluate_multiple_choice(model, smollm2_tokenizer, examples, batch_size=5) == {"acc": 1.0, "acc_norm": 1.0}
+    scores = evaluate_multiple_choice(model, smollm2_tokenizer, examples, batch_size=5)
+    assert (scores["acc"], scores["acc_norm"], scores["n"]) == (1.0, 1.0, len(examples))
     # The same model on answers it does not favour gets every question wrong.
     flipped = [QAExample(e.uid, e.prompt, e.choices, (e.answer_index + 1) % len(e.choices)) for e in examples]
     assert evaluate_multiple_choice(model, smollm2_tokenizer, flipped)["acc"] == 0.0
@@ -196,7 +197,8 @@ def test_acc_norm_divides_by_characters(smollm2_tokenizer):
     # tokens while acc_norm prefers the one with fewer tokens per character.
     model = CraftedLM(len(smollm2_tokenizer), set())
     example = QAExample("x", "Question: Which word?\nAnswer:", (short, long), answer_index=1)
-    assert evaluate_multiple_choice(model, smollm2_tokenizer, [example]) == {"acc": 0.0, "acc_norm": 1.0}
+    scores = evaluate_multiple_choice(model, smollm2_tokenizer, [example])
+    assert (scores["acc"], scores["acc_norm"], scores["n"]) == (0.0, 1.0, 1)
 
 
 def test_accuracy_is_a_mean_over_examples(smollm2_tokenizer):

