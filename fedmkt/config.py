@@ -320,6 +320,10 @@ class RunConfig:
     cache_dir: Optional[str] = None
     """Converted models and vocabulary maps (default: $FEDMKT_CACHE or ~/.cache/fedmkt)."""
 
+    def parties(self) -> dict[str, PartyConfig]:
+        """`{"server": ..., "client_0": ..., ...}`: the names used in payloads, logs and summary.json."""
+        return {"server": self.server} | {f"client_{i}": client for i, client in enumerate(self.clients)}
+
 
 def validate(config: RunConfig) -> None:
     """Reject values that parse but cannot work, naming the key and the fix."""

@@ -35,13 +35,13 @@ def quiet_lightning() -> None:
 
 def party_names(num_clients: int) -> list[str]:
     """`server`, `client_0`, …: the names used in payloads, logs and summary.json."""
-    return [SERVER] + [f"client_{i}" for i in range(num_clients)]
+    return [SERVER] + [f"client_{i}" for i in range(num_clients)]  # the keys of RunConfig.parties()
 
 
 def build_participants(config: RunConfig) -> tuple[Participant, list[Participant]]:
     """Load every party's data (all checked before any model loads), model and tokenizer, and wire
     up the participants; each receives only its own private examples."""
-    names = party_names(len(config.clients))
+    names = list(config.parties())
     data = federation_data(config, names)
     participants = [build_participant(config, name, data[name]) for name in names]
     return participants[0], participants[1:]
@@ -91,7 +91,7 @@ def fit(config: RunConfig, resolved_config: Optional[str] = None, resume: Option
         for party in (server, *clients):  # what's needed, with the adapters, to reproduce a checkpoint
             party.tokenizer.save_pretrained(run_dir / "tokenizers" / party.name)
     loggers = make_loggers(config, run_dir, resumed=resume is not None) if is_rank_zero() else []
-    server, *clients = coordinate([server, *clients], [p.trainer for p in (config.server, *config.clients)])
+    server, *clients = coordinate([server, *clients], [p.trainer for p in config.parties().values()])
     trainer = FederatedTrainer(server, clients, config, run_dir, loggers)
     start_round = trainer.restore() if resume is not None else 1
     try:
@@ -115,12 +115,12 @@ def evaluate_party(config: RunConfig, party: str = SERVER, adapter: Optional[str
 
     from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice
 
-    names = party_names(len(config.clients))
-    if party not in names:
-        raise FedMKTError(f"unknown party `{party}`. Fix: use one of {', '.join(names)}.")
-    spec = dict(zip(names, [config.server, *config.clients]))[party]
+    parties = config.parties()
+    if party not in parties:
+        raise FedMKTError(f"unknown party `{party}`. Fix: use one of {', '.join(parties)}.")
+    spec = parties[party]
     data = party_data(config, party)
-    model = load_model(spec.model, config.cache_dir, seed=config.seed + names.index(party))
+    model = load_model(spec.model, config.cache_dir, seed=config.seed + list(parties).index(party))
     if adapter is not None:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise FedMKTError(f"no LoRA adapter at {adapter}. Fix: pass a folder such as RUN_DIR/adapters/round_1/{party}.")
@@ -141,14 +141,14 @@ def build_participant(config: RunConfig, name: str, data: Optional[PartyData] = 
     """
     from fedmkt.models import TokenizersOnDemand
 
-    names = party_names(len(config.clients))
-    if name not in names:
-        raise FedMKTError(f"unknown party `{name}`. Fix: use one of {', '.join(names)}.")
-    index = names.index(name)
-    party = [config.server, *config.clients][index]
+    parties = config.parties()
+    if name not in parties:
+        raise FedMKTError(f"unknown party `{name}`. Fix: use one of {', '.join(parties)}.")
+    index = list(parties).index(name)
+    party = parties[name]
     data = data if data is not None else party_data(config, name)  # read on this party's machine only
     tokenizer = load_tokenizer(party.model, config.cache_dir)
-    peer_specs = {n: p.model for n, p in zip(names, [config.server, *config.clients]) if (n == SERVER) != (name == SERVER)}
+    peer_specs = {n: p.model for n, p in parties.items() if (n == SERVER) != (name == SERVER)}
 
     L.seed_everything(config.seed + index, verbose=False)  # distinct, reproducible LoRA inits
     module = PartyModule(load_model(party.model, config.cache_dir, seed=config.seed + index), party.lora, party.optimizer, config.transfer, name)

@@ -30,6 +30,14 @@ from fedmkt.privacy import add_logit_noise
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 
 
+_PHASE_OFFSETS = {"fine_tune": 1, "distill": 2, "logit_noise": 3}
+
+
+def phase_seed(seed: int, round_index: int, phase: str) -> int:
+    """The seed of one phase of one round: distinct per phase and round, the same on every resume."""
+    return seed + 1000 * round_index + _PHASE_OFFSETS[phase]
+
+
 class Participant:
     """A server or client: fine-tune, share knowledge, distil, evaluate."""
 
@@ -95,8 +103,8 @@ class Participant:
             num_sanity_val_steps=0,
         )
 
-    def _fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule, phase_seed: int) -> dict[str, float]:
-        L.seed_everything(phase_seed, verbose=False)
+    def _fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule, seed: int) -> dict[str, float]:
+        L.seed_everything(seed, verbose=False)
         start = time.perf_counter()
         trainer.fit(self.module, datamodule=datamodule)
         self._park()
@@ -120,9 +128,9 @@ class Participant:
         if self.config.local_epochs == 0 or not self.data.private:
             return {"task_loss": float("nan"), "kd_loss": 0.0, "train_seconds": 0.0}
         trainer = self._trainer("fine_tune", self.config.local_epochs)
-        phase_seed = self.seed + 1000 * round_index + 1
-        self.data.shuffle_seed = phase_seed  # a fresh private-data order every round
-        return self._fit(trainer, self.data, phase_seed)
+        seed = phase_seed(self.seed, round_index, "fine_tune")
+        self.data.shuffle_seed = seed  # a fresh private-data order every round
+        return self._fit(trainer, self.data, seed)
 
     def share_knowledge(self, round_index: int) -> KnowledgePayload:
         """Steps 2/7: per-sample CE and top-k logits on the public data."""
@@ -147,7 +155,7 @@ class Participant:
             topk_logits=torch.cat([o["topk_logits"] for o in outputs]),
         )
         self._public_losses = payload.losses[payload.sample_index.argsort()]
-        return add_logit_noise(payload, self.privacy, seed=self.seed + 1000 * round_index + 3)
+        return add_logit_noise(payload, self.privacy, seed=phase_seed(self.seed, round_index, "logit_noise"))
 
     def public_losses(self) -> torch.Tensor:
         """The receiver's own per-sample CE on the public data, for DualMinCE (reused if fresh)."""
@@ -165,14 +173,14 @@ class Participant:
             own_losses=self.public_losses(),
             batch_size=self.config.batch_size,
             pad_id=self.data.pad_id,
-            seed=self.seed + 1000 * round_index + 2,
+            seed=phase_seed(self.seed, round_index, "distill"),
             top_k=self.transfer.top_k,
             kd_positions=self.transfer.kd_positions,
         )
         if self.config.distill_epochs == 0:  # a frozen party (e.g. the LLM in LLM2SLM) learns nothing
             return {"task_loss": float("nan"), "kd_loss": 0.0, "train_seconds": 0.0, "selected": 0, "teacher_counts": {}}
         trainer = self._trainer("distill", self.config.distill_epochs, callbacks=(self.selective_transfer, self.alignment))
-        stats = self._fit(trainer, data, self.seed + 1000 * round_index + 2)
+        stats = self._fit(trainer, data, phase_seed(self.seed, round_index, "distill"))
         return stats | self.selective_transfer.last
 
     def evaluate(self) -> dict:
