@@ -200,7 +200,12 @@ def test_fit_runs_every_round_after_zero_shot_and_logs_namespaced_metrics(federa
     steps = [step for step, _ in federation.logger.logged]
     assert steps == [0, 1, 2]
     zero, first = federation.logger.logged[0][1], federation.logger.logged[1][1]
-    assert zero == {"server/eval_accuracy": 0.5, "client_0/eval_accuracy": 0.5, "client_1/eval_accuracy": 0.5, "round": 0}
+    # Zero-shot logs every score a party reports (n and interval included), namespaced by party.
+    assert zero == {"round": 0} | {
+        f"{party}/{key}": value
+        for party in ("server", "client_0", "client_1")
+        for key, value in (("eval_accuracy", 0.5), ("eval_accuracy_norm", 0.5), ("eval_seconds", 0.1))
+    }
     assert first["round"] == 1 and first["client_0/task_loss"] == 1.0
     assert first["server/teacher_counts/client_1"] == 1.0
     assert first["server/bytes_received"] > 0
