@@ -276,7 +276,7 @@ def test_fsdp_server_is_sharded_and_learns_what_the_ddp_server_learns(fsdp_run, 
 @pytest.mark.slow
 @pytest.mark.skipif(
     torch.cuda.device_count() == 0,
-    reason="FSDP with bf16-mixed on CUDA needs a GPU; none here (the CPU/gloo FSDP path is tested above, bf16-mixed on CPU by hand, see README)",
+    reason="FSDP with bf16-mixed on CUDA needs a GPU; none here (the CPU/gloo FSDP path is tested above, bf16-mixed on CPU by hand, see docs/multi_gpu.md)",
 )
 def test_fsdp_bf16_mixed_on_gpus(tmp_path):
     devices = min(2, torch.cuda.device_count())
