@@ -108,7 +108,10 @@ def test_random_init_applies_overrides_and_is_seeded():
     assert model.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
     same = load_model(spec, seed=1)
     other = load_model(spec, seed=2)
-    weight = lambda m: m.model.layers[0].mlp.up_proj.weight
+
+    def weight(m):
+        return m.model.layers[0].mlp.up_proj.weight
+
     assert torch.equal(weight(model), weight(same)) and not torch.equal(weight(model), weight(other))
 
 
@@ -129,10 +132,13 @@ def test_random_init_unknown_key_names_the_key():
 
 def test_random_init_cycles_gemma_layer_types_to_the_new_depth():
     pattern = ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"]
-    gemma = lambda: Gemma3TextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=16, num_hidden_layers=6, layer_types=list(pattern),
-    )
+
+    def gemma():
+        return Gemma3TextConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=16, num_hidden_layers=6, layer_types=list(pattern),
+        )
+
     model = _random_init_model(gemma(), {"num_hidden_layers": 4}, torch.float32, 0)
     assert model.config.layer_types == pattern[:4]
     assert len(model.model.layers) == 4
