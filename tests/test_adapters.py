@@ -74,6 +74,7 @@ def _sharded_worker(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sharded_model_gathers_whole_tensors_and_loads_each_ranks_slice():
     results = mp.Manager().dict()
     mp.spawn(_sharded_worker, args=(_free_port(), results), nprocs=2, join=True)

@@ -107,9 +107,28 @@ def test_special_tokens_map_only_to_the_same_special(real_pair):
     assert not set(to_smol[to_smol >= 0].tolist()) & special_token_ids(smol)
 
 
-def test_cache_hit_is_fast_and_identical(real_pair):
-    again = load_or_build_vocab_map(real_pair["smol"], real_pair["gemma"], real_pair["cache"])
-    assert torch.equal(again, torch.from_numpy(real_pair["maps"][("smol", "gemma")]))
+def test_second_build_is_a_cache_hit_that_equals_a_fresh_build(real_pair, tmp_path, monkeypatch):
+    """SmolLM2 -> Gemma-3 (the cheap direction, seconds) built into an empty cache, then asked for again."""
+    from fedmkt.alignment import vocab_map
+
+    builds = []
+    build = vocab_map.build_vocab_map
+    monkeypatch.setattr(vocab_map, "build_vocab_map", lambda *a, **kw: builds.append(1) or build(*a, **kw))
+    smol, gemma, strings = real_pair["smol"], real_pair["gemma"], real_pair["strings"]
+    fresh = load_or_build_vocab_map(smol, gemma, tmp_path, src_strings=strings["smol"], dst_strings=strings["gemma"])
+    (cache_file,) = tmp_path.glob("*.npy")
+    assert len(builds) == 1
+    # The session's map (from the shared on-disk cache the runs use) is what a build from scratch gives.
+    assert torch.equal(fresh, torch.from_numpy(real_pair["maps"][("smol", "gemma")]))
+
+    again = load_or_build_vocab_map(smol, gemma, tmp_path)
+    assert len(builds) == 1, "the second call rebuilt the map instead of loading it"
+    assert torch.equal(again, fresh)
+    # It is the file that answers: an edited cache entry comes back as written.
+    edited = fresh.numpy().copy()
+    edited[0] = 7
+    np.save(cache_file, edited, allow_pickle=False)
+    assert load_or_build_vocab_map(smol, gemma, tmp_path)[0].item() == 7 and len(builds) == 1
 
 
 @pytest.mark.parametrize(("teacher", "receiver"), [("gemma", "smol"), ("smol", "gemma")])

@@ -153,6 +153,7 @@ def _coordination_worker(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_rank_zero_runs_single_device_phases_and_every_rank_gets_its_outcome():
     results = mp.Manager().dict()
     mp.spawn(_coordination_worker, args=(_free_port(), results), nprocs=2, join=True)
@@ -192,6 +193,7 @@ def ddp_and_single_process_runs(tmp_path_factory) -> tuple[dict, dict, Path]:
     return load(ddp_dir), load(single_dir), ddp_dir
 
 
+@pytest.mark.slow
 def test_ddp_server_trains_on_two_ranks_and_its_payload_covers_all_public_samples(ddp_and_single_process_runs):
     ddp, single, _ = ddp_and_single_process_runs
     assert [r["round"] for r in ddp["rounds"]] == [1, 2]
@@ -206,6 +208,7 @@ def test_ddp_server_trains_on_two_ranks_and_its_payload_covers_all_public_sample
         assert server["teacher_counts"].keys() == {"client_0", "client_1"}
 
 
+@pytest.mark.slow
 def test_single_device_clients_are_untouched_by_the_ddp_server(ddp_and_single_process_runs):
     ddp, single, _ = ddp_and_single_process_runs
     # Round 1's client fine-tune happens before any server step: identical to the single-process run.
@@ -218,6 +221,7 @@ def test_single_device_clients_are_untouched_by_the_ddp_server(ddp_and_single_pr
         assert ddp["zero_shot"][party]["eval_accuracy"] == scores["eval_accuracy"]
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_run_outputs(ddp_and_single_process_runs):
     _, _, ddp_dir = ddp_and_single_process_runs
     assert sorted(p.name for p in ddp_dir.glob("logs*")) == ["logs"]
@@ -238,6 +242,7 @@ def fsdp_run(tmp_path_factory) -> tuple[dict, Path]:
     return json.loads((run_dir / "summary.json").read_text()), run_dir
 
 
+@pytest.mark.slow
 def test_fsdp_server_is_sharded_and_learns_what_the_ddp_server_learns(fsdp_run, ddp_and_single_process_runs):
     from safetensors.torch import load_file
 
@@ -268,9 +273,10 @@ def test_fsdp_server_is_sharded_and_learns_what_the_ddp_server_learns(fsdp_run, 
             assert torch.allclose(sharded[key], replicated[key], rtol=1e-3, atol=1e-4), key
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     torch.cuda.device_count() == 0,
-    reason="FSDP with bf16-mixed on CUDA needs a GPU; none here (the CPU/gloo FSDP path is tested above, bf16-mixed on CPU by hand, see README)",
+    reason="FSDP with bf16-mixed on CUDA needs a GPU; none here (the CPU/gloo FSDP path is tested above, bf16-mixed on CPU by hand, see docs/multi_gpu.md)",
 )
 def test_fsdp_bf16_mixed_on_gpus(tmp_path):
     devices = min(2, torch.cuda.device_count())

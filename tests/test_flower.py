@@ -512,6 +512,7 @@ def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
     print(f"flower backend: {flower_seconds:.0f} s for {ROUNDS} tiny rounds")
 
 
+@pytest.mark.slow
 def test_too_few_supernodes_is_one_line_from_the_server_app(superlink, tmp_path, capsys):
     """Three clients, two SuperNodes: the ServerApp gives up after flower.wait_for_nodes_s and
     the FedMKTError it raised reaches the command line through Flower's run status."""

@@ -108,7 +108,10 @@ def test_random_init_applies_overrides_and_is_seeded():
     assert model.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
     same = load_model(spec, seed=1)
     other = load_model(spec, seed=2)
-    weight = lambda m: m.model.layers[0].mlp.up_proj.weight
+
+    def weight(m):
+        return m.model.layers[0].mlp.up_proj.weight
+
     assert torch.equal(weight(model), weight(same)) and not torch.equal(weight(model), weight(other))
 
 
@@ -129,10 +132,13 @@ def test_random_init_unknown_key_names_the_key():
 
 def test_random_init_cycles_gemma_layer_types_to_the_new_depth():
     pattern = ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"]
-    gemma = lambda: Gemma3TextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=16, num_hidden_layers=6, layer_types=list(pattern),
-    )
+
+    def gemma():
+        return Gemma3TextConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=16, num_hidden_layers=6, layer_types=list(pattern),
+        )
+
     model = _random_init_model(gemma(), {"num_hidden_layers": 4}, torch.float32, 0)
     assert model.config.layer_types == pattern[:4]
     assert len(model.model.layers) == 4
@@ -161,8 +167,13 @@ def run_config(clients: int = 2) -> RunConfig:
     )
 
 
-def test_default_config_is_valid():
-    validate(run_config())
+def test_default_config_is_valid_and_validation_changes_nothing():
+    config = run_config()
+    before = dataclasses.asdict(config)
+    assert validate(config) is None  # no exception
+    assert dataclasses.asdict(config) == before
+    # The defaults are the paper's: top-16 logits, lambda = 0.9, DualMinCE.
+    assert (config.transfer.top_k, config.transfer.ce_weight, config.transfer.selection) == (16, 0.9, "dualmince")
 
 
 def _set(path: str, value):
@@ -204,13 +215,26 @@ def test_validate_names_the_key_and_the_fix(edit, needle):
     assert str(error.value).startswith(needle)
 
 
-def test_validate_accepts_edge_values():
+@pytest.mark.parametrize(
+    "key, edge, beyond, needle",
+    [
+        ("transfer.ce_weight", 0.0, -0.01, "transfer.ce_weight must be in [0, 1]"),
+        ("transfer.ce_weight", 1.0, 1.01, "transfer.ce_weight must be in [0, 1]"),
+        ("server.local_epochs", 0, -1, "server epochs must be >= 0"),
+        ("server.distill_epochs", 0, -1, "server epochs must be >= 0"),
+        ("federation.min_clients", 1, 2, "federation.min_clients must be between 1 and the number of clients (1)"),
+        ("data.max_length", 8, 7, "data.max_length must be >= 8"),
+        ("privacy.logit_noise", 0.0, -0.1, "privacy.logit_noise must be >= 0"),
+    ],
+)
+def test_validate_accepts_edge_values_and_rejects_the_next_one(key, edge, beyond, needle):
     config = run_config(clients=1)
-    config.transfer.ce_weight = 0.0
-    config.server.local_epochs = config.server.distill_epochs = 0
+    _set(key, edge)(config)
     validate(config)
-    config.transfer.ce_weight = 1.0
-    validate(config)
+    _set(key, beyond)(config)
+    with pytest.raises(FedMKTError) as error:
+        validate(config)
+    _one_line(error, needle)
 
 
 def test_config_groups_are_independent_between_parties():

@@ -132,9 +132,16 @@ def test_empty_payload_is_valid_and_round_trips():
 
 
 def test_valid_payload_passes_with_and_without_public_size():
-    payload = make_payload()
+    payload = make_payload()  # samples 2, 1, 0
     payload.validate()
-    payload.validate(num_public=3)
+    payload.validate(num_public=3)  # the largest index fits a public set of 3 ...
+    with pytest.raises(FedMKTError) as error:  # ... but not one of 2
+        payload.validate(num_public=2)
+    _assert_one_line_error(error, "client_0", "sample_index outside the public dataset of 2")
+    payload.sample_index[0] = -1
+    with pytest.raises(FedMKTError) as error:
+        payload.validate(num_public=3)
+    _assert_one_line_error(error, "sample_index outside the public dataset of 3")
 
 
 @pytest.mark.parametrize("where", ["topk_logits_nan", "topk_logits_inf", "losses_nan", "losses_inf"])
@@ -163,7 +170,12 @@ def test_validate_rejects_ids_outside_the_vocabulary(name, value):
 def test_validate_accepts_the_largest_id():
     payload = make_payload(vocab=50)
     payload.topk_ids[0, 0] = 49
+    payload.token_ids[0] = 49
     payload.validate()
+    payload.vocab_size = 49  # the same ids from a sender whose vocabulary ends one id earlier
+    with pytest.raises(FedMKTError) as error:
+        payload.validate()
+    _assert_one_line_error(error, "token_ids fall outside", "topk_ids fall outside", "vocabulary of 49")
 
 
 def test_validate_rejects_topk_shape_mismatch():

@@ -87,7 +87,7 @@ def submit(config: RunConfig, resolved_config: str, stream: bool = True) -> dict
     if not _listening(config.flower.superlink):
         raise FedMKTError(
             f"cannot reach the Flower SuperLink at {config.flower.superlink} (nothing accepts connections there). Fix: start it "
-            "(`flower-superlink --host 0.0.0.0 --port PORT --ssl-ca-certfile ... --ssl-certfile ... --ssl-keyfile ...`, see README) "
+            "(`flower-superlink --host 0.0.0.0 --port PORT --ssl-ca-certfile ... --ssl-certfile ... --ssl-keyfile ...`, see docs/flower.md) "
             "or set flower.superlink to its host:port."
         )
     with tempfile.TemporaryDirectory(prefix="fedmkt-flwr-home-") as home:
