@@ -350,3 +350,26 @@ def test_participant_phases_share_distil_and_save(smollm2_tokenizer, make_tiny_l
     saved = sorted(p.name for p in (tmp_path / "adapters" / "client_0").iterdir())
     assert "adapter_model.safetensors" in saved and "adapter_config.json" in saved
     assert [p.name for p in (tmp_path / "adapters").iterdir()] == ["client_0"]  # no temporary folder left
+
+
+def test_an_interval_reaches_the_loggers_as_its_two_ends(federation):
+    scores = {"eval_accuracy": 0.5, "eval_n": 12, "eval_accuracy_ci": [0.25, 0.75], "teacher_counts": {"client_0": 3}}
+    federation.trainer._log({"server": scores}, step=1)
+    logged = federation.logger.logged[-1][1]
+    assert logged == {
+        "server/eval_accuracy": 0.5,
+        "server/eval_n": 12.0,
+        "server/eval_accuracy_ci_low": 0.25,
+        "server/eval_accuracy_ci_high": 0.75,
+        "server/teacher_counts/client_0": 3.0,
+        "round": 1,
+    }
+
+
+def test_results_table_shows_each_accuracy_with_its_interval_and_the_sample_size(federation):
+    federation.trainer.summary["zero_shot"] = {
+        name: {"eval_accuracy": 0.5, "eval_n": 12, "eval_accuracy_ci": [0.2537, 0.7463]} for name in ("server", "client_0", "client_1")
+    }
+    table = federation.trainer.results_table()
+    assert "| server | 0.500 [0.25, 0.75] |" in table
+    assert table.rstrip().endswith("accuracy [95 % Wilson CI] on n = 12 held-out examples")

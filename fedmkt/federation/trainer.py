@@ -273,7 +273,7 @@ class FederatedTrainer:
         header = ["party"] + (["zero-shot"] if self.summary["zero_shot"] else []) + [f"round {r['round']}" for r in rounds]
         header += ["selected (last)", "MB sent (last)"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        sizes = set()
+        sizes, generation = set(), False
         for party in self.parties:
             cells = [party.name]
             scored = ([self.summary["zero_shot"][party.name]] if self.summary["zero_shot"] else []) + [
@@ -283,11 +283,12 @@ class FederatedTrainer:
                 cells.append(_score_cell(entry))
                 if entry.get("eval_n") is not None:
                     sizes.add(entry["eval_n"])
+                generation |= entry.get("eval_rouge_l") is not None
             last = rounds[-1]["parties"][party.name] if rounds else {}
             cells += [str(last.get("selected", "–")), f"{last.get('bytes_sent', 0) / 1e6:.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
         if sizes:
-            metric = "accuracy [95 % Wilson CI]" if self.server.data_format == "multiple_choice" else "Rouge-L (exact match)"
+            metric = "Rouge-L (exact match)" if generation else "accuracy [95 % Wilson CI]"
             lines.append(f"\n{metric} on n = {', '.join(str(n) for n in sorted(sizes))} held-out examples")
         return "\n".join(lines)
 
