@@ -82,7 +82,7 @@ def make_loggers(config: RunConfig, run_dir: Path, resumed: bool = False) -> lis
 RUN_OUTPUTS = ("config.yaml", "summary.json", "checkpoint", "adapters", "tokenizers", "logs", "wandb")
 """What a run writes into its run_dir (`logs_resumed_N/` too); `--overwrite` removes exactly these."""
 
-LOCK_FILE = ".fedmkt.lock"
+LOCK_FILE = "run.lock"
 """Held (an OS file lock, released even if the process is killed) while a run uses its run_dir."""
 
 
