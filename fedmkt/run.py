@@ -32,7 +32,10 @@ SERVER = "server"
 
 def quiet_lightning() -> None:
     """One Trainer per party per phase would repeat Lightning's start-up banners dozens of times."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed",
+        "lightning.pytorch.trainer.connectors.signal_connector",  # "Received SIGTERM": fedmkt reports the stop itself
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|LeafSpec|does not have many workers).*")
 
