@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -135,8 +134,8 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> FileLock:
     return lock
 
 
-def _resume_state(config: RunConfig, resume: str) -> Optional[dict]:
-    """The checkpoint a `--resume` continues, or None when its run already finished every round."""
+def _resume_state(config: RunConfig, resume: str) -> dict:
+    """The checkpoint a `--resume` continues (checked against `config`)."""
     folder = Path(resume)
     if folder.exists() and not folder.is_dir():
         raise FedMKTError(f"--resume {resume} is a file, not a folder. Fix: pass the run_dir of the interrupted run.")
@@ -144,8 +143,6 @@ def _resume_state(config: RunConfig, resume: str) -> Optional[dict]:
         raise FedMKTError(f"--resume folder {resume} does not exist. Fix: pass the run_dir of the interrupted run.")
     state = read_checkpoint(folder)
     check_resumable(state, config, folder)
-    if int(state["round"]) >= config.federation.rounds:
-        return None
     return state
 
 
@@ -163,10 +160,10 @@ def fit(config: RunConfig, resolved_config: Optional[str] = None, resume: Option
     validate(config)
     validate_against_vocabularies(config)
     state = _resume_state(config, resume) if resume is not None else None
-    if resume is not None and state is None:
+    if state is not None and int(state["round"]) >= config.federation.rounds:
         print(f"fedmkt: {resume} already finished all {config.federation.rounds} rounds; nothing left to do "
               "(raise --federation.rounds to continue it further).")
-        return json.loads((Path(resume) / "summary.json").read_text())
+        return state["summary"]
     run_dir = Path(config.run_dir)
     lock = None if _launched_peer_rank() else claim_run_dir(run_dir, resume is not None, overwrite)
     try:
