@@ -9,7 +9,9 @@ and the fix; `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Literal, Optional
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from fedmkt.config import RunConfig
-from fedmkt.errors import FedMKTError
+from fedmkt.errors import FedMKTError, RunInterrupted
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -32,6 +34,7 @@ def shipped_configs() -> dict[str, Path]:
 def resolve_config_path(value: str) -> str:
     """A path stays a path; a bare name (with or without `.yaml`) becomes a shipped config."""
     if Path(value).exists():
+        check_config_file(Path(value))
         return value
     shipped = shipped_configs()
     for name in (value, f"{value}.yaml"):
@@ -40,6 +43,33 @@ def resolve_config_path(value: str) -> str:
     raise FedMKTError(
         f"config file `{value}` not found. Fix: give an existing path or a shipped config name ({', '.join(sorted(shipped))})."
     )
+
+
+def check_config_file(path: Path) -> None:
+    """A config file must be readable UTF-8 YAML; otherwise one line naming the file and where it breaks."""
+    import yaml
+
+    if path.is_dir():
+        raise FedMKTError(f"config {path} is a folder, not a YAML file. Fix: pass the YAML file itself (e.g. {path / 'config.yaml'}).")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise FedMKTError(f"cannot read config file {path} ({error.strerror or error}). Fix: check the path and its permissions.") from error
+    try:
+        if b"\x00" in data:
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte: a binary file")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise FedMKTError(
+            f"config file {path} is not UTF-8 text (byte {error.start}: {error.reason}). Fix: pass a YAML config saved as UTF-8."
+        ) from None
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise FedMKTError(f"config file {path} is not valid YAML{where} ({problem}). Fix: correct the YAML syntax there.") from None
 
 
 def _resolve_config_arguments(argv: list[str]) -> list[str]:
@@ -62,6 +92,7 @@ def _run_parser(description: str) -> ArgumentParser:
 def _fit_parser() -> ArgumentParser:
     parser = _run_parser("Run FedMKT rounds end to end.")
     parser.add_argument("--resume", type=Optional[str], default=None, help="Continue the interrupted run in this run_dir from its last round checkpoint.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the run already in run_dir (its config, summary, checkpoint, adapters and logs).")
     parser.add_argument(
         "--backend", type=Optional[Literal["inprocess", "flower"]], default=None,
         help="Shorthand for --federation.backend: inprocess, or flower (submit the run to the SuperLink in `flower.superlink`).",
@@ -94,7 +125,7 @@ def _run_config(parser: ArgumentParser, namespace) -> RunConfig:
 def _fit(parser: ArgumentParser, namespace) -> None:
     from fedmkt.run import fit
 
-    resume, backend = namespace.pop("resume"), namespace.pop("backend")
+    resume, backend, overwrite = namespace.pop("resume"), namespace.pop("backend"), namespace.pop("overwrite")
     if backend is not None:
         namespace["federation.backend"] = backend
     if namespace["federation.backend"] == "flower":
@@ -109,7 +140,7 @@ def _fit(parser: ArgumentParser, namespace) -> None:
         submit(_run_config(parser, namespace), resolved_config=parser.dump(namespace))
         return
     config = _run_config(parser, namespace)
-    fit(config, resolved_config=parser.dump(namespace), resume=resume)
+    fit(config, resolved_config=parser.dump(namespace), resume=resume, overwrite=overwrite)
 
 
 def _evaluate(parser: ArgumentParser, namespace) -> None:
@@ -132,8 +163,16 @@ def _map_vocab(parser: ArgumentParser, namespace) -> None:
     from fedmkt.models import cache_root, load_tokenizer
 
     cache = namespace.cache_dir
-    source, target = load_tokenizer(ModelSpec(namespace.src), cache), load_tokenizer(ModelSpec(namespace.dst), cache)
-    print(f"wrote {write_vocab_map_json(source, target, namespace.out, cache_dir=cache_root(cache) / 'vocab_maps')}")
+    source = load_tokenizer(ModelSpec(namespace.src), cache, key="--src")
+    target = load_tokenizer(ModelSpec(namespace.dst), cache, key="--dst")
+    try:
+        written = write_vocab_map_json(source, target, namespace.out, cache_dir=cache_root(cache) / "vocab_maps")
+    except OSError as error:
+        raise FedMKTError(
+            f"cannot write --out {namespace.out} ({type(error).__name__}: {error.strerror or error}). "
+            "Fix: give --out a path in a writable folder with free space."
+        ) from error
+    print(f"wrote {written}")
 
 
 SUBCOMMANDS = {
@@ -175,9 +214,52 @@ def run_config_from_text(text: str) -> RunConfig:
 
 def _dispatch(argv: list[str]) -> None:
     parser, sub_parsers = build_parser()
-    namespace = parser.parse_args(_resolve_config_arguments(argv))
+    argv = _resolve_config_arguments(argv)
+    if any(arg.startswith("--print_config") for arg in argv) and any(command in argv for command in ("fit", "evaluate")):
+        _validate_before_printing(parser, sub_parsers, argv)
+    namespace = parser.parse_args(argv)
     command = namespace.subcommand
     SUBCOMMANDS[command][1](sub_parsers[command], namespace[command])
+
+
+def _validate_before_printing(parser: ArgumentParser, sub_parsers: dict[str, ArgumentParser], argv: list[str]) -> None:
+    """`--print_config` checks the config as a run would before printing it (a bad value is an error, not output)."""
+    from fedmkt.config import validate
+    from fedmkt.data.parts import federation_data
+    from fedmkt.run import validate_against_vocabularies
+
+    namespace = parser.parse_args([arg for arg in argv if not arg.startswith("--print_config")])
+    config = _run_config(sub_parsers[namespace.subcommand], namespace[namespace.subcommand])
+    validate(config)
+    validate_against_vocabularies(config)
+    federation_data(config, list(config.parties()))
+
+
+def _interrupt_handlers() -> dict:
+    """SIGTERM and SIGINT raise `RunInterrupted` (once) wherever the run is; returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    received: list[int] = []
+
+    def handler(signum: int, frame) -> None:
+        if not received:  # a second signal while the run stops must not interrupt its cleanup
+            received.append(signum)
+            raise RunInterrupted(signum)
+
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _interrupted_line(interrupt: RunInterrupted) -> str:
+    name = signal.Signals(interrupt.signum).name
+    if interrupt.run_dir is None:
+        return f"fedmkt: stopped by {name}."
+    run_dir = Path(interrupt.run_dir)
+    if (run_dir / "checkpoint" / "checkpoint.json").is_file():
+        return (
+            f"fedmkt: stopped by {name}; the last round checkpoint in {run_dir} is intact. "
+            f"Fix: continue with `fedmkt fit --config {run_dir / 'config.yaml'} --resume {run_dir}`."
+        )
+    return f"fedmkt: stopped by {name} before round 1 finished, so there is no checkpoint to --resume {run_dir} from. Fix: start it again with --overwrite."
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -189,8 +271,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:  # library deprecation chatter would bury the one line that matters
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
+    previous_handlers = _interrupt_handlers()
     try:
         _dispatch(argv)
+    except RunInterrupted as interrupt:
+        if debug:
+            raise
+        print(_interrupted_line(interrupt), file=sys.stderr)
+        return 128 + interrupt.signum
     except FedMKTError as error:
         if debug:
             raise
@@ -205,6 +293,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     return 0
 
 

@@ -8,3 +8,16 @@ traceback (unless `--debug`) and exits non-zero.
 
 class FedMKTError(Exception):
     """A problem with the user's input, worded as '<what is wrong>. Fix: <what to do>'."""
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM or SIGINT arrived; raised from the signal handler so the run stops where it is.
+
+    A `BaseException`, so neither a client's failure handling nor Lightning's error handling takes
+    it for an ordinary error. `run_dir` is set once the run it interrupted is known.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.run_dir: str | None = None

@@ -70,13 +70,16 @@ class ResolvedSource:
     """GGUF file name inside `path`, if any."""
 
 
-def resolve_source(source: str) -> ResolvedSource:
-    """Decide whether `source` is an embedded model, a GGUF file, a directory or a hub name."""
+def resolve_source(source: str, key: str = "model.source") -> ResolvedSource:
+    """Decide whether `source` is an embedded model, a GGUF file, a directory or a hub name.
+
+    `key` is how the user gave the source (`model.source`, `--src`, …), so errors name it.
+    """
     if source.startswith("embedded:"):
         name = source.removeprefix("embedded:")
         if name not in EMBEDDED_MODELS:
             known = ", ".join(f"embedded:{n}" for n in EMBEDDED_MODELS)
-            raise FedMKTError(f"unknown embedded model `{source}`. Fix: use one of {known}.")
+            raise FedMKTError(f"unknown embedded model `{source}` in {key}. Fix: use one of {known}.")
         gguf = EMBEDDED_MODELS[name]()
         if not gguf.is_file():
             raise FedMKTError(f"embedded model file {gguf} is missing. Fix: reinstall its package.")
@@ -84,15 +87,65 @@ def resolve_source(source: str) -> ResolvedSource:
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
         if not path.is_file():
-            raise FedMKTError(f"model file {source} does not exist. Fix: correct model.source or download the .gguf file.")
+            raise FedMKTError(f"model file {source} does not exist. Fix: correct {key} or download the .gguf file.")
         return ResolvedSource(str(path.resolve().parent), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FedMKTError(f"model directory {source} has no config.json. Fix: point model.source at a `save_pretrained` folder.")
+            raise FedMKTError(f"model directory {source} has no config.json. Fix: point {key} at a `save_pretrained` folder.")
         return ResolvedSource(str(path.resolve()))
-    if source.startswith((".", "/", "~")) or os.sep + os.sep in source:
-        raise FedMKTError(f"model path {source} does not exist. Fix: correct model.source.")
-    return ResolvedSource(source)  # a hub name; users with network access download it
+    if path.exists():
+        raise FedMKTError(f"{key} {source} is a file, not a model folder. Fix: point {key} at a `save_pretrained` folder, a .gguf file or a hub name.")
+    if source.startswith((".", "/", "~")) or os.sep + os.sep in source or source.count("/") > 1:
+        raise FedMKTError(f"model path {source} does not exist. Fix: correct {key}.")
+    _check_hub_source(source, key)
+    return ResolvedSource(source)  # a hub name that is cached or reachable
+
+
+_HUB_FIXES = (
+    "give an existing local model folder or .gguf file, an embedded: model (embedded:smollm2-135m-instruct, "
+    "embedded:gemma3-270m), or, for a model already in the Hugging Face cache, set HF_HUB_OFFLINE=1"
+)
+
+
+def _check_hub_source(source: str, key: str) -> None:
+    """A hub name must be in the local HF cache or on a reachable hub; say so in seconds, not after retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(source, "config.json"), str)
+    if cached and constants.HF_HUB_OFFLINE:
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise FedMKTError(
+            f"{key} `{source}` does not exist locally and is not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+            f"downloading it. Fix: {_HUB_FIXES.split(', or, for')[0]}, or unset HF_HUB_OFFLINE on a machine with network."
+        )
+    status = _hub_status(constants.ENDPOINT, source)
+    if status == "unreachable":
+        cache_fix = "set HF_HUB_OFFLINE=1 to use the copy in the Hugging Face cache" if cached else _HUB_FIXES
+        raise FedMKTError(
+            f"{key} `{source}` does not exist locally, and the Hugging Face hub ({constants.ENDPOINT}) cannot be reached "
+            f"to download it. Fix: {cache_fix}."
+        )
+    if status == "missing":
+        raise FedMKTError(
+            f"{key} `{source}` does not exist locally, nor as a model on the Hugging Face hub. Fix: correct the path or hub name."
+        )
+
+
+@functools.lru_cache(maxsize=32)
+def _hub_status(endpoint: str, source: str, timeout_s: float = 5.0) -> str:
+    """`found`, `missing` (the hub answered 404) or `unreachable`, from one request without retries."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{endpoint.rstrip('/')}/api/models/{source}", method="HEAD")
+    try:
+        urllib.request.urlopen(request, timeout=timeout_s).close()
+    except urllib.error.HTTPError as error:  # the hub answered: 404 unknown; 401/403 gated or private
+        return "missing" if error.code == 404 else "found"
+    except (OSError, ValueError):  # DNS failure, refused or timed-out connection, bad endpoint URL
+        return "unreachable"
+    return "found"
 
 
 def _converted_dir(resolved: ResolvedSource, cache_dir: Optional[str]) -> Path:
@@ -127,9 +180,9 @@ def _convert_gguf(resolved: ResolvedSource, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _loadable(spec: ModelSpec, cache_dir: Optional[str]) -> ResolvedSource:
+def _loadable(spec: ModelSpec, cache_dir: Optional[str], key: str = "model.source") -> ResolvedSource:
     """Where to call `from_pretrained`: GGUF sources go through their converted copy."""
-    resolved = resolve_source(spec.source)
+    resolved = resolve_source(spec.source, key)
     if resolved.gguf_file is None:
         return resolved
     target = _converted_dir(resolved, cache_dir)
@@ -148,9 +201,9 @@ def _load_tokenizer_cached(path: str, revision: Optional[str], trust_remote_code
     return tokenizer
 
 
-def load_tokenizer(spec: ModelSpec, cache_dir: Optional[str] = None) -> PreTrainedTokenizerBase:
-    """The party's real tokenizer (pad token defaulting to EOS)."""
-    where = _loadable(spec, cache_dir)
+def load_tokenizer(spec: ModelSpec, cache_dir: Optional[str] = None, key: str = "model.source") -> PreTrainedTokenizerBase:
+    """The party's real tokenizer (pad token defaulting to EOS); errors name `key`, where the source was given."""
+    where = _loadable(spec, cache_dir, key)
     try:
         return _load_tokenizer_cached(where.path, spec.revision, spec.trust_remote_code)
     except FedMKTError:
@@ -158,7 +211,7 @@ def load_tokenizer(spec: ModelSpec, cache_dir: Optional[str] = None) -> PreTrain
     except Exception as error:  # no tokenizer files (ValueError), a corrupt tokenizer.json (JSONDecodeError), ...
         raise FedMKTError(
             f"could not load a tokenizer from `{spec.source}` ({_one_line(error)}). "
-            "Fix: check model.source; a local folder needs the tokenizer files `save_pretrained` writes (tokenizer.json, tokenizer_config.json)."
+            f"Fix: check {key}; a local folder needs the tokenizer files `save_pretrained` writes (tokenizer.json, tokenizer_config.json)."
         ) from error
 
 

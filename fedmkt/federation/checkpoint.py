@@ -7,13 +7,18 @@ crash leaves either the previous complete version or the new one — never half 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+
+from fedmkt.errors import FedMKTError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -34,6 +39,44 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling folder with `write(folder)`, then rename it to `path`.
+
+    A crash or a full disk while writing leaves the previous folder (or none), never a folder with
+    half its files.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        write(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_checkpoint(run_dir: Path) -> dict:
+    """The round checkpoint record of `run_dir`, or a one-line error naming what is wrong with it."""
+    path = Path(run_dir) / "checkpoint" / "checkpoint.json"
+    if not path.is_file():
+        raise FedMKTError(
+            f"no round checkpoint in {run_dir} ({path} is missing). "
+            "Fix: pass the run_dir of a run that finished at least one round, or start afresh without --resume."
+        )
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(state, dict) or not {"round", "summary", "rng"} <= set(state):
+            raise ValueError("it lacks the round, summary or rng entries")
+        int(state["round"])
+    except (ValueError, TypeError, UnicodeDecodeError) as error:
+        raise FedMKTError(
+            f"round checkpoint {path} is empty or damaged ({type(error).__name__}: {' '.join(str(error).split())}). "
+            "Fix: the run cannot be continued from it; start afresh with --overwrite (or another run_dir)."
+        ) from error
+    return state
 
 
 def capture_rng_state() -> dict:

@@ -26,7 +26,7 @@ from safetensors.torch import save as save_safetensors
 
 from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError
-from fedmkt.federation.checkpoint import atomic_write_bytes, atomic_write_text, capture_rng_state, restore_rng_state
+from fedmkt.federation.checkpoint import atomic_write_bytes, atomic_write_text, capture_rng_state, read_checkpoint, restore_rng_state
 from fedmkt.federation.distributed import is_rank_zero
 from fedmkt.federation.participant import Participant
 from fedmkt.payload import KnowledgePayload
@@ -148,6 +148,14 @@ class FederatedTrainer:
 
     def _require_quorum(self, round_index: int, failed: dict[str, str]) -> None:
         answered = len(self.clients) - len(failed)
+        same = {reason.replace(name, "<client>") for name, reason in failed.items()}
+        if round_index == 1 and self.clients and len(failed) == len(self.clients) and len(same) == 1:
+            # Every client failing alike before any checkpoint exists is a config value, not a client fault.
+            raise FedMKTError(
+                f"round 1: every client failed the same way ({next(iter(failed.values()))}); this is a configuration "
+                "error, not a client fault, and no round checkpoint was written. Fix: correct the config value it "
+                "names, then start the run again (add --overwrite to reuse this run_dir)."
+            )
         if failed and answered < self.config.federation.min_clients:
             reasons = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
             raise FedMKTError(
@@ -193,20 +201,25 @@ class FederatedTrainer:
         state = {"round": round_index, "summary": _finite_or_none(self.summary), "rng": capture_rng_state()}
         atomic_write_text(self.run_dir / "checkpoint" / "checkpoint.json", json.dumps(state, default=_json_default, allow_nan=False))
 
-    def restore(self) -> int:
-        """Load the last complete round checkpoint from `run_dir`; returns the round to start at."""
-        path = self.run_dir / "checkpoint" / "checkpoint.json"
-        if not path.is_file():
-            raise FedMKTError(f"no round checkpoint in {self.run_dir} ({path} is missing). Fix: pass the run_dir of a run that finished at least one round, or start afresh without --resume.")
-        state = json.loads(path.read_text())
-        saved = state["summary"]["config"]
-        current = _finite_or_none(json.loads(json.dumps(asdict(self.config), default=_json_default)))
-        differing = _differing_keys(saved, current, ignore={"run_dir", "federation.rounds", "logging", "federation.backend", "flower"})
-        if differing:
-            raise FedMKTError(f"--resume config differs from the checkpoint's at {', '.join(differing)}. Fix: resume with {self.run_dir / 'config.yaml'}.")
+    def restore(self, state: Optional[dict] = None) -> int:
+        """Load the last complete round checkpoint from `run_dir`; returns the round to start at.
+
+        `state` is the record `read_checkpoint` already read (and `check_resumable` accepted).
+        """
+        state = read_checkpoint(self.run_dir) if state is None else state
+        check_resumable(state, self.config, self.run_dir)
         round_index = int(state["round"])
         for party in self.parties:
-            party.load_adapter(self.run_dir / "adapters" / f"round_{round_index}" / party.name)
+            directory = self.run_dir / "adapters" / f"round_{round_index}" / party.name
+            try:
+                party.load_adapter(directory)
+            except FedMKTError:
+                raise
+            except Exception as error:  # a truncated safetensors file, tensors of another shape, ...
+                raise FedMKTError(
+                    f"{party.name}: the round {round_index} adapter in {directory} cannot be loaded ({_describe(error)}). "
+                    "Fix: the checkpoint is damaged; start afresh with --overwrite (or another run_dir)."
+                ) from error
             losses_file = self.run_dir / "checkpoint" / f"public_losses_{party.name}.safetensors"
             party.restore_public_losses(load_safetensors_file(losses_file)["losses"] if losses_file.is_file() else None)
         self.summary = state["summary"]
@@ -302,6 +315,15 @@ def _score_cell(entry: dict) -> str:
     if entry.get("eval_rouge_l") is not None:
         return f"{entry['eval_rouge_l']:.3f} ({entry['eval_exact_match']:.2f})"
     return "–"
+
+
+def check_resumable(state: dict, config: RunConfig, run_dir: Path) -> None:
+    """Refuse a checkpoint saved under another config: the continued run would silently differ."""
+    saved = state["summary"]["config"]
+    current = _finite_or_none(json.loads(json.dumps(asdict(config), default=_json_default)))
+    differing = _differing_keys(saved, current, ignore={"run_dir", "federation.rounds", "logging", "federation.backend", "flower"})
+    if differing:
+        raise FedMKTError(f"--resume config differs from the checkpoint's at {', '.join(differing)}. Fix: resume with {Path(run_dir) / 'config.yaml'}.")
 
 
 def _finite_or_none(value):
