@@ -231,8 +231,8 @@ def _validate_before_printing(parser: ArgumentParser, sub_parsers: dict[str, Arg
     namespace = parser.parse_args([arg for arg in argv if not arg.startswith("--print_config")])
     config = _run_config(sub_parsers[namespace.subcommand], namespace[namespace.subcommand])
     validate(config)
-    validate_against_vocabularies(config)
     federation_data(config, list(config.parties()))
+    validate_against_vocabularies(config)
 
 
 def _interrupt_handlers() -> dict:

@@ -151,8 +151,8 @@ def fit(config: RunConfig, resolved_config: Optional[str] = None, resume: Option
     if resume is not None:
         config.run_dir = str(resume)
     validate(config)
-    validate_against_vocabularies(config)
     data = federation_data(config, list(config.parties()))  # every source read and checked here
+    validate_against_vocabularies(config)
     state = _resume_state(config, resume) if resume is not None else None
     if state is not None and int(state["round"]) >= config.federation.rounds:
         print(f"fedmkt: {resume} already finished all {config.federation.rounds} rounds; nothing left to do "
