@@ -107,6 +107,14 @@ def test_end_offsets_count_bytes_and_discount_a_one_sided_prefix_space():
     # A SentencePiece dummy-prefix space that only the teacher has is not text.
     t_ends, r_ends = end_offsets([b" Hello", b" world"], [b"Hello", b" wor", b"ld"])
     assert t_ends.tolist() == [5, 11] and offset_matches(t_ends, r_ends).tolist() == [0, -1, 1]
+    # A prompt cut from the left by a different number of bytes on each side: offsets count
+    # from where the shorter text starts; the receiver's <bos> (end 0) meets the teacher token
+    # ending there, both followed by the same text.
+    t_ends, r_ends = end_offsets([b"The", b" qu", b"ick", b" fox"], [b"", b"ick", b" f", b"ox"])
+    assert t_ends.tolist() == [-1, 0, 3, 7] and r_ends.tolist() == [0, 3, 5, 7]
+    assert offset_matches(t_ends, r_ends).tolist() == [1, 2, -1, 3]
+    t_ends, r_ends = end_offsets([b"The", b" qu", b"ick", b" fox"], [b"", b" quick", b" fox"])
+    assert offset_matches(t_ends, r_ends).tolist() == [0, 2, 3]
     # Past the point where the texts part (truncation, rewritten characters) nothing matches.
     t_ends, r_ends = end_offsets([b"ab", b"cd", b"ef"], [b"ab", b"cX", b"ef"])
     assert offset_matches(t_ends, r_ends).tolist() == [0, -1, -1]

@@ -112,23 +112,44 @@ def end_offsets(teacher_pieces: Sequence[bytes], receiver_pieces: Sequence[bytes
 
     ``*_pieces`` are the tokens' UTF-8 bytes (``b""`` for special tokens, which name roles, not
     text). Bytes rather than characters, so a character split over several byte tokens ends only
-    at its last byte. A SentencePiece dummy-prefix space that only one side has is discounted. Where
-    the two texts part (truncation at different lengths, a normaliser that rewrites characters),
-    positions ending past the common prefix get ``-1`` (teacher) / ``-2`` (receiver) and never match.
+    at its last byte. A SentencePiece dummy-prefix space that only one side has is discounted.
+    When one text is a suffix of the other (a long prompt cut from the left to fit ``max_length``,
+    by a different number of bytes on each side) offsets count from the start of the shorter one,
+    and tokens that end before it starts get ``-1``. Otherwise, where the two texts part (a
+    normaliser that rewrites characters), positions ending past the common prefix get ``-1``
+    (teacher) / ``-2`` (receiver). Negative ends never match.
     """
     t_text, r_text = b"".join(teacher_pieces), b"".join(receiver_pieces)
     t_ends = np.cumsum(np.fromiter(map(len, teacher_pieces), dtype=np.int64, count=len(teacher_pieces)))
     r_ends = np.cumsum(np.fromiter(map(len, receiver_pieces), dtype=np.int64, count=len(receiver_pieces)))
-    if t_text[:1] == b" " and r_text[:1] != b" ":
-        t_text, t_ends = t_text[1:], np.maximum(t_ends - 1, 0)
-    elif r_text[:1] == b" " and t_text[:1] != b" ":
-        r_text, r_ends = r_text[1:], np.maximum(r_ends - 1, 0)
+    aligned = _same_text(t_text, t_ends, r_text, r_ends)
+    if aligned is None and t_text[:1] == b" " and r_text[:1] != b" ":
+        aligned = _same_text(t_text[1:], np.maximum(t_ends - 1, 0), r_text, r_ends)
+    elif aligned is None and r_text[:1] == b" " and t_text[:1] != b" ":
+        aligned = _same_text(t_text, t_ends, r_text[1:], np.maximum(r_ends - 1, 0))
+    if aligned is not None:
+        return aligned
     common = min(len(t_text), len(r_text))
     if t_text[:common] != r_text[:common]:
         a = np.frombuffer(t_text[:common], dtype=np.uint8)
         b = np.frombuffer(r_text[:common], dtype=np.uint8)
         common = int(np.flatnonzero(a != b)[0])
     return np.where(t_ends <= common, t_ends, -1), np.where(r_ends <= common, r_ends, -2)
+
+
+def _same_text(
+    t_text: bytes, t_ends: np.ndarray, r_text: bytes, r_ends: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Ends on a common origin when the texts are equal or one is a suffix of the other, else None."""
+    if t_text == r_text:
+        return t_ends, r_ends
+    if len(t_text) > len(r_text) and t_text.endswith(r_text):
+        t_ends = t_ends - (len(t_text) - len(r_text))
+        return np.where(t_ends >= 0, t_ends, -1), r_ends
+    if len(r_text) > len(t_text) and r_text.endswith(t_text):
+        r_ends = r_ends - (len(r_text) - len(t_text))
+        return t_ends, np.where(r_ends >= 0, r_ends, -2)
+    return None
 
 
 def _last_at_end(ends: np.ndarray) -> np.ndarray:
