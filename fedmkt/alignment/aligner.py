@@ -61,6 +61,14 @@ class TokenAligner:
         size = len(table)
         return [table[i] if 0 <= i < size else b"" for i in ids.reshape(-1).tolist()]
 
+    def teacher_pieces(self, ids: Tensor) -> list[bytes]:
+        """The text bytes of each teacher token (``b""`` for special tokens)."""
+        return self._pieces(self.teacher_bytes, ids)
+
+    def receiver_pieces(self, ids: Tensor) -> list[bytes]:
+        """The text bytes of each receiver token (``b""`` for special tokens)."""
+        return self._pieces(self.receiver_bytes, ids)
+
     def end_offsets(self, teacher_input_ids: Tensor, receiver_input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Byte offset where each teacher / receiver token ends in the shared text (-1/-2: past it)."""
         t_ends, r_ends = end_offsets(
