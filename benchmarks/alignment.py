@@ -17,7 +17,10 @@ Stages (each printed as a table: reference vs ours, wall time, ratio, mismatches
    to ``--length`` tokens each: the pure-Python O(n*m) reference (``tests/reference_alignment.py``,
    C Levenshtein per cell like the reference code) vs ``fedmkt.alignment.dtw_path``; the paths
    must be identical.
-3. **Top-k re-indexing** of ``--samples`` x ``--length`` positions x ``--top-k``: the reference loop
+3. **Sequence alignment per sample**, ``transfer.sequence_alignment`` ``dtw`` vs ``offsets``, on the
+   same pairs, through ``TokenAligner.match_positions`` as a run calls it (token ids in, matched
+   teacher position per receiver position out), with the positions each mode matches.
+4. **Top-k re-indexing** of ``--samples`` x ``--length`` positions x ``--top-k``: the reference loop
    vs ``fedmkt.alignment.align_topk``; ids must be equal and probabilities within 1e-6.
 
 Our vocabulary-map time is measured without the on-disk cache and after Numba's one-off JIT
@@ -172,6 +175,47 @@ def bench_dtw(tokenizers, strings, args) -> None:
     )
 
 
+def bench_sequence_modes(tokenizers, args) -> None:
+    from fedmkt.alignment import TokenAligner
+    from fedmkt.data.tasks import load_task
+    from fedmkt.models import cache_root
+
+    passages = [e.prompt for e in load_task("boolq")]
+    rows = []
+    for teacher, receiver in [("SmolLM2", "Gemma-3"), ("Gemma-3", "SmolLM2")]:
+        t_tok, r_tok = tokenizers[teacher], tokenizers[receiver]
+        aligner = TokenAligner(t_tok, r_tok, cache_root() / "vocab_maps")
+        pairs, cursor = [], 0
+        while len(pairs) < args.pairs:
+            text = ""
+            while min(len(t_tok(text).input_ids), len(r_tok(text).input_ids)) < args.length:
+                text += passages[cursor] + "\n\n"
+                cursor += 1
+            pairs.append((torch.tensor(t_tok(text).input_ids[: args.length]), torch.tensor(r_tok(text).input_ids[: args.length])))
+        cells = []
+        for mode in ("dtw", "offsets"):
+            aligner.sequence_alignment = mode
+            aligner.match_positions(pairs[0][0][:4], pairs[0][1][:4])  # JIT warm-up
+            matched = total = 0
+            t0 = time.perf_counter()
+            for t_ids, r_ids in pairs:
+                got = aligner.match_positions(t_ids, r_ids)
+                matched += int((got[:-1] >= 0).sum())
+                total += len(r_ids) - 1
+            cells.append((time.perf_counter() - t0, matched / total))
+        (dtw_s, dtw_share), (off_s, off_share) = cells
+        n = len(pairs)
+        rows.append([
+            f"{teacher} → {receiver}", f"{fmt_s(dtw_s / n)} ({dtw_share:.1%})", f"{fmt_s(off_s / n)} ({off_share:.1%})",
+            f"{dtw_s / off_s:,.0f}×",
+        ])
+    table(
+        f"Sequence alignment per sample ({args.pairs} BoolQ texts cut to {args.length} tokens; positions matched)",
+        ["teacher → receiver", "dtw", "offsets", "ratio"],
+        rows,
+    )
+
+
 def bench_reindex(args) -> None:
     # One intra-op thread: these are small tensor ops, and on a shared 2-core machine a second
     # torch thread mostly waits for a busy core (measured 10-30x slower, pure noise).
@@ -221,7 +265,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512, help="tokens per sequence")
     parser.add_argument("--samples", type=int, default=None, help="samples for re-indexing")
     parser.add_argument("--top-k", type=int, default=16)
-    parser.add_argument("--stages", default="vocab,dtw,reindex")
+    parser.add_argument("--stages", default="vocab,dtw,sequence,reindex")
     args = parser.parse_args()
     defaults = {"ref_tokens": (10, 40), "check_tokens": (500, 2000), "pairs": (2, 8), "samples": (4, 32)}
     for key, (quick, full) in defaults.items():
@@ -243,6 +287,8 @@ def main() -> None:
             strings = {name: vocab_strings(tok) for name, tok in tokenizers.items()}
         if "dtw" in stages:
             bench_dtw(tokenizers, strings, args)
+    if "sequence" in stages:
+        bench_sequence_modes(tokenizers, args)
     if "reindex" in stages:
         bench_reindex(args)
 

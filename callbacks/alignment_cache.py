@@ -19,8 +19,16 @@ class AlignmentCacheCallback(L.Callback):
     and in memory across rounds. Only selected samples are aligned.
     """
 
-    def __init__(self, receiver_tokenizer, teacher_tokenizers: dict, cache_dir: str | Path, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        receiver_tokenizer,
+        teacher_tokenizers: dict,
+        cache_dir: str | Path,
+        temperature: float = 1.0,
+        sequence_alignment: str = "offsets",
+    ) -> None:
         self.receiver_tokenizer = receiver_tokenizer
+        self.sequence_alignment = sequence_alignment
         self.teacher_tokenizers = teacher_tokenizers
         self.cache_dir = Path(cache_dir)
         self.temperature = temperature
@@ -29,7 +37,9 @@ class AlignmentCacheCallback(L.Callback):
     def aligner(self, teacher: str) -> TokenAligner:
         """The (cached) aligner from `teacher`'s tokenizer to the receiver's."""
         if teacher not in self._aligners:
-            self._aligners[teacher] = TokenAligner(self.teacher_tokenizers[teacher], self.receiver_tokenizer, self.cache_dir)
+            self._aligners[teacher] = TokenAligner(
+                self.teacher_tokenizers[teacher], self.receiver_tokenizer, self.cache_dir, self.sequence_alignment
+            )
         return self._aligners[teacher]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -1,4 +1,4 @@
-"""The `fedmkt` command: `fit`, `evaluate` and `map-vocab`, each mapped to a plain function.
+"""The `fedmkt` command: `fit`, `evaluate`, `map-vocab` and `align-text`, each mapped to a plain function.
 
 `--config NAME` accepts a path, or the bare name of a shipped config (`demo`, `tiny.yaml`,
 `heterogeneous.yaml`, …) which resolves to the `lightning_configs/` folder. Any key can be
@@ -116,6 +116,22 @@ def _map_vocab_parser() -> ArgumentParser:
     return parser
 
 
+def _align_text_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        description="Show how a teacher's (--src) positions land on a receiver's (--dst) for one text.", exit_on_error=False
+    )
+    parser.add_argument("--src", type=str, required=True, help="Teacher model spec (same forms as map-vocab).")
+    parser.add_argument("--dst", type=str, required=True, help="Receiver model spec (same forms as map-vocab).")
+    parser.add_argument("--text", type=str, required=True, help="The text both tokenizers encode.")
+    parser.add_argument(
+        "--sequence-alignment", "--sequence_alignment", dest="sequence_alignment", type=Literal["dtw", "offsets"],
+        default="offsets", help="How positions are matched, as transfer.sequence_alignment: offsets or dtw.",
+    )
+    parser.add_argument("--json", action="store_true", help="Print a JSON list of rows instead of a table.")
+    parser.add_argument("--cache_dir", type=Optional[str], default=None, help="Cache folder (default $FEDMKT_CACHE or ~/.cache/fedmkt).")
+    return parser
+
+
 def _run_config(parser: ArgumentParser, namespace) -> RunConfig:
     """Instantiate the typed RunConfig from a parsed sub-command namespace."""
     values = parser.instantiate(namespace.clone())
@@ -175,10 +191,28 @@ def _map_vocab(parser: ArgumentParser, namespace) -> None:
     print(f"wrote {written}")
 
 
+def _align_text(parser: ArgumentParser, namespace) -> None:
+    import json
+
+    from fedmkt.alignment import TokenAligner
+    from fedmkt.alignment.report import alignment_rows, format_rows
+    from fedmkt.config import ModelSpec
+    from fedmkt.models import cache_root, load_tokenizer
+
+    if not namespace.text:
+        raise FedMKTError("--text is empty. Fix: pass the text both tokenizers should encode, e.g. --text 'The quick fox'.")
+    cache = namespace.cache_dir
+    teacher, receiver = load_tokenizer(ModelSpec(namespace.src), cache), load_tokenizer(ModelSpec(namespace.dst), cache)
+    aligner = TokenAligner(teacher, receiver, cache_root(cache) / "vocab_maps", namespace.sequence_alignment)
+    rows = alignment_rows(aligner, namespace.text)
+    print(json.dumps(rows, ensure_ascii=False) if namespace.json else format_rows(rows, namespace.text))
+
+
 SUBCOMMANDS = {
     "fit": (_fit_parser, _fit, "Run FedMKT rounds end to end."),
     "evaluate": (_evaluate_parser, _evaluate, "Score a party on the held-out evaluation split."),
     "map-vocab": (_map_vocab_parser, _map_vocab, "Precompute a MinED vocabulary map."),
+    "align-text": (_align_text_parser, _align_text, "Show how a teacher's positions align to a receiver's on one text."),
 }
 """Subcommand → (its parser, the plain function it runs, one-line help)."""
 

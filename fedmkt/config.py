@@ -213,6 +213,11 @@ class TransferConfig:
     kd_positions: Literal["all", "answer"] = "all"
     """Distil at every non-pad position, or only where the task loss has a label."""
 
+    sequence_alignment: Literal["dtw", "offsets"] = "offsets"
+    """How a teacher's positions are matched to a receiver's. offsets: positions whose tokens end
+    at the same byte of the text (exact, no dynamic programming); dtw: the one-to-one pairs of the
+    DTW path whose tokens also end at the same byte (a subset of offsets, and slower)."""
+
 
 @dataclass
 class FederationConfig:

@@ -264,23 +264,36 @@ def kd_objective(
     kd_per_position: Tensor,
     kd_mask: Tensor,
     ce_weight: float,
+    kd_eligible: Tensor | None = None,
 ) -> Tensor:
     """FedMKT's ``lambda * CE + (1 - lambda) * KD`` as one scalar.
 
     Normalisation: ``CE = mean_b ce_per_sample[b]`` (each entry already a token mean), and
-    ``KD = sum(kd_per_position[kd_mask]) / count(kd_mask)``, i.e. a mean over all distilled
-    positions of the batch (so samples with more distilled tokens weigh more, like token-level
-    CE); KD is 0 when no position is masked in. Masked-out entries are excluded with ``where``, so
-    a NaN/inf there cannot leak into the value or the gradient.
+    ``KD = sum(kd_per_position[kd_mask]) / count(kd_eligible)``: the distilled positions' losses
+    divided by every position that *could* be distilled (non-pad, has a next token, and in
+    ``kd_positions=answer`` mode has a label), selected by DualMinCE or not, as the reference
+    implementation does. So a distilled token's weight does not grow when its batch-mates are
+    not selected, and the effective lambda does not drift from batch to batch with how many
+    samples DualMinCE kept; a batch with no selected sample has KD 0. ``kd_eligible=None`` divides
+    by ``count(kd_mask)`` instead (a mean over the distilled positions only). Masked-out entries
+    are excluded with ``where``, so a NaN/inf there cannot leak into the value or the gradient.
     """
     if kd_mask.shape != kd_per_position.shape:
         raise ValueError(f"kd_mask shape {tuple(kd_mask.shape)} != kd_per_position shape "
                          f"{tuple(kd_per_position.shape)}")
+    if kd_eligible is not None and kd_eligible.shape != kd_mask.shape:
+        raise ValueError(f"kd_eligible shape {tuple(kd_eligible.shape)} != kd_mask shape {tuple(kd_mask.shape)}")
     if not 0.0 <= ce_weight <= 1.0:
         raise ValueError(f"ce_weight (lambda) must be in [0, 1], got {ce_weight}")
     mask = kd_mask.bool()
+    if kd_eligible is not None:
+        if bool((mask & ~kd_eligible.bool()).any()):
+            raise ValueError("kd_mask marks positions that kd_eligible does not; every distilled position must be eligible")
+        count = kd_eligible.bool().sum()
+    else:
+        count = mask.sum()
     kd_sum = torch.where(mask, kd_per_position, torch.zeros_like(kd_per_position)).sum()
-    kd = kd_sum / mask.sum().clamp(min=1).to(kd_sum.dtype)
+    kd = kd_sum / count.clamp(min=1).to(kd_sum.dtype)
     ce = ce_per_sample.mean() if ce_per_sample.numel() else ce_per_sample.sum()
     return ce_weight * ce + (1.0 - ce_weight) * kd
 

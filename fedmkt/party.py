@@ -2,7 +2,7 @@
 
 One module serves every phase a party goes through in a round:
 - training on private data (batches carry only `targets`): task CE on answer tokens;
-- training on public data with teacher targets (batches also carry `kd_ids`/`kd_probs`/`kd_mask`):
+- training on public data with teacher targets (batches also carry `kd_ids`/`kd_probs`/`kd_mask`/`kd_eligible`):
   `λ·CE + (1−λ)·KD`, where KD is the sparse top-k loss — no dense [B, L, V] target is built;
 - prediction on public data: per-sample CE and top-k next-token logits at every position, which
   is what the party shares with others.
@@ -104,7 +104,7 @@ class PartyModule(L.LightningModule):
                 logits, batch["kd_ids"], batch["kd_probs"], temperature=self.transfer.temperature, kind=self.transfer.kd_loss
             )
             mask = batch["kd_mask"]
-            loss = kd_objective(ce, kd, mask, self.transfer.ce_weight)
+            loss = kd_objective(ce, kd, mask, self.transfer.ce_weight, batch.get("kd_eligible"))
             kd_mean = (kd * mask).sum() / mask.sum().clamp_min(1)
             self.kd_loss.update(kd_mean.detach())
             self.log("kd_loss", kd_mean.detach(), prog_bar=True, batch_size=len(ce))

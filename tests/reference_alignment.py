@@ -103,14 +103,58 @@ def dtw_path(a: Sequence[str], b: Sequence[str], distance: Distance = levenshtei
     return path[::-1]
 
 
-def one_to_one_matches(teacher: Sequence[str], receiver: Sequence[str], distance: Distance = levenshtein) -> list[int]:
-    """Receiver position -> its teacher position where each is the other's only partner on the DTW path, else -1."""
+def ends_by_length(tokens: Sequence[str]) -> list[int]:
+    """Where each token ends in the concatenated text: the running sum of token lengths."""
+    ends, total = [], 0
+    for tok in tokens:
+        total += len(tok)
+        ends.append(total)
+    return ends
+
+
+def offset_oracle(teacher_ends: Sequence[int], receiver_ends: Sequence[int]) -> list[int]:
+    """Receiver position -> the teacher position ending at the same offset, each the last to end there.
+
+    A token followed by another that ends at the same offset (a zero-length special token, a byte
+    token in the middle of a character) is not the one whose next token starts the remaining text.
+    Written as plain loops over offsets, independently of ``fedmkt.alignment.sequence``.
+    """
+    def last_at(ends: Sequence[int]) -> dict[int, int]:
+        table: dict[int, int] = {}
+        for pos, end in enumerate(ends):
+            table[end] = pos  # later positions overwrite earlier ones with the same end
+        return table
+
+    teacher_last = last_at(teacher_ends)
+    receiver_last = last_at(receiver_ends)
+    out = []
+    for pos, end in enumerate(receiver_ends):
+        out.append(teacher_last.get(end, -1) if receiver_last[end] == pos else -1)
+    return out
+
+
+def one_to_one_matches(
+    teacher: Sequence[str],
+    receiver: Sequence[str],
+    distance: Distance = levenshtein,
+    teacher_ends: Sequence[int] | None = None,
+    receiver_ends: Sequence[int] | None = None,
+) -> list[int]:
+    """Receiver position -> its teacher position where each is the other's only partner on the DTW
+    path and both tokens end at the same offset (ends default to cumulative lengths), else -1."""
     partners: list[list[int]] = [[] for _ in receiver]
     teacher_partners: list[list[int]] = [[] for _ in teacher]
     for i, j in dtw_path(teacher, receiver, distance):
         partners[j].append(i)
         teacher_partners[i].append(j)
-    return [p[0] if len(p) == 1 and len(teacher_partners[p[0]]) == 1 else -1 for p in partners]
+    same_end = offset_oracle(
+        ends_by_length(teacher) if teacher_ends is None else teacher_ends,
+        ends_by_length(receiver) if receiver_ends is None else receiver_ends,
+    )
+    return [
+        p[0] if len(p) == 1 and len(teacher_partners[p[0]]) == 1 and same_end[r] == p[0] else -1
+        for r, p in enumerate(partners)
+    ]
 
 
 def align_topk(topk_ids, topk_logits, matched, vocab_map, fallback, temperature=1.0, k=None):

@@ -151,3 +151,69 @@ def test_token_aligner_on_a_real_sentence(real_pair, teacher, receiver):
     # punctuation included (":" and "?" once went to Gemma's byte fallbacks <0x3A>/<0x3F>).
     assert bool((matched >= 0).all())
     assert all(ids[i, 0].item() == r_ids[i + 1].item() for i in range(len(r_ids) - 1))
+
+
+def _offset_mapping_ends(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """Ids and each token's end character from the fast tokenizer's own offset mapping.
+
+    Independent of fedmkt's byte tables: special tokens report ``(0, 0)``, so a special token after
+    the start is given the end of the token before it (it takes no room in the text).
+    """
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    ends: list[int] = []
+    for start, end in encoded.offset_mapping:
+        ends.append(ends[-1] if start == end == 0 and ends else end)
+    return list(encoded.input_ids), ends
+
+
+DIFFERENTLY_SPLIT = [
+    "Why do Planets orbit the sun? Photosynthesis is unbelievably naïve: 東京 costs ¥12345 — ok.\n\nAnswer: yes",
+    "Question: Is the Eiffel Tower taller than 300 metres?\nAnswer: no",
+]
+
+
+@pytest.mark.parametrize("text", DIFFERENTLY_SPLIT)
+@pytest.mark.parametrize(("teacher", "receiver"), [("gemma", "smol"), ("smol", "gemma")])
+def test_offsets_mode_equals_the_offset_mapping_oracle(real_pair, teacher, receiver, text):
+    t_tok, r_tok = real_pair[teacher], real_pair[receiver]
+    t_ids, t_ends = _offset_mapping_ends(t_tok, text)
+    r_ids, r_ends = _offset_mapping_ends(r_tok, text)
+    oracle = ref.offset_oracle(t_ends, r_ends)
+    aligner = TokenAligner(t_tok, r_tok, real_pair["cache"], "offsets")
+    got = aligner.match_positions(torch.tensor(t_ids), torch.tensor(r_ids)).tolist()
+    assert got == oracle
+    assert set(t_ends) != set(r_ends)  # the two tokenizers do split this text differently
+    assert all(j < 0 or r_ends[i] == t_ends[j] for i, j in enumerate(got))
+    # DTW keeps only pairs the oracle also makes: never a pair ending at different characters.
+    dtw = TokenAligner(t_tok, r_tok, real_pair["cache"], "dtw").match_positions(torch.tensor(t_ids), torch.tensor(r_ids))
+    assert all(j < 0 or j == o for j, o in zip(dtw.tolist(), oracle))
+
+
+@pytest.mark.parametrize("mode", ["dtw", "offsets"])
+def test_a_piece_of_a_word_never_takes_the_whole_word(real_pair, mode):
+    # SmolLM2 cuts " Planets" as "ĠPlan|ets", Gemma keeps "▁Planets": after "ĠPlan" the next token
+    # is "ets", so Gemma's distribution after "▁Planets" must not be its target.
+    gemma, smol = real_pair["gemma"], real_pair["smol"]
+    text = "Why do Planets orbit"
+    g_ids = torch.tensor(gemma(text, add_special_tokens=False).input_ids)
+    s_ids = torch.tensor(smol(text, add_special_tokens=False).input_ids)
+    assert smol.convert_ids_to_tokens(s_ids.tolist()) == ["Why", "Ġdo", "ĠPlan", "ets", "Ġorbit"]
+    assert gemma.convert_ids_to_tokens(g_ids.tolist()) == ["Why", "▁do", "▁Planets", "▁orbit"]
+    matched = TokenAligner(gemma, smol, real_pair["cache"], mode).match_positions(g_ids, s_ids).tolist()
+    assert matched[2] == -1
+    assert matched[:2] == [0, 1] and matched[4] == 3
+    # "ets" ends where "▁Planets" ends: matched by offsets; DTW pairs it with "▁Planets" too.
+    assert matched[3] == (2 if mode == "offsets" else matched[3])
+
+
+def test_offsets_mode_survives_prompts_cut_from_the_left(real_pair):
+    from fedmkt.data.tokenize import encode_prompt_answer
+
+    gemma, smol = real_pair["gemma"], real_pair["smol"]
+    prompt = "Passage: " + "Planets orbit stars and moons orbit planets. " * 20 + "\nQuestion: do planets orbit stars?\nAnswer:"
+    g_ids, _ = encode_prompt_answer(gemma, prompt, " yes", max_length=64)
+    s_ids, _ = encode_prompt_answer(smol, prompt, " yes", max_length=50)
+    matched = TokenAligner(smol, gemma, real_pair["cache"], "offsets").match_positions(s_ids, g_ids)
+    # Gemma keeps more of the passage; the part both kept lines up again from where SmolLM2's starts.
+    assert (matched >= 0).sum().item() >= 40
+    assert matched[-1].item() == len(s_ids) - 1

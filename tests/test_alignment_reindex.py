@@ -73,7 +73,7 @@ def test_align_topk_rejects_bad_temperature():
 def test_token_aligner_end_to_end(tmp_path):
     teacher = ref.ListTokenizer(["<pad>", "▁The", "▁quick", "▁brown", "▁fox", "▁jumps"])
     receiver = ref.ListTokenizer(["<|endoftext|>", "ĠThe", "Ġquic", "k", "Ġbrown", "Ġfox", "Ġjump"], byte_level=True)
-    aligner = TokenAligner(teacher, receiver, tmp_path)
+    aligner = TokenAligner(teacher, receiver, tmp_path, "dtw")
     assert aligner.vocab_map.tolist() == [1, 1, 2, 4, 5, 6]
     t_ids = torch.tensor([1, 2, 3, 4])
     r_ids = torch.tensor([1, 2, 3, 4, 5])
@@ -88,10 +88,21 @@ def test_token_aligner_end_to_end(tmp_path):
     assert probs[1].tolist() == probs[2].tolist() == [1.0, 0.0]
     assert torch.allclose(probs.sum(1), torch.ones(5))
 
+    # By offsets "k" ends where "▁quick" ends, so it takes the teacher's top-k there (ids 3, 5 ->
+    # receiver 4, 6); "Ġquic" ends inside "▁quick" and still falls back to its next token "k".
+    offsets = TokenAligner(teacher, receiver, tmp_path, "offsets")
+    assert offsets.match_positions(t_ids, r_ids).tolist() == [0, -1, 1, 2, 3]
+    ((ids, probs),) = offsets.align([t_ids], [top_ids], [top_logits], [r_ids])
+    assert ids.tolist() == [[2, 6], [3, -1], [4, 6], [5, 6], [6, 5]]
+    e = torch.exp(torch.tensor(1.0))
+    assert torch.allclose(probs[2], torch.stack([e / (e + 1), 1 / (e + 1)]))
+
     # Other direction: teacher "▁quick" pairs with receiver "Ġquic" and "k", so that position is not
     # one-to-one and falls back to the receiver's *next* token (id 3), not its own (id 2).
-    back = TokenAligner(receiver, teacher, tmp_path)
+    back = TokenAligner(receiver, teacher, tmp_path, "dtw")
     assert back.match_positions(r_ids, t_ids).tolist() == [0, -1, 3, 4]
+    # By offsets teacher "▁quick" meets receiver "k" (both end at byte 10).
+    assert TokenAligner(receiver, teacher, tmp_path, "offsets").match_positions(r_ids, t_ids).tolist() == [0, 2, 3, 4]
     ((ids, probs),) = back.align([r_ids], [torch.tensor([[1, 2]] * 5)], [torch.zeros(5, 2)], [t_ids])
     assert ids.tolist() == [[1, 2], [3, -1], [1, 2], [1, 2]]
     assert probs[1].tolist() == [1.0, 0.0] and torch.allclose(probs[[0, 2, 3]], torch.full((3, 2), 0.5))
@@ -101,6 +112,12 @@ def test_token_aligner_end_to_end(tmp_path):
     ((ids, probs),) = back.align([torch.zeros(0, dtype=torch.long)], [empty.long()], [empty], [t_ids])
     assert ids.tolist() == [[2, -1], [3, -1], [4, -1], [-1, -1]]
     assert probs.tolist() == [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]]
+
+
+def test_token_aligner_rejects_an_unknown_sequence_alignment(tmp_path):
+    tok = ref.ListTokenizer(["a", "b"])
+    with pytest.raises(ValueError, match="sequence_alignment"):
+        TokenAligner(tok, tok, tmp_path, "nearest")
 
 
 def test_token_aligner_rejects_mismatched_lists(tmp_path):

@@ -64,8 +64,12 @@ def fit_error(capsys, run_dir: Path, *args: str) -> str:
         (["--privacy.logit_noise", "-1"], "privacy.logit_noise must be >= 0"),
         (["--privacy.logit_clip", "0"], "privacy.logit_clip must be > 0"),
         (["--privacy.noise", "1"], "--privacy.noise"),
+        (["--transfer.sequence_alignment", "nearest"], 'key "transfer.sequence_alignment"'),
     ],
-    ids=["unknown-mode", "min-clients-above-clients", "min-clients-zero", "timeout-zero", "negative-noise", "zero-clip", "unknown-key"],
+    ids=[
+        "unknown-mode", "min-clients-above-clients", "min-clients-zero", "timeout-zero", "negative-noise", "zero-clip",
+        "unknown-key", "unknown-sequence-alignment",
+    ],
 )
 def test_config_errors_stop_before_anything_is_written(args, needle, tmp_path, capsys):
     run_dir = tmp_path / "run"

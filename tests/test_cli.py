@@ -103,3 +103,32 @@ def test_map_vocab_writes_every_source_token(tmp_path, capsys):
     assert set(mapping.values()) - {None} <= target_vocab
     assert mapping["Ġthe"] == "▁the"  # word-boundary markers normalised before matching
     assert mapping[","] == ","  # Gemma's own comma, not its byte fallback <0x2C>
+
+
+def test_align_text_json_rows(capsys):
+    text = "Planets orbit the sun."
+    argv = ["align-text", "--src", "embedded:smollm2-135m-instruct", "--dst", "embedded:gemma3-270m", "--text", text, "--json"]
+    assert main(argv) == 0
+    rows = __import__("json").loads(capsys.readouterr().out)
+    assert all(list(row) == ["dst_index", "dst_token", "dst_span", "src_index", "src_token", "src_span", "target"] for row in rows)
+    assert [row["dst_token"] for row in rows] == ["<bos>", "Plan", "ets", "▁orbit", "▁the", "▁sun", "."]
+    bos, plan = rows[0], rows[1]
+    # Gemma's <bos> has no SmolLM2 counterpart: unmatched, one-hot on its next token.
+    assert bos["src_index"] is None and bos["src_span"] is None and bos["target"] == "Plan" and bos["dst_span"] == [0, 0]
+    assert plan["src_index"] == 0 and plan["src_token"] == "Plan" and plan["src_span"] == [0, 4] and plan["target"] == "Plan"
+    orbit = rows[3]
+    assert orbit["src_token"] == "Ġorbit" and orbit["target"] == "▁orbit" and text[slice(*orbit["dst_span"])] == " orbit"
+
+
+def test_align_text_dtw_table(capsys):
+    argv = ["align-text", "--src", "embedded:gemma3-270m", "--dst", "embedded:smollm2-135m-instruct",
+            "--text", "Planets orbit the sun.", "--sequence-alignment", "dtw"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["dst", "dst_token", "dst_span", "src", "src_token", "src_span", "target"]
+    assert "receiver positions take the teacher's distribution" in out.splitlines()[-1]
+
+
+def test_align_text_rejects_an_empty_text(capsys):
+    assert main(["align-text", "--src", "embedded:gemma3-270m", "--dst", "embedded:gemma3-270m", "--text", ""]) != 0
+    assert "--text is empty" in capsys.readouterr().err

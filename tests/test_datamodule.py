@@ -138,6 +138,9 @@ def test_selected_samples_get_their_targets_and_unselected_are_masked():
         # every position distilled except the last, which has no next token
         assert items[i]["kd_mask"].tolist() == [True] * (length - 1) + [False]
     assert not items[1]["kd_mask"].any() and (items[1]["kd_ids"] == -1).all()
+    # Eligible (the KD denominator) whether selected or not: every position but the last.
+    for i in (0, 1, 2):
+        assert items[i]["kd_eligible"].tolist() == [True] * (len(public[i].input_ids) - 1) + [False]
 
     batch = next(iter(data.train_dataloader()))
     order = batch["index"].tolist()
@@ -146,6 +149,7 @@ def test_selected_samples_get_their_targets_and_unselected_are_masked():
         length = len(public[i].input_ids)
         assert torch.equal(batch["kd_mask"][row, :length], items[i]["kd_mask"])
         assert not batch["kd_mask"][row, length:].any()  # padding is never distilled
+        assert not batch["kd_eligible"][row, length:].any()  # nor counted in the KD denominator
         assert (batch["kd_ids"][row, length:] == -1).all()
         assert torch.equal(batch["input_ids"][row, :length], public[i].input_ids)
 
@@ -158,6 +162,7 @@ def test_answer_positions_mode_masks_the_prompt():
     item = data._item(public[0])
     assert item["kd_mask"].tolist() == [False, False, False, True, True, True, False]
     assert torch.equal(item["kd_mask"], public[0].targets != IGNORE_INDEX)
+    assert torch.equal(item["kd_eligible"], public[0].targets != IGNORE_INDEX)
 
 
 def test_empty_target_rows_are_masked():

@@ -280,6 +280,37 @@ def test_kd_objective_normalisation():
     assert got.dim() == 0
 
 
+def test_kd_weight_of_a_token_does_not_depend_on_its_batch_mates_selection():
+    # Sample 0 is distilled; sample 1 is eligible but DualMinCE did not select it. Dividing by
+    # the eligible positions, sample 0's KD contributes the same whether or not sample 1 was
+    # selected (sample 1's own KD is what changes), so lambda does not drift with the selection.
+    ce = torch.tensor([1.0, 1.0])
+    kd = torch.tensor([[2.0, 4.0, 0.0], [6.0, 8.0, 0.0]], requires_grad=True)
+    eligible = torch.tensor([[True, True, False], [True, True, False]])
+    only_first = torch.tensor([[True, True, False], [False, False, False]])
+    both = eligible.clone()
+    kd_objective(ce, kd, only_first, 0.5, eligible).backward()
+    alone = kd.grad[0].clone()
+    kd.grad = None
+    kd_objective(ce, kd, both, 0.5, eligible).backward()
+    torch.testing.assert_close(kd.grad[0], alone)
+    torch.testing.assert_close(alone, torch.full((3,), 0.5 / 4) * eligible[0])
+    got = kd_objective(ce, kd, only_first, 0.5, eligible)
+    assert math.isclose(got.item(), 0.5 * 1.0 + 0.5 * (2.0 + 4.0) / 4, rel_tol=1e-6)
+    # Normalising by the selected positions instead doubles sample 0's weight when alone.
+    kd.grad = None
+    kd_objective(ce, kd, only_first, 0.5).backward()
+    torch.testing.assert_close(kd.grad[0], 2 * alone)
+
+
+def test_kd_objective_rejects_distilled_positions_that_are_not_eligible():
+    mask = torch.tensor([[True, True]])
+    with pytest.raises(ValueError, match="eligible"):
+        kd_objective(torch.ones(1), torch.ones(1, 2), mask, 0.9, torch.tensor([[True, False]]))
+    with pytest.raises(ValueError, match="kd_eligible shape"):
+        kd_objective(torch.ones(1), torch.ones(1, 2), mask, 0.9, torch.ones(1, 3, dtype=torch.bool))
+
+
 def test_kd_objective_fully_masked_is_ce_only_and_nan_free():
     ce = torch.tensor([0.5, 1.5], requires_grad=True)
     kd = torch.tensor([[float("nan"), float("inf")]], requires_grad=True).expand(2, 2)

@@ -144,6 +144,23 @@ def test_training_step_with_kd_is_lambda_mix_and_changes_the_gradient(make_tiny_
     torch.testing.assert_close(module.kd_loss.compute(), kd_mean, rtol=1e-5, atol=1e-6)
 
 
+def test_training_step_divides_kd_by_the_eligible_positions(make_tiny_llama, smollm2_tokenizer):
+    module = make_module(make_tiny_llama, smollm2_tokenizer, ce_weight=0.7)
+    batch = make_batch(smollm2_tokenizer)
+    kd_batch = add_kd_targets(batch, len(smollm2_tokenizer))
+    eligible = kd_batch["kd_mask"].clone()
+    kd_batch["kd_eligible"] = eligible
+    kd_batch["kd_mask"] = eligible.clone()
+    kd_batch["kd_mask"][1:] = False  # only the first sample was selected
+    with torch.no_grad():
+        ce_loss = module.training_step(batch, 0)
+        logits = module(batch["input_ids"], batch["attention_mask"])
+        kd = dense_kd_loss_reference(logits, kd_batch["kd_ids"], kd_batch["kd_probs"])
+        loss = module.training_step(kd_batch, 0)
+    expected = 0.7 * ce_loss + 0.3 * kd[kd_batch["kd_mask"]].sum() / eligible.sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_masked_out_kd_positions_do_not_affect_the_loss(make_tiny_llama, smollm2_tokenizer):
     module = make_module(make_tiny_llama, smollm2_tokenizer)
     kd_batch = add_kd_targets(make_batch(smollm2_tokenizer), len(smollm2_tokenizer))

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from fedmkt.alignment.reindex import align_topk
-from fedmkt.alignment.sequence import one_to_one_matches
-from fedmkt.alignment.tokens import vocab_strings
+from fedmkt.alignment.sequence import end_offsets, offset_matches, one_to_one_matches
+from fedmkt.alignment.tokens import token_bytes, vocab_strings
 from fedmkt.alignment.vocab_map import load_or_build_vocab_map
 
 __all__ = ["TokenAligner"]
@@ -20,15 +20,29 @@ class TokenAligner:
     """Aligns one teacher tokenizer's top-k outputs to one receiver tokenizer.
 
     Holds what is fixed for the pair, computed once: the MinED vocabulary map teacher id ->
-    receiver id (from the on-disk cache when present) and both tokenizers' normalised token
-    strings, which the DTW sequence alignment compares.
+    receiver id (from the on-disk cache when present), both tokenizers' normalised token strings
+    (which DTW compares) and the bytes each token stands for (which give its end offset).
+    ``sequence_alignment``: ``"offsets"`` matches positions whose tokens end at the same byte of
+    the text (exact, no dynamic programming); ``"dtw"`` keeps the one-to-one DTW pairs that also
+    end at the same byte (a subset of ``"offsets"``).
     """
 
-    def __init__(self, teacher_tokenizer: Any, receiver_tokenizer: Any, cache_dir: str | Path) -> None:
+    def __init__(
+        self,
+        teacher_tokenizer: Any,
+        receiver_tokenizer: Any,
+        cache_dir: str | Path,
+        sequence_alignment: Literal["dtw", "offsets"] = "offsets",
+    ) -> None:
+        if sequence_alignment not in ("dtw", "offsets"):
+            raise ValueError(f"sequence_alignment must be 'dtw' or 'offsets', got {sequence_alignment!r}")
+        self.sequence_alignment = sequence_alignment
         self.teacher_tokenizer = teacher_tokenizer
         self.receiver_tokenizer = receiver_tokenizer
         self.teacher_strings = vocab_strings(teacher_tokenizer)
         self.receiver_strings = vocab_strings(receiver_tokenizer)
+        self.teacher_bytes = token_bytes(teacher_tokenizer)
+        self.receiver_bytes = token_bytes(receiver_tokenizer)
         self.vocab_map = load_or_build_vocab_map(
             teacher_tokenizer,
             receiver_tokenizer,
@@ -42,11 +56,34 @@ class TokenAligner:
         size = len(strings)
         return [strings[i] if 0 <= i < size else "" for i in ids.reshape(-1).tolist()]
 
+    @staticmethod
+    def _pieces(table: list[bytes], ids: Tensor) -> list[bytes]:
+        size = len(table)
+        return [table[i] if 0 <= i < size else b"" for i in ids.reshape(-1).tolist()]
+
+    def teacher_pieces(self, ids: Tensor) -> list[bytes]:
+        """The text bytes of each teacher token (``b""`` for special tokens)."""
+        return self._pieces(self.teacher_bytes, ids)
+
+    def receiver_pieces(self, ids: Tensor) -> list[bytes]:
+        """The text bytes of each receiver token (``b""`` for special tokens)."""
+        return self._pieces(self.receiver_bytes, ids)
+
+    def end_offsets(self, teacher_input_ids: Tensor, receiver_input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Byte offset where each teacher / receiver token ends in the shared text (-1/-2: past it)."""
+        t_ends, r_ends = end_offsets(
+            self._pieces(self.teacher_bytes, teacher_input_ids), self._pieces(self.receiver_bytes, receiver_input_ids)
+        )
+        return torch.from_numpy(t_ends), torch.from_numpy(r_ends)
+
     def match_positions(self, teacher_input_ids: Tensor, receiver_input_ids: Tensor) -> Tensor:
         """``[Ls]`` long: the teacher position matched one-to-one to each receiver position, or -1."""
+        t_ends, r_ends = self.end_offsets(teacher_input_ids, receiver_input_ids)
+        if self.sequence_alignment == "offsets":
+            return torch.from_numpy(offset_matches(t_ends.numpy(), r_ends.numpy()))
         teacher = self._spell(self.teacher_strings, teacher_input_ids)
         receiver = self._spell(self.receiver_strings, receiver_input_ids)
-        return torch.from_numpy(one_to_one_matches(teacher, receiver))
+        return torch.from_numpy(one_to_one_matches(teacher, receiver, t_ends.numpy(), r_ends.numpy()))
 
     def align(
         self,
@@ -59,7 +96,7 @@ class TokenAligner:
         """Receiver-side ``(ids [Ls, k], probs [Ls, k])`` targets for each public sample.
 
         Inputs are per sample and unpadded. Position ``j``'s logits predict token ``j + 1``. A
-        receiver position ``i`` matched one-to-one to teacher position ``j`` gets the teacher's
+        receiver position ``i`` matched to teacher position ``j`` (see :meth:`match_positions`) gets the teacher's
         top-k at ``j`` mapped through the vocabulary map; any other position gets a one-hot on the
         receiver's own *next* token ``receiver_input_ids[i + 1]`` (the last position, which has
         no next token, gets an empty row: ids -1, probabilities 0). The reference implementation

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["WORD_MARKER", "normalize_token", "is_byte_fallback", "is_byte_level", "special_token_ids", "vocab_strings"]
+__all__ = ["WORD_MARKER", "normalize_token", "is_byte_fallback", "is_byte_level", "special_token_ids", "token_bytes", "vocab_strings"]
 
 #: The common word-boundary marker every space is normalised to.
 WORD_MARKER = "\u2581"
@@ -152,3 +152,29 @@ def special_token_ids(tokenizer: Any) -> frozenset[int]:
     ids = {int(i) for i, added in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(added, "special", False)}
     ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
     return frozenset(ids)
+
+
+def token_bytes(tokenizer: Any) -> list[bytes]:
+    """The UTF-8 bytes each id ``0 .. len(tokenizer) - 1`` stands for in the text (``b""``: none).
+
+    Offset alignment adds these lengths up to find where each token ends, so they must be the
+    text's own bytes: byte-level BPE tokens are mapped back through GPT-2's byte table, a
+    SentencePiece ``▁`` is a space and ``<0xHH>`` is byte ``HH``. Special tokens (``<bos>``,
+    ``<|im_end|>``) and ids the tokenizer cannot spell take no room in the text.
+    """
+    raw = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    byte_level = is_byte_level(tokenizer)
+    special = special_token_ids(tokenizer)
+    out: list[bytes] = []
+    for i, tok in enumerate(raw):
+        if tok is None or i in special:
+            out.append(b"")
+            continue
+        fallback = _BYTE_FALLBACK.fullmatch(tok)
+        if fallback is not None:
+            out.append(bytes([int(fallback.group(1), 16)]))
+        elif byte_level and all(ch in _CHAR_TO_BYTE for ch in tok):
+            out.append(bytes(_CHAR_TO_BYTE[ch] for ch in tok))
+        else:
+            out.append(tok.replace(WORD_MARKER, " ").encode("utf-8", "surrogatepass"))
+    return out

@@ -134,6 +134,13 @@ class DistillationDataModule(L.LightningDataModule):
     def _item(self, sample: TokenizedSample) -> dict:
         item = sample.as_item()
         length = len(sample.input_ids)
+        # Positions that would be distilled if DualMinCE selected the sample: the KD term's
+        # denominator (see fedmkt.losses.kd_objective), so it does not depend on the selection.
+        eligible = torch.ones(length, dtype=torch.bool)
+        eligible[-1] = False  # the last position has no next token to predict
+        if self.kd_positions == "answer":
+            eligible &= sample.targets != IGNORE_INDEX
+        item["kd_eligible"] = eligible
         ids = self.targets.ids[sample.index] if self.targets else None
         if ids is None:
             item["kd_ids"] = torch.full((length, self.top_k), -1, dtype=torch.long)
@@ -145,10 +152,7 @@ class DistillationDataModule(L.LightningDataModule):
         if width < self.top_k:  # pad slots so every teacher's targets stack
             ids = torch.cat([ids, ids.new_full((length, self.top_k - width), -1)], dim=1)
             probs = torch.cat([probs, probs.new_zeros(length, self.top_k - width)], dim=1)
-        mask = (ids >= 0).any(dim=1)
-        mask[-1] = False  # the last position has no next token to predict
-        if self.kd_positions == "answer":
-            mask &= sample.targets != IGNORE_INDEX
+        mask = (ids >= 0).any(dim=1) & eligible
         item.update(kd_ids=ids[:, : self.top_k], kd_probs=probs[:, : self.top_k], kd_mask=mask)
         return item
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fedmkt.errors import FedMKTError
 
-__all__ = ["IGNORE_INDEX", "encode_prompt_answer", "prompt_ids", "collate"]
+__all__ = ["IGNORE_INDEX", "encode_prompt_answer", "prompt_ids", "prompt_token_ids", "collate"]
 
 IGNORE_INDEX = -100
 """Target value that `torch.nn.functional.cross_entropy` skips (prompt and padding positions)."""
@@ -31,6 +31,11 @@ def prompt_ids(tokenizer: Any, prompt: str) -> tuple[list[int], int]:
         if full[lead : lead + len(plain)] == plain:
             return full[:lead] + plain, lead
     return full, 0  # specials changed the tokenisation itself; keep the tokenizer's own output
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """``prompt``'s ids exactly as a run's samples begin (leading special tokens, no trailing ones)."""
+    return prompt_ids(tokenizer, prompt)[0]
 
 
 def encode_prompt_answer(

@@ -78,7 +78,9 @@ class Participant:
         self.phase_timeout_s = phase_timeout_s
         self.privacy = privacy or PrivacyConfig()
         self.selective_transfer = SelectiveTransferCallback(require_improvement=transfer.selection == "dualmince")
-        self.alignment = AlignmentCacheCallback(tokenizer, peer_tokenizers, cache_dir, transfer.temperature)
+        self.alignment = AlignmentCacheCallback(
+            tokenizer, peer_tokenizers, cache_dir, transfer.temperature, transfer.sequence_alignment
+        )
         self._public_losses: Optional[torch.Tensor] = None  # valid until the weights change
 
     def _label(self, phase: str) -> str:
