@@ -74,7 +74,9 @@ def test_predict_dataloader_covers_the_public_set_in_order_with_padding(smollm2_
 
 
 def test_train_dataloader_shuffles_the_private_set_reproducibly(smollm2_tokenizer):
-    order = lambda data: torch.cat([b["index"] for b in data.train_dataloader()]).tolist()
+    def order(data) -> list[int]:
+        return torch.cat([b["index"] for b in data.train_dataloader()]).tolist()
+
     first = order(party_data(smollm2_tokenizer, private=8, seed=3))
     assert sorted(first) == list(range(8))
     assert first == order(party_data(smollm2_tokenizer, private=8, seed=3))

@@ -161,7 +161,7 @@ def test_an_empty_source(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "empty.json").write_text("[]")
     for path in (tmp_path / "empty.jsonl", tmp_path / "empty.json"):
-        message = one_line(lambda: load(path, key="data.public"))
+        message = one_line(lambda path=path: load(path, key="data.public"))
         assert "data.public" in message and ("no rows" in message or "cannot parse" in message)
 
 
