@@ -18,7 +18,7 @@ from fedmkt.data.tasks import FederatedSplit, load_task, split_task
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import assert_disjoint
 from fedmkt.federation.checkpoint import atomic_write_text
-from fedmkt.federation.distributed import coordinate, is_rank_zero, launch_ranks
+from fedmkt.federation.distributed import coordinate, is_rank_zero, launch_ranks, party_processes
 from fedmkt.federation.participant import Participant
 from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.models import cache_root, load_model, load_tokenizer
@@ -154,8 +154,12 @@ def build_participant(config: RunConfig, name: str, split: Optional[FederatedSpl
     tokenizer = load_tokenizer(party.model, config.cache_dir)
     peer_specs = {n: p.model for n, p in zip(names, [config.server, *config.clients]) if (n == SERVER) != (name == SERVER)}
 
-    L.seed_everything(config.seed + index, verbose=False)  # distinct, reproducible LoRA inits
-    module = PartyModule(load_model(party.model, config.cache_dir, seed=config.seed + index), party.lora, party.optimizer, config.transfer, name)
+    def build_module() -> PartyModule:
+        L.seed_everything(config.seed + index, verbose=False)  # distinct, reproducible LoRA inits
+        return PartyModule(load_model(party.model, config.cache_dir, seed=config.seed + index), party.lora, party.optimizer, config.transfer, name)
+
+    # A single-device party runs on rank 0 only; other ranks defer (and so never do) loading its model.
+    module = build_module() if is_rank_zero() or party_processes(party.trainer) > 1 else build_module
     if name == SERVER:  # the server owns no private data, except in the centralized baseline
         private = split.pool if config.federation.mode == "centralized" else []
     else:
