@@ -24,7 +24,7 @@ from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.tasks import QAExample
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import evaluate_multiple_choice
-from fedmkt.federation.distributed import gather_predictions, lightning_strategy, party_processes, sum_over_ranks
+from fedmkt.federation.distributed import gather_predictions, lightning_strategy, party_processes, shards_weights, sum_over_ranks
 from fedmkt.party import PartyModule
 from fedmkt.privacy import add_logit_noise
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
@@ -94,6 +94,9 @@ class Participant:
             enable_model_summary=False,
             enable_progress_bar=settings.enable_progress_bar,
             num_sanity_val_steps=0,
+            # An FSDP2 party's all-gather buffers must not become inference tensors in a predict:
+            # its next training phase writes into them (gloo runs already get no_grad from Lightning).
+            inference_mode=not shards_weights(settings),
         )
 
     def _fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule, phase_seed: int) -> dict[str, float]:
