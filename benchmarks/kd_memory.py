@@ -18,6 +18,11 @@ chunk by chunk with numpy memmaps.
 
     python benchmarks/kd_memory.py                      # V=262,144, 4x512, k in {16, 128}
     python benchmarks/kd_memory.py --vocab 32768 --length 128   # quick
+    python benchmarks/kd_memory.py --device cuda        # on a GPU: peaks from torch.cuda.max_memory_allocated
+
+With ``--device cuda`` the logits live on the GPU and "added peak" is
+``torch.cuda.max_memory_allocated()`` (after ``reset_peak_memory_stats``) minus the memory allocated
+before the loss, i.e. the same accounting with the CUDA caching allocator's counters instead of RSS.
 
 At small sizes one chunk (64 positions by default) is a large share of all positions, so the ratios
 only mean something at realistic sizes; the quick run is for checking agreement and plumbing.
@@ -88,27 +93,40 @@ def worker(args: argparse.Namespace) -> None:
         return sparse_kd_loss(x, ids, probs, args.temperature, args.kind, args.chunk_size,
                               inplace_grad=args.variant == "sparse-inplace")
 
+    cuda = args.device == "cuda"
     logits, ids, probs = _make_inputs(args.batch, args.length, args.vocab, args.k, args.seed)
+    if cuda:
+        logits, ids, probs = logits.cuda(), ids.cuda(), probs.cuda()
     # Warm-up on a small copy so one-time allocations (thread pools, kernels) are not counted.
     small = logits[:1, :8].clone().requires_grad_(True)
     loss_fn(small, ids[:1, :8], probs[:1, :8]).sum().backward()
     del small
     logits.requires_grad_(True)
 
-    exact = _reset_peak()
-    base_kib = _status_kib("VmRSS")
-    if not exact:  # fall back to the lifetime peak; valid because the logits were the high point
-        base_kib = max(base_kib, _status_kib("VmHWM"))
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        exact, base_kib = True, torch.cuda.memory_allocated() / 1024
+    else:
+        exact = _reset_peak()
+        base_kib = _status_kib("VmRSS")
+        if not exact:  # fall back to the lifetime peak; valid because the logits were the high point
+            base_kib = max(base_kib, _status_kib("VmHWM"))
     t0 = time.perf_counter()
     loss = loss_fn(logits, ids, probs)
     loss.sum().backward()
+    if cuda:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = torch.cuda.max_memory_allocated() / 1024 if cuda else _status_kib("VmHWM")
 
     grad = logits.grad
     out = Path(args.out)
-    np.save(out.with_suffix(".loss.npy"), loss.detach().numpy())
-    grad.detach().contiguous().numpy().tofile(out.with_suffix(".grad.bin"))
+    np.save(out.with_suffix(".loss.npy"), loss.detach().cpu().numpy())
+    with open(out.with_suffix(".grad.bin"), "wb") as fh:  # row blocks: no second whole copy on the host
+        flat = grad.detach().reshape(-1, args.vocab)
+        for start in range(0, flat.shape[0], 256):
+            flat[start:start + 256].cpu().contiguous().numpy().tofile(fh)
     print(json.dumps({
         "variant": args.variant,
         "k": args.k,
@@ -142,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="positions per chunk (default: fedmkt.losses.DEFAULT_CHUNK_SIZE)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the logits live; cuda measures torch.cuda.max_memory_allocated")
     p.add_argument("--scratch", default=None, help="folder for the per-variant gradient files")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--k", type=int, help=argparse.SUPPRESS)
@@ -159,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     n_rows = args.batch * args.length
     tensor_mib = n_rows * args.vocab * 4 / MiB
     print(f"V={args.vocab:,}  B x L={args.batch}x{args.length}  kind={args.kind}  "
-          f"T={args.temperature}  chunk={args.chunk_size} positions  fp32 on CPU")
+          f"T={args.temperature}  chunk={args.chunk_size} positions  fp32 on {args.device.upper()}")
     print(f"one [B, L, V] fp32 tensor = {tensor_mib:,.0f} MiB; machine: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores visible (shared; other processes may be running)")
     rows = []
@@ -172,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
                        "--k", str(k), "--out", str(out), "--vocab", str(args.vocab),
                        "--batch", str(args.batch), "--length", str(args.length),
                        "--temperature", str(args.temperature), "--kind", args.kind,
-                       "--chunk-size", str(args.chunk_size), "--seed", str(args.seed)]
+                       "--chunk-size", str(args.chunk_size), "--seed", str(args.seed),
+                       "--device", args.device]
                 env = dict(os.environ)
                 repo = str(Path(__file__).resolve().parent.parent)
                 env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
@@ -209,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['excl_mib']:,.0f} | {r['ratio_excl']:.3f} | {r['wall_s']:.2f} | "
               f"{r['dloss']:.2e} | {r['dgrad']:.2e} |")
     exact = all(r["exact_peak_reset"] for r in rows)
-    print(f"\npeak = VmHWM after reset via /proc/self/clear_refs: {exact}; "
+    how = "torch.cuda.max_memory_allocated after reset_peak_memory_stats" if args.device == "cuda" else "VmHWM after reset via /proc/self/clear_refs"
+    print(f"\npeak = {how}: {exact}; "
           f"max |grad| = {max(r['max_abs_grad'] for r in rows):.3g}; objective = loss.sum()")
     ok = all(r["dloss"] <= 1e-5 and r["dgrad"] <= 1e-5 for r in rows)
     print("agreement within 1e-5:", ok)

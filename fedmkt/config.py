@@ -239,6 +239,12 @@ class FederationConfig:
     client_timeout_s: Optional[float] = None
     """A client phase running longer than this many seconds counts as failed for the round."""
 
+    rank_timeout_s: float = 1800.0
+    """Multi-device parties (ddp/fsdp): how long a rank waits for its peers inside a phase (the
+    process group's collective timeout). A rank that fails mid-phase makes the phase fail on every
+    rank within this time (a client is then left out of the round); it must exceed the longest
+    pause between two collectives of a healthy phase, e.g. a slow first batch."""
+
     evaluate_before: bool = True
     """Evaluate every party before round 1 (zero-shot, reported as round 0)."""
 
@@ -362,6 +368,11 @@ def validate(config: RunConfig) -> None:
             config.federation.client_timeout_s is None or config.federation.client_timeout_s > 0,
             "federation.client_timeout_s must be > 0",
             "set it to a number of seconds, or null for no limit",
+        ),
+        (
+            config.federation.rank_timeout_s > 0,
+            "federation.rank_timeout_s must be > 0",
+            "set it to a number of seconds, e.g. 1800 (30 minutes)",
         ),
         (config.data.eval_size >= 1, "data.eval_size must be >= 1", "set data.eval_size: 100"),
         (config.data.max_new_tokens >= 1, "data.max_new_tokens must be >= 1", "set data.max_new_tokens: 32"),

@@ -111,7 +111,9 @@ def _summed_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return (picked * mask).sum(dim=1).double().cpu()
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: an FSDP2 model's all-gather buffers first filled in inference mode
+# become inference tensors, which the party's later training can no longer write into.
+@torch.no_grad()
 def _score_pairs(
     model: Any, encoded: list[tuple[Tensor, Tensor]], batch_size: int, pad_id: int, device: torch.device, bar: Any = None
 ) -> Tensor:
@@ -161,7 +163,7 @@ def _group_by_prompt(encoded: list[tuple[Tensor, Tensor]], sizes: list[int]) -> 
     return groups
 
 
-@torch.inference_mode()
+@torch.no_grad()  # see _score_pairs
 def _score_shared_prompts(
     model: Any,
     encoded: list[tuple[Tensor, Tensor]],

@@ -67,11 +67,22 @@ class PartyModule(L.LightningModule):
         Single-device and DDP trainers never call for sharding, so this is a no-op there.
         """
         from lightning.pytorch.strategies import ModelParallelStrategy
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule
 
         if not isinstance(self.trainer.strategy, ModelParallelStrategy) or isinstance(self.model, FSDPModule):
             return
-        mesh = self.device_mesh["data_parallel"]
+        self.shard(self.device_mesh["data_parallel"])
+
+    def shard(self, mesh: Any) -> None:
+        """FSDP2-shard the model over `mesh` (1-D, data parallel): each rank keeps 1/ranks of the weights.
+
+        fedmkt calls it when the party is built (`distributed.coordinate`), so the whole model never
+        sits on one device; `configure_model` only shards a model that is not sharded yet.
+        """
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):
+            return
         layer_types = set(getattr(self.model.get_base_model(), "_no_split_modules", None) or [])
         if not layer_types:
             raise FedMKTError(

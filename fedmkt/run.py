@@ -19,7 +19,7 @@ from fedmkt.data.datamodule import PartyDataModule
 from fedmkt.data.parts import PartyData, federation_data, party_data
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import atomic_write_dir, atomic_write_text, read_checkpoint
-from fedmkt.federation.distributed import coordinate, is_rank_zero, launch_ranks
+from fedmkt.federation.distributed import coordinate, is_rank_zero, launch_ranks, party_processes
 from fedmkt.federation.participant import Participant
 from fedmkt.federation.trainer import FederatedTrainer, check_resumable
 from fedmkt.models import cache_root, load_model, load_tokenizer
@@ -261,8 +261,12 @@ def build_participant(config: RunConfig, name: str, data: Optional[PartyData] = 
     tokenizer = load_tokenizer(party.model, config.cache_dir)
     peer_specs = {n: p.model for n, p in parties.items() if (n == SERVER) != (name == SERVER)}
 
-    L.seed_everything(config.seed + index, verbose=False)  # distinct, reproducible LoRA inits
-    module = PartyModule(load_model(party.model, config.cache_dir, seed=config.seed + index), party.lora, party.optimizer, config.transfer, name)
+    def build_module() -> PartyModule:
+        L.seed_everything(config.seed + index, verbose=False)  # distinct, reproducible LoRA inits
+        return PartyModule(load_model(party.model, config.cache_dir, seed=config.seed + index), party.lora, party.optimizer, config.transfer, name)
+
+    # A single-device party runs on rank 0 only; other ranks defer (and so never do) loading its model.
+    module = build_module() if is_rank_zero() or party_processes(party.trainer) > 1 else build_module
     # The server's private part is empty, except in the centralized baseline (all clients' data).
     datamodule = PartyDataModule(
         name, data.private, data.public, tokenizer, config.data.max_length, party.batch_size, party.eval_batch_size, config.seed

@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -167,6 +169,160 @@ def test_rank_zero_runs_single_device_phases_and_every_rank_gets_its_outcome():
     # A failure on rank 0 is raised on rank 1 too (quorum decisions must not diverge).
     assert zero["error"] == one["error"] == "client_1 broke on rank 0"
     assert one["name"] == "client_0"  # other attributes pass through
+
+
+# ---- a default group without a CPU backend (as NCCL's) ---------------------------------------
+
+
+def _phase_mean_worker(rank: int, port: int, results) -> None:
+    from torchmetrics import MeanMetric
+
+    from fedmkt.federation.participant import _phase_mean
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # Gloo registered for CUDA tensors only: like an NCCL group, it has no backend for CPU tensors.
+    dist.init_process_group("cuda:gloo", rank=rank, world_size=2)
+    try:
+        metric = MeanMetric(sync_on_compute=False)  # on the CPU, where Lightning's teardown leaves it
+        for value in ([1.0, 3.0] if rank == 0 else [5.0]):
+            metric.update(torch.tensor(value))
+        outcome = {}
+        try:  # what the metric's own sync does (and fedmkt did before)
+            with metric.sync_context(should_sync=True):
+                metric.compute()
+        except RuntimeError as error:
+            outcome["metric_sync_error"] = str(error)
+        outcome["mean"] = _phase_mean(metric, spans_ranks=True, empty=float("nan"))
+        only_rank_one = MeanMetric(sync_on_compute=False)  # rank 0 saw no batch of this kind
+        if rank == 1:
+            only_rank_one.update(torch.tensor(2.0))
+        outcome["one_sided"] = _phase_mean(only_rank_one, spans_ranks=True, empty=0.0)
+        outcome["none"] = _phase_mean(MeanMetric(sync_on_compute=False), spans_ranks=True, empty=-1.0)
+        results[rank] = outcome
+    finally:
+        dist.destroy_process_group()
+
+
+def test_phase_means_sync_on_the_cpu_when_the_default_group_has_no_cpu_backend():
+    results = mp.Manager().dict()
+    mp.spawn(_phase_mean_worker, args=(_free_port(), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        outcome = results[rank]
+        assert "No backend type associated with device type cpu" in outcome["metric_sync_error"]  # the NCCL failure
+        assert outcome["mean"] == pytest.approx(3.0)  # (1 + 3 + 5) / 3: every rank's batches, weighted
+        assert outcome["one_sided"] == pytest.approx(2.0)  # no rank returns early and leaves the other waiting
+        assert outcome["none"] == -1.0
+
+
+# ---- bounded waits: a rank failing mid-phase -------------------------------------------------
+
+
+class _FailsOnRankOne:
+    """A spanning phase whose rank 1 raises mid-phase while rank 0 waits in the gradient all-reduce."""
+
+    name = "server"
+
+    def fine_tune(self, round_index: int) -> dict:
+        if dist.get_rank() == 1:
+            raise RuntimeError("out of memory in step 3 on rank 1")
+        gradient = torch.ones(4)
+        dist.all_reduce(gradient)  # never joined by rank 1: ends with the default group's timeout
+        return {"task_loss": float(gradient.sum())}
+
+
+def _failing_rank_worker(rank: int, port: int, timeout_s: float, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=timeout_s))
+    try:
+        party = RankCoordinatedParticipant(_FailsOnRankOne(), spans_ranks=True)
+        start = time.monotonic()
+        try:
+            party.fine_tune(1)
+            results[rank] = ("no error", time.monotonic() - start)
+        except RuntimeError as error:
+            results[rank] = (str(error), time.monotonic() - start)
+        # The fedmkt exchanges still work afterwards, so the federation can go on without this party.
+        from fedmkt.federation.distributed import broadcast_from_rank_zero
+
+        results[f"after_{rank}"] = broadcast_from_rank_zero("round continues" if rank == 0 else None)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_failing_mid_phase_fails_the_phase_on_every_rank_within_the_timeout():
+    timeout_s = 4.0
+    results = mp.Manager().dict()
+    mp.spawn(_failing_rank_worker, args=(_free_port(), timeout_s, results), nprocs=2, join=True)
+    for rank in (0, 1):
+        message, waited = results[rank]
+        # One line naming the rank that failed first and its own error, not rank 0's timeout.
+        assert message == "rank 1 failed in server.fine_tune: RuntimeError: out of memory in step 3 on rank 1"
+        assert waited < timeout_s + 30, f"rank {rank} waited {waited:.0f} s"
+        assert results[f"after_{rank}"] == "round continues"
+
+
+def test_rank_timeout_must_be_positive():
+    from fedmkt.config import validate
+
+    config = _config("--federation.rank_timeout_s", "0")
+    with pytest.raises(FedMKTError, match=r"federation.rank_timeout_s must be > 0\. Fix:"):
+        validate(config)
+    assert _config().federation.rank_timeout_s == 1800.0  # 30 minutes unless set
+
+
+# ---- placement: what each rank loads and holds ----------------------------------------------
+
+
+def _placement_worker(rank: int, port: int, results) -> None:
+    import fedmkt.federation.participant as participant_module
+    from fedmkt.federation.distributed import coordinate
+    from fedmkt.run import build_participants
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        config = _config("--server.trainer.strategy", "fsdp", "--server.trainer.devices", "2")
+        server, clients = build_participants(config)
+        outcome = {"loaded": [p.module_loaded for p in (server, *clients)]}
+        full = sum(p.numel() for p in server.module.model.parameters())
+        coordinated, *_ = coordinate([server, *clients], [p.trainer for p in (config.server, *config.clients)])
+        held = []  # the share of the server's weights this rank holds, seen from inside evaluation
+        evaluate = participant_module.evaluate_multiple_choice
+
+        def local_share(model: torch.nn.Module) -> float:
+            local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+            return local / full
+
+        def recording_evaluate(model, *args, **kwargs):
+            held.append(local_share(model))
+            return evaluate(model, *args, **kwargs)
+
+        participant_module.evaluate_multiple_choice = recording_evaluate
+        outcome["accuracy"] = coordinated.evaluate()["eval_accuracy"]
+        participant_module.evaluate_multiple_choice = evaluate
+        outcome["held_during_eval"] = held
+        outcome["held_after_eval"] = local_share(server.module.model)
+        results[rank] = outcome
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_load_only_their_parties_and_an_fsdp_party_is_never_whole_on_a_rank():
+    results = mp.Manager().dict()
+    mp.spawn(_placement_worker, args=(_free_port(), results), nprocs=2, join=True)
+    # The fsdp server runs on both ranks; the single-device clients on rank 0 alone.
+    assert results[0]["loaded"] == [True, True, True]
+    assert results[1]["loaded"] == [True, False, False]
+    for rank in (0, 1):
+        # Zero-shot evaluation already runs through the shards: each rank holds about half the weights.
+        assert len(results[rank]["held_during_eval"]) == 1
+        assert 0.45 < results[rank]["held_during_eval"][0] < 0.55
+        assert 0.45 < results[rank]["held_after_eval"] < 0.55  # the root unit is freed again afterwards
+    # The same score as the whole model in one process (its LoRA starts as a no-op).
+    from fedmkt.run import evaluate_party
+
+    whole = evaluate_party(_config(), "server")["acc"]
+    assert results[0]["accuracy"] == results[1]["accuracy"] == pytest.approx(whole, abs=1e-9)
 
 
 # ---- end to end: the server on 2 DDP processes ----------------------------------------------

@@ -13,7 +13,15 @@ walks the same protocol in lock-step:
   same teacher payload on every rank;
 * summary.json, logs and checkpoint files are written by rank 0 alone. An fsdp party's weights are
   sharded, so its evaluation runs on all its ranks in lock-step and its adapter is gathered from
-  all ranks before rank 0 writes it; a ddp party's replicated weights are evaluated by rank 0.
+  all ranks before rank 0 writes it; a ddp party's replicated weights are evaluated by rank 0;
+* a rank builds only the parties it runs: a single-device party's model exists on rank 0 alone, and
+  an fsdp party is sharded when it is built (`coordinate`), so no rank ever holds its whole model.
+
+Two process groups: the default one (NCCL on GPUs, gloo on CPU) carries the collectives inside a
+phase (gradients, FSDP all-gathers) with timeout `federation.rank_timeout_s`, so a rank that fails
+mid-phase makes its peers fail that phase within it. fedmkt's own exchanges (phase outcomes,
+public-data predictions, loss metrics) are CPU objects and go over a separate gloo group: an NCCL
+group has no CPU backend, and that group waits as long as rank 0 runs a single-device phase.
 
 `strategy: fsdp` is PyTorch's FSDP2 (`fully_shard`) through Lightning's `ModelParallelStrategy`
 (data-parallel only): Lightning's older `FSDPStrategy` and PyTorch's FSDP1 need CUDA, FSDP2 runs
@@ -22,6 +30,8 @@ on CPU (gloo) as well, so the same path is tested here and used on GPUs.
 
 from __future__ import annotations
 
+import pickle
+import time
 from datetime import timedelta
 from typing import Any, Callable, Optional
 
@@ -31,9 +41,12 @@ import torch.distributed as dist
 from fedmkt.config import RunConfig, TrainerConfig
 from fedmkt.errors import FedMKTError
 
-# Ranks of a multi-device party wait in a collective while rank 0 runs single-device parties (a whole
-# client fine-tune, say); the default 10–30 min collective timeouts would kill a healthy run.
-RANK_WAIT_TIMEOUT = timedelta(hours=12)
+# Ranks wait in the coordination group while rank 0 runs a single-device party's phase (a whole
+# client fine-tune, say), which may take hours; the client's own bound is federation.client_timeout_s.
+# A rank that dies closes its connections, so its peers fail at once instead of waiting this long.
+SINGLE_DEVICE_PHASE_WAIT = timedelta(hours=12)
+
+_coordination: Optional[Any] = None  # the gloo group for fedmkt's CPU-object exchanges
 
 _SPMD_STRATEGIES = ("ddp", "fsdp")
 
@@ -53,7 +66,8 @@ def lightning_strategy(trainer: TrainerConfig) -> Any:
         return trainer.strategy
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    return ModelParallelStrategy(data_parallel_size=party_processes(trainer), tensor_parallel_size=1, timeout=RANK_WAIT_TIMEOUT)
+    # fedmkt's launch_ranks has already created the process group (and its timeout); Lightning reuses it.
+    return ModelParallelStrategy(data_parallel_size=party_processes(trainer), tensor_parallel_size=1)
 
 
 def party_processes(trainer: TrainerConfig) -> int:
@@ -112,7 +126,27 @@ def launch_ranks(config: RunConfig) -> None:
 
     parties = [config.server, *config.clients]
     accelerator = next(p.trainer.accelerator for p in parties if party_processes(p.trainer) > 1)
-    Fabric(accelerator=accelerator, devices=size, strategy=DDPStrategy(timeout=RANK_WAIT_TIMEOUT)).launch()
+    timeout = timedelta(seconds=config.federation.rank_timeout_s)
+    Fabric(accelerator=accelerator, devices=size, strategy=DDPStrategy(timeout=timeout)).launch()
+    coordination_group()  # created now, in the same order on every rank
+
+
+def coordination_group() -> Any:
+    """The gloo group fedmkt exchanges CPU objects over (created on first use; every rank must call).
+
+    The default group may be NCCL, which has no CPU backend ("No backend type associated with
+    device type cpu"); gloo takes CPU tensors whatever the default group is.
+    """
+    global _coordination
+    if _coordination is None:
+        _coordination = dist.new_group(backend="gloo", timeout=SINGLE_DEVICE_PHASE_WAIT)
+    return _coordination
+
+
+def release_coordination_group() -> None:
+    """Forget the coordination group (it belongs to a process group that is being destroyed)."""
+    global _coordination
+    _coordination = None
 
 
 def is_distributed() -> bool:
@@ -132,8 +166,26 @@ def broadcast_from_rank_zero(value: Any) -> Any:
     if not is_distributed():
         return value
     box = [value if is_rank_zero() else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=coordination_group())
     return box[0]
+
+
+def all_ranks(value: Any) -> list[Any]:
+    """Every rank's `value`, by rank (picklable objects; `[value]` with one rank)."""
+    if not is_distributed():
+        return [value]
+    per_rank: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, value, group=coordination_group())
+    return per_rank
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """`values` (a CPU tensor) summed over all ranks, through the CPU-capable coordination group."""
+    if not is_distributed():
+        return values
+    total = values.detach().cpu().clone()
+    dist.all_reduce(total, group=coordination_group())
+    return total
 
 
 def gather_predictions(outputs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -144,9 +196,7 @@ def gather_predictions(outputs: list[dict[str, torch.Tensor]]) -> list[dict[str,
     """
     if not is_distributed():
         return outputs
-    per_rank: list[Optional[list]] = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, outputs)
-    return merge_rank_predictions(per_rank)
+    return merge_rank_predictions(all_ranks(outputs))
 
 
 def merge_rank_predictions(per_rank: list[list[dict[str, torch.Tensor]]]) -> list[dict[str, torch.Tensor]]:
@@ -189,18 +239,31 @@ class RankCoordinatedParticipant:
     def __getattr__(self, attribute: str) -> Any:  # name, data, adapter_state (a collective when sharded), ...
         return getattr(self.participant, attribute)
 
+    def _runs_here(self) -> bool:
+        return self.spans_ranks or is_rank_zero()
+
     def _phase(self, method: Callable[..., Any], *args: Any) -> Any:
-        """Run a phase where the rules say, hand every rank rank 0's outcome (or its error)."""
-        outcome: tuple[Optional[Any], Optional[BaseException]] = (None, None)
-        if self.spans_ranks or is_rank_zero():
-            try:
-                outcome = (method(*args), None)
-            except Exception as error:  # re-raised on every rank below, so all ranks branch alike
-                outcome = (None, error)
-        result, error = broadcast_from_rank_zero(outcome)
-        if error is not None:
-            raise error
-        return result
+        """Run a phase where the rules say, hand every rank the same outcome (result or error).
+
+        A phase spanning ranks fails when any of its ranks fails; the error reported is the one
+        raised first. A rank that raises mid-phase leaves its peers waiting in a collective, which
+        the default group's timeout (`federation.rank_timeout_s`) ends, so the phase fails within it.
+        """
+        if not self.spans_ranks:
+            result, error = broadcast_from_rank_zero(_attempt(method, *args) if is_rank_zero() else None)
+            if error is not None:
+                raise error
+            return result
+        result, error = _attempt(method, *args)
+        failures = [
+            (failed_at, rank_index, failure)
+            for rank_index, (failed_at, failure) in enumerate(all_ranks((time.time(), error) if error else (None, None)))
+            if failure is not None
+        ]
+        if failures:
+            _, first, failure = min(failures, key=lambda item: item[0])
+            raise RuntimeError(f"rank {first} failed in {self.name}.{method.__name__}: {_one_line(failure)}")
+        return broadcast_from_rank_zero(result)
 
     def fine_tune(self, round_index: int) -> dict:
         return self._phase(self.participant.fine_tune, round_index)
@@ -216,6 +279,26 @@ class RankCoordinatedParticipant:
         runs_here = self.sharded or is_rank_zero()
         return broadcast_from_rank_zero(self.participant.evaluate() if runs_here else None)
 
+    # Adapter state: a single-device party's model lives on rank 0 alone; the others take its word.
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The whole LoRA state on every rank (a collective gather when sharded)."""
+        if self.sharded:
+            return self.participant.adapter_state()
+        return broadcast_from_rank_zero(self.participant.adapter_state() if is_rank_zero() else None)
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self._runs_here():
+            self.participant.load_adapter_state(state)
+
+    def load_adapter(self, directory: Any) -> None:
+        if self._runs_here():
+            self.participant.load_adapter(directory)
+
+    def restore_public_losses(self, losses: Optional[torch.Tensor]) -> None:
+        if self._runs_here():
+            self.participant.restore_public_losses(losses)
+
     def save_adapter(self, directory: Any) -> None:
         """Rank 0 writes the adapter; a sharded party's ranks first gather it together."""
         if self.sharded:
@@ -227,11 +310,41 @@ class RankCoordinatedParticipant:
 
 
 def coordinate(participants: list[Any], config_per_party: list[TrainerConfig]) -> list[Any]:
-    """Wrap participants for a multi-rank run; the same objects when there is one rank."""
+    """Wrap participants for a multi-rank run (sharding fsdp parties now); the same objects with one rank.
+
+    Sharding here, before any evaluation or restore, means an fsdp party's whole model never sits
+    on one rank's device: zero-shot evaluation already runs through the sharded module.
+    """
     if not is_distributed():
         return participants
-    return [
-        RankCoordinatedParticipant(p, party_processes(t) > 1, sharded=shards_weights(t))
-        for p, t in zip(participants, config_per_party)
-    ]
+    wrapped = []
+    for participant, trainer in zip(participants, config_per_party):
+        if shards_weights(trainer):
+            participant.module.shard(party_mesh(trainer))
+        wrapped.append(RankCoordinatedParticipant(participant, party_processes(trainer) > 1, sharded=shards_weights(trainer)))
+    return wrapped
+
+
+def party_mesh(trainer: TrainerConfig) -> Any:
+    """The 1-D data-parallel device mesh over all ranks that an fsdp party is sharded on."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if torch.cuda.is_available() and trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("data_parallel",))
+
+
+def _attempt(method: Callable[..., Any], *args: Any) -> tuple[Optional[Any], Optional[BaseException]]:
+    """(result, None) or (None, error); the error made picklable so it can cross to other ranks."""
+    try:
+        return method(*args), None
+    except Exception as error:  # re-raised on every rank by the caller, so all ranks branch alike
+        try:
+            pickle.dumps(error)
+        except Exception:
+            error = RuntimeError(_one_line(error))
+        return None, error
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 

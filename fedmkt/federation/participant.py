@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import lightning as L
 import torch
@@ -24,7 +24,7 @@ from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.examples import Example, Format
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice
-from fedmkt.federation.distributed import gather_predictions, lightning_strategy, party_processes
+from fedmkt.federation.distributed import gather_predictions, lightning_strategy, party_processes, shards_weights, sum_over_ranks
 from fedmkt.party import PartyModule
 from fedmkt.privacy import add_logit_noise
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
@@ -46,7 +46,7 @@ class Participant:
         name: str,
         config: PartyConfig,
         transfer: TransferConfig,
-        module: PartyModule,
+        module: Union[PartyModule, Callable[[], PartyModule]],
         tokenizer,
         data: PartyDataModule,
         evaluation: list[Example],
@@ -63,7 +63,9 @@ class Participant:
         self.name = name
         self.config = config
         self.transfer = transfer
-        self.module = module
+        # A callable builds the module on first use: a rank that never runs this party never loads it.
+        self._module = module if isinstance(module, PartyModule) else None
+        self._build_module = None if isinstance(module, PartyModule) else module
         self.tokenizer = tokenizer
         self.data = data
         self.evaluation = evaluation
@@ -82,6 +84,18 @@ class Participant:
             tokenizer, peer_tokenizers, cache_dir, transfer.temperature, transfer.sequence_alignment
         )
         self._public_losses: Optional[torch.Tensor] = None  # valid until the weights change
+
+    @property
+    def module(self) -> PartyModule:
+        """The party's LightningModule, built now if it was deferred."""
+        if self._module is None:
+            self._module = self._build_module()
+        return self._module
+
+    @property
+    def module_loaded(self) -> bool:
+        """Whether this process holds the party's model (it does once any phase ran here)."""
+        return self._module is not None
 
     def _label(self, phase: str) -> str:
         return f"{self.name} · {phase} · round {self.round_index}"
@@ -103,6 +117,9 @@ class Participant:
             enable_model_summary=False,
             enable_progress_bar=settings.enable_progress_bar,
             num_sanity_val_steps=0,
+            # An FSDP2 party's all-gather buffers must not become inference tensors in a predict:
+            # its next training phase writes into them (gloo runs already get no_grad from Lightning).
+            inference_mode=not shards_weights(settings),
         )
 
     def _fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule, seed: int) -> dict[str, float]:
@@ -193,9 +210,13 @@ class Participant:
         `eval_n`. The own set gives the same keys with the prefix `own_eval`.
         """
         start = time.perf_counter()
-        use_gpu = torch.cuda.is_available() and self.config.trainer.accelerator in ("auto", "gpu", "cuda")
-        device = torch.device("cuda" if use_gpu else "cpu")
-        model = self.module.model.to(device)
+        model = self.module.model
+        if is_sharded(model):  # evaluated through its shards, where they live: never whole on one device
+            device = next(model.parameters()).device
+        else:
+            use_gpu = torch.cuda.is_available() and self.config.trainer.accelerator in ("auto", "gpu", "cuda")
+            device = torch.device("cuda" if use_gpu else "cpu")
+            model = model.to(device)
         stats = self._score(model, self.evaluation, "eval", device)
         if self.own_evaluation:
             stats |= self._score(model, self.own_evaluation, "own_eval", device)
@@ -225,6 +246,8 @@ class Participant:
         """
         if not is_sharded(self.module.model):
             self.module.cpu()
+        else:  # FSDP2 keeps the root unit (embeddings, head) gathered after a forward; free it
+            self.module.model.reshard()
 
     # ---- state for checkpoints and adapter averaging --------------------------------------
 
@@ -265,8 +288,14 @@ class Participant:
 
 
 def _phase_mean(metric, spans_ranks: bool, empty: float) -> float:
-    """A phase's mean loss; over every rank's batches when the phase ran on several ranks."""
-    if not metric.update_count:
-        return empty
-    with metric.sync_context(should_sync=spans_ranks):
-        return float(metric.compute())
+    """A phase's mean loss (a `MeanMetric`); over every rank's batches when the phase ran on several ranks.
+
+    Read after Lightning's teardown has moved the module, metric states included, to the CPU; the
+    sum runs over fedmkt's gloo group because an NCCL default group has no CPU backend. Every rank
+    of the phase takes part, also one that saw no batch, so none waits for a missing peer.
+    """
+    totals = torch.stack([metric.mean_value.detach().double().cpu(), metric.weight.detach().double().cpu()])
+    if spans_ranks:
+        totals = sum_over_ranks(totals)
+    weighted_sum, weight = totals.tolist()
+    return empty if weight == 0 else weighted_sum / weight
