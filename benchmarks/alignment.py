@@ -151,7 +151,10 @@ def bench_dtw(tokenizers, strings, args) -> None:
         while n < args.length:
             text += passages[cursor] + "\n\n"
             cursor += 1
-            n = min(len(gemma(text, add_special_tokens=False).input_ids), len(smol(text, add_special_tokens=False).input_ids))
+            n = min(
+                len(gemma(text, add_special_tokens=False).input_ids),
+                len(smol(text, add_special_tokens=False).input_ids),
+            )
         a = [strings["Gemma-3"][i] for i in gemma(text, add_special_tokens=False).input_ids[: args.length]]
         b = [strings["SmolLM2"][i] for i in smol(text, add_special_tokens=False).input_ids[: args.length]]
         pairs.append((a, b))
@@ -191,7 +194,9 @@ def bench_sequence_modes(tokenizers, args) -> None:
             while min(len(t_tok(text).input_ids), len(r_tok(text).input_ids)) < args.length:
                 text += passages[cursor] + "\n\n"
                 cursor += 1
-            pairs.append((torch.tensor(t_tok(text).input_ids[: args.length]), torch.tensor(r_tok(text).input_ids[: args.length])))
+            pairs.append(
+                (torch.tensor(t_tok(text).input_ids[: args.length]), torch.tensor(r_tok(text).input_ids[: args.length]))
+            )
         cells = []
         for mode in ("dtw", "offsets"):
             aligner.sequence_alignment = mode
@@ -205,10 +210,14 @@ def bench_sequence_modes(tokenizers, args) -> None:
             cells.append((time.perf_counter() - t0, matched / total))
         (dtw_s, dtw_share), (off_s, off_share) = cells
         n = len(pairs)
-        rows.append([
-            f"{teacher} → {receiver}", f"{fmt_s(dtw_s / n)} ({dtw_share:.1%})", f"{fmt_s(off_s / n)} ({off_share:.1%})",
-            f"{dtw_s / off_s:,.0f}×",
-        ])
+        rows.append(
+            [
+                f"{teacher} → {receiver}",
+                f"{fmt_s(dtw_s / n)} ({dtw_share:.1%})",
+                f"{fmt_s(off_s / n)} ({off_share:.1%})",
+                f"{dtw_s / off_s:,.0f}×",
+            ]
+        )
     table(
         f"Sequence alignment per sample ({args.pairs} BoolQ texts cut to {args.length} tokens; positions matched)",
         ["teacher → receiver", "dtw", "offsets", "ratio"],
@@ -251,7 +260,15 @@ def bench_reindex(args) -> None:
     table(
         f"Top-k re-indexing ({args.samples} samples × {length} positions × k={k}, teacher vocab 262,144, torch 1 thread)",
         ["", "reference (Python loop)", "ours (vectorised)", "ratio", "rows differing"],
-        [["all samples", fmt_s(ref_s), fmt_s(ours_s), f"{ref_s / ours_s:,.0f}×", f"{mismatches} / {args.samples * length}"]],
+        [
+            [
+                "all samples",
+                fmt_s(ref_s),
+                fmt_s(ours_s),
+                f"{ref_s / ours_s:,.0f}×",
+                f"{mismatches} / {args.samples * length}",
+            ]
+        ],
     )
 
 
@@ -259,7 +276,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller samples")
     parser.add_argument("--ref-tokens", type=int, default=None, help="tokens per direction timed with brute force")
-    parser.add_argument("--tie-tokens", type=int, default=5, help="tokens per direction checked vs the tie-break reference")
+    parser.add_argument(
+        "--tie-tokens", type=int, default=5, help="tokens per direction checked vs the tie-break reference"
+    )
     parser.add_argument("--check-tokens", type=int, default=None, help="tokens per direction checked vs brute force")
     parser.add_argument("--pairs", type=int, default=None, help="text pairs for DTW")
     parser.add_argument("--length", type=int, default=512, help="tokens per sequence")

@@ -51,12 +51,18 @@ def main() -> None:
         rows.append((client.name, fedmkt, 2 * adapter, 2 * full, 2 * full_bf16, payload))
 
     positions = len(payload.token_ids)
-    print(f"config {args.config}: {len(server.data.public)} public samples, {positions} token positions per client payload, top-k {config.transfer.top_k}")
+    print(
+        f"config {args.config}: {len(server.data.public)} public samples, {positions} token positions per client payload, top-k {config.transfer.top_k}"
+    )
     print()
-    print("| client | FedMKT (MB) | LoRA FedAvg (MB) | full FedAvg, train dtype (MB) | full FedAvg, bf16 (MB) | LoRA / FedMKT | full / FedMKT |")
+    print(
+        "| client | FedMKT (MB) | LoRA FedAvg (MB) | full FedAvg, train dtype (MB) | full FedAvg, bf16 (MB) | LoRA / FedMKT | full / FedMKT |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, fedmkt, lora, full, full_bf16, _ in rows:
-        print(f"| {name} | {_mb(fedmkt)} | {_mb(lora)} | {_mb(full)} | {_mb(full_bf16)} | {lora / fedmkt:.1f}× | {full / fedmkt:,.0f}× |")
+        print(
+            f"| {name} | {_mb(fedmkt)} | {_mb(lora)} | {_mb(full)} | {_mb(full_bf16)} | {lora / fedmkt:.1f}× | {full / fedmkt:,.0f}× |"
+        )
     name, fedmkt, lora, full, full_bf16, payload = rows[0]
     per_position_up = len(payload.to_bytes()) / positions
     per_position_down = len(server_payload) / len(server_knowledge.token_ids)

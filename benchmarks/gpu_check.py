@@ -33,7 +33,10 @@ def write_assets(directory: Path) -> None:
     from fedmkt.models import _loadable, load_tokenizer
 
     tiny = yaml.safe_load((REPO / "lightning_configs" / "tiny.yaml").read_text())
-    for name, source in (("gemma3", tiny["server"]["model"]["source"]), ("smollm2", tiny["clients"][0]["model"]["source"])):
+    for name, source in (
+        ("gemma3", tiny["server"]["model"]["source"]),
+        ("smollm2", tiny["clients"][0]["model"]["source"]),
+    ):
         spec = ModelSpec(source)
         AutoConfig.from_pretrained(_loadable(spec, None).path).save_pretrained(directory / name)
         load_tokenizer(spec).save_pretrained(directory / name)
@@ -52,7 +55,11 @@ def write_config(assets: Path, out: Path, device: str = "cuda") -> None:
         client["model"]["source"] = str(assets.resolve() / PARTIES["client"])
     for party in [config["server"], *config["clients"]]:
         on_gpu = device == "cuda"
-        party["trainer"] |= {"accelerator": "gpu" if on_gpu else "cpu", "devices": 1, "precision": "bf16-mixed" if on_gpu else "32-true"}
+        party["trainer"] |= {
+            "accelerator": "gpu" if on_gpu else "cpu",
+            "devices": 1,
+            "precision": "bf16-mixed" if on_gpu else "32-true",
+        }
     out.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
@@ -118,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAIL: {problem}")
         if problems:
             return 1
-        print("ok: losses finite, adapters saved" if args.command == "verify" else "ok: resumed run equals the uninterrupted one, adapters bitwise")
+        print(
+            "ok: losses finite, adapters saved"
+            if args.command == "verify"
+            else "ok: resumed run equals the uninterrupted one, adapters bitwise"
+        )
     return 0
 
 

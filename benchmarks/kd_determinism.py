@@ -24,7 +24,9 @@ import torch
 from fedmkt.losses import sparse_kd_loss
 
 
-def targets(batch: int, length: int, vocab: int, k: int, duplicates: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def targets(
+    batch: int, length: int, vocab: int, k: int, duplicates: bool, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k ids/probs as alignment hands them over: unique ids per position, some empty (-1) slots."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randint(0, vocab, (batch, length, 1), generator=g)
@@ -62,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         diffs = [float((gradient(logits, ids, probs) - first).abs().max()) for _ in range(args.repeats)]
         verdict[duplicates] = all(d == 0.0 for d in diffs)
         label = "duplicated ids (never produced by fedmkt)" if duplicates else "unique ids (as fedmkt aligns them)"
-        print(f"{device.type} V={args.vocab:,} {args.batch}x{args.length} k={args.k}, {label}: "
-              f"bitwise equal over {args.repeats} reruns: {verdict[duplicates]} (max |diff| {max(diffs):.3g})")
+        print(
+            f"{device.type} V={args.vocab:,} {args.batch}x{args.length} k={args.k}, {label}: "
+            f"bitwise equal over {args.repeats} reruns: {verdict[duplicates]} (max |diff| {max(diffs):.3g})"
+        )
     return 0 if verdict[False] else 1
 
 

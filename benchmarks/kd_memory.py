@@ -90,8 +90,9 @@ def worker(args: argparse.Namespace) -> None:
     def loss_fn(x, ids, probs):
         if args.variant == "dense":
             return dense_kd_loss_reference(x, ids, probs, args.temperature, args.kind)
-        return sparse_kd_loss(x, ids, probs, args.temperature, args.kind, args.chunk_size,
-                              inplace_grad=args.variant == "sparse-inplace")
+        return sparse_kd_loss(
+            x, ids, probs, args.temperature, args.kind, args.chunk_size, inplace_grad=args.variant == "sparse-inplace"
+        )
 
     cuda = args.device == "cuda"
     logits, ids, probs = _make_inputs(args.batch, args.length, args.vocab, args.k, args.seed)
@@ -126,17 +127,21 @@ def worker(args: argparse.Namespace) -> None:
     with open(out.with_suffix(".grad.bin"), "wb") as fh:  # row blocks: no second whole copy on the host
         flat = grad.detach().reshape(-1, args.vocab)
         for start in range(0, flat.shape[0], 256):
-            flat[start:start + 256].cpu().contiguous().numpy().tofile(fh)
-    print(json.dumps({
-        "variant": args.variant,
-        "k": args.k,
-        "added_mib": (peak_kib - base_kib) / 1024,
-        "grad_aliases_logits": grad.data_ptr() == logits.data_ptr(),
-        "grad_mib": grad.numel() * grad.element_size() / MiB,
-        "wall_s": wall,
-        "exact_peak_reset": exact,
-        "max_abs_grad": float(grad.abs().max()),
-    }))
+            flat[start : start + 256].cpu().contiguous().numpy().tofile(fh)
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "k": args.k,
+                "added_mib": (peak_kib - base_kib) / 1024,
+                "grad_aliases_logits": grad.data_ptr() == logits.data_ptr(),
+                "grad_mib": grad.numel() * grad.element_size() / MiB,
+                "wall_s": wall,
+                "exact_peak_reset": exact,
+                "max_abs_grad": float(grad.abs().max()),
+            }
+        )
+    )
 
 
 def _max_abs_diff(a_path: Path, b_path: Path, rows: int, cols: int) -> float:
@@ -144,7 +149,7 @@ def _max_abs_diff(a_path: Path, b_path: Path, rows: int, cols: int) -> float:
     b = np.memmap(b_path, dtype=np.float32, mode="r", shape=(rows, cols))
     worst = 0.0
     for s in range(0, rows, 64):
-        worst = max(worst, float(np.abs(a[s:s + 64] - b[s:s + 64]).max()))
+        worst = max(worst, float(np.abs(a[s : s + 64] - b[s : s + 64]).max()))
     return worst
 
 
@@ -156,12 +161,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ks", type=int, nargs="+", default=[16, 128])
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--kind", choices=["ce", "kl"], default="ce")
-    p.add_argument("--chunk-size", type=int, default=None,
-                   help="positions per chunk (default: fedmkt.losses.DEFAULT_CHUNK_SIZE)")
+    p.add_argument(
+        "--chunk-size", type=int, default=None, help="positions per chunk (default: fedmkt.losses.DEFAULT_CHUNK_SIZE)"
+    )
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="where the logits live; cuda measures torch.cuda.max_memory_allocated")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the logits live; cuda measures torch.cuda.max_memory_allocated",
+    )
     p.add_argument("--scratch", default=None, help="folder for the per-variant gradient files")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--k", type=int, help=argparse.SUPPRESS)
@@ -169,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.chunk_size is None:
         from fedmkt.losses import DEFAULT_CHUNK_SIZE
+
         args.chunk_size = DEFAULT_CHUNK_SIZE
     if args.variant:
         worker(args)
@@ -178,22 +189,46 @@ def main(argv: list[str] | None = None) -> None:
 
     n_rows = args.batch * args.length
     tensor_mib = n_rows * args.vocab * 4 / MiB
-    print(f"V={args.vocab:,}  B x L={args.batch}x{args.length}  kind={args.kind}  "
-          f"T={args.temperature}  chunk={args.chunk_size} positions  fp32 on {args.device.upper()}")
-    print(f"one [B, L, V] fp32 tensor = {tensor_mib:,.0f} MiB; machine: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores visible (shared; other processes may be running)")
+    print(
+        f"V={args.vocab:,}  B x L={args.batch}x{args.length}  kind={args.kind}  "
+        f"T={args.temperature}  chunk={args.chunk_size} positions  fp32 on {args.device.upper()}"
+    )
+    print(
+        f"one [B, L, V] fp32 tensor = {tensor_mib:,.0f} MiB; machine: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores visible (shared; other processes may be running)"
+    )
     rows = []
     with tempfile.TemporaryDirectory(dir=args.scratch, prefix="kd_memory_") as tmp:
         for k in args.ks:
             results = {}
             for variant in args.variants:
                 out = Path(tmp) / f"{variant}_k{k}"
-                cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant,
-                       "--k", str(k), "--out", str(out), "--vocab", str(args.vocab),
-                       "--batch", str(args.batch), "--length", str(args.length),
-                       "--temperature", str(args.temperature), "--kind", args.kind,
-                       "--chunk-size", str(args.chunk_size), "--seed", str(args.seed),
-                       "--device", args.device]
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--variant",
+                    variant,
+                    "--k",
+                    str(k),
+                    "--out",
+                    str(out),
+                    "--vocab",
+                    str(args.vocab),
+                    "--batch",
+                    str(args.batch),
+                    "--length",
+                    str(args.length),
+                    "--temperature",
+                    str(args.temperature),
+                    "--kind",
+                    args.kind,
+                    "--chunk-size",
+                    str(args.chunk_size),
+                    "--seed",
+                    str(args.seed),
+                    "--device",
+                    args.device,
+                ]
                 env = dict(os.environ)
                 repo = str(Path(__file__).resolve().parent.parent)
                 env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
@@ -208,9 +243,13 @@ def main(argv: list[str] | None = None) -> None:
                 r = results[variant]
                 loss = np.load(r["out"].with_suffix(".loss.npy"))
                 r["dloss"] = float(np.abs(loss - dense_loss).max())
-                r["dgrad"] = (0.0 if variant == "dense" else _max_abs_diff(
-                    r["out"].with_suffix(".grad.bin"), dense["out"].with_suffix(".grad.bin"),
-                    n_rows, args.vocab))
+                r["dgrad"] = (
+                    0.0
+                    if variant == "dense"
+                    else _max_abs_diff(
+                        r["out"].with_suffix(".grad.bin"), dense["out"].with_suffix(".grad.bin"), n_rows, args.vocab
+                    )
+                )
                 separate = 0.0 if r["grad_aliases_logits"] else r["grad_mib"]
                 r["excl_mib"] = r["added_mib"] - separate
                 rows.append(r)
@@ -220,25 +259,34 @@ def main(argv: list[str] | None = None) -> None:
                 r["ratio_excl"] = r["excl_mib"] / dense["excl_mib"]
                 r["out"].with_suffix(".grad.bin").unlink()
 
-    header = ("| variant | k | added peak MiB (incl. grad) | ratio vs dense | added peak MiB "
-              "(excl. grad buffer) | ratio vs dense | wall s | max abs dloss | max abs dgrad |")
+    header = (
+        "| variant | k | added peak MiB (incl. grad) | ratio vs dense | added peak MiB "
+        "(excl. grad buffer) | ratio vs dense | wall s | max abs dloss | max abs dgrad |"
+    )
     print()
     print(header)
     print("|" + "---|" * 9)
     for r in rows:
-        print(f"| {r['variant']} | {r['k']} | {r['added_mib']:,.0f} | {r['ratio']:.3f} | "
-              f"{r['excl_mib']:,.0f} | {r['ratio_excl']:.3f} | {r['wall_s']:.2f} | "
-              f"{r['dloss']:.2e} | {r['dgrad']:.2e} |")
+        print(
+            f"| {r['variant']} | {r['k']} | {r['added_mib']:,.0f} | {r['ratio']:.3f} | "
+            f"{r['excl_mib']:,.0f} | {r['ratio_excl']:.3f} | {r['wall_s']:.2f} | "
+            f"{r['dloss']:.2e} | {r['dgrad']:.2e} |"
+        )
     exact = all(r["exact_peak_reset"] for r in rows)
-    how = "torch.cuda.max_memory_allocated after reset_peak_memory_stats" if args.device == "cuda" else "VmHWM after reset via /proc/self/clear_refs"
-    print(f"\npeak = {how}: {exact}; "
-          f"max |grad| = {max(r['max_abs_grad'] for r in rows):.3g}; objective = loss.sum()")
+    how = (
+        "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
+        if args.device == "cuda"
+        else "VmHWM after reset via /proc/self/clear_refs"
+    )
+    print(f"\npeak = {how}: {exact}; max |grad| = {max(r['max_abs_grad'] for r in rows):.3g}; objective = loss.sum()")
     ok = all(r["dloss"] <= 1e-5 and r["dgrad"] <= 1e-5 for r in rows)
     print("agreement within 1e-5:", ok)
     for r in rows:
         if r["variant"] != "dense":
-            print(f"k={r['k']} {r['variant']}: <= 1/10 of dense incl. grad buffer: "
-                  f"{r['ratio'] <= 0.1}; excl. grad buffer: {r['ratio_excl'] <= 0.1}")
+            print(
+                f"k={r['k']} {r['variant']}: <= 1/10 of dense incl. grad buffer: "
+                f"{r['ratio'] <= 0.1}; excl. grad buffer: {r['ratio_excl'] <= 0.1}"
+            )
 
 
 if __name__ == "__main__":

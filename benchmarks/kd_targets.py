@@ -35,8 +35,8 @@ import torch
 
 from fedmkt.alignment import TokenAligner, dtw_path
 from fedmkt.cli import parse_run_config
-from fedmkt.losses import sparse_kd_loss
 from fedmkt.data.parts import federation_data
+from fedmkt.losses import sparse_kd_loss
 from fedmkt.run import build_participant
 
 UNLEARNABLE_LOG_PROB = -20.0
@@ -129,14 +129,18 @@ def main() -> None:
         current = parties[receiver].alignment.aligner(teacher)
         for rules in args.modes.split(","):
             aligner = with_mode(current, rules)
-            result = check_direction(aligner, parties[teacher], parties[receiver], payloads[teacher], payloads[receiver], args.samples)
+            result = check_direction(
+                aligner, parties[teacher], parties[receiver], payloads[teacher], payloads[receiver], args.samples
+            )
             worst = ", ".join(f"{s!r}->{d!r} ×{c}" for (s, d), c in result["unlearnable"].most_common(3))
             rows.append(
                 f"| {teacher} → {receiver} | {rules} | {result['matched']:.1%} | {result['elsewhere']:.1%} | {result['kd']:.2f} | {result['own']:.2f} "
                 f"| {sum(result['unlearnable'].values())} | {worst} |"
             )
     print(f"\n{args.task}, first {args.samples} public samples, pretrained models, nats:\n")
-    print("| teacher → receiver | sequence alignment | positions matched | of them ending elsewhere | KD on matched positions | own top-k as target | unlearnable slots | most frequent |")
+    print(
+        "| teacher → receiver | sequence alignment | positions matched | of them ending elsewhere | KD on matched positions | own top-k as target | unlearnable slots | most frequent |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-
 TINY = ["--config", "tiny"]
 DEMO = ["--config", "demo", "--data.eval_size", "40", "--data.pool_size", "30", "--federation.rounds", "1"]
 
@@ -49,7 +48,7 @@ class NoiseProbe:
         self.positions, self.top1_kept, self.kl_sum = 0, 0, 0.0
         self.pending.clear()
 
-    def __enter__(self) -> "NoiseProbe":
+    def __enter__(self) -> NoiseProbe:
         probe = self
 
         def noise(payload, privacy, seed):
@@ -157,13 +156,21 @@ def real_logit_distortion(noises: list[float], questions: int, top_k: int = 16, 
         logits = torch.cat(values)
         rows = logits.shape[0]
         payload = KnowledgePayload(
-            sender=source, round=1, vocab_size=1, sample_index=torch.arange(1), losses=torch.zeros(1),
-            offsets=torch.tensor([0, rows]), token_ids=torch.zeros(rows, dtype=torch.int32),
-            topk_ids=torch.zeros(rows, top_k, dtype=torch.int32), topk_logits=logits.half(),
+            sender=source,
+            round=1,
+            vocab_size=1,
+            sample_index=torch.arange(1),
+            losses=torch.zeros(1),
+            offsets=torch.tensor([0, rows]),
+            token_ids=torch.zeros(rows, dtype=torch.int32),
+            topk_ids=torch.zeros(rows, top_k, dtype=torch.int32),
+            topk_logits=logits.half(),
         )
         norms = (logits - logits.max(-1, keepdim=True).values).norm(dim=-1)
         for noise in [1e-9, *[n for n in noises if n > 0]]:  # 1e-9: the clipping alone
-            noised = add_logit_noise(payload, PrivacyConfig(logit_noise=noise, logit_clip=clip), seed=0).topk_logits.float()
+            noised = add_logit_noise(
+                payload, PrivacyConfig(logit_noise=noise, logit_clip=clip), seed=0
+            ).topk_logits.float()
             raw = payload.topk_logits.float()
             log_p, log_q = raw.log_softmax(-1), noised.log_softmax(-1)
             kept = float((noised.argmax(-1) == raw.argmax(-1)).float().mean())
@@ -182,14 +189,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/privacy_noise"), help="folder for the runs")
     parser.add_argument("--demo", action="store_true", help="also run the reduced demo (real models; minutes per run)")
     parser.add_argument("--skip-tiny", action="store_true", help="no tiny runs")
-    parser.add_argument("--real-logits", type=int, default=0, metavar="N",
-                        help="also noise the real models' top-k logits on N public questions (no training)")
+    parser.add_argument(
+        "--real-logits",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also noise the real models' top-k logits on N public questions (no training)",
+    )
     args = parser.parse_args()
 
     if args.real_logits:
         print("\n" + real_logit_distortion(args.noise, args.real_logits) + "\n", flush=True)
 
-    configs = ([] if args.skip_tiny else [("tiny.yaml (2 rounds, 12 eval questions)", "tiny", TINY)])
+    configs = [] if args.skip_tiny else [("tiny.yaml (2 rounds, 12 eval questions)", "tiny", TINY)]
     if args.demo:
         configs.append(("demo.yaml reduced (1 round, eval_size 40, pool_size 30)", "demo", DEMO))
     with NoiseProbe() as probe:

@@ -33,7 +33,18 @@ def run(base: str, task: str, mode: str, out: Path, overrides: list[str]) -> dic
     run_dir = out / task / mode
     summary_path = run_dir / "summary.json"
     config = parse_run_config(
-        ["--config", base, "--data.task", task, "--federation.mode", mode, "--run_dir", str(run_dir), "--logging.wandb", "false"]
+        [
+            "--config",
+            base,
+            "--data.task",
+            task,
+            "--federation.mode",
+            mode,
+            "--run_dir",
+            str(run_dir),
+            "--logging.wandb",
+            "false",
+        ]
         + [f"--{item.split('=', 1)[0]}={item.split('=', 1)[1]}" for item in overrides]
     )
     if mode != "fedmkt":
@@ -89,7 +100,9 @@ def plot(results: dict[str, dict[str, dict]], parties: list[str], path: Path) ->
         summary = runs["fedmkt"]
         for party in parties:
             rounds = [0] + [r["round"] for r in summary["rounds"]]
-            accuracy = [summary["zero_shot"][party]["eval_accuracy"]] + [r["parties"][party].get("eval_accuracy") for r in summary["rounds"]]
+            accuracy = [summary["zero_shot"][party]["eval_accuracy"]] + [
+                r["parties"][party].get("eval_accuracy") for r in summary["rounds"]
+            ]
             axis.plot(rounds, [100 * a for a in accuracy], marker="o", label=party)
         centralized = final_accuracy(runs["centralized"], "server")
         if centralized is not None:
@@ -106,13 +119,24 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["arc_easy", "arc_challenge", "boolq"])
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("--override", nargs="*", default=[], help="KEY=VALUE config overrides for every run")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="run only these modes (e.g. to split the grid over processes); the table needs all three")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(MODES),
+        choices=MODES,
+        help="run only these modes (e.g. to split the grid over processes); the table needs all three",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = {task: {mode: run(args.config, task, mode, args.out, args.override) for mode in args.modes} for task in args.tasks}
+    results = {
+        task: {mode: run(args.config, task, mode, args.out, args.override) for mode in args.modes}
+        for task in args.tasks
+    }
     if set(args.modes) != set(MODES):
-        print(f"ran {', '.join(args.modes)} for {', '.join(args.tasks)} in {time.perf_counter() - start:.0f} s; rerun with all modes for the table")
+        print(
+            f"ran {', '.join(args.modes)} for {', '.join(args.tasks)} in {time.perf_counter() - start:.0f} s; rerun with all modes for the table"
+        )
         return
     parties = list(next(iter(results.values()))["fedmkt"]["zero_shot"])
     markdown = table(results, parties)

@@ -15,4 +15,10 @@ from fedmkt.callbacks.deadline import PhaseDeadlineCallback, PhaseTimeout
 from fedmkt.callbacks.phase_progress import PhaseProgressBar
 from fedmkt.callbacks.selective_transfer import SelectiveTransferCallback
 
-__all__ = ["AlignmentCacheCallback", "PhaseDeadlineCallback", "PhaseProgressBar", "PhaseTimeout", "SelectiveTransferCallback"]
+__all__ = [
+    "AlignmentCacheCallback",
+    "PhaseDeadlineCallback",
+    "PhaseProgressBar",
+    "PhaseTimeout",
+    "SelectiveTransferCallback",
+]

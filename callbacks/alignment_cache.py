@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from fedmkt.alignment import TokenAligner
 from fedmkt.data.datamodule import DistillationDataModule, DistillationTargets

@@ -23,8 +23,12 @@ class PhaseProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer: Any, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description(f"{self.label} · epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+        self.train_progress_bar.set_description(
+            f"{self.label} · epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        )
 
-    def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
         self.predict_progress_bar.set_description(self.label)

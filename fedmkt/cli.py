@@ -50,14 +50,20 @@ def check_config_file(path: Path) -> None:
     import yaml
 
     if path.is_dir():
-        raise FedMKTError(f"config {path} is a folder, not a YAML file. Fix: pass the YAML file itself (e.g. {path / 'config.yaml'}).")
+        raise FedMKTError(
+            f"config {path} is a folder, not a YAML file. Fix: pass the YAML file itself (e.g. {path / 'config.yaml'})."
+        )
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise FedMKTError(f"cannot read config file {path} ({error.strerror or error}). Fix: check the path and its permissions.") from error
+        raise FedMKTError(
+            f"cannot read config file {path} ({error.strerror or error}). Fix: check the path and its permissions."
+        ) from error
     try:
         if b"\x00" in data:
-            raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte: a binary file")
+            raise UnicodeDecodeError(
+                "utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte: a binary file"
+            )
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise FedMKTError(
@@ -69,7 +75,9 @@ def check_config_file(path: Path) -> None:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or type(error).__name__
-        raise FedMKTError(f"config file {path} is not valid YAML{where} ({problem}). Fix: correct the YAML syntax there.") from None
+        raise FedMKTError(
+            f"config file {path} is not valid YAML{where} ({problem}). Fix: correct the YAML syntax there."
+        ) from None
 
 
 def _resolve_config_arguments(argv: list[str]) -> list[str]:
@@ -84,17 +92,32 @@ def _resolve_config_arguments(argv: list[str]) -> list[str]:
 
 def _run_parser(description: str) -> ArgumentParser:
     parser = ArgumentParser(description=description, exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config: a path or a shipped name (demo, tiny, heterogeneous, …).")
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help="YAML config: a path or a shipped name (demo, tiny, heterogeneous, …).",
+    )
     parser.add_class_arguments(RunConfig)
     return parser
 
 
 def _fit_parser() -> ArgumentParser:
     parser = _run_parser("Run FedMKT rounds end to end.")
-    parser.add_argument("--resume", type=Optional[str], default=None, help="Continue the interrupted run in this run_dir from its last round checkpoint.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace the run already in run_dir (its config, summary, checkpoint, adapters and logs).")
     parser.add_argument(
-        "--backend", type=Optional[Literal["inprocess", "flower"]], default=None,
+        "--resume",
+        type=Optional[str],
+        default=None,
+        help="Continue the interrupted run in this run_dir from its last round checkpoint.",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the run already in run_dir (its config, summary, checkpoint, adapters and logs).",
+    )
+    parser.add_argument(
+        "--backend",
+        type=Optional[Literal["inprocess", "flower"]],
+        default=None,
         help="Shorthand for --federation.backend: inprocess, or flower (submit the run to the SuperLink in `flower.superlink`).",
     )
     return parser
@@ -103,32 +126,52 @@ def _fit_parser() -> ArgumentParser:
 def _evaluate_parser() -> ArgumentParser:
     parser = _run_parser("Score one party (base model + optional LoRA adapter) on the run's held-out split.")
     parser.add_argument("--party", type=str, default="server", help="server, client_0, client_1, …")
-    parser.add_argument("--adapter", type=Optional[str], default=None, help="LoRA adapter folder (e.g. RUN_DIR/adapters/round_2/server).")
+    parser.add_argument(
+        "--adapter",
+        type=Optional[str],
+        default=None,
+        help="LoRA adapter folder (e.g. RUN_DIR/adapters/round_2/server).",
+    )
     return parser
 
 
 def _map_vocab_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Precompute a MinED vocabulary map between two tokenizers.", exit_on_error=False)
-    parser.add_argument("--src", type=str, required=True, help="Source model spec: hub name, local dir, .gguf file or embedded:NAME.")
+    parser = ArgumentParser(
+        description="Precompute a MinED vocabulary map between two tokenizers.", exit_on_error=False
+    )
+    parser.add_argument(
+        "--src", type=str, required=True, help="Source model spec: hub name, local dir, .gguf file or embedded:NAME."
+    )
     parser.add_argument("--dst", type=str, required=True, help="Destination model spec (same forms as --src).")
-    parser.add_argument("--out", type=str, required=True, help="Output JSON: source token string -> destination token string.")
-    parser.add_argument("--cache_dir", type=Optional[str], default=None, help="Cache folder (default $FEDMKT_CACHE or ~/.cache/fedmkt).")
+    parser.add_argument(
+        "--out", type=str, required=True, help="Output JSON: source token string -> destination token string."
+    )
+    parser.add_argument(
+        "--cache_dir", type=Optional[str], default=None, help="Cache folder (default $FEDMKT_CACHE or ~/.cache/fedmkt)."
+    )
     return parser
 
 
 def _align_text_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        description="Show how a teacher's (--src) positions land on a receiver's (--dst) for one text.", exit_on_error=False
+        description="Show how a teacher's (--src) positions land on a receiver's (--dst) for one text.",
+        exit_on_error=False,
     )
     parser.add_argument("--src", type=str, required=True, help="Teacher model spec (same forms as map-vocab).")
     parser.add_argument("--dst", type=str, required=True, help="Receiver model spec (same forms as map-vocab).")
     parser.add_argument("--text", type=str, required=True, help="The text both tokenizers encode.")
     parser.add_argument(
-        "--sequence-alignment", "--sequence_alignment", dest="sequence_alignment", type=Literal["dtw", "offsets"],
-        default="offsets", help="How positions are matched, as transfer.sequence_alignment: offsets or dtw.",
+        "--sequence-alignment",
+        "--sequence_alignment",
+        dest="sequence_alignment",
+        type=Literal["dtw", "offsets"],
+        default="offsets",
+        help="How positions are matched, as transfer.sequence_alignment: offsets or dtw.",
     )
     parser.add_argument("--json", action="store_true", help="Print a JSON list of rows instead of a table.")
-    parser.add_argument("--cache_dir", type=Optional[str], default=None, help="Cache folder (default $FEDMKT_CACHE or ~/.cache/fedmkt).")
+    parser.add_argument(
+        "--cache_dir", type=Optional[str], default=None, help="Cache folder (default $FEDMKT_CACHE or ~/.cache/fedmkt)."
+    )
     return parser
 
 
@@ -152,7 +195,9 @@ def _fit(parser: ArgumentParser, namespace) -> None:
                 "--resume is not supported on the flower backend (each client's adapter lives on its SuperNode, not in the "
                 "run_dir checkpoint). Fix: start the run afresh, or rerun it with --backend inprocess to use --resume."
             )
-        namespace.run_dir = str(Path(namespace.run_dir).expanduser().resolve())  # the ServerApp starts in the SuperLink's folder
+        namespace.run_dir = str(
+            Path(namespace.run_dir).expanduser().resolve()
+        )  # the ServerApp starts in the SuperLink's folder
         submit(_run_config(parser, namespace), resolved_config=parser.dump(namespace))
         return
     config = _run_config(parser, namespace)
@@ -200,7 +245,9 @@ def _align_text(parser: ArgumentParser, namespace) -> None:
     from fedmkt.models import cache_root, load_tokenizer
 
     if not namespace.text:
-        raise FedMKTError("--text is empty. Fix: pass the text both tokenizers should encode, e.g. --text 'The quick fox'.")
+        raise FedMKTError(
+            "--text is empty. Fix: pass the text both tokenizers should encode, e.g. --text 'The quick fox'."
+        )
     cache = namespace.cache_dir
     teacher, receiver = load_tokenizer(ModelSpec(namespace.src), cache), load_tokenizer(ModelSpec(namespace.dst), cache)
     aligner = TokenAligner(teacher, receiver, cache_root(cache) / "vocab_maps", namespace.sequence_alignment)
@@ -212,14 +259,22 @@ SUBCOMMANDS = {
     "fit": (_fit_parser, _fit, "Run FedMKT rounds end to end."),
     "evaluate": (_evaluate_parser, _evaluate, "Score a party on the held-out evaluation split."),
     "map-vocab": (_map_vocab_parser, _map_vocab, "Precompute a MinED vocabulary map."),
-    "align-text": (_align_text_parser, _align_text, "Show how a teacher's positions align to a receiver's on one text."),
+    "align-text": (
+        _align_text_parser,
+        _align_text,
+        "Show how a teacher's positions align to a receiver's on one text.",
+    ),
 }
 """Subcommand → (its parser, the plain function it runs, one-line help)."""
 
 
 def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     """The top-level parser and its sub-parsers by subcommand name."""
-    parser = ArgumentParser(prog="fedmkt", description="FedMKT: federated mutual knowledge transfer between an LLM and SLMs.", exit_on_error=False)
+    parser = ArgumentParser(
+        prog="fedmkt",
+        description="FedMKT: federated mutual knowledge transfer between an LLM and SLMs.",
+        exit_on_error=False,
+    )
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
     subcommands = parser.add_subcommands()
     sub_parsers = {}
@@ -249,7 +304,9 @@ def run_config_from_text(text: str) -> RunConfig:
 def _dispatch(argv: list[str]) -> None:
     parser, sub_parsers = build_parser()
     argv = _resolve_config_arguments(argv)
-    if any(arg.startswith("--print_config") for arg in argv) and any(command in argv for command in ("fit", "evaluate")):
+    if any(arg.startswith("--print_config") for arg in argv) and any(
+        command in argv for command in ("fit", "evaluate")
+    ):
         _validate_before_printing(parser, sub_parsers, argv)
     namespace = parser.parse_args(argv)
     command = namespace.subcommand

@@ -336,7 +336,16 @@ class RunConfig:
         return {"server": self.server} | {f"client_{i}": client for i, client in enumerate(self.clients)}
 
 
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "transformer-engine", "transformer-engine-float16")
+PRECISIONS = (
+    "32-true",
+    "bf16-mixed",
+    "bf16-true",
+    "16-mixed",
+    "16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+)
 """The `trainer.precision` values Lightning accepts."""
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -391,9 +400,17 @@ def validate(config: RunConfig) -> None:
             (party.eval_batch_size >= 1, f"{key}.eval_batch_size must be >= 1", "use e.g. 16"),
             (party.optimizer.lr > 0, f"{key}.optimizer.lr must be > 0", "use e.g. 3e-5"),
             (party.lora.r >= 1, f"{key}.lora.r must be >= 1", "use e.g. 8"),
-            (bool(party.lora.target_modules), f"{key}.lora.target_modules is empty", "name the attention projections, e.g. [q_proj, v_proj]"),
+            (
+                bool(party.lora.target_modules),
+                f"{key}.lora.target_modules is empty",
+                "name the attention projections, e.g. [q_proj, v_proj]",
+            ),
             (party.local_epochs >= 0 and party.distill_epochs >= 0, f"{key} epochs must be >= 0", "use 1"),
-            (0.0 <= party.lora.dropout < 1.0, f"{key}.lora.dropout={party.lora.dropout} must be in [0, 1)", "use e.g. 0.05"),
+            (
+                0.0 <= party.lora.dropout < 1.0,
+                f"{key}.lora.dropout={party.lora.dropout} must be in [0, 1)",
+                "use e.g. 0.05",
+            ),
             (
                 str(party.trainer.precision) in PRECISIONS,
                 f"{key}.trainer.precision `{party.trainer.precision}` is not a Lightning precision",
@@ -406,7 +423,13 @@ def validate(config: RunConfig) -> None:
             ),
         ]
         if party.trainer.accelerator in ("gpu", "cuda") and not _cuda_available():
-            checks.append((False, f"{key}.trainer.accelerator is {party.trainer.accelerator} but this machine has no usable GPU", "use accelerator: auto or cpu"))
+            checks.append(
+                (
+                    False,
+                    f"{key}.trainer.accelerator is {party.trainer.accelerator} but this machine has no usable GPU",
+                    "use accelerator: auto or cpu",
+                )
+            )
     for ok, problem, fix in checks:
         if not ok:
             raise FedMKTError(f"{problem}. Fix: {fix}.")

@@ -115,7 +115,12 @@ def _summed_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
 # become inference tensors, which the party's later training can no longer write into.
 @torch.no_grad()
 def _score_pairs(
-    model: Any, encoded: list[tuple[Tensor, Tensor]], batch_size: int, pad_id: int, device: torch.device, bar: Any = None
+    model: Any,
+    encoded: list[tuple[Tensor, Tensor]],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    bar: Any = None,
 ) -> Tensor:
     """Summed log-probability of each answer given its prompt, one full forward per (prompt, answer)."""
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
@@ -295,7 +300,9 @@ def evaluate_multiple_choice(
     """`{"acc", "acc_norm", "n", "acc_ci"}` of `model` on `examples` (see the module docstring)."""
     if not examples:
         raise FedMKTError("No examples to evaluate. Fix: give the task a non-empty evaluation split (eval_size > 0).")
-    loglikelihoods = choice_loglikelihoods(model, tokenizer, examples, batch_size, max_length, device, share_prompt, progress)
+    loglikelihoods = choice_loglikelihoods(
+        model, tokenizer, examples, batch_size, max_length, device, share_prompt, progress
+    )
     # Never synced: under DDP rank 0 scores alone (a sync would wait forever); under FSDP every rank
     # scores all questions in lock-step and already holds the same numbers.
     acc, acc_norm = MeanMetric(sync_on_compute=False), MeanMetric(sync_on_compute=False)
@@ -305,7 +312,12 @@ def evaluate_multiple_choice(
         acc_norm.update(float(int((scores / lengths).argmax()) == example.answer_index))
     accuracy = float(acc.compute())
     correct = round(accuracy * len(examples))
-    return {"acc": accuracy, "acc_norm": float(acc_norm.compute()), "n": len(examples), "acc_ci": list(wilson_interval(correct, len(examples)))}
+    return {
+        "acc": accuracy,
+        "acc_norm": float(acc_norm.compute()),
+        "n": len(examples),
+        "acc_ci": list(wilson_interval(correct, len(examples))),
+    }
 
 
 @torch.inference_mode()
@@ -374,7 +386,9 @@ def _normalise_answer(text: str) -> str:
 def exact_match(predictions: list[str], references: list[str]) -> float:
     """Share of predictions equal to their reference after `_normalise_answer`."""
     if len(predictions) != len(references) or not predictions:
-        raise FedMKTError(f"exact_match got {len(predictions)} predictions for {len(references)} references. Fix: pass one per reference.")
+        raise FedMKTError(
+            f"exact_match got {len(predictions)} predictions for {len(references)} references. Fix: pass one per reference."
+        )
     return sum(_normalise_answer(p) == _normalise_answer(r) for p, r in zip(predictions, references)) / len(predictions)
 
 
@@ -395,7 +409,11 @@ def evaluate_generation(
         model, tokenizer, [e.prompt for e in examples], batch_size, max_length, max_new_tokens, device, progress
     )
     references = [e.response.strip() for e in examples]
-    return {"rouge_l": rouge_l(predictions, references), "exact_match": exact_match(predictions, references), "n": len(examples)}
+    return {
+        "rouge_l": rouge_l(predictions, references),
+        "exact_match": exact_match(predictions, references),
+        "n": len(examples),
+    }
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:

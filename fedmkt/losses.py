@@ -58,17 +58,17 @@ def _chunk_scaled_logsumexp(rows: Tensor, temperature: float) -> Tensor:
     return lse + row_max.squeeze(-1) / temperature
 
 
-def _validate(logits: Tensor, target_ids: Tensor, target_probs: Tensor, temperature: float,
-              chunk_size: int) -> None:
+def _validate(logits: Tensor, target_ids: Tensor, target_probs: Tensor, temperature: float, chunk_size: int) -> None:
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, L, V], got shape {tuple(logits.shape)}")
     if target_ids.dim() != 3 or target_ids.shape[:2] != logits.shape[:2]:
         raise ValueError(
-            f"target_ids must be [B, L, k] matching logits {tuple(logits.shape[:2])}, "
-            f"got {tuple(target_ids.shape)}")
+            f"target_ids must be [B, L, k] matching logits {tuple(logits.shape[:2])}, got {tuple(target_ids.shape)}"
+        )
     if target_probs.shape != target_ids.shape:
-        raise ValueError(f"target_probs shape {tuple(target_probs.shape)} != target_ids shape "
-                         f"{tuple(target_ids.shape)}")
+        raise ValueError(
+            f"target_probs shape {tuple(target_probs.shape)} != target_ids shape {tuple(target_ids.shape)}"
+        )
     if target_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
     if not temperature > 0:
@@ -98,7 +98,7 @@ def _rows(t: Tensor, start: int, stop: int) -> Tensor:
     length = t.shape[1]
     b = start // length
     if (stop - 1) // length == b:
-        return t[b, start - b * length: stop - b * length]
+        return t[b, start - b * length : stop - b * length]
     return t.view(-1, t.shape[-1])[start:stop]
 
 
@@ -118,8 +118,17 @@ class _SparseSoftTargetCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, ids: Tensor, probs: Tensor, valid: Tensor,
-                temperature: float, kl: bool, chunk_size: int, inplace_grad: bool) -> Tensor:
+    def forward(
+        ctx,
+        logits: Tensor,
+        ids: Tensor,
+        probs: Tensor,
+        valid: Tensor,
+        temperature: float,
+        kl: bool,
+        chunk_size: int,
+        inplace_grad: bool,
+    ) -> Tensor:
         batch, length, _ = logits.shape
         flat = _can_flatten(logits)
         acc = torch.promote_types(logits.dtype, torch.float32)
@@ -152,7 +161,7 @@ class _SparseSoftTargetCE(torch.autograd.Function):
 
         if ctx.needs_input_grad[0]:
             grad_loss = grad_loss.to(lse.dtype)
-            prob_mass = probs.sum(dim=1)                        # sum_j p_j per row
+            prob_mass = probs.sum(dim=1)  # sum_j p_j per row
             softmax_scale = prob_mass * grad_loss / temperature  # [N]
             scatter_vals = -(probs * (grad_loss / temperature).unsqueeze(1))  # [N, k]
             if ctx.inplace_grad:
@@ -229,8 +238,9 @@ def sparse_kd_loss(
     flat_ids = torch.where(valid, flat_ids, torch.zeros_like(flat_ids))
     flat_probs = target_probs.reshape(batch * length, k)
     flat_probs = torch.where(valid, flat_probs, torch.zeros_like(flat_probs))
-    loss = _SparseSoftTargetCE.apply(logits, flat_ids, flat_probs, valid, float(temperature),
-                                     kind == "kl", int(chunk_size), bool(inplace_grad))
+    loss = _SparseSoftTargetCE.apply(
+        logits, flat_ids, flat_probs, valid, float(temperature), kind == "kl", int(chunk_size), bool(inplace_grad)
+    )
     return loss.view(batch, length)
 
 
@@ -247,8 +257,7 @@ def token_cross_entropy(
     It is the sparse loss with one slot of probability 1 at the label.
     """
     if targets.shape != logits.shape[:2]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} must be logits' [B, L] "
-                         f"{tuple(logits.shape[:2])}")
+        raise ValueError(f"targets shape {tuple(targets.shape)} must be logits' [B, L] {tuple(logits.shape[:2])}")
     keep = targets != IGNORE_INDEX
     if bool(((targets < 0) & keep).any()):
         raise ValueError(f"targets must be >= 0 or {IGNORE_INDEX}")
@@ -279,8 +288,9 @@ def kd_objective(
     are excluded with ``where``, so a NaN/inf there cannot leak into the value or the gradient.
     """
     if kd_mask.shape != kd_per_position.shape:
-        raise ValueError(f"kd_mask shape {tuple(kd_mask.shape)} != kd_per_position shape "
-                         f"{tuple(kd_per_position.shape)}")
+        raise ValueError(
+            f"kd_mask shape {tuple(kd_mask.shape)} != kd_per_position shape {tuple(kd_per_position.shape)}"
+        )
     if kd_eligible is not None and kd_eligible.shape != kd_mask.shape:
         raise ValueError(f"kd_eligible shape {tuple(kd_eligible.shape)} != kd_mask shape {tuple(kd_mask.shape)}")
     if not 0.0 <= ce_weight <= 1.0:
@@ -288,7 +298,9 @@ def kd_objective(
     mask = kd_mask.bool()
     if kd_eligible is not None:
         if bool((mask & ~kd_eligible.bool()).any()):
-            raise ValueError("kd_mask marks positions that kd_eligible does not; every distilled position must be eligible")
+            raise ValueError(
+                "kd_mask marks positions that kd_eligible does not; every distilled position must be eligible"
+            )
         count = kd_eligible.bool().sum()
     else:
         count = mask.sum()

@@ -91,10 +91,14 @@ def resolve_source(source: str, key: str = "model.source") -> ResolvedSource:
         return ResolvedSource(str(path.resolve().parent), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FedMKTError(f"model directory {source} has no config.json. Fix: point {key} at a `save_pretrained` folder.")
+            raise FedMKTError(
+                f"model directory {source} has no config.json. Fix: point {key} at a `save_pretrained` folder."
+            )
         return ResolvedSource(str(path.resolve()))
     if path.exists():
-        raise FedMKTError(f"{key} {source} is a file, not a model folder. Fix: point {key} at a `save_pretrained` folder, a .gguf file or a hub name.")
+        raise FedMKTError(
+            f"{key} {source} is a file, not a model folder. Fix: point {key} at a `save_pretrained` folder, a .gguf file or a hub name."
+        )
     if source.startswith((".", "/", "~")) or os.sep + os.sep in source or source.count("/") > 1:
         raise FedMKTError(f"model path {source} does not exist. Fix: correct {key}.")
     _check_hub_source(source, key)
@@ -197,11 +201,15 @@ def _load_tokenizer_cached(path: str, revision: Optional[str], trust_remote_code
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if len(tokenizer) == 0:
-        raise FedMKTError(f"tokenizer at {path} has no vocabulary. Fix: point model.source at a model with a tokenizer.")
+        raise FedMKTError(
+            f"tokenizer at {path} has no vocabulary. Fix: point model.source at a model with a tokenizer."
+        )
     return tokenizer
 
 
-def load_tokenizer(spec: ModelSpec, cache_dir: Optional[str] = None, key: str = "model.source") -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    spec: ModelSpec, cache_dir: Optional[str] = None, key: str = "model.source"
+) -> PreTrainedTokenizerBase:
     """The party's real tokenizer (pad token defaulting to EOS); errors name `key`, where the source was given."""
     where = _loadable(spec, cache_dir, key)
     try:
@@ -249,9 +257,13 @@ def load_model(spec: ModelSpec, cache_dir: Optional[str] = None, seed: int = 0) 
             return AutoModelForCausalLM.from_pretrained(
                 where.path, revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code
             )
-        config = AutoConfig.from_pretrained(where.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            where.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
     except (OSError, ValueError) as error:  # missing weights, unreadable or incomplete config.json (no model_type), ...
-        raise FedMKTError(f"could not load model `{spec.source}` ({_one_line(error)}). Fix: check model.source.") from error
+        raise FedMKTError(
+            f"could not load model `{spec.source}` ({_one_line(error)}). Fix: check model.source."
+        ) from error
     return _random_init_model(config, spec.random_init, dtype, seed)
 
 
@@ -267,7 +279,9 @@ def _random_init_model(config, overrides: dict, dtype: torch.dtype, seed: int) -
     derived_head_dim = head_dim is not None and head_dim == _heads_split(config)
     for key, value in overrides.items():
         if not hasattr(config, key):
-            raise FedMKTError(f"model.random_init key `{key}` is not a field of {type(config).__name__}. Fix: remove or rename it.")
+            raise FedMKTError(
+                f"model.random_init key `{key}` is not a field of {type(config).__name__}. Fix: remove or rename it."
+            )
         setattr(config, key, value)
     if derived_head_dim and "head_dim" not in overrides and _heads_split(config):
         config.head_dim = _heads_split(config)

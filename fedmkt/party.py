@@ -38,7 +38,9 @@ class PartyModule(L.LightningModule):
         self.name = name
         self.optimizer_config = optimizer
         self.transfer = transfer
-        self.save_hyperparameters({"lora": vars(lora), "optimizer": vars(optimizer), "transfer": vars(transfer), "name": name})
+        self.save_hyperparameters(
+            {"lora": vars(lora), "optimizer": vars(optimizer), "transfer": vars(transfer), "name": name}
+        )
         peft_config = LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
@@ -112,7 +114,11 @@ class PartyModule(L.LightningModule):
         ce = token_cross_entropy(logits, batch["targets"])
         if "kd_ids" in batch:
             kd = sparse_kd_loss(
-                logits, batch["kd_ids"], batch["kd_probs"], temperature=self.transfer.temperature, kind=self.transfer.kd_loss
+                logits,
+                batch["kd_ids"],
+                batch["kd_probs"],
+                temperature=self.transfer.temperature,
+                kind=self.transfer.kd_loss,
             )
             mask = batch["kd_mask"]
             loss = kd_objective(ce, kd, mask, self.transfer.ce_weight, batch.get("kd_eligible"))

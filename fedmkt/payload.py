@@ -106,7 +106,7 @@ class KnowledgePayload:
         return save_safetensors(tensors, metadata=metadata)
 
     @classmethod
-    def from_bytes(cls, data: bytes, max_bytes: int | None = None, num_public: int | None = None) -> "KnowledgePayload":
+    def from_bytes(cls, data: bytes, max_bytes: int | None = None, num_public: int | None = None) -> KnowledgePayload:
         """Deserialise and validate bytes received from another party.
 
         Payloads over `max_bytes` (default `MAX_PAYLOAD_BYTES`) are refused unread; with
@@ -122,7 +122,9 @@ class KnowledgePayload:
             tensors = load_safetensors(data)
             metadata = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
         except (SafetensorError, ValueError, json.JSONDecodeError) as error:
-            raise FedMKTError(f"received payload is not valid safetensors data ({error}). Fix: check the sender's fedmkt version.") from error
+            raise FedMKTError(
+                f"received payload is not valid safetensors data ({error}). Fix: check the sender's fedmkt version."
+            ) from error
         missing = [name for name in _TENSOR_FIELDS if name not in tensors] + [
             key for key in ("sender", "round", "vocab_size") if key not in metadata
         ]
@@ -130,7 +132,9 @@ class KnowledgePayload:
             raise FedMKTError(f"received payload lacks {missing}. Fix: check the sender's fedmkt version.")
         unexpected = sorted(set(tensors) - set(_TENSOR_FIELDS))
         if unexpected:  # nothing beyond the declared fields may cross the boundary
-            raise FedMKTError(f"received payload carries unexpected tensors {unexpected}. Fix: check the sender's fedmkt version.")
+            raise FedMKTError(
+                f"received payload carries unexpected tensors {unexpected}. Fix: check the sender's fedmkt version."
+            )
         try:
             round_index, vocab_size = int(metadata["round"]), int(metadata["vocab_size"])
         except ValueError as error:
@@ -161,13 +165,19 @@ class KnowledgePayload:
                 "losses/logits floats). Fix: nothing is distilled from it; check the sender's fedmkt version."
             )
         if self.sample_index.ndim != 1 or self.token_ids.ndim != 1:
-            problems.append(f"sample_index/token_ids must be 1-D, got shapes {tuple(self.sample_index.shape)}/{tuple(self.token_ids.shape)}")
+            problems.append(
+                f"sample_index/token_ids must be 1-D, got shapes {tuple(self.sample_index.shape)}/{tuple(self.token_ids.shape)}"
+            )
         elif self.losses.shape != (n,) or self.offsets.shape != (n + 1,):
-            problems.append(f"losses/offsets shapes {tuple(self.losses.shape)}/{tuple(self.offsets.shape)} do not fit {n} samples")
+            problems.append(
+                f"losses/offsets shapes {tuple(self.losses.shape)}/{tuple(self.offsets.shape)} do not fit {n} samples"
+            )
         elif int(self.offsets[0]) != 0 or int(self.offsets[-1]) != rows or bool((self.offsets.diff() < 0).any()):
             problems.append("offsets are not a non-decreasing cover of the token rows")
         if self.topk_ids.ndim != 2 or self.topk_ids.shape != self.topk_logits.shape or self.topk_ids.shape[0] != rows:
-            problems.append(f"top-k shapes {tuple(self.topk_ids.shape)}/{tuple(self.topk_logits.shape)} do not match {rows} token rows")
+            problems.append(
+                f"top-k shapes {tuple(self.topk_ids.shape)}/{tuple(self.topk_logits.shape)} do not match {rows} token rows"
+            )
         elif rows and self.topk_ids.shape[1] == 0:  # would count as distilled while carrying no logits
             problems.append("top-k has no columns (k = 0)")
         if not bool(torch.isfinite(self.losses).all()) or not bool(torch.isfinite(self.topk_logits.float()).all()):
@@ -178,7 +188,13 @@ class KnowledgePayload:
                 problems.append(f"{name} fall outside the sender's vocabulary of {self.vocab_size}")
         if self.sample_index.ndim == 1 and n and int(self.sample_index.unique().numel()) != n:
             problems.append("sample_index repeats a sample")
-        if num_public is not None and n and (int(self.sample_index.min()) < 0 or int(self.sample_index.max()) >= num_public):
+        if (
+            num_public is not None
+            and n
+            and (int(self.sample_index.min()) < 0 or int(self.sample_index.max()) >= num_public)
+        ):
             problems.append(f"sample_index outside the public dataset of {num_public} samples")
         if problems:
-            raise FedMKTError(f"rejected payload from {self.sender}: {'; '.join(problems)}. Fix: nothing is distilled from it; check that party's model and data.")
+            raise FedMKTError(
+                f"rejected payload from {self.sender}: {'; '.join(problems)}. Fix: nothing is distilled from it; check that party's model and data."
+            )

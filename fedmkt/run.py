@@ -31,7 +31,9 @@ SERVER = "server"
 def quiet_lightning() -> None:
     """One Trainer per party per phase would repeat Lightning's start-up banners dozens of times."""
     for name in (
-        "lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed",
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.pytorch.accelerators.cuda",
+        "lightning.fabric.utilities.seed",
         "lightning.pytorch.trainer.connectors.signal_connector",  # "Received SIGTERM": fedmkt reports the stop itself
     ):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -43,7 +45,9 @@ def party_names(num_clients: int) -> list[str]:
     return [SERVER] + [f"client_{i}" for i in range(num_clients)]  # the keys of RunConfig.parties()
 
 
-def build_participants(config: RunConfig, data: Optional[dict[str, PartyData]] = None) -> tuple[Participant, list[Participant]]:
+def build_participants(
+    config: RunConfig, data: Optional[dict[str, PartyData]] = None
+) -> tuple[Participant, list[Participant]]:
     """Load every party's data (all checked before any model loads, unless given), model and
     tokenizer, and wire up the participants; each receives only its own private examples."""
     names = list(config.parties())
@@ -67,7 +71,12 @@ def make_loggers(config: RunConfig, run_dir: Path, resumed: bool = False) -> lis
         if config.logging.wandb_offline:
             os.environ.setdefault("WANDB_MODE", "offline")
         loggers.append(
-            WandbLogger(project=config.logging.wandb_project, name=run_dir.name, save_dir=str(run_dir), offline=config.logging.wandb_offline)
+            WandbLogger(
+                project=config.logging.wandb_project,
+                name=run_dir.name,
+                save_dir=str(run_dir),
+                offline=config.logging.wandb_offline,
+            )
         )
     for logger in loggers:
         logger.log_hyperparams(asdict(config))
@@ -139,7 +148,9 @@ def _resume_state(config: RunConfig, resume: str) -> dict:
     return state
 
 
-def fit(config: RunConfig, resolved_config: Optional[str] = None, resume: Optional[str] = None, overwrite: bool = False) -> dict:
+def fit(
+    config: RunConfig, resolved_config: Optional[str] = None, resume: Optional[str] = None, overwrite: bool = False
+) -> dict:
     """Run FedMKT end to end; writes config.yaml, summary.json, adapters and logs to `run_dir`.
 
     With `resume`, `run_dir` becomes that folder and the run continues after its last complete
@@ -155,8 +166,10 @@ def fit(config: RunConfig, resolved_config: Optional[str] = None, resume: Option
     validate_against_vocabularies(config)
     state = _resume_state(config, resume) if resume is not None else None
     if state is not None and int(state["round"]) >= config.federation.rounds:
-        print(f"fedmkt: {resume} already finished all {config.federation.rounds} rounds; nothing left to do "
-              "(raise --federation.rounds to continue it further).")
+        print(
+            f"fedmkt: {resume} already finished all {config.federation.rounds} rounds; nothing left to do "
+            "(raise --federation.rounds to continue it further)."
+        )
         return state["summary"]
     run_dir = Path(config.run_dir)
     lock = None if _launched_peer_rank() else claim_run_dir(run_dir, resume is not None, overwrite)
@@ -228,18 +241,31 @@ def evaluate_party(config: RunConfig, party: str = SERVER, adapter: Optional[str
     model = load_model(spec.model, config.cache_dir, seed=config.seed + list(parties).index(party))
     if adapter is not None:
         if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FedMKTError(f"no LoRA adapter at {adapter}. Fix: pass a folder such as RUN_DIR/adapters/round_1/{party}.")
+            raise FedMKTError(
+                f"no LoRA adapter at {adapter}. Fix: pass a folder such as RUN_DIR/adapters/round_1/{party}."
+            )
         try:
             model = PeftModel.from_pretrained(model, adapter)
-        except (RuntimeError, ValueError, OSError, KeyError) as error:  # another party's adapter: size mismatch, unknown modules
+        except (
+            RuntimeError,
+            ValueError,
+            OSError,
+            KeyError,
+        ) as error:  # another party's adapter: size mismatch, unknown modules
             raise FedMKTError(
                 f"adapter {adapter} does not fit {party}'s model ({type(error).__name__}: {' '.join(str(error).split())[:300]}). "
                 f"Fix: pass {party}'s own adapter, e.g. RUN_DIR/adapters/round_1/{party}."
             ) from error
     tokenizer = load_tokenizer(spec.model, config.cache_dir)
-    settings = {"batch_size": spec.eval_batch_size, "max_length": config.data.max_length, "progress": f"{party} · evaluate"}
+    settings = {
+        "batch_size": spec.eval_batch_size,
+        "max_length": config.data.max_length,
+        "progress": f"{party} · evaluate",
+    }
     if data.format == "generation":
-        return evaluate_generation(model, tokenizer, data.evaluation, max_new_tokens=config.data.max_new_tokens, **settings)
+        return evaluate_generation(
+            model, tokenizer, data.evaluation, max_new_tokens=config.data.max_new_tokens, **settings
+        )
     return evaluate_multiple_choice(model, tokenizer, data.evaluation, **settings)
 
 
@@ -263,17 +289,39 @@ def build_participant(config: RunConfig, name: str, data: Optional[PartyData] = 
 
     def build_module() -> PartyModule:
         L.seed_everything(config.seed + index, verbose=False)  # distinct, reproducible LoRA inits
-        return PartyModule(load_model(party.model, config.cache_dir, seed=config.seed + index), party.lora, party.optimizer, config.transfer, name)
+        return PartyModule(
+            load_model(party.model, config.cache_dir, seed=config.seed + index),
+            party.lora,
+            party.optimizer,
+            config.transfer,
+            name,
+        )
 
     # A single-device party runs on rank 0 only; other ranks defer (and so never do) loading its model.
     module = build_module() if is_rank_zero() or party_processes(party.trainer) > 1 else build_module
     # The server's private part is empty, except in the centralized baseline (all clients' data).
     datamodule = PartyDataModule(
-        name, data.private, data.public, tokenizer, config.data.max_length, party.batch_size, party.eval_batch_size, config.seed
+        name,
+        data.private,
+        data.public,
+        tokenizer,
+        config.data.max_length,
+        party.batch_size,
+        party.eval_batch_size,
+        config.seed,
     )
     return Participant(
-        name, party, config.transfer, module, tokenizer, datamodule, data.evaluation, TokenizersOnDemand(peer_specs, config.cache_dir),
-        cache_root(config.cache_dir) / "vocab_maps", config.data.max_length, config.seed,
+        name,
+        party,
+        config.transfer,
+        module,
+        tokenizer,
+        datamodule,
+        data.evaluation,
+        TokenizersOnDemand(peer_specs, config.cache_dir),
+        cache_root(config.cache_dir) / "vocab_maps",
+        config.data.max_length,
+        config.seed,
         phase_timeout_s=None if name == SERVER else config.federation.client_timeout_s,
         privacy=config.privacy,
         own_evaluation=data.own_evaluation,

@@ -32,7 +32,9 @@ class Selection:
         return {name: int((self.teacher_of_sample == i).sum()) for i, name in enumerate(self.teachers)}
 
 
-def dual_min_ce(own_losses: torch.Tensor, teacher_losses: dict[str, torch.Tensor], require_improvement: bool = True) -> Selection:
+def dual_min_ce(
+    own_losses: torch.Tensor, teacher_losses: dict[str, torch.Tensor], require_improvement: bool = True
+) -> Selection:
     """Pick each sample's lowest-loss teacher and keep it only if it beats the receiver.
 
     `require_improvement=False` keeps every sample's best teacher (the "all" ablation).

@@ -43,8 +43,13 @@ def make_tiny_llama():
 
     def make(vocab_size: int, seed: int = 0):
         config = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
         )
         with torch.random.fork_rng():
             torch.manual_seed(seed)

@@ -119,6 +119,7 @@ def offset_oracle(teacher_ends: Sequence[int], receiver_ends: Sequence[int]) -> 
     token in the middle of a character) is not the one whose next token starts the remaining text.
     Written as plain loops over offsets, independently of ``fedmkt.alignment.sequence``.
     """
+
     def last_at(ends: Sequence[int]) -> dict[int, int]:
         table: dict[int, int] = {}
         for pos, end in enumerate(ends):

@@ -18,8 +18,14 @@ from fedmkt.errors import FedMKTError
 
 def _lora_model(seed: int = 0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():  # lora_B starts at zero; make every adapter tensor distinct
         for name, param in model.named_parameters():
@@ -67,7 +73,8 @@ def _sharded_worker(rank: int, port: int, results) -> None:
             "sharded": is_sharded(model),
             "local_rows": {n: p.to_local().shape[0] for n, p in lora.items()},
             "full_rows": {n: p.shape[0] for n, p in lora.items()},
-            "gathered_equals_whole": gathered.keys() == whole.keys() and all(torch.equal(gathered[k], whole[k]) for k in whole),
+            "gathered_equals_whole": gathered.keys() == whole.keys()
+            and all(torch.equal(gathered[k], whole[k]) for k in whole),
             "reload_equals_changed": all(torch.equal(adapter_state(model)[k], changed[k]) for k in changed),
         }
     finally:

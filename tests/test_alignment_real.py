@@ -60,7 +60,9 @@ def test_min_distance_equals_brute_force_on_a_sample(real_pair, src, dst):
     mapping = real_pair["maps"][(src, dst)]
     assert mapping.shape == (len(src_strings),) and mapping.dtype == np.int64
     src_special = special_token_ids(real_pair[src])
-    sample = [i for i in random.Random(0).sample(range(len(src_strings)), SAMPLE) if src_strings[i] and i not in src_special]
+    sample = [
+        i for i in random.Random(0).sample(range(len(src_strings)), SAMPLE) if src_strings[i] and i not in src_special
+    ]
     candidates = [s for s in _candidates(real_pair, dst) if s]
     brute = process.cdist(
         [src_strings[i] for i in sample], candidates, scorer=Levenshtein.distance, dtype=np.int32, workers=-1
@@ -74,7 +76,9 @@ def test_tie_break_equals_reference_on_a_sample(real_pair, src, dst, count):
     src_strings, dst_strings = real_pair["strings"][src], real_pair["strings"][dst]
     exact = set(dst_strings)
     src_special = special_token_ids(real_pair[src])
-    pool = [i for i, s in enumerate(src_strings) if s and s not in exact and i not in src_special]  # the interesting ones
+    pool = [
+        i for i, s in enumerate(src_strings) if s and s not in exact and i not in src_special
+    ]  # the interesting ones
     sample = random.Random(1).sample(pool, count)
     candidates = _candidates(real_pair, dst)
     expected = ref.vocab_map([src_strings[i] for i in sample], candidates, Levenshtein.distance)
@@ -185,7 +189,9 @@ def test_offsets_mode_equals_the_offset_mapping_oracle(real_pair, teacher, recei
     assert set(t_ends) != set(r_ends)  # the two tokenizers do split this text differently
     assert all(j < 0 or r_ends[i] == t_ends[j] for i, j in enumerate(got))
     # DTW keeps only pairs the oracle also makes: never a pair ending at different characters.
-    dtw = TokenAligner(t_tok, r_tok, real_pair["cache"], "dtw").match_positions(torch.tensor(t_ids), torch.tensor(r_ids))
+    dtw = TokenAligner(t_tok, r_tok, real_pair["cache"], "dtw").match_positions(
+        torch.tensor(t_ids), torch.tensor(r_ids)
+    )
     assert all(j < 0 or j == o for j, o in zip(dtw.tolist(), oracle))
 
 
@@ -210,7 +216,11 @@ def test_offsets_mode_survives_prompts_cut_from_the_left(real_pair):
     from fedmkt.data.tokenize import encode_prompt_answer
 
     gemma, smol = real_pair["gemma"], real_pair["smol"]
-    prompt = "Passage: " + "Planets orbit stars and moons orbit planets. " * 20 + "\nQuestion: do planets orbit stars?\nAnswer:"
+    prompt = (
+        "Passage: "
+        + "Planets orbit stars and moons orbit planets. " * 20
+        + "\nQuestion: do planets orbit stars?\nAnswer:"
+    )
     g_ids, _ = encode_prompt_answer(gemma, prompt, " yes", max_length=64)
     s_ids, _ = encode_prompt_answer(smol, prompt, " yes", max_length=50)
     matched = TokenAligner(smol, gemma, real_pair["cache"], "offsets").match_positions(s_ids, g_ids)

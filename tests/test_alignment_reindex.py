@@ -19,8 +19,14 @@ def reindex_case(draw):
     receiver_len = draw(st.integers(0, 6))
     k = draw(st.integers(1, 5))
     vocab_t = draw(st.integers(1, 8))
-    ids = draw(st.lists(st.lists(st.integers(0, vocab_t + 1), min_size=k, max_size=k), min_size=teacher_len, max_size=teacher_len))
-    logits = draw(st.lists(st.lists(st.floats(-20, 20), min_size=k, max_size=k), min_size=teacher_len, max_size=teacher_len))
+    ids = draw(
+        st.lists(
+            st.lists(st.integers(0, vocab_t + 1), min_size=k, max_size=k), min_size=teacher_len, max_size=teacher_len
+        )
+    )
+    logits = draw(
+        st.lists(st.lists(st.floats(-20, 20), min_size=k, max_size=k), min_size=teacher_len, max_size=teacher_len)
+    )
     matched = draw(st.lists(st.integers(-1, teacher_len - 1), min_size=receiver_len, max_size=receiver_len))
     vmap = draw(st.lists(st.integers(-1, 4), min_size=vocab_t, max_size=vocab_t))
     fallback = draw(st.lists(st.integers(-1, 4), min_size=receiver_len, max_size=receiver_len))
@@ -67,7 +73,14 @@ def test_align_topk_example():
 
 def test_align_topk_rejects_bad_temperature():
     with pytest.raises(ValueError):
-        align_topk(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1), torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), 0.0)
+        align_topk(
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.zeros(1, 1),
+            torch.tensor([0]),
+            torch.tensor([0]),
+            torch.tensor([0]),
+            0.0,
+        )
 
 
 def test_token_aligner_end_to_end(tmp_path):

@@ -40,7 +40,15 @@ def test_normalize_token(token, byte_level, expected):
 
 @pytest.mark.parametrize(
     ("token", "expected"),
-    [("Ġthe", "▁the"), ("Ċ", "\n"), ("Ã¯ve", "ïve"), ("é", "é"), ("▁the", "▁the"), ("hello", "hello"), ("<0x0A>", "\n")],
+    [
+        ("Ġthe", "▁the"),
+        ("Ċ", "\n"),
+        ("Ã¯ve", "ïve"),
+        ("é", "é"),
+        ("▁the", "▁the"),
+        ("hello", "hello"),
+        ("<0x0A>", "\n"),
+    ],
 )
 def test_normalize_token_guesses_convention(token, expected):
     assert normalize_token(token) == expected

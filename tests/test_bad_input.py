@@ -67,8 +67,14 @@ def fit_error(capsys, run_dir: Path, *args: str) -> str:
         (["--transfer.sequence_alignment", "nearest"], 'key "transfer.sequence_alignment"'),
     ],
     ids=[
-        "unknown-mode", "min-clients-above-clients", "min-clients-zero", "timeout-zero", "negative-noise", "zero-clip",
-        "unknown-key", "unknown-sequence-alignment",
+        "unknown-mode",
+        "min-clients-above-clients",
+        "min-clients-zero",
+        "timeout-zero",
+        "negative-noise",
+        "zero-clip",
+        "unknown-key",
+        "unknown-sequence-alignment",
     ],
 )
 def test_config_errors_stop_before_anything_is_written(args, needle, tmp_path, capsys):
@@ -93,7 +99,14 @@ def test_unknown_mode_in_a_yaml_file(tmp_path, capsys):
 def _tiny_llama_config(folder: Path) -> None:
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1).save_pretrained(folder)
+    LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    ).save_pretrained(folder)
 
 
 def test_corrupt_gguf_is_one_line_in_a_real_process(tmp_path):
@@ -101,9 +114,24 @@ def test_corrupt_gguf_is_one_line_in_a_real_process(tmp_path):
     corrupt.write_bytes(os.urandom(4096))
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     result = subprocess.run(
-        [sys.executable, "-m", "fedmkt.cli", "fit", "--config", "tiny", "--server.model.source", str(corrupt),
-         "--run_dir", str(run_dir), "--cache_dir", str(cache), *FAST],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "fedmkt.cli",
+            "fit",
+            "--config",
+            "tiny",
+            "--server.model.source",
+            str(corrupt),
+            "--run_dir",
+            str(run_dir),
+            "--cache_dir",
+            str(cache),
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -208,9 +236,15 @@ def test_dataset_with_a_malformed_row(tmp_path, capsys):
 
 def _payload(sender: str = "client_0", rows: int = 6, k: int = 2, vocab: int = 100) -> KnowledgePayload:
     return KnowledgePayload(
-        sender=sender, round=1, vocab_size=vocab, sample_index=torch.arange(3), losses=torch.ones(3),
-        offsets=torch.arange(0, rows + 1, rows // 3), token_ids=torch.arange(rows).to(torch.int16),
-        topk_ids=torch.arange(rows * k).view(rows, k).remainder(vocab).to(torch.int16), topk_logits=torch.zeros(rows, k).half(),
+        sender=sender,
+        round=1,
+        vocab_size=vocab,
+        sample_index=torch.arange(3),
+        losses=torch.ones(3),
+        offsets=torch.arange(0, rows + 1, rows // 3),
+        token_ids=torch.arange(rows).to(torch.int16),
+        topk_ids=torch.arange(rows * k).view(rows, k).remainder(vocab).to(torch.int16),
+        topk_logits=torch.zeros(rows, k).half(),
     )
 
 

@@ -61,18 +61,28 @@ def teacher_payload(sender, public, scored: dict[int, float], k=4, seed=0) -> Kn
     rows = int(lengths.sum())
     topk_ids = torch.stack([torch.randperm(len(WORDS) - 1, generator=g)[:k] + 1 for _ in range(rows)])
     return KnowledgePayload(
-        sender=sender, round=1, vocab_size=len(WORDS),
-        sample_index=torch.tensor(order), losses=torch.tensor([scored[i] for i in order]),
+        sender=sender,
+        round=1,
+        vocab_size=len(WORDS),
+        sample_index=torch.tensor(order),
+        losses=torch.tensor([scored[i] for i in order]),
         offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
-        token_ids=torch.cat(token_ids).to(torch.int16), topk_ids=topk_ids.to(torch.int16),
+        token_ids=torch.cat(token_ids).to(torch.int16),
+        topk_ids=topk_ids.to(torch.int16),
         topk_logits=(torch.randn(rows, k, generator=g) * 3).sort(dim=1, descending=True).values.half(),
     )
 
 
 def distill_data(public, payloads, own_losses, top_k=4) -> DistillationDataModule:
     return DistillationDataModule(
-        receiver="server", public=public, teacher_payloads={p.sender: p for p in payloads},
-        own_losses=torch.tensor(own_losses), batch_size=8, pad_id=0, seed=0, top_k=top_k,
+        receiver="server",
+        public=public,
+        teacher_payloads={p.sender: p for p in payloads},
+        own_losses=torch.tensor(own_losses),
+        batch_size=8,
+        pad_id=0,
+        seed=0,
+        top_k=top_k,
     )
 
 
@@ -177,7 +187,9 @@ def test_alignment_reuses_aligners_in_memory_and_maps_from_disk(scenario, tmp_pa
 def test_alignment_without_selection_leaves_targets_empty(tmp_path):
     public = public_set()
     data = distill_data(public, [teacher_payload("client_0", public, {0: 0.1})], [1.0] * 4)
-    AlignmentCacheCallback(RECEIVER, {"client_0": TEACHER}, tmp_path).setup(SimpleNamespace(datamodule=data), None, "fit")
+    AlignmentCacheCallback(RECEIVER, {"client_0": TEACHER}, tmp_path).setup(
+        SimpleNamespace(datamodule=data), None, "fit"
+    )
     assert data.targets is None
 
 
@@ -196,8 +208,13 @@ def test_callbacks_run_in_trainer_setup_before_the_dataloader(scenario, tmp_path
     )
     selective = SelectiveTransferCallback()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[selective, AlignmentCacheCallback(RECEIVER, {"client_0": TEACHER, "client_1": TEACHER}, tmp_path)],
     )
     trainer.fit(module, datamodule=data)

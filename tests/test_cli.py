@@ -68,7 +68,9 @@ def test_task_with_zero_samples_is_reported(tmp_path):
 
     empty = tmp_path / "empty"
     datasets.Dataset.from_dict({"id": [], "question": [], "choices": [], "answerKey": []}).save_to_disk(str(empty))
-    line = _one_line_error(run_cli("fit", "--config", "tiny", "--data.data_dir", str(empty), "--run_dir", str(tmp_path / "run")))
+    line = _one_line_error(
+        run_cli("fit", "--config", "tiny", "--data.data_dir", str(empty), "--run_dir", str(tmp_path / "run"))
+    )
     assert "empty" in line.lower() or "0 " in line
 
 
@@ -92,14 +94,21 @@ def test_map_vocab_writes_every_source_token(tmp_path, capsys):
     from fedmkt.models import load_tokenizer
 
     out = tmp_path / "smollm2_to_gemma3.json"
-    assert main(["map-vocab", "--src", "embedded:smollm2-135m-instruct", "--dst", "embedded:gemma3-270m", "--out", str(out)]) == 0
+    assert (
+        main(
+            ["map-vocab", "--src", "embedded:smollm2-135m-instruct", "--dst", "embedded:gemma3-270m", "--out", str(out)]
+        )
+        == 0
+    )
     mapping = __import__("json").loads(out.read_text())
     source = load_tokenizer(ModelSpec("embedded:smollm2-135m-instruct"))
     target_vocab = set(load_tokenizer(ModelSpec("embedded:gemma3-270m")).get_vocab())
     assert len(mapping) == len(source.get_vocab())
     # Special tokens with no identically spelled twin map nowhere (null); everything else maps.
     unmapped = {token for token, target in mapping.items() if target is None}
-    assert unmapped == set(source.all_special_tokens) | {t.content for t in source.added_tokens_decoder.values() if t.special}
+    assert unmapped == set(source.all_special_tokens) | {
+        t.content for t in source.added_tokens_decoder.values() if t.special
+    }
     assert set(mapping.values()) - {None} <= target_vocab
     assert mapping["Ġthe"] == "▁the"  # word-boundary markers normalised before matching
     assert mapping[","] == ","  # Gemma's own comma, not its byte fallback <0x2C>
@@ -107,22 +116,52 @@ def test_map_vocab_writes_every_source_token(tmp_path, capsys):
 
 def test_align_text_json_rows(capsys):
     text = "Planets orbit the sun."
-    argv = ["align-text", "--src", "embedded:smollm2-135m-instruct", "--dst", "embedded:gemma3-270m", "--text", text, "--json"]
+    argv = [
+        "align-text",
+        "--src",
+        "embedded:smollm2-135m-instruct",
+        "--dst",
+        "embedded:gemma3-270m",
+        "--text",
+        text,
+        "--json",
+    ]
     assert main(argv) == 0
     rows = __import__("json").loads(capsys.readouterr().out)
-    assert all(list(row) == ["dst_index", "dst_token", "dst_span", "src_index", "src_token", "src_span", "target"] for row in rows)
+    assert all(
+        list(row) == ["dst_index", "dst_token", "dst_span", "src_index", "src_token", "src_span", "target"]
+        for row in rows
+    )
     assert [row["dst_token"] for row in rows] == ["<bos>", "Plan", "ets", "▁orbit", "▁the", "▁sun", "."]
     bos, plan = rows[0], rows[1]
     # Gemma's <bos> has no SmolLM2 counterpart: unmatched, one-hot on its next token.
-    assert bos["src_index"] is None and bos["src_span"] is None and bos["target"] == "Plan" and bos["dst_span"] == [0, 0]
-    assert plan["src_index"] == 0 and plan["src_token"] == "Plan" and plan["src_span"] == [0, 4] and plan["target"] == "Plan"
+    assert (
+        bos["src_index"] is None and bos["src_span"] is None and bos["target"] == "Plan" and bos["dst_span"] == [0, 0]
+    )
+    assert (
+        plan["src_index"] == 0
+        and plan["src_token"] == "Plan"
+        and plan["src_span"] == [0, 4]
+        and plan["target"] == "Plan"
+    )
     orbit = rows[3]
-    assert orbit["src_token"] == "Ġorbit" and orbit["target"] == "▁orbit" and text[slice(*orbit["dst_span"])] == " orbit"
+    assert (
+        orbit["src_token"] == "Ġorbit" and orbit["target"] == "▁orbit" and text[slice(*orbit["dst_span"])] == " orbit"
+    )
 
 
 def test_align_text_dtw_table(capsys):
-    argv = ["align-text", "--src", "embedded:gemma3-270m", "--dst", "embedded:smollm2-135m-instruct",
-            "--text", "Planets orbit the sun.", "--sequence-alignment", "dtw"]
+    argv = [
+        "align-text",
+        "--src",
+        "embedded:gemma3-270m",
+        "--dst",
+        "embedded:smollm2-135m-instruct",
+        "--text",
+        "Planets orbit the sun.",
+        "--sequence-alignment",
+        "dtw",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["dst", "dst_token", "dst_span", "src", "src_token", "src_span", "target"]

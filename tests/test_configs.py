@@ -73,7 +73,10 @@ def test_paper_scenarios_use_the_papers_models_and_hyperparameters():
     hetero = parse(str(shipped_configs()["heterogeneous.yaml"]))
     assert hetero.server.model.source == "meta-llama/Llama-2-7b-hf"
     assert [c.model.source for c in hetero.clients] == [
-        "gpt2-xl", "facebook/opt-1.3b", "bigscience/bloom-1b1", "princeton-nlp/Sheared-LLaMA-1.3B",
+        "gpt2-xl",
+        "facebook/opt-1.3b",
+        "bigscience/bloom-1b1",
+        "princeton-nlp/Sheared-LLaMA-1.3B",
     ]
     assert hetero.clients[0].optimizer.lr == pytest.approx(3e-4)  # GPT-2-xl's lr in the paper
     assert hetero.transfer.ce_weight == pytest.approx(0.9)

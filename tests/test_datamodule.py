@@ -20,15 +20,23 @@ from fedmkt.selection import Selection
 
 def examples(n: int, tag: str = "q") -> list[QAExample]:
     return [
-        QAExample(f"{tag}{i}", f"Question: {'why ' * (i % 3)}is item {tag}{i} here?\nAnswer:", (" yes", " no indeed"), i % 2)
+        QAExample(
+            f"{tag}{i}", f"Question: {'why ' * (i % 3)}is item {tag}{i} here?\nAnswer:", (" yes", " no indeed"), i % 2
+        )
         for i in range(n)
     ]
 
 
 def party_data(tokenizer, private=5, public=4, batch_size=2, seed=0) -> PartyDataModule:
     return PartyDataModule(
-        "client_0", examples(private, "p"), examples(public, "u"), tokenizer,
-        max_length=48, batch_size=batch_size, eval_batch_size=3, seed=seed,
+        "client_0",
+        examples(private, "p"),
+        examples(public, "u"),
+        tokenizer,
+        max_length=48,
+        batch_size=batch_size,
+        eval_batch_size=3,
+        seed=seed,
     )
 
 
@@ -95,8 +103,15 @@ def sample(index: int, length: int, answer_from: int) -> TokenizedSample:
 
 def distill_data(public, top_k=3, kd_positions="all") -> DistillationDataModule:
     return DistillationDataModule(
-        receiver="server", public=public, teacher_payloads={}, own_losses=torch.ones(len(public)),
-        batch_size=8, pad_id=0, seed=0, top_k=top_k, kd_positions=kd_positions,
+        receiver="server",
+        public=public,
+        teacher_payloads={},
+        own_losses=torch.ones(len(public)),
+        batch_size=8,
+        pad_id=0,
+        seed=0,
+        top_k=top_k,
+        kd_positions=kd_positions,
     )
 
 

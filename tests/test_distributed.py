@@ -184,7 +184,7 @@ def _phase_mean_worker(rank: int, port: int, results) -> None:
     dist.init_process_group("cuda:gloo", rank=rank, world_size=2)
     try:
         metric = MeanMetric(sync_on_compute=False)  # on the CPU, where Lightning's teardown leaves it
-        for value in ([1.0, 3.0] if rank == 0 else [5.0]):
+        for value in [1.0, 3.0] if rank == 0 else [5.0]:
             metric.update(torch.tensor(value))
         outcome = {}
         try:  # what the metric's own sync does (and fedmkt did before)
@@ -333,8 +333,23 @@ def _fit_in_subprocess(run_dir: Path, *overrides: str) -> None:
     env = dict(os.environ, WANDB_MODE="offline")
     env.pop("LOCAL_RANK", None)
     completed = subprocess.run(
-        [sys.executable, "-m", "fedmkt.cli", "fit", "--config", "tiny", "--run_dir", str(run_dir), "--logging.wandb", "false", *overrides],
-        env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "fedmkt.cli",
+            "fit",
+            "--config",
+            "tiny",
+            "--run_dir",
+            str(run_dir),
+            "--logging.wandb",
+            "false",
+            *overrides,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
 
@@ -360,7 +375,9 @@ def test_ddp_server_trains_on_two_ranks_and_its_payload_covers_all_public_sample
         # Gathered from both ranks: the server's payload has every public sample, so it is as
         # large as the single-process server's (each rank alone holds half).
         assert server["bytes_sent"] == single_round["parties"]["server"]["bytes_sent"]
-        assert ddp_round["parties"]["client_0"]["bytes_received"] == single_round["parties"]["client_0"]["bytes_received"]
+        assert (
+            ddp_round["parties"]["client_0"]["bytes_received"] == single_round["parties"]["client_0"]["bytes_received"]
+        )
         assert server["teacher_counts"].keys() == {"client_0", "client_1"}
 
 
@@ -437,8 +454,15 @@ def test_fsdp_server_is_sharded_and_learns_what_the_ddp_server_learns(fsdp_run, 
 def test_fsdp_bf16_mixed_on_gpus(tmp_path):
     devices = min(2, torch.cuda.device_count())
     _fit_in_subprocess(
-        tmp_path / "run", "--server.trainer.accelerator", "gpu", "--server.trainer.strategy", "fsdp",
-        "--server.trainer.devices", str(devices), "--server.trainer.precision", "bf16-mixed",
+        tmp_path / "run",
+        "--server.trainer.accelerator",
+        "gpu",
+        "--server.trainer.strategy",
+        "fsdp",
+        "--server.trainer.devices",
+        str(devices),
+        "--server.trainer.precision",
+        "bf16-mixed",
     )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     for record in summary["rounds"]:

@@ -20,10 +20,23 @@ pytestmark = pytest.mark.slow
 def real_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("real") / "run"
     args = [
-        "fit", "--config", "demo", "--run_dir", str(run_dir),
-        "--data.eval_size", "24", "--data.pool_size", "12", "--data.max_length", "96",
-        "--federation.rounds", "1", "--logging.wandb", "false",
-        "--server.trainer.enable_progress_bar", "false",
+        "fit",
+        "--config",
+        "demo",
+        "--run_dir",
+        str(run_dir),
+        "--data.eval_size",
+        "24",
+        "--data.pool_size",
+        "12",
+        "--data.max_length",
+        "96",
+        "--federation.rounds",
+        "1",
+        "--logging.wandb",
+        "false",
+        "--server.trainer.enable_progress_bar",
+        "false",
     ]
     assert main(args) == 0
     return json.loads((run_dir / "summary.json").read_text())

@@ -80,10 +80,14 @@ def test_run_dir_has_resolved_config_tokenizers_and_logs(tiny_run):
 def test_evaluate_command_reproduces_the_summary_accuracy(tiny_run, capsys):
     summary = json.loads((tiny_run / "summary.json").read_text())
     adapter = tiny_run / "adapters" / "round_2" / "client_1"
-    code = main(["evaluate", "--config", str(tiny_run / "config.yaml"), "--party", "client_1", "--adapter", str(adapter)])
+    code = main(
+        ["evaluate", "--config", str(tiny_run / "config.yaml"), "--party", "client_1", "--adapter", str(adapter)]
+    )
     assert code == 0
     printed = dict(item.split("=") for item in capsys.readouterr().out.split())
-    assert float(printed["acc"]) == pytest.approx(summary["rounds"][-1]["parties"]["client_1"]["eval_accuracy"], abs=5e-5)
+    assert float(printed["acc"]) == pytest.approx(
+        summary["rounds"][-1]["parties"]["client_1"]["eval_accuracy"], abs=5e-5
+    )
 
 
 def _without_timings(value):

@@ -20,8 +20,12 @@ def tiny_llama(smollm2_tokenizer):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -52,7 +56,9 @@ def test_batched_scores_equal_a_per_choice_reference(tiny_llama, smollm2_tokeniz
     )
     for example, scores in zip(mixed_examples, batched):
         assert scores.shape == (len(example.choices),)
-        expected = [reference_loglikelihood(tiny_llama, smollm2_tokenizer, example.prompt, c, 256) for c in example.choices]
+        expected = [
+            reference_loglikelihood(tiny_llama, smollm2_tokenizer, example.prompt, c, 256) for c in example.choices
+        ]
         torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=0)
         assert int(scores.argmax()) == max(range(len(expected)), key=expected.__getitem__)
 
@@ -61,18 +67,45 @@ def _tiny(arch: str, vocab_size: int):
     import transformers as T
 
     configs = {
-        "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, dict(n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                                                        bos_token_id=0, eos_token_id=0)),
-        "opt": (T.OPTConfig, T.OPTForCausalLM, dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                                                    num_attention_heads=4, word_embed_proj_dim=64,
-                                                    max_position_embeddings=256)),
+        "gpt2": (
+            T.GPT2Config,
+            T.GPT2LMHeadModel,
+            dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0),
+        ),
+        "opt": (
+            T.OPTConfig,
+            T.OPTForCausalLM,
+            dict(
+                hidden_size=64,
+                ffn_dim=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                word_embed_proj_dim=64,
+                max_position_embeddings=256,
+            ),
+        ),
         "bloom": (T.BloomConfig, T.BloomForCausalLM, dict(hidden_size=64, n_layer=2, n_head=4)),
         # A sliding window shorter than the BoolQ prompts, as Gemma-3's local layers have.
-        "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, dict(hidden_size=64, intermediate_size=128,
-                                                                 num_hidden_layers=2, num_attention_heads=4,
-                                                                 num_key_value_heads=1, head_dim=16, sliding_window=16)),
-        "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                          num_attention_heads=4, num_key_value_heads=2)),
+        "gemma3": (
+            T.Gemma3TextConfig,
+            T.Gemma3ForCausalLM,
+            dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=16,
+                sliding_window=16,
+            ),
+        ),
+        "qwen2": (
+            T.Qwen2Config,
+            T.Qwen2ForCausalLM,
+            dict(
+                hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+            ),
+        ),
     }
     config_class, model_class, kwargs = configs[arch]
     torch.manual_seed(0)
@@ -171,11 +204,13 @@ def test_a_model_that_prefers_the_right_answers_scores_one(smollm2_tokenizer, mi
     favoured = {
         token for e in mixed_examples for token in smollm2_tokenizer(e.answer, add_special_tokens=False)["input_ids"]
     }
+
     # Keep only examples where no wrong option is spelled entirely with favoured tokens.
     def clean(example: QAExample) -> bool:
         return all(
             not set(smollm2_tokenizer(c, add_special_tokens=False)["input_ids"]) <= favoured
-            for i, c in enumerate(example.choices) if i != example.answer_index
+            for i, c in enumerate(example.choices)
+            if i != example.answer_index
         )
 
     examples = [e for e in mixed_examples if clean(e)]

@@ -17,8 +17,20 @@ from fedmkt.federation.participant import Participant
 
 # 6 pooled questions: 2 public + 2 private per client, so each phase is one batch; evaluation off.
 SETTINGS = [
-    "--config", "tiny", "--federation.evaluate_before", "false", "--federation.evaluate_every_round", "false",
-    "--logging.wandb", "false", "--logging.csv", "false", "--data.pool_size", "6", "--data.max_length", "48",
+    "--config",
+    "tiny",
+    "--federation.evaluate_before",
+    "false",
+    "--federation.evaluate_every_round",
+    "false",
+    "--logging.wandb",
+    "false",
+    "--logging.csv",
+    "false",
+    "--data.pool_size",
+    "6",
+    "--data.max_length",
+    "48",
 ]
 
 
@@ -82,7 +94,9 @@ def test_below_min_clients_the_run_stops_with_one_line_and_the_round_1_checkpoin
         if round_index == 2 and self.name == "client_0":  # round 1 is complete: remember its checkpoint
             snapshot["checkpoint"] = (run_dir / "checkpoint" / "checkpoint.json").read_bytes()
             snapshot["summary"] = (run_dir / "summary.json").read_bytes()
-            snapshot["adapters"] = {p: p.read_bytes() for p in (run_dir / "adapters" / "round_1").rglob("*") if p.is_file()}
+            snapshot["adapters"] = {
+                p: p.read_bytes() for p in (run_dir / "adapters" / "round_1").rglob("*") if p.is_file()
+            }
         if round_index == 2 and self.name == "client_1":
             raise RuntimeError("simulated crash in client_1")
         return original(self, round_index)
@@ -91,14 +105,22 @@ def test_below_min_clients_the_run_stops_with_one_line_and_the_round_1_checkpoin
     args = ["fit", *SETTINGS, "--federation.rounds", "2", "--federation.min_clients", "2", "--run_dir", str(run_dir)]
     assert main(args) == 2
     line = _one_error_line(capsys)
-    for needle in ("round 2", "only 1 of 2 clients answered", "federation.min_clients=2", "client_1: RuntimeError: simulated crash", "--resume"):
+    for needle in (
+        "round 2",
+        "only 1 of 2 clients answered",
+        "federation.min_clients=2",
+        "client_1: RuntimeError: simulated crash",
+        "--resume",
+    ):
         assert needle in line, (needle, line)
 
     # Nothing of round 2 was written; round 1's checkpoint, summary and adapters are byte for byte intact.
     assert snapshot, "round 2 never started"
     assert (run_dir / "checkpoint" / "checkpoint.json").read_bytes() == snapshot["checkpoint"]
     assert (run_dir / "summary.json").read_bytes() == snapshot["summary"]
-    assert {p: p.read_bytes() for p in (run_dir / "adapters" / "round_1").rglob("*") if p.is_file()} == snapshot["adapters"]
+    assert {p: p.read_bytes() for p in (run_dir / "adapters" / "round_1").rglob("*") if p.is_file()} == snapshot[
+        "adapters"
+    ]
     assert json.loads(snapshot["checkpoint"])["round"] == 1
     assert not (run_dir / "adapters" / "round_2").exists()
     assert not _temporaries(run_dir)
@@ -112,11 +134,19 @@ def test_below_min_clients_the_run_stops_with_one_line_and_the_round_1_checkpoin
 
 def test_a_client_timeout_makes_every_slow_client_fail_with_phase_timeout(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = ["fit", *SETTINGS, "--federation.rounds", "1", "--federation.client_timeout_s", "1e-6", "--run_dir", str(run_dir)]
+    args = [
+        "fit",
+        *SETTINGS,
+        "--federation.rounds",
+        "1",
+        "--federation.client_timeout_s",
+        "1e-6",
+        "--run_dir",
+        str(run_dir),
+    ]
     assert main(args) == 2  # both clients timed out alike in round 1: the timeout value is the cause
     line = _one_error_line(capsys)
     assert "round 1: every client failed the same way" in line and "configuration error" in line
     assert "PhaseTimeout: phase exceeded its 1e-06 s limit" in line
     assert not (run_dir / "checkpoint").exists() and not (run_dir / "adapters").exists()
     assert not _temporaries(run_dir)
-

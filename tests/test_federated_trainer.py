@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +11,6 @@ import pytest
 import torch
 
 import fedmkt.federation.checkpoint as checkpoint_module
-import fedmkt.federation.trainer as trainer_module
 from fedmkt.config import LoRAConfig, ModelSpec, OptimizerConfig, PartyConfig, RunConfig, TrainerConfig, TransferConfig
 from fedmkt.data.datamodule import PartyDataModule
 from fedmkt.data.tasks import QAExample
@@ -25,14 +23,21 @@ from fedmkt.payload import KnowledgePayload
 PUBLIC = 4
 
 
-def payload(sender: str, round_index: int = 1, n: int = PUBLIC, length: int = 3, k: int = 2, seed: int = 0) -> KnowledgePayload:
+def payload(
+    sender: str, round_index: int = 1, n: int = PUBLIC, length: int = 3, k: int = 2, seed: int = 0
+) -> KnowledgePayload:
     g = torch.Generator().manual_seed(seed)
     rows = n * length
     return KnowledgePayload(
-        sender=sender, round=round_index, vocab_size=100,
-        sample_index=torch.arange(n), losses=torch.rand(n, generator=g),
-        offsets=torch.arange(0, rows + 1, length), token_ids=torch.randint(100, (rows,), generator=g).to(torch.int16),
-        topk_ids=torch.randint(100, (rows, k), generator=g).to(torch.int16), topk_logits=torch.randn(rows, k, generator=g).half(),
+        sender=sender,
+        round=round_index,
+        vocab_size=100,
+        sample_index=torch.arange(n),
+        losses=torch.rand(n, generator=g),
+        offsets=torch.arange(0, rows + 1, length),
+        token_ids=torch.randint(100, (rows,), generator=g).to(torch.int16),
+        topk_ids=torch.randint(100, (rows, k), generator=g).to(torch.int16),
+        topk_logits=torch.randn(rows, k, generator=g).half(),
     )
 
 
@@ -67,7 +72,13 @@ class FakeParty:
         self.calls.append((self.name, "distill", round_index, tuple(sorted(teacher_payloads))))
         self.received.append(teacher_payloads)
         counts = {name: 1 for name in teacher_payloads}
-        return {"task_loss": 2.0, "kd_loss": 0.25, "train_seconds": 1.0, "selected": len(counts), "teacher_counts": counts}
+        return {
+            "task_loss": 2.0,
+            "kd_loss": 0.25,
+            "train_seconds": 1.0,
+            "selected": len(counts),
+            "teacher_counts": counts,
+        }
 
     def evaluate(self):
         return {"eval_accuracy": 0.5 + 0.1 * len(self.received), "eval_accuracy_norm": 0.5, "eval_seconds": 0.1}
@@ -107,7 +118,9 @@ def federation(tmp_path):
     clients = [FakeParty("client_0", calls, seed=200), FakeParty("client_1", calls, seed=300)]
     logger = FakeLogger()
     trainer = FederatedTrainer(server, clients, run_config(), tmp_path / "run", loggers=[logger])
-    return SimpleNamespace(trainer=trainer, server=server, clients=clients, calls=calls, logger=logger, run_dir=tmp_path / "run")
+    return SimpleNamespace(
+        trainer=trainer, server=server, clients=clients, calls=calls, logger=logger, run_dir=tmp_path / "run"
+    )
 
 
 # ---- _send -------------------------------------------------------------------------------------
@@ -150,8 +163,10 @@ def test_run_round_follows_the_protocol_and_records_every_party(federation):
     trainer, server, clients = federation.trainer, federation.server, federation.clients
     record = trainer.run_round(1)
     assert federation.calls == [
-        ("client_0", "fine_tune", 1), ("client_0", "share", 1),
-        ("client_1", "fine_tune", 1), ("client_1", "share", 1),
+        ("client_0", "fine_tune", 1),
+        ("client_0", "share", 1),
+        ("client_1", "fine_tune", 1),
+        ("client_1", "share", 1),
         ("server", "distill", 1, ("client_0", "client_1")),
         ("server", "share", 1),
         ("client_0", "distill", 1, ("server",)),
@@ -215,7 +230,9 @@ def test_fit_runs_every_round_after_zero_shot_and_logs_namespaced_metrics(federa
 def test_summary_json_is_standard_json_even_with_nan_losses(tmp_path):
     calls: list = []
     clients = [FakeParty("client_0", calls, task_loss=float("nan"))]  # e.g. local_epochs: 0
-    trainer = FederatedTrainer(FakeParty("server", calls), clients, run_config(rounds=1, clients=1), tmp_path, loggers=[FakeLogger()])
+    trainer = FederatedTrainer(
+        FakeParty("server", calls), clients, run_config(rounds=1, clients=1), tmp_path, loggers=[FakeLogger()]
+    )
     trainer.run_round(1)
     on_disk = strict_json((tmp_path / "summary.json").read_text())
     assert on_disk["rounds"][0]["parties"]["client_0"]["task_loss"] is None
@@ -294,7 +311,9 @@ def test_results_table_lists_accuracy_per_round_selection_and_traffic(federation
 
 def test_results_table_without_zero_shot_or_rounds(tmp_path):
     calls: list = []
-    trainer = FederatedTrainer(FakeParty("server", calls), [FakeParty("client_0", calls)], run_config(clients=1), tmp_path)
+    trainer = FederatedTrainer(
+        FakeParty("server", calls), [FakeParty("client_0", calls)], run_config(clients=1), tmp_path
+    )
     lines = trainer.results_table().splitlines()
     assert lines[0] == "| party | selected (last) | MB sent (last) |"
     assert lines[2] == "| server | – | 0.00 |"
@@ -304,7 +323,10 @@ def test_results_table_without_zero_shot_or_rounds(tmp_path):
 
 
 def qa(n: int, tag: str) -> list[QAExample]:
-    return [QAExample(f"{tag}{i}", f"Question: is {tag} number {i} {'big ' * (i % 3)}?\nAnswer:", (" yes", " no"), i % 2) for i in range(n)]
+    return [
+        QAExample(f"{tag}{i}", f"Question: is {tag} number {i} {'big ' * (i % 3)}?\nAnswer:", (" yes", " no"), i % 2)
+        for i in range(n)
+    ]
 
 
 def make_participant(name, tokenizer, make_tiny_llama, cache_dir, seed, transfer):
@@ -313,11 +335,14 @@ def make_participant(name, tokenizer, make_tiny_llama, cache_dir, seed, transfer
         lora=LoRAConfig(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"]),
         optimizer=OptimizerConfig(lr=1e-2, warmup_ratio=0.0),
         trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
-        batch_size=2, eval_batch_size=3,
+        batch_size=2,
+        eval_batch_size=3,
     )
     module = PartyModule(make_tiny_llama(len(tokenizer), seed=seed), config.lora, config.optimizer, transfer, name=name)
     data = PartyDataModule(name, qa(2, f"{name}-private"), qa(3, "public"), tokenizer, 48, 2, 3, seed)
-    return Participant(name, config, transfer, module, tokenizer, data, qa(2, "eval"), {"peer": tokenizer}, cache_dir, 48, seed)
+    return Participant(
+        name, config, transfer, module, tokenizer, data, qa(2, "eval"), {"peer": tokenizer}, cache_dir, 48, seed
+    )
 
 
 def test_participant_phases_share_distil_and_save(smollm2_tokenizer, make_tiny_llama, tmp_path):
@@ -368,7 +393,8 @@ def test_an_interval_reaches_the_loggers_as_its_two_ends(federation):
 
 def test_results_table_shows_each_accuracy_with_its_interval_and_the_sample_size(federation):
     federation.trainer.summary["zero_shot"] = {
-        name: {"eval_accuracy": 0.5, "eval_n": 12, "eval_accuracy_ci": [0.2537, 0.7463]} for name in ("server", "client_0", "client_1")
+        name: {"eval_accuracy": 0.5, "eval_n": 12, "eval_accuracy_ci": [0.2537, 0.7463]}
+        for name in ("server", "client_0", "client_1")
     }
     table = federation.trainer.results_table()
     assert "| server | 0.500 [0.25, 0.75] |" in table

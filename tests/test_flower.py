@@ -25,7 +25,7 @@ import yaml
 
 flwr = pytest.importorskip("flwr")
 
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -68,7 +68,13 @@ class FakeGrid:
     def __init__(self, nodes: dict, node_configs: dict | None = None) -> None:
         self.nodes = nodes
         self.contexts = {
-            node_id: Context(run_id=1, node_id=node_id, node_config=(node_configs or {}).get(node_id, {}), state=RecordDict(), run_config={})
+            node_id: Context(
+                run_id=1,
+                node_id=node_id,
+                node_config=(node_configs or {}).get(node_id, {}),
+                state=RecordDict(),
+                run_config={},
+            )
             for node_id in nodes
         }
         self.sent: list[Message] = []
@@ -94,8 +100,11 @@ def _payload(sender: str = "client_0", vocab_size: int = 100, num_samples: int =
     lengths = torch.tensor([4, 2, 5][:num_samples])
     rows = int(lengths.sum())
     return KnowledgePayload(
-        sender=sender, round=1, vocab_size=vocab_size,
-        sample_index=torch.arange(num_samples), losses=torch.rand(num_samples, generator=generator),
+        sender=sender,
+        round=1,
+        vocab_size=vocab_size,
+        sample_index=torch.arange(num_samples),
+        losses=torch.rand(num_samples, generator=generator),
         offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
         token_ids=torch.randint(0, vocab_size, (rows,), generator=generator, dtype=torch.int16),
         topk_ids=torch.randint(0, vocab_size, (rows, 4), generator=generator, dtype=torch.int16),
@@ -120,13 +129,22 @@ def _proxy(grid: FakeGrid, tmp_path: Path, node_id: int = 7, timeout_s=None) -> 
 
 def test_requests_and_replies_round_trip_bytes_and_nan_statistics():
     blob = bytes(range(256)) * 3
-    request = Request(phase="distill", client="client_1", config_text=TINY_TEXT, round=2, path="adapters/x", blobs={"payload/server": blob})
+    request = Request(
+        phase="distill",
+        client="client_1",
+        config_text=TINY_TEXT,
+        round=2,
+        path="adapters/x",
+        blobs={"payload/server": blob},
+    )
     decoded = decode_request(encode_request(request))
     assert decoded == request
     stats = {"task_loss": float("nan"), "kd_loss": 0.25, "selected": 3, "teacher_counts": {"server": 3}}
     reply = decode_reply(encode_reply(Reply(stats=stats, blobs={"adapter": b""}, info={"client": "client_1"})))
     assert math.isnan(reply.stats["task_loss"])
-    assert {k: v for k, v in reply.stats.items() if k != "task_loss"} == {k: v for k, v in stats.items() if k != "task_loss"}
+    assert {k: v for k, v in reply.stats.items() if k != "task_loss"} == {
+        k: v for k, v in stats.items() if k != "task_loss"
+    }
     assert reply.blobs == {"adapter": b""} and reply.info == {"client": "client_1"}
 
 
@@ -167,7 +185,10 @@ def test_proxy_forwards_phases_and_returns_their_results(task_identity, tmp_path
         if request.phase == "distill":
             assert set(request.blobs) == {"payload/server"}
             assert _same_payload(KnowledgePayload.from_bytes(request.blobs["payload/server"]), server_payload)
-        return Message(encode_reply(Reply(stats={"phase": request.phase, "round": request.round, "path": request.path})), reply_to=message)
+        return Message(
+            encode_reply(Reply(stats={"phase": request.phase, "round": request.round, "path": request.path})),
+            reply_to=message,
+        )
 
     server_payload = _payload("server", vocab_size=300)
     grid = FakeGrid({7: node})
@@ -178,9 +199,15 @@ def test_proxy_forwards_phases_and_returns_their_results(task_identity, tmp_path
     assert proxy.distill(3, {"server": server_payload})["phase"] == "distill"
     assert proxy.evaluate()["phase"] == "evaluate"
     proxy.save_adapter(tmp_path / "run" / "adapters" / "round_3" / "client_0")
-    assert decode_request(grid.sent[-1].content).path == "adapters/round_3/client_0"  # relative: the node has its own folder
+    assert (
+        decode_request(grid.sent[-1].content).path == "adapters/round_3/client_0"
+    )  # relative: the node has its own folder
     assert [m.metadata.message_type for m in grid.sent] == [
-        "train.fine_tune", "query.share_knowledge", "train.distill", "evaluate.evaluate", "query.save_adapter",
+        "train.fine_tune",
+        "query.share_knowledge",
+        "train.distill",
+        "evaluate.evaluate",
+        "query.save_adapter",
     ]
     assert {m.metadata.dst_node_id for m in grid.sent} == {7}
     assert proxy.cached_public_losses() is None  # client losses never reach the server
@@ -263,13 +290,23 @@ class _FakeParticipant:
 
 
 def test_client_state_persists_in_the_node_context_and_save_adapter_writes_it(task_identity, tmp_path):
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "output-dir": str(tmp_path / "node")}, state=RecordDict(), run_config={})
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "output-dir": str(tmp_path / "node")},
+        state=RecordDict(),
+        run_config={},
+    )
     restored = _FakeParticipant()
     client_app._restore_state(restored, context)  # before the first phase: a fresh party
     assert restored.loaded is None and restored.losses is None
 
     client_app._store_state(_FakeParticipant(torch.tensor([0.5, 1.5])), context)
-    assert set(context.state.array_records[client_app.STATE_KEY]) == {"adapter_model.safetensors", "adapter_config.json", "public_losses"}
+    assert set(context.state.array_records[client_app.STATE_KEY]) == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "public_losses",
+    }
     client_app._restore_state(restored, context)
     assert torch.equal(restored.loaded["layer.lora_A.weight"], _FakeParticipant.weights["layer.lora_A.weight"])
     assert torch.equal(restored.losses, torch.tensor([0.5, 1.5]))
@@ -277,19 +314,34 @@ def test_client_state_persists_in_the_node_context_and_save_adapter_writes_it(ta
     client_app._restore_state(restored, context)
     assert restored.losses is None
 
-    request = Message(encode_request(Request(phase="save_adapter", client="client_0", config_text=TINY_TEXT, path="adapters/round_1/client_0")), dst_node_id=7, message_type="query.save_adapter")
+    request = Message(
+        encode_request(
+            Request(phase="save_adapter", client="client_0", config_text=TINY_TEXT, path="adapters/round_1/client_0")
+        ),
+        dst_node_id=7,
+        message_type="query.save_adapter",
+    )
     reply = client_app.handle(request, context)
     assert not reply.has_error()
     folder = tmp_path / "node" / "adapters" / "round_1" / "client_0"
-    assert torch.equal(load_file(folder / "adapter_model.safetensors")["layer.lora_A.weight"], _FakeParticipant.weights["layer.lora_A.weight"])
+    assert torch.equal(
+        load_file(folder / "adapter_model.safetensors")["layer.lora_A.weight"],
+        _FakeParticipant.weights["layer.lora_A.weight"],
+    )
     assert json.loads((folder / "adapter_config.json").read_text()) == {"r": 8}
 
 
 def test_client_app_answers_hello_and_refuses_messages_for_another_client(task_identity):
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
-    hello = Message(encode_request(Request(phase="hello", client="", config_text="")), dst_node_id=7, message_type="query.hello")
+    hello = Message(
+        encode_request(Request(phase="hello", client="", config_text="")), dst_node_id=7, message_type="query.hello"
+    )
     assert decode_reply(client_app.handle(hello, context).content).info["client"] == "client_1"
-    wrong = Message(encode_request(Request(phase="evaluate", client="client_0", config_text=TINY_TEXT)), dst_node_id=7, message_type="evaluate.evaluate")
+    wrong = Message(
+        encode_request(Request(phase="evaluate", client="client_0", config_text=TINY_TEXT)),
+        dst_node_id=7,
+        message_type="evaluate.evaluate",
+    )
     with pytest.raises(FedMKTError, match="reached the SuperNode of client_1"):
         client_app.handle(wrong, context)
 
@@ -313,7 +365,10 @@ def test_the_server_maps_partition_ids_to_nodes_and_names_what_is_missing(task_i
         {11: client_app.handle, 12: client_app.handle, 13: client_app.handle},
         {11: {"partition-id": 1}, 12: {"partition-id": 0}, 13: {"partition-id": 5}},
     )
-    assert find_client_nodes(spare, config) == {"client_0": 12, "client_1": 11}  # a node for no client of this run is ignored
+    assert find_client_nodes(spare, config) == {
+        "client_0": 12,
+        "client_1": 11,
+    }  # a node for no client of this run is ignored
 
 
 # ---- one real client phase through the message layer ---------------------------------------
@@ -352,7 +407,21 @@ def _error_line(capsys) -> str:
 
 def test_unreachable_superlink_is_one_line(tmp_path, capsys):
     port = _free_ports(1)[0]
-    code = main(["fit", "--config", "tiny", "--backend", "flower", "--flower.superlink", f"127.0.0.1:{port}", "--flower.insecure", "true", "--run_dir", str(tmp_path / "run")])
+    code = main(
+        [
+            "fit",
+            "--config",
+            "tiny",
+            "--backend",
+            "flower",
+            "--flower.superlink",
+            f"127.0.0.1:{port}",
+            "--flower.insecure",
+            "true",
+            "--run_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 2
     assert f"127.0.0.1:{port}" in _error_line(capsys)
 
@@ -366,10 +435,21 @@ def test_missing_flwr_and_resume_are_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_multi_process_parties_are_refused_on_the_flower_backend(tmp_path, capsys):
-    code = main([
-        "fit", "--config", "tiny", "--backend", "flower", "--server.trainer.strategy", "ddp", "--server.trainer.devices", "2",
-        "--run_dir", str(tmp_path / "run"),
-    ])
+    code = main(
+        [
+            "fit",
+            "--config",
+            "tiny",
+            "--backend",
+            "flower",
+            "--server.trainer.strategy",
+            "ddp",
+            "--server.trainer.devices",
+            "2",
+            "--run_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 2
     assert "devices > 1: server)" in _error_line(capsys)
 
@@ -382,10 +462,9 @@ def test_backend_is_a_config_key_with_a_command_line_shorthand():
 
 
 def test_the_packaged_flower_app_builds_into_a_fab():
+    import tomli
     from flwr.cli.build import build_fab_from_disk
     from flwr.common.config import validate_config
-
-    import tomli
 
     app = submit.app_dir()
     config = tomli.loads((app / "pyproject.toml").read_text())
@@ -441,15 +520,33 @@ def superlink(tmp_path_factory):
         return process
 
     try:
-        link = start("superlink", [
-            "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port), "--disable-runtime-dependency-installation",
-        ])
+        link = start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         _wait_for_port(link_port, link, base / "superlink.log")
         for index, port in enumerate(node_ports):
-            start(f"supernode_{index}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
-                "--node-config", f"partition-id={index}",
-            ])
+            start(
+                f"supernode_{index}",
+                [
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={index}",
+                ],
+            )
         yield {"address": f"127.0.0.1:{link_port}", "logs": base}
     finally:
         for process in reversed(processes):  # each in its own session: its ServerApp/ClientApp children go with it
@@ -477,7 +574,20 @@ ROUNDS = 2
 def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
     flower_dir, inprocess_dir = tmp_path / "flower", tmp_path / "inprocess"
     started = time.monotonic()
-    code = main(["fit", *SETTINGS, "--backend", "flower", "--flower.superlink", superlink["address"], "--flower.insecure", "true", "--run_dir", str(flower_dir)])
+    code = main(
+        [
+            "fit",
+            *SETTINGS,
+            "--backend",
+            "flower",
+            "--flower.superlink",
+            superlink["address"],
+            "--flower.insecure",
+            "true",
+            "--run_dir",
+            str(flower_dir),
+        ]
+    )
     assert code == 0, [p.name + ":\n" + p.read_text()[-3000:] for p in sorted(superlink["logs"].glob("*.log"))]
     flower_seconds = time.monotonic() - started
     assert main(["fit", *SETTINGS, "--run_dir", str(inprocess_dir)]) == 0
@@ -496,7 +606,9 @@ def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
             got = ours["parties"][party]
             assert got["selected"] == expected["selected"], party
             assert got["teacher_counts"] == expected["teacher_counts"], party
-            assert got["bytes_sent"] == expected["bytes_sent"] and got["bytes_received"] == expected["bytes_received"], party
+            assert (
+                got["bytes_sent"] == expected["bytes_sent"] and got["bytes_received"] == expected["bytes_received"]
+            ), party
             for key in ("task_loss", "distill_task_loss", "kd_loss", "eval_accuracy", "eval_accuracy_norm"):
                 if key in expected:
                     assert got[key] == pytest.approx(expected[key], abs=1e-4), (party, key)
@@ -506,7 +618,9 @@ def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
     for round_index in range(1, ROUNDS + 1):
         for party in ("server", "client_0", "client_1"):
             ours = load_file(flower_dir / "adapters" / f"round_{round_index}" / party / "adapter_model.safetensors")
-            theirs = load_file(inprocess_dir / "adapters" / f"round_{round_index}" / party / "adapter_model.safetensors")
+            theirs = load_file(
+                inprocess_dir / "adapters" / f"round_{round_index}" / party / "adapter_model.safetensors"
+            )
             assert ours.keys() == theirs.keys()
             assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs), (round_index, party)
     print(f"flower backend: {flower_seconds:.0f} s for {ROUNDS} tiny rounds")
@@ -520,10 +634,25 @@ def test_too_few_supernodes_is_one_line_from_the_server_app(superlink, tmp_path,
     data["clients"].append(data["clients"][0])
     path = tmp_path / "three.yaml"
     path.write_text(yaml.safe_dump(data))
-    code = main([
-        "fit", "--config", str(path), "--backend", "flower", "--flower.superlink", superlink["address"], "--flower.insecure", "true",
-        "--flower.wait_for_nodes_s", "2", "--run_dir", str(tmp_path / "run"), "--logging.wandb", "false",
-    ])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(path),
+            "--backend",
+            "flower",
+            "--flower.superlink",
+            superlink["address"],
+            "--flower.insecure",
+            "true",
+            "--flower.wait_for_nodes_s",
+            "2",
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--logging.wandb",
+            "false",
+        ]
+    )
     assert code == 2
     line = _error_line(capsys)
     assert "2 of the 3 SuperNodes" in line and "partition-id" in line

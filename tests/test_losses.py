@@ -20,8 +20,16 @@ from fedmkt.losses import (
 TOL = 1e-5
 
 
-def make_topk(batch: int, length: int, vocab: int, k: int, seed: int, empty_frac: float = 0.2,
-              empty_rows: int = 1, dtype=torch.float32):
+def make_topk(
+    batch: int,
+    length: int,
+    vocab: int,
+    k: int,
+    seed: int,
+    empty_frac: float = 0.2,
+    empty_rows: int = 1,
+    dtype=torch.float32,
+):
     """Distinct top-k ids per position, some -1 slots, some fully empty rows, normalised probs."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.argsort(torch.rand(batch, length, vocab, generator=g), dim=-1)[..., :k].clone()
@@ -76,13 +84,11 @@ def test_sparse_matches_dense(kind, temperature, k, chunk_size):
     empty_frac=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
 )
-def test_sparse_matches_dense_property(batch, length, vocab, k_frac, chunk_size, temperature,
-                                       kind, empty_frac, seed):
+def test_sparse_matches_dense_property(batch, length, vocab, k_frac, chunk_size, temperature, kind, empty_frac, seed):
     k = max(1, round(k_frac * vocab))
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, length, vocab, generator=g, dtype=torch.float64) * 4
-    ids, probs = make_topk(batch, length, vocab, k, seed, empty_frac, empty_rows=0,
-                           dtype=torch.float64)
+    ids, probs = make_topk(batch, length, vocab, k, seed, empty_frac, empty_rows=0, dtype=torch.float64)
     weights = torch.randn(batch, length, generator=g, dtype=torch.float64)
     ours, ref, ga, gb = run_both(logits, ids, probs, temperature, kind, chunk_size, weights)
     torch.testing.assert_close(ours, ref, atol=1e-9, rtol=0)
@@ -214,16 +220,22 @@ def test_sparse_rejects_bad_input():
 
 # --- token_cross_entropy ---------------------------------------------------------------------
 
+
 def reference_ce(logits, targets):
-    per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
-                                reduction="none")
+    per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
     counts = (targets != -100).sum(1)
     return per_token.sum(1) / counts.clamp(min=1)
 
 
 @settings(max_examples=30, deadline=None)
-@given(batch=st.integers(1, 4), length=st.integers(1, 10), vocab=st.integers(2, 50),
-       chunk_size=st.integers(1, 8), ignore_frac=st.floats(0, 1), seed=st.integers(0, 2**16))
+@given(
+    batch=st.integers(1, 4),
+    length=st.integers(1, 10),
+    vocab=st.integers(2, 50),
+    chunk_size=st.integers(1, 8),
+    ignore_frac=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
 def test_token_ce_matches_torch(batch, length, vocab, chunk_size, ignore_frac, seed):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, length, vocab, generator=g) * 3
@@ -269,6 +281,7 @@ def test_token_ce_rejects_out_of_range_targets():
 
 
 # --- kd_objective --------------------------------------------------------------------------------
+
 
 def test_kd_objective_normalisation():
     ce = torch.tensor([1.0, 3.0])

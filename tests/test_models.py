@@ -21,7 +21,13 @@ from fedmkt.models import (
     resolve_source,
 )
 
-TINY = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+TINY = {
+    "num_hidden_layers": 1,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
 
 
 def _one_line(error: pytest.ExceptionInfo, *needles: str) -> None:
@@ -138,8 +144,14 @@ def test_random_init_cycles_gemma_layer_types_to_the_new_depth():
 
     def gemma():
         return Gemma3TextConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=16, num_hidden_layers=6, layer_types=list(pattern),
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            num_hidden_layers=6,
+            layer_types=list(pattern),
         )
 
     model = _random_init_model(gemma(), {"num_hidden_layers": 4}, torch.float32, 0)
@@ -153,7 +165,10 @@ def test_random_init_cycles_gemma_layer_types_to_the_new_depth():
 
 def test_embedded_gemma_random_init_keeps_its_pattern_and_vocabulary():
     model = load_model(
-        ModelSpec("embedded:gemma3-270m", random_init=TINY | {"num_hidden_layers": 7, "hidden_size": 16, "head_dim": 8}), seed=0
+        ModelSpec(
+            "embedded:gemma3-270m", random_init=TINY | {"num_hidden_layers": 7, "hidden_size": 16, "head_dim": 8}
+        ),
+        seed=0,
     )
     assert model.config.vocab_size == 262_144
     assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
@@ -244,4 +259,9 @@ def test_config_groups_are_independent_between_parties():
     config = run_config()
     config.clients[0].lora.target_modules.append("gate_proj")
     assert config.clients[1].lora.target_modules == LoRAConfig().target_modules
-    assert dataclasses.asdict(config)["clients"][1]["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert dataclasses.asdict(config)["clients"][1]["lora"]["target_modules"] == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    ]

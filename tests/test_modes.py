@@ -10,8 +10,18 @@ from safetensors.torch import load_file
 from fedmkt.cli import main
 
 QUICK = [
-    "--federation.rounds", "1", "--federation.evaluate_before", "false", "--logging.wandb", "false",
-    "--logging.csv", "false", "--data.pool_size", "12", "--data.eval_size", "4",
+    "--federation.rounds",
+    "1",
+    "--federation.evaluate_before",
+    "false",
+    "--logging.wandb",
+    "false",
+    "--logging.csv",
+    "false",
+    "--data.pool_size",
+    "12",
+    "--data.eval_size",
+    "4",
 ]
 
 
@@ -66,25 +76,79 @@ def test_fedavg_leaves_homogeneous_clients_with_one_averaged_adapter(tmp_path):
     assert not lora_b_is_zero(first)
     fedmkt_summary, _ = run_mode(tmp_path, "fedmkt")
     # Adapter exchange costs bytes on top of the logits.
-    assert summary["rounds"][0]["parties"]["client_0"]["bytes_sent"] > fedmkt_summary["rounds"][0]["parties"]["client_0"]["bytes_sent"]
+    assert (
+        summary["rounds"][0]["parties"]["client_0"]["bytes_sent"]
+        > fedmkt_summary["rounds"][0]["parties"]["client_0"]["bytes_sent"]
+    )
 
 
 def test_zero_shot_only_evaluates(tmp_path):
     run_dir = tmp_path / "zero_shot"
-    args = ["fit", "--config", "tiny", "--run_dir", str(run_dir), "--federation.mode", "zero_shot", "--logging.wandb", "false", "--data.eval_size", "4"]
+    args = [
+        "fit",
+        "--config",
+        "tiny",
+        "--run_dir",
+        str(run_dir),
+        "--federation.mode",
+        "zero_shot",
+        "--logging.wandb",
+        "false",
+        "--data.eval_size",
+        "4",
+    ]
     assert main(args) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == [] and set(summary["zero_shot"]) == {"server", "client_0", "client_1"}
 
 
 def test_fedavg_rejects_heterogeneous_clients(tmp_path, capsys):
-    code = main([
-        "fit", "--config", "tiny", "--run_dir", str(tmp_path / "bad"), "--federation.mode", "fedavg", *QUICK,
-        "--clients.help" if False else "--data.max_length", "96",
-        "--transfer.top_k", "4",
-    ] + ["--clients", json.dumps([
-        {"model": {"source": "embedded:smollm2-135m-instruct", "random_init": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}}},
-        {"model": {"source": "embedded:smollm2-135m-instruct", "random_init": {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}}},
-    ])])
+    code = main(
+        [
+            "fit",
+            "--config",
+            "tiny",
+            "--run_dir",
+            str(tmp_path / "bad"),
+            "--federation.mode",
+            "fedavg",
+            *QUICK,
+            "--clients.help" if False else "--data.max_length",
+            "96",
+            "--transfer.top_k",
+            "4",
+        ]
+        + [
+            "--clients",
+            json.dumps(
+                [
+                    {
+                        "model": {
+                            "source": "embedded:smollm2-135m-instruct",
+                            "random_init": {
+                                "num_hidden_layers": 2,
+                                "hidden_size": 64,
+                                "intermediate_size": 128,
+                                "num_attention_heads": 4,
+                                "num_key_value_heads": 2,
+                            },
+                        }
+                    },
+                    {
+                        "model": {
+                            "source": "embedded:smollm2-135m-instruct",
+                            "random_init": {
+                                "num_hidden_layers": 1,
+                                "hidden_size": 64,
+                                "intermediate_size": 128,
+                                "num_attention_heads": 4,
+                                "num_key_value_heads": 2,
+                            },
+                        }
+                    },
+                ]
+            ),
+        ]
+    )
     assert code == 2
     assert "identical architectures" in capsys.readouterr().err

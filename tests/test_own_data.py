@@ -32,7 +32,10 @@ def own_data_text(extra_client_0: str = "") -> str:
 @pytest.fixture(scope="module")
 def own_eval_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("own") / "client_0_eval.jsonl"
-    rows = [{"prompt": f"Question: What is {a} + 100?\nAnswer:", "choices": [str(a + 100), str(a + 101)], "answer": 0} for a in range(5)]
+    rows = [
+        {"prompt": f"Question: What is {a} + 100?\nAnswer:", "choices": [str(a + 100), str(a + 101)], "answer": 0}
+        for a in range(5)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -69,21 +72,32 @@ def test_a_client_own_eval_set_is_scored_for_that_client_only(own_data_run):
 def test_each_participant_holds_only_its_own_private_examples(monkeypatch):
     config = run_config_from_text(own_data_text())
     server, clients = run_module.build_participants(config)
-    files = {name: load_source(config.clients[i].data, f"clients[{i}].data") for i, name in enumerate(["client_0", "client_1"])}
+    files = {
+        name: load_source(config.clients[i].data, f"clients[{i}].data")
+        for i, name in enumerate(["client_0", "client_1"])
+    }
     for client in clients:
-        own = {tuple(s.input_ids.tolist()) for s in tokenize_examples(files[client.name], client.tokenizer, config.data.max_length)}
+        own = {
+            tuple(s.input_ids.tolist())
+            for s in tokenize_examples(files[client.name], client.tokenizer, config.data.max_length)
+        }
         held = {tuple(s.input_ids.tolist()) for s in client.data.private}
         assert held == own and len(held) == 8
         others = [n for n in files if n != client.name]
         for other in others:
-            theirs = {tuple(s.input_ids.tolist()) for s in tokenize_examples(files[other], client.tokenizer, config.data.max_length)}
+            theirs = {
+                tuple(s.input_ids.tolist())
+                for s in tokenize_examples(files[other], client.tokenizer, config.data.max_length)
+            }
             assert not held & theirs
     assert server.data.private == []
 
     # One party built alone (as on its own machine) reads no other client's private source.
     read = []
     original = parts_module.load_source
-    monkeypatch.setattr(parts_module, "load_source", lambda source, key, *a: read.append(key) or original(source, key, *a))
+    monkeypatch.setattr(
+        parts_module, "load_source", lambda source, key, *a: read.append(key) or original(source, key, *a)
+    )
     run_module.build_participant(config, "client_1")
     assert sorted(read) == ["clients[1].data", "data.eval", "data.public"]
     read.clear()
@@ -115,11 +129,22 @@ def _without_lines(text: str, first: str, count: int) -> str:
     [
         (lambda t: t.replace(f"{FILES}/eval.jsonl", f"{FILES}/missing.jsonl"), "data.eval.path"),
         (lambda t: t.replace(f"{FILES}/eval.jsonl", f"{FILES}/public.jsonl"), "of data.eval are also in data.public"),
-        (lambda t: t.replace("columns: {id: qid, prompt: question, choices: options, answer: label}", "columns: {prompt: question}"),
-         "clients[1].data: "),
-        (lambda t: t.replace("  task: null", "  task: null\n  eval_size: 5").replace(f"    path: {FILES}/eval.jsonl", "    path: embedded:nq_open"),
-         "generation"),
-        (lambda t: _without_lines(t, "  public:", 3), "data.public is not set and there is no data.task preset. Fix: set data.public"),
+        (
+            lambda t: t.replace(
+                "columns: {id: qid, prompt: question, choices: options, answer: label}", "columns: {prompt: question}"
+            ),
+            "clients[1].data: ",
+        ),
+        (
+            lambda t: t.replace("  task: null", "  task: null\n  eval_size: 5").replace(
+                f"    path: {FILES}/eval.jsonl", "    path: embedded:nq_open"
+            ),
+            "generation",
+        ),
+        (
+            lambda t: _without_lines(t, "  public:", 3),
+            "data.public is not set and there is no data.task preset. Fix: set data.public",
+        ),
     ],
     ids=["missing-file", "eval-overlaps-public", "column-map", "format-mismatch", "no-public"],
 )

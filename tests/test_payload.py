@@ -72,9 +72,11 @@ def test_ids_of_a_49k_vocabulary_take_two_bytes_on_the_wire_and_come_back_exact(
     # SmolLM2's vocabulary (49,152) overflows int16 but fits uint16: 2 bytes per id, not 4.
     payload = make_payload(lengths=(40, 40), k=16, vocab=49_152)
     payload.topk_ids[0, 0] = 49_151  # the largest id survives the unsigned round trip
-    wide = KnowledgePayload(**{**payload.__dict__, "topk_ids": payload.topk_ids.long(), "token_ids": payload.token_ids.long()})
+    wide = KnowledgePayload(
+        **{**payload.__dict__, "topk_ids": payload.topk_ids.long(), "token_ids": payload.token_ids.long()}
+    )
     data = payload.to_bytes()
-    ids_bytes = (payload.token_ids.numel() + payload.topk_ids.numel())
+    ids_bytes = payload.token_ids.numel() + payload.topk_ids.numel()
     assert len(wide.to_bytes()) == len(data)  # the wire type depends on the vocabulary, not the sender's dtype
     assert len(data) < 2 * ids_bytes + payload.topk_logits.numel() * 2 + 2048
     back = KnowledgePayload.from_bytes(data)

@@ -34,9 +34,22 @@ FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_lo
 CLIENTS = ("client_0", "client_1")
 # 12 pooled questions: 4 public + 4 private per client; 1 round, evaluation off (not needed here).
 SETTINGS = [
-    "--config", "tiny", "--federation.rounds", "1", "--federation.evaluate_before", "false",
-    "--federation.evaluate_every_round", "false", "--logging.wandb", "false", "--logging.csv", "false",
-    "--data.pool_size", "12", "--data.max_length", "64",
+    "--config",
+    "tiny",
+    "--federation.rounds",
+    "1",
+    "--federation.evaluate_before",
+    "false",
+    "--federation.evaluate_every_round",
+    "false",
+    "--logging.wandb",
+    "false",
+    "--logging.csv",
+    "false",
+    "--data.pool_size",
+    "12",
+    "--data.max_length",
+    "64",
 ]
 NOISE = 1.0  # privacy.logit_noise of the fedavg run (the fedmkt run shares raw logits)
 
@@ -77,7 +90,10 @@ def _run_capturing(run_dir: Path, *extra: str) -> SimpleNamespace:
     assert code == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     return SimpleNamespace(
-        sends=sends, unpickle_calls=unpickle_calls, summary=summary, config=parse_run_config(args),
+        sends=sends,
+        unpickle_calls=unpickle_calls,
+        summary=summary,
+        config=parse_run_config(args),
         trainer=sends[0].trainer if sends else None,
     )
 
@@ -90,7 +106,11 @@ def fedmkt_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fedavg_run(tmp_path_factory):
     return _run_capturing(
-        tmp_path_factory.mktemp("privacy") / "fedavg", "--federation.mode", "fedavg", "--privacy.logit_noise", str(NOISE)
+        tmp_path_factory.mktemp("privacy") / "fedavg",
+        "--federation.mode",
+        "fedavg",
+        "--privacy.logit_noise",
+        str(NOISE),
     )
 
 
@@ -99,18 +119,27 @@ def own_tokenisation(fedmkt_run):
     """Every party's tokenisation of the public and the private questions, computed independently."""
     config = fedmkt_run.config
     split = split_task(
-        load_task(config.data.task, config.data.data_dir), len(config.clients), config.data.eval_size, config.data.pool_size, config.seed
+        load_task(config.data.task, config.data.data_dir),
+        len(config.clients),
+        config.data.eval_size,
+        config.data.pool_size,
+        config.seed,
     )
     specs = {"server": config.server} | {name: config.clients[i] for i, name in enumerate(CLIENTS)}
 
     def encode(examples, tokenizer):
-        return [tuple(encode_prompt_answer(tokenizer, e.prompt, e.answer, config.data.max_length)[0].tolist()) for e in examples]
+        return [
+            tuple(encode_prompt_answer(tokenizer, e.prompt, e.answer, config.data.max_length)[0].tolist())
+            for e in examples
+        ]
 
     out = {}
     for i, (name, spec) in enumerate(specs.items()):
         tokenizer = load_tokenizer(spec.model, config.cache_dir)
         private = split.private[i - 1] if name != "server" else []
-        out[name] = SimpleNamespace(public=encode(split.public, tokenizer), private=encode(private, tokenizer), private_examples=private)
+        out[name] = SimpleNamespace(
+            public=encode(split.public, tokenizer), private=encode(private, tokenizer), private_examples=private
+        )
     out["split"] = split
     return out
 
@@ -205,7 +234,9 @@ def test_fedavg_moves_exactly_the_adapter_bytes_on_top_of_the_payloads(fedavg_ru
     clients = {c.name: c for c in fedavg_run.trainer.clients}
     for client in CLIENTS:
         (send,) = _sends_from(fedavg_run, client)
-        _assert_public_only(send, own_tokenisation[client], fedavg_run.config.transfer.top_k)  # payloads stay public-only
+        _assert_public_only(
+            send, own_tokenisation[client], fedavg_run.config.transfer.top_k
+        )  # payloads stay public-only
         state = clients[client].adapter_state()
         assert state and all("lora_" in key for key in state)
         adapter_bytes = len(save_safetensors({k: v.contiguous() for k, v in state.items()}))
@@ -231,9 +262,15 @@ class _Party:
     def share_knowledge(self, round_index):
         rows, k = 6, 2
         return KnowledgePayload(
-            sender=self.name, round=round_index, vocab_size=100, sample_index=torch.arange(3), losses=torch.ones(3),
-            offsets=torch.arange(0, rows + 1, 2), token_ids=torch.arange(rows).to(torch.int16),
-            topk_ids=torch.arange(rows * k).view(rows, k).to(torch.int16), topk_logits=torch.zeros(rows, k).half(),
+            sender=self.name,
+            round=round_index,
+            vocab_size=100,
+            sample_index=torch.arange(3),
+            losses=torch.ones(3),
+            offsets=torch.arange(0, rows + 1, 2),
+            token_ids=torch.arange(rows).to(torch.int16),
+            topk_ids=torch.arange(rows * k).view(rows, k).to(torch.int16),
+            topk_logits=torch.zeros(rows, k).half(),
         )
 
     def distill(self, round_index, payloads):
@@ -288,8 +325,13 @@ def test_fedavg_is_the_only_mode_whose_traffic_is_more_than_payloads(mode, tmp_p
 def _payload(rows: int = 2000, k: int = 16, scale: float = 6.0, dtype=torch.float32, seed: int = 0) -> KnowledgePayload:
     g = torch.Generator().manual_seed(seed)
     return KnowledgePayload(
-        sender="client_0", round=1, vocab_size=1000, sample_index=torch.arange(2), losses=torch.rand(2, generator=g),
-        offsets=torch.tensor([0, rows // 2, rows]), token_ids=torch.randint(1000, (rows,), generator=g).to(torch.int16),
+        sender="client_0",
+        round=1,
+        vocab_size=1000,
+        sample_index=torch.arange(2),
+        losses=torch.rand(2, generator=g),
+        offsets=torch.tensor([0, rows // 2, rows]),
+        token_ids=torch.randint(1000, (rows,), generator=g).to(torch.int16),
         topk_ids=torch.randint(1000, (rows, k), generator=g).to(torch.int16),
         topk_logits=(torch.randn(rows, k, generator=g) * scale).sort(dim=-1, descending=True).values.to(dtype),
     )
@@ -324,7 +366,9 @@ def test_noise_changes_only_the_logits():
 def test_clipping_bounds_each_positions_centred_norm():
     clip, sigma = 4.0, 1e-4
     payload = _payload(scale=1.0)
-    payload.topk_logits = payload.topk_logits * torch.linspace(0.05, 3.0, len(payload.topk_logits))[:, None]  # short and long rows
+    payload.topk_logits = (
+        payload.topk_logits * torch.linspace(0.05, 3.0, len(payload.topk_logits))[:, None]
+    )  # short and long rows
     centred_norms = (payload.topk_logits - payload.topk_logits.max(-1, keepdim=True).values).norm(dim=-1)
     assert (centred_norms > clip).any() and (centred_norms < clip).any()  # both kinds of rows occur
     noisy = add_logit_noise(payload, PrivacyConfig(logit_noise=sigma, logit_clip=clip), seed=0).topk_logits
@@ -333,7 +377,9 @@ def test_clipping_bounds_each_positions_centred_norm():
     assert float(noisy.norm(dim=-1).max()) <= clip + 10 * sigma * math.sqrt(payload.top_k)
     # Rows within the clip are only centred; longer rows keep their direction.
     inside = centred_norms < clip
-    assert torch.allclose(noisy[inside], (payload.topk_logits - payload.topk_logits.max(-1, keepdim=True).values)[inside], atol=10 * sigma)
+    assert torch.allclose(
+        noisy[inside], (payload.topk_logits - payload.topk_logits.max(-1, keepdim=True).values)[inside], atol=10 * sigma
+    )
 
 
 def test_same_seed_gives_the_same_noise_and_another_seed_does_not():

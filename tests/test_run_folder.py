@@ -21,8 +21,18 @@ from fedmkt.federation.checkpoint import atomic_write_dir
 from fedmkt.federation.participant import Participant
 
 FAST = [
-    "--config", "tiny", "--federation.evaluate_before", "false", "--federation.evaluate_every_round", "false",
-    "--logging.wandb", "false", "--data.pool_size", "6", "--data.max_length", "48",
+    "--config",
+    "tiny",
+    "--federation.evaluate_before",
+    "false",
+    "--federation.evaluate_every_round",
+    "false",
+    "--logging.wandb",
+    "false",
+    "--data.pool_size",
+    "6",
+    "--data.max_length",
+    "48",
 ]
 
 
@@ -36,7 +46,11 @@ def _error_line(capsys, code: int = 2) -> str:
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "run.lock"}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "run.lock"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -232,13 +246,39 @@ def test_a_read_only_run_dir_is_one_line(tmp_path, capsys):
 
 def test_map_vocab_unwritable_out_and_bad_sources_name_its_flags(tmp_path, capsys):
     out = _unwritable_folder(tmp_path) / "map.json"
-    args = ["map-vocab", "--src", "embedded:smollm2-135m-instruct", "--dst", "embedded:smollm2-135m-instruct", "--out", str(out)]
+    args = [
+        "map-vocab",
+        "--src",
+        "embedded:smollm2-135m-instruct",
+        "--dst",
+        "embedded:smollm2-135m-instruct",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 2
     assert "--out" in _error_line(capsys)
-    assert main(["map-vocab", "--src", str(tmp_path / "nope.gguf"), "--dst", "embedded:gemma3-270m", "--out", str(tmp_path / "m.json")]) == 2
+    assert (
+        main(
+            [
+                "map-vocab",
+                "--src",
+                str(tmp_path / "nope.gguf"),
+                "--dst",
+                "embedded:gemma3-270m",
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 2
+    )
     line = _error_line(capsys)
     assert "--src" in line and "model.source" not in line
-    assert main(["map-vocab", "--src", "embedded:gemma3-270m", "--dst", "embedded:nope", "--out", str(tmp_path / "m.json")]) == 2
+    assert (
+        main(
+            ["map-vocab", "--src", "embedded:gemma3-270m", "--dst", "embedded:nope", "--out", str(tmp_path / "m.json")]
+        )
+        == 2
+    )
     line = _error_line(capsys)
     assert "--dst" in line and "model.source" not in line
 
@@ -290,7 +330,13 @@ def test_a_hub_name_without_network_fails_in_seconds_naming_the_fixes(no_hub, so
     assert time.monotonic() - started < 10
     message = str(error.value)
     assert "\n" not in message
-    for needle in (f"`{source}` does not exist locally", "cannot be reached", "local model folder", "embedded:", "HF_HUB_OFFLINE=1"):
+    for needle in (
+        f"`{source}` does not exist locally",
+        "cannot be reached",
+        "local model folder",
+        "embedded:",
+        "HF_HUB_OFFLINE=1",
+    ):
         assert needle in message, (needle, message)
 
 

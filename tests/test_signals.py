@@ -19,8 +19,20 @@ import pytest
 from fedmkt.cli import main
 
 SETTINGS = [
-    "--config", "tiny", "--federation.evaluate_before", "false", "--federation.evaluate_every_round", "true",
-    "--logging.wandb", "false", "--data.pool_size", "6", "--data.max_length", "48", "--data.eval_size", "4",
+    "--config",
+    "tiny",
+    "--federation.evaluate_before",
+    "false",
+    "--federation.evaluate_every_round",
+    "true",
+    "--logging.wandb",
+    "false",
+    "--data.pool_size",
+    "6",
+    "--data.max_length",
+    "48",
+    "--data.eval_size",
+    "4",
 ]
 
 # Wraps the phase's entry point so that its first call sends `signal` to this very process.
@@ -59,7 +71,9 @@ def test_a_signal_stops_the_run_with_its_exit_code_and_the_checkpoint_intact(rou
     checkpoint = (run_dir / "checkpoint" / "checkpoint.json").read_bytes()
     adapters = {p: p.read_bytes() for p in (run_dir / "adapters").rglob("*") if p.is_file()}
     args = ["fit", *SETTINGS, "--federation.rounds", "2", "--resume", str(run_dir)]
-    result = subprocess.run([sys.executable, "-c", DRIVER, phase, name, *args], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, phase, name, *args], capture_output=True, text=True, timeout=300
+    )
 
     assert result.returncode == code == 128 + getattr(signal, name), result.stderr
     assert "Traceback" not in result.stderr and "Received SIGTERM" not in result.stderr + result.stdout

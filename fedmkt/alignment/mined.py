@@ -200,8 +200,26 @@ def _compare(q_chars, a_start, la, d_chars, b_start, lb):  # pragma: no cover - 
 
 @numba.njit(cache=True)
 def _process(
-    buf_k, buf_bound, n, best, a_head0, a_head1, d_head, q_chars, a_start, la,
-    d_chars, d_off, d_id, low_peq, high_chars, high_masks, n_high, counts, left, row,
+    buf_k,
+    buf_bound,
+    n,
+    best,
+    a_head0,
+    a_head1,
+    d_head,
+    q_chars,
+    a_start,
+    la,
+    d_chars,
+    d_off,
+    d_id,
+    low_peq,
+    high_chars,
+    high_masks,
+    n_high,
+    counts,
+    left,
+    row,
 ):  # pragma: no cover - compiled
     """Score the ``n`` buffered candidates (index, lower bound); return the updated best.
 
@@ -327,8 +345,22 @@ def _postings(sig_lo, sig_hi, bucket):  # pragma: no cover - compiled
 
 @numba.njit(cache=True)
 def _nearest_one(
-    q_chars, a_start, la, d_chars, d_off, d_head, d_sig_lo, d_sig_hi, layout,
-    post_ptr, post_idx, d_id, bucket, by_string, n_seeds, widest,
+    q_chars,
+    a_start,
+    la,
+    d_chars,
+    d_off,
+    d_head,
+    d_sig_lo,
+    d_sig_hi,
+    layout,
+    post_ptr,
+    post_idx,
+    d_id,
+    bucket,
+    by_string,
+    n_seeds,
+    widest,
 ):  # pragma: no cover - compiled
     """Nearest candidate ``(distance, common prefix, id)`` for one query string."""
     n_cand = d_id.shape[0]
@@ -388,8 +420,26 @@ def _nearest_one(
         buf_bound[n] = 0
         n += 1
     seeded = _process(
-        buf_k, buf_bound, n, (_INF, np.int64(-1), _NO_ID), a_head0, a_head1, d_head, q_chars, a_start, la,
-        d_chars, d_off, d_id, low_peq, high_chars, high_masks, n_high, counts, left, row,
+        buf_k,
+        buf_bound,
+        n,
+        (_INF, np.int64(-1), _NO_ID),
+        a_head0,
+        a_head1,
+        d_head,
+        q_chars,
+        a_start,
+        la,
+        d_chars,
+        d_off,
+        d_id,
+        low_peq,
+        high_chars,
+        high_masks,
+        n_high,
+        counts,
+        left,
+        row,
     )
 
     # Iterative deepening on the distance: a pass with threshold t finds the best candidate within
@@ -451,8 +501,26 @@ def _nearest_one(
                             buf_bound[n] = b1 if b1 > b2 else b2
                             n += 1
                         best = _process(
-                            buf_k, buf_bound, n, best, a_head0, a_head1, d_head, q_chars, a_start, la,
-                            d_chars, d_off, d_id, low_peq, high_chars, high_masks, n_high, counts, left, row,
+                            buf_k,
+                            buf_bound,
+                            n,
+                            best,
+                            a_head0,
+                            a_head1,
+                            d_head,
+                            q_chars,
+                            a_start,
+                            la,
+                            d_chars,
+                            d_off,
+                            d_id,
+                            low_peq,
+                            high_chars,
+                            high_masks,
+                            n_high,
+                            counts,
+                            left,
+                            row,
                         )
                         if bits[j] < 64:
                             seen_lo |= np.uint64(1) << np.uint64(bits[j])
@@ -468,8 +536,26 @@ def _nearest_one(
                         buf_k[k - start] = k
                         buf_bound[k - start] = b1 if b1 > b2 else b2
                     best = _process(
-                        buf_k, buf_bound, stop - start, best, a_head0, a_head1, d_head, q_chars, a_start, la,
-                        d_chars, d_off, d_id, low_peq, high_chars, high_masks, n_high, counts, left, row,
+                        buf_k,
+                        buf_bound,
+                        stop - start,
+                        best,
+                        a_head0,
+                        a_head1,
+                        d_head,
+                        q_chars,
+                        a_start,
+                        la,
+                        d_chars,
+                        d_off,
+                        d_id,
+                        low_peq,
+                        high_chars,
+                        high_masks,
+                        n_high,
+                        counts,
+                        left,
+                        row,
                     )
             delta += 1
         if best[2] != _NO_ID:
@@ -479,8 +565,24 @@ def _nearest_one(
 
 @numba.njit(cache=True, nogil=True)
 def _nearest_kernel(
-    q_chars, q_off, first, last, d_chars, d_off, d_head, d_sig_lo, d_sig_hi, layout,
-    post_ptr, post_idx, d_id, bucket, by_string, n_seeds, out_id, out_dist,
+    q_chars,
+    q_off,
+    first,
+    last,
+    d_chars,
+    d_off,
+    d_head,
+    d_sig_lo,
+    d_sig_hi,
+    layout,
+    post_ptr,
+    post_idx,
+    d_id,
+    bucket,
+    by_string,
+    n_seeds,
+    out_id,
+    out_dist,
 ):  # pragma: no cover - compiled
     """Queries ``first .. last - 1``; releases the GIL so threads can share the work."""
     widest = 0
@@ -489,8 +591,22 @@ def _nearest_kernel(
             widest = bucket[length + 1] - bucket[length]
     for q in range(first, last):
         best = _nearest_one(
-            q_chars, q_off[q], q_off[q + 1] - q_off[q], d_chars, d_off, d_head, d_sig_lo, d_sig_hi,
-            layout, post_ptr, post_idx, d_id, bucket, by_string, n_seeds, widest,
+            q_chars,
+            q_off[q],
+            q_off[q + 1] - q_off[q],
+            d_chars,
+            d_off,
+            d_head,
+            d_sig_lo,
+            d_sig_hi,
+            layout,
+            post_ptr,
+            post_idx,
+            d_id,
+            bucket,
+            by_string,
+            n_seeds,
+            widest,
         )
         out_id[q] = best[2]
         out_dist[q] = best[0]
@@ -561,8 +677,24 @@ def nearest_tokens(src: Sequence[str], dst: Sequence[str]) -> tuple[np.ndarray, 
 
     def run(first: int, last: int) -> None:
         _nearest_kernel(
-            q_chars, q_off, first, last, d_chars, d_off, heads, d_sig_lo, d_sig_hi, layout,
-            post_ptr, post_idx, d_id, bucket, by_string, _SEEDS, out_id, out_dist,
+            q_chars,
+            q_off,
+            first,
+            last,
+            d_chars,
+            d_off,
+            heads,
+            d_sig_lo,
+            d_sig_hi,
+            layout,
+            post_ptr,
+            post_idx,
+            d_id,
+            bucket,
+            by_string,
+            _SEEDS,
+            out_id,
+            out_dist,
         )
 
     # Small chunks handed to a thread pool balance the very uneven per-query cost.

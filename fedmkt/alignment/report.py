@@ -74,7 +74,13 @@ def alignment_rows(aligner: TokenAligner, text: str) -> list[dict[str, Any]]:
         else:
             src = {"src_index": None, "src_token": None, "src_span": None}
             target = _token(aligner.receiver_tokenizer, int(receiver_ids[i + 1])) if i + 1 < len(receiver_ids) else None
-        row = {"dst_index": i, "dst_token": _token(aligner.receiver_tokenizer, dst_id), "dst_span": dst_spans[i], **src, "target": target}
+        row = {
+            "dst_index": i,
+            "dst_token": _token(aligner.receiver_tokenizer, dst_id),
+            "dst_span": dst_spans[i],
+            **src,
+            "target": target,
+        }
         rows.append({key: row[key] for key in ROW_KEYS})
     return rows
 
@@ -86,23 +92,27 @@ def format_rows(rows: list[dict[str, Any]], text: str) -> str:
         return "-" if value is None else repr(value)
 
     def piece(span: Optional[list[int]]) -> str:
-        return "-" if span is None else f"[{span[0]},{span[1]}) {text[span[0]:span[1]]!r}"
+        return "-" if span is None else f"[{span[0]},{span[1]}) {text[span[0] : span[1]]!r}"
 
     header = ("dst", "dst_token", "dst_span", "src", "src_token", "src_span", "target")
     table = [header]
     for row in rows:
         matched = row["src_index"] is not None
-        table.append((
-            str(row["dst_index"]),
-            show(row["dst_token"]),
-            piece(row["dst_span"]),
-            str(row["src_index"]) if matched else "-",
-            show(row["src_token"]),
-            piece(row["src_span"]),
-            ("map " if matched else "fallback ") + show(row["target"]),
-        ))
+        table.append(
+            (
+                str(row["dst_index"]),
+                show(row["dst_token"]),
+                piece(row["dst_span"]),
+                str(row["src_index"]) if matched else "-",
+                show(row["src_token"]),
+                piece(row["src_span"]),
+                ("map " if matched else "fallback ") + show(row["target"]),
+            )
+        )
     widths = [max(len(line[c]) for line in table) for c in range(len(header))]
     matched_count = sum(row["src_index"] is not None for row in rows)
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
-    lines.append(f"{matched_count} of {len(rows)} receiver positions take the teacher's distribution; the rest fall back to the one-hot on their next token.")
+    lines.append(
+        f"{matched_count} of {len(rows)} receiver positions take the teacher's distribution; the rest fall back to the one-hot on their next token."
+    )
     return "\n".join(lines)

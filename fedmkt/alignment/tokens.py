@@ -19,7 +19,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["WORD_MARKER", "normalize_token", "is_byte_fallback", "is_byte_level", "special_token_ids", "token_bytes", "vocab_strings"]
+__all__ = [
+    "WORD_MARKER",
+    "normalize_token",
+    "is_byte_fallback",
+    "is_byte_level",
+    "special_token_ids",
+    "token_bytes",
+    "vocab_strings",
+]
 
 #: The common word-boundary marker every space is normalised to.
 WORD_MARKER = "\u2581"
@@ -56,9 +64,7 @@ def _bytes_to_text(raw: bytes) -> str:
     """Decode UTF-8, writing each undecodable byte as its byte-level character."""
     text = raw.decode("utf-8", errors="surrogateescape")
     if any("\udc80" <= ch <= "\udcff" for ch in text):
-        text = "".join(
-            _BYTE_TO_CHAR[ord(ch) - 0xDC00] if "\udc80" <= ch <= "\udcff" else ch for ch in text
-        )
+        text = "".join(_BYTE_TO_CHAR[ord(ch) - 0xDC00] if "\udc80" <= ch <= "\udcff" else ch for ch in text)
     return text.replace(" ", WORD_MARKER)
 
 
@@ -149,7 +155,11 @@ def special_token_ids(tokenizer: Any) -> frozenset[int]:
     tokenizer (``<|im_end|>`` is nearest in edit distance to Gemma's ``<unused0>``, a token
     Gemma never predicts). Read from the added tokens flagged special plus ``all_special_ids``.
     """
-    ids = {int(i) for i, added in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(added, "special", False)}
+    ids = {
+        int(i)
+        for i, added in getattr(tokenizer, "added_tokens_decoder", {}).items()
+        if getattr(added, "special", False)
+    }
     ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
     return frozenset(ids)
 

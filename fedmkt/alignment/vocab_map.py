@@ -67,7 +67,9 @@ def build_vocab_map(
         if 0 <= i < len(candidates) and candidates[i]:
             special_dst.setdefault(candidates[i], i)
             candidates[i] = ""
-    sources = ["" if i in src_special else text for i, text in enumerate(src_tokens)] if src_special else list(src_tokens)
+    sources = (
+        ["" if i in src_special else text for i, text in enumerate(src_tokens)] if src_special else list(src_tokens)
+    )
     ids, _ = nearest_tokens(sources, candidates)
     for i in src_special:
         if 0 <= i < len(ids):
@@ -85,8 +87,11 @@ def mapping_candidates(strings: Sequence[str], raw: Sequence[str | None]) -> lis
 
 def _build_for(src_tokenizer: Any, dst_tokenizer: Any, src: Sequence[str], dst: Sequence[str]) -> np.ndarray:
     return build_vocab_map(
-        src, dst, _raw_tokens(dst_tokenizer),
-        src_special=special_token_ids(src_tokenizer), dst_special=special_token_ids(dst_tokenizer),
+        src,
+        dst,
+        _raw_tokens(dst_tokenizer),
+        src_special=special_token_ids(src_tokenizer),
+        dst_special=special_token_ids(dst_tokenizer),
     )
 
 

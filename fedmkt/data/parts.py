@@ -48,20 +48,28 @@ class SourceReader:
         data = self.config.data
         if data.task is not None:
             if data.task not in TASK_FORMATS:
-                raise FedMKTError(f"data.task: unknown task {data.task!r}. Fix: use one of {', '.join(TASK_FORMATS)}, or null.")
+                raise FedMKTError(
+                    f"data.task: unknown task {data.task!r}. Fix: use one of {', '.join(TASK_FORMATS)}, or null."
+                )
             return TASK_FORMATS[data.task]  # type: ignore[return-value]
         if data.eval is None:
-            raise FedMKTError("data.eval is not set and there is no data.task preset. Fix: set data.eval to a data source, or set data.task.")
+            raise FedMKTError(
+                "data.eval is not set and there is no data.task preset. Fix: set data.eval to a data source, or set data.task."
+            )
         return format_of(self.source("data.eval", data.eval, check_format=False)[0])
 
     def split(self, missing_key: str) -> FederatedSplit:
         """The preset's carve of `data.task` (the same on every machine for the same seed)."""
         data = self.config.data
         if data.task is None:
-            raise FedMKTError(f"{missing_key} is not set and there is no data.task preset. Fix: set {missing_key} to a data source, or set data.task.")
+            raise FedMKTError(
+                f"{missing_key} is not set and there is no data.task preset. Fix: set {missing_key} to a data source, or set data.task."
+            )
         if self._split is None:
             examples = load_task(data.task, data.data_dir)
-            self._split = split_task(examples, len(self.config.clients), data.eval_size, data.pool_size, self.config.seed)
+            self._split = split_task(
+                examples, len(self.config.clients), data.eval_size, data.pool_size, self.config.seed
+            )
         return self._split
 
     def source(self, key: str, source: DataSource, check_format: bool = True) -> list[Example]:
@@ -112,8 +120,12 @@ def federation_data(config: RunConfig, names: list[str]) -> dict[str, PartyData]
     loader = SourceReader(config)
     parts = {name: party_data(config, name, loader) for name in names}
     evaluations = {"data.eval": loader.evaluation()}
-    evaluations |= {f"clients[{i}].eval": e for i in range(len(config.clients)) if (e := loader.own_evaluation(i)) is not None}
-    training = {"data.public": loader.public()} | {f"clients[{i}].data": loader.private(i) for i in range(len(config.clients))}
+    evaluations |= {
+        f"clients[{i}].eval": e for i in range(len(config.clients)) if (e := loader.own_evaluation(i)) is not None
+    }
+    training = {"data.public": loader.public()} | {
+        f"clients[{i}].data": loader.private(i) for i in range(len(config.clients))
+    }
     check_disjoint(evaluations, training)
     return parts
 

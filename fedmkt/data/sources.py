@@ -65,11 +65,17 @@ def load_source(source: DataSource, key: str, expected: Optional[Format] = None)
 def _embedded(source: DataSource, key: str) -> list[Example]:
     from fedmkt.data.tasks import TASKS, load_task
 
-    task = source.path[len(EMBEDDED_PREFIX):]
+    task = source.path[len(EMBEDDED_PREFIX) :]
     if task not in TASKS:
-        raise FedMKTError(f"{key}.path: unknown embedded task {task!r}. Fix: use one of " + ", ".join(f"embedded:{t}" for t in TASKS) + ".")
+        raise FedMKTError(
+            f"{key}.path: unknown embedded task {task!r}. Fix: use one of "
+            + ", ".join(f"embedded:{t}" for t in TASKS)
+            + "."
+        )
     if source.columns:
-        raise FedMKTError(f"{key}.columns is set for the embedded task {task}, whose rows are already mapped. Fix: remove {key}.columns.")
+        raise FedMKTError(
+            f"{key}.columns is set for the embedded task {task}, whose rows are already mapped. Fix: remove {key}.columns."
+        )
     return load_task(task)
 
 
@@ -111,18 +117,22 @@ def _load_dataset(source: DataSource, key: str):
 def _hub_dataset(source: DataSource, key: str):
     import datasets
 
-    name = source.path[len(HUB_PREFIX):]
+    name = source.path[len(HUB_PREFIX) :]
     fix = (
         f"Fix: load it once where there is network (datasets.load_dataset('{name}'"
         + (f", '{source.name}'" if source.name else "")
         + f", split='{source.split or 'train'}').save_to_disk('FOLDER')), then point {key}.path at FOLDER."
     )
     if not Path(name).is_dir() and not _hub_reachable():
-        raise FedMKTError(f"{key}.path: the Hugging Face Hub cannot be reached (offline, or HF_HUB_OFFLINE is set) to load {name}. {fix}")
+        raise FedMKTError(
+            f"{key}.path: the Hugging Face Hub cannot be reached (offline, or HF_HUB_OFFLINE is set) to load {name}. {fix}"
+        )
     try:
         loaded = datasets.load_dataset(name, source.name, split=source.split)
     except (ConnectionError, OSError) as error:
-        raise FedMKTError(f"{key}.path: cannot reach the Hugging Face Hub for {name} ({type(error).__name__}). {fix}") from error
+        raise FedMKTError(
+            f"{key}.path: cannot reach the Hugging Face Hub for {name} ({type(error).__name__}). {fix}"
+        ) from error
     except Exception as error:  # DatasetNotFoundError, a wrong config or split name, ...
         raise FedMKTError(
             f"{key}.path: cannot load {name} ({type(error).__name__}: {' '.join(str(error).split())[:200]}). "
@@ -216,7 +226,7 @@ def _rows_to_examples(dataset, source: DataSource, fmt: Format, key: str) -> lis
             )
     present = {field: column for field, column in mapping.items() if _has_column(dataset, column)}
     examples: list[Example] = []
-    label = Path(source.path).stem if not source.path.startswith(HUB_PREFIX) else source.path[len(HUB_PREFIX):]
+    label = Path(source.path).stem if not source.path.startswith(HUB_PREFIX) else source.path[len(HUB_PREFIX) :]
     for index, row in enumerate(dataset):
         if source.limit is not None and index >= source.limit:
             break
@@ -265,7 +275,11 @@ def _example(values: Mapping[str, Any], fmt: Format, default_uid: str) -> Exampl
     if fmt == "generation":
         return GenerationExample(uid, prompt, _continuation(prompt, _text(values, "response")))
     choices = values["choices"]
-    if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+    if (
+        not isinstance(choices, (list, tuple))
+        or len(choices) < 2
+        or not all(isinstance(c, str) and c.strip() for c in choices)
+    ):
         raise ValueError(f"has choices {choices!r}; expected a list of at least two non-empty strings")
     labels = values.get("labels")
     index = _answer_index(values["answer"], list(choices), list(labels) if labels is not None else None)

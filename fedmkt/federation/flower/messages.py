@@ -67,7 +67,9 @@ def bytes_array(data: bytes) -> Array:
 def array_bytes(array: Array) -> bytes:
     """Inverse of `bytes_array`; refuses arrays that were not built by it."""
     if array.stype != BYTES_STYPE or array.dtype != "uint8" or tuple(array.shape) != (len(array.data),):
-        raise FedMKTError(f"received a Flower array of type {array.stype}/{array.dtype}, expected raw bytes. Fix: run the same fedmkt version on every machine.")
+        raise FedMKTError(
+            f"received a Flower array of type {array.stype}/{array.dtype}, expected raw bytes. Fix: run the same fedmkt version on every machine."
+        )
     return array.data
 
 
@@ -85,18 +87,30 @@ def encode_request(request: Request) -> RecordDict:
     """A `Request` as the content of a Flower Message."""
     if request.phase not in PHASE_MESSAGE_TYPES:
         raise ValueError(f"unknown phase {request.phase}")
-    fields = {"phase": request.phase, "client": request.client, "config": request.config_text, "round": request.round, "path": request.path}
+    fields = {
+        "phase": request.phase,
+        "client": request.client,
+        "config": request.config_text,
+        "round": request.round,
+        "path": request.path,
+    }
     return RecordDict({_REQUEST: ConfigRecord(fields), _BLOBS: _blob_record(request.blobs)})
 
 
 def decode_request(content: RecordDict) -> Request:
     """Inverse of `encode_request`."""
     if _REQUEST not in content:
-        raise FedMKTError("received a Flower message without a fedmkt request. Fix: run the same fedmkt version on every machine.")
+        raise FedMKTError(
+            "received a Flower message without a fedmkt request. Fix: run the same fedmkt version on every machine."
+        )
     fields = content.config_records[_REQUEST]
     return Request(
-        phase=str(fields["phase"]), client=str(fields["client"]), config_text=str(fields["config"]),
-        round=int(fields["round"]), path=str(fields["path"]), blobs=_read_blobs(content),
+        phase=str(fields["phase"]),
+        client=str(fields["client"]),
+        config_text=str(fields["config"]),
+        round=int(fields["round"]),
+        path=str(fields["path"]),
+        blobs=_read_blobs(content),
     )
 
 
@@ -109,9 +123,13 @@ def encode_reply(reply: Reply) -> RecordDict:
 def decode_reply(content: RecordDict) -> Reply:
     """Inverse of `encode_reply`."""
     if _REPLY not in content:
-        raise FedMKTError("received a Flower reply without fedmkt results. Fix: run the same fedmkt version on every machine.")
+        raise FedMKTError(
+            "received a Flower reply without fedmkt results. Fix: run the same fedmkt version on every machine."
+        )
     fields = content.config_records[_REPLY]
-    return Reply(stats=json.loads(str(fields["stats"])), info=json.loads(str(fields["info"])), blobs=_read_blobs(content))
+    return Reply(
+        stats=json.loads(str(fields["stats"])), info=json.loads(str(fields["info"])), blobs=_read_blobs(content)
+    )
 
 
 def client_of_node(node_config: dict, num_clients: Optional[int] = None) -> str:
@@ -125,7 +143,9 @@ def client_of_node(node_config: dict, num_clients: Optional[int] = None) -> str:
     try:
         index = int(value)
     except (TypeError, ValueError):
-        raise FedMKTError(f"partition-id {value!r} is not an integer. Fix: use --node-config partition-id=N with N = 0, 1, ...") from None
+        raise FedMKTError(
+            f"partition-id {value!r} is not an integer. Fix: use --node-config partition-id=N with N = 0, 1, ..."
+        ) from None
     if index < 0 or (num_clients is not None and index >= num_clients):
         raise FedMKTError(f"partition-id {index} names no client of this run. Fix: use 0 to {(num_clients or 1) - 1}.")
     return f"client_{index}"

@@ -53,18 +53,29 @@ class RemoteParticipant:
         self.num_public = num_public
         self.timeout_s = timeout_s
 
-    def _call(self, phase: str, round_index: int = 0, path: str = "", blobs: Optional[dict[str, bytes]] = None) -> Reply:
-        request = Request(phase=phase, client=self.name, config_text=self.config_text, round=round_index, path=path, blobs=blobs or {})
+    def _call(
+        self, phase: str, round_index: int = 0, path: str = "", blobs: Optional[dict[str, bytes]] = None
+    ) -> Reply:
+        request = Request(
+            phase=phase, client=self.name, config_text=self.config_text, round=round_index, path=path, blobs=blobs or {}
+        )
         message = Message(
-            content=encode_request(request), dst_node_id=self.node_id, message_type=PHASE_MESSAGE_TYPES[phase], group_id=str(round_index)
+            content=encode_request(request),
+            dst_node_id=self.node_id,
+            message_type=PHASE_MESSAGE_TYPES[phase],
+            group_id=str(round_index),
         )
         replies = list(self.grid.send_and_receive([message], timeout=self.timeout_s))
         if not replies:
-            raise RemoteParticipantError(f"{self.name}: no reply to {phase} from SuperNode {self.node_id} within {self.timeout_s} s")
+            raise RemoteParticipantError(
+                f"{self.name}: no reply to {phase} from SuperNode {self.node_id} within {self.timeout_s} s"
+            )
         reply = replies[0]
         if reply.has_error():
             reason = " ".join(str(reply.error.reason).split())
-            raise RemoteParticipantError(f"{self.name}: {phase} failed on SuperNode {self.node_id} (error {reply.error.code}): {reason}")
+            raise RemoteParticipantError(
+                f"{self.name}: {phase} failed on SuperNode {self.node_id} (error {reply.error.code}): {reason}"
+            )
         return decode_reply(reply.content)
 
     # ---- the phases the FederatedTrainer calls ----------------------------------------------
@@ -78,7 +89,9 @@ class RemoteParticipant:
             raise RemoteParticipantError(f"{self.name}: share_knowledge replied without a payload")
         payload = KnowledgePayload.from_bytes(blobs["payload"], num_public=self.num_public)
         if payload.sender != self.name:
-            raise FedMKTError(f"rejected payload: {self.name}'s SuperNode sent knowledge signed by {payload.sender}. Fix: check that node's --node-config partition-id.")
+            raise FedMKTError(
+                f"rejected payload: {self.name}'s SuperNode sent knowledge signed by {payload.sender}. Fix: check that node's --node-config partition-id."
+            )
         return payload
 
     def distill(self, round_index: int, teacher_payloads: dict[str, KnowledgePayload]) -> dict:
@@ -95,7 +108,9 @@ class RemoteParticipant:
         return load_safetensors(self._call("adapter_state").blobs["adapter"])
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._call("load_adapter_state", blobs={"adapter": save_safetensors({k: v.contiguous() for k, v in state.items()})})
+        self._call(
+            "load_adapter_state", blobs={"adapter": save_safetensors({k: v.contiguous() for k, v in state.items()})}
+        )
 
     def save_adapter(self, directory: Path) -> None:
         """The node writes its adapter to the same place under its own output folder."""

@@ -59,9 +59,14 @@ def serve(grid: Grid, config_text: str) -> dict:
 
     nodes = find_client_nodes(grid, config)
     server = build_participant(config, "server")
-    timeout = None if config.federation.client_timeout_s is None else config.federation.client_timeout_s + STARTUP_ALLOWANCE_S
+    timeout = (
+        None if config.federation.client_timeout_s is None else config.federation.client_timeout_s + STARTUP_ALLOWANCE_S
+    )
     num_public = len(server.data.public)
-    clients = [RemoteParticipant(name, nodes[name], grid, config_text, run_dir, num_public, timeout) for name in party_names(len(config.clients))[1:]]
+    clients = [
+        RemoteParticipant(name, nodes[name], grid, config_text, run_dir, num_public, timeout)
+        for name in party_names(len(config.clients))[1:]
+    ]
 
     # What's needed, with the adapters, to reproduce a checkpoint (tokenizers are not private).
     server.tokenizer.save_pretrained(run_dir / "tokenizers" / server.name)
@@ -100,7 +105,11 @@ def find_client_nodes(grid: Grid, config: RunConfig) -> dict[str, int]:
         node_ids = list(grid.get_node_ids())
 
     hello = [
-        Message(content=encode_request(Request(phase="hello", client="", config_text="")), dst_node_id=node_id, message_type=PHASE_MESSAGE_TYPES["hello"])
+        Message(
+            content=encode_request(Request(phase="hello", client="", config_text="")),
+            dst_node_id=node_id,
+            message_type=PHASE_MESSAGE_TYPES["hello"],
+        )
         for node_id in node_ids
     ]
     nodes: dict[str, int] = {}

@@ -40,21 +40,33 @@ def app_dir() -> Path:
 
 def flwr_executable() -> str:
     """Path of the `flwr` command, or a one-line error saying how to get it."""
-    executable = shutil.which("flwr", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    executable = shutil.which(
+        "flwr", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
     if importlib.util.find_spec("flwr") is None or executable is None:
-        raise FedMKTError("federation.backend flower needs Flower, which is not installed. Fix: `pip install 'flwr>=1.42'` on every machine.")
+        raise FedMKTError(
+            "federation.backend flower needs Flower, which is not installed. Fix: `pip install 'flwr>=1.42'` on every machine."
+        )
     return executable
 
 
 def write_flower_home(home: Path, config: RunConfig) -> None:
     """A Flower config home whose default connection is the SuperLink in `config.flower`."""
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f"address = {json.dumps(config.flower.superlink)}"]
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f"address = {json.dumps(config.flower.superlink)}",
+    ]
     if config.flower.insecure:
         lines.append("insecure = true")
     elif config.flower.root_certificates:
         certificates = Path(config.flower.root_certificates).expanduser().resolve()
         if not certificates.is_file():
-            raise FedMKTError(f"flower.root_certificates {certificates} does not exist. Fix: point it at the CA certificate (PEM) that signed the SuperLink's certificate.")
+            raise FedMKTError(
+                f"flower.root_certificates {certificates} does not exist. Fix: point it at the CA certificate (PEM) that signed the SuperLink's certificate."
+            )
         lines.append(f"root-certificates = {json.dumps(str(certificates))}")
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text("\n".join(lines) + "\n")
@@ -93,7 +105,14 @@ def submit(config: RunConfig, resolved_config: str, stream: bool = True) -> dict
     with tempfile.TemporaryDirectory(prefix="fedmkt-flwr-home-") as home:
         write_flower_home(Path(home), config)
         env = dict(os.environ, FLWR_HOME=home)
-        command = [flwr, "run", str(app_dir()), CONNECTION, "--run-config", f"config-path={json.dumps(str(config_path))}"]
+        command = [
+            flwr,
+            "run",
+            str(app_dir()),
+            CONNECTION,
+            "--run-config",
+            f"config-path={json.dumps(str(config_path))}",
+        ]
         if stream:
             command.append("--stream")
         run_id, output = _start(command, env, echo=stream)
@@ -140,7 +159,9 @@ def _start_failure(config: RunConfig, output: str) -> str:
     text = " ".join(_strip_ansi(output).split())
     text = re.sub(r"^Using SuperLink: \S+ \([^)]*\) ", "", text)
     address = config.flower.superlink
-    if re.search(r"unavailable|ssl|tls|certificate|handshake", text, re.IGNORECASE):  # the port answers (checked), the API does not
+    if re.search(
+        r"unavailable|ssl|tls|certificate|handshake", text, re.IGNORECASE
+    ):  # the port answers (checked), the API does not
         return (
             f"the Flower SuperLink at {address} accepts connections but `flwr run` cannot talk to it ({text[-300:]}). Fix: match its TLS "
             "settings: flower.root_certificates = the CA certificate that signed its --ssl-certfile, or flower.insecure true only if it "
@@ -163,7 +184,10 @@ def _wait_until_finished(flwr: str, run_id: int, env: dict) -> tuple[str, str]:
     """Poll `flwr ls --run-id` until the run has finished; returns (status, status details)."""
     while True:
         result = subprocess.run(
-            [flwr, "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env=env, capture_output=True, text=True
+            [flwr, "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
         )
         try:
             runs = json.loads(result.stdout).get("runs", [])
@@ -173,7 +197,9 @@ def _wait_until_finished(flwr: str, run_id: int, env: dict) -> tuple[str, str]:
             return str(runs[0]["status"]), str(runs[0].get("status-details", ""))
         if result.returncode != 0 and not runs:
             text = " ".join(_strip_ansi(result.stdout + result.stderr).split())
-            raise FedMKTError(f"lost the Flower SuperLink while waiting for run {run_id} ({text[-300:]}). Fix: check that the SuperLink is still running.")
+            raise FedMKTError(
+                f"lost the Flower SuperLink while waiting for run {run_id} ({text[-300:]}). Fix: check that the SuperLink is still running."
+            )
         time.sleep(_STATUS_POLL_S)
 
 
