@@ -320,7 +320,7 @@ def evaluate_multiple_choice(
     }
 
 
-@torch.inference_mode()
+@torch.no_grad()  # see _score_pairs
 def generate_greedy(
     model: Any,
     tokenizer: Any,
