@@ -315,13 +315,15 @@ def _dispatch(argv: list[str]) -> None:
 
 def _validate_before_printing(parser: ArgumentParser, sub_parsers: dict[str, ArgumentParser], argv: list[str]) -> None:
     """`--print_config` checks the config as a run would before printing it (a bad value is an error, not output)."""
-    from fedmkt.config import validate
+    from fedmkt.config import check_hardware, validate
     from fedmkt.data.parts import federation_data
     from fedmkt.run import validate_against_vocabularies
 
     namespace = parser.parse_args([arg for arg in argv if not arg.startswith("--print_config")])
     config = _run_config(sub_parsers[namespace.subcommand], namespace[namespace.subcommand])
     validate(config)
+    if config.federation.backend == "inprocess":
+        check_hardware(config)
     federation_data(config, list(config.parties()))
     validate_against_vocabularies(config)
 

@@ -422,14 +422,24 @@ def validate(config: RunConfig) -> None:
                 f"use one of {', '.join(ACCELERATORS)}",
             ),
         ]
-        if party.trainer.accelerator in ("gpu", "cuda") and not _cuda_available():
-            checks.append(
-                (
-                    False,
-                    f"{key}.trainer.accelerator is {party.trainer.accelerator} but this machine has no usable GPU",
-                    "use accelerator: auto or cpu",
-                )
-            )
     for ok, problem, fix in checks:
         if not ok:
             raise FedMKTError(f"{problem}. Fix: {fix}.")
+
+
+def check_hardware(config: RunConfig, names: Optional[list[str]] = None) -> None:
+    """Refuse `accelerator: gpu` for a party that would run on this machine, which has no GPU.
+
+    Separate from `validate`: a config is valid whatever machine reads it (a Flower server checks
+    a config whose clients run on other machines); this checks the parties run here (`names`:
+    all by default).
+    """
+    for name, party in config.parties().items():
+        if names is not None and name not in names:
+            continue
+        if party.trainer.accelerator in ("gpu", "cuda") and not _cuda_available():
+            key = "server" if name == "server" else f"clients[{name.split('_', 1)[1]}]"
+            raise FedMKTError(
+                f"{key}.trainer.accelerator is {party.trainer.accelerator} but this machine has no usable GPU. "
+                "Fix: use accelerator: auto or cpu."
+            )

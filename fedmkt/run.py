@@ -14,7 +14,7 @@ import lightning as L
 from filelock import FileLock, Timeout
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-from fedmkt.config import RunConfig, validate
+from fedmkt.config import RunConfig, check_hardware, validate
 from fedmkt.data.datamodule import PartyDataModule
 from fedmkt.data.parts import PartyData, federation_data, party_data
 from fedmkt.errors import FedMKTError, RunInterrupted
@@ -162,6 +162,7 @@ def fit(
     if resume is not None:
         config.run_dir = str(resume)
     validate(config)
+    check_hardware(config)  # in-process: every party runs on this machine
     data = federation_data(config, list(config.parties()))  # every source read and checked here
     validate_against_vocabularies(config)
     state = _resume_state(config, resume) if resume is not None else None
@@ -281,6 +282,7 @@ def build_participant(config: RunConfig, name: str, data: Optional[PartyData] = 
     parties = config.parties()
     if name not in parties:
         raise FedMKTError(f"unknown party `{name}`. Fix: use one of {', '.join(parties)}.")
+    check_hardware(config, [name])  # this party runs on this machine
     index = list(parties).index(name)
     party = parties[name]
     data = data if data is not None else party_data(config, name)  # read on this party's machine only
