@@ -123,7 +123,7 @@ def _check_hub_source(source: str, key: str) -> None:
             f"{key} `{source}` does not exist locally and is not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
             f"downloading it. Fix: {_HUB_FIXES.split(', or, for')[0]}, or unset HF_HUB_OFFLINE on a machine with network."
         )
-    status = _hub_status(constants.ENDPOINT, source)
+    status = hub_status(constants.ENDPOINT, source)
     if status == "unreachable":
         cache_fix = "set HF_HUB_OFFLINE=1 to use the copy in the Hugging Face cache" if cached else _HUB_FIXES
         raise FedMKTError(
@@ -137,12 +137,15 @@ def _check_hub_source(source: str, key: str) -> None:
 
 
 @functools.lru_cache(maxsize=32)
-def _hub_status(endpoint: str, source: str, timeout_s: float = 5.0) -> str:
-    """`found`, `missing` (the hub answered 404) or `unreachable`, from one request without retries."""
+def hub_status(endpoint: str, source: str, kind: str = "models", timeout_s: float = 5.0) -> str:
+    """`found`, `missing` (the hub answered 404) or `unreachable`, from one request without retries.
+
+    `kind` is the hub's repository type in its API path: `models` or `datasets`.
+    """
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(f"{endpoint.rstrip('/')}/api/models/{source}", method="HEAD")
+    request = urllib.request.Request(f"{endpoint.rstrip('/')}/api/{kind}/{source}", method="HEAD")
     try:
         urllib.request.urlopen(request, timeout=timeout_s).close()
     except urllib.error.HTTPError as error:  # the hub answered: 404 unknown; 401/403 gated or private

@@ -123,7 +123,7 @@ def _hub_dataset(source: DataSource, key: str):
         + (f", '{source.name}'" if source.name else "")
         + f", split='{source.split or 'train'}').save_to_disk('FOLDER')), then point {key}.path at FOLDER."
     )
-    if not Path(name).is_dir() and not _hub_reachable():
+    if not Path(name).is_dir() and not _hub_reachable(name):
         raise FedMKTError(
             f"{key}.path: the Hugging Face Hub cannot be reached (offline, or HF_HUB_OFFLINE is set) to load {name}. {fix}"
         )
@@ -141,22 +141,17 @@ def _hub_dataset(source: DataSource, key: str):
     return _one_split(loaded, source, key)
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
+def _hub_reachable(name: str) -> bool:
     """Whether the Hub answers within seconds: `datasets` would otherwise retry for about half a minute."""
     import os
-    import socket
-    from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
+    from fedmkt.models import hub_status
+
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
-    endpoint = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+    return hub_status(constants.ENDPOINT, name, "datasets") != "unreachable"
 
 
 def _one_split(loaded, source: DataSource, key: str):
