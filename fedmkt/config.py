@@ -251,6 +251,10 @@ class FederationConfig:
     evaluate_every_round: bool = True
     """Evaluate every party after each round."""
 
+    evaluate_final: bool = False
+    """Evaluate after the last round even when `evaluate_every_round` is off: a long run then pays
+    for one held-out evaluation instead of one per round."""
+
     backend: Literal["inprocess", "flower"] = "inprocess"
     """inprocess: every party runs in this process. flower: the server runs as a Flower ServerApp
     on the SuperLink named in `flower`, each client as a ClientApp on its own SuperNode (started

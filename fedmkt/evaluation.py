@@ -297,7 +297,11 @@ def evaluate_multiple_choice(
     share_prompt: bool = True,
     progress: Optional[str] = None,
 ) -> dict[str, Any]:
-    """`{"acc", "acc_norm", "n", "acc_ci"}` of `model` on `examples` (see the module docstring)."""
+    """`{"acc", "acc_norm", "n", "acc_ci", "correct"}` of `model` on `examples` (see the module docstring).
+
+    `correct` holds one character per example, in order, "1" where the `acc` answer is right and
+    "0" where not: the per-question record that paired comparisons of two models need.
+    """
     if not examples:
         raise FedMKTError("No examples to evaluate. Fix: give the task a non-empty evaluation split (eval_size > 0).")
     loglikelihoods = choice_loglikelihoods(
@@ -306,9 +310,11 @@ def evaluate_multiple_choice(
     # Never synced: under DDP rank 0 scores alone (a sync would wait forever); under FSDP every rank
     # scores all questions in lock-step and already holds the same numbers.
     acc, acc_norm = MeanMetric(sync_on_compute=False), MeanMetric(sync_on_compute=False)
+    hits = []
     for example, scores in zip(examples, loglikelihoods):
         lengths = torch.tensor([len(choice) for choice in example.choices], dtype=torch.float64)
-        acc.update(float(int(scores.argmax()) == example.answer_index))
+        hits.append(int(scores.argmax()) == example.answer_index)
+        acc.update(float(hits[-1]))
         acc_norm.update(float(int((scores / lengths).argmax()) == example.answer_index))
     accuracy = float(acc.compute())
     correct = round(accuracy * len(examples))
@@ -317,6 +323,7 @@ def evaluate_multiple_choice(
         "acc_norm": float(acc_norm.compute()),
         "n": len(examples),
         "acc_ci": list(wilson_interval(correct, len(examples))),
+        "correct": "".join("1" if hit else "0" for hit in hits),
     }
 
 

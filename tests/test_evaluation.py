@@ -180,7 +180,10 @@ def test_peft_wrapped_model_is_scored_and_training_mode_restored(tiny_llama, smo
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert wrapped.training
     metrics = evaluate_multiple_choice(wrapped, smollm2_tokenizer, mixed_examples[:3])
-    assert set(metrics) == {"acc", "acc_norm", "n", "acc_ci"} and 0.0 <= metrics["acc"] <= 1.0
+    assert set(metrics) == {"acc", "acc_norm", "n", "acc_ci", "correct"} and 0.0 <= metrics["acc"] <= 1.0
+    # One "1"/"0" per question, agreeing with the argmax of the log-likelihoods computed above.
+    expected = "".join("1" if int(s.argmax()) == e.answer_index else "0" for s, e in zip(lora, mixed_examples[:3]))
+    assert metrics["correct"] == expected and metrics["acc"] == pytest.approx(expected.count("1") / 3)
     assert wrapped.training
 
 

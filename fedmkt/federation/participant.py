@@ -222,7 +222,8 @@ class Participant:
         """Scores of base + adapter on the common held-out set, and on this client's own set if it has one.
 
         Multiple choice: `eval_accuracy` (log-likelihood), `eval_accuracy_norm`, `eval_n` and the
-        95 % Wilson interval `eval_accuracy_ci`; generation: `eval_rouge_l`, `eval_exact_match`,
+        95 % Wilson interval `eval_accuracy_ci`, and `eval_correct` ("1"/"0" per question, in
+        order, for paired comparisons); generation: `eval_rouge_l`, `eval_exact_match`,
         `eval_n`. The own set gives the same keys with the prefix `own_eval`.
         """
         start = time.perf_counter()
@@ -258,6 +259,7 @@ class Participant:
             f"{prefix}_accuracy_norm": scores["acc_norm"],
             f"{prefix}_n": scores["n"],
             f"{prefix}_accuracy_ci": scores["acc_ci"],
+            f"{prefix}_correct": scores["correct"],
         }
 
     def _park(self) -> None:

@@ -130,7 +130,9 @@ class FederatedTrainer:
         if "adapter_average" in self.steps:
             self._average_client_adapters([c for c in self.clients if c.name not in failed])
 
-        if self.config.federation.evaluate_every_round:
+        federation = self.config.federation
+        last_round = round_index == federation.rounds
+        if federation.evaluate_every_round or (federation.evaluate_final and last_round):
             for party in self._parties_that_learn():
                 stats[party.name] |= party.evaluate()
         for party in self.parties:
