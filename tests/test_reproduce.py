@@ -1,0 +1,154 @@
+"""benchmarks/reproduce.py: paired intervals, the report's schema, and a grid that resumes instead of rerunning."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_bootstrap_degenerate_cases(reproduce):
+    assert reproduce.paired_bootstrap("1010", "1010") == (0.0, [0.0, 0.0])
+    assert reproduce.paired_bootstrap("1111", "0000") == (1.0, [1.0, 1.0])
+    with pytest.raises(ValueError, match="equally long"):
+        reproduce.paired_bootstrap("10", "100")
+
+
+def test_paired_bootstrap_matches_the_normal_approximation(reproduce):
+    # Oracle: for n = 2000 the bootstrap percentile interval of a mean difference is close to
+    # mean +- 1.96 * sd / sqrt(n) of the per-question differences.
+    rng = random.Random(3)
+    a = "".join("1" if rng.random() < 0.62 else "0" for _ in range(2000))
+    b = "".join(bit if rng.random() < 0.8 else ("0" if bit == "1" else "1") for bit in a)  # correlated with a
+    deltas = [int(x) - int(y) for x, y in zip(a, b)]
+    mean = sum(deltas) / len(deltas)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (len(deltas) - 1))
+    half = 1.959964 * sd / math.sqrt(len(deltas))
+    diff, (low, high) = reproduce.paired_bootstrap(a, b)
+    assert diff == pytest.approx(mean)
+    assert low == pytest.approx(mean - half, abs=0.004) and high == pytest.approx(mean + half, abs=0.004)
+
+
+def _summary(mode: str, records: dict[str, str], data: dict | None = None, rounds: int = 2) -> dict:
+    """A summary.json shaped as a run writes it, with per-question records for each scored party."""
+
+    def entry(correct: str) -> dict:
+        return {"eval_accuracy": correct.count("1") / len(correct), "eval_n": len(correct), "eval_correct": correct}
+
+    config = {"seed": 1, "data": data or {"task": "arc_easy", "eval_size": 8}, "clients": [{}, {}]}
+    if mode == "zero_shot":
+        return {"config": config, "zero_shot": {p: entry(c) for p, c in records.items()}, "rounds": []}
+    last = {p: entry(c) for p, c in records.items()}
+    history = [{"round": r, "parties": {p: {} for p in records}} for r in range(1, rounds)]
+    return {"config": config, "zero_shot": {}, "rounds": [*history, {"round": rounds, "parties": last}]}
+
+
+def test_assemble_fills_the_schema_and_marks_untrained_parties(reproduce):
+    runs = {
+        "arc_easy": {
+            "zero_shot": _summary("zero_shot", {"server": "11000000", "client_0": "10000000", "client_1": "10000000"}),
+            "fedmkt": _summary("fedmkt", {"server": "11110000", "client_0": "11100000", "client_1": "11000000"}),
+            "standalone": _summary("standalone", {"client_0": "11000000", "client_1": "11000000"}),
+            "centralized": _summary("centralized", {"server": "11111000"}),
+        }
+    }
+    result = reproduce.assemble(runs)["arc_easy"]
+    assert result["n_eval"] == 8
+    assert sorted(result["missing"]) == ["fedmkt_no_kd", "llm2slm"]
+    server, client = result["parties"]["server"], result["parties"]["client_0"]
+    assert server["fedmkt"]["acc"] == 0.5 and server["zero_shot"]["acc"] == 0.25
+    low, high = server["fedmkt"]["ci"]
+    assert low < 0.5 < high
+    # The server has no private data: its standalone cell is its zero-shot model, marked as such.
+    assert server["standalone"] == server["zero_shot"] | {"same_as": "zero_shot"}
+    assert client["centralized"]["same_as"] == "zero_shot" and "same_as" not in client["standalone"]
+    diffs = result["differences"]
+    # Every question client_0 gains over standalone is one right answer more: 3/8 - 2/8.
+    assert diffs["client_0"]["fedmkt-standalone"]["diff"] == pytest.approx(1 / 8)
+    assert diffs["client_0"]["fedmkt-zero_shot"]["diff"] == pytest.approx(2 / 8)
+    assert diffs["server"]["fedmkt-centralized"]["diff"] == pytest.approx(-1 / 8)
+    assert set(diffs["client_1"]) == {"fedmkt-standalone", "fedmkt-zero_shot", "fedmkt-centralized"}
+    json.dumps(result)  # the report is plain JSON (no per-question records left in it)
+    assert "correct" not in server["fedmkt"]
+
+
+def test_assemble_refuses_runs_on_different_questions(reproduce):
+    runs = {
+        "arc_easy": {
+            "zero_shot": _summary("zero_shot", {"server": "1100", "client_0": "1000", "client_1": "1000"}),
+            "fedmkt": _summary("fedmkt", {"server": "1111", "client_0": "1110", "client_1": "1100"}, {"eval_size": 5}),
+        }
+    }
+    with pytest.raises(SystemExit, match="differ in seed or data"):
+        reproduce.assemble(runs)
+
+
+def test_mode_arguments_turn_one_config_into_each_mode(reproduce, tmp_path):
+    scale = {"eval_size": 12, "part_size": 8, "rounds": 2}
+    configs = {m: reproduce.grid_config("tiny", "arc_easy", m, scale, tmp_path, []) for m in reproduce.MODES}
+    assert configs["fedmkt_no_kd"].transfer.ce_weight == 1.0 and configs["fedmkt"].transfer.ce_weight == 0.9
+    assert configs["fedmkt_no_kd"].federation.mode == "fedmkt"
+    assert configs["fedmkt"].federation.evaluate_every_round and not configs["fedmkt"].federation.evaluate_before
+    for mode in ("standalone", "centralized", "fedmkt_no_kd", "llm2slm"):
+        federation = configs[mode].federation
+        assert (federation.evaluate_before, federation.evaluate_every_round, federation.evaluate_final) == (
+            False,
+            False,
+            True,
+        )
+    assert configs["zero_shot"].federation.evaluate_before
+    assert {c.data.pool_size for c in configs.values()} == {24} and {c.data.eval_size for c in configs.values()} == {12}
+    hashes = {reproduce.settings_hash(c) for c in configs.values()}
+    assert len(hashes) == len(reproduce.MODES)
+    moved = reproduce.grid_config("tiny", "arc_easy", "fedmkt", scale, tmp_path / "elsewhere", [])
+    assert reproduce.settings_hash(moved) == reproduce.settings_hash(configs["fedmkt"])  # run_dir is not a setting
+
+
+def test_grid_records_reuses_and_resumes(reproduce, tmp_path, monkeypatch):
+    """A finished cell is reused without running; a cell with a round checkpoint resumes from it."""
+    out, record = tmp_path / "runs", tmp_path / "results"
+    arguments = ["--config", "tiny", "--tasks", "arc_easy", "--eval-size", "12", "--part-size", "8", "--rounds", "2"]
+    arguments += ["--out", str(out), "--record", str(record), "--modes", "zero_shot", "standalone"]
+    assert reproduce.main(arguments) == 0
+    report = json.loads((record / "reproduction.json").read_text())
+    task = report["tasks"]["arc_easy"]
+    assert task["n_eval"] == 12 and set(task["parties"]["client_0"]) == {"zero_shot", "standalone"}
+    assert (record / "reproduction" / "accuracy_per_round.png").stat().st_size > 0
+    assert "standalone" in (record / "reproduction" / "table.md").read_text()
+    recorded = sorted(p.name for p in (record / "reproduction" / "runs").glob("*.json"))
+    assert [name.split("-")[1] for name in recorded] == ["standalone", "zero_shot"]
+
+    calls = []
+    real_fit = reproduce.fit
+    monkeypatch.setattr(reproduce, "fit", lambda *a, **k: calls.append(k) or real_fit(*a, **k))
+    assert reproduce.main(arguments) == 0
+    assert calls == []  # both cells reused from the record
+
+    # Cut the standalone run back to its round-1 checkpoint state: the grid resumes it, not restarts.
+    for path in (record / "reproduction" / "runs").glob("arc_easy-standalone-*.json"):
+        path.unlink()
+    run_dir = out / "arc_easy" / "standalone"
+    checkpoint = json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text())
+    checkpoint["round"] = 1
+    checkpoint["summary"]["rounds"] = checkpoint["summary"]["rounds"][:1]
+    (run_dir / "checkpoint" / "checkpoint.json").write_text(json.dumps(checkpoint))
+    (run_dir / "summary.json").write_text(json.dumps(checkpoint["summary"]))
+    before = json.loads((record / "reproduction.json").read_text())["tasks"]["arc_easy"]["parties"]
+    assert reproduce.main(arguments) == 0
+    assert calls == [{"resume": str(run_dir), "overwrite": False}]
+    after = json.loads((record / "reproduction.json").read_text())["tasks"]["arc_easy"]["parties"]
+    assert after["client_0"]["standalone"]["acc"] == pytest.approx(before["client_0"]["standalone"]["acc"])
