@@ -227,6 +227,20 @@ def test_fit_runs_every_round_after_zero_shot_and_logs_namespaced_metrics(federa
     assert all(isinstance(v, float) or key == "round" for key, v in first.items())
 
 
+@pytest.mark.parametrize(
+    ("every_round", "final", "evaluated"), [(True, False, [1, 2, 3]), (False, True, [3]), (False, False, [])]
+)
+def test_evaluation_after_every_round_only_the_last_or_none(tmp_path, every_round, final, evaluated):
+    calls: list = []
+    parties = [FakeParty(name, calls) for name in ("server", "client_0", "client_1")]
+    config = run_config(rounds=3)
+    config.federation.evaluate_before = False
+    config.federation.evaluate_every_round, config.federation.evaluate_final = every_round, final
+    summary = FederatedTrainer(parties[0], parties[1:], config, tmp_path / "run").fit()
+    scored = [r["round"] for r in summary["rounds"] if "eval_accuracy" in r["parties"]["client_0"]]
+    assert scored == evaluated and summary["zero_shot"] == {}
+
+
 def test_summary_json_is_standard_json_even_with_nan_losses(tmp_path):
     calls: list = []
     clients = [FakeParty("client_0", calls, task_loss=float("nan"))]  # e.g. local_epochs: 0
