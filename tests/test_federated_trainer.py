@@ -7,12 +7,13 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 
 import fedmkt.federation.checkpoint as checkpoint_module
 from fedmkt.config import LoRAConfig, ModelSpec, OptimizerConfig, PartyConfig, RunConfig, TrainerConfig, TransferConfig
-from fedmkt.data.datamodule import PartyDataModule
+from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.tasks import QAExample
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.participant import Participant
@@ -375,6 +376,68 @@ def test_participant_phases_share_distil_and_save(smollm2_tokenizer, make_tiny_l
     saved = sorted(p.name for p in (tmp_path / "adapters" / "client_0").iterdir())
     assert "adapter_model.safetensors" in saved and "adapter_config.json" in saved
     assert [p.name for p in (tmp_path / "adapters").iterdir()] == ["client_0"]  # no temporary folder left
+
+
+def test_participant_distill_selects_aligns_builds_its_data_then_trains(
+    smollm2_tokenizer, make_tiny_llama, tmp_path, monkeypatch
+):
+    import fedmkt.federation.participant as participant_module
+
+    transfer = TransferConfig(top_k=3, selection="all")
+    party = make_participant("client_0", smollm2_tokenizer, make_tiny_llama, tmp_path / "cache", 0, transfer)
+    peer = make_participant("peer", smollm2_tokenizer, make_tiny_llama, tmp_path / "cache", 1, transfer)
+    teacher = {"peer": KnowledgePayload.from_bytes(peer.share_knowledge(round_index=1).to_bytes())}
+    events, seen = [], {}
+
+    def spy(name, function):
+        def wrapped(*args, **kwargs):
+            result = function(*args, **kwargs)
+            events.append(name)
+            seen[name] = result
+            return result
+
+        return wrapped
+
+    monkeypatch.setattr(participant_module, "select_teachers", spy("select", participant_module.select_teachers))
+    monkeypatch.setattr(party.alignment, "align_selected", spy("align", party.alignment.align_selected))
+    monkeypatch.setattr(participant_module, "DistillationDataModule", spy("data", DistillationDataModule))
+    fit = party._fit
+
+    def spy_fit(trainer, data, seed):
+        events.append("fit")
+        assert data is seen["data"]
+        assert {type(c).__name__ for c in trainer.callbacks} <= {"PhaseProgressBar", "PhaseDeadlineCallback"} | {
+            type(c).__name__ for c in L.Trainer(logger=False, enable_progress_bar=False).callbacks
+        }
+        seen["masks"] = [item["kd_mask"].clone() for item in data.items]
+        return fit(trainer, data, seed)
+
+    monkeypatch.setattr(party, "_fit", spy_fit)
+    stats = party.distill(1, teacher)
+
+    assert events == ["select", "align", "data", "fit"]
+    selection, targets, data = seen["select"], seen["align"], seen["data"]
+    assert stats["selected"] == selection.num_selected == 3 and stats["teacher_counts"] == selection.counts()
+    for item, ids in zip(data.items, (targets.ids[i] for i in range(3))):
+        assert torch.equal(item["kd_ids"][:, : ids.shape[1]], ids[:, :3])
+    assert all(torch.equal(item["kd_mask"], mask) for item, mask in zip(data.items, seen["masks"]))  # not mutated
+
+
+def test_public_losses_score_the_public_set_without_building_a_noised_payload(
+    smollm2_tokenizer, make_tiny_llama, tmp_path, monkeypatch
+):
+    import fedmkt.federation.participant as participant_module
+
+    party = make_participant("client_0", smollm2_tokenizer, make_tiny_llama, tmp_path / "cache", 0, TransferConfig())
+    shared = party.share_knowledge(round_index=1)
+    party.restore_public_losses(None)
+
+    def no_payload(*args, **kwargs):
+        raise AssertionError("public_losses needs the CE only")
+
+    monkeypatch.setattr(participant_module, "add_logit_noise", no_payload)
+    monkeypatch.setattr(participant_module, "KnowledgePayload", no_payload)
+    assert torch.equal(party.public_losses(), shared.losses[shared.sample_index.argsort()])
 
 
 def test_an_interval_reaches_the_loggers_as_its_two_ends(federation):

@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 from fedmkt.adapters import adapter_state, is_sharded, load_adapter_state, under_model_keys
-from fedmkt.callbacks import AlignmentCacheCallback, PhaseDeadlineCallback, PhaseProgressBar, SelectiveTransferCallback
+from fedmkt.callbacks import PhaseDeadlineCallback, PhaseProgressBar
 from fedmkt.config import PartyConfig, PrivacyConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.examples import Example, Format
+from fedmkt.distillation import TeacherAligners, select_teachers
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice
 from fedmkt.federation.distributed import (
@@ -85,8 +86,7 @@ class Participant:
         self.seed = seed
         self.phase_timeout_s = phase_timeout_s
         self.privacy = privacy or PrivacyConfig()
-        self.selective_transfer = SelectiveTransferCallback(require_improvement=transfer.selection == "dualmince")
-        self.alignment = AlignmentCacheCallback(
+        self.alignment = TeacherAligners(
             tokenizer, peer_tokenizers, cache_dir, transfer.temperature, transfer.sequence_alignment
         )
         self._public_losses: Optional[torch.Tensor] = None  # valid until the weights change
@@ -160,14 +160,9 @@ class Participant:
         return self._fit(trainer, self.data, seed)
 
     def share_knowledge(self, round_index: int) -> KnowledgePayload:
-        """Steps 2/7: per-sample CE and top-k logits on the public data."""
-        if round_index >= 0:
-            self.round_index = round_index
-        L.seed_everything(self.seed, verbose=False)
-        outputs = self._trainer("share_knowledge").predict(self.module, datamodule=self.data)
-        self._park()
-        if party_processes(self.config.trainer) > 1:  # each rank predicted a shard of the public data
-            outputs = gather_predictions(outputs)
+        """Steps 2/7: per-sample CE and top-k logits on the public data (noised if privacy asks)."""
+        self.round_index = round_index
+        outputs = self._predict_public("share_knowledge")
         lengths = torch.cat([o["lengths"] for o in outputs])
         id_dtype = smallest_id_dtype(self.module.vocab_size)
         payload = KnowledgePayload(
@@ -181,29 +176,28 @@ class Participant:
             topk_ids=torch.cat([o["topk_ids"] for o in outputs]).to(id_dtype),
             topk_logits=torch.cat([o["topk_logits"] for o in outputs]),
         )
-        self._public_losses = payload.losses[payload.sample_index.argsort()]
         return add_logit_noise(payload, self.privacy, seed=phase_seed(self.seed, round_index, "logit_noise"))
 
     def public_losses(self) -> torch.Tensor:
         """The receiver's own per-sample CE on the public data, for DualMinCE (reused if fresh)."""
         if self._public_losses is None:
-            self.share_knowledge(round_index=-1)
+            self._predict_public("public_losses")
         return self._public_losses
 
+    def _predict_public(self, phase: str) -> list[dict[str, torch.Tensor]]:
+        """Score every public sample (all ranks' shards when the party spans ranks); caches the CE."""
+        L.seed_everything(self.seed, verbose=False)
+        outputs = self._trainer(phase).predict(self.module, datamodule=self.data)
+        self._park()
+        if party_processes(self.config.trainer) > 1:  # each rank predicted a shard of the public data
+            outputs = gather_predictions(outputs)
+        index = torch.cat([o["index"] for o in outputs]).long()
+        self._public_losses = torch.cat([o["losses"] for o in outputs])[index.argsort()]
+        return outputs
+
     def distill(self, round_index: int, teacher_payloads: dict[str, KnowledgePayload]) -> dict:
-        """Steps 4–6 / 9–11: align, select (DualMinCE) and train on λ·CE + (1−λ)·KD."""
+        """Steps 4–6 / 9–11: select (DualMinCE), align the selected samples, train on λ·CE + (1−λ)·KD."""
         self.round_index = round_index
-        data = DistillationDataModule(
-            receiver=self.name,
-            public=self.data.public,
-            teacher_payloads=teacher_payloads,
-            own_losses=self.public_losses(),
-            batch_size=self.config.batch_size,
-            pad_id=self.data.pad_id,
-            seed=phase_seed(self.seed, round_index, "distill"),
-            top_k=self.transfer.top_k,
-            kd_positions=self.transfer.kd_positions,
-        )
         if self.config.distill_epochs == 0:  # a frozen party (e.g. the LLM in LLM2SLM) learns nothing
             return {
                 "task_loss": float("nan"),
@@ -212,11 +206,22 @@ class Participant:
                 "selected": 0,
                 "teacher_counts": {},
             }
-        trainer = self._trainer(
-            "distill", self.config.distill_epochs, callbacks=(self.selective_transfer, self.alignment)
+        selection = select_teachers(
+            self.public_losses(), teacher_payloads, require_improvement=self.transfer.selection == "dualmince"
         )
-        stats = self._fit(trainer, data, phase_seed(self.seed, round_index, "distill"))
-        return stats | self.selective_transfer.last
+        targets = self.alignment.align_selected(selection, teacher_payloads, self.data.public)
+        seed = phase_seed(self.seed, round_index, "distill")
+        data = DistillationDataModule(
+            public=self.data.public,
+            targets=targets,
+            batch_size=self.config.batch_size,
+            pad_id=self.data.pad_id,
+            seed=seed,
+            top_k=self.transfer.top_k,
+            kd_positions=self.transfer.kd_positions,
+        )
+        stats = self._fit(self._trainer("distill", self.config.distill_epochs), data, seed)
+        return stats | {"selected": selection.num_selected, "teacher_counts": selection.counts()}
 
     def evaluate(self) -> dict:
         """Scores of base + adapter on the common held-out set, and on this client's own set if it has one.
