@@ -212,7 +212,9 @@ def _evaluate(parser: ArgumentParser, namespace) -> None:
 
 
 def _plain(value) -> str:
-    """`0.6250`, `12`, or `0.3567,0.8591` for an interval: one token per score, for scripts to split."""
+    """`0.6250`, `12`, `0.3567,0.8591` for an interval, or `0110` per-question: one token per score, for scripts to split."""
+    if isinstance(value, str):
+        return value
     if isinstance(value, (list, tuple)):
         return ",".join(f"{v:.4f}" for v in value)
     return str(value) if isinstance(value, int) else f"{value:.4f}"
