@@ -40,11 +40,6 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|LeafSpec|does not have many workers).*")
 
 
-def party_names(num_clients: int) -> list[str]:
-    """`server`, `client_0`, …: the names used in payloads, logs and summary.json."""
-    return [SERVER] + [f"client_{i}" for i in range(num_clients)]  # the keys of RunConfig.parties()
-
-
 def build_participants(
     config: RunConfig, data: Optional[dict[str, PartyData]] = None
 ) -> tuple[Participant, list[Participant]]:

@@ -17,6 +17,7 @@ from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.tasks import QAExample
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.participant import Participant
+from fedmkt.federation.protocol import PhaseStats
 from fedmkt.federation.trainer import FederatedTrainer, atomic_write_text
 from fedmkt.party import PartyModule
 from fedmkt.payload import KnowledgePayload
@@ -56,13 +57,13 @@ class FakeParty:
 
     def __init__(self, name: str, calls: list, task_loss: float = 1.0, seed: int = 0) -> None:
         self.name, self.calls, self.task_loss, self.seed = name, calls, task_loss, seed
-        self.data = SimpleNamespace(public=[None] * PUBLIC)
+        self.num_public = PUBLIC
         self.sent: list[KnowledgePayload] = []
         self.received: list[dict] = []
 
     def fine_tune(self, round_index):
         self.calls.append((self.name, "fine_tune", round_index))
-        return {"task_loss": self.task_loss, "kd_loss": 0.0, "train_seconds": 0.5}
+        return PhaseStats(task_loss=self.task_loss, train_seconds=0.5)
 
     def share_knowledge(self, round_index):
         self.calls.append((self.name, "share", round_index))
@@ -73,13 +74,7 @@ class FakeParty:
         self.calls.append((self.name, "distill", round_index, tuple(sorted(teacher_payloads))))
         self.received.append(teacher_payloads)
         counts = {name: 1 for name in teacher_payloads}
-        return {
-            "task_loss": 2.0,
-            "kd_loss": 0.25,
-            "train_seconds": 1.0,
-            "selected": len(counts),
-            "teacher_counts": counts,
-        }
+        return PhaseStats(task_loss=2.0, kd_loss=0.25, train_seconds=1.0, selected=len(counts), teacher_counts=counts)
 
     def evaluate(self):
         return {"eval_accuracy": 0.5 + 0.1 * len(self.received), "eval_accuracy_norm": 0.5, "eval_seconds": 0.1}
@@ -362,13 +357,13 @@ def test_participant_phases_share_distil_and_save(smollm2_tokenizer, make_tiny_l
     assert torch.equal(party.public_losses(), shared.losses[shared.sample_index.argsort()])
 
     stats = party.fine_tune(round_index=1)
-    assert math.isfinite(stats["task_loss"]) and stats["kd_loss"] == 0.0
+    assert math.isfinite(stats.task_loss) and stats.kd_loss == 0.0 and stats.ranks == 1
     assert party._public_losses is None  # weights changed: own losses must be recomputed
 
     teacher = peer.share_knowledge(round_index=1)
     distilled = party.distill(1, {"peer": KnowledgePayload.from_bytes(teacher.to_bytes())})
-    assert distilled["selected"] == 3 and distilled["teacher_counts"] == {"peer": 3}  # "all": every sample
-    assert distilled["kd_loss"] > 0 and math.isfinite(distilled["task_loss"])
+    assert distilled.selected == 3 and distilled.teacher_counts == {"peer": 3}  # "all": every sample
+    assert distilled.kd_loss > 0 and math.isfinite(distilled.task_loss)
 
     scores = party.evaluate()
     assert 0.0 <= scores["eval_accuracy"] <= 1.0
@@ -417,7 +412,7 @@ def test_participant_distill_selects_aligns_builds_its_data_then_trains(
 
     assert events == ["select", "align", "data", "fit"]
     selection, targets, data = seen["select"], seen["align"], seen["data"]
-    assert stats["selected"] == selection.num_selected == 3 and stats["teacher_counts"] == selection.counts()
+    assert stats.selected == selection.num_selected == 3 and stats.teacher_counts == selection.counts()
     for item, ids in zip(data.items, (targets.ids[i] for i in range(3))):
         assert torch.equal(item["kd_ids"][:, : ids.shape[1]], ids[:, :3])
     assert all(torch.equal(item["kd_mask"], mask) for item, mask in zip(data.items, seen["masks"]))  # not mutated

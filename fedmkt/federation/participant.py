@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -33,6 +34,7 @@ from fedmkt.federation.distributed import (
     shards_weights,
     sum_over_ranks,
 )
+from fedmkt.federation.protocol import PhaseStats
 from fedmkt.party import PartyModule
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 from fedmkt.privacy import add_logit_noise
@@ -46,7 +48,7 @@ def phase_seed(seed: int, round_index: int, phase: str) -> int:
 
 
 class Participant:
-    """A server or client: fine-tune, share knowledge, distil, evaluate."""
+    """A server or client in this process: fine-tune, share knowledge, distil, evaluate (a `FederatedParty`)."""
 
     def __init__(
         self,
@@ -99,6 +101,11 @@ class Participant:
         return self._module
 
     @property
+    def num_public(self) -> int:
+        """Samples in the public set (the same questions for every party)."""
+        return len(self.data.public)
+
+    @property
     def module_loaded(self) -> bool:
         """Whether this process holds the party's model (it does once any phase ran here)."""
         return self._module is not None
@@ -130,30 +137,28 @@ class Participant:
             inference_mode=not shards_weights(settings),
         )
 
-    def _fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule, seed: int) -> dict[str, float]:
+    def _fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule, seed: int) -> PhaseStats:
         L.seed_everything(seed, verbose=False)
         start = time.perf_counter()
         trainer.fit(self.module, datamodule=datamodule)
         self._park()
         self._public_losses = None
         spans_ranks = trainer.world_size > 1
-        stats = {
-            "task_loss": _phase_mean(self.module.task_loss, spans_ranks, empty=float("nan")),
-            "kd_loss": _phase_mean(self.module.kd_loss, spans_ranks, empty=0.0),
-            "train_seconds": time.perf_counter() - start,
-            "ranks": trainer.world_size,  # processes this phase trained on (ddp/fsdp: > 1)
-        }
-        if is_sharded(self.module.model):
-            stats["sharded"] = True  # FSDP2: each rank held 1/ranks of the weights
-        return stats
+        return PhaseStats(
+            task_loss=_phase_mean(self.module.task_loss, spans_ranks, empty=float("nan")),
+            kd_loss=_phase_mean(self.module.kd_loss, spans_ranks, empty=0.0),
+            train_seconds=time.perf_counter() - start,
+            ranks=trainer.world_size,
+            sharded=is_sharded(self.module.model),
+        )
 
     # ---- phases ---------------------------------------------------------------------------
 
-    def fine_tune(self, round_index: int) -> dict[str, float]:
+    def fine_tune(self, round_index: int) -> PhaseStats:
         """Step 1: local fine-tuning on private data (task CE)."""
         self.round_index = round_index
         if self.config.local_epochs == 0 or not self.data.private:
-            return {"task_loss": float("nan"), "kd_loss": 0.0, "train_seconds": 0.0}
+            return PhaseStats()
         trainer = self._trainer("fine_tune", self.config.local_epochs)
         seed = phase_seed(self.seed, round_index, "fine_tune")
         self.data.shuffle_seed = seed  # a fresh private-data order every round
@@ -195,17 +200,11 @@ class Participant:
         self._public_losses = torch.cat([o["losses"] for o in outputs])[index.argsort()]
         return outputs
 
-    def distill(self, round_index: int, teacher_payloads: dict[str, KnowledgePayload]) -> dict:
+    def distill(self, round_index: int, teacher_payloads: dict[str, KnowledgePayload]) -> PhaseStats:
         """Steps 4–6 / 9–11: select (DualMinCE), align the selected samples, train on λ·CE + (1−λ)·KD."""
         self.round_index = round_index
         if self.config.distill_epochs == 0:  # a frozen party (e.g. the LLM in LLM2SLM) learns nothing
-            return {
-                "task_loss": float("nan"),
-                "kd_loss": 0.0,
-                "train_seconds": 0.0,
-                "selected": 0,
-                "teacher_counts": {},
-            }
+            return PhaseStats()
         selection = select_teachers(
             self.public_losses(), teacher_payloads, require_improvement=self.transfer.selection == "dualmince"
         )
@@ -221,7 +220,7 @@ class Participant:
             kd_positions=self.transfer.kd_positions,
         )
         stats = self._fit(self._trainer("distill", self.config.distill_epochs), data, seed)
-        return stats | {"selected": selection.num_selected, "teacher_counts": selection.counts()}
+        return replace(stats, selected=selection.num_selected, teacher_counts=selection.counts())
 
     def evaluate(self) -> dict:
         """Scores of base + adapter on the common held-out set, and on this client's own set if it has one.
@@ -285,6 +284,7 @@ class Participant:
         return adapter_state(self.module.model)
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Adopt LoRA weights (fedavg's average, or a checkpoint's); the cached own losses are stale then."""
         load_adapter_state(self.module.model, state)
         self._public_losses = None
 
@@ -302,6 +302,7 @@ class Participant:
         return self._public_losses
 
     def restore_public_losses(self, losses: Optional[torch.Tensor]) -> None:
+        """Put back the own losses a checkpoint saved with the adapter they belong to."""
         self._public_losses = losses
 
     def save_adapter(self, directory: Path, state: Optional[dict[str, torch.Tensor]] = None) -> None:

@@ -33,7 +33,7 @@ from fedmkt.federation.checkpoint import (
     restore_rng_state,
 )
 from fedmkt.federation.distributed import is_rank_zero
-from fedmkt.federation.participant import Participant
+from fedmkt.federation.protocol import FederatedParty, PhaseStats
 from fedmkt.payload import KnowledgePayload
 
 # Which steps of a round each mode runs (baselines are the method with steps removed or added).
@@ -46,16 +46,14 @@ _MODE_STEPS = {
     "zero_shot": set(),
 }
 
-_EMPTY_ENTRY = {"task_loss": float("nan"), "kd_loss": 0.0, "selected": 0, "teacher_counts": {}, "train_seconds": 0.0}
-
 
 class FederatedTrainer:
-    """Runs the protocol over in-process participants and records what each party did."""
+    """Runs the protocol over its parties (any `FederatedParty`) and records what each did."""
 
     def __init__(
         self,
-        server: Participant,
-        clients: list[Participant],
+        server: FederatedParty,
+        clients: list[FederatedParty],
         config: RunConfig,
         run_dir: Path,
         loggers: Optional[list[Logger]] = None,
@@ -66,12 +64,12 @@ class FederatedTrainer:
         self.run_dir = Path(run_dir)
         self.loggers = loggers or []
         self.steps = _MODE_STEPS[config.federation.mode]
-        self.num_public = len(server.data.public)  # every party holds the same public samples
+        self.num_public = server.num_public  # every party holds the same public samples
         self.summary: dict = {"config": asdict(config), "zero_shot": {}, "rounds": []}
         self._traffic: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_sent": 0, "bytes_received": 0})
 
     @property
-    def parties(self) -> list[Participant]:
+    def parties(self) -> list[FederatedParty]:
         return [self.server, *self.clients]
 
     # ---- the protocol ---------------------------------------------------------------------
@@ -91,7 +89,7 @@ class FederatedTrainer:
     def run_round(self, round_index: int) -> dict:
         """One round; appends its record to the summary, saves adapters and a checkpoint."""
         self._traffic.clear()
-        stats: dict[str, dict] = {party.name: dict(_EMPTY_ENTRY) for party in self.parties}
+        trained: dict[str, PhaseStats] = {party.name: PhaseStats() for party in self.parties}
         failed: dict[str, str] = {}
 
         # Steps 1–3: clients fine-tune on private data and share knowledge of the public data.
@@ -100,7 +98,7 @@ class FederatedTrainer:
             if "client_train" not in self.steps:
                 break
             try:
-                stats[client.name] |= client.fine_tune(round_index)
+                trained[client.name] = client.fine_tune(round_index)
                 if "client_share" in self.steps:
                     client_knowledge[client.name] = self._send(
                         client.share_knowledge(round_index), receivers=[self.server]
@@ -111,9 +109,9 @@ class FederatedTrainer:
 
         # Steps 4–6: the server distils from the clients (or, centralized, trains on all data).
         if "server_distil" in self.steps:
-            stats[self.server.name] |= self.server.distill(round_index, client_knowledge)
+            trained[self.server.name] = self.server.distill(round_index, client_knowledge)
         if "server_train" in self.steps:
-            stats[self.server.name] |= self.server.fine_tune(round_index)
+            trained[self.server.name] = self.server.fine_tune(round_index)
 
         # Steps 7–11: the server shares its knowledge; each client distils from it.
         if "server_share" in self.steps:
@@ -122,7 +120,7 @@ class FederatedTrainer:
             for client in answering:
                 try:
                     distilled = client.distill(round_index, {self.server.name: server_knowledge})
-                    stats[client.name] = self._merge_phases(stats[client.name], distilled)
+                    trained[client.name] = trained[client.name].then(distilled)
                 except Exception as error:
                     failed[client.name] = _describe(error)
             self._require_quorum(round_index, failed)
@@ -130,6 +128,7 @@ class FederatedTrainer:
         if "adapter_average" in self.steps:
             self._average_client_adapters([c for c in self.clients if c.name not in failed])
 
+        stats = {name: phases.to_dict() for name, phases in trained.items()}
         federation = self.config.federation
         last_round = round_index == federation.rounds
         if federation.evaluate_every_round or (federation.evaluate_final and last_round):
@@ -148,7 +147,7 @@ class FederatedTrainer:
             warnings.warn(f"round {round_index}: {name} failed and was left out ({reason})", stacklevel=1)
         return record
 
-    def _parties_that_learn(self) -> list[Participant]:
+    def _parties_that_learn(self) -> list[FederatedParty]:
         """Parties whose weights this mode changes (others keep their zero-shot accuracy)."""
         server_learns = bool(self.steps & {"server_distil", "server_train"})
         clients_learn = bool(self.steps & {"client_train", "client_distil"})
@@ -172,7 +171,7 @@ class FederatedTrainer:
                 f"Fix: repair those clients, then `fedmkt fit --config ... --resume {self.run_dir}` (the last round checkpoint is intact)."
             )
 
-    def _average_client_adapters(self, clients: list[Participant]) -> None:
+    def _average_client_adapters(self, clients: list[FederatedParty]) -> None:
         """FedAvg baseline: every client adopts the mean of the clients' LoRA weights."""
         states = [client.adapter_state() for client in clients]
         keys = set(states[0])
@@ -241,29 +240,13 @@ class FederatedTrainer:
 
     # ---- helpers --------------------------------------------------------------------------
 
-    def _send(self, payload: KnowledgePayload, receivers: list[Participant]) -> KnowledgePayload:
+    def _send(self, payload: KnowledgePayload, receivers: list[FederatedParty]) -> KnowledgePayload:
         """Serialise once, count bytes on both ends, and hand receivers a validated copy."""
         data = payload.to_bytes()
         self._traffic[payload.sender]["bytes_sent"] += len(data) * len(receivers)
         for receiver in receivers:
             self._traffic[receiver.name]["bytes_received"] += len(data)
         return KnowledgePayload.from_bytes(data, num_public=self.num_public)
-
-    @staticmethod
-    def _merge_phases(local: dict, distill: dict) -> dict:
-        """A client's round entry: task loss of local fine-tuning, KD/selection of distillation."""
-        merged = {
-            "task_loss": local["task_loss"],
-            "distill_task_loss": distill["task_loss"],
-            "kd_loss": distill["kd_loss"],
-            "selected": distill["selected"],
-            "teacher_counts": distill["teacher_counts"],
-            "train_seconds": local["train_seconds"] + distill["train_seconds"],
-            "ranks": distill.get("ranks", local.get("ranks", 1)),
-        }
-        if distill.get("sharded") or local.get("sharded"):
-            merged["sharded"] = True
-        return merged
 
     def _write_summary(self) -> None:
         # Standard JSON for the tools that read it: a NaN/inf (e.g. the task loss of a phase that did
