@@ -11,14 +11,15 @@ import lightning as L
 import pytest
 import torch
 
-import fedmkt.federation.checkpoint as checkpoint_module
+import fedmkt.federation.files as files_module
 from fedmkt.config import LoRAConfig, ModelSpec, OptimizerConfig, PartyConfig, RunConfig, TrainerConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.tasks import QAExample
 from fedmkt.errors import FedMKTError
+from fedmkt.federation.files import atomic_write_text
 from fedmkt.federation.participant import Participant
 from fedmkt.federation.protocol import PhaseStats
-from fedmkt.federation.trainer import FederatedTrainer, atomic_write_text
+from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.party import PartyModule
 from fedmkt.payload import KnowledgePayload
 
@@ -283,7 +284,7 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path, m
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module.os, "replace", crash)
+    monkeypatch.setattr(files_module.os, "replace", crash)
     with pytest.raises(OSError):
         atomic_write_text(target, '{"rounds": [1, 2]}')
     assert strict_json(target.read_text()) == {"rounds": [1]}  # the old content, intact

@@ -17,7 +17,7 @@ from filelock import FileLock
 
 from fedmkt.cli import main
 from fedmkt.errors import FedMKTError
-from fedmkt.federation.checkpoint import atomic_write_dir
+from fedmkt.federation.files import atomic_write_dir
 from fedmkt.federation.participant import Participant
 
 FAST = [

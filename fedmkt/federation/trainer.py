@@ -5,13 +5,13 @@ One round (the 11 steps of the paper):
   4–6   the server aligns, selects (DualMinCE) and distils from the clients;
   7–8   the server shares its own top-k logits + losses;
   9–11  each client aligns, selects and distils from the server.
-Every payload crosses the boundary as bytes (counted, then validated on arrival).
+Every payload crosses the boundary as bytes (counted, then validated on arrival). What a round
+leaves behind is written by `checkpoint.py` (adapters, checkpoint) and `summary.py` (summary.json,
+metrics, the results table).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import warnings
 from collections import defaultdict
 from dataclasses import asdict
@@ -20,20 +20,13 @@ from typing import Optional
 
 import torch
 from lightning.pytorch.loggers import Logger
-from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors
 
 from fedmkt.config import RunConfig
-from fedmkt.errors import FedMKTError
-from fedmkt.federation.checkpoint import (
-    atomic_write_bytes,
-    atomic_write_text,
-    capture_rng_state,
-    read_checkpoint,
-    restore_rng_state,
-)
-from fedmkt.federation.distributed import is_rank_zero
+from fedmkt.errors import FedMKTError, describe
+from fedmkt.federation.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from fedmkt.federation.protocol import FederatedParty, PhaseStats
+from fedmkt.federation.summary import log_metrics, results_table, write_summary
 from fedmkt.payload import KnowledgePayload
 
 # Which steps of a round each mode runs (baselines are the method with steps removed or added).
@@ -104,7 +97,7 @@ class FederatedTrainer:
                         client.share_knowledge(round_index), receivers=[self.server]
                     )
             except Exception as error:  # a failing client must not stop the federation
-                failed[client.name] = _describe(error)
+                failed[client.name] = describe(error)
         self._require_quorum(round_index, failed)
 
         # Steps 4–6: the server distils from the clients (or, centralized, trains on all data).
@@ -122,7 +115,7 @@ class FederatedTrainer:
                     distilled = client.distill(round_index, {self.server.name: server_knowledge})
                     trained[client.name] = trained[client.name].then(distilled)
                 except Exception as error:
-                    failed[client.name] = _describe(error)
+                    failed[client.name] = describe(error)
             self._require_quorum(round_index, failed)
 
         if "adapter_average" in self.steps:
@@ -191,26 +184,7 @@ class FederatedTrainer:
     # ---- checkpoints ----------------------------------------------------------------------
 
     def _save_checkpoint(self, round_index: int) -> None:
-        """Adapters of every party, then the summary, then the checkpoint record — each atomic.
-
-        `checkpoint.json` is written last, so it only ever names a round whose files are complete.
-        """
-        for party in self.parties:  # every rank: a sharded (fsdp) party gathers its adapter first
-            party.save_adapter(self.run_dir / "adapters" / f"round_{round_index}" / party.name)
-        if not is_rank_zero():  # one writer; other ranks hold the same state
-            return
-        for party in self.parties:
-            losses = party.cached_public_losses()
-            if losses is not None:
-                atomic_write_bytes(
-                    self.run_dir / "checkpoint" / f"public_losses_{party.name}.safetensors",
-                    save_safetensors({"losses": losses.contiguous()}),
-                )
-        self._write_summary()
-        state = {"round": round_index, "summary": _finite_or_none(self.summary), "rng": capture_rng_state()}
-        atomic_write_text(
-            self.run_dir / "checkpoint" / "checkpoint.json", json.dumps(state, default=_json_default, allow_nan=False)
-        )
+        save_checkpoint(self.run_dir, round_index, self.parties, self.summary)
 
     def restore(self, state: Optional[dict] = None) -> int:
         """Load the last complete round checkpoint from `run_dir`; returns the round to start at.
@@ -218,25 +192,8 @@ class FederatedTrainer:
         `state` is the record `read_checkpoint` already read (and `check_resumable` accepted).
         """
         state = read_checkpoint(self.run_dir) if state is None else state
-        check_resumable(state, self.config, self.run_dir)
-        round_index = int(state["round"])
-        for party in self.parties:
-            directory = self.run_dir / "adapters" / f"round_{round_index}" / party.name
-            try:
-                party.load_adapter(directory)
-            except FedMKTError:
-                raise
-            except Exception as error:  # a truncated safetensors file, tensors of another shape, ...
-                raise FedMKTError(
-                    f"{party.name}: the round {round_index} adapter in {directory} cannot be loaded ({_describe(error)}). "
-                    "Fix: the checkpoint is damaged; start afresh with --overwrite (or another run_dir)."
-                ) from error
-            losses_file = self.run_dir / "checkpoint" / f"public_losses_{party.name}.safetensors"
-            party.restore_public_losses(load_safetensors_file(losses_file)["losses"] if losses_file.is_file() else None)
-        self.summary = state["summary"]
-        self.summary["config"] = asdict(self.config)
-        restore_rng_state(state["rng"])
-        return round_index + 1
+        self.summary = restore_checkpoint(self.run_dir, self.parties, self.config, state)
+        return int(state["round"]) + 1
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -249,118 +206,11 @@ class FederatedTrainer:
         return KnowledgePayload.from_bytes(data, num_public=self.num_public)
 
     def _write_summary(self) -> None:
-        # Standard JSON for the tools that read it: a NaN/inf (e.g. the task loss of a phase that did
-        # not train) is written as null.
-        if not is_rank_zero():
-            return
-        text = json.dumps(_finite_or_none(self.summary), indent=2, default=_json_default, allow_nan=False)
-        atomic_write_text(self.run_dir / "summary.json", text)
+        write_summary(self.run_dir, self.summary)
 
     def _log(self, stats: dict[str, dict], step: int) -> None:
-        metrics = {}
-        for party, values in stats.items():
-            for key, value in values.items():
-                if isinstance(value, dict):  # e.g. teacher_counts -> server/teacher_counts/client_0
-                    metrics |= {f"{party}/{key}/{name}": float(v) for name, v in value.items()}
-                elif key.endswith("_ci") and isinstance(value, (list, tuple)) and len(value) == 2:
-                    metrics |= {f"{party}/{key}_low": float(value[0]), f"{party}/{key}_high": float(value[1])}
-                elif isinstance(value, (int, float)) and not math.isnan(value):
-                    metrics[f"{party}/{key}"] = float(value)
-        metrics["round"] = step
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=step)
-            logger.save()
+        log_metrics(self.loggers, stats, step)
 
     def results_table(self) -> str:
-        """Score per party per round (round 0 = zero-shot) as a markdown table.
-
-        Multiple choice: accuracy with its 95 % Wilson interval; generation: Rouge-L (exact match).
-        The header names the held-out set's size.
-        """
-        rounds = self.summary["rounds"]
-        header = (
-            ["party"] + (["zero-shot"] if self.summary["zero_shot"] else []) + [f"round {r['round']}" for r in rounds]
-        )
-        header += ["selected (last)", "MB sent (last)"]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        sizes, generation = set(), False
-        for party in self.parties:
-            cells = [party.name]
-            scored = ([self.summary["zero_shot"][party.name]] if self.summary["zero_shot"] else []) + [
-                record["parties"][party.name] for record in rounds
-            ]
-            for entry in scored:
-                cells.append(_score_cell(entry))
-                if entry.get("eval_n") is not None:
-                    sizes.add(entry["eval_n"])
-                generation |= entry.get("eval_rouge_l") is not None
-            last = rounds[-1]["parties"][party.name] if rounds else {}
-            cells += [str(last.get("selected", "–")), f"{last.get('bytes_sent', 0) / 1e6:.2f}"]
-            lines.append("| " + " | ".join(cells) + " |")
-        if sizes:
-            metric = "Rouge-L (exact match)" if generation else "accuracy [95 % Wilson CI]"
-            lines.append(f"\n{metric} on n = {', '.join(str(n) for n in sorted(sizes))} held-out examples")
-        return "\n".join(lines)
-
-
-def _score_cell(entry: dict) -> str:
-    """`0.533 [0.41, 0.65]` for an accuracy, `0.212 (0.10)` for Rouge-L and exact match, – if unscored."""
-    if entry.get("eval_accuracy") is not None:
-        cell = f"{entry['eval_accuracy']:.3f}"
-        interval = entry.get("eval_accuracy_ci")
-        return cell + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
-    if entry.get("eval_rouge_l") is not None:
-        return f"{entry['eval_rouge_l']:.3f} ({entry['eval_exact_match']:.2f})"
-    return "–"
-
-
-def check_resumable(state: dict, config: RunConfig, run_dir: Path) -> None:
-    """Refuse a checkpoint saved under another config: the continued run would silently differ."""
-    saved = state["summary"]["config"]
-    current = _finite_or_none(json.loads(json.dumps(asdict(config), default=_json_default)))
-    differing = _differing_keys(
-        saved, current, ignore={"run_dir", "federation.rounds", "logging", "federation.backend", "flower"}
-    )
-    if differing:
-        raise FedMKTError(
-            f"--resume config differs from the checkpoint's at {', '.join(differing)}. Fix: resume with {Path(run_dir) / 'config.yaml'}."
-        )
-
-
-def _finite_or_none(value):
-    """A copy of a JSON-like tree with non-finite floats replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
-    return value
-
-
-def _json_default(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _describe(error: BaseException) -> str:
-    """`TypeName: message` on one line, for summary.json."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
-
-
-def _differing_keys(saved: dict, current: dict, ignore: set[str], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    keys = []
-    for key in sorted(set(saved) | set(current)):
-        dotted = f"{prefix}{key}"
-        if dotted in ignore:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _differing_keys(a, b, ignore, dotted + ".")
-        elif a != b:
-            keys.append(dotted)
-    return keys
+        """Score per party per round (round 0 = zero-shot) as a markdown table (see `summary.results_table`)."""
+        return results_table(self.summary, [party.name for party in self.parties])
