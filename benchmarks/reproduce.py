@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from fedmkt.cli import parse_run_config
+from fedmkt.config import parse_run_config
 from fedmkt.run import fit
 
 MODES = ("fedmkt", "standalone", "centralized")

@@ -85,7 +85,7 @@ def test_config_errors_stop_before_anything_is_written(args, needle, tmp_path, c
 
 
 def test_unknown_mode_in_a_yaml_file(tmp_path, capsys):
-    from fedmkt.cli import shipped_configs
+    from fedmkt.config import shipped_configs
 
     config = tmp_path / "bad.yaml"
     config.write_text(shipped_configs()["tiny.yaml"].read_text().replace("mode: fedmkt", "mode: fedprox"))

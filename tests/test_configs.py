@@ -7,8 +7,7 @@ import re
 import pytest
 import yaml
 
-from fedmkt.cli import parse_run_config, shipped_configs
-from fedmkt.config import RunConfig, validate
+from fedmkt.config import RunConfig, parse_run_config, shipped_configs, validate
 
 SHIPPED = sorted(shipped_configs())
 

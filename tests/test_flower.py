@@ -30,7 +30,8 @@ from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from fedmkt.cli import main, parse_run_config, run_config_from_text, shipped_configs  # noqa: E402
+from fedmkt.cli import main  # noqa: E402
+from fedmkt.config import parse_run_config, run_config_from_text, shipped_configs  # noqa: E402
 from fedmkt.errors import FedMKTError  # noqa: E402
 from fedmkt.federation.flower import client_app, submit  # noqa: E402
 from fedmkt.federation.flower.messages import (  # noqa: E402

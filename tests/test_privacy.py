@@ -21,8 +21,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 import fedmkt.federation.trainer as trainer_module
-from fedmkt.cli import main, parse_run_config
-from fedmkt.config import ModelSpec, PartyConfig, PrivacyConfig, RunConfig
+from fedmkt.cli import main
+from fedmkt.config import ModelSpec, PartyConfig, PrivacyConfig, RunConfig, parse_run_config
 from fedmkt.data.tasks import load_task, split_task
 from fedmkt.data.tokenize import encode_prompt_answer
 from fedmkt.federation.protocol import PhaseStats

@@ -132,7 +132,7 @@ def _tiny_with(tmp_path: Path, edit) -> str:
     """tiny.yaml with `edit(dict)` applied, written to a file."""
     import yaml
 
-    from fedmkt.cli import shipped_configs
+    from fedmkt.config import shipped_configs
 
     data = yaml.safe_load(shipped_configs()["tiny.yaml"].read_text())
     edit(data)

@@ -75,7 +75,7 @@ def run_phase(request: Request, context: Context) -> Reply:
     from safetensors.torch import load as load_safetensors
     from safetensors.torch import save as save_safetensors
 
-    from fedmkt.cli import run_config_from_text
+    from fedmkt.config import run_config_from_text
     from fedmkt.payload import KnowledgePayload
     from fedmkt.run import build_participant, quiet_lightning
 

@@ -43,8 +43,7 @@ def serve(grid: Grid, config_text: str) -> dict:
     """Run the whole federation from this ServerApp; returns the summary (also in run_dir)."""
     from lightning.pytorch.loggers import WandbLogger
 
-    from fedmkt.cli import run_config_from_text
-    from fedmkt.config import validate
+    from fedmkt.config import run_config_from_text, validate
     from fedmkt.federation.flower.submit import check_supported
     from fedmkt.federation.trainer import FederatedTrainer
     from fedmkt.models import load_tokenizer
