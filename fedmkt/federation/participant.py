@@ -113,7 +113,7 @@ class Participant:
     def _label(self, phase: str) -> str:
         return f"{self.name} · {phase} · round {self.round_index}"
 
-    def _trainer(self, phase: str, max_epochs: int = 1, callbacks: tuple = ()) -> L.Trainer:
+    def _trainer(self, phase: str, max_epochs: int = 1) -> L.Trainer:
         settings = self.config.trainer
         progress = [PhaseProgressBar(self._label(phase))] if settings.enable_progress_bar else []
         return L.Trainer(
@@ -124,9 +124,7 @@ class Participant:
             max_epochs=max_epochs,
             accumulate_grad_batches=settings.accumulate_grad_batches,
             gradient_clip_val=self.config.optimizer.grad_clip or None,
-            callbacks=list(callbacks)
-            + progress
-            + ([PhaseDeadlineCallback(self.phase_timeout_s)] if self.phase_timeout_s else []),
+            callbacks=progress + ([PhaseDeadlineCallback(self.phase_timeout_s)] if self.phase_timeout_s else []),
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,

@@ -2,9 +2,9 @@
 
 One round (the 11 steps of the paper):
   1–3   each client fine-tunes on its private data, then shares top-k logits + losses on the public data;
-  4–6   the server aligns, selects (DualMinCE) and distils from the clients;
+  4–6   the server selects (DualMinCE), aligns and distils from the clients;
   7–8   the server shares its own top-k logits + losses;
-  9–11  each client aligns, selects and distils from the server.
+  9–11  each client selects, aligns and distils from the server.
 Every payload crosses the boundary as bytes (counted, then validated on arrival). What a round
 leaves behind is written by `checkpoint.py` (adapters, checkpoint) and `summary.py` (summary.json,
 metrics, the results table).
