@@ -347,6 +347,11 @@ class RunConfig:
         return {"server": self.server} | {f"client_{i}": client for i, client in enumerate(self.clients)}
 
 
+def config_key(party: str) -> str:
+    """The YAML key of a party named as in `RunConfig.parties()` (`client_1` → `clients[1]`), for error messages."""
+    return party if party == "server" else f"clients[{party.split('_', 1)[1]}]"
+
+
 PRECISIONS = (
     "32-true",
     "bf16-mixed",
@@ -404,8 +409,8 @@ def validate(config: RunConfig) -> None:
         (config.flower.wait_for_nodes_s > 0, "flower.wait_for_nodes_s must be > 0", "use e.g. 120"),
         (config.data.max_length >= 8, "data.max_length must be >= 8", "set data.max_length: 256"),
     ]
-    parties = {"server": config.server} | {f"clients[{i}]": c for i, c in enumerate(config.clients)}
-    for key, party in parties.items():
+    for name, party in config.parties().items():
+        key = config_key(name)
         checks += [
             (party.batch_size >= 1, f"{key}.batch_size must be >= 1", "use e.g. 4"),
             (party.eval_batch_size >= 1, f"{key}.eval_batch_size must be >= 1", "use e.g. 16"),
@@ -449,9 +454,8 @@ def check_hardware(config: RunConfig, names: Optional[list[str]] = None) -> None
         if names is not None and name not in names:
             continue
         if party.trainer.accelerator in ("gpu", "cuda") and not _cuda_available():
-            key = "server" if name == "server" else f"clients[{name.split('_', 1)[1]}]"
             raise FedMKTError(
-                f"{key}.trainer.accelerator is {party.trainer.accelerator} but this machine has no usable GPU. "
+                f"{config_key(name)}.trainer.accelerator is {party.trainer.accelerator} but this machine has no usable GPU. "
                 "Fix: use accelerator: auto or cpu."
             )
 

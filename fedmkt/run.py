@@ -14,7 +14,7 @@ import lightning as L
 from filelock import FileLock, Timeout
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-from fedmkt.config import RunConfig, check_hardware, validate
+from fedmkt.config import RunConfig, check_hardware, config_key, validate
 from fedmkt.data.datamodule import PartyDataModule
 from fedmkt.data.parts import PartyData, federation_data, party_data
 from fedmkt.errors import FedMKTError, RunInterrupted
@@ -214,12 +214,11 @@ def _fit_locked(
 
 def validate_against_vocabularies(config: RunConfig) -> None:
     """Checks that need each party's tokenizer: `transfer.top_k` must fit every vocabulary."""
-    parties = {"server": config.server} | {f"clients[{i}]": c for i, c in enumerate(config.clients)}
-    for key, party in parties.items():
+    for name, party in config.parties().items():
         size = len(load_tokenizer(party.model, config.cache_dir))
         if config.transfer.top_k > size:
             raise FedMKTError(
-                f"transfer.top_k={config.transfer.top_k} exceeds {key}'s vocabulary of {size} tokens. "
+                f"transfer.top_k={config.transfer.top_k} exceeds {config_key(name)}'s vocabulary of {size} tokens. "
                 f"Fix: set transfer.top_k to at most {size} (e.g. 16)."
             )
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from fedmkt.config import RunConfig, parse_run_config, shipped_configs, validate
+from fedmkt.config import RunConfig, config_key, parse_run_config, shipped_configs, validate
 
 SHIPPED = sorted(shipped_configs())
 
@@ -32,6 +32,9 @@ def test_shipped_yaml_parses_and_validates(name):
     assert config.data.task == data["data"]["task"] and config.federation.rounds == data["federation"]["rounds"]
     assert config.transfer.top_k == data["transfer"]["top_k"] and config.seed == data["seed"]
     assert list(config.parties()) == ["server"] + [f"client_{i}" for i in range(len(config.clients))]
+    assert [config_key(name) for name in config.parties()] == ["server"] + [
+        f"clients[{i}]" for i in range(len(config.clients))
+    ]
 
 
 KEY_LINE = re.compile(r"^\s*(?:- )?[A-Za-z_]\w*:\s*(?P<value>[^#\s].*)?$")
