@@ -20,7 +20,7 @@ import argparse
 
 from safetensors.torch import save as save_safetensors
 
-from fedmkt.cli import parse_run_config
+from fedmkt.config import parse_run_config
 from fedmkt.run import build_participants, quiet_lightning
 
 PAPER_POSITIONS = 1000 * 512

@@ -34,7 +34,7 @@ from collections import Counter
 import torch
 
 from fedmkt.alignment import TokenAligner, dtw_path
-from fedmkt.cli import parse_run_config
+from fedmkt.config import parse_run_config
 from fedmkt.data.parts import federation_data
 from fedmkt.losses import sparse_kd_loss
 from fedmkt.run import build_participant

@@ -43,8 +43,7 @@ from typing import Optional
 
 import numpy as np
 
-from fedmkt.cli import parse_run_config
-from fedmkt.config import RunConfig
+from fedmkt.config import RunConfig, parse_run_config
 from fedmkt.evaluation import wilson_interval
 from fedmkt.run import fit
 

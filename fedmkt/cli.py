@@ -1,7 +1,7 @@
 """The `fedmkt` command: `fit`, `evaluate`, `map-vocab` and `align-text`, each mapped to a plain function.
 
 `--config NAME` accepts a path, or the bare name of a shipped config (`demo`, `tiny.yaml`,
-`heterogeneous.yaml`, …) which resolves to the `lightning_configs/` folder. Any key can be
+`heterogeneous.yaml`, …) which resolves to the `lightning_configs/` folder (see `fedmkt.config`). Any key can be
 overridden on the command line (`--transfer.top_k 8`), `--print_config` shows the resolved
 config, and `fit` saves it in the run directory. User errors print one line naming the problem
 and the fix; `--debug` shows the traceback instead.
@@ -13,96 +13,17 @@ import signal
 import sys
 import threading
 import warnings
-from importlib import resources
 from pathlib import Path
 from typing import Literal, Optional
 
-from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from jsonargparse import ArgumentParser
 
-from fedmkt.config import RunConfig
+from fedmkt.config import resolve_config_arguments, run_config_from_namespace, run_config_parser
 from fedmkt.errors import FedMKTError, RunInterrupted
-
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
-
-
-def shipped_configs() -> dict[str, Path]:
-    """The YAML configs installed with fedmkt, by file name."""
-    folder = resources.files("fedmkt.lightning_configs")
-    return {entry.name: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
-
-
-def resolve_config_path(value: str) -> str:
-    """A path stays a path; a bare name (with or without `.yaml`) becomes a shipped config."""
-    if Path(value).exists():
-        check_config_file(Path(value))
-        return value
-    shipped = shipped_configs()
-    for name in (value, f"{value}.yaml"):
-        if name in shipped and "/" not in value:
-            return str(shipped[name])
-    raise FedMKTError(
-        f"config file `{value}` not found. Fix: give an existing path or a shipped config name ({', '.join(sorted(shipped))})."
-    )
-
-
-def check_config_file(path: Path) -> None:
-    """A config file must be readable UTF-8 YAML; otherwise one line naming the file and where it breaks."""
-    import yaml
-
-    if path.is_dir():
-        raise FedMKTError(
-            f"config {path} is a folder, not a YAML file. Fix: pass the YAML file itself (e.g. {path / 'config.yaml'})."
-        )
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise FedMKTError(
-            f"cannot read config file {path} ({error.strerror or error}). Fix: check the path and its permissions."
-        ) from error
-    try:
-        if b"\x00" in data:
-            raise UnicodeDecodeError(
-                "utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte: a binary file"
-            )
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise FedMKTError(
-            f"config file {path} is not UTF-8 text (byte {error.start}: {error.reason}). Fix: pass a YAML config saved as UTF-8."
-        ) from None
-    try:
-        yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or type(error).__name__
-        raise FedMKTError(
-            f"config file {path} is not valid YAML{where} ({problem}). Fix: correct the YAML syntax there."
-        ) from None
-
-
-def _resolve_config_arguments(argv: list[str]) -> list[str]:
-    resolved = list(argv)
-    for i, arg in enumerate(resolved):
-        if arg == "--config" and i + 1 < len(resolved):
-            resolved[i + 1] = resolve_config_path(resolved[i + 1])
-        elif arg.startswith("--config="):
-            resolved[i] = "--config=" + resolve_config_path(arg.split("=", 1)[1])
-    return resolved
-
-
-def _run_parser(description: str) -> ArgumentParser:
-    parser = ArgumentParser(description=description, exit_on_error=False)
-    parser.add_argument(
-        "--config",
-        action=ActionConfigFile,
-        help="YAML config: a path or a shipped name (demo, tiny, heterogeneous, …).",
-    )
-    parser.add_class_arguments(RunConfig)
-    return parser
 
 
 def _fit_parser() -> ArgumentParser:
-    parser = _run_parser("Run FedMKT rounds end to end.")
+    parser = run_config_parser("Run FedMKT rounds end to end.")
     parser.add_argument(
         "--resume",
         type=Optional[str],
@@ -124,7 +45,7 @@ def _fit_parser() -> ArgumentParser:
 
 
 def _evaluate_parser() -> ArgumentParser:
-    parser = _run_parser("Score one party (base model + optional LoRA adapter) on the run's held-out split.")
+    parser = run_config_parser("Score one party (base model + optional LoRA adapter) on the run's held-out split.")
     parser.add_argument("--party", type=str, default="server", help="server, client_0, client_1, …")
     parser.add_argument(
         "--adapter",
@@ -175,12 +96,6 @@ def _align_text_parser() -> ArgumentParser:
     return parser
 
 
-def _run_config(parser: ArgumentParser, namespace) -> RunConfig:
-    """Instantiate the typed RunConfig from a parsed sub-command namespace."""
-    values = parser.instantiate(namespace.clone())
-    return RunConfig(**{key: values[key] for key in RunConfig.__dataclass_fields__})
-
-
 def _fit(parser: ArgumentParser, namespace) -> None:
     from fedmkt.run import fit
 
@@ -198,21 +113,23 @@ def _fit(parser: ArgumentParser, namespace) -> None:
         namespace.run_dir = str(
             Path(namespace.run_dir).expanduser().resolve()
         )  # the ServerApp starts in the SuperLink's folder
-        submit(_run_config(parser, namespace), resolved_config=parser.dump(namespace))
+        submit(run_config_from_namespace(parser, namespace), resolved_config=parser.dump(namespace))
         return
-    config = _run_config(parser, namespace)
+    config = run_config_from_namespace(parser, namespace)
     fit(config, resolved_config=parser.dump(namespace), resume=resume, overwrite=overwrite)
 
 
 def _evaluate(parser: ArgumentParser, namespace) -> None:
     from fedmkt.run import evaluate_party
 
-    scores = evaluate_party(_run_config(parser, namespace), namespace.party, namespace.adapter)
+    scores = evaluate_party(run_config_from_namespace(parser, namespace), namespace.party, namespace.adapter)
     print(" ".join(f"{key}={_plain(value)}" for key, value in scores.items()))
 
 
 def _plain(value) -> str:
-    """`0.6250`, `12`, or `0.3567,0.8591` for an interval: one token per score, for scripts to split."""
+    """`0.6250`, `12`, `0.3567,0.8591` for an interval, or `0110` per-question: one token per score, for scripts to split."""
+    if isinstance(value, str):
+        return value
     if isinstance(value, (list, tuple)):
         return ",".join(f"{v:.4f}" for v in value)
     return str(value) if isinstance(value, int) else f"{value:.4f}"
@@ -284,26 +201,9 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     return parser, sub_parsers
 
 
-def parse_run_config(args: list[str]) -> RunConfig:
-    """The RunConfig that `fedmkt fit ARGS` would run (used by tests and notebooks)."""
-    parser, sub_parsers = build_parser()
-    namespace = parser.parse_args(["fit", *_resolve_config_arguments(args)])
-    return _run_config(sub_parsers["fit"], namespace["fit"])
-
-
-def run_config_from_text(text: str) -> RunConfig:
-    """The RunConfig of a resolved config (the YAML `fedmkt fit` saves as `config.yaml`).
-
-    The Flower backend ships this text to the ServerApp and every ClientApp, so all parties parse
-    one config exactly as the command line did.
-    """
-    parser = _run_parser("config")
-    return _run_config(parser, parser.parse_string(text))
-
-
 def _dispatch(argv: list[str]) -> None:
     parser, sub_parsers = build_parser()
-    argv = _resolve_config_arguments(argv)
+    argv = resolve_config_arguments(argv)
     if any(arg.startswith("--print_config") for arg in argv) and any(
         command in argv for command in ("fit", "evaluate")
     ):
@@ -320,7 +220,7 @@ def _validate_before_printing(parser: ArgumentParser, sub_parsers: dict[str, Arg
     from fedmkt.run import validate_against_vocabularies
 
     namespace = parser.parse_args([arg for arg in argv if not arg.startswith("--print_config")])
-    config = _run_config(sub_parsers[namespace.subcommand], namespace[namespace.subcommand])
+    config = run_config_from_namespace(sub_parsers[namespace.subcommand], namespace[namespace.subcommand])
     validate(config)
     if config.federation.backend == "inprocess":
         check_hardware(config)

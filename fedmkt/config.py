@@ -1,13 +1,20 @@
-"""Typed configuration groups.
+"""Typed configuration groups, and how a run's config is loaded into them.
 
 Every YAML key maps onto a field here; jsonargparse turns each field's docstring into `--help`
-text and rejects unknown keys. Code downstream reads these objects, never raw dicts.
+text and rejects unknown keys. Code downstream reads these objects, never raw dicts. A config
+comes from a YAML file (a path or the name of a shipped config) plus command-line overrides
+(`parse_run_config`), or from the resolved text a run saved (`run_config_from_text`), which is
+how the Flower apps read it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from fedmkt.errors import FedMKTError
 
@@ -340,6 +347,11 @@ class RunConfig:
         return {"server": self.server} | {f"client_{i}": client for i, client in enumerate(self.clients)}
 
 
+def config_key(party: str) -> str:
+    """The YAML key of a party named as in `RunConfig.parties()` (`client_1` → `clients[1]`), for error messages."""
+    return party if party == "server" else f"clients[{party.split('_', 1)[1]}]"
+
+
 PRECISIONS = (
     "32-true",
     "bf16-mixed",
@@ -397,8 +409,8 @@ def validate(config: RunConfig) -> None:
         (config.flower.wait_for_nodes_s > 0, "flower.wait_for_nodes_s must be > 0", "use e.g. 120"),
         (config.data.max_length >= 8, "data.max_length must be >= 8", "set data.max_length: 256"),
     ]
-    parties = {"server": config.server} | {f"clients[{i}]": c for i, c in enumerate(config.clients)}
-    for key, party in parties.items():
+    for name, party in config.parties().items():
+        key = config_key(name)
         checks += [
             (party.batch_size >= 1, f"{key}.batch_size must be >= 1", "use e.g. 4"),
             (party.eval_batch_size >= 1, f"{key}.eval_batch_size must be >= 1", "use e.g. 16"),
@@ -442,8 +454,114 @@ def check_hardware(config: RunConfig, names: Optional[list[str]] = None) -> None
         if names is not None and name not in names:
             continue
         if party.trainer.accelerator in ("gpu", "cuda") and not _cuda_available():
-            key = "server" if name == "server" else f"clients[{name.split('_', 1)[1]}]"
             raise FedMKTError(
-                f"{key}.trainer.accelerator is {party.trainer.accelerator} but this machine has no usable GPU. "
+                f"{config_key(name)}.trainer.accelerator is {party.trainer.accelerator} but this machine has no usable GPU. "
                 "Fix: use accelerator: auto or cpu."
             )
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The YAML configs installed with fedmkt, by file name."""
+    folder = resources.files("fedmkt.lightning_configs")
+    return {entry.name: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def resolve_config_path(value: str) -> str:
+    """A path stays a path; a bare name (with or without `.yaml`) becomes a shipped config."""
+    if Path(value).exists():
+        check_config_file(Path(value))
+        return value
+    shipped = shipped_configs()
+    for name in (value, f"{value}.yaml"):
+        if name in shipped and "/" not in value:
+            return str(shipped[name])
+    raise FedMKTError(
+        f"config file `{value}` not found. Fix: give an existing path or a shipped config name ({', '.join(sorted(shipped))})."
+    )
+
+
+def check_config_file(path: Path) -> None:
+    """A config file must be readable UTF-8 YAML; otherwise one line naming the file and where it breaks."""
+    import yaml
+
+    if path.is_dir():
+        raise FedMKTError(
+            f"config {path} is a folder, not a YAML file. Fix: pass the YAML file itself (e.g. {path / 'config.yaml'})."
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise FedMKTError(
+            f"cannot read config file {path} ({error.strerror or error}). Fix: check the path and its permissions."
+        ) from error
+    try:
+        if b"\x00" in data:
+            raise UnicodeDecodeError(
+                "utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte: a binary file"
+            )
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise FedMKTError(
+            f"config file {path} is not UTF-8 text (byte {error.start}: {error.reason}). Fix: pass a YAML config saved as UTF-8."
+        ) from None
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise FedMKTError(
+            f"config file {path} is not valid YAML{where} ({problem}). Fix: correct the YAML syntax there."
+        ) from None
+
+
+def resolve_config_arguments(argv: list[str]) -> list[str]:
+    """`argv` with the value of every `--config` resolved by `resolve_config_path`."""
+    resolved = list(argv)
+    for i, arg in enumerate(resolved):
+        if arg == "--config" and i + 1 < len(resolved):
+            resolved[i + 1] = resolve_config_path(resolved[i + 1])
+        elif arg.startswith("--config="):
+            resolved[i] = "--config=" + resolve_config_path(arg.split("=", 1)[1])
+    return resolved
+
+
+def run_config_parser(description: str) -> ArgumentParser:
+    """A parser for every RunConfig key, plus `--config FILE`; `fedmkt fit` and `evaluate` extend it."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
+    parser = ArgumentParser(description=description, exit_on_error=False)
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help="YAML config: a path or a shipped name (demo, tiny, heterogeneous, …).",
+    )
+    parser.add_class_arguments(RunConfig)
+    return parser
+
+
+def run_config_from_namespace(parser: ArgumentParser, namespace: Namespace) -> RunConfig:
+    """Instantiate the typed RunConfig from a parsed sub-command namespace."""
+    values = parser.instantiate(namespace.clone())
+    return RunConfig(**{key: values[key] for key in RunConfig.__dataclass_fields__})
+
+
+def parse_run_config(args: list[str]) -> RunConfig:
+    """The RunConfig that `fedmkt fit ARGS` would run (used by tests, benchmarks and notebooks).
+
+    ARGS are config arguments only (`--config`, `--transfer.top_k 8`, …), not fit's own flags.
+    """
+    parser = run_config_parser("config")
+    return run_config_from_namespace(parser, parser.parse_args(resolve_config_arguments(args)))
+
+
+def run_config_from_text(text: str) -> RunConfig:
+    """The RunConfig of a resolved config (the YAML `fedmkt fit` saves as `config.yaml`).
+
+    The Flower backend ships this text to the ServerApp and every ClientApp, so all parties parse
+    one config exactly as the command line did.
+    """
+    parser = run_config_parser("config")
+    return run_config_from_namespace(parser, parser.parse_string(text))

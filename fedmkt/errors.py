@@ -21,3 +21,8 @@ class RunInterrupted(BaseException):
         super().__init__(signum)
         self.signum = signum
         self.run_dir: str | None = None
+
+
+def describe(error: BaseException) -> str:
+    """`TypeName: message` on one line, at most 500 characters: how summary.json records a failure."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]

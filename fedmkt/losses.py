@@ -35,7 +35,6 @@ __all__ = [
     "token_cross_entropy",
     "sparse_kd_loss",
     "kd_objective",
-    "dense_kd_loss_reference",
 ]
 
 IGNORE_INDEX = -100
@@ -308,27 +307,3 @@ def kd_objective(
     kd = kd_sum / count.clamp(min=1).to(kd_sum.dtype)
     ce = ce_per_sample.mean() if ce_per_sample.numel() else ce_per_sample.sum()
     return ce_weight * ce + (1.0 - ce_weight) * kd
-
-
-def dense_kd_loss_reference(
-    logits: Tensor,
-    target_ids: Tensor,
-    target_probs: Tensor,
-    temperature: float = 1.0,
-    kind: Literal["ce", "kl"] = "ce",
-) -> Tensor:
-    """The reference implementation's dense-target loss, kept for tests and the memory benchmark.
-
-    Scatters the top-k probabilities into a dense ``[B, L, V]`` target; memory-hungry by design.
-    """
-    valid = target_ids >= 0
-    ids = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long()
-    probs = torch.where(valid, target_probs, torch.zeros_like(target_probs)).to(logits.dtype)
-    target = torch.zeros_like(logits)
-    # scatter_add so that the empty slots (prob 0, dummy id 0) cannot overwrite a real slot on id 0.
-    target.scatter_add_(-1, ids, probs)
-    scaled = logits if temperature == 1.0 else logits / temperature
-    loss = -(target * torch.log_softmax(scaled, dim=-1)).sum(-1)
-    if kind == "kl":
-        loss = loss + torch.xlogy(target, target).sum(-1)
-    return loss

@@ -14,14 +14,15 @@ import lightning as L
 from filelock import FileLock, Timeout
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-from fedmkt.config import RunConfig, check_hardware, validate
+from fedmkt.config import RunConfig, check_hardware, config_key, validate
 from fedmkt.data.datamodule import PartyDataModule
 from fedmkt.data.parts import PartyData, federation_data, party_data
 from fedmkt.errors import FedMKTError, RunInterrupted
-from fedmkt.federation.checkpoint import atomic_write_dir, atomic_write_text, read_checkpoint
+from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
 from fedmkt.federation.distributed import coordinate, is_rank_zero, launch_ranks, party_processes
+from fedmkt.federation.files import atomic_write_dir, atomic_write_text
 from fedmkt.federation.participant import Participant
-from fedmkt.federation.trainer import FederatedTrainer, check_resumable
+from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.models import cache_root, load_model, load_tokenizer
 from fedmkt.party import PartyModule
 
@@ -38,11 +39,6 @@ def quiet_lightning() -> None:
     ):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|LeafSpec|does not have many workers).*")
-
-
-def party_names(num_clients: int) -> list[str]:
-    """`server`, `client_0`, …: the names used in payloads, logs and summary.json."""
-    return [SERVER] + [f"client_{i}" for i in range(num_clients)]  # the keys of RunConfig.parties()
 
 
 def build_participants(
@@ -218,12 +214,11 @@ def _fit_locked(
 
 def validate_against_vocabularies(config: RunConfig) -> None:
     """Checks that need each party's tokenizer: `transfer.top_k` must fit every vocabulary."""
-    parties = {"server": config.server} | {f"clients[{i}]": c for i, c in enumerate(config.clients)}
-    for key, party in parties.items():
+    for name, party in config.parties().items():
         size = len(load_tokenizer(party.model, config.cache_dir))
         if config.transfer.top_k > size:
             raise FedMKTError(
-                f"transfer.top_k={config.transfer.top_k} exceeds {key}'s vocabulary of {size} tokens. "
+                f"transfer.top_k={config.transfer.top_k} exceeds {config_key(name)}'s vocabulary of {size} tokens. "
                 f"Fix: set transfer.top_k to at most {size} (e.g. 16)."
             )
 

@@ -21,6 +21,7 @@ import fedmkt.payload as payload_module
 from fedmkt.cli import main
 from fedmkt.config import ModelSpec, PartyConfig, RunConfig
 from fedmkt.errors import FedMKTError
+from fedmkt.federation.protocol import PhaseStats
 from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.payload import KnowledgePayload
 
@@ -84,7 +85,7 @@ def test_config_errors_stop_before_anything_is_written(args, needle, tmp_path, c
 
 
 def test_unknown_mode_in_a_yaml_file(tmp_path, capsys):
-    from fedmkt.cli import shipped_configs
+    from fedmkt.config import shipped_configs
 
     config = tmp_path / "bad.yaml"
     config.write_text(shipped_configs()["tiny.yaml"].read_text().replace("mode: fedmkt", "mode: fedprox"))
@@ -286,11 +287,11 @@ class _Party:
 
     def __init__(self, name: str, calls: list) -> None:
         self.name, self.calls = name, calls
-        self.data = SimpleNamespace(public=[None] * 3)
+        self.num_public = 3
         self.spoil = None
 
     def fine_tune(self, round_index):
-        return {"task_loss": 1.0, "kd_loss": 0.0, "train_seconds": 0.0}
+        return PhaseStats(task_loss=1.0)
 
     def share_knowledge(self, round_index):
         payload = _payload(self.name)
@@ -300,7 +301,7 @@ class _Party:
 
     def distill(self, round_index, payloads):
         self.calls.append((self.name, round_index, tuple(payloads)))
-        return {"task_loss": 1.0, "kd_loss": 0.0, "train_seconds": 0.0, "selected": 0, "teacher_counts": {}}
+        return PhaseStats(task_loss=1.0)
 
     def evaluate(self):
         return {"eval_accuracy": 0.5}

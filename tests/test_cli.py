@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedmkt.cli import main, resolve_config_path, shipped_configs
+from fedmkt.cli import main
+from fedmkt.config import resolve_config_path, shipped_configs
 from fedmkt.errors import FedMKTError
 
 TINY = shipped_configs()["tiny.yaml"]

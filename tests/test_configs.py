@@ -7,9 +7,7 @@ import re
 import pytest
 import yaml
 
-from fedmkt.cli import parse_run_config, shipped_configs
-from fedmkt.config import RunConfig, validate
-from fedmkt.run import party_names
+from fedmkt.config import RunConfig, config_key, parse_run_config, shipped_configs, validate
 
 SHIPPED = sorted(shipped_configs())
 
@@ -33,7 +31,10 @@ def test_shipped_yaml_parses_and_validates(name):
     assert [c.model.source for c in config.clients] == [c["model"]["source"] for c in data["clients"]]
     assert config.data.task == data["data"]["task"] and config.federation.rounds == data["federation"]["rounds"]
     assert config.transfer.top_k == data["transfer"]["top_k"] and config.seed == data["seed"]
-    assert len(party_names(len(config.clients))) == len(config.clients) + 1
+    assert list(config.parties()) == ["server"] + [f"client_{i}" for i in range(len(config.clients))]
+    assert [config_key(name) for name in config.parties()] == ["server"] + [
+        f"clients[{i}]" for i in range(len(config.clients))
+    ]
 
 
 KEY_LINE = re.compile(r"^\s*(?:- )?[A-Za-z_]\w*:\s*(?P<value>[^#\s].*)?$")

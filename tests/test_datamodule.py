@@ -15,7 +15,6 @@ from fedmkt.data.datamodule import (
 from fedmkt.data.tasks import QAExample
 from fedmkt.data.tokenize import IGNORE_INDEX, encode_prompt_answer
 from fedmkt.errors import FedMKTError
-from fedmkt.selection import Selection
 
 
 def examples(n: int, tag: str = "q") -> list[QAExample]:
@@ -101,24 +100,17 @@ def sample(index: int, length: int, answer_from: int) -> TokenizedSample:
     return TokenizedSample(index, input_ids, targets)
 
 
-def distill_data(public, top_k=3, kd_positions="all") -> DistillationDataModule:
+def distill_data(public, targets=None, top_k=3, kd_positions="all") -> DistillationDataModule:
+    targets = DistillationTargets.empty(len(public)) if targets is None else targets
     return DistillationDataModule(
-        receiver="server",
-        public=public,
-        teacher_payloads={},
-        own_losses=torch.ones(len(public)),
-        batch_size=8,
-        pad_id=0,
-        seed=0,
-        top_k=top_k,
-        kd_positions=kd_positions,
+        public=public, targets=targets, batch_size=8, pad_id=0, seed=0, top_k=top_k, kd_positions=kd_positions
     )
 
 
 def targets_for(public, selected: dict[int, int], width=3, seed=0) -> DistillationTargets:
     """Aligned targets for the selected samples (full rows of `width` slots), None elsewhere."""
     g = torch.Generator().manual_seed(seed)
-    targets = DistillationTargets(ids=[None] * len(public), probs=[None] * len(public))
+    targets = DistillationTargets.empty(len(public))
     for i in selected:
         length = len(public[i].input_ids)
         targets.ids[i] = torch.randint(100, (length, width), generator=g)
@@ -126,15 +118,12 @@ def targets_for(public, selected: dict[int, int], width=3, seed=0) -> Distillati
     return targets
 
 
-def test_train_dataloader_needs_a_selection_first():
-    data = distill_data([sample(0, 5, 3)])
-    with pytest.raises(RuntimeError, match="SelectiveTransferCallback"):
-        data.train_dataloader()
+def items_by_index(data: DistillationDataModule) -> dict[int, dict]:
+    return {int(item["index"]): item for item in data.items}
 
 
 def test_without_targets_nothing_is_distilled():
     data = distill_data([sample(0, 5, 3), sample(1, 4, 2)])
-    data.selection = Selection(["client_0"], torch.tensor([-1, -1]))
     batch = next(iter(data.train_dataloader()))
     assert not batch["kd_mask"].any()
     assert (batch["kd_ids"] == -1).all() and (batch["kd_probs"] == 0).all()
@@ -143,15 +132,14 @@ def test_without_targets_nothing_is_distilled():
 
 def test_selected_samples_get_their_targets_and_unselected_are_masked():
     public = [sample(0, 5, 3), sample(1, 4, 2), sample(2, 6, 4)]
-    data = distill_data(public)
-    data.selection = Selection(["client_0"], torch.tensor([0, -1, 0]))
-    data.targets = targets_for(public, {0: 0, 2: 0})
-    items = {int(item["index"]): item for item in map(data._item, public)}
+    targets = targets_for(public, {0: 0, 2: 0})
+    data = distill_data(public, targets)
+    items = items_by_index(data)
 
     for i in (0, 2):
         length = len(public[i].input_ids)
-        assert torch.equal(items[i]["kd_ids"], data.targets.ids[i])
-        assert torch.equal(items[i]["kd_probs"], data.targets.probs[i])
+        assert torch.equal(items[i]["kd_ids"], targets.ids[i])
+        assert torch.equal(items[i]["kd_probs"], targets.probs[i])
         # every position distilled except the last, which has no next token
         assert items[i]["kd_mask"].tolist() == [True] * (length - 1) + [False]
     assert not items[1]["kd_mask"].any() and (items[1]["kd_ids"] == -1).all()
@@ -171,12 +159,19 @@ def test_selected_samples_get_their_targets_and_unselected_are_masked():
         assert torch.equal(batch["input_ids"][row, :length], public[i].input_ids)
 
 
+def test_every_epoch_reads_the_same_items():
+    public = [sample(0, 5, 3), sample(1, 4, 2)]
+    data = distill_data(public, targets_for(public, {1: 0}))
+    first, second = next(iter(data.train_dataloader())), next(iter(data.train_dataloader()))
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key])  # same seed, same items: nothing changed in between
+
+
 def test_answer_positions_mode_masks_the_prompt():
     public = [sample(0, 7, 4)]  # answer tokens at 4..6: positions 3, 4, 5 predict them
-    data = distill_data(public, kd_positions="answer")
-    data.selection = Selection(["server"], torch.tensor([0]))
-    data.targets = targets_for(public, {0: 0})
-    item = data._item(public[0])
+    data = distill_data(public, targets_for(public, {0: 0}), kd_positions="answer")
+    item = data.items[0]
     assert item["kd_mask"].tolist() == [False, False, False, True, True, True, False]
     assert torch.equal(item["kd_mask"], public[0].targets != IGNORE_INDEX)
     assert torch.equal(item["kd_eligible"], public[0].targets != IGNORE_INDEX)
@@ -184,25 +179,21 @@ def test_answer_positions_mode_masks_the_prompt():
 
 def test_empty_target_rows_are_masked():
     public = [sample(0, 5, 3)]
-    data = distill_data(public)
-    data.selection = Selection(["server"], torch.tensor([0]))
-    data.targets = targets_for(public, {0: 0})
-    data.targets.ids[0][1] = -1  # an unmatched position with no fallback: empty row
-    data.targets.probs[0][1] = 0.0
-    assert data._item(public[0])["kd_mask"].tolist() == [True, False, True, True, False]
+    targets = targets_for(public, {0: 0})
+    targets.ids[0][1] = -1  # an unmatched position with no fallback: empty row
+    targets.probs[0][1] = 0.0
+    assert distill_data(public, targets).items[0]["kd_mask"].tolist() == [True, False, True, True, False]
 
 
 def test_narrow_targets_are_padded_and_wide_ones_cut_to_top_k():
     public = [sample(0, 4, 2), sample(1, 4, 2)]
-    data = distill_data(public, top_k=3)
-    data.selection = Selection(["a", "b"], torch.tensor([0, 1]))
-    data.targets = targets_for(public, {0: 0}, width=2)
+    targets = targets_for(public, {0: 0}, width=2)
     wide = targets_for(public, {1: 0}, width=5, seed=1)
-    data.targets.ids[1], data.targets.probs[1] = wide.ids[1], wide.probs[1]
+    targets.ids[1], targets.probs[1] = wide.ids[1], wide.probs[1]
 
-    narrow_item, wide_item = data._item(public[0]), data._item(public[1])
+    narrow_item, wide_item = distill_data(public, targets, top_k=3).items
     assert narrow_item["kd_ids"].shape == wide_item["kd_ids"].shape == (4, 3)
-    assert torch.equal(narrow_item["kd_ids"][:, :2], data.targets.ids[0])
+    assert torch.equal(narrow_item["kd_ids"][:, :2], targets.ids[0])
     assert (narrow_item["kd_ids"][:, 2] == -1).all() and (narrow_item["kd_probs"][:, 2] == 0).all()
     assert torch.equal(wide_item["kd_ids"], wide.ids[1][:, :3])
     assert torch.equal(wide_item["kd_probs"], wide.probs[1][:, :3])

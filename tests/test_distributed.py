@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fedmkt.cli import main, parse_run_config
+from fedmkt.cli import main
+from fedmkt.config import parse_run_config
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.distributed import (
     RankCoordinatedParticipant,

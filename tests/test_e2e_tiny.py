@@ -11,7 +11,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from fedmkt.cli import main, parse_run_config
+from fedmkt.cli import main
+from fedmkt.config import parse_run_config
 
 PARTIES = ["server", "client_0", "client_1"]
 

@@ -7,16 +7,19 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 
-import fedmkt.federation.checkpoint as checkpoint_module
+import fedmkt.federation.files as files_module
 from fedmkt.config import LoRAConfig, ModelSpec, OptimizerConfig, PartyConfig, RunConfig, TrainerConfig, TransferConfig
-from fedmkt.data.datamodule import PartyDataModule
+from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.tasks import QAExample
 from fedmkt.errors import FedMKTError
+from fedmkt.federation.files import atomic_write_text
 from fedmkt.federation.participant import Participant
-from fedmkt.federation.trainer import FederatedTrainer, atomic_write_text
+from fedmkt.federation.protocol import PhaseStats
+from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.party import PartyModule
 from fedmkt.payload import KnowledgePayload
 
@@ -55,13 +58,13 @@ class FakeParty:
 
     def __init__(self, name: str, calls: list, task_loss: float = 1.0, seed: int = 0) -> None:
         self.name, self.calls, self.task_loss, self.seed = name, calls, task_loss, seed
-        self.data = SimpleNamespace(public=[None] * PUBLIC)
+        self.num_public = PUBLIC
         self.sent: list[KnowledgePayload] = []
         self.received: list[dict] = []
 
     def fine_tune(self, round_index):
         self.calls.append((self.name, "fine_tune", round_index))
-        return {"task_loss": self.task_loss, "kd_loss": 0.0, "train_seconds": 0.5}
+        return PhaseStats(task_loss=self.task_loss, train_seconds=0.5)
 
     def share_knowledge(self, round_index):
         self.calls.append((self.name, "share", round_index))
@@ -72,13 +75,7 @@ class FakeParty:
         self.calls.append((self.name, "distill", round_index, tuple(sorted(teacher_payloads))))
         self.received.append(teacher_payloads)
         counts = {name: 1 for name in teacher_payloads}
-        return {
-            "task_loss": 2.0,
-            "kd_loss": 0.25,
-            "train_seconds": 1.0,
-            "selected": len(counts),
-            "teacher_counts": counts,
-        }
+        return PhaseStats(task_loss=2.0, kd_loss=0.25, train_seconds=1.0, selected=len(counts), teacher_counts=counts)
 
     def evaluate(self):
         return {"eval_accuracy": 0.5 + 0.1 * len(self.received), "eval_accuracy_norm": 0.5, "eval_seconds": 0.1}
@@ -301,7 +298,7 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path, m
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module.os, "replace", crash)
+    monkeypatch.setattr(files_module.os, "replace", crash)
     with pytest.raises(OSError):
         atomic_write_text(target, '{"rounds": [1, 2]}')
     assert strict_json(target.read_text()) == {"rounds": [1]}  # the old content, intact
@@ -375,13 +372,13 @@ def test_participant_phases_share_distil_and_save(smollm2_tokenizer, make_tiny_l
     assert torch.equal(party.public_losses(), shared.losses[shared.sample_index.argsort()])
 
     stats = party.fine_tune(round_index=1)
-    assert math.isfinite(stats["task_loss"]) and stats["kd_loss"] == 0.0
+    assert math.isfinite(stats.task_loss) and stats.kd_loss == 0.0 and stats.ranks == 1
     assert party._public_losses is None  # weights changed: own losses must be recomputed
 
     teacher = peer.share_knowledge(round_index=1)
     distilled = party.distill(1, {"peer": KnowledgePayload.from_bytes(teacher.to_bytes())})
-    assert distilled["selected"] == 3 and distilled["teacher_counts"] == {"peer": 3}  # "all": every sample
-    assert distilled["kd_loss"] > 0 and math.isfinite(distilled["task_loss"])
+    assert distilled.selected == 3 and distilled.teacher_counts == {"peer": 3}  # "all": every sample
+    assert distilled.kd_loss > 0 and math.isfinite(distilled.task_loss)
 
     scores = party.evaluate()
     assert 0.0 <= scores["eval_accuracy"] <= 1.0
@@ -389,6 +386,68 @@ def test_participant_phases_share_distil_and_save(smollm2_tokenizer, make_tiny_l
     saved = sorted(p.name for p in (tmp_path / "adapters" / "client_0").iterdir())
     assert "adapter_model.safetensors" in saved and "adapter_config.json" in saved
     assert [p.name for p in (tmp_path / "adapters").iterdir()] == ["client_0"]  # no temporary folder left
+
+
+def test_participant_distill_selects_aligns_builds_its_data_then_trains(
+    smollm2_tokenizer, make_tiny_llama, tmp_path, monkeypatch
+):
+    import fedmkt.federation.participant as participant_module
+
+    transfer = TransferConfig(top_k=3, selection="all")
+    party = make_participant("client_0", smollm2_tokenizer, make_tiny_llama, tmp_path / "cache", 0, transfer)
+    peer = make_participant("peer", smollm2_tokenizer, make_tiny_llama, tmp_path / "cache", 1, transfer)
+    teacher = {"peer": KnowledgePayload.from_bytes(peer.share_knowledge(round_index=1).to_bytes())}
+    events, seen = [], {}
+
+    def spy(name, function):
+        def wrapped(*args, **kwargs):
+            result = function(*args, **kwargs)
+            events.append(name)
+            seen[name] = result
+            return result
+
+        return wrapped
+
+    monkeypatch.setattr(participant_module, "select_teachers", spy("select", participant_module.select_teachers))
+    monkeypatch.setattr(party.alignment, "align_selected", spy("align", party.alignment.align_selected))
+    monkeypatch.setattr(participant_module, "DistillationDataModule", spy("data", DistillationDataModule))
+    fit = party._fit
+
+    def spy_fit(trainer, data, seed):
+        events.append("fit")
+        assert data is seen["data"]
+        assert {type(c).__name__ for c in trainer.callbacks} <= {"PhaseProgressBar", "PhaseDeadlineCallback"} | {
+            type(c).__name__ for c in L.Trainer(logger=False, enable_progress_bar=False).callbacks
+        }
+        seen["masks"] = [item["kd_mask"].clone() for item in data.items]
+        return fit(trainer, data, seed)
+
+    monkeypatch.setattr(party, "_fit", spy_fit)
+    stats = party.distill(1, teacher)
+
+    assert events == ["select", "align", "data", "fit"]
+    selection, targets, data = seen["select"], seen["align"], seen["data"]
+    assert stats.selected == selection.num_selected == 3 and stats.teacher_counts == selection.counts()
+    for item, ids in zip(data.items, (targets.ids[i] for i in range(3))):
+        assert torch.equal(item["kd_ids"][:, : ids.shape[1]], ids[:, :3])
+    assert all(torch.equal(item["kd_mask"], mask) for item, mask in zip(data.items, seen["masks"]))  # not mutated
+
+
+def test_public_losses_score_the_public_set_without_building_a_noised_payload(
+    smollm2_tokenizer, make_tiny_llama, tmp_path, monkeypatch
+):
+    import fedmkt.federation.participant as participant_module
+
+    party = make_participant("client_0", smollm2_tokenizer, make_tiny_llama, tmp_path / "cache", 0, TransferConfig())
+    shared = party.share_knowledge(round_index=1)
+    party.restore_public_losses(None)
+
+    def no_payload(*args, **kwargs):
+        raise AssertionError("public_losses needs the CE only")
+
+    monkeypatch.setattr(participant_module, "add_logit_noise", no_payload)
+    monkeypatch.setattr(participant_module, "KnowledgePayload", no_payload)
+    assert torch.equal(party.public_losses(), shared.losses[shared.sample_index.argsort()])
 
 
 def test_an_interval_reaches_the_loggers_as_its_two_ends(federation):

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from fedmkt.cli import main, parse_run_config, run_config_from_text, shipped_configs  # noqa: E402
+from fedmkt.cli import main  # noqa: E402
+from fedmkt.config import parse_run_config, run_config_from_text, shipped_configs  # noqa: E402
 from fedmkt.errors import FedMKTError  # noqa: E402
 from fedmkt.federation.flower import client_app, submit  # noqa: E402
 from fedmkt.federation.flower.messages import (  # noqa: E402
@@ -46,6 +48,7 @@ from fedmkt.federation.flower.messages import (  # noqa: E402
 )
 from fedmkt.federation.flower.proxy import RemoteParticipant, RemoteParticipantError  # noqa: E402
 from fedmkt.federation.flower.server_app import find_client_nodes  # noqa: E402
+from fedmkt.federation.protocol import PhaseStats  # noqa: E402
 from fedmkt.payload import KnowledgePayload  # noqa: E402
 
 TINY_TEXT = shipped_configs()["tiny.yaml"].read_text()
@@ -185,18 +188,19 @@ def test_proxy_forwards_phases_and_returns_their_results(task_identity, tmp_path
         if request.phase == "distill":
             assert set(request.blobs) == {"payload/server"}
             assert _same_payload(KnowledgePayload.from_bytes(request.blobs["payload/server"]), server_payload)
-        return Message(
-            encode_reply(Reply(stats={"phase": request.phase, "round": request.round, "path": request.path})),
-            reply_to=message,
-        )
+        if request.phase in ("fine_tune", "distill"):  # a phase's stats travel as the fields of PhaseStats
+            stats = asdict(PhaseStats(task_loss=float(request.round), selected=len(request.blobs), ranks=1))
+        else:
+            stats = {"phase": request.phase, "round": request.round, "path": request.path}
+        return Message(encode_reply(Reply(stats=stats)), reply_to=message)
 
     server_payload = _payload("server", vocab_size=300)
     grid = FakeGrid({7: node})
     proxy = _proxy(grid, tmp_path)
-    assert proxy.fine_tune(3) == {"phase": "fine_tune", "round": 3, "path": ""}
+    assert proxy.fine_tune(3) == PhaseStats(task_loss=3.0, ranks=1)
     shared = proxy.share_knowledge(3)
     assert _same_payload(shared, payload)
-    assert proxy.distill(3, {"server": server_payload})["phase"] == "distill"
+    assert proxy.distill(3, {"server": server_payload}) == PhaseStats(task_loss=3.0, selected=1, ranks=1)
     assert proxy.evaluate()["phase"] == "evaluate"
     proxy.save_adapter(tmp_path / "run" / "adapters" / "round_3" / "client_0")
     assert (

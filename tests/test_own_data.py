@@ -10,7 +10,8 @@ import pytest
 
 import fedmkt.data.parts as parts_module
 import fedmkt.run as run_module
-from fedmkt.cli import main, run_config_from_text, shipped_configs
+from fedmkt.cli import main
+from fedmkt.config import run_config_from_text, shipped_configs
 from fedmkt.data.datamodule import tokenize_examples
 from fedmkt.data.sources import load_source
 

@@ -21,10 +21,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 import fedmkt.federation.trainer as trainer_module
-from fedmkt.cli import main, parse_run_config
-from fedmkt.config import ModelSpec, PartyConfig, PrivacyConfig, RunConfig
+from fedmkt.cli import main
+from fedmkt.config import ModelSpec, PartyConfig, PrivacyConfig, RunConfig, parse_run_config
 from fedmkt.data.tasks import load_task, split_task
 from fedmkt.data.tokenize import encode_prompt_answer
+from fedmkt.federation.protocol import PhaseStats
 from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.models import load_tokenizer
 from fedmkt.payload import KnowledgePayload
@@ -253,11 +254,11 @@ class _Party:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.data = SimpleNamespace(public=[None] * 3)
+        self.num_public = 3
         self.adapter = {"lora_A.weight": torch.ones(8, 64), "lora_B.weight": torch.zeros(64, 8)}
 
     def fine_tune(self, round_index):
-        return {"task_loss": 1.0, "kd_loss": 0.0, "train_seconds": 0.0}
+        return PhaseStats(task_loss=1.0)
 
     def share_knowledge(self, round_index):
         rows, k = 6, 2
@@ -274,7 +275,7 @@ class _Party:
         )
 
     def distill(self, round_index, payloads):
-        return {"task_loss": 1.0, "kd_loss": 0.0, "train_seconds": 0.0, "selected": 0, "teacher_counts": {}}
+        return PhaseStats(task_loss=1.0)
 
     def evaluate(self):
         return {"eval_accuracy": 0.5}

@@ -17,7 +17,7 @@ from filelock import FileLock
 
 from fedmkt.cli import main
 from fedmkt.errors import FedMKTError
-from fedmkt.federation.checkpoint import atomic_write_dir
+from fedmkt.federation.files import atomic_write_dir
 from fedmkt.federation.participant import Participant
 
 FAST = [
@@ -132,7 +132,7 @@ def _tiny_with(tmp_path: Path, edit) -> str:
     """tiny.yaml with `edit(dict)` applied, written to a file."""
     import yaml
 
-    from fedmkt.cli import shipped_configs
+    from fedmkt.config import shipped_configs
 
     data = yaml.safe_load(shipped_configs()["tiny.yaml"].read_text())
     edit(data)

@@ -2,9 +2,8 @@
 
 Every party tokenizes the same public questions with its own tokenizer; sample `i` of the public
 set is the same question for everybody, which is what lets payloads refer to samples by index.
-The distillation data module starts without targets: the selective-transfer and alignment
-callbacks fill in, before its dataloader is built, which samples are distilled and the teacher's
-top-k distribution aligned to this party's tokens.
+The distillation data module is built from targets already selected and aligned
+(`fedmkt.distillation`) and holds its final items from construction on.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from torch.utils.data import DataLoader
 from fedmkt.data.tasks import QAExample
 from fedmkt.data.tokenize import IGNORE_INDEX, collate, encode_prompt_answer
 from fedmkt.errors import FedMKTError
-from fedmkt.selection import Selection
 
 
 @dataclass
@@ -97,21 +95,23 @@ class DistillationTargets:
     ids: list[Optional[torch.Tensor]] = field(default_factory=list)
     probs: list[Optional[torch.Tensor]] = field(default_factory=list)
 
+    @classmethod
+    def empty(cls, num_samples: int) -> DistillationTargets:
+        """Targets for `num_samples` samples, none of them distilled."""
+        return cls(ids=[None] * num_samples, probs=[None] * num_samples)
+
 
 class DistillationDataModule(L.LightningDataModule):
-    """Public samples for one receiver's distillation phase.
+    """Public samples for one receiver's distillation phase, with their final KD targets.
 
-    `selection` (set by `SelectiveTransferCallback`) says which samples are distilled and from
-    which teacher; `targets` (set by `AlignmentCacheCallback`) holds the aligned top-k targets.
-    Unselected samples still train with the task CE and contribute no KD term.
+    Items are built here, once: a sample with targets is distilled where its aligned rows are
+    non-empty; one without (not selected) still trains with the task CE and has no KD term.
     """
 
     def __init__(
         self,
-        receiver: str,
         public: list[TokenizedSample],
-        teacher_payloads: dict,
-        own_losses: torch.Tensor,
+        targets: DistillationTargets,
         batch_size: int,
         pad_id: int,
         seed: int,
@@ -119,45 +119,42 @@ class DistillationDataModule(L.LightningDataModule):
         kd_positions: str = "all",
     ) -> None:
         super().__init__()
-        self.receiver = receiver
-        self.public = public
-        self.teacher_payloads = teacher_payloads
-        self.own_losses = own_losses
+        if len(targets.ids) != len(public) or len(targets.probs) != len(public):
+            raise ValueError(f"{len(public)} public samples need as many targets, got {len(targets.ids)}")
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.seed = seed
-        self.top_k = top_k
-        self.kd_positions = kd_positions
-        self.selection: Optional[Selection] = None
-        self.targets: Optional[DistillationTargets] = None
-
-    def _item(self, sample: TokenizedSample) -> dict:
-        item = sample.as_item()
-        length = len(sample.input_ids)
-        # Positions that would be distilled if DualMinCE selected the sample: the KD term's
-        # denominator (see fedmkt.losses.kd_objective), so it does not depend on the selection.
-        eligible = torch.ones(length, dtype=torch.bool)
-        eligible[-1] = False  # the last position has no next token to predict
-        if self.kd_positions == "answer":
-            eligible &= sample.targets != IGNORE_INDEX
-        item["kd_eligible"] = eligible
-        ids = self.targets.ids[sample.index] if self.targets else None
-        if ids is None:
-            item["kd_ids"] = torch.full((length, self.top_k), -1, dtype=torch.long)
-            item["kd_probs"] = torch.zeros(length, self.top_k)
-            item["kd_mask"] = torch.zeros(length, dtype=torch.bool)
-            return item
-        probs = self.targets.probs[sample.index]
-        width = ids.shape[1]
-        if width < self.top_k:  # pad slots so every teacher's targets stack
-            ids = torch.cat([ids, ids.new_full((length, self.top_k - width), -1)], dim=1)
-            probs = torch.cat([probs, probs.new_zeros(length, self.top_k - width)], dim=1)
-        mask = (ids >= 0).any(dim=1) & eligible
-        item.update(kd_ids=ids[:, : self.top_k], kd_probs=probs[:, : self.top_k], kd_mask=mask)
-        return item
+        self.items: tuple[dict, ...] = tuple(
+            _distillation_item(sample, targets.ids[sample.index], targets.probs[sample.index], top_k, kd_positions)
+            for sample in public
+        )
 
     def train_dataloader(self) -> DataLoader:
-        if self.selection is None:
-            raise RuntimeError("DistillationDataModule needs SelectiveTransferCallback to run before its dataloader")
-        items = [self._item(sample) for sample in self.public]
-        return _loader(items, self.batch_size, self.pad_id, True, self.seed)
+        return _loader(list(self.items), self.batch_size, self.pad_id, True, self.seed)
+
+
+def _distillation_item(
+    sample: TokenizedSample, ids: Optional[torch.Tensor], probs: Optional[torch.Tensor], top_k: int, kd_positions: str
+) -> dict:
+    """One sample's training item: its tokens plus KD ids, probabilities and masks padded to `top_k` slots."""
+    item = sample.as_item()
+    length = len(sample.input_ids)
+    # Positions that would be distilled if DualMinCE selected the sample: the KD term's
+    # denominator (see fedmkt.losses.kd_objective), so it does not depend on the selection.
+    eligible = torch.ones(length, dtype=torch.bool)
+    eligible[-1] = False  # the last position has no next token to predict
+    if kd_positions == "answer":
+        eligible &= sample.targets != IGNORE_INDEX
+    item["kd_eligible"] = eligible
+    if ids is None:
+        item["kd_ids"] = torch.full((length, top_k), -1, dtype=torch.long)
+        item["kd_probs"] = torch.zeros(length, top_k)
+        item["kd_mask"] = torch.zeros(length, dtype=torch.bool)
+        return item
+    width = ids.shape[1]
+    if width < top_k:  # pad slots so every teacher's targets stack
+        ids = torch.cat([ids, ids.new_full((length, top_k - width), -1)], dim=1)
+        probs = torch.cat([probs, probs.new_zeros(length, top_k - width)], dim=1)
+    mask = (ids >= 0).any(dim=1) & eligible
+    item.update(kd_ids=ids[:, :top_k], kd_probs=probs[:, :top_k], kd_mask=mask)
+    return item

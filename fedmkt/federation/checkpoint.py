@@ -1,61 +1,85 @@
-"""Crash-safe files and RNG state for round checkpoints.
+"""Round checkpoints: what a run saves after every round, and how `--resume` continues from one.
 
-Every file a run writes goes through a temporary file in the same folder and `os.replace`, so a
-crash leaves either the previous complete version or the new one — never half a file.
+A checkpoint is every party's adapter, the parties' still-valid own public-data losses, the
+summary so far and the RNG state. `checkpoint.json` is written last, so it only ever names a
+round whose files are complete.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import random
-import shutil
-import tempfile
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file as load_safetensors_file
+from safetensors.torch import save as save_safetensors
 
-from fedmkt.errors import FedMKTError
+from fedmkt.config import RunConfig
+from fedmkt.errors import FedMKTError, describe
+from fedmkt.federation.distributed import is_rank_zero
+from fedmkt.federation.files import atomic_write_bytes, atomic_write_text, finite_or_none, json_default
+from fedmkt.federation.protocol import FederatedParty
+from fedmkt.federation.summary import write_summary
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (fsync, then rename over the old file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # no partial files left behind
-        raise
+RESUME_MAY_CHANGE = {"run_dir", "federation.rounds", "logging", "federation.backend", "flower"}
+"""Config keys a resumed run may set otherwise than the checkpoint's: they do not change what it computes."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+def adapter_dir(run_dir: Path, round_index: int, party: str) -> Path:
+    """Where one party's adapter of one round is saved."""
+    return Path(run_dir) / "adapters" / f"round_{round_index}" / party
 
 
-def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling folder with `write(folder)`, then rename it to `path`.
+def _losses_file(run_dir: Path, party: str) -> Path:
+    return Path(run_dir) / "checkpoint" / f"public_losses_{party}.safetensors"
 
-    A crash or a full disk while writing leaves the previous folder (or none), never a folder with
-    half its files.
+
+def save_checkpoint(run_dir: Path, round_index: int, parties: Sequence[FederatedParty], summary: dict) -> None:
+    """Adapters of every party, then their own public losses, the summary and the checkpoint record, each atomic."""
+    for party in parties:  # every rank: a sharded (fsdp) party gathers its adapter first
+        party.save_adapter(adapter_dir(run_dir, round_index, party.name))
+    if not is_rank_zero():  # one writer; other ranks hold the same state
+        return
+    for party in parties:
+        losses = party.cached_public_losses()
+        if losses is not None:
+            atomic_write_bytes(_losses_file(run_dir, party.name), save_safetensors({"losses": losses.contiguous()}))
+    write_summary(run_dir, summary)
+    state = {"round": round_index, "summary": finite_or_none(summary), "rng": capture_rng_state()}
+    atomic_write_text(
+        Path(run_dir) / "checkpoint" / "checkpoint.json", json.dumps(state, default=json_default, allow_nan=False)
+    )
+
+
+def restore_checkpoint(run_dir: Path, parties: Sequence[FederatedParty], config: RunConfig, state: dict) -> dict:
+    """Load the round `state` names into `parties` and restore the RNG; returns the summary to continue.
+
+    `state` is the record `read_checkpoint` read; one saved under another config is refused.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        write(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    check_resumable(state, config, run_dir)
+    round_index = int(state["round"])
+    for party in parties:
+        directory = adapter_dir(run_dir, round_index, party.name)
+        try:
+            party.load_adapter(directory)
+        except FedMKTError:
+            raise
+        except Exception as error:  # a truncated safetensors file, tensors of another shape, ...
+            raise FedMKTError(
+                f"{party.name}: the round {round_index} adapter in {directory} cannot be loaded ({describe(error)}). "
+                "Fix: the checkpoint is damaged; start afresh with --overwrite (or another run_dir)."
+            ) from error
+        losses_file = _losses_file(run_dir, party.name)
+        party.restore_public_losses(load_safetensors_file(losses_file)["losses"] if losses_file.is_file() else None)
+    summary = state["summary"]
+    summary["config"] = asdict(config)
+    restore_rng_state(state["rng"])
+    return summary
 
 
 def read_checkpoint(run_dir: Path) -> dict:
@@ -77,6 +101,32 @@ def read_checkpoint(run_dir: Path) -> dict:
             "Fix: the run cannot be continued from it; start afresh with --overwrite (or another run_dir)."
         ) from error
     return state
+
+
+def check_resumable(state: dict, config: RunConfig, run_dir: Path) -> None:
+    """Refuse a checkpoint saved under another config: the continued run would silently differ."""
+    saved = state["summary"]["config"]
+    current = finite_or_none(json.loads(json.dumps(asdict(config), default=json_default)))
+    differing = _differing_keys(saved, current, ignore=RESUME_MAY_CHANGE)
+    if differing:
+        raise FedMKTError(
+            f"--resume config differs from the checkpoint's at {', '.join(differing)}. Fix: resume with {Path(run_dir) / 'config.yaml'}."
+        )
+
+
+def _differing_keys(saved: dict, current: dict, ignore: set[str], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if dotted in ignore:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differing_keys(a, b, ignore, dotted + ".")
+        elif a != b:
+            keys.append(dotted)
+    return keys
 
 
 def capture_rng_state() -> dict:

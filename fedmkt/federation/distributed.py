@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from fedmkt.config import RunConfig, TrainerConfig
 from fedmkt.errors import FedMKTError
+from fedmkt.federation.protocol import PhaseStats
 
 # Ranks wait in the coordination group while rank 0 runs a single-device party's phase (a whole
 # client fine-tune, say), which may take hours; the client's own bound is federation.client_timeout_s.
@@ -90,7 +91,7 @@ def party_processes(trainer: TrainerConfig) -> int:
 
 def world_size(config: RunConfig) -> int:
     """Ranks the run needs: 1, or the shared device count of every multi-device party."""
-    parties = {"server": config.server} | {f"client_{i}": c for i, c in enumerate(config.clients)}
+    parties = config.parties()
     for name, party in parties.items():
         if party.trainer.strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook"):
             raise FedMKTError(
@@ -268,13 +269,13 @@ class RankCoordinatedParticipant:
             raise RuntimeError(f"rank {first} failed in {self.name}.{method.__name__}: {_one_line(failure)}")
         return broadcast_from_rank_zero(result)
 
-    def fine_tune(self, round_index: int) -> dict:
+    def fine_tune(self, round_index: int) -> PhaseStats:
         return self._phase(self.participant.fine_tune, round_index)
 
     def share_knowledge(self, round_index: int):
         return self._phase(self.participant.share_knowledge, round_index)
 
-    def distill(self, round_index: int, teacher_payloads: dict) -> dict:
+    def distill(self, round_index: int, teacher_payloads: dict) -> PhaseStats:
         return self._phase(self.participant.distill, round_index, teacher_payloads)
 
     def evaluate(self) -> dict:

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -19,10 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from fedmkt.adapters import adapter_state, is_sharded, load_adapter_state, under_model_keys
-from fedmkt.callbacks import AlignmentCacheCallback, PhaseDeadlineCallback, PhaseProgressBar, SelectiveTransferCallback
+from fedmkt.callbacks import PhaseDeadlineCallback, PhaseProgressBar
 from fedmkt.config import PartyConfig, PrivacyConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.examples import Example, Format
+from fedmkt.distillation import TeacherAligners, select_teachers
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice
 from fedmkt.federation.distributed import (
@@ -32,6 +34,7 @@ from fedmkt.federation.distributed import (
     shards_weights,
     sum_over_ranks,
 )
+from fedmkt.federation.protocol import PhaseStats
 from fedmkt.party import PartyModule
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 from fedmkt.privacy import add_logit_noise
@@ -45,7 +48,7 @@ def phase_seed(seed: int, round_index: int, phase: str) -> int:
 
 
 class Participant:
-    """A server or client: fine-tune, share knowledge, distil, evaluate."""
+    """A server or client in this process: fine-tune, share knowledge, distil, evaluate (a `FederatedParty`)."""
 
     def __init__(
         self,
@@ -85,8 +88,7 @@ class Participant:
         self.seed = seed
         self.phase_timeout_s = phase_timeout_s
         self.privacy = privacy or PrivacyConfig()
-        self.selective_transfer = SelectiveTransferCallback(require_improvement=transfer.selection == "dualmince")
-        self.alignment = AlignmentCacheCallback(
+        self.alignment = TeacherAligners(
             tokenizer, peer_tokenizers, cache_dir, transfer.temperature, transfer.sequence_alignment
         )
         self._public_losses: Optional[torch.Tensor] = None  # valid until the weights change
@@ -99,6 +101,11 @@ class Participant:
         return self._module
 
     @property
+    def num_public(self) -> int:
+        """Samples in the public set (the same questions for every party)."""
+        return len(self.data.public)
+
+    @property
     def module_loaded(self) -> bool:
         """Whether this process holds the party's model (it does once any phase ran here)."""
         return self._module is not None
@@ -106,7 +113,7 @@ class Participant:
     def _label(self, phase: str) -> str:
         return f"{self.name} · {phase} · round {self.round_index}"
 
-    def _trainer(self, phase: str, max_epochs: int = 1, callbacks: tuple = ()) -> L.Trainer:
+    def _trainer(self, phase: str, max_epochs: int = 1) -> L.Trainer:
         settings = self.config.trainer
         progress = [PhaseProgressBar(self._label(phase))] if settings.enable_progress_bar else []
         return L.Trainer(
@@ -117,9 +124,7 @@ class Participant:
             max_epochs=max_epochs,
             accumulate_grad_batches=settings.accumulate_grad_batches,
             gradient_clip_val=self.config.optimizer.grad_clip or None,
-            callbacks=list(callbacks)
-            + progress
-            + ([PhaseDeadlineCallback(self.phase_timeout_s)] if self.phase_timeout_s else []),
+            callbacks=progress + ([PhaseDeadlineCallback(self.phase_timeout_s)] if self.phase_timeout_s else []),
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
@@ -130,44 +135,37 @@ class Participant:
             inference_mode=not shards_weights(settings),
         )
 
-    def _fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule, seed: int) -> dict[str, float]:
+    def _fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule, seed: int) -> PhaseStats:
         L.seed_everything(seed, verbose=False)
         start = time.perf_counter()
         trainer.fit(self.module, datamodule=datamodule)
         self._park()
         self._public_losses = None
         spans_ranks = trainer.world_size > 1
-        stats = {
-            "task_loss": _phase_mean(self.module.task_loss, spans_ranks, empty=float("nan")),
-            "kd_loss": _phase_mean(self.module.kd_loss, spans_ranks, empty=0.0),
-            "train_seconds": time.perf_counter() - start,
-            "ranks": trainer.world_size,  # processes this phase trained on (ddp/fsdp: > 1)
-        }
-        if is_sharded(self.module.model):
-            stats["sharded"] = True  # FSDP2: each rank held 1/ranks of the weights
-        return stats
+        return PhaseStats(
+            task_loss=_phase_mean(self.module.task_loss, spans_ranks, empty=float("nan")),
+            kd_loss=_phase_mean(self.module.kd_loss, spans_ranks, empty=0.0),
+            train_seconds=time.perf_counter() - start,
+            ranks=trainer.world_size,
+            sharded=is_sharded(self.module.model),
+        )
 
     # ---- phases ---------------------------------------------------------------------------
 
-    def fine_tune(self, round_index: int) -> dict[str, float]:
+    def fine_tune(self, round_index: int) -> PhaseStats:
         """Step 1: local fine-tuning on private data (task CE)."""
         self.round_index = round_index
         if self.config.local_epochs == 0 or not self.data.private:
-            return {"task_loss": float("nan"), "kd_loss": 0.0, "train_seconds": 0.0}
+            return PhaseStats()
         trainer = self._trainer("fine_tune", self.config.local_epochs)
         seed = phase_seed(self.seed, round_index, "fine_tune")
         self.data.shuffle_seed = seed  # a fresh private-data order every round
         return self._fit(trainer, self.data, seed)
 
     def share_knowledge(self, round_index: int) -> KnowledgePayload:
-        """Steps 2/7: per-sample CE and top-k logits on the public data."""
-        if round_index >= 0:
-            self.round_index = round_index
-        L.seed_everything(self.seed, verbose=False)
-        outputs = self._trainer("share_knowledge").predict(self.module, datamodule=self.data)
-        self._park()
-        if party_processes(self.config.trainer) > 1:  # each rank predicted a shard of the public data
-            outputs = gather_predictions(outputs)
+        """Steps 2/7: per-sample CE and top-k logits on the public data (noised if privacy asks)."""
+        self.round_index = round_index
+        outputs = self._predict_public("share_knowledge")
         lengths = torch.cat([o["lengths"] for o in outputs])
         id_dtype = smallest_id_dtype(self.module.vocab_size)
         payload = KnowledgePayload(
@@ -181,42 +179,46 @@ class Participant:
             topk_ids=torch.cat([o["topk_ids"] for o in outputs]).to(id_dtype),
             topk_logits=torch.cat([o["topk_logits"] for o in outputs]),
         )
-        self._public_losses = payload.losses[payload.sample_index.argsort()]
         return add_logit_noise(payload, self.privacy, seed=phase_seed(self.seed, round_index, "logit_noise"))
 
     def public_losses(self) -> torch.Tensor:
         """The receiver's own per-sample CE on the public data, for DualMinCE (reused if fresh)."""
         if self._public_losses is None:
-            self.share_knowledge(round_index=-1)
+            self._predict_public("public_losses")
         return self._public_losses
 
-    def distill(self, round_index: int, teacher_payloads: dict[str, KnowledgePayload]) -> dict:
-        """Steps 4–6 / 9–11: align, select (DualMinCE) and train on λ·CE + (1−λ)·KD."""
+    def _predict_public(self, phase: str) -> list[dict[str, torch.Tensor]]:
+        """Score every public sample (all ranks' shards when the party spans ranks); caches the CE."""
+        L.seed_everything(self.seed, verbose=False)
+        outputs = self._trainer(phase).predict(self.module, datamodule=self.data)
+        self._park()
+        if party_processes(self.config.trainer) > 1:  # each rank predicted a shard of the public data
+            outputs = gather_predictions(outputs)
+        index = torch.cat([o["index"] for o in outputs]).long()
+        self._public_losses = torch.cat([o["losses"] for o in outputs])[index.argsort()]
+        return outputs
+
+    def distill(self, round_index: int, teacher_payloads: dict[str, KnowledgePayload]) -> PhaseStats:
+        """Steps 4–6 / 9–11: select (DualMinCE), align the selected samples, train on λ·CE + (1−λ)·KD."""
         self.round_index = round_index
+        if self.config.distill_epochs == 0:  # a frozen party (e.g. the LLM in LLM2SLM) learns nothing
+            return PhaseStats()
+        selection = select_teachers(
+            self.public_losses(), teacher_payloads, require_improvement=self.transfer.selection == "dualmince"
+        )
+        targets = self.alignment.align_selected(selection, teacher_payloads, self.data.public)
+        seed = phase_seed(self.seed, round_index, "distill")
         data = DistillationDataModule(
-            receiver=self.name,
             public=self.data.public,
-            teacher_payloads=teacher_payloads,
-            own_losses=self.public_losses(),
+            targets=targets,
             batch_size=self.config.batch_size,
             pad_id=self.data.pad_id,
-            seed=phase_seed(self.seed, round_index, "distill"),
+            seed=seed,
             top_k=self.transfer.top_k,
             kd_positions=self.transfer.kd_positions,
         )
-        if self.config.distill_epochs == 0:  # a frozen party (e.g. the LLM in LLM2SLM) learns nothing
-            return {
-                "task_loss": float("nan"),
-                "kd_loss": 0.0,
-                "train_seconds": 0.0,
-                "selected": 0,
-                "teacher_counts": {},
-            }
-        trainer = self._trainer(
-            "distill", self.config.distill_epochs, callbacks=(self.selective_transfer, self.alignment)
-        )
-        stats = self._fit(trainer, data, phase_seed(self.seed, round_index, "distill"))
-        return stats | self.selective_transfer.last
+        stats = self._fit(self._trainer("distill", self.config.distill_epochs), data, seed)
+        return replace(stats, selected=selection.num_selected, teacher_counts=selection.counts())
 
     def evaluate(self) -> dict:
         """Scores of base + adapter on the common held-out set, and on this client's own set if it has one.
@@ -280,6 +282,7 @@ class Participant:
         return adapter_state(self.module.model)
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Adopt LoRA weights (fedavg's average, or a checkpoint's); the cached own losses are stale then."""
         load_adapter_state(self.module.model, state)
         self._public_losses = None
 
@@ -297,6 +300,7 @@ class Participant:
         return self._public_losses
 
     def restore_public_losses(self, losses: Optional[torch.Tensor]) -> None:
+        """Put back the own losses a checkpoint saved with the adapter they belong to."""
         self._public_losses = losses
 
     def save_adapter(self, directory: Path, state: Optional[dict[str, torch.Tensor]] = None) -> None:

@@ -2,16 +2,16 @@
 
 One round (the 11 steps of the paper):
   1–3   each client fine-tunes on its private data, then shares top-k logits + losses on the public data;
-  4–6   the server aligns, selects (DualMinCE) and distils from the clients;
+  4–6   the server selects (DualMinCE), aligns and distils from the clients;
   7–8   the server shares its own top-k logits + losses;
-  9–11  each client aligns, selects and distils from the server.
-Every payload crosses the boundary as bytes (counted, then validated on arrival).
+  9–11  each client selects, aligns and distils from the server.
+Every payload crosses the boundary as bytes (counted, then validated on arrival). What a round
+leaves behind is written by `checkpoint.py` (adapters, checkpoint) and `summary.py` (summary.json,
+metrics, the results table).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import warnings
 from collections import defaultdict
 from dataclasses import asdict
@@ -20,20 +20,13 @@ from typing import Optional
 
 import torch
 from lightning.pytorch.loggers import Logger
-from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors
 
 from fedmkt.config import RunConfig
-from fedmkt.errors import FedMKTError
-from fedmkt.federation.checkpoint import (
-    atomic_write_bytes,
-    atomic_write_text,
-    capture_rng_state,
-    read_checkpoint,
-    restore_rng_state,
-)
-from fedmkt.federation.distributed import is_rank_zero
-from fedmkt.federation.participant import Participant
+from fedmkt.errors import FedMKTError, describe
+from fedmkt.federation.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
+from fedmkt.federation.protocol import FederatedParty, PhaseStats
+from fedmkt.federation.summary import log_metrics, results_table, write_summary
 from fedmkt.payload import KnowledgePayload
 
 # Which steps of a round each mode runs (baselines are the method with steps removed or added).
@@ -46,16 +39,14 @@ _MODE_STEPS = {
     "zero_shot": set(),
 }
 
-_EMPTY_ENTRY = {"task_loss": float("nan"), "kd_loss": 0.0, "selected": 0, "teacher_counts": {}, "train_seconds": 0.0}
-
 
 class FederatedTrainer:
-    """Runs the protocol over in-process participants and records what each party did."""
+    """Runs the protocol over its parties (any `FederatedParty`) and records what each did."""
 
     def __init__(
         self,
-        server: Participant,
-        clients: list[Participant],
+        server: FederatedParty,
+        clients: list[FederatedParty],
         config: RunConfig,
         run_dir: Path,
         loggers: Optional[list[Logger]] = None,
@@ -66,12 +57,12 @@ class FederatedTrainer:
         self.run_dir = Path(run_dir)
         self.loggers = loggers or []
         self.steps = _MODE_STEPS[config.federation.mode]
-        self.num_public = len(server.data.public)  # every party holds the same public samples
+        self.num_public = server.num_public  # every party holds the same public samples
         self.summary: dict = {"config": asdict(config), "zero_shot": {}, "rounds": []}
         self._traffic: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_sent": 0, "bytes_received": 0})
 
     @property
-    def parties(self) -> list[Participant]:
+    def parties(self) -> list[FederatedParty]:
         return [self.server, *self.clients]
 
     # ---- the protocol ---------------------------------------------------------------------
@@ -91,7 +82,7 @@ class FederatedTrainer:
     def run_round(self, round_index: int) -> dict:
         """One round; appends its record to the summary, saves adapters and a checkpoint."""
         self._traffic.clear()
-        stats: dict[str, dict] = {party.name: dict(_EMPTY_ENTRY) for party in self.parties}
+        trained: dict[str, PhaseStats] = {party.name: PhaseStats() for party in self.parties}
         failed: dict[str, str] = {}
 
         # Steps 1–3: clients fine-tune on private data and share knowledge of the public data.
@@ -100,20 +91,20 @@ class FederatedTrainer:
             if "client_train" not in self.steps:
                 break
             try:
-                stats[client.name] |= client.fine_tune(round_index)
+                trained[client.name] = client.fine_tune(round_index)
                 if "client_share" in self.steps:
                     client_knowledge[client.name] = self._send(
                         client.share_knowledge(round_index), receivers=[self.server]
                     )
             except Exception as error:  # a failing client must not stop the federation
-                failed[client.name] = _describe(error)
+                failed[client.name] = describe(error)
         self._require_quorum(round_index, failed)
 
         # Steps 4–6: the server distils from the clients (or, centralized, trains on all data).
         if "server_distil" in self.steps:
-            stats[self.server.name] |= self.server.distill(round_index, client_knowledge)
+            trained[self.server.name] = self.server.distill(round_index, client_knowledge)
         if "server_train" in self.steps:
-            stats[self.server.name] |= self.server.fine_tune(round_index)
+            trained[self.server.name] = self.server.fine_tune(round_index)
 
         # Steps 7–11: the server shares its knowledge; each client distils from it.
         if "server_share" in self.steps:
@@ -122,14 +113,15 @@ class FederatedTrainer:
             for client in answering:
                 try:
                     distilled = client.distill(round_index, {self.server.name: server_knowledge})
-                    stats[client.name] = self._merge_phases(stats[client.name], distilled)
+                    trained[client.name] = trained[client.name].then(distilled)
                 except Exception as error:
-                    failed[client.name] = _describe(error)
+                    failed[client.name] = describe(error)
             self._require_quorum(round_index, failed)
 
         if "adapter_average" in self.steps:
             self._average_client_adapters([c for c in self.clients if c.name not in failed])
 
+        stats = {name: phases.to_dict() for name, phases in trained.items()}
         federation = self.config.federation
         last_round = round_index == federation.rounds
         if federation.evaluate_every_round or (federation.evaluate_final and last_round):
@@ -148,7 +140,7 @@ class FederatedTrainer:
             warnings.warn(f"round {round_index}: {name} failed and was left out ({reason})", stacklevel=1)
         return record
 
-    def _parties_that_learn(self) -> list[Participant]:
+    def _parties_that_learn(self) -> list[FederatedParty]:
         """Parties whose weights this mode changes (others keep their zero-shot accuracy)."""
         server_learns = bool(self.steps & {"server_distil", "server_train"})
         clients_learn = bool(self.steps & {"client_train", "client_distil"})
@@ -172,7 +164,7 @@ class FederatedTrainer:
                 f"Fix: repair those clients, then `fedmkt fit --config ... --resume {self.run_dir}` (the last round checkpoint is intact)."
             )
 
-    def _average_client_adapters(self, clients: list[Participant]) -> None:
+    def _average_client_adapters(self, clients: list[FederatedParty]) -> None:
         """FedAvg baseline: every client adopts the mean of the clients' LoRA weights."""
         states = [client.adapter_state() for client in clients]
         keys = set(states[0])
@@ -192,26 +184,7 @@ class FederatedTrainer:
     # ---- checkpoints ----------------------------------------------------------------------
 
     def _save_checkpoint(self, round_index: int) -> None:
-        """Adapters of every party, then the summary, then the checkpoint record — each atomic.
-
-        `checkpoint.json` is written last, so it only ever names a round whose files are complete.
-        """
-        for party in self.parties:  # every rank: a sharded (fsdp) party gathers its adapter first
-            party.save_adapter(self.run_dir / "adapters" / f"round_{round_index}" / party.name)
-        if not is_rank_zero():  # one writer; other ranks hold the same state
-            return
-        for party in self.parties:
-            losses = party.cached_public_losses()
-            if losses is not None:
-                atomic_write_bytes(
-                    self.run_dir / "checkpoint" / f"public_losses_{party.name}.safetensors",
-                    save_safetensors({"losses": losses.contiguous()}),
-                )
-        self._write_summary()
-        state = {"round": round_index, "summary": _finite_or_none(self.summary), "rng": capture_rng_state()}
-        atomic_write_text(
-            self.run_dir / "checkpoint" / "checkpoint.json", json.dumps(state, default=_json_default, allow_nan=False)
-        )
+        save_checkpoint(self.run_dir, round_index, self.parties, self.summary)
 
     def restore(self, state: Optional[dict] = None) -> int:
         """Load the last complete round checkpoint from `run_dir`; returns the round to start at.
@@ -219,29 +192,12 @@ class FederatedTrainer:
         `state` is the record `read_checkpoint` already read (and `check_resumable` accepted).
         """
         state = read_checkpoint(self.run_dir) if state is None else state
-        check_resumable(state, self.config, self.run_dir)
-        round_index = int(state["round"])
-        for party in self.parties:
-            directory = self.run_dir / "adapters" / f"round_{round_index}" / party.name
-            try:
-                party.load_adapter(directory)
-            except FedMKTError:
-                raise
-            except Exception as error:  # a truncated safetensors file, tensors of another shape, ...
-                raise FedMKTError(
-                    f"{party.name}: the round {round_index} adapter in {directory} cannot be loaded ({_describe(error)}). "
-                    "Fix: the checkpoint is damaged; start afresh with --overwrite (or another run_dir)."
-                ) from error
-            losses_file = self.run_dir / "checkpoint" / f"public_losses_{party.name}.safetensors"
-            party.restore_public_losses(load_safetensors_file(losses_file)["losses"] if losses_file.is_file() else None)
-        self.summary = state["summary"]
-        self.summary["config"] = asdict(self.config)
-        restore_rng_state(state["rng"])
-        return round_index + 1
+        self.summary = restore_checkpoint(self.run_dir, self.parties, self.config, state)
+        return int(state["round"]) + 1
 
     # ---- helpers --------------------------------------------------------------------------
 
-    def _send(self, payload: KnowledgePayload, receivers: list[Participant]) -> KnowledgePayload:
+    def _send(self, payload: KnowledgePayload, receivers: list[FederatedParty]) -> KnowledgePayload:
         """Serialise once, count bytes on both ends, and hand receivers a validated copy."""
         data = payload.to_bytes()
         self._traffic[payload.sender]["bytes_sent"] += len(data) * len(receivers)
@@ -249,135 +205,12 @@ class FederatedTrainer:
             self._traffic[receiver.name]["bytes_received"] += len(data)
         return KnowledgePayload.from_bytes(data, num_public=self.num_public)
 
-    @staticmethod
-    def _merge_phases(local: dict, distill: dict) -> dict:
-        """A client's round entry: task loss of local fine-tuning, KD/selection of distillation."""
-        merged = {
-            "task_loss": local["task_loss"],
-            "distill_task_loss": distill["task_loss"],
-            "kd_loss": distill["kd_loss"],
-            "selected": distill["selected"],
-            "teacher_counts": distill["teacher_counts"],
-            "train_seconds": local["train_seconds"] + distill["train_seconds"],
-            "ranks": distill.get("ranks", local.get("ranks", 1)),
-        }
-        if distill.get("sharded") or local.get("sharded"):
-            merged["sharded"] = True
-        return merged
-
     def _write_summary(self) -> None:
-        # Standard JSON for the tools that read it: a NaN/inf (e.g. the task loss of a phase that did
-        # not train) is written as null.
-        if not is_rank_zero():
-            return
-        text = json.dumps(_finite_or_none(self.summary), indent=2, default=_json_default, allow_nan=False)
-        atomic_write_text(self.run_dir / "summary.json", text)
+        write_summary(self.run_dir, self.summary)
 
     def _log(self, stats: dict[str, dict], step: int) -> None:
-        metrics = {}
-        for party, values in stats.items():
-            for key, value in values.items():
-                if isinstance(value, dict):  # e.g. teacher_counts -> server/teacher_counts/client_0
-                    metrics |= {f"{party}/{key}/{name}": float(v) for name, v in value.items()}
-                elif key.endswith("_ci") and isinstance(value, (list, tuple)) and len(value) == 2:
-                    metrics |= {f"{party}/{key}_low": float(value[0]), f"{party}/{key}_high": float(value[1])}
-                elif isinstance(value, (int, float)) and not math.isnan(value):
-                    metrics[f"{party}/{key}"] = float(value)
-        metrics["round"] = step
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=step)
-            logger.save()
+        log_metrics(self.loggers, stats, step)
 
     def results_table(self) -> str:
-        """Score per party per round (round 0 = zero-shot) as a markdown table.
-
-        Multiple choice: accuracy with its 95 % Wilson interval; generation: Rouge-L (exact match).
-        The header names the held-out set's size.
-        """
-        rounds = self.summary["rounds"]
-        header = (
-            ["party"] + (["zero-shot"] if self.summary["zero_shot"] else []) + [f"round {r['round']}" for r in rounds]
-        )
-        header += ["selected (last)", "MB sent (last)"]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        sizes, generation = set(), False
-        for party in self.parties:
-            cells = [party.name]
-            scored = ([self.summary["zero_shot"][party.name]] if self.summary["zero_shot"] else []) + [
-                record["parties"][party.name] for record in rounds
-            ]
-            for entry in scored:
-                cells.append(_score_cell(entry))
-                if entry.get("eval_n") is not None:
-                    sizes.add(entry["eval_n"])
-                generation |= entry.get("eval_rouge_l") is not None
-            last = rounds[-1]["parties"][party.name] if rounds else {}
-            cells += [str(last.get("selected", "–")), f"{last.get('bytes_sent', 0) / 1e6:.2f}"]
-            lines.append("| " + " | ".join(cells) + " |")
-        if sizes:
-            metric = "Rouge-L (exact match)" if generation else "accuracy [95 % Wilson CI]"
-            lines.append(f"\n{metric} on n = {', '.join(str(n) for n in sorted(sizes))} held-out examples")
-        return "\n".join(lines)
-
-
-def _score_cell(entry: dict) -> str:
-    """`0.533 [0.41, 0.65]` for an accuracy, `0.212 (0.10)` for Rouge-L and exact match, – if unscored."""
-    if entry.get("eval_accuracy") is not None:
-        cell = f"{entry['eval_accuracy']:.3f}"
-        interval = entry.get("eval_accuracy_ci")
-        return cell + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
-    if entry.get("eval_rouge_l") is not None:
-        return f"{entry['eval_rouge_l']:.3f} ({entry['eval_exact_match']:.2f})"
-    return "–"
-
-
-def check_resumable(state: dict, config: RunConfig, run_dir: Path) -> None:
-    """Refuse a checkpoint saved under another config: the continued run would silently differ."""
-    saved = state["summary"]["config"]
-    current = _finite_or_none(json.loads(json.dumps(asdict(config), default=_json_default)))
-    differing = _differing_keys(
-        saved, current, ignore={"run_dir", "federation.rounds", "logging", "federation.backend", "flower"}
-    )
-    if differing:
-        raise FedMKTError(
-            f"--resume config differs from the checkpoint's at {', '.join(differing)}. Fix: resume with {Path(run_dir) / 'config.yaml'}."
-        )
-
-
-def _finite_or_none(value):
-    """A copy of a JSON-like tree with non-finite floats replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
-    return value
-
-
-def _json_default(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _describe(error: BaseException) -> str:
-    """`TypeName: message` on one line, for summary.json."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
-
-
-def _differing_keys(saved: dict, current: dict, ignore: set[str], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    keys = []
-    for key in sorted(set(saved) | set(current)):
-        dotted = f"{prefix}{key}"
-        if dotted in ignore:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _differing_keys(a, b, ignore, dotted + ".")
-        elif a != b:
-            keys.append(dotted)
-    return keys
+        """Score per party per round (round 0 = zero-shot) as a markdown table (see `summary.results_table`)."""
+        return results_table(self.summary, [party.name for party in self.parties])

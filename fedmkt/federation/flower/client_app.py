@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -74,7 +75,7 @@ def run_phase(request: Request, context: Context) -> Reply:
     from safetensors.torch import load as load_safetensors
     from safetensors.torch import save as save_safetensors
 
-    from fedmkt.cli import run_config_from_text
+    from fedmkt.config import run_config_from_text
     from fedmkt.payload import KnowledgePayload
     from fedmkt.run import build_participant, quiet_lightning
 
@@ -85,7 +86,7 @@ def run_phase(request: Request, context: Context) -> Reply:
 
     reply = Reply()
     if request.phase == "fine_tune":
-        reply.stats = participant.fine_tune(request.round)
+        reply.stats = asdict(participant.fine_tune(request.round))
     elif request.phase == "share_knowledge":
         reply.blobs["payload"] = participant.share_knowledge(request.round).to_bytes()
     elif request.phase == "distill":
@@ -95,7 +96,7 @@ def run_phase(request: Request, context: Context) -> Reply:
             for name, data in request.blobs.items()
             if name.startswith("payload/")
         }
-        reply.stats = participant.distill(request.round, teachers)
+        reply.stats = asdict(participant.distill(request.round, teachers))
     elif request.phase == "evaluate":
         reply.stats = participant.evaluate()
     elif request.phase == "adapter_state":

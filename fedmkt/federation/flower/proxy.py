@@ -1,6 +1,6 @@
 """`RemoteParticipant`: a client as the `FederatedTrainer` sees it, its phases run on a SuperNode.
 
-It offers the interface of `fedmkt.federation.participant.Participant` that the trainer calls,
+It implements `fedmkt.federation.protocol.FederatedParty`, what the trainer calls on a party,
 so the trainer runs unchanged: each call becomes one Flower Message to the client's SuperNode,
 and the reply becomes the call's return value. Knowledge payloads arrive as the bytes the client
 serialised and are validated here, at the network boundary. Weights cross the wire only for the
@@ -21,6 +21,7 @@ from safetensors.torch import save as save_safetensors
 
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.flower.messages import PHASE_MESSAGE_TYPES, Reply, Request, decode_reply, encode_request
+from fedmkt.federation.protocol import PhaseStats
 from fedmkt.payload import KnowledgePayload
 
 STARTUP_ALLOWANCE_S = 300.0
@@ -80,8 +81,8 @@ class RemoteParticipant:
 
     # ---- the phases the FederatedTrainer calls ----------------------------------------------
 
-    def fine_tune(self, round_index: int) -> dict:
-        return self._call("fine_tune", round_index).stats
+    def fine_tune(self, round_index: int) -> PhaseStats:
+        return PhaseStats(**self._call("fine_tune", round_index).stats)
 
     def share_knowledge(self, round_index: int) -> KnowledgePayload:
         blobs = self._call("share_knowledge", round_index).blobs
@@ -94,9 +95,9 @@ class RemoteParticipant:
             )
         return payload
 
-    def distill(self, round_index: int, teacher_payloads: dict[str, KnowledgePayload]) -> dict:
+    def distill(self, round_index: int, teacher_payloads: dict[str, KnowledgePayload]) -> PhaseStats:
         blobs = {f"payload/{name}": payload.to_bytes() for name, payload in teacher_payloads.items()}
-        return self._call("distill", round_index, blobs=blobs).stats
+        return PhaseStats(**self._call("distill", round_index, blobs=blobs).stats)
 
     def evaluate(self) -> dict:
         return self._call("evaluate").stats

@@ -43,12 +43,11 @@ def serve(grid: Grid, config_text: str) -> dict:
     """Run the whole federation from this ServerApp; returns the summary (also in run_dir)."""
     from lightning.pytorch.loggers import WandbLogger
 
-    from fedmkt.cli import run_config_from_text
-    from fedmkt.config import validate
+    from fedmkt.config import run_config_from_text, validate
     from fedmkt.federation.flower.submit import check_supported
     from fedmkt.federation.trainer import FederatedTrainer
     from fedmkt.models import load_tokenizer
-    from fedmkt.run import build_participant, make_loggers, party_names, quiet_lightning
+    from fedmkt.run import build_participant, make_loggers, quiet_lightning
 
     config = run_config_from_text(config_text)
     validate(config)
@@ -62,10 +61,10 @@ def serve(grid: Grid, config_text: str) -> dict:
     timeout = (
         None if config.federation.client_timeout_s is None else config.federation.client_timeout_s + STARTUP_ALLOWANCE_S
     )
-    num_public = len(server.data.public)
+    num_public = server.num_public
     clients = [
         RemoteParticipant(name, nodes[name], grid, config_text, run_dir, num_public, timeout)
-        for name in party_names(len(config.clients))[1:]
+        for name in list(config.parties())[1:]
     ]
 
     # What's needed, with the adapters, to reproduce a checkpoint (tokenizers are not private).
@@ -123,7 +122,7 @@ def find_client_nodes(grid: Grid, config: RunConfig) -> dict[str, int]:
         if client in nodes:
             duplicates.append(f"SuperNodes {nodes[client]} and {node_id} both serve {client}")
         nodes[client] = node_id
-    wanted = [f"client_{i}" for i in range(needed)]
+    wanted = list(config.parties())[1:]
     missing = [name for name in wanted if name not in nodes]
     if missing or duplicates:  # a spare node that fails or serves no client of this run is ignored
         problems = ([f"no SuperNode answered for {', '.join(missing)}"] if missing else []) + duplicates + errors

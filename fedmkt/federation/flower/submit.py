@@ -25,7 +25,7 @@ from typing import Optional
 
 from fedmkt.config import RunConfig, validate
 from fedmkt.errors import FedMKTError
-from fedmkt.federation.checkpoint import atomic_write_text
+from fedmkt.federation.files import atomic_write_text
 
 CONNECTION = "fedmkt"
 """Name of the SuperLink connection in the private Flower config."""

@@ -1,18 +1,16 @@
-"""SelectiveTransferCallback and AlignmentCacheCallback, as they run in a distillation Trainer's setup."""
+"""The distillation data path: select (DualMinCE) → align the selected samples → build the data → train."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 
 import fedmkt.alignment.vocab_map as vocab_map_module
-from fedmkt.callbacks import AlignmentCacheCallback, SelectiveTransferCallback
 from fedmkt.config import LoRAConfig, OptimizerConfig, TransferConfig
-from fedmkt.data.datamodule import DistillationDataModule, TokenizedSample
+from fedmkt.data.datamodule import DistillationDataModule, DistillationTargets, TokenizedSample
 from fedmkt.data.tokenize import IGNORE_INDEX
+from fedmkt.distillation import TeacherAligners, select_teachers, teacher_losses
 from fedmkt.party import PartyModule
 from fedmkt.payload import KnowledgePayload
 
@@ -73,25 +71,6 @@ def teacher_payload(sender, public, scored: dict[int, float], k=4, seed=0) -> Kn
     )
 
 
-def distill_data(public, payloads, own_losses, top_k=4) -> DistillationDataModule:
-    return DistillationDataModule(
-        receiver="server",
-        public=public,
-        teacher_payloads={p.sender: p for p in payloads},
-        own_losses=torch.tensor(own_losses),
-        batch_size=8,
-        pad_id=0,
-        seed=0,
-        top_k=top_k,
-    )
-
-
-def run_setup(callbacks, data) -> None:
-    trainer = SimpleNamespace(datamodule=data)
-    for callback in callbacks:
-        callback.setup(trainer, None, "fit")
-
-
 @pytest.fixture
 def scenario():
     public = public_set()
@@ -102,43 +81,41 @@ def scenario():
     return public, payloads
 
 
-# ---- selective transfer -------------------------------------------------------------------------
+def aligners(tmp_path, *teachers: str) -> TeacherAligners:
+    return TeacherAligners(RECEIVER, {name: TEACHER for name in teachers}, tmp_path)
 
 
-def test_selective_transfer_fills_selection_and_records_teacher_counts(scenario):
-    public, payloads = scenario
-    data = distill_data(public, payloads, [1.0, 1.0, 1.0, 1.0])
-    callback = SelectiveTransferCallback()
-    assert callback.last == {"selected": 0, "teacher_counts": {}}
-    run_setup([callback], data)
+def by_sender(payloads) -> dict[str, KnowledgePayload]:
+    return {p.sender: p for p in payloads}
+
+
+# ---- selection ----------------------------------------------------------------------------------
+
+
+def test_teacher_losses_cover_the_public_set_with_inf_where_unscored(scenario):
+    _, payloads = scenario
+    losses = teacher_losses(by_sender(payloads), num_public=4)
+    assert losses["client_0"].tolist() == pytest.approx([0.5, 2.0, 0.2, float("inf")])
+    assert losses["client_1"].tolist() == pytest.approx([0.4, float("inf"), float("inf"), 0.1])
+
+
+def test_select_teachers_picks_the_best_teacher_where_it_beats_the_receiver(scenario):
+    _, payloads = scenario
+    selection = select_teachers(torch.ones(4), by_sender(payloads))
     # 0: client_1 (0.4 < 0.5 < 1); 1: client_0's 2.0 does not beat 1.0, client_1 missing; 2: client_0; 3: client_1
-    assert data.selection.teachers == ["client_0", "client_1"]
-    assert data.selection.teacher_of_sample.tolist() == [1, -1, 0, 1]
-    assert callback.history == [{"selected": 3, "teacher_counts": {"client_0": 1, "client_1": 2}}]
+    assert selection.teachers == ["client_0", "client_1"]
+    assert selection.teacher_of_sample.tolist() == [1, -1, 0, 1]
+    assert (selection.num_selected, selection.counts()) == (3, {"client_0": 1, "client_1": 2})
 
-    run_setup([callback], distill_data(public, payloads, [0.05, 0.05, 0.05, 0.05]))  # next phase: nobody helps
-    assert callback.last == {"selected": 0, "teacher_counts": {"client_0": 0, "client_1": 0}}
-    assert len(callback.history) == 2
+    nobody_helps = select_teachers(torch.full((4,), 0.05), by_sender(payloads))
+    assert (nobody_helps.num_selected, nobody_helps.counts()) == (0, {"client_0": 0, "client_1": 0})
 
 
-def test_selective_transfer_all_mode_keeps_scored_samples_only(tmp_path):
+def test_select_all_mode_keeps_scored_samples_only():
     public = public_set()
-    payloads = [teacher_payload("client_0", public, {0: 9.0, 2: 9.0})]  # samples 1 and 3 unscored
-    data = distill_data(public, payloads, [1.0, 1.0, 1.0, 1.0])
-    callback = SelectiveTransferCallback(require_improvement=False)
-    run_setup([callback, AlignmentCacheCallback(RECEIVER, {"client_0": TEACHER}, tmp_path)], data)
-    assert data.selection.teacher_of_sample.tolist() == [0, -1, 0, -1]
-    assert callback.last["selected"] == 2
-    assert [ids is not None for ids in data.targets.ids] == [True, False, True, False]
-
-
-def test_callbacks_ignore_other_datamodules(tmp_path):
-    selective = SelectiveTransferCallback()
-    alignment = AlignmentCacheCallback(RECEIVER, {"client_0": TEACHER}, tmp_path)
-    other = SimpleNamespace(selection=None, targets=None)
-    run_setup([selective, alignment], other)
-    assert selective.history == [] and other.targets is None
-    assert not any(tmp_path.iterdir())
+    payloads = by_sender([teacher_payload("client_0", public, {0: 9.0, 2: 9.0})])  # samples 1 and 3 unscored
+    selection = select_teachers(torch.ones(4), payloads, require_improvement=False)
+    assert selection.teacher_of_sample.tolist() == [0, -1, 0, -1]
 
 
 # ---- alignment ----------------------------------------------------------------------------------
@@ -146,16 +123,16 @@ def test_callbacks_ignore_other_datamodules(tmp_path):
 
 def test_alignment_maps_selected_teacher_topk_onto_receiver_ids(scenario, tmp_path):
     public, payloads = scenario
-    data = distill_data(public, payloads, [1.0, 1.0, 1.0, 1.0])
-    alignment = AlignmentCacheCallback(RECEIVER, {"client_0": TEACHER, "client_1": TEACHER}, tmp_path)
-    run_setup([SelectiveTransferCallback(), alignment], data)
+    payloads = by_sender(payloads)
+    selection = select_teachers(torch.ones(4), payloads)
+    targets = aligners(tmp_path, "client_0", "client_1").align_selected(selection, payloads, public)
 
-    assert data.targets.ids[1] is None and data.targets.probs[1] is None  # not selected
+    assert targets.ids[1] is None and targets.probs[1] is None  # not selected
     for sample, teacher in ((0, "client_1"), (2, "client_0"), (3, "client_1")):
-        payload = data.teacher_payloads[teacher]
+        payload = payloads[teacher]
         row = payload.sample_index.tolist().index(sample)
         _, topk_ids, topk_logits = payload.sample(row)
-        ids, probs = data.targets.ids[sample], data.targets.probs[sample]
+        ids, probs = targets.ids[sample], targets.probs[sample]
         assert ids.dtype == torch.long and probs.dtype == torch.float32
         assert ids.shape == probs.shape == (len(public[sample].input_ids), 4)
         # Same words, other ids: every position matches one-to-one and each id maps back by spelling.
@@ -168,37 +145,43 @@ def test_alignment_maps_selected_teacher_topk_onto_receiver_ids(scenario, tmp_pa
 
 def test_alignment_reuses_aligners_in_memory_and_maps_from_disk(scenario, tmp_path, monkeypatch):
     public, payloads = scenario
-    first = AlignmentCacheCallback(RECEIVER, {"client_0": TEACHER, "client_1": TEACHER}, tmp_path)
-    run_setup([SelectiveTransferCallback(), first], distill_data(public, payloads, [1.0] * 4))
+    payloads = by_sender(payloads)
+    selection = select_teachers(torch.ones(4), payloads)
+    first = aligners(tmp_path, "client_0", "client_1")
+    first.align_selected(selection, payloads, public)
     aligner = first.aligner("client_0")
-    run_setup([SelectiveTransferCallback(), first], distill_data(public, payloads, [1.0] * 4))
+    first.align_selected(selection, payloads, public)
     assert first.aligner("client_0") is aligner  # next round: same in-memory aligner
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the vocabulary map should come from the disk cache")
 
     monkeypatch.setattr(vocab_map_module, "build_vocab_map", no_rebuild)
-    data = distill_data(public, payloads, [1.0] * 4)
-    second = AlignmentCacheCallback(RECEIVER, {"client_0": TEACHER, "client_1": TEACHER}, tmp_path)  # a new run
-    run_setup([SelectiveTransferCallback(), second], data)
-    assert data.targets.ids[2] is not None
+    targets = aligners(tmp_path, "client_0", "client_1").align_selected(selection, payloads, public)  # a new run
+    assert targets.ids[2] is not None
 
 
-def test_alignment_without_selection_leaves_targets_empty(tmp_path):
+def test_nothing_selected_aligns_nothing_and_builds_no_map(tmp_path):
     public = public_set()
-    data = distill_data(public, [teacher_payload("client_0", public, {0: 0.1})], [1.0] * 4)
-    AlignmentCacheCallback(RECEIVER, {"client_0": TEACHER}, tmp_path).setup(
-        SimpleNamespace(datamodule=data), None, "fit"
-    )
-    assert data.targets is None
+    payloads = by_sender([teacher_payload("client_0", public, {0: 0.1})])
+    selection = select_teachers(torch.full((4,), 0.01), payloads)
+    targets = aligners(tmp_path, "client_0").align_selected(selection, payloads, public)
+    assert targets.ids == [None] * 4 and targets.probs == [None] * 4
+    assert not any(tmp_path.iterdir())  # a teacher no sample chose is never loaded
 
 
 # ---- in a real Trainer --------------------------------------------------------------------------
 
 
-def test_callbacks_run_in_trainer_setup_before_the_dataloader(scenario, tmp_path, make_tiny_llama):
+def test_the_distillation_data_is_final_before_training_and_unchanged_by_it(scenario, tmp_path, make_tiny_llama):
     public, payloads = scenario
-    data = distill_data(public, payloads, [1.0, 1.0, 1.0, 1.0])
+    payloads = by_sender(payloads)
+    selection = select_teachers(torch.ones(4), payloads)
+    targets = aligners(tmp_path, "client_0", "client_1").align_selected(selection, payloads, public)
+    data = DistillationDataModule(public, targets, batch_size=8, pad_id=0, seed=0, top_k=4)
+    before = [{key: value.clone() if torch.is_tensor(value) else value for key, value in i.items()} for i in data.items]
+    assert [bool(item["kd_mask"].any()) for item in data.items] == [True, False, True, True]
+
     module = PartyModule(
         make_tiny_llama(len(WORDS)),
         LoRAConfig(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"]),
@@ -206,7 +189,6 @@ def test_callbacks_run_in_trainer_setup_before_the_dataloader(scenario, tmp_path
         TransferConfig(top_k=4),
         name="server",
     )
-    selective = SelectiveTransferCallback()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -215,9 +197,18 @@ def test_callbacks_run_in_trainer_setup_before_the_dataloader(scenario, tmp_path
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[selective, AlignmentCacheCallback(RECEIVER, {"client_0": TEACHER, "client_1": TEACHER}, tmp_path)],
     )
     trainer.fit(module, datamodule=data)
-    assert selective.last == {"selected": 3, "teacher_counts": {"client_0": 1, "client_1": 2}}
     assert module.kd_loss.update_count == 1  # one batch of 4 samples, with KD targets
     assert float(module.kd_loss.compute()) > 0
+    assert len(data.items) == len(before)
+    for item, kept in zip(data.items, before):
+        assert item.keys() == kept.keys()
+        for key, value in kept.items():
+            assert torch.equal(item[key], value) if torch.is_tensor(value) else item[key] == value
+
+
+def test_targets_must_cover_every_public_sample():
+    public = public_set()
+    with pytest.raises(ValueError, match="4 public samples"):
+        DistillationDataModule(public, DistillationTargets.empty(3), batch_size=8, pad_id=0, seed=0, top_k=4)

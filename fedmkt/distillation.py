@@ -1,0 +1,97 @@
+"""A receiver's distillation targets, in the method's order: select the samples, then align them.
+
+`select_teachers` runs DualMinCE on the losses the teachers' payloads report; `TeacherAligners`
+maps only the selected samples' top-k logits onto the receiver's tokens. `Participant.distill`
+calls both before it builds its distillation data, which nothing changes afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmkt.alignment import TokenAligner
+from fedmkt.data.datamodule import DistillationTargets, TokenizedSample
+from fedmkt.payload import KnowledgePayload
+from fedmkt.selection import Selection, dual_min_ce
+
+
+def teacher_losses(payloads: Mapping[str, KnowledgePayload], num_public: int) -> dict[str, torch.Tensor]:
+    """Each teacher's per-sample CE over the whole public set, +inf where it did not score a sample.
+
+    A teacher that scored only part of the set (e.g. a client that failed midway) is thereby never
+    chosen for the samples it skipped.
+    """
+    losses = {}
+    for name, payload in payloads.items():
+        row = torch.full((num_public,), float("inf"))
+        row[payload.sample_index.long()] = payload.losses.float()
+        losses[name] = row
+    return losses
+
+
+def select_teachers(
+    own_losses: torch.Tensor, payloads: Mapping[str, KnowledgePayload], require_improvement: bool = True
+) -> Selection:
+    """Which public samples the receiver distils and from which teacher (DualMinCE, or "all")."""
+    return dual_min_ce(own_losses, teacher_losses(payloads, len(own_losses)), require_improvement)
+
+
+class TeacherAligners:
+    """One receiver's `TokenAligner` per teacher, built on first use and kept across rounds.
+
+    A vocabulary map is built once per (teacher, receiver) tokenizer pair and cached on disk under
+    `cache_dir`, keyed by tokenizer content, so later runs and renamed models reuse it.
+    """
+
+    def __init__(
+        self,
+        receiver_tokenizer: Any,
+        teacher_tokenizers: Mapping[str, Any],
+        cache_dir: str | Path,
+        temperature: float = 1.0,
+        sequence_alignment: str = "offsets",
+    ) -> None:
+        self.receiver_tokenizer = receiver_tokenizer
+        self.teacher_tokenizers = teacher_tokenizers
+        self.cache_dir = Path(cache_dir)
+        self.temperature = temperature
+        self.sequence_alignment = sequence_alignment
+        self._aligners: dict[str, TokenAligner] = {}
+
+    def aligner(self, teacher: str) -> TokenAligner:
+        """The aligner from `teacher`'s tokenizer to the receiver's."""
+        if teacher not in self._aligners:
+            self._aligners[teacher] = TokenAligner(
+                self.teacher_tokenizers[teacher], self.receiver_tokenizer, self.cache_dir, self.sequence_alignment
+            )
+        return self._aligners[teacher]
+
+    def align_selected(
+        self, selection: Selection, payloads: Mapping[str, KnowledgePayload], public: list[TokenizedSample]
+    ) -> DistillationTargets:
+        """Aligned top-k targets for the selected samples (None for the others).
+
+        Unselected samples are never aligned, and a teacher no sample chose is never loaded.
+        """
+        targets = DistillationTargets.empty(len(public))
+        for teacher_index, teacher in enumerate(selection.teachers):
+            chosen = (selection.teacher_of_sample == teacher_index).nonzero().flatten().tolist()
+            if not chosen:
+                continue
+            payload = payloads[teacher]
+            row_of_sample = {int(sample): row for row, sample in enumerate(payload.sample_index.tolist())}
+            rows = [payload.sample(row_of_sample[i]) for i in chosen]
+            aligned = self.aligner(teacher).align(
+                [row[0] for row in rows],
+                [row[1] for row in rows],
+                [row[2] for row in rows],
+                [public[i].input_ids for i in chosen],
+                temperature=self.temperature,
+            )
+            for i, (ids, probs) in zip(chosen, aligned):
+                targets.ids[i], targets.probs[i] = ids.long(), probs.float()
+        return targets
