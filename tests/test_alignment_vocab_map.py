@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from fedmkt.alignment import build_vocab_map, load_or_build_vocab_map, tokenizer_fingerprint, write_vocab_map_json
 from fedmkt.alignment import vocab_map as vocab_map_module
+from fedmkt.alignment.vocab_map import load_or_build_vocab_map_hit
 
 try:
     import reference_alignment as ref
@@ -112,6 +113,18 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     (path,) = tmp_path.iterdir()
     path.write_bytes(b"not an npy file")
     assert load_or_build_vocab_map(src, dst, tmp_path).tolist() == expected
+
+
+def test_the_cache_says_whether_it_hit(tmp_path):
+    src = ref.ListTokenizer(["▁a", "▁b"])
+    dst = ref.ListTokenizer(["▁b", "▁a"])
+    built, hit = load_or_build_vocab_map_hit(src, dst, tmp_path)
+    assert not hit and built.tolist() == [1, 0]
+    cached, hit = load_or_build_vocab_map_hit(src, dst, tmp_path)
+    assert hit and cached.tolist() == [1, 0]
+    (path,) = tmp_path.iterdir()
+    path.write_bytes(b"not an npy file")
+    assert load_or_build_vocab_map_hit(src, dst, tmp_path)[1] is False  # an unreadable file is no hit
 
 
 def test_write_vocab_map_json(tmp_path):

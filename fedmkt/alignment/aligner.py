@@ -11,7 +11,7 @@ from torch import Tensor
 from fedmkt.alignment.reindex import align_topk
 from fedmkt.alignment.sequence import end_offsets, offset_matches, one_to_one_matches
 from fedmkt.alignment.tokens import token_bytes, vocab_strings
-from fedmkt.alignment.vocab_map import load_or_build_vocab_map
+from fedmkt.alignment.vocab_map import load_or_build_vocab_map_hit
 
 __all__ = ["TokenAligner"]
 
@@ -20,8 +20,9 @@ class TokenAligner:
     """Aligns one teacher tokenizer's top-k outputs to one receiver tokenizer.
 
     Holds what is fixed for the pair, computed once: the MinED vocabulary map teacher id ->
-    receiver id (from the on-disk cache when present), both tokenizers' normalised token strings
-    (which DTW compares) and the bytes each token stands for (which give its end offset).
+    receiver id (from the on-disk cache when present; ``vocab_map_cached`` says whether it was),
+    both tokenizers' normalised token strings (which DTW compares) and the bytes each token stands
+    for (which give its end offset).
     ``sequence_alignment``: ``"offsets"`` matches positions whose tokens end at the same byte of
     the text (exact, no dynamic programming); ``"dtw"`` keeps the one-to-one DTW pairs that also
     end at the same byte (a subset of ``"offsets"``).
@@ -43,7 +44,7 @@ class TokenAligner:
         self.receiver_strings = vocab_strings(receiver_tokenizer)
         self.teacher_bytes = token_bytes(teacher_tokenizer)
         self.receiver_bytes = token_bytes(receiver_tokenizer)
-        self.vocab_map = load_or_build_vocab_map(
+        self.vocab_map, self.vocab_map_cached = load_or_build_vocab_map_hit(
             teacher_tokenizer,
             receiver_tokenizer,
             cache_dir,

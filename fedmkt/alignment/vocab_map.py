@@ -32,6 +32,7 @@ from fedmkt.alignment.tokens import is_byte_fallback, is_byte_level, normalize_t
 __all__ = [
     "build_vocab_map",
     "load_or_build_vocab_map",
+    "load_or_build_vocab_map_hit",
     "mapping_candidates",
     "normalize_token",
     "tokenizer_fingerprint",
@@ -155,14 +156,32 @@ def load_or_build_vocab_map(
     and crashed runs never leave a half-written map. ``src_strings``/``dst_strings`` let a caller
     that already holds :func:`vocab_strings` skip recomputing them.
     """
+    return load_or_build_vocab_map_hit(
+        src_tokenizer, dst_tokenizer, cache_dir, src_strings=src_strings, dst_strings=dst_strings
+    )[0]
+
+
+def load_or_build_vocab_map_hit(
+    src_tokenizer: Any,
+    dst_tokenizer: Any,
+    cache_dir: str | Path,
+    *,
+    src_strings: Sequence[str] | None = None,
+    dst_strings: Sequence[str] | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """:func:`load_or_build_vocab_map`, and whether the map came from the cache (False: built and written now).
+
+    A build of two real vocabularies takes seconds to minutes, so callers report which it was.
+    """
     path = _cache_path(src_tokenizer, dst_tokenizer, cache_dir)
     cached = _load_cached(path, len(src_tokenizer)) if path.exists() else None
+    hit = cached is not None
     if cached is None:
         src = vocab_strings(src_tokenizer) if src_strings is None else src_strings
         dst = vocab_strings(dst_tokenizer) if dst_strings is None else dst_strings
         cached = _build_for(src_tokenizer, dst_tokenizer, src, dst)
         _atomic_save_npy(path, cached)
-    return torch.from_numpy(cached).long()
+    return torch.from_numpy(cached).long(), hit
 
 
 def write_vocab_map_json(
