@@ -7,7 +7,9 @@ calls both before it builds its distillation data, which nothing changes afterwa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +42,33 @@ def select_teachers(
     return dual_min_ce(own_losses, teacher_losses(payloads, len(own_losses)), require_improvement)
 
 
+@dataclass(frozen=True)
+class AlignmentCacheStats:
+    """How one `align_selected` call got its aligners, and what the alignment cost.
+
+    A first build of a vocabulary map between real tokenizers takes seconds to minutes; these
+    counts tell a slow phase that built maps from one that only reused them.
+    """
+
+    hits: int = 0
+    """Teachers whose aligner was already in memory (an earlier round) or whose map was on disk."""
+
+    misses: int = 0
+    """Teachers whose vocabulary map was built now (and written to the cache)."""
+
+    samples: int = 0
+    """Selected samples aligned."""
+
+    seconds: float = 0.0
+    """Wall time of the call, map builds included."""
+
+
 class TeacherAligners:
     """One receiver's `TokenAligner` per teacher, built on first use and kept across rounds.
 
     A vocabulary map is built once per (teacher, receiver) tokenizer pair and cached on disk under
     `cache_dir`, keyed by tokenizer content, so later runs and renamed models reuse it.
+    `last_alignment` records how the latest `align_selected` call used this cache.
     """
 
     def __init__(
@@ -61,6 +85,7 @@ class TeacherAligners:
         self.temperature = temperature
         self.sequence_alignment = sequence_alignment
         self._aligners: dict[str, TokenAligner] = {}
+        self.last_alignment = AlignmentCacheStats()
 
     def aligner(self, teacher: str) -> TokenAligner:
         """The aligner from `teacher`'s tokenizer to the receiver's."""
@@ -77,11 +102,18 @@ class TeacherAligners:
 
         Unselected samples are never aligned, and a teacher no sample chose is never loaded.
         """
+        start = time.perf_counter()
+        hits = misses = samples = 0
         targets = DistillationTargets.empty(len(public))
         for teacher_index, teacher in enumerate(selection.teachers):
             chosen = (selection.teacher_of_sample == teacher_index).nonzero().flatten().tolist()
             if not chosen:
                 continue
+            if teacher in self._aligners or self.aligner(teacher).vocab_map_cached:
+                hits += 1
+            else:
+                misses += 1
+            samples += len(chosen)
             payload = payloads[teacher]
             row_of_sample = {int(sample): row for row, sample in enumerate(payload.sample_index.tolist())}
             rows = [payload.sample(row_of_sample[i]) for i in chosen]
@@ -94,4 +126,5 @@ class TeacherAligners:
             )
             for i, (ids, probs) in zip(chosen, aligned):
                 targets.ids[i], targets.probs[i] = ids.long(), probs.float()
+        self.last_alignment = AlignmentCacheStats(hits, misses, samples, time.perf_counter() - start)
         return targets
