@@ -1,11 +1,21 @@
-"""Lightning callbacks that every phase's `Trainer` gets (installed as `fedmkt.callbacks`).
+"""Lightning callbacks of fedmkt's phases (installed as `fedmkt.callbacks`).
 
-`PhaseDeadlineCallback` bounds how long a client's phase may run, and `PhaseProgressBar` labels
-every phase's progress bar with its party, phase and round. What a distillation phase trains on
-is decided before its `Trainer` starts (`fedmkt.distillation`), not in callback hooks.
+Every phase's `Trainer` gets `PhaseProgressBar`, which labels its bar with party, phase and
+round, and `PhaseDeadlineCallback` when a client's phase has a time limit. A distillation phase
+also gets `SelectiveTransferCallback` and `AlignmentCacheCallback`, which log its selection counts
+and how it used the alignment cache. What a distillation phase trains on is decided before its
+`Trainer` starts (`fedmkt.distillation`); no callback changes it.
 """
 
+from fedmkt.callbacks.alignment_cache import AlignmentCacheCallback
 from fedmkt.callbacks.deadline import PhaseDeadlineCallback, PhaseTimeout
 from fedmkt.callbacks.phase_progress import PhaseProgressBar
+from fedmkt.callbacks.selective_transfer import SelectiveTransferCallback
 
-__all__ = ["PhaseDeadlineCallback", "PhaseProgressBar", "PhaseTimeout"]
+__all__ = [
+    "AlignmentCacheCallback",
+    "PhaseDeadlineCallback",
+    "PhaseProgressBar",
+    "PhaseTimeout",
+    "SelectiveTransferCallback",
+]

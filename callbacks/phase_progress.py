@@ -21,6 +21,11 @@ class PhaseProgressBar(TQDMProgressBar):
     def predict_description(self) -> str:
         return self.label
 
+    def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        """Lightning's postfix, with whole numbers (a phase's `selected`) as ints: `1200`, not tqdm's `1.2e+03`."""
+        metrics = super().get_metrics(trainer, pl_module)
+        return {key: int(v) if isinstance(v, float) and v.is_integer() else v for key, v in metrics.items()}
+
     def on_train_epoch_start(self, trainer: Any, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(

@@ -1,18 +1,27 @@
-"""The distillation data path: select (DualMinCE) → align the selected samples → build the data → train."""
+"""The distillation data path: select (DualMinCE) → align the selected samples → build the data → train.
+
+And the callbacks of that phase, which log the selection and the alignment cache's use but change nothing.
+"""
 
 from __future__ import annotations
+
+import csv
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 import fedmkt.alignment.vocab_map as vocab_map_module
+from fedmkt.callbacks import AlignmentCacheCallback, PhaseProgressBar, SelectiveTransferCallback
 from fedmkt.config import LoRAConfig, OptimizerConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, DistillationTargets, TokenizedSample
 from fedmkt.data.tokenize import IGNORE_INDEX
 from fedmkt.distillation import TeacherAligners, select_teachers, teacher_losses
 from fedmkt.party import PartyModule
 from fedmkt.payload import KnowledgePayload
+from fedmkt.selection import Selection
 
 WORDS = ["<pad>"] + [f"\u2581w{i}" for i in range(1, 24)]
 
@@ -173,39 +182,124 @@ def test_nothing_selected_aligns_nothing_and_builds_no_map(tmp_path):
 # ---- in a real Trainer --------------------------------------------------------------------------
 
 
-def test_the_distillation_data_is_final_before_training_and_unchanged_by_it(scenario, tmp_path, make_tiny_llama):
-    public, payloads = scenario
-    payloads = by_sender(payloads)
-    selection = select_teachers(torch.ones(4), payloads)
-    targets = aligners(tmp_path, "client_0", "client_1").align_selected(selection, payloads, public)
-    data = DistillationDataModule(public, targets, batch_size=8, pad_id=0, seed=0, top_k=4)
-    before = [{key: value.clone() if torch.is_tensor(value) else value for key, value in i.items()} for i in data.items]
-    assert [bool(item["kd_mask"].any()) for item in data.items] == [True, False, True, True]
-
-    module = PartyModule(
+def tiny_module(make_tiny_llama) -> PartyModule:
+    return PartyModule(
         make_tiny_llama(len(WORDS)),
         LoRAConfig(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"]),
         OptimizerConfig(lr=1e-2, warmup_ratio=0.0),
         TransferConfig(top_k=4),
         name="server",
     )
+
+
+def fit(module: PartyModule, data: DistillationDataModule, callbacks=(), logger=False) -> L.Trainer:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=1,
-        logger=False,
+        logger=logger,
+        callbacks=list(callbacks),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=data)
-    assert module.kd_loss.update_count == 1  # one batch of 4 samples, with KD targets
-    assert float(module.kd_loss.compute()) > 0
+    return trainer
+
+
+def snapshot(data: DistillationDataModule) -> list[dict]:
+    return [{key: value.clone() if torch.is_tensor(value) else value for key, value in i.items()} for i in data.items]
+
+
+def assert_unchanged(data: DistillationDataModule, before: list[dict]) -> None:
     assert len(data.items) == len(before)
     for item, kept in zip(data.items, before):
         assert item.keys() == kept.keys()
         for key, value in kept.items():
             assert torch.equal(item[key], value) if torch.is_tensor(value) else item[key] == value
+
+
+def test_the_distillation_data_is_final_before_training_and_unchanged_by_it(scenario, tmp_path, make_tiny_llama):
+    public, payloads = scenario
+    payloads = by_sender(payloads)
+    selection = select_teachers(torch.ones(4), payloads)
+    targets = aligners(tmp_path, "client_0", "client_1").align_selected(selection, payloads, public)
+    data = DistillationDataModule(public, targets, batch_size=8, pad_id=0, seed=0, top_k=4)
+    before = snapshot(data)
+    assert [bool(item["kd_mask"].any()) for item in data.items] == [True, False, True, True]
+
+    module = tiny_module(make_tiny_llama)
+    fit(module, data)
+    assert module.kd_loss.update_count == 1  # one batch of 4 samples, with KD targets
+    assert float(module.kd_loss.compute()) > 0
+    assert_unchanged(data, before)
+
+
+# ---- the distillation phase's callbacks: they report, and change nothing ------------------------
+
+
+def test_selection_callback_logs_the_counts_of_the_selection_it_is_given(scenario, tmp_path, make_tiny_llama):
+    public, payloads = scenario
+    payloads = by_sender(payloads)
+    # Not what DualMinCE picks for these losses (it would take client_1 for samples 0 and 3): the
+    # callback reports the selection it was handed, it does not select.
+    selection = Selection(["client_0", "client_1"], torch.tensor([0, -1, 0, -1]))
+    targets = aligners(tmp_path / "cache", "client_0", "client_1").align_selected(selection, payloads, public)
+    data = DistillationDataModule(public, targets, batch_size=2, pad_id=0, seed=0, top_k=4)
+    before = snapshot(data)
+
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer = fit(tiny_module(make_tiny_llama), data, [SelectiveTransferCallback(selection)], logger)
+
+    counts = {"selected": 2.0, "selected/client_0": 2.0, "selected/client_1": 0.0}
+    assert {key: float(trainer.callback_metrics[key]) for key in counts} == counts
+    assert {key for key in trainer.progress_bar_metrics if key.startswith("selected")} == {"selected"}
+    assert (
+        PhaseProgressBar("server · distill · round 1").get_metrics(trainer, trainer.lightning_module)["selected"] == 2
+    )
+    logger.save()
+    with open(Path(logger.log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(float(row["selected"]) == 2.0 and float(row["selected/client_1"]) == 0.0 for row in rows)
+    assert_unchanged(data, before)
+
+
+def test_cache_callback_reports_a_miss_then_hits_and_never_touches_the_data(
+    scenario, tmp_path, make_tiny_llama, monkeypatch
+):
+    public, payloads = scenario
+    payloads = {"client_0": by_sender(payloads)["client_0"]}
+    selection = select_teachers(torch.ones(4), payloads)  # samples 0 and 2 (client_0 did not score 3)
+    cache = tmp_path / "cache"
+    module = tiny_module(make_tiny_llama)
+
+    def phase(receiver: TeacherAligners) -> dict[str, float]:
+        data = DistillationDataModule(
+            public, receiver.align_selected(selection, payloads, public), batch_size=2, pad_id=0, seed=0, top_k=4
+        )
+        before = snapshot(data)
+        callback = AlignmentCacheCallback(receiver)
+        trainer = fit(module, data, [callback])
+        assert_unchanged(data, before)
+        logged = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("alignment/")}
+        assert logged == pytest.approx(callback.metrics)  # float32 in callback_metrics
+        assert callback.stats == receiver.last_alignment
+        return logged
+
+    first_run = aligners(cache, "client_0")
+    built = phase(first_run)
+    assert (built["alignment/misses"], built["alignment/hits"], built["alignment/samples"]) == (1, 0, 2)
+    assert built["alignment/seconds"] > 0
+    assert len(list(cache.glob("vocabmap-*.npy"))) == 1
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the vocabulary map should come from the cache")
+
+    monkeypatch.setattr(vocab_map_module, "build_vocab_map", no_rebuild)
+    next_round = phase(first_run)  # the aligner is still in memory
+    assert (next_round["alignment/misses"], next_round["alignment/hits"], next_round["alignment/samples"]) == (0, 1, 2)
+    next_run = phase(aligners(cache, "client_0"))  # a new run: the map comes from the disk cache
+    assert (next_run["alignment/misses"], next_run["alignment/hits"], next_run["alignment/samples"]) == (0, 1, 2)
 
 
 def test_targets_must_cover_every_public_sample():

@@ -1,0 +1,43 @@
+"""How a distillation phase used the receiver's alignment cache, logged where Lightning logs go."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import lightning as L
+
+from fedmkt.distillation import AlignmentCacheStats, TeacherAligners
+
+
+class AlignmentCacheCallback(L.Callback):
+    """Reports the alignment behind a phase's targets: cache hits, misses (maps built), samples, seconds.
+
+    The alignment runs before the phase's data is built (`Participant.distill`), so by the time
+    this phase's fit starts every aligner it needs is loaded; the callback takes the record of that
+    alignment (`TeacherAligners.last_alignment`) at fit start and logs it as `alignment/hits`,
+    `alignment/misses`, `alignment/samples` and `alignment/seconds`: in `trainer.callback_metrics`
+    at every step, and once to each of the phase's loggers when training starts. Nothing of the
+    phase is left to free afterwards: the aligners and the on-disk maps are kept for later rounds
+    on purpose, and the aligned targets belong to the phase's data.
+    """
+
+    def __init__(self, aligners: TeacherAligners) -> None:
+        self.aligners = aligners
+        self.stats = AlignmentCacheStats()
+        """The record of the alignment behind the phase that started last."""
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """`stats` under the names they are logged as."""
+        return {f"alignment/{name}": float(value) for name, value in asdict(self.stats).items()}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stats = self.aligners.last_alignment
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(self.metrics, step=trainer.global_step)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        for name, value in self.metrics.items():
+            pl_module.log(name, value, logger=False, on_step=True, on_epoch=False)
