@@ -416,10 +416,17 @@ def test_participant_distill_selects_aligns_builds_its_data_then_trains(
     def spy_fit(trainer, data, seed):
         events.append("fit")
         assert data is seen["data"]
-        assert {type(c).__name__ for c in trainer.callbacks} <= {"PhaseProgressBar", "PhaseDeadlineCallback"} | {
-            type(c).__name__ for c in L.Trainer(logger=False, enable_progress_bar=False).callbacks
+        defaults = {type(c).__name__ for c in L.Trainer(logger=False, enable_progress_bar=False).callbacks}
+        names = {type(c).__name__ for c in trainer.callbacks} - defaults
+        assert {"SelectiveTransferCallback", "AlignmentCacheCallback"} <= names  # they report the phase
+        assert names <= {
+            "SelectiveTransferCallback",
+            "AlignmentCacheCallback",
+            "PhaseProgressBar",
+            "PhaseDeadlineCallback",
         }
         seen["masks"] = [item["kd_mask"].clone() for item in data.items]
+        seen["trainer"] = trainer
         return fit(trainer, data, seed)
 
     monkeypatch.setattr(party, "_fit", spy_fit)
@@ -431,6 +438,9 @@ def test_participant_distill_selects_aligns_builds_its_data_then_trains(
     for item, ids in zip(data.items, (targets.ids[i] for i in range(3))):
         assert torch.equal(item["kd_ids"][:, : ids.shape[1]], ids[:, :3])
     assert all(torch.equal(item["kd_mask"], mask) for item, mask in zip(data.items, seen["masks"]))  # not mutated
+    logged = {key: float(value) for key, value in seen["trainer"].callback_metrics.items()}
+    assert (logged["selected"], logged["selected/peer"]) == (3, 3)
+    assert (logged["alignment/misses"], logged["alignment/hits"], logged["alignment/samples"]) == (1, 0, 3)
 
 
 def test_public_losses_score_the_public_set_without_building_a_noised_payload(

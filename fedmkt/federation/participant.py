@@ -20,7 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from fedmkt.adapters import adapter_state, is_sharded, load_adapter_state, under_model_keys
-from fedmkt.callbacks import PhaseDeadlineCallback, PhaseProgressBar
+from fedmkt.callbacks import (
+    AlignmentCacheCallback,
+    PhaseDeadlineCallback,
+    PhaseProgressBar,
+    SelectiveTransferCallback,
+)
 from fedmkt.config import PartyConfig, PrivacyConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.examples import Example, Format
@@ -113,7 +118,8 @@ class Participant:
     def _label(self, phase: str) -> str:
         return f"{self.name} · {phase} · round {self.round_index}"
 
-    def _trainer(self, phase: str, max_epochs: int = 1) -> L.Trainer:
+    def _trainer(self, phase: str, max_epochs: int = 1, reporters: tuple[L.Callback, ...] = ()) -> L.Trainer:
+        """A phase's Trainer; `reporters` are callbacks that log what the phase was given (never change it)."""
         settings = self.config.trainer
         progress = [PhaseProgressBar(self._label(phase))] if settings.enable_progress_bar else []
         return L.Trainer(
@@ -124,7 +130,9 @@ class Participant:
             max_epochs=max_epochs,
             accumulate_grad_batches=settings.accumulate_grad_batches,
             gradient_clip_val=self.config.optimizer.grad_clip or None,
-            callbacks=progress + ([PhaseDeadlineCallback(self.phase_timeout_s)] if self.phase_timeout_s else []),
+            callbacks=list(reporters)
+            + progress
+            + ([PhaseDeadlineCallback(self.phase_timeout_s)] if self.phase_timeout_s else []),
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
@@ -217,7 +225,8 @@ class Participant:
             top_k=self.transfer.top_k,
             kd_positions=self.transfer.kd_positions,
         )
-        stats = self._fit(self._trainer("distill", self.config.distill_epochs), data, seed)
+        reporters = (SelectiveTransferCallback(selection), AlignmentCacheCallback(self.alignment))
+        stats = self._fit(self._trainer("distill", self.config.distill_epochs, reporters), data, seed)
         return replace(stats, selected=selection.num_selected, teacher_counts=selection.counts())
 
     def evaluate(self) -> dict:
