@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from lightning.pytorch.loggers import Logger
@@ -34,6 +36,7 @@ from fedmkt.federation.checkpoint import (
 )
 from fedmkt.federation.distributed import is_rank_zero
 from fedmkt.federation.participant import Participant
+from fedmkt.federation.stages import StageRunner, run_one_by_one
 from fedmkt.payload import KnowledgePayload
 
 # Which steps of a round each mode runs (baselines are the method with steps removed or added).
@@ -59,6 +62,7 @@ class FederatedTrainer:
         config: RunConfig,
         run_dir: Path,
         loggers: Optional[list[Logger]] = None,
+        run_clients: StageRunner = run_one_by_one,
     ) -> None:
         self.server = server
         self.clients = clients
@@ -69,6 +73,9 @@ class FederatedTrainer:
         self.num_public = len(server.data.public)  # every party holds the same public samples
         self.summary: dict = {"config": asdict(config), "zero_shot": {}, "rounds": []}
         self._traffic: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_sent": 0, "bytes_received": 0})
+        self.run_clients = run_clients
+        """How a client stage runs (one by one in-process; all clients at once on Flower)."""
+        self._timeline: dict[str, list[dict]] = defaultdict(list)
 
     @property
     def parties(self) -> list[Participant]:
@@ -79,7 +86,13 @@ class FederatedTrainer:
     def fit(self, start_round: int = 1) -> dict:
         """All rounds from `start_round`; returns the summary (also in `<run_dir>/summary.json`)."""
         if start_round == 1 and self.config.federation.evaluate_before:
-            self.summary["zero_shot"] = {p.name: p.evaluate() for p in self.parties}
+            outcomes = self.run_clients("evaluate", [(client, ()) for client in self.clients])
+            for outcome in outcomes.values():
+                if outcome.error is not None:
+                    raise outcome.error
+            self.summary["zero_shot"] = {self.server.name: self.server.evaluate()} | {
+                name: outcome.value for name, outcome in outcomes.items()
+            }
             self._log(self.summary["zero_shot"], step=0)
             self._write_summary()
         if not self.steps:  # zero_shot: nothing to train
@@ -91,40 +104,38 @@ class FederatedTrainer:
     def run_round(self, round_index: int) -> dict:
         """One round; appends its record to the summary, saves adapters and a checkpoint."""
         self._traffic.clear()
+        self._timeline.clear()
         stats: dict[str, dict] = {party.name: dict(_EMPTY_ENTRY) for party in self.parties}
         failed: dict[str, str] = {}
 
         # Steps 1–3: clients fine-tune on private data and share knowledge of the public data.
         client_knowledge = {}
-        for client in self.clients:
-            if "client_train" not in self.steps:
-                break
-            try:
-                stats[client.name] |= client.fine_tune(round_index)
-                if "client_share" in self.steps:
-                    client_knowledge[client.name] = self._send(
-                        client.share_knowledge(round_index), receivers=[self.server]
-                    )
-            except Exception as error:  # a failing client must not stop the federation
-                failed[client.name] = _describe(error)
+        if "client_train" in self.steps:
+            for name, result in self._client_stage("fine_tune", self.clients, (round_index,), failed).items():
+                stats[name] |= result
+            if "client_share" in self.steps:
+                answering = [c for c in self.clients if c.name not in failed]
+                for name, payload in self._client_stage("share_knowledge", answering, (round_index,), failed).items():
+                    try:
+                        client_knowledge[name] = self._send(payload, receivers=[self.server])
+                    except Exception as error:  # a client whose payload is refused is left out
+                        failed[name] = _describe(error)
         self._require_quorum(round_index, failed)
 
         # Steps 4–6: the server distils from the clients (or, centralized, trains on all data).
         if "server_distil" in self.steps:
-            stats[self.server.name] |= self.server.distill(round_index, client_knowledge)
+            stats[self.server.name] |= self._timed(self.server, "distill", round_index, client_knowledge)
         if "server_train" in self.steps:
-            stats[self.server.name] |= self.server.fine_tune(round_index)
+            stats[self.server.name] |= self._timed(self.server, "fine_tune", round_index)
 
         # Steps 7–11: the server shares its knowledge; each client distils from it.
         if "server_share" in self.steps:
             answering = [c for c in self.clients if c.name not in failed]
-            server_knowledge = self._send(self.server.share_knowledge(round_index), receivers=answering)
-            for client in answering:
-                try:
-                    distilled = client.distill(round_index, {self.server.name: server_knowledge})
-                    stats[client.name] = self._merge_phases(stats[client.name], distilled)
-                except Exception as error:
-                    failed[client.name] = _describe(error)
+            shared = self._timed(self.server, "share_knowledge", round_index)
+            server_knowledge = self._send(shared, receivers=answering)
+            teachers = {self.server.name: server_knowledge}
+            for name, distilled in self._client_stage("distill", answering, (round_index, teachers), failed).items():
+                stats[name] = self._merge_phases(stats[name], distilled)
             self._require_quorum(round_index, failed)
 
         if "adapter_average" in self.steps:
@@ -133,10 +144,15 @@ class FederatedTrainer:
         federation = self.config.federation
         last_round = round_index == federation.rounds
         if federation.evaluate_every_round or (federation.evaluate_final and last_round):
-            for party in self._parties_that_learn():
-                stats[party.name] |= party.evaluate()
+            learning = self._parties_that_learn()
+            if self.server in learning:
+                stats[self.server.name] |= self._timed(self.server, "evaluate")
+            clients = [c for c in learning if c is not self.server]
+            for name, scores in self._client_stage("evaluate", clients, (), None).items():
+                stats[name] |= scores
         for party in self.parties:
             stats[party.name] |= self._traffic[party.name]
+            stats[party.name]["timeline"] = self._timeline[party.name]  # save_adapter is added when it runs
             if party.name in failed:
                 stats[party.name]["failed"] = failed[party.name]
 
@@ -147,6 +163,41 @@ class FederatedTrainer:
         for name, reason in failed.items():
             warnings.warn(f"round {round_index}: {name} failed and was left out ({reason})", stacklevel=1)
         return record
+
+    def _timed(self, party: Participant, phase: str, *args):
+        """`party.<phase>(*args)`, its span added to the party's round timeline."""
+        start = time.time()
+        try:
+            return getattr(party, phase)(*args)
+        finally:
+            self._timeline[party.name].append({"phase": phase, "start": start, "end": time.time()})
+
+    def _client_stage(
+        self,
+        phase: str,
+        clients: list[Participant],
+        args: Union[tuple, Callable[[Participant], tuple]],
+        failed: Optional[dict[str, str]],
+    ) -> dict[str, object]:
+        """One phase on every client in `clients` through `run_clients`; returns the answering clients' results.
+
+        `args` are the phase's arguments, or a function giving each client its own. A client whose
+        call raised goes into `failed` (None: its error stops the run, as a server's would).
+        """
+        if not clients:
+            return {}
+        outcomes = self.run_clients(phase, [(client, args(client) if callable(args) else args) for client in clients])
+        results = {}
+        for client in clients:
+            outcome = outcomes[client.name]
+            self._timeline[client.name].append(outcome.span(phase))
+            if outcome.error is None:
+                results[client.name] = outcome.value
+            elif failed is None:
+                raise outcome.error
+            else:
+                failed[client.name] = _describe(outcome.error)
+        return results
 
     def _parties_that_learn(self) -> list[Participant]:
         """Parties whose weights this mode changes (others keep their zero-shot accuracy)."""
@@ -166,10 +217,13 @@ class FederatedTrainer:
             )
         if failed and answered < self.config.federation.min_clients:
             reasons = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
+            if self.config.federation.backend == "flower":  # client adapters live on their nodes: no --resume
+                fix = "repair those clients (see their SuperNodes' logs), then start the run again with --overwrite"
+            else:
+                fix = f"repair those clients, then `fedmkt fit --config ... --resume {self.run_dir}` (the last round checkpoint is intact)"
             raise FedMKTError(
                 f"round {round_index}: only {answered} of {len(self.clients)} clients answered "
-                f"(federation.min_clients={self.config.federation.min_clients}) — {reasons}. "
-                f"Fix: repair those clients, then `fedmkt fit --config ... --resume {self.run_dir}` (the last round checkpoint is intact)."
+                f"(federation.min_clients={self.config.federation.min_clients}) — {reasons}. Fix: {fix}."
             )
 
     def _average_client_adapters(self, clients: list[Participant]) -> None:
@@ -196,8 +250,10 @@ class FederatedTrainer:
 
         `checkpoint.json` is written last, so it only ever names a round whose files are complete.
         """
-        for party in self.parties:  # every rank: a sharded (fsdp) party gathers its adapter first
-            party.save_adapter(self.run_dir / "adapters" / f"round_{round_index}" / party.name)
+        folder = self.run_dir / "adapters" / f"round_{round_index}"
+        # Every rank, in one order: a sharded (fsdp) party gathers its adapter first.
+        self._timed(self.server, "save_adapter", folder / self.server.name)
+        self._client_stage("save_adapter", self.clients, lambda client: (folder / client.name,), None)
         if not is_rank_zero():  # one writer; other ranks hold the same state
             return
         for party in self.parties:
