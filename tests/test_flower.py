@@ -38,13 +38,13 @@ from fedmkt.federation.flower.messages import (  # noqa: E402
     Request,
     array_bytes,
     bytes_array,
-    client_of_node,
     decode_reply,
     decode_request,
     encode_reply,
     encode_request,
 )
-from fedmkt.federation.flower.proxy import RemoteParticipant, RemoteParticipantError  # noqa: E402
+from fedmkt.federation.flower.node import node_settings  # noqa: E402
+from fedmkt.federation.flower.proxy import RemoteParticipant, RemoteParticipantError, run_together  # noqa: E402
 from fedmkt.federation.flower.server_app import find_client_nodes  # noqa: E402
 from fedmkt.payload import KnowledgePayload  # noqa: E402
 
@@ -78,12 +78,14 @@ class FakeGrid:
             for node_id in nodes
         }
         self.sent: list[Message] = []
+        self.batches: list[list[str]] = []  # the message types of each send_and_receive call
 
     def get_node_ids(self):
         return list(self.nodes)
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
+        self.batches.append([m.metadata.message_type for m in messages])
         for message in messages:
             self.sent.append(message)
             try:
@@ -162,13 +164,13 @@ def test_every_phase_routes_to_a_registered_client_app_handler():
 
 
 def test_partition_id_names_the_client():
-    assert client_of_node({"partition-id": 1}) == "client_1"
-    assert client_of_node({"partition-id": "0"}, num_clients=2) == "client_0"
-    for bad in ({}, {"partition-id": "x"}, {"partition-id": -1}):
+    assert node_settings({"partition-id": 1}).client == "client_1"
+    assert node_settings({"partition-id": "0"}, num_clients=2).client == "client_0"
+    for bad in ({}, {"partition-id": "x"}, {"partition-id": -1}, {"partition-id": 0, "data-path": "x.jsonl"}):
         with pytest.raises(FedMKTError, match="Fix:"):
-            client_of_node(bad)
+            node_settings(bad)
     with pytest.raises(FedMKTError, match="partition-id 2"):
-        client_of_node({"partition-id": 2}, num_clients=2)
+        node_settings({"partition-id": 2}, num_clients=2)
 
 
 # ---- the proxy, against an in-memory grid ----------------------------------------------------
@@ -394,6 +396,184 @@ def test_a_client_phase_through_messages_matches_the_in_process_participant(task
     assert client_app.STATE_KEY in grid.contexts[3].state.array_records  # losses + adapter kept on the node
 
 
+# ---- all clients at once ---------------------------------------------------------------------
+
+
+def test_a_stage_goes_to_every_client_in_one_batch_and_failures_stay_per_client(task_identity, tmp_path):
+    def node(message, context):
+        request = decode_request(message.content)
+        if request.client == "client_1":
+            raise RuntimeError("CUDA out of memory")
+        return Message(
+            encode_reply(Reply(stats={"task_loss": 0.5}, info={"start": 10.0, "end": 12.5})), reply_to=message
+        )
+
+    grid = FakeGrid({7: node, 8: node, 9: lambda message, context: None})
+    clients = [
+        RemoteParticipant(f"client_{i}", 7 + i, grid, TINY_TEXT, tmp_path, num_public=3, timeout_s=0.1)
+        for i in range(3)
+    ]
+    outcomes = run_together("fine_tune", [(client, (2,)) for client in clients])
+    assert grid.batches == [["train.fine_tune"] * 3]  # one send_and_receive carrying every client's message
+    assert [decode_request(m.content).round for m in grid.sent] == [2, 2, 2]
+    assert outcomes["client_0"].value == {"task_loss": 0.5} and outcomes["client_0"].error is None
+    assert outcomes["client_0"].span("fine_tune") == {
+        "phase": "fine_tune",
+        "start": 10.0,
+        "end": 12.5,
+    }  # the node's clock
+    assert isinstance(outcomes["client_1"].error, RemoteParticipantError) and "out of memory" in str(
+        outcomes["client_1"].error
+    )
+    assert "no reply to fine_tune" in str(outcomes["client_2"].error)
+    assert all(m.metadata.ttl == pytest.approx(0.1 + 60.0) for m in grid.sent)  # the SuperLink drops them after that
+
+
+def test_the_flower_backend_waits_a_finite_time_for_a_client_by_default():
+    from fedmkt.federation.flower.server_app import client_wait_s
+
+    config = run_config_from_text(TINY_TEXT)
+    assert config.federation.client_timeout_s is None
+    assert client_wait_s(config) == 3600.0 + 300.0
+    config.federation.client_timeout_s = 60.0
+    assert client_wait_s(config) == 60.0 + 300.0
+
+
+def test_the_quorum_error_names_the_fix_of_each_backend(tmp_path):
+    from fedmkt.federation.trainer import FederatedTrainer
+
+    class Failing:
+        def __init__(self, name):
+            self.name = name
+            self.data = type("Data", (), {"public": [None] * 3})()
+
+        def fine_tune(self, round_index):
+            raise RuntimeError(f"{self.name} is down in round {round_index}")
+
+        def evaluate(self):
+            return {}
+
+    for backend, expected, absent in (("inprocess", "--resume", "--overwrite"), ("flower", "--overwrite", "--resume")):
+        config = run_config_from_text(TINY_TEXT)
+        config.federation.backend, config.federation.min_clients = backend, 2
+        trainer = FederatedTrainer(Failing("server"), [Failing("client_0"), Failing("client_1")], config, tmp_path)
+        with pytest.raises(FedMKTError, match="only 0 of 2 clients answered") as error:
+            trainer.run_round(2)
+        fix = str(error.value).split("Fix:", 1)[1]
+        assert expected in fix and absent not in fix, fix
+
+
+# ---- a node writes only inside its own folder --------------------------------------------------
+
+
+def _save_request(path: str) -> Message:
+    request = Request(phase="save_adapter", client="client_0", config_text=TINY_TEXT, path=path)
+    return Message(encode_request(request), dst_node_id=7, message_type="query.save_adapter")
+
+
+def test_a_node_refuses_paths_that_leave_its_output_folder_and_deletes_nothing(task_identity, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    node_dir = tmp_path / "node"
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "output-dir": str(node_dir)},
+        state=RecordDict(),
+        run_config={},
+    )
+    client_app._store_state(_FakeParticipant(), context)
+    for bad in (str(outside), "../outside", "adapters/../../outside", ""):
+        with pytest.raises(FedMKTError, match="refused to write.*own output folder"):
+            client_app.handle(_save_request(bad), context)
+    (node_dir / "adapters").mkdir(parents=True)
+    (node_dir / "adapters" / "escape").symlink_to(outside)
+    with pytest.raises(FedMKTError, match="outside this node's output folder"):
+        client_app.handle(_save_request("adapters/escape"), context)
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+
+    target = node_dir / "adapters" / "round_1" / "client_0"
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text("the node's own file")
+    assert not client_app.handle(_save_request("adapters/round_1/client_0"), context).has_error()
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    assert (target / "notes.txt").read_text() == "the node's own file"  # nothing there was deleted
+
+
+# ---- node-owned data and settings --------------------------------------------------------------
+
+OWN_DATA_TEXT = shipped_configs()["own_data.yaml"].read_text()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_each_node_reads_only_its_own_private_file(task_identity, tmp_path, monkeypatch):
+    """Node 0 gets its file as a node-config key, node 1 through a node-local settings file; the
+    shared config names neither, and each node reads the shared sets and its own file only."""
+    from fedmkt.data import parts
+    from fedmkt.federation.flower.local import split_config
+
+    monkeypatch.chdir(REPO)  # own_data.yaml's shared sets are relative to the repository
+    text = OWN_DATA_TEXT.replace("rounds: 2", "rounds: 1")
+    shared, nodes = split_config(text, tmp_path / "run")
+    assert "client_0.jsonl" not in shared and "client_1.jsonl" not in shared
+    assert nodes[0]["data"]["path"] == str(REPO / "tests/data/own_data/client_0.jsonl")
+    assert nodes[1]["data"]["columns"] == {"id": "qid", "prompt": "question", "choices": "options", "answer": "label"}
+    settings_file = tmp_path / "node_1.yaml"
+    settings_file.write_text(yaml.safe_dump({"data": nodes[1]["data"], "output_dir": str(tmp_path / "out_1")}))
+    node_configs = {
+        10: {"partition-id": 0, "data": nodes[0]["data"]["path"], "output-dir": str(tmp_path / "out_0")},
+        11: {"partition-id": 1, "settings": str(settings_file)},
+    }
+    read: dict[int, list[str]] = {}
+    original = parts.load_source
+    current = []
+
+    def recording(source, key, expected=None):
+        read.setdefault(current[-1], []).append(f"{key}={Path(source.path).name}")
+        return original(source, key, expected)
+
+    monkeypatch.setattr(parts, "load_source", recording)
+    grid = FakeGrid({10: client_app.handle, 11: client_app.handle}, node_configs)
+    config = run_config_from_text(shared)
+    for index, node_id in enumerate((10, 11)):
+        current.append(node_id)
+        proxy = RemoteParticipant(f"client_{index}", node_id, grid, shared, tmp_path, num_public=8)
+        stats = proxy.fine_tune(1)
+        assert stats["task_loss"] == stats["task_loss"]  # trained on a non-empty private set (not NaN)
+    assert config.clients[0].data is None and config.clients[1].data is None
+    assert sorted(read[10]) == ["clients[0].data=client_0.jsonl", "data.eval=eval.jsonl", "data.public=public.jsonl"]
+    assert sorted(read[11]) == ["clients[1].data=client_1.jsonl", "data.eval=eval.jsonl", "data.public=public.jsonl"]
+
+
+def test_a_node_with_another_tokenizer_is_refused_before_round_1(task_identity):
+    from fedmkt.alignment.vocab_map import tokenizer_fingerprint
+    from fedmkt.models import load_tokenizer
+
+    config = run_config_from_text(TINY_TEXT)
+    config.flower.wait_for_nodes_s = 5
+    expected = tokenizer_fingerprint(load_tokenizer(config.clients[0].model, config.cache_dir))
+    fingerprints = {"client_0": expected, "client_1": expected}
+    grid = FakeGrid(
+        {11: client_app.handle, 12: client_app.handle},
+        {11: {"partition-id": 0}, 12: {"partition-id": 1, "model": "embedded:gemma3-270m"}},  # the server's model
+    )
+    with pytest.raises(FedMKTError) as error:
+        find_client_nodes(grid, config, TINY_TEXT, fingerprints)
+    line = str(error.value)
+    assert "\n" not in line and "client_1: this node's model embedded:gemma3-270m has a tokenizer" in line
+    assert line.count("Fix:") == 1 and "--node-config model=" in line
+    right = FakeGrid({11: client_app.handle, 12: client_app.handle}, {11: {"partition-id": 0}, 12: {"partition-id": 1}})
+    assert find_client_nodes(right, config, TINY_TEXT, fingerprints) == {"client_0": 11, "client_1": 12}
+
+
+def test_private_client_data_in_the_shared_config_is_refused_on_flower(tmp_path, capsys):
+    code = main(["fit", "--config", "own_data", "--backend", "flower", "--run_dir", str(tmp_path / "run")])
+    assert code == 2
+    line = _error_line(capsys)
+    assert "clients[0].data, clients[1].data set in the run config" in line and "launch-local" in line
+
+
 # ---- one-line errors ------------------------------------------------------------------------
 
 
@@ -613,6 +793,13 @@ def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
                 if key in expected:
                     assert got[key] == pytest.approx(expected[key], abs=1e-4), (party, key)
         assert ours["parties"]["server"]["selected"] > 0  # the server really distilled from the clients
+        # All clients at once: the two SuperNodes fine-tuned at the same time, each span its node's own.
+        (a,), (b,) = (
+            [s for s in ours["parties"][c]["timeline"] if s["phase"] == "fine_tune"] for c in ("client_0", "client_1")
+        )
+        assert a["start"] < b["end"] and b["start"] < a["end"], (a, b)
+        for party, entry in ours["parties"].items():
+            assert [s["phase"] for s in entry["timeline"]] == [s["phase"] for s in theirs["parties"][party]["timeline"]]
 
     # Client adapters are written by their SuperNodes (here on the same machine, into run_dir).
     for round_index in range(1, ROUNDS + 1):

@@ -4,7 +4,9 @@ Flower starts a fresh ClientApp process for every message, so each phase call re
 client's real `Participant` with `fedmkt.run.build_participant` (the same split, seeds and LoRA
 init as the in-process backend; base models come from the local cache), restores the state the
 previous phase left in `context.state`, runs the method the server asked for and stores the new
-state. Phases reseed themselves, so a rebuilt party with its restored adapter and cached public
+state. The client's private data, model and output folder are this node's own (`node.py`); the
+server sends only the shared config, and the node refuses to run with a tokenizer other than the
+one the run expects. Phases reseed themselves, so a rebuilt party with its restored adapter and cached public
 losses computes exactly what a long-lived in-process party would.
 
 State (Flower keeps `context.state` on the SuperNode between messages of a run):
@@ -16,26 +18,33 @@ Private data never leaves the node; weights leave it only for the fedavg baselin
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
+import time
 from pathlib import Path
 
-import yaml
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
+from fedmkt.alignment.vocab_map import tokenizer_fingerprint
+from fedmkt.cli import run_config_from_text
+from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError
+from fedmkt.federation.checkpoint import atomic_write_bytes
 from fedmkt.federation.flower.messages import (
     PHASE_MESSAGE_TYPES,
     Reply,
     Request,
     array_bytes,
     bytes_array,
-    client_of_node,
     decode_request,
     encode_reply,
 )
+from fedmkt.federation.flower.node import NodeSettings, apply_to_config, inside_output_dir, node_settings
+from fedmkt.models import load_tokenizer
+from fedmkt.payload import KnowledgePayload
+from fedmkt.run import build_participant, quiet_lightning
 
 STATE_KEY = "fedmkt.client_state"
 """The `context.state` record that holds the client's adapter and cached public losses."""
@@ -49,18 +58,23 @@ app = ClientApp()
 def handle(message: Message, context: Context) -> Message:
     """Run the requested phase for this node's client and reply with its result."""
     request = decode_request(message.content)
-    if request.phase == "hello":  # cheap: no model is built
-        reply = Reply(info={"client": client_of_node(context.node_config), "node_id": context.node_id})
+    settings = node_settings(context.node_config)
+    if request.phase == "hello":  # no model is built; the tokenizer is checked when the run sends one
+        if request.config_text and settings.client in request.tokenizers:
+            check_tokenizer(settings, node_config(settings, request), request.tokenizers[settings.client])
+        reply = Reply(info={"client": settings.client, "node_id": context.node_id})
         return Message(encode_reply(reply), reply_to=message)
-    client = client_of_node(context.node_config)
-    if request.client != client:
+    if request.client != settings.client:
         raise FedMKTError(
-            f"a message for {request.client} reached the SuperNode of {client}. Fix: give every SuperNode its own partition-id."
+            f"a message for {request.client} reached the SuperNode of {settings.client}. Fix: give every SuperNode its own partition-id."
         )
+    start = time.time()
     if request.phase == "save_adapter":  # copies the stored adapter; no model is built
-        _write_adapter(context, _output_dir(request, context) / request.path)
-        return Message(encode_reply(Reply()), reply_to=message)
-    reply = run_phase(request, context)
+        _write_adapter(context, inside_output_dir(settings, request.path))
+        reply = Reply()
+    else:
+        reply = run_phase(request, context, settings)
+    reply.info |= {"start": start, "end": time.time()}  # this node's span of the phase, for the round timeline
     return Message(encode_reply(reply), reply_to=message)
 
 
@@ -69,16 +83,28 @@ for _phase, _message_type in PHASE_MESSAGE_TYPES.items():  # one handler, routed
     getattr(app, _category)(_action)(handle)
 
 
-def run_phase(request: Request, context: Context) -> Reply:
-    """Rebuild the client, restore its state, call the phase, store the new state."""
-    from safetensors.torch import load as load_safetensors
-    from safetensors.torch import save as save_safetensors
+def node_config(settings: NodeSettings, request: Request) -> RunConfig:
+    """The run config the server sent, with this node's own data, evaluation set and model."""
+    return apply_to_config(settings, run_config_from_text(request.config_text))
 
-    from fedmkt.cli import run_config_from_text
-    from fedmkt.payload import KnowledgePayload
-    from fedmkt.run import build_participant, quiet_lightning
 
-    config = run_config_from_text(request.config_text)
+def check_tokenizer(settings: NodeSettings, config: RunConfig, expected: str) -> None:
+    """Refuse to serve with a tokenizer other than the one the run aligns this client's knowledge with."""
+    model = config.clients[settings.index].model
+    found = tokenizer_fingerprint(load_tokenizer(model, config.cache_dir))
+    if found != expected:
+        raise FedMKTError(
+            f"{settings.client}: this node's model {model.source} has a tokenizer (fingerprint {found[:12]}) other than the one "
+            f"the run expects (fingerprint {expected[:12]}, from clients[{settings.index}].model of the run config). "
+            "Fix: give this node the model the run names (--node-config model=...), or name this node's model in the run config."
+        )
+
+
+def run_phase(request: Request, context: Context, settings: NodeSettings) -> Reply:
+    """Rebuild the client from this node's settings, restore its state, call the phase, store the new state."""
+    config = node_config(settings, request)
+    if settings.client in request.tokenizers:
+        check_tokenizer(settings, config, request.tokenizers[settings.client])
     quiet_lightning()
     participant = build_participant(config, request.client)
     _restore_state(participant, context)
@@ -113,8 +139,6 @@ def _restore_state(participant, context: Context) -> None:
     """Adapter and cached public losses left by this client's previous phase (none before its first)."""
     if STATE_KEY not in context.state.array_records:
         return
-    from safetensors.torch import load as load_safetensors
-
     record = context.state.array_records[STATE_KEY]
     participant.load_adapter_state(load_safetensors(array_bytes(record["adapter_model.safetensors"])))
     losses = record.get("public_losses")
@@ -123,8 +147,6 @@ def _restore_state(participant, context: Context) -> None:
 
 def _store_state(participant, context: Context) -> None:
     """Save the adapter exactly as `Participant.save_adapter` writes it, plus the cached losses."""
-    from safetensors.torch import save as save_safetensors
-
     record = ArrayRecord()
     with tempfile.TemporaryDirectory(prefix="fedmkt-adapter-") as tmp:
         participant.save_adapter(Path(tmp) / "adapter")
@@ -136,22 +158,16 @@ def _store_state(participant, context: Context) -> None:
     context.state[STATE_KEY] = record
 
 
-def _output_dir(request: Request, context: Context) -> Path:
-    """This node's folder for saved adapters: node-config `output-dir`, else the config's run_dir."""
-    folder = context.node_config.get("output-dir") or yaml.safe_load(request.config_text).get("run_dir")
-    return Path(str(folder)).expanduser()
-
-
 def _write_adapter(context: Context, directory: Path) -> None:
-    """Write the stored adapter folder atomically (temporary folder, then rename)."""
+    """Write the stored adapter's files into `directory`, each atomically (temporary file, then rename).
+
+    Nothing else is removed or replaced: other files in the folder stay as they are.
+    """
     if STATE_KEY not in context.state.array_records:
         raise FedMKTError(
             "this client has no adapter yet (no phase ran on this SuperNode in this run). Fix: check the SuperNode's logs."
         )
     record = context.state.array_records[STATE_KEY]
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    directory.mkdir(parents=True, exist_ok=True)
     for name in _ADAPTER_FILES:
-        (tmp / name).write_bytes(array_bytes(record[name]))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+        atomic_write_bytes(directory / name, array_bytes(record[name]))

@@ -12,14 +12,27 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
+from lightning.pytorch.loggers import WandbLogger
 
-from fedmkt.config import RunConfig
+from fedmkt.alignment.vocab_map import tokenizer_fingerprint
+from fedmkt.cli import run_config_from_text
+from fedmkt.config import RunConfig, validate
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.flower.messages import PHASE_MESSAGE_TYPES, Request, decode_reply, encode_request
-from fedmkt.federation.flower.proxy import STARTUP_ALLOWANCE_S, RemoteParticipant
+from fedmkt.federation.flower.proxy import (
+    DEFAULT_CLIENT_TIMEOUT_S,
+    STARTUP_ALLOWANCE_S,
+    RemoteParticipant,
+    run_together,
+)
+from fedmkt.federation.flower.submit import check_supported
+from fedmkt.federation.trainer import FederatedTrainer
+from fedmkt.models import load_tokenizer
+from fedmkt.run import build_participant, make_loggers, party_names, quiet_lightning
 
 CONFIG_PATH_KEY = "config-path"
 """Run-config key (see app/pyproject.toml) holding the path of the resolved config YAML."""
@@ -41,15 +54,6 @@ def main(grid: Grid, context: Context) -> None:
 
 def serve(grid: Grid, config_text: str) -> dict:
     """Run the whole federation from this ServerApp; returns the summary (also in run_dir)."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    from fedmkt.cli import run_config_from_text
-    from fedmkt.config import validate
-    from fedmkt.federation.flower.submit import check_supported
-    from fedmkt.federation.trainer import FederatedTrainer
-    from fedmkt.models import load_tokenizer
-    from fedmkt.run import build_participant, make_loggers, party_names, quiet_lightning
-
     config = run_config_from_text(config_text)
     validate(config)
     check_supported(config)
@@ -57,24 +61,26 @@ def serve(grid: Grid, config_text: str) -> dict:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    nodes = find_client_nodes(grid, config)
+    # The tokenizer each client must use: its knowledge is aligned with this one (tokenizers are not private).
+    names = party_names(len(config.clients))[1:]
+    tokenizers = {name: load_tokenizer(spec.model, config.cache_dir) for name, spec in zip(names, config.clients)}
+    fingerprints = {name: tokenizer_fingerprint(tokenizer) for name, tokenizer in tokenizers.items()}
+    nodes = find_client_nodes(grid, config, config_text, fingerprints)
     server = build_participant(config, "server")
-    timeout = (
-        None if config.federation.client_timeout_s is None else config.federation.client_timeout_s + STARTUP_ALLOWANCE_S
-    )
+    timeout = client_wait_s(config)
     num_public = len(server.data.public)
     clients = [
-        RemoteParticipant(name, nodes[name], grid, config_text, run_dir, num_public, timeout)
-        for name in party_names(len(config.clients))[1:]
+        RemoteParticipant(name, nodes[name], grid, config_text, run_dir, num_public, timeout, fingerprints[name])
+        for name in names
     ]
 
-    # What's needed, with the adapters, to reproduce a checkpoint (tokenizers are not private).
+    # What's needed, with the adapters, to reproduce a checkpoint.
     server.tokenizer.save_pretrained(run_dir / "tokenizers" / server.name)
-    for client, spec in zip(clients, config.clients):
-        load_tokenizer(spec.model, config.cache_dir).save_pretrained(run_dir / "tokenizers" / client.name)
+    for name, tokenizer in tokenizers.items():
+        tokenizer.save_pretrained(run_dir / "tokenizers" / name)
 
     loggers = make_loggers(config, run_dir)
-    trainer = FederatedTrainer(server, clients, config, run_dir, loggers)
+    trainer = FederatedTrainer(server, clients, config, run_dir, loggers, run_clients=run_together)
     try:
         summary = trainer.fit()
     finally:
@@ -88,8 +94,21 @@ def serve(grid: Grid, config_text: str) -> dict:
     return summary
 
 
-def find_client_nodes(grid: Grid, config: RunConfig) -> dict[str, int]:
-    """Client name → node id, from each connected SuperNode's partition-id."""
+def client_wait_s(config: RunConfig) -> float:
+    """How long the server waits for one client phase: `client_timeout_s` (Flower's default if null)
+    plus the time a ClientApp needs to start and rebuild its party."""
+    limit = config.federation.client_timeout_s
+    return (DEFAULT_CLIENT_TIMEOUT_S if limit is None else limit) + STARTUP_ALLOWANCE_S
+
+
+def find_client_nodes(
+    grid: Grid, config: RunConfig, config_text: str = "", tokenizers: Optional[dict[str, str]] = None
+) -> dict[str, int]:
+    """Client name → node id, from each connected SuperNode's partition-id.
+
+    With `config_text` and the expected tokenizer `tokenizers`, each node also checks its own
+    model's tokenizer, so a node set up with the wrong model is named before round 1.
+    """
     needed = len(config.clients)
     wait_s = config.flower.wait_for_nodes_s
     deadline = time.monotonic() + wait_s
@@ -106,7 +125,9 @@ def find_client_nodes(grid: Grid, config: RunConfig) -> dict[str, int]:
 
     hello = [
         Message(
-            content=encode_request(Request(phase="hello", client="", config_text="")),
+            content=encode_request(
+                Request(phase="hello", client="", config_text=config_text, tokenizers=tokenizers or {})
+            ),
             dst_node_id=node_id,
             message_type=PHASE_MESSAGE_TYPES["hello"],
         )
@@ -127,7 +148,10 @@ def find_client_nodes(grid: Grid, config: RunConfig) -> dict[str, int]:
     missing = [name for name in wanted if name not in nodes]
     if missing or duplicates:  # a spare node that fails or serves no client of this run is ignored
         problems = ([f"no SuperNode answered for {', '.join(missing)}"] if missing else []) + duplicates + errors
-        raise FedMKTError(
-            f"{'; '.join(problems)}. Fix: run one SuperNode per client with a distinct --node-config partition-id=N, N = 0..{needed - 1}."
-        )
+        text = "; ".join(problems)
+        if "Fix:" not in text:  # a node's own refusal already says what to do
+            text += (
+                f". Fix: run one SuperNode per client with a distinct --node-config partition-id=N, N = 0..{needed - 1}"
+            )
+        raise FedMKTError(text + ("" if text.endswith(".") else "."))
     return {name: nodes[name] for name in wanted}

@@ -26,6 +26,7 @@ from typing import Optional
 from fedmkt.config import RunConfig, validate
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.checkpoint import atomic_write_text
+from fedmkt.federation.distributed import party_processes
 
 CONNECTION = "fedmkt"
 """Name of the SuperLink connection in the private Flower config."""
@@ -73,9 +74,17 @@ def write_flower_home(home: Path, config: RunConfig) -> None:
 
 
 def check_supported(config: RunConfig) -> None:
-    """Refuse what the flower backend does not do yet: parties spread over several processes."""
-    from fedmkt.federation.distributed import party_processes
-
+    """Refuse what the flower backend does not do (yet): parties spread over several processes, and
+    private client data named in the shared run config (on Flower it is each node's own)."""
+    private = [
+        f"clients[{i}].{key}" for i, c in enumerate(config.clients) for key in ("data", "eval") if getattr(c, key)
+    ]
+    if private:
+        raise FedMKTError(
+            f"{', '.join(private)} set in the run config, but on the flower backend a client's private data is its own node's. "
+            "Fix: remove them from the run config and give each client's SuperNode its own (--node-config data=PATH eval=PATH, "
+            "see docs/flower.md), or run the config with `fedmkt launch-local`, which does this for you."
+        )
     parties = {"server": config.server} | {f"clients[{i}]": c for i, c in enumerate(config.clients)}
     spread = [name for name, party in parties.items() if party_processes(party.trainer) > 1]
     if spread:

@@ -1,0 +1,214 @@
+"""`fedmkt launch-local`: a whole Flower federation on this machine, one SuperNode per client.
+
+It starts a SuperLink and one SuperNode per client on 127.0.0.1, each with the node settings the
+config gives that client (its private data, own evaluation set, output folder) and, with `--gpus`,
+pinned to one GPU through CUDA_VISIBLE_DEVICES; then it submits the run like `fedmkt fit --backend
+flower`, streams its log, and stops everything it started when the run ends, fails or is
+interrupted. The run goes through the same engine as a federation over several machines: the
+shared config the SuperLink receives names no client's private data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from fedmkt.errors import FedMKTError
+
+NODE_FILE = "node.yaml"
+"""Each client's node settings, written to `<run_dir>/nodes/client_N/node.yaml`."""
+
+_PRIVATE_KEYS = ("data", "eval")
+
+
+def split_config(resolved: str, run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
+    """(the shared run config, one node-settings mapping per client) from a full resolved config.
+
+    The clients' private sources move to their nodes' settings (relative paths made absolute, as a
+    node may start elsewhere); each node writes into `run_dir`, as an in-process run would.
+    """
+    data = yaml.safe_load(resolved)
+    nodes = []
+    for index, client in enumerate(data.get("clients") or []):
+        settings: dict[str, Any] = {"partition-id": index, "output-dir": str(run_dir)}
+        for key in _PRIVATE_KEYS:
+            source = client.pop(key, None)
+            if source:
+                settings[key] = _absolute_source(source)
+        nodes.append(settings)
+    return yaml.safe_dump(data, sort_keys=False), nodes
+
+
+def _absolute_source(source: dict) -> dict:
+    path = str(source.get("path", ""))
+    if path and ":" not in path.split("/", 1)[0] and Path(path).expanduser().exists():
+        source = dict(source, path=str(Path(path).expanduser().resolve()))
+    return source
+
+
+def gpu_assignment(gpus: Optional[str], num_clients: int) -> tuple[Optional[str], list[Optional[str]]]:
+    """(the server's GPU, each client's GPU) from `--gpus 0,1,…`: the server takes the first, the
+    clients the following ones in turn (wrapping around). None: no pinning."""
+    if gpus is None:
+        return None, [None] * num_clients
+    ids = [part.strip() for part in str(gpus).split(",") if part.strip()]
+    if not ids or not all(part.isdigit() for part in ids):
+        raise FedMKTError(f"--gpus {gpus!r} is not a list of GPU indices. Fix: e.g. --gpus 0,1 (see nvidia-smi).")
+    return ids[0], [ids[(index + 1) % len(ids)] for index in range(num_clients)]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` TCP ports free on 127.0.0.1 right now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _executable(name: str) -> str:
+    """A Flower command from this Python environment (the one fedmkt is installed in)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file():
+        return str(candidate)
+    from shutil import which
+
+    found = which(name)
+    if found is None:
+        raise FedMKTError(
+            f"`{name}` is not installed. Fix: `pip install 'flwr>=1.42'` in the environment fedmkt runs in."
+        )
+    return found
+
+
+class LocalFederation:
+    """The processes `launch-local` started; `stop` ends each of them (and its children) by its own id."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "wb") as log:
+            process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self.processes.append((name, process))
+        return process
+
+    def check_alive(self) -> None:
+        for name, process in self.processes:
+            if process.poll() is not None:
+                tail = (self.logs / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                raise FedMKTError(
+                    f"the local {name} exited (code {process.returncode}): {tail[0][-300:]}. Fix: see {self.logs / (name + '.log')}."
+                )
+
+    def stop(self) -> None:
+        """SIGTERM to each process group we started, then SIGKILL to those still there after 20 s."""
+        for _, process in reversed(self.processes):
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + 20.0
+        for _, process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)  # its own session: the ServerApp/ClientApp children it spawned go too
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_listening(federation: LocalFederation, port: int, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        federation.check_alive()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise FedMKTError(
+        f"the local SuperLink did not listen on port {port} within {timeout_s:.0f} s. Fix: see {federation.logs / 'superlink.log'}."
+    )
+
+
+@contextmanager
+def local_federation(
+    run_dir: Path, nodes: list[dict[str, Any]], gpus: Optional[str] = None
+) -> Iterator[tuple[str, LocalFederation]]:
+    """A SuperLink and one SuperNode per entry of `nodes` on 127.0.0.1 (no TLS: nothing leaves this
+    machine); yields the SuperLink's address and the processes, and stops them all on exit."""
+    server_gpu, client_gpus = gpu_assignment(gpus, len(nodes))
+    link_port, *node_ports = free_ports(1 + len(nodes))
+    federation = LocalFederation(run_dir / "nodes")
+    base_env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
+    base_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), base_env.get("PATH", "")])
+    try:
+        link_env = dict(base_env, FLWR_HOME=str(run_dir / "nodes" / "superlink"))
+        if server_gpu is not None:
+            link_env["CUDA_VISIBLE_DEVICES"] = server_gpu
+        federation.start(
+            "superlink",
+            [
+                _executable("flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+                "--disable-runtime-dependency-installation",
+            ],
+            link_env,
+        )
+        _wait_listening(federation, link_port)
+        for settings, port, gpu in zip(nodes, node_ports, client_gpus):
+            name = f"client_{settings['partition-id']}"
+            folder = run_dir / "nodes" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            settings_file = folder / NODE_FILE
+            settings_file.write_text(yaml.safe_dump(settings, sort_keys=False))
+            env = dict(base_env, FLWR_HOME=str(folder / "flwr"))
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            federation.start(
+                name,
+                [
+                    _executable("flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={settings['partition-id']} settings={_toml_string(str(settings_file))}",
+                ],
+                env,
+            )
+        yield f"127.0.0.1:{link_port}", federation
+    finally:
+        federation.stop()
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
