@@ -1,4 +1,4 @@
-"""The `fedmkt` command: `fit`, `evaluate`, `map-vocab` and `align-text`, each mapped to a plain function.
+"""The `fedmkt` command: `fit`, `launch-local`, `evaluate`, `map-vocab` and `align-text`, each mapped to a plain function.
 
 `--config NAME` accepts a path, or the bare name of a shipped config (`demo`, `tiny.yaml`,
 `heterogeneous.yaml`, …) which resolves to the `lightning_configs/` folder. Any key can be
@@ -123,6 +123,31 @@ def _fit_parser() -> ArgumentParser:
     return parser
 
 
+def _launch_local_parser() -> ArgumentParser:
+    parser = _run_parser(
+        "Run FedMKT on a Flower federation on this machine: a SuperLink and one SuperNode per client on 127.0.0.1."
+    )
+    parser.add_argument(
+        "--gpus",
+        type=Optional[str],
+        default=None,
+        help="GPU indices, e.g. 0,1: the server runs on the first, the clients' SuperNodes on the following ones in turn "
+        "(CUDA_VISIBLE_DEVICES).",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Optional[str],
+        default=None,
+        help="Continue the interrupted run in this run_dir (not supported on the flower backend yet).",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the run already in run_dir (its config, summary, checkpoint, adapters and logs).",
+    )
+    return parser
+
+
 def _evaluate_parser() -> ArgumentParser:
     parser = _run_parser("Score one party (base model + optional LoRA adapter) on the run's held-out split.")
     parser.add_argument("--party", type=str, default="server", help="server, client_0, client_1, …")
@@ -204,6 +229,20 @@ def _fit(parser: ArgumentParser, namespace) -> None:
     fit(config, resolved_config=parser.dump(namespace), resume=resume, overwrite=overwrite)
 
 
+def _launch_local(parser: ArgumentParser, namespace) -> None:
+    from fedmkt.federation.flower.local import launch_local
+
+    resume, gpus, overwrite = namespace.pop("resume"), namespace.pop("gpus"), namespace.pop("overwrite")
+    if resume is not None:
+        raise FedMKTError(
+            "--resume is not supported on the flower backend yet (each client's adapter lives on its SuperNode, not in the "
+            "run_dir checkpoint). Fix: start the run afresh, or rerun it with `fedmkt fit --backend inprocess --resume`."
+        )
+    namespace["federation.backend"] = "flower"
+    namespace.run_dir = str(Path(namespace.run_dir).expanduser().resolve())
+    launch_local(_run_config(parser, namespace), resolved=parser.dump(namespace), gpus=gpus, overwrite=overwrite)
+
+
 def _evaluate(parser: ArgumentParser, namespace) -> None:
     from fedmkt.run import evaluate_party
 
@@ -257,6 +296,11 @@ def _align_text(parser: ArgumentParser, namespace) -> None:
 
 SUBCOMMANDS = {
     "fit": (_fit_parser, _fit, "Run FedMKT rounds end to end."),
+    "launch-local": (
+        _launch_local_parser,
+        _launch_local,
+        "Run FedMKT on a Flower SuperLink and one SuperNode per client started on this machine.",
+    ),
     "evaluate": (_evaluate_parser, _evaluate, "Score a party on the held-out evaluation split."),
     "map-vocab": (_map_vocab_parser, _map_vocab, "Precompute a MinED vocabulary map."),
     "align-text": (
@@ -305,7 +349,7 @@ def _dispatch(argv: list[str]) -> None:
     parser, sub_parsers = build_parser()
     argv = _resolve_config_arguments(argv)
     if any(arg.startswith("--print_config") for arg in argv) and any(
-        command in argv for command in ("fit", "evaluate")
+        command in argv for command in ("fit", "launch-local", "evaluate")
     ):
         _validate_before_printing(parser, sub_parsers, argv)
     namespace = parser.parse_args(argv)

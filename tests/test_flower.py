@@ -32,6 +32,7 @@ from safetensors.torch import load_file  # noqa: E402
 from fedmkt.cli import main, parse_run_config, run_config_from_text, shipped_configs  # noqa: E402
 from fedmkt.errors import FedMKTError  # noqa: E402
 from fedmkt.federation.flower import client_app, submit  # noqa: E402
+from fedmkt.federation.flower.local import bind_flower_commands  # noqa: E402
 from fedmkt.federation.flower.messages import (  # noqa: E402
     PHASE_MESSAGE_TYPES,
     Reply,
@@ -691,9 +692,11 @@ def superlink(tmp_path_factory):
     base = tmp_path_factory.mktemp("flower")
     link_port, *node_ports = _free_ports(3)
     processes: list[subprocess.Popen] = []
+    commands = bind_flower_commands(base / "bin")  # the apps they spawn import this fedmkt, not another install's
 
     def start(name: str, command: list[str]) -> subprocess.Popen:
         env = dict(os.environ, FLWR_HOME=str(base / name), FLWR_TELEMETRY_ENABLED="0")
+        env["PATH"] = f"{commands}{os.pathsep}{env['PATH']}"
         log = open(base / f"{name}.log", "w")
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         processes.append(process)
@@ -724,7 +727,7 @@ def superlink(tmp_path_factory):
                     "--port",
                     str(port),
                     "--node-config",
-                    f"partition-id={index}",
+                    f'partition-id={index} output-dir="{base / f"node_{index}"}"',
                 ],
             )
         yield {"address": f"127.0.0.1:{link_port}", "logs": base}
@@ -742,35 +745,52 @@ def superlink(tmp_path_factory):
                 process.wait()
 
 
-# tiny.yaml as shipped (2 rounds). Flower starts a fresh ClientApp process per message (~15 s of
-# imports each), which makes this the suite's slowest test. The rounds cross every state
-# hand-over: fine-tune → share (restored adapter), share → distill (restored public losses),
-# distill → evaluate / save_adapter (restored distilled adapter), round 1 → round 2 fine-tune.
-SETTINGS = ["--config", "tiny", "--logging.wandb", "false"]
+# own_data.yaml as shipped (2 rounds, one private file per client), through `fedmkt launch-local`.
+# Flower starts a fresh ClientApp process per message (~15 s of imports each), which makes this the
+# suite's slowest test. The rounds cross every state hand-over: fine-tune → share (restored
+# adapter), share → distill (restored public losses), distill → evaluate / save_adapter (restored
+# distilled adapter), round 1 → round 2 fine-tune.
+SETTINGS = ["--config", "own_data", "--logging.wandb", "false"]
 ROUNDS = 2
 
 
+def _processes_naming(text: str) -> list[str]:
+    """Command lines of running processes whose command line or environment contains `text`: what
+    launch-local starts names its run_dir in FLWR_HOME, and their children inherit it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                environment = (entry / "environ").read_bytes().decode(errors="replace")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z" and (text in command or text in environment):
+                found.append(command)
+    return found
+
+
 @pytest.mark.slow
-def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
+def test_launch_local_reproduces_the_in_process_run(tmp_path, monkeypatch):
+    if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None:
+        pytest.skip("Flower's flower-superlink/flower-supernode commands are not installed")
+    monkeypatch.chdir(REPO)  # own_data.yaml's files are relative to the repository
     flower_dir, inprocess_dir = tmp_path / "flower", tmp_path / "inprocess"
     started = time.monotonic()
-    code = main(
-        [
-            "fit",
-            *SETTINGS,
-            "--backend",
-            "flower",
-            "--flower.superlink",
-            superlink["address"],
-            "--flower.insecure",
-            "true",
-            "--run_dir",
-            str(flower_dir),
-        ]
-    )
-    assert code == 0, [p.name + ":\n" + p.read_text()[-3000:] for p in sorted(superlink["logs"].glob("*.log"))]
+    code = main(["launch-local", *SETTINGS, "--run_dir", str(flower_dir)])
+    logs = [p.name + ":\n" + p.read_text()[-3000:] for p in sorted((flower_dir / "nodes").glob("*.log"))]
+    assert code == 0, logs
     flower_seconds = time.monotonic() - started
+    assert _processes_naming(str(flower_dir)) == []  # the SuperLink, SuperNodes and their apps are gone
     assert main(["fit", *SETTINGS, "--run_dir", str(inprocess_dir)]) == 0
+
+    # The shared config names no client's private file; each node got its own.
+    shared = (flower_dir / "config.yaml").read_text()
+    assert "client_0.jsonl" not in shared and "client_1.jsonl" not in shared
+    for index in (0, 1):
+        node = yaml.safe_load((flower_dir / "nodes" / f"client_{index}" / "node.yaml").read_text())
+        assert Path(node["data"]["path"]).name == f"client_{index}.jsonl"
 
     flower = json.loads((flower_dir / "summary.json").read_text())
     inprocess = json.loads((inprocess_dir / "summary.json").read_text())
@@ -792,16 +812,15 @@ def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
             for key in ("task_loss", "distill_task_loss", "kd_loss", "eval_accuracy", "eval_accuracy_norm"):
                 if key in expected:
                     assert got[key] == pytest.approx(expected[key], abs=1e-4), (party, key)
+            assert [s["phase"] for s in got["timeline"]] == [s["phase"] for s in expected["timeline"]], party
         assert ours["parties"]["server"]["selected"] > 0  # the server really distilled from the clients
         # All clients at once: the two SuperNodes fine-tuned at the same time, each span its node's own.
         (a,), (b,) = (
             [s for s in ours["parties"][c]["timeline"] if s["phase"] == "fine_tune"] for c in ("client_0", "client_1")
         )
         assert a["start"] < b["end"] and b["start"] < a["end"], (a, b)
-        for party, entry in ours["parties"].items():
-            assert [s["phase"] for s in entry["timeline"]] == [s["phase"] for s in theirs["parties"][party]["timeline"]]
 
-    # Client adapters are written by their SuperNodes (here on the same machine, into run_dir).
+    # Client adapters are written by their SuperNodes, into run_dir as launch-local tells them.
     for round_index in range(1, ROUNDS + 1):
         for party in ("server", "client_0", "client_1"):
             ours = load_file(flower_dir / "adapters" / f"round_{round_index}" / party / "adapter_model.safetensors")
@@ -810,7 +829,32 @@ def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
             )
             assert ours.keys() == theirs.keys()
             assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs), (round_index, party)
-    print(f"flower backend: {flower_seconds:.0f} s for {ROUNDS} tiny rounds")
+    print(f"launch-local: {flower_seconds:.0f} s for {ROUNDS} own_data rounds")
+
+
+@pytest.mark.slow
+def test_launch_local_stops_everything_it_started_on_ctrl_c(tmp_path):
+    if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None:
+        pytest.skip("Flower's flower-superlink/flower-supernode commands are not installed")
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        ["fedmkt", "launch-local", "--config", "tiny", "--logging.wandb", "false", "--run_dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 300
+    while len(_processes_naming(str(run_dir / "nodes"))) < 3 and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.5)
+    assert len(_processes_naming(str(run_dir / "nodes"))) >= 3  # the SuperLink and two SuperNodes run
+    time.sleep(5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, err
+    assert "stopped by SIGINT" in err
+    assert _processes_naming(str(run_dir)) == []
 
 
 @pytest.mark.slow

@@ -18,12 +18,18 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
+from fedmkt.cli import run_config_from_text
+from fedmkt.config import RunConfig, validate
+from fedmkt.data.parts import federation_data
 from fedmkt.errors import FedMKTError
+from fedmkt.federation.flower.submit import submit
+from fedmkt.run import claim_run_dir, validate_against_vocabularies
 
 NODE_FILE = "node.yaml"
 """Each client's node settings, written to `<run_dir>/nodes/client_N/node.yaml`."""
@@ -79,19 +85,41 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _executable(name: str) -> str:
-    """A Flower command from this Python environment (the one fedmkt is installed in)."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file():
-        return str(candidate)
-    from shutil import which
+FLOWER_COMMANDS = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-clientapp",
+    "flwr",
+)
+"""The Flower commands a local federation runs; the SuperLink and SuperNodes start the apps by name."""
 
-    found = which(name)
-    if found is None:
+
+def bind_flower_commands(folder: Path) -> Path:
+    """Write `folder/<command>` for each Flower command, running it with this Python interpreter.
+
+    A `flower-superlink` found on PATH may belong to another environment (a pyenv shim, a system
+    install) whose ServerApp and ClientApp would import another fedmkt; with `folder` first on PATH,
+    every process of the federation, and the apps they spawn, runs the fedmkt of this command.
+    """
+    scripts = {entry.name: entry for entry in entry_points(group="console_scripts") if entry.name in FLOWER_COMMANDS}
+    missing = [name for name in FLOWER_COMMANDS if name not in scripts]
+    if missing:
         raise FedMKTError(
-            f"`{name}` is not installed. Fix: `pip install 'flwr>=1.42'` in the environment fedmkt runs in."
+            f"Flower's {', '.join(missing)} command(s) are not installed for {sys.executable}. "
+            "Fix: `pip install 'flwr>=1.42'` in the environment fedmkt runs in."
         )
-    return found
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, entry in scripts.items():
+        module, _, attribute = entry.value.partition(":")
+        script = folder / name
+        script.write_text(
+            f"#!{sys.executable}\nimport sys\nfrom {module} import {attribute.split('.')[0]} as main\n"
+            f"sys.argv[0] = {name!r}\nsys.exit(main())\n"
+        )
+        script.chmod(0o755)
+    return folder
 
 
 class LocalFederation:
@@ -113,7 +141,9 @@ class LocalFederation:
     def check_alive(self) -> None:
         for name, process in self.processes:
             if process.poll() is not None:
-                tail = (self.logs / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                tail = (self.logs / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:] or [
+                    "no output"
+                ]
                 raise FedMKTError(
                     f"the local {name} exited (code {process.returncode}): {tail[0][-300:]}. Fix: see {self.logs / (name + '.log')}."
                 )
@@ -162,8 +192,9 @@ def local_federation(
     server_gpu, client_gpus = gpu_assignment(gpus, len(nodes))
     link_port, *node_ports = free_ports(1 + len(nodes))
     federation = LocalFederation(run_dir / "nodes")
+    commands = bind_flower_commands(run_dir / "nodes" / "bin")
     base_env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
-    base_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), base_env.get("PATH", "")])
+    base_env["PATH"] = os.pathsep.join([str(commands), str(Path(sys.executable).parent), base_env.get("PATH", "")])
     try:
         link_env = dict(base_env, FLWR_HOME=str(run_dir / "nodes" / "superlink"))
         if server_gpu is not None:
@@ -171,7 +202,7 @@ def local_federation(
         federation.start(
             "superlink",
             [
-                _executable("flower-superlink"),
+                str(commands / "flower-superlink"),
                 "--insecure",
                 "--host",
                 "127.0.0.1",
@@ -194,7 +225,7 @@ def local_federation(
             federation.start(
                 name,
                 [
-                    _executable("flower-supernode"),
+                    str(commands / "flower-supernode"),
                     "--insecure",
                     "--superlink",
                     f"127.0.0.1:{link_port}",
@@ -212,3 +243,28 @@ def local_federation(
 
 def _toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def launch_local(config: RunConfig, resolved: str, gpus: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Run `config` on a Flower federation started on this machine; returns the summary in run_dir.
+
+    Every source is read and checked here first (all parties' data is on this machine), so a bad
+    config fails before any process starts.
+    """
+    validate(config)
+    federation_data(config, list(config.parties()))
+    validate_against_vocabularies(config)
+    gpu_assignment(gpus, len(config.clients))  # a bad --gpus fails before anything starts
+    run_dir = Path(config.run_dir).expanduser().resolve()
+    lock = claim_run_dir(run_dir, resume=False, overwrite=overwrite)
+    try:
+        shared, nodes = split_config(resolved, run_dir)
+        with local_federation(run_dir, nodes, gpus) as (address, _):
+            data = yaml.safe_load(shared)
+            data["run_dir"] = str(run_dir)
+            data.setdefault("federation", {})["backend"] = "flower"
+            data["flower"] = dict(data.get("flower") or {}, superlink=address, insecure=True, root_certificates=None)
+            text = yaml.safe_dump(data, sort_keys=False)
+            return submit(run_config_from_text(text), resolved_config=text)
+    finally:
+        lock.release()

@@ -151,15 +151,20 @@ def _start(command: list[str], env: dict, echo: bool) -> tuple[Optional[int], st
     lines = []
     run_id = None
     assert process.stdout is not None
-    for line in process.stdout:
-        match = re.search(r"Successfully started run (\d+)", line)
-        if match and run_id is None:
-            run_id = int(match.group(1))
-        if echo and run_id is not None:  # the run's log; Flower's own complaints become one FedMKTError line
-            print(line, end="", flush=True)
-        else:
-            lines.append(line)
-    process.wait()
+    try:
+        for line in process.stdout:
+            match = re.search(r"Successfully started run (\d+)", line)
+            if match and run_id is None:
+                run_id = int(match.group(1))
+            if echo and run_id is not None:  # the run's log; Flower's own complaints become one FedMKTError line
+                print(line, end="", flush=True)
+            else:
+                lines.append(line)
+        process.wait()
+    finally:
+        if process.poll() is None:  # interrupted: the log stream must not outlive this command
+            process.terminate()
+            process.wait()
     return run_id, "".join(lines)
 
 
