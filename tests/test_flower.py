@@ -88,6 +88,7 @@ class FakeGrid:
         replies = []
         self.batches.append([m.metadata.message_type for m in messages])
         for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # as Grid.push_messages does
             self.sent.append(message)
             try:
                 reply = self.nodes[message.metadata.dst_node_id](message, self.contexts[message.metadata.dst_node_id])
@@ -409,14 +410,19 @@ def test_a_stage_goes_to_every_client_in_one_batch_and_failures_stay_per_client(
             encode_reply(Reply(stats={"task_loss": 0.5}, info={"start": 10.0, "end": 12.5})), reply_to=message
         )
 
-    grid = FakeGrid({7: node, 8: node, 9: lambda message, context: None})
+    def unavailable(message, context):  # what the SuperLink answers for a node that stopped heartbeating
+        reply = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=message)
+        reply.metadata.__dict__["_src_node_id"] = 0  # from the SuperLink itself, not from node 10
+        return reply
+
+    grid = FakeGrid({7: node, 8: node, 9: lambda message, context: None, 10: unavailable})
     clients = [
         RemoteParticipant(f"client_{i}", 7 + i, grid, TINY_TEXT, tmp_path, num_public=3, timeout_s=0.1)
-        for i in range(3)
+        for i in range(4)
     ]
     outcomes = run_together("fine_tune", [(client, (2,)) for client in clients])
-    assert grid.batches == [["train.fine_tune"] * 3]  # one send_and_receive carrying every client's message
-    assert [decode_request(m.content).round for m in grid.sent] == [2, 2, 2]
+    assert grid.batches == [["train.fine_tune"] * 4]  # one send_and_receive carrying every client's message
+    assert [decode_request(m.content).round for m in grid.sent] == [2, 2, 2, 2]
     assert outcomes["client_0"].value == {"task_loss": 0.5} and outcomes["client_0"].error is None
     assert outcomes["client_0"].span("fine_tune") == {
         "phase": "fine_tune",
@@ -427,7 +433,69 @@ def test_a_stage_goes_to_every_client_in_one_batch_and_failures_stay_per_client(
         outcomes["client_1"].error
     )
     assert "no reply to fine_tune" in str(outcomes["client_2"].error)
+    assert "fine_tune failed on SuperNode 10 (error 5): Error: Node Unavailable" in str(outcomes["client_3"].error)
     assert all(m.metadata.ttl == pytest.approx(0.1 + 60.0) for m in grid.sent)  # the SuperLink drops them after that
+
+
+def test_a_round_over_flower_messages_matches_in_process_with_two_messages_per_client(task_identity, tmp_path):
+    """The trainer over RemoteParticipants and the real ClientApp (FakeGrid) gives the in-process
+    round; fine-tune + share and distil + evaluate + save each travel as one message."""
+    from fedmkt.federation.flower.proxy import FlowerStages
+    from fedmkt.federation.trainer import FederatedTrainer
+    from fedmkt.run import build_participant, build_participants
+
+    text = (
+        TINY_TEXT.replace("pool_size: 24", "pool_size: 6")
+        .replace("eval_size: 12", "eval_size: 4")
+        .replace("max_length: 96", "max_length: 48")
+        .replace("rounds: 2", "rounds: 1")
+        .replace("evaluate_before: true", "evaluate_before: false")
+    )
+    config = run_config_from_text(text)
+    server, clients = build_participants(config)
+    expected = FederatedTrainer(server, clients, config, tmp_path / "inprocess").fit()
+
+    config = run_config_from_text(text)
+    grid = FakeGrid(
+        {3: client_app.handle, 4: client_app.handle},
+        {
+            3: {"partition-id": 0, "output-dir": str(tmp_path / "node_0")},
+            4: {"partition-id": 1, "output-dir": str(tmp_path / "node_1")},
+        },
+    )
+    server = build_participant(config, "server")
+    run_dir = tmp_path / "flower"
+    remote = [
+        RemoteParticipant(f"client_{i}", 3 + i, grid, text, run_dir, num_public=len(server.data.public), timeout_s=600)
+        for i in range(2)
+    ]
+    got = FederatedTrainer(server, remote, config, run_dir, run_clients=FlowerStages(config, run_dir)).fit()
+
+    assert grid.batches == [["train.fine_tune"] * 2, ["train.distill"] * 2]  # two batches, one message per client each
+    assert [decode_request(m.content).then for m in grid.sent] == [["share_knowledge"]] * 2 + [
+        ["evaluate", "save_adapter"]
+    ] * 2
+    ours, theirs = got["rounds"][0]["parties"], expected["rounds"][0]["parties"]
+    for party, entry in theirs.items():
+        assert [s["phase"] for s in ours[party]["timeline"]] == [s["phase"] for s in entry["timeline"]], party
+        for key in (
+            "task_loss",
+            "kd_loss",
+            "selected",
+            "teacher_counts",
+            "bytes_sent",
+            "bytes_received",
+            "eval_accuracy",
+        ):
+            assert ours[party][key] == pytest.approx(entry[key], abs=1e-5), (party, key)
+    for index in range(2):  # each node wrote its adapter into its own folder, as in-process
+        node = load_file(
+            tmp_path / f"node_{index}" / "adapters" / "round_1" / f"client_{index}" / "adapter_model.safetensors"
+        )
+        local = load_file(
+            tmp_path / "inprocess" / "adapters" / "round_1" / f"client_{index}" / "adapter_model.safetensors"
+        )
+        assert node.keys() == local.keys() and all(torch.allclose(node[k], local[k], atol=1e-6) for k in local)
 
 
 def test_the_flower_backend_waits_a_finite_time_for_a_client_by_default():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 PHASES = ("fine_tune", "share_knowledge", "distill", "evaluate", "save_adapter")
@@ -26,6 +26,8 @@ class Outcome:
     error: Optional[Exception] = None
     start: float = 0.0
     end: float = 0.0
+    followed: dict[str, Outcome] = field(default_factory=dict)
+    """Backends that run several phases per call: the outcomes of the phases that ran right after."""
 
     def span(self, phase: str) -> dict:
         """This call as a `timeline` entry."""

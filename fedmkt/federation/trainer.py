@@ -86,13 +86,8 @@ class FederatedTrainer:
     def fit(self, start_round: int = 1) -> dict:
         """All rounds from `start_round`; returns the summary (also in `<run_dir>/summary.json`)."""
         if start_round == 1 and self.config.federation.evaluate_before:
-            outcomes = self.run_clients("evaluate", [(client, ()) for client in self.clients])
-            for outcome in outcomes.values():
-                if outcome.error is not None:
-                    raise outcome.error
-            self.summary["zero_shot"] = {self.server.name: self.server.evaluate()} | {
-                name: outcome.value for name, outcome in outcomes.items()
-            }
+            clients = self._client_stage("evaluate", self.clients, (), {}, tolerate=False)
+            self.summary["zero_shot"] = {self.server.name: self.server.evaluate()} | clients
             self._log(self.summary["zero_shot"], step=0)
             self._write_summary()
         if not self.steps:  # zero_shot: nothing to train
@@ -103,6 +98,7 @@ class FederatedTrainer:
 
     def run_round(self, round_index: int) -> dict:
         """One round; appends its record to the summary, saves adapters and a checkpoint."""
+        started = time.perf_counter()
         self._traffic.clear()
         self._timeline.clear()
         stats: dict[str, dict] = {party.name: dict(_EMPTY_ENTRY) for party in self.parties}
@@ -148,7 +144,7 @@ class FederatedTrainer:
             if self.server in learning:
                 stats[self.server.name] |= self._timed(self.server, "evaluate")
             clients = [c for c in learning if c is not self.server]
-            for name, scores in self._client_stage("evaluate", clients, (), None).items():
+            for name, scores in self._client_stage("evaluate", clients, (), failed, tolerate=False).items():
                 stats[name] |= scores
         for party in self.parties:
             stats[party.name] |= self._traffic[party.name]
@@ -156,9 +152,14 @@ class FederatedTrainer:
             if party.name in failed:
                 stats[party.name]["failed"] = failed[party.name]
 
-        record = {"round": round_index, "parties": stats, "failed": failed}
+        record = {
+            "round": round_index,
+            "parties": stats,
+            "failed": failed,
+            "wall_seconds": time.perf_counter() - started,  # the round's wall time, its checkpoint aside
+        }
         self.summary["rounds"].append(record)
-        self._save_checkpoint(round_index)
+        self._save_checkpoint(round_index, failed)
         self._log(stats, step=round_index)
         for name, reason in failed.items():
             warnings.warn(f"round {round_index}: {name} failed and was left out ({reason})", stacklevel=1)
@@ -177,12 +178,14 @@ class FederatedTrainer:
         phase: str,
         clients: list[Participant],
         args: Union[tuple, Callable[[Participant], tuple]],
-        failed: Optional[dict[str, str]],
+        failed: dict[str, str],
+        tolerate: bool = True,
     ) -> dict[str, object]:
         """One phase on every client in `clients` through `run_clients`; returns the answering clients' results.
 
         `args` are the phase's arguments, or a function giving each client its own. A client whose
-        call raised goes into `failed` (None: its error stops the run, as a server's would).
+        call raised goes into `failed`; with `tolerate` off its error stops the run, as a server's
+        would, unless the client had already failed this round (a dead node cannot evaluate either).
         """
         if not clients:
             return {}
@@ -193,7 +196,9 @@ class FederatedTrainer:
             self._timeline[client.name].append(outcome.span(phase))
             if outcome.error is None:
                 results[client.name] = outcome.value
-            elif failed is None:
+            elif client.name in failed:
+                continue  # left out already; its first reason stands
+            elif not tolerate:
                 raise outcome.error
             else:
                 failed[client.name] = _describe(outcome.error)
@@ -245,7 +250,7 @@ class FederatedTrainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
 
-    def _save_checkpoint(self, round_index: int) -> None:
+    def _save_checkpoint(self, round_index: int, failed: Optional[dict[str, str]] = None) -> None:
         """Adapters of every party, then the summary, then the checkpoint record — each atomic.
 
         `checkpoint.json` is written last, so it only ever names a round whose files are complete.
@@ -253,7 +258,7 @@ class FederatedTrainer:
         folder = self.run_dir / "adapters" / f"round_{round_index}"
         # Every rank, in one order: a sharded (fsdp) party gathers its adapter first.
         self._timed(self.server, "save_adapter", folder / self.server.name)
-        self._client_stage("save_adapter", self.clients, lambda client: (folder / client.name,), None)
+        self._client_stage("save_adapter", self.clients, lambda client: (folder / client.name,), failed or {}, False)
         if not is_rank_zero():  # one writer; other ranks hold the same state
             return
         for party in self.parties:

@@ -52,6 +52,12 @@ STATE_KEY = "fedmkt.client_state"
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 _READ_ONLY = {"evaluate", "adapter_state"}  # phases that change neither the adapter nor the cached losses
 
+FOLLOW_UPS = {
+    "fine_tune": (("share_knowledge",),),
+    "distill": (("evaluate", "save_adapter"), ("save_adapter",)),
+}
+"""Phase → the sequences of phases that may follow it in the same message (see proxy.FlowerStages)."""
+
 app = ClientApp()
 
 
@@ -71,10 +77,9 @@ def handle(message: Message, context: Context) -> Message:
     start = time.time()
     if request.phase == "save_adapter":  # copies the stored adapter; no model is built
         _write_adapter(context, inside_output_dir(settings, request.path))
-        reply = Reply()
+        reply = Reply(info={"start": start, "end": time.time()})
     else:
-        reply = run_phase(request, context, settings)
-    reply.info |= {"start": start, "end": time.time()}  # this node's span of the phase, for the round timeline
+        reply = run_phase(request, context, settings, start)
     return Message(encode_reply(reply), reply_to=message)
 
 
@@ -100,8 +105,18 @@ def check_tokenizer(settings: NodeSettings, config: RunConfig, expected: str) ->
         )
 
 
-def run_phase(request: Request, context: Context, settings: NodeSettings) -> Reply:
-    """Rebuild the client from this node's settings, restore its state, call the phase, store the new state."""
+def run_phase(request: Request, context: Context, settings: NodeSettings, start: float) -> Reply:
+    """Rebuild the client from this node's settings, restore its state, call the phase, store the new
+    state; then run the phases the server asked to follow in this message (`request.then`) on the
+    same party, each reported apart. `start` is when this message's handling began.
+
+    Spans (this node's clock, for the round timeline) go into `info`: `start`/`end` for the phase,
+    `then[PHASE]` = {stats?, error?, start, end} for each following phase.
+    """
+    if request.then and tuple(request.then) not in FOLLOW_UPS.get(request.phase, ()):
+        raise FedMKTError(
+            f"cannot run {', '.join(request.then)} after {request.phase} in one message. Fix: run the same fedmkt version on every machine."
+        )
     config = node_config(settings, request)
     if settings.client in request.tokenizers:
         check_tokenizer(settings, config, request.tokenizers[settings.client])
@@ -132,6 +147,24 @@ def run_phase(request: Request, context: Context, settings: NodeSettings) -> Rep
         raise FedMKTError(f"unknown phase {request.phase}. Fix: run the same fedmkt version on every machine.")
     if request.phase not in _READ_ONLY:
         _store_state(participant, context)
+    reply.info |= {"start": start, "end": time.time()}
+    then = {}
+    for phase in request.then:
+        entry: dict = {"start": time.time()}
+        try:
+            if phase == "share_knowledge":
+                reply.blobs["payload"] = participant.share_knowledge(request.round).to_bytes()
+                _store_state(participant, context)
+            elif phase == "evaluate":
+                entry["stats"] = participant.evaluate()
+            else:  # save_adapter: what the phase before stored
+                _write_adapter(context, inside_output_dir(settings, request.path))
+        except Exception as error:  # reported as that phase's failure; the phase before stands
+            entry["error"] = f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
+        entry["end"] = time.time()
+        then[phase] = entry
+    if then:
+        reply.info["then"] = then
     return reply
 
 

@@ -148,23 +148,73 @@ class LocalFederation:
                     f"the local {name} exited (code {process.returncode}): {tail[0][-300:]}. Fix: see {self.logs / (name + '.log')}."
                 )
 
-    def stop(self) -> None:
-        """SIGTERM to each process group we started, then SIGKILL to those still there after 20 s."""
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM to each process we started and every process they spawned (the ServerApp and
+        ClientApp processes), then SIGKILL to those still there after `timeout_s`; returns once
+        all are gone."""
+        pids = [process.pid for _, process in self.processes]
+        family = {pid: _started(pid) for pid in set(pids) | {c for pid in pids for c in _descendants(pid)}}
         for _, process in reversed(self.processes):
-            _signal_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + 20.0
+            _signal(process.pid, signal.SIGTERM, group=True)
+        for pid, started in family.items():
+            if _started(pid) == started:  # still that process, not a new one that got its id
+                _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
         for _, process in self.processes:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
+                _signal(process.pid, signal.SIGKILL, group=True)
                 process.wait()
+
+        def running() -> list[int]:
+            return [pid for pid, started in family.items() if _alive(pid) and _started(pid) == started]
+
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in running():
+            _signal(pid, signal.SIGKILL)
         self.processes.clear()
 
 
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux /proc; elsewhere none: the process groups still go)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _started(pid: int) -> Optional[str]:
+    """When `pid` started (its /proc start time), to tell it from a later process with the same id."""
     try:
-        os.killpg(process.pid, signum)  # its own session: the ServerApp/ClientApp children it spawned go too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _signal(pid: int, signum: int, group: bool = False) -> None:
+    try:
+        (os.killpg if group else os.kill)(pid, signum)  # a group: the process's own session
     except (ProcessLookupError, PermissionError):
         pass
 

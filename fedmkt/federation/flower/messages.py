@@ -48,6 +48,8 @@ class Request:
     blobs: dict[str, bytes] = field(default_factory=dict)
     tokenizers: dict[str, str] = field(default_factory=dict)
     """Client name → the fingerprint of the tokenizer the run expects it to use (its node checks its own)."""
+    then: list[str] = field(default_factory=list)
+    """Phases to run right after this one on the same party (one message instead of several)."""
 
 
 @dataclass
@@ -95,6 +97,7 @@ def encode_request(request: Request) -> RecordDict:
         "round": request.round,
         "path": request.path,
         "tokenizers": json.dumps(request.tokenizers),
+        "then": json.dumps(request.then),
     }
     return RecordDict({_REQUEST: ConfigRecord(fields), _BLOBS: _blob_record(request.blobs)})
 
@@ -114,6 +117,7 @@ def decode_request(content: RecordDict) -> Request:
         path=str(fields["path"]),
         blobs=_read_blobs(content),
         tokenizers=json.loads(str(fields.get("tokenizers", "{}"))),
+        then=json.loads(str(fields.get("then", "[]"))),
     )
 
 

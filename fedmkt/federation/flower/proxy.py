@@ -13,7 +13,7 @@ adapter into its own output folder.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.flower.messages import PHASE_MESSAGE_TYPES, Reply, Request, decode_reply, encode_request
 from fedmkt.federation.stages import Outcome
@@ -67,9 +68,10 @@ class RemoteParticipant:
 
     # ---- one phase call as a message, and its reply as the call's value -----------------------
 
-    def message(self, phase: str, *args: Any) -> Message:
-        """The Flower Message that asks this client's node to run `phase(*args)`."""
-        round_index, path, blobs = 0, "", {}
+    def message(self, phase: str, *args: Any, then: Sequence[str] = (), path: str = "") -> Message:
+        """The Flower Message that asks this client's node to run `phase(*args)`, then the phases
+        `then` on the same party (`path`: where a following save_adapter writes)."""
+        round_index, blobs = 0, {}
         if phase in ("fine_tune", "share_knowledge"):
             (round_index,) = args
         elif phase == "distill":
@@ -87,14 +89,20 @@ class RemoteParticipant:
             path=path,
             blobs=blobs,
             tokenizers={self.name: self.tokenizer} if self.tokenizer else {},
+            then=list(then),
         )
+        wait = self.wait_s(len(then))
         return Message(
             content=encode_request(request),
             dst_node_id=self.node_id,
             message_type=PHASE_MESSAGE_TYPES[phase],
             group_id=str(round_index),
-            ttl=None if self.timeout_s is None else self.timeout_s + _TTL_MARGIN_S,
+            ttl=None if wait is None else wait + _TTL_MARGIN_S,
         )
+
+    def wait_s(self, following: int = 0) -> Optional[float]:
+        """How long the server waits for a message that runs 1 + `following` phases (None: no limit)."""
+        return None if self.timeout_s is None else self.timeout_s * (1 + following)
 
     def result(self, phase: str, reply: Optional[Message]) -> tuple[Any, dict]:
         """(the value `phase` returns, the node's facts about the call) from its reply (None: no reply
@@ -183,38 +191,139 @@ _TTL_MARGIN_S = 60.0
 """A message outlives the server's wait by this much, so a late reply is dropped by the SuperLink, not lost mid-way."""
 
 
-def run_together(phase: str, calls: Sequence[tuple[RemoteParticipant, tuple]]) -> dict[str, Outcome]:
+def run_together(
+    phase: str,
+    calls: Sequence[tuple[RemoteParticipant, tuple]],
+    then: Sequence[str] = (),
+    path: Optional[Callable[[RemoteParticipant], str]] = None,
+) -> dict[str, Outcome]:
     """The trainer's stage runner on Flower: `phase` for every client in one `send_and_receive`.
 
     All messages leave together, so the clients' nodes work in parallel; replies are collected as
     they arrive until every client answered or the longest client timeout passed. A reply is
-    matched to its client by the node it came from. A client's span is the time its node reports
-    for the phase (its own clock), or the server's wait when the node reported none.
+    matched to its client by the message it answers. A client's span is the time its node reports
+    for the phase (its own clock), or the server's wait when the node reported none. With `then`,
+    each node runs those phases right after on the same party (`path(client)`: where a following
+    save_adapter writes); their outcomes come back as `Outcome.followed`.
     """
     if not calls:
         return {}
     grid = calls[0][0].grid
     by_node = {client.node_id: client for client, _ in calls}
-    messages = [client.message(phase, *args) for client, args in calls]
-    timeouts = [client.timeout_s for client, _ in calls]
+    messages = [client.message(phase, *args, then=then, path=path(client) if path else "") for client, args in calls]
+    timeouts = [client.wait_s(len(then)) for client, _ in calls]
     sent = time.time()
     replies = grid.send_and_receive(messages, timeout=None if None in timeouts else max(timeouts))
     received = time.time()
-    answers: dict[int, Message] = {}
+    # Pushing gave each message its id. A reply names the message it answers; the SuperLink's own
+    # error replies (e.g. "node unavailable") come from the SuperLink, not from the client's node.
+    by_message = {m.metadata.message_id: client for m, (client, _) in zip(messages, calls) if m.metadata.message_id}
+    answers: dict[str, Message] = {}
     for reply in replies:
-        if reply.metadata.src_node_id in by_node:
-            answers.setdefault(reply.metadata.src_node_id, reply)
+        client = by_message.get(reply.metadata.reply_to_message_id) or by_node.get(reply.metadata.src_node_id)
+        if client is not None:
+            answers.setdefault(client.name, reply)
     outcomes = {}
     for client, _ in calls:
         outcome = Outcome(start=sent, end=received)
         try:
-            outcome.value, info = client.result(phase, answers.get(client.node_id))
+            reply = answers.get(client.name)
+            outcome.value, info = client.result(phase, reply)
             if "start" in info and "end" in info:
                 outcome.start, outcome.end = float(info["start"]), float(info["end"])
+            outcome.followed = _followed(client, info.get("then", {}), reply)
         except Exception as error:  # this client failed or sent something unusable; the others go on
             outcome.error = error
         outcomes[client.name] = outcome
     return outcomes
+
+
+def _followed(client: RemoteParticipant, then: dict, reply: Message) -> dict[str, Outcome]:
+    """The outcomes of the phases a node ran after the requested one, from its reply."""
+    followed = {}
+    for phase, entry in then.items():
+        outcome = Outcome(start=float(entry["start"]), end=float(entry["end"]))
+        if "error" in entry:
+            outcome.error = RemoteParticipantError(
+                f"{client.name}: {phase} failed on SuperNode {client.node_id}: {entry['error']}"
+            )
+        elif phase == "share_knowledge":
+            try:
+                outcome.value = client._payload(decode_reply(reply.content))
+            except Exception as error:  # a payload refused at the boundary is that phase's failure
+                outcome.error = error
+        elif phase == "evaluate":
+            outcome.value = entry["stats"]
+        followed[phase] = outcome
+    return followed
+
+
+class FlowerStages:
+    """The trainer's stage runner on Flower, with fewer messages: at most two per client per round
+    on the training path.
+
+    Each message makes its node start a fresh ClientApp process and rebuild the party, so phases
+    that the protocol always runs next go in the same message: fine-tune is followed by
+    share-knowledge (modes that share), distil by evaluate (in rounds that evaluate) and
+    save-adapter (not fedavg, whose averaging comes between). Their outcomes are kept until the
+    trainer asks for that phase, and then returned without another message. Anything else, or any
+    other message to that client, sends as usual, so a guess that does not come true costs time,
+    never a result.
+    """
+
+    def __init__(self, config: RunConfig, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self._ahead: dict[str, dict[tuple, Outcome]] = {}
+
+    def follow_ups(self, phase: str, args: tuple) -> tuple[str, ...]:
+        """The phases that will run after `phase(*args)` for a client, as this config's protocol goes."""
+        federation = self.config.federation
+        if phase == "fine_tune" and federation.mode in ("fedmkt", "fedavg"):
+            return ("share_knowledge",)
+        if phase == "distill" and federation.mode != "fedavg":
+            evaluates = federation.evaluate_every_round or (federation.evaluate_final and args[0] == federation.rounds)
+            return ("evaluate", "save_adapter") if evaluates else ("save_adapter",)
+        return ()
+
+    def _adapter_path(self, client: RemoteParticipant, round_index: int) -> str:
+        return client._relative(self.run_dir / "adapters" / f"round_{round_index}" / client.name)
+
+    @staticmethod
+    def _key(client: RemoteParticipant, phase: str, args: tuple) -> tuple:
+        if phase == "share_knowledge":
+            return (phase, args[0])
+        if phase == "save_adapter":
+            return (phase, client._relative(Path(args[0])))
+        return (phase,)
+
+    def __call__(self, phase: str, calls: Sequence[tuple[RemoteParticipant, tuple]]) -> dict[str, Outcome]:
+        outcomes, to_send = {}, []
+        for client, args in calls:
+            ahead = self._ahead.get(client.name, {})
+            hit = ahead.pop(self._key(client, phase, args), None)
+            if hit is not None:
+                outcomes[client.name] = hit
+            else:
+                self._ahead.pop(client.name, None)  # this message changes or supersedes what was run ahead
+                to_send.append((client, args))
+        groups: dict[tuple, list] = {}
+        for client, args in to_send:  # one batch per sequence of phases (they agree within a stage)
+            groups.setdefault(self.follow_ups(phase, args), []).append((client, args))
+        for then, group in groups.items():
+            round_index = group[0][1][0] if phase in ("fine_tune", "share_knowledge", "distill") else 0
+            sent = run_together(phase, group, then, path=lambda c, r=round_index: self._adapter_path(c, r))
+            for client, _ in group:
+                outcome = sent[client.name]
+                ahead = self._ahead.setdefault(client.name, {})
+                for name, followed in outcome.followed.items():
+                    args = (round_index,) if name == "share_knowledge" else ()
+                    if name == "save_adapter":
+                        args = (self.run_dir / "adapters" / f"round_{round_index}" / client.name,)
+                    ahead[self._key(client, name, args)] = followed
+                outcome.followed = {}
+                outcomes[client.name] = outcome
+        return outcomes
 
 
 _NO_RESUME = (

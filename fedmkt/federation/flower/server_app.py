@@ -26,8 +26,8 @@ from fedmkt.federation.flower.messages import PHASE_MESSAGE_TYPES, Request, deco
 from fedmkt.federation.flower.proxy import (
     DEFAULT_CLIENT_TIMEOUT_S,
     STARTUP_ALLOWANCE_S,
+    FlowerStages,
     RemoteParticipant,
-    run_together,
 )
 from fedmkt.federation.flower.submit import check_supported
 from fedmkt.federation.trainer import FederatedTrainer
@@ -80,7 +80,7 @@ def serve(grid: Grid, config_text: str) -> dict:
         tokenizer.save_pretrained(run_dir / "tokenizers" / name)
 
     loggers = make_loggers(config, run_dir)
-    trainer = FederatedTrainer(server, clients, config, run_dir, loggers, run_clients=run_together)
+    trainer = FederatedTrainer(server, clients, config, run_dir, loggers, run_clients=FlowerStages(config, run_dir))
     try:
         summary = trainer.fit()
     finally:
