@@ -138,7 +138,8 @@ def _launch_local_parser() -> ArgumentParser:
         "--resume",
         type=Optional[str],
         default=None,
-        help="Continue the interrupted run in this run_dir (not supported on the flower backend yet).",
+        help="Continue the interrupted run in this run_dir from its last round checkpoint; each client's node restores "
+        "its adapter from run_dir.",
     )
     parser.add_argument(
         "--overwrite",
@@ -215,15 +216,9 @@ def _fit(parser: ArgumentParser, namespace) -> None:
     if namespace["federation.backend"] == "flower":
         from fedmkt.federation.flower.submit import submit
 
-        if resume is not None:
-            raise FedMKTError(
-                "--resume is not supported on the flower backend (each client's adapter lives on its SuperNode, not in the "
-                "run_dir checkpoint). Fix: start the run afresh, or rerun it with --backend inprocess to use --resume."
-            )
-        namespace.run_dir = str(
-            Path(namespace.run_dir).expanduser().resolve()
-        )  # the ServerApp starts in the SuperLink's folder
-        submit(_run_config(parser, namespace), resolved_config=parser.dump(namespace))
+        # The ServerApp starts in the SuperLink's folder: run_dir must not depend on this one.
+        namespace.run_dir = str(Path(resume if resume is not None else namespace.run_dir).expanduser().resolve())
+        submit(_run_config(parser, namespace), resolved_config=parser.dump(namespace), resume=resume is not None)
         return
     config = _run_config(parser, namespace)
     fit(config, resolved_config=parser.dump(namespace), resume=resume, overwrite=overwrite)
@@ -233,14 +228,17 @@ def _launch_local(parser: ArgumentParser, namespace) -> None:
     from fedmkt.federation.flower.local import launch_local
 
     resume, gpus, overwrite = namespace.pop("resume"), namespace.pop("gpus"), namespace.pop("overwrite")
-    if resume is not None:
-        raise FedMKTError(
-            "--resume is not supported on the flower backend yet (each client's adapter lives on its SuperNode, not in the "
-            "run_dir checkpoint). Fix: start the run afresh, or rerun it with `fedmkt fit --backend inprocess --resume`."
-        )
+    if resume is not None and overwrite:
+        raise FedMKTError("--resume and --overwrite contradict each other. Fix: give one of them.")
     namespace["federation.backend"] = "flower"
-    namespace.run_dir = str(Path(namespace.run_dir).expanduser().resolve())
-    launch_local(_run_config(parser, namespace), resolved=parser.dump(namespace), gpus=gpus, overwrite=overwrite)
+    namespace.run_dir = str(Path(resume if resume is not None else namespace.run_dir).expanduser().resolve())
+    launch_local(
+        _run_config(parser, namespace),
+        parser.dump(namespace),
+        gpus=gpus,
+        overwrite=overwrite,
+        resume=resume is not None,
+    )
 
 
 def _evaluate(parser: ArgumentParser, namespace) -> None:

@@ -243,7 +243,7 @@ def test_proxy_turns_node_errors_and_silence_into_client_failures(task_identity,
         _proxy(FakeGrid({7: lambda message, context: None}), tmp_path, timeout_s=0.1).evaluate()
 
 
-def test_proxy_moves_adapters_only_when_asked_and_refuses_resume(task_identity, tmp_path):
+def test_proxy_moves_adapters_only_when_asked_and_restores_only_checkpointed_ones(task_identity, tmp_path):
     state = {"a.lora_A.weight": torch.randn(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
     received = {}
 
@@ -260,8 +260,8 @@ def test_proxy_moves_adapters_only_when_asked_and_refuses_resume(task_identity, 
     assert all(torch.equal(proxy.adapter_state()[k], v) for k, v in state.items())
     proxy.load_adapter_state(state)
     assert all(torch.equal(received[k], v) for k, v in state.items())
-    with pytest.raises(FedMKTError, match="not supported on the flower backend.*Fix:"):
-        proxy.load_adapter(tmp_path)
+    with pytest.raises(FedMKTError, match="no round checkpoint|Fix:"):  # run_dir has no checkpoint to resume
+        proxy.load_adapter(tmp_path / "run" / "adapters" / "round_1" / "client_0")
 
 
 # ---- the ClientApp's node state -------------------------------------------------------------
@@ -498,6 +498,130 @@ def test_a_round_over_flower_messages_matches_in_process_with_two_messages_per_c
         assert node.keys() == local.keys() and all(torch.allclose(node[k], local[k], atol=1e-6) for k in local)
 
 
+# ---- state that survives restarts ----------------------------------------------------------------
+
+SMALL_TEXT = (
+    TINY_TEXT.replace("pool_size: 24", "pool_size: 6")
+    .replace("eval_size: 12", "eval_size: 4")
+    .replace("max_length: 96", "max_length: 48")
+    .replace("evaluate_before: true", "evaluate_before: false")
+)
+
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL of the ServerApp: not an Exception, so nothing may swallow it."""
+
+
+@pytest.fixture(scope="module")
+def small_in_process(tmp_path_factory):
+    """The uninterrupted 2-round in-process run every restart must end at."""
+    from fedmkt.federation.trainer import FederatedTrainer
+    from fedmkt.run import build_participants
+
+    config = run_config_from_text(SMALL_TEXT)
+    server, clients = build_participants(config)
+    return FederatedTrainer(server, clients, config, tmp_path_factory.mktemp("small")).fit()
+
+
+def _small_flower(tmp_path: Path) -> str:
+    return SMALL_TEXT.replace("run_dir: runs/tiny", f"run_dir: {tmp_path / 'server'}")
+
+
+def _node_grid(tmp_path: Path, node_ids=(3, 4)) -> FakeGrid:
+    configs = {nid: {"partition-id": i, "output-dir": str(tmp_path / f"node_{i}")} for i, nid in enumerate(node_ids)}
+    return FakeGrid({nid: client_app.handle for nid in node_ids}, configs)
+
+
+def _same_rounds(got: dict, expected: dict) -> None:
+    assert len(got["rounds"]) == len(expected["rounds"]) == 2
+    for ours, theirs in zip(got["rounds"], expected["rounds"]):
+        assert ours["failed"] == theirs["failed"] == {}
+        for party, entry in theirs["parties"].items():
+            assert (ours["parties"][party]["selected"], ours["parties"][party]["teacher_counts"]) == (
+                entry["selected"],
+                entry["teacher_counts"],
+            ), party
+            for key in ("task_loss", "distill_task_loss", "kd_loss", "eval_accuracy"):
+                if key in entry:
+                    assert ours["parties"][party][key] == pytest.approx(entry[key], abs=1e-4), (
+                        ours["round"],
+                        party,
+                        key,
+                    )
+
+
+def test_the_server_app_killed_after_round_1_resumes_to_the_uninterrupted_run(
+    task_identity, tmp_path, monkeypatch, small_in_process
+):
+    """The ServerApp dies in round 2; SuperLink and SuperNodes restart too (new node ids, empty node
+    state). `serve(resume=True)` continues from the checkpoint, each node from its own folder."""
+    from fedmkt.federation.flower.server_app import serve
+    from fedmkt.federation.participant import Participant
+
+    text = _small_flower(tmp_path)
+    original = Participant.distill
+
+    def distill_then_die(self, round_index, payloads):
+        if round_index == 2 and self.name == "server":
+            raise Killed()
+        return original(self, round_index, payloads)
+
+    monkeypatch.setattr(Participant, "distill", distill_then_die)
+    with pytest.raises(Killed):
+        serve(_node_grid(tmp_path), text)
+    checkpoint = json.loads((tmp_path / "server" / "checkpoint" / "checkpoint.json").read_text())
+    assert checkpoint["round"] == 1 and set(checkpoint["adapter_sha256"]) == {"client_0", "client_1"}
+    monkeypatch.setattr(Participant, "distill", original)
+
+    grid = _node_grid(tmp_path, node_ids=(13, 14))
+    _same_rounds(serve(grid, text, resume=True), small_in_process)
+    restores = [decode_request(m.content) for m in grid.sent if m.metadata.message_type == "train.load_adapter"]
+    assert sorted((r.client, r.path) for r in restores) == [
+        ("client_0", "adapters/round_1/client_0"),
+        ("client_1", "adapters/round_1/client_1"),
+    ]
+    assert all(r.sha256 == checkpoint["adapter_sha256"][r.client] for r in restores)
+
+
+def test_a_supernode_restarted_between_rounds_rejoins_from_its_own_folder(
+    task_identity, tmp_path, monkeypatch, small_in_process
+):
+    """client_0's SuperNode restarts after round 1 with the same partition-id and a new node id; the
+    ServerApp finds it again and it continues from its round-1 adapter, not from its initial one."""
+    from fedmkt.federation.flower.server_app import serve
+    from fedmkt.federation.trainer import FederatedTrainer
+
+    grid = _node_grid(tmp_path)
+    original = FederatedTrainer.run_round
+
+    def restart_before_round_2(self, round_index):
+        if round_index == 2:
+            grid.nodes[23] = grid.nodes.pop(3)
+            grid.contexts.pop(3)
+            grid.contexts[23] = Context(
+                run_id=1,
+                node_id=23,
+                node_config={"partition-id": 0, "output-dir": str(tmp_path / "node_0")},
+                state=RecordDict(),
+                run_config={},
+            )
+        return original(self, round_index)
+
+    monkeypatch.setattr(FederatedTrainer, "run_round", restart_before_round_2)
+    _same_rounds(serve(grid, _small_flower(tmp_path)), small_in_process)
+    round_2 = [m for m in grid.sent if m.metadata.dst_node_id == 23]
+    assert [m.metadata.message_type for m in round_2[:2]] == ["query.hello", "train.load_adapter"]
+    assert decode_request(round_2[1].content).path == "adapters/round_1/client_0"
+
+
+def test_a_node_that_lost_its_state_refuses_to_start_over(task_identity):
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    request = Request(phase="distill", client="client_0", config_text=TINY_TEXT, round=2, fresh=False)
+    message = Message(encode_request(request), dst_node_id=7, message_type="train.distill")
+    with pytest.raises(FedMKTError, match="holds no adapter of client_0.*Fix:"):
+        client_app.handle(message, context)
+
+
 def test_the_flower_backend_waits_a_finite_time_for_a_client_by_default():
     from fedmkt.federation.flower.server_app import client_wait_s
 
@@ -675,12 +799,12 @@ def test_unreachable_superlink_is_one_line(tmp_path, capsys):
     assert f"127.0.0.1:{port}" in _error_line(capsys)
 
 
-def test_missing_flwr_and_resume_are_one_line(tmp_path, capsys, monkeypatch):
+def test_missing_flwr_and_a_resume_without_checkpoint_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(submit.shutil, "which", lambda *args, **kwargs: None)
     assert main(["fit", "--config", "tiny", "--backend", "flower", "--run_dir", str(tmp_path / "run")]) == 2
     assert "pip install" in _error_line(capsys)
     assert main(["fit", "--config", "tiny", "--backend", "flower", "--resume", str(tmp_path)]) == 2
-    assert "not supported on the flower backend" in _error_line(capsys)
+    assert "start afresh without --resume" in _error_line(capsys)
 
 
 def test_multi_process_parties_are_refused_on_the_flower_backend(tmp_path, capsys):

@@ -258,7 +258,7 @@ class FederatedTrainer:
         folder = self.run_dir / "adapters" / f"round_{round_index}"
         # Every rank, in one order: a sharded (fsdp) party gathers its adapter first.
         self._timed(self.server, "save_adapter", folder / self.server.name)
-        self._client_stage("save_adapter", self.clients, lambda client: (folder / client.name,), failed or {}, False)
+        saved = self._client_stage("save_adapter", self.clients, lambda c: (folder / c.name,), failed or {}, False)
         if not is_rank_zero():  # one writer; other ranks hold the same state
             return
         for party in self.parties:
@@ -270,6 +270,9 @@ class FederatedTrainer:
                 )
         self._write_summary()
         state = {"round": round_index, "summary": _finite_or_none(self.summary), "rng": capture_rng_state()}
+        hashes = {name: digest for name, digest in saved.items() if digest}  # adapters saved on other machines
+        if hashes:
+            state["adapter_sha256"] = hashes
         atomic_write_text(
             self.run_dir / "checkpoint" / "checkpoint.json", json.dumps(state, default=_json_default, allow_nan=False)
         )

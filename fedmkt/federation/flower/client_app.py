@@ -18,6 +18,7 @@ Private data never leaves the node; weights leave it only for the fedavg baselin
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -74,9 +75,18 @@ def handle(message: Message, context: Context) -> Message:
         raise FedMKTError(
             f"a message for {request.client} reached the SuperNode of {settings.client}. Fix: give every SuperNode its own partition-id."
         )
+    if not request.fresh and STATE_KEY not in context.state.array_records and request.phase != "load_adapter":
+        raise FedMKTError(
+            f"this SuperNode holds no adapter of {settings.client} for this run, though the run trained one here "
+            "(the SuperNode restarted?). Fix: the ServerApp restores it when the restarted node joins between rounds; "
+            "otherwise resume the run (--resume RUN_DIR) with this node's output-dir unchanged."
+        )
     start = time.time()
     if request.phase == "save_adapter":  # copies the stored adapter; no model is built
-        _write_adapter(context, inside_output_dir(settings, request.path))
+        digest = _write_adapter(context, inside_output_dir(settings, request.path))
+        reply = Reply(info={"start": start, "end": time.time(), "sha256": digest})
+    elif request.phase == "load_adapter":  # adopts an adapter saved in this node's folder; no model is built
+        _read_adapter(context, inside_output_dir(settings, request.path), request.sha256)
         reply = Reply(info={"start": start, "end": time.time()})
     else:
         reply = run_phase(request, context, settings, start)
@@ -158,7 +168,7 @@ def run_phase(request: Request, context: Context, settings: NodeSettings, start:
             elif phase == "evaluate":
                 entry["stats"] = participant.evaluate()
             else:  # save_adapter: what the phase before stored
-                _write_adapter(context, inside_output_dir(settings, request.path))
+                entry["sha256"] = _write_adapter(context, inside_output_dir(settings, request.path))
         except Exception as error:  # reported as that phase's failure; the phase before stands
             entry["error"] = f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
         entry["end"] = time.time()
@@ -191,8 +201,9 @@ def _store_state(participant, context: Context) -> None:
     context.state[STATE_KEY] = record
 
 
-def _write_adapter(context: Context, directory: Path) -> None:
-    """Write the stored adapter's files into `directory`, each atomically (temporary file, then rename).
+def _write_adapter(context: Context, directory: Path) -> str:
+    """Write the stored adapter's files into `directory`, each atomically (temporary file, then rename);
+    returns the sha256 of its weights, which the server's checkpoint records.
 
     Nothing else is removed or replaced: other files in the folder stay as they are.
     """
@@ -204,3 +215,27 @@ def _write_adapter(context: Context, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for name in _ADAPTER_FILES:
         atomic_write_bytes(directory / name, array_bytes(record[name]))
+    return hashlib.sha256(array_bytes(record[_ADAPTER_FILES[0]])).hexdigest()
+
+
+def _read_adapter(context: Context, directory: Path, expected_sha256: str) -> None:
+    """Make the adapter saved in `directory` this client's state (a resumed run, a rejoining node).
+
+    The weights must hash to what the server's checkpoint recorded: an adapter of another round or
+    run must not be continued silently. Cached public losses start empty and are recomputed.
+    """
+    files = {name: directory / name for name in _ADAPTER_FILES}
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise FedMKTError(
+            f"cannot restore this client: {', '.join(missing)} missing on this node. "
+            "Fix: start this SuperNode with the output-dir it used in the interrupted run."
+        )
+    data = {name: path.read_bytes() for name, path in files.items()}
+    found = hashlib.sha256(data[_ADAPTER_FILES[0]]).hexdigest()
+    if expected_sha256 and found != expected_sha256:
+        raise FedMKTError(
+            f"the adapter in {directory} (sha256 {found[:12]}) is not the one the server's checkpoint recorded "
+            f"({expected_sha256[:12]}). Fix: start this SuperNode with the output-dir of the run being resumed."
+        )
+    context.state[STATE_KEY] = ArrayRecord({name: bytes_array(blob) for name, blob in data.items()})

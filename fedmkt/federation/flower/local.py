@@ -28,7 +28,10 @@ from fedmkt.cli import run_config_from_text
 from fedmkt.config import RunConfig, validate
 from fedmkt.data.parts import federation_data
 from fedmkt.errors import FedMKTError
+from fedmkt.federation.checkpoint import read_checkpoint
+from fedmkt.federation.flower.node import apply_to_config, node_settings
 from fedmkt.federation.flower.submit import submit
+from fedmkt.federation.trainer import check_resumable
 from fedmkt.run import claim_run_dir, validate_against_vocabularies
 
 NODE_FILE = "node.yaml"
@@ -295,26 +298,37 @@ def _toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def launch_local(config: RunConfig, resolved: str, gpus: Optional[str] = None, overwrite: bool = False) -> dict:
+def launch_local(
+    config: RunConfig, resolved: str, gpus: Optional[str] = None, overwrite: bool = False, resume: bool = False
+) -> dict:
     """Run `config` on a Flower federation started on this machine; returns the summary in run_dir.
 
     Every source is read and checked here first (all parties' data is on this machine), so a bad
-    config fails before any process starts.
+    config fails before any process starts. With `resume`, the run in run_dir continues after its
+    last round checkpoint; a client whose private data the config does not name (the shared
+    `run_dir/config.yaml`) gets the node settings it had, from `run_dir/nodes/client_N/node.yaml`.
     """
+    run_dir = Path(config.run_dir).expanduser().resolve()
+    shared, nodes = split_config(resolved, run_dir)
+    if resume:
+        check_resumable(read_checkpoint(run_dir), config, run_dir)
+        for index, settings in enumerate(nodes):
+            saved = run_dir / "nodes" / f"client_{index}" / NODE_FILE
+            if not any(key in settings for key in _PRIVATE_KEYS) and saved.is_file():
+                nodes[index] = yaml.safe_load(saved.read_text())
+                config.clients[index] = apply_to_config(node_settings(nodes[index]), config).clients[index]
     validate(config)
     federation_data(config, list(config.parties()))
     validate_against_vocabularies(config)
     gpu_assignment(gpus, len(config.clients))  # a bad --gpus fails before anything starts
-    run_dir = Path(config.run_dir).expanduser().resolve()
-    lock = claim_run_dir(run_dir, resume=False, overwrite=overwrite)
+    lock = claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
     try:
-        shared, nodes = split_config(resolved, run_dir)
         with local_federation(run_dir, nodes, gpus) as (address, _):
             data = yaml.safe_load(shared)
             data["run_dir"] = str(run_dir)
             data.setdefault("federation", {})["backend"] = "flower"
             data["flower"] = dict(data.get("flower") or {}, superlink=address, insecure=True, root_certificates=None)
             text = yaml.safe_dump(data, sort_keys=False)
-            return submit(run_config_from_text(text), resolved_config=text)
+            return submit(run_config_from_text(text), resolved_config=text, resume=resume)
     finally:
         lock.release()

@@ -25,6 +25,7 @@ PHASE_MESSAGE_TYPES = {
     "evaluate": "evaluate.evaluate",
     "adapter_state": "query.adapter_state",
     "load_adapter_state": "train.load_adapter_state",
+    "load_adapter": "train.load_adapter",
     "save_adapter": "query.save_adapter",
 }
 """Phase → Flower message type (`<category>.<action>`; Flower routes on it in the ClientApp)."""
@@ -50,6 +51,10 @@ class Request:
     """Client name → the fingerprint of the tokenizer the run expects it to use (its node checks its own)."""
     then: list[str] = field(default_factory=list)
     """Phases to run right after this one on the same party (one message instead of several)."""
+    fresh: bool = True
+    """The server has no state of this client on this node yet (False: the node must hold one)."""
+    sha256: str = ""
+    """For load_adapter: the hash the server's checkpoint recorded for that adapter."""
 
 
 @dataclass
@@ -98,6 +103,8 @@ def encode_request(request: Request) -> RecordDict:
         "path": request.path,
         "tokenizers": json.dumps(request.tokenizers),
         "then": json.dumps(request.then),
+        "fresh": request.fresh,
+        "sha256": request.sha256,
     }
     return RecordDict({_REQUEST: ConfigRecord(fields), _BLOBS: _blob_record(request.blobs)})
 
@@ -118,6 +125,8 @@ def decode_request(content: RecordDict) -> Request:
         blobs=_read_blobs(content),
         tokenizers=json.loads(str(fields.get("tokenizers", "{}"))),
         then=json.loads(str(fields.get("then", "[]"))),
+        fresh=bool(fields.get("fresh", True)),
+        sha256=str(fields.get("sha256", "")),
     )
 
 

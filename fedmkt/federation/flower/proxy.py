@@ -25,6 +25,8 @@ from safetensors.torch import save as save_safetensors
 
 from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError
+from fedmkt.federation.checkpoint import read_checkpoint
+from fedmkt.federation.flower.discovery import ask_nodes
 from fedmkt.federation.flower.messages import PHASE_MESSAGE_TYPES, Reply, Request, decode_reply, encode_request
 from fedmkt.federation.stages import Outcome
 from fedmkt.payload import KnowledgePayload
@@ -65,13 +67,15 @@ class RemoteParticipant:
         self.timeout_s = timeout_s
         self.tokenizer = tokenizer
         """Fingerprint of the tokenizer this client must use (checked on its node; empty: not checked)."""
+        self.stateful = False
+        """Whether this client's node holds state of this run (its node then refuses to start afresh)."""
 
     # ---- one phase call as a message, and its reply as the call's value -----------------------
 
     def message(self, phase: str, *args: Any, then: Sequence[str] = (), path: str = "") -> Message:
         """The Flower Message that asks this client's node to run `phase(*args)`, then the phases
         `then` on the same party (`path`: where a following save_adapter writes)."""
-        round_index, blobs = 0, {}
+        round_index, blobs, sha256 = 0, {}, ""
         if phase in ("fine_tune", "share_knowledge"):
             (round_index,) = args
         elif phase == "distill":
@@ -79,6 +83,8 @@ class RemoteParticipant:
             blobs = {f"payload/{name}": payload.to_bytes() for name, payload in teachers.items()}
         elif phase == "save_adapter":
             path = self._relative(Path(args[0]))
+        elif phase == "load_adapter":
+            path, sha256 = self._relative(Path(args[0])), args[1]
         elif phase == "load_adapter_state":
             blobs = {"adapter": save_safetensors({k: v.contiguous() for k, v in args[0].items()})}
         request = Request(
@@ -90,6 +96,8 @@ class RemoteParticipant:
             blobs=blobs,
             tokenizers={self.name: self.tokenizer} if self.tokenizer else {},
             then=list(then),
+            fresh=not self.stateful,
+            sha256=sha256,
         )
         wait = self.wait_s(len(then))
         return Message(
@@ -121,7 +129,9 @@ class RemoteParticipant:
             return self._payload(answer), answer.info
         if phase == "adapter_state":
             return load_safetensors(answer.blobs["adapter"]), answer.info
-        if phase in ("save_adapter", "load_adapter_state"):
+        if phase == "save_adapter":
+            return answer.info.get("sha256"), answer.info
+        if phase in ("load_adapter", "load_adapter_state"):
             return None, answer.info
         return answer.stats, answer.info
 
@@ -180,12 +190,31 @@ class RemoteParticipant:
         return None
 
     def restore_public_losses(self, losses: Optional[torch.Tensor]) -> None:
+        """Nothing to restore: a client's losses stay on its node and are recomputed after a restore."""
         if losses is not None:
-            raise FedMKTError(_NO_RESUME)
+            raise FedMKTError(
+                f"{self.name}'s public losses never reach the server. Fix: resume with the same fedmkt version."
+            )
 
     def load_adapter(self, directory: Path) -> None:
-        raise FedMKTError(_NO_RESUME)
+        """Make the node adopt the adapter it saved in `directory` (under its own output folder),
+        checked against the hash the server's checkpoint recorded for it."""
+        recorded = read_checkpoint(self.run_dir).get("adapter_sha256", {})
+        if self.name not in recorded:
+            raise FedMKTError(
+                f"the checkpoint in {self.run_dir} records no adapter hash for {self.name} (written by an older fedmkt). "
+                "Fix: start the run afresh with --overwrite."
+            )
+        try:
+            self._call("load_adapter", Path(directory), recorded[self.name])
+        except RemoteParticipantError as error:
+            raise FedMKTError(
+                f"{error}. Fix: start {self.name}'s SuperNode with the output-dir of the interrupted run."
+            ) from None
 
+
+STATEFUL_PHASES = ("fine_tune", "share_knowledge", "distill", "load_adapter", "load_adapter_state")
+"""Phases after which a client's node holds state of this run."""
 
 _TTL_MARGIN_S = 60.0
 """A message outlives the server's wait by this much, so a late reply is dropped by the SuperLink, not lost mid-way."""
@@ -232,6 +261,7 @@ def run_together(
             if "start" in info and "end" in info:
                 outcome.start, outcome.end = float(info["start"]), float(info["end"])
             outcome.followed = _followed(client, info.get("then", {}), reply)
+            client.stateful |= phase in STATEFUL_PHASES
         except Exception as error:  # this client failed or sent something unusable; the others go on
             outcome.error = error
         outcomes[client.name] = outcome
@@ -254,6 +284,8 @@ def _followed(client: RemoteParticipant, then: dict, reply: Message) -> dict[str
                 outcome.error = error
         elif phase == "evaluate":
             outcome.value = entry["stats"]
+        else:  # save_adapter
+            outcome.value = entry.get("sha256")
         followed[phase] = outcome
     return followed
 
@@ -297,8 +329,40 @@ class FlowerStages:
             return (phase, client._relative(Path(args[0])))
         return (phase,)
 
+    def rejoin(self, clients: Sequence[RemoteParticipant], round_index: int) -> dict[str, Outcome]:
+        """Before a round: a client whose node left the SuperLink is looked for among the nodes that
+        joined since (a SuperNode restarted with the same partition-id), and its node restores the
+        adapter of the last round from its own folder. Returns the failures of clients that could not
+        be restored, so they are left out of the round rather than start over silently."""
+        grid = clients[0].grid
+        connected = set(grid.get_node_ids())
+        gone = [client for client in clients if client.node_id not in connected]
+        newcomers = connected - {client.node_id for client in clients}
+        if not gone or not newcomers:
+            return {}
+        tokenizers = {client.name: client.tokenizer for client in gone if client.tokenizer}
+        wait = self.config.flower.wait_for_nodes_s
+        nodes, _, _ = ask_nodes(grid, sorted(newcomers), gone[0].config_text, tokenizers, wait)
+        failures = {}
+        for client in gone:
+            if client.name not in nodes:
+                continue
+            client.node_id, client.stateful = nodes[client.name], False
+            self._ahead.pop(client.name, None)
+            if round_index > 1:
+                started = time.time()
+                try:
+                    client.load_adapter(self.run_dir / "adapters" / f"round_{round_index - 1}" / client.name)
+                except FedMKTError as error:
+                    failures[client.name] = Outcome(error=error, start=started, end=time.time())
+        return failures
+
     def __call__(self, phase: str, calls: Sequence[tuple[RemoteParticipant, tuple]]) -> dict[str, Outcome]:
-        outcomes, to_send = {}, []
+        outcomes = (
+            self.rejoin([client for client, _ in calls], calls[0][1][0]) if phase == "fine_tune" and calls else {}
+        )
+        calls = [(client, args) for client, args in calls if client.name not in outcomes]
+        to_send = []
         for client, args in calls:
             ahead = self._ahead.get(client.name, {})
             hit = ahead.pop(self._key(client, phase, args), None)
@@ -324,9 +388,3 @@ class FlowerStages:
                 outcome.followed = {}
                 outcomes[client.name] = outcome
         return outcomes
-
-
-_NO_RESUME = (
-    "--resume is not supported on the flower backend (each client's adapter lives on its SuperNode). "
-    "Fix: start the run afresh, or use --backend inprocess to resume."
-)

@@ -25,8 +25,9 @@ from typing import Optional
 
 from fedmkt.config import RunConfig, validate
 from fedmkt.errors import FedMKTError
-from fedmkt.federation.checkpoint import atomic_write_text
+from fedmkt.federation.checkpoint import atomic_write_text, read_checkpoint
 from fedmkt.federation.distributed import party_processes
+from fedmkt.federation.trainer import check_resumable
 
 CONNECTION = "fedmkt"
 """Name of the SuperLink connection in the private Flower config."""
@@ -94,12 +95,24 @@ def check_supported(config: RunConfig) -> None:
         )
 
 
-def submit(config: RunConfig, resolved_config: str, stream: bool = True) -> dict:
-    """Run FedMKT on the Flower SuperLink in `config.flower`; returns the summary from run_dir."""
+def submit(config: RunConfig, resolved_config: str, stream: bool = True, resume: bool = False) -> dict:
+    """Run FedMKT on the Flower SuperLink in `config.flower`; returns the summary from run_dir.
+
+    With `resume`, the run continues in run_dir after its last round checkpoint (checked here first).
+    """
     validate(config)
     check_supported(config)
-    flwr = flwr_executable()
     run_dir = Path(config.run_dir).expanduser().resolve()
+    if resume:
+        state = read_checkpoint(run_dir)
+        check_resumable(state, config, run_dir)
+        if int(state["round"]) >= config.federation.rounds:
+            print(
+                f"fedmkt: {run_dir} already finished all {config.federation.rounds} rounds; nothing left to do "
+                "(raise --federation.rounds to continue it further)."
+            )
+            return state["summary"]
+    flwr = flwr_executable()
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     atomic_write_text(config_path, resolved_config)
@@ -120,7 +133,7 @@ def submit(config: RunConfig, resolved_config: str, stream: bool = True) -> dict
             str(app_dir()),
             CONNECTION,
             "--run-config",
-            f"config-path={json.dumps(str(config_path))}",
+            f"config-path={json.dumps(str(config_path))} resume={'true' if resume else 'false'}",
         ]
         if stream:
             command.append("--stream")
