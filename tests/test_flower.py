@@ -1025,6 +1025,34 @@ def test_launch_local_reproduces_the_in_process_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_launch_local_killed_after_round_1_resumes_to_the_in_process_run(tmp_path, monkeypatch):
+    """Everything stops after round 1 (SIGTERM to launch-local); `launch-local --resume` on the saved
+    shared config starts a new SuperLink and SuperNodes, whose nodes restore their adapters."""
+    if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None:
+        pytest.skip("Flower's flower-superlink/flower-supernode commands are not installed")
+    monkeypatch.chdir(REPO)
+    run_dir, inprocess_dir = tmp_path / "flower", tmp_path / "inprocess"
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(
+            ["fedmkt", "launch-local", *SETTINGS, "--run_dir", str(run_dir)], stdout=log, stderr=subprocess.STDOUT
+        )
+        checkpoint = run_dir / "checkpoint" / "checkpoint.json"
+        deadline = time.monotonic() + 900
+        while not checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert checkpoint.is_file(), (tmp_path / "first.log").read_text()[-3000:]
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, (tmp_path / "first.log").read_text()[-3000:]
+    assert json.loads(checkpoint.read_text())["round"] == 1 and _processes_naming(str(run_dir)) == []
+
+    assert main(["launch-local", "--config", str(run_dir / "config.yaml"), "--resume", str(run_dir)]) == 0
+    assert main(["fit", *SETTINGS, "--run_dir", str(inprocess_dir)]) == 0
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    _same_rounds(resumed, json.loads((inprocess_dir / "summary.json").read_text()))
+
+
+@pytest.mark.slow
 def test_launch_local_stops_everything_it_started_on_ctrl_c(tmp_path):
     if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None:
         pytest.skip("Flower's flower-superlink/flower-supernode commands are not installed")
