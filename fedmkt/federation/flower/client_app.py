@@ -6,12 +6,15 @@ init as the in-process backend; base models come from the local cache), restores
 previous phase left in `context.state`, runs the method the server asked for and stores the new
 state. The client's private data, model and output folder are this node's own (`node.py`); the
 server sends only the shared config, and the node refuses to run with a tokenizer other than the
-one the run expects. Phases reseed themselves, so a rebuilt party with its restored adapter and cached public
-losses computes exactly what a long-lived in-process party would.
+one the run expects. Phases reseed themselves, so a rebuilt party with its restored adapter and
+cached public losses computes exactly what a long-lived in-process party would. A message may ask
+for the phases that follow (`request.then`), which then run on the same rebuilt party.
 
 State (Flower keeps `context.state` on the SuperNode between messages of a run):
   adapter_model.safetensors, adapter_config.json   the LoRA adapter as `save_adapter` writes it
   public_losses                                    this party's own public-data CE, while valid
+Every round the adapter is also written under the node's output folder (`save_adapter`), from
+where `load_adapter` restores it after a restart.
 
 Private data never leaves the node; weights leave it only for the fedavg baseline.
 """

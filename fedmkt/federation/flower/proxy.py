@@ -2,12 +2,13 @@
 
 It offers the interface of `fedmkt.federation.participant.Participant` that the trainer calls,
 so the trainer runs unchanged: each call becomes one Flower Message to the client's SuperNode,
-and the reply becomes the call's return value. `run_together` is the trainer's stage runner on
-this backend: one phase for every client goes out as one batch of messages, so the clients work
-at the same time, and each reply is mapped back to its client. Knowledge payloads arrive as the bytes the client
+and the reply becomes the call's return value. `FlowerStages` is the trainer's stage runner on
+this backend: one phase for every client goes out as one batch of messages (`run_together`), so
+the clients work at the same time, each reply is mapped back to its client, and the phases that
+always come next ride in the same message. Knowledge payloads arrive as the bytes the client
 serialised and are validated here, at the network boundary. Weights cross the wire only for the
 fedavg baseline (`adapter_state` / `load_adapter_state`); `save_adapter` makes the node write its
-adapter into its own output folder.
+adapter into its own output folder, and `load_adapter` makes it restore one from there.
 """
 
 from __future__ import annotations
@@ -181,9 +182,10 @@ class RemoteParticipant:
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         self._call("load_adapter_state", state)
 
-    def save_adapter(self, directory: Path) -> None:
-        """The node writes its adapter to the same place under its own output folder."""
-        self._call("save_adapter", Path(directory))
+    def save_adapter(self, directory: Path) -> Optional[str]:
+        """The node writes its adapter to the same place under its own output folder; returns the
+        sha256 of its weights (recorded in the server's checkpoint)."""
+        return self._call("save_adapter", Path(directory))
 
     def cached_public_losses(self) -> Optional[torch.Tensor]:
         """Kept on the node; the server never holds a client's losses (so none are checkpointed)."""
