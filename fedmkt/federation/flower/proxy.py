@@ -349,7 +349,9 @@ class FlowerStages:
         for client in gone:
             if client.name not in nodes:
                 continue
-            client.node_id, client.stateful = nodes[client.name], False
+            # After round 1 the new node must hold the last round's adapter: until it restored one
+            # it refuses to train (stateful), rather than start over from its initial adapter.
+            client.node_id, client.stateful = nodes[client.name], round_index > 1
             self._ahead.pop(client.name, None)
             if round_index > 1:
                 started = time.time()
