@@ -760,6 +760,17 @@ def test_a_node_with_another_tokenizer_is_refused_before_round_1(task_identity):
     assert find_client_nodes(right, config, TINY_TEXT, fingerprints) == {"client_0": 11, "client_1": 12}
 
 
+def test_launch_local_pins_the_server_and_clients_to_gpus_in_turn(tmp_path, capsys):
+    from fedmkt.federation.flower.local import gpu_assignment
+
+    assert gpu_assignment(None, 2) == (None, [None, None])
+    assert gpu_assignment("0,1", 3) == ("0", ["1", "0", "1"])
+    assert gpu_assignment("2, 3, 5", 2) == ("2", ["3", "5"])
+    code = main(["launch-local", "--config", "tiny", "--gpus", "first", "--run_dir", str(tmp_path / "run")])
+    assert code == 2 and "--gpus 'first'" in _error_line(capsys)
+    assert not (tmp_path / "run").exists()  # refused before anything was started or written
+
+
 def test_private_client_data_in_the_shared_config_is_refused_on_flower(tmp_path, capsys):
     code = main(["fit", "--config", "own_data", "--backend", "flower", "--run_dir", str(tmp_path / "run")])
     assert code == 2
