@@ -392,7 +392,7 @@ def _interrupted_line(interrupt: RunInterrupted) -> str:
     if (run_dir / "checkpoint" / "checkpoint.json").is_file():
         return (
             f"fedmkt: stopped by {name}; the last round checkpoint in {run_dir} is intact. "
-            f"Fix: continue with `fedmkt fit --config {run_dir / 'config.yaml'} --resume {run_dir}`."
+            f"Fix: continue with `fedmkt {interrupt.command} --config {run_dir / 'config.yaml'} --resume {run_dir}`."
         )
     return f"fedmkt: stopped by {name} before round 1 finished, so there is no checkpoint to --resume {run_dir} from. Fix: start it again with --overwrite."
 

@@ -1055,6 +1055,10 @@ def test_launch_local_killed_after_round_1_resumes_to_the_in_process_run(tmp_pat
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, (tmp_path / "first.log").read_text()[-3000:]
+    assert (
+        f"fedmkt launch-local --config {run_dir / 'config.yaml'} --resume {run_dir}"
+        in (tmp_path / "first.log").read_text()
+    )
     assert json.loads(checkpoint.read_text())["round"] == 1 and _processes_naming(str(run_dir)) == []
 
     assert main(["launch-local", "--config", str(run_dir / "config.yaml"), "--resume", str(run_dir)]) == 0
@@ -1084,7 +1088,7 @@ def test_launch_local_stops_everything_it_started_on_ctrl_c(tmp_path):
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, err
-    assert "stopped by SIGINT" in err
+    assert "stopped by SIGINT before round 1 finished" in err
     assert _processes_naming(str(run_dir)) == []
 
 

@@ -27,7 +27,7 @@ import yaml
 from fedmkt.cli import run_config_from_text
 from fedmkt.config import RunConfig, validate
 from fedmkt.data.parts import federation_data
-from fedmkt.errors import FedMKTError
+from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import read_checkpoint
 from fedmkt.federation.flower.node import apply_to_config, node_settings
 from fedmkt.federation.flower.submit import submit
@@ -330,5 +330,8 @@ def launch_local(
             data["flower"] = dict(data.get("flower") or {}, superlink=address, insecure=True, root_certificates=None)
             text = yaml.safe_dump(data, sort_keys=False)
             return submit(run_config_from_text(text), resolved_config=text, resume=resume)
+    except RunInterrupted as interrupt:  # the line printed says how to continue this run
+        interrupt.run_dir, interrupt.command = str(run_dir), "launch-local"
+        raise
     finally:
         lock.release()
