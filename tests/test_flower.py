@@ -646,7 +646,10 @@ def test_the_quorum_error_names_the_fix_of_each_backend(tmp_path):
         def evaluate(self):
             return {}
 
-    for backend, expected, absent in (("inprocess", "--resume", "--overwrite"), ("flower", "--overwrite", "--resume")):
+    for backend, expected, absent in (
+        ("inprocess", "fedmkt fit --config ... --resume", "SuperNodes"),
+        ("flower", "--backend flower --resume", "--config ... --resume"),
+    ):
         config = run_config_from_text(TINY_TEXT)
         config.federation.backend, config.federation.min_clients = backend, 2
         trainer = FederatedTrainer(Failing("server"), [Failing("client_0"), Failing("client_1")], config, tmp_path)

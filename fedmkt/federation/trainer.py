@@ -222,8 +222,12 @@ class FederatedTrainer:
             )
         if failed and answered < self.config.federation.min_clients:
             reasons = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
-            if self.config.federation.backend == "flower":  # client adapters live on their nodes: no --resume
-                fix = "repair those clients (see their SuperNodes' logs), then start the run again with --overwrite"
+            if self.config.federation.backend == "flower":  # the clients are SuperNodes on other machines
+                fix = (
+                    "repair those clients (see their SuperNodes' logs; keep each node's output-dir), then "
+                    f"`fedmkt fit --config {self.run_dir / 'config.yaml'} --backend flower --resume {self.run_dir}` "
+                    "(or `fedmkt launch-local ... --resume`): the last round checkpoint is intact"
+                )
             else:
                 fix = f"repair those clients, then `fedmkt fit --config ... --resume {self.run_dir}` (the last round checkpoint is intact)"
             raise FedMKTError(
