@@ -218,7 +218,11 @@ def _fit(parser: ArgumentParser, namespace) -> None:
 
         # The ServerApp starts in the SuperLink's folder: run_dir must not depend on this one.
         namespace.run_dir = str(Path(resume if resume is not None else namespace.run_dir).expanduser().resolve())
-        submit(_run_config(parser, namespace), resolved_config=parser.dump(namespace), resume=resume is not None)
+        try:
+            submit(_run_config(parser, namespace), resolved_config=parser.dump(namespace), resume=resume is not None)
+        except RunInterrupted as interrupt:  # the run was stopped on the SuperLink too
+            interrupt.run_dir = namespace.run_dir
+            raise
         return
     config = _run_config(parser, namespace)
     fit(config, resolved_config=parser.dump(namespace), resume=resume, overwrite=overwrite)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -1093,6 +1094,43 @@ def test_launch_local_stops_everything_it_started_on_ctrl_c(tmp_path):
     assert process.returncode == 128 + signal.SIGINT, err
     assert "stopped by SIGINT before round 1 finished" in err
     assert _processes_naming(str(run_dir)) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_fit_stops_the_run_on_the_superlink_too(superlink, tmp_path):
+    process = subprocess.Popen(
+        [
+            "fedmkt",
+            "fit",
+            *["--config", "tiny", "--backend", "flower", "--flower.superlink", superlink["address"]],
+            *["--flower.insecure", "true", "--logging.wandb", "false", "--run_dir", str(tmp_path / "run")],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run_id = None
+    for line in process.stdout:
+        match = re.search(r"Successfully started run (\d+)", line)
+        if match:
+            run_id = int(match.group(1))
+            break
+    assert run_id is not None, process.communicate()
+    time.sleep(5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT and "stopped by SIGINT" in err, err
+
+    home = tmp_path / "flwr-home"
+    submit.write_flower_home(home, run_config_from_text(TINY_TEXT.replace("127.0.0.1:8000", superlink["address"])))
+    (home / "config.toml").write_text((home / "config.toml").read_text() + "insecure = true\n")
+    command = ["flwr", "ls", submit.CONNECTION, "--run-id", str(run_id), "--format", "json"]
+    deadline, status = time.monotonic() + 60, ""
+    while not status.startswith("finished") and time.monotonic() < deadline:
+        listing = subprocess.run(command, env=dict(os.environ, FLWR_HOME=str(home)), capture_output=True, text=True)
+        status = str((json.loads(listing.stdout or "{}").get("runs") or [{}])[0].get("status", ""))
+        time.sleep(1)
+    assert status == "finished:stopped", status
 
 
 @pytest.mark.slow

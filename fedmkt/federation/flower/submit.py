@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from fedmkt.config import RunConfig, validate
-from fedmkt.errors import FedMKTError
+from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import atomic_write_text, read_checkpoint
 from fedmkt.federation.distributed import party_processes
 from fedmkt.federation.trainer import check_resumable
@@ -137,10 +137,16 @@ def submit(config: RunConfig, resolved_config: str, stream: bool = True, resume:
         ]
         if stream:
             command.append("--stream")
-        run_id, output = _start(command, env, echo=stream)
-        if run_id is None:
-            raise FedMKTError(_start_failure(config, output))
-        status, details = _wait_until_finished(flwr, run_id, env)
+        started: dict[str, int] = {}
+        try:
+            run_id, output = _start(command, env, echo=stream, started=started)
+            if run_id is None:
+                raise FedMKTError(_start_failure(config, output))
+            status, details = _wait_until_finished(flwr, run_id, env)
+        except RunInterrupted:  # Ctrl-C here stops the run on the SuperLink too, not only this command
+            if "run_id" in started:
+                _stop_run(flwr, started["run_id"], env)
+            raise
 
     if status != "finished:completed":
         reason = " ".join(details.replace("ServerApp failed with exception:", "").split()) or "no details"
@@ -158,8 +164,11 @@ def submit(config: RunConfig, resolved_config: str, stream: bool = True, resume:
     return json.loads(summary_file.read_text())
 
 
-def _start(command: list[str], env: dict, echo: bool) -> tuple[Optional[int], str]:
-    """Run `flwr run`, echoing its output (the streamed ServerApp log); returns (run id, output)."""
+def _start(command: list[str], env: dict, echo: bool, started: dict[str, int]) -> tuple[Optional[int], str]:
+    """Run `flwr run`, echoing its output (the streamed ServerApp log); returns (run id, output).
+
+    The run id is also put into `started` as soon as it is known, for a caller that is interrupted.
+    """
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     run_id = None
@@ -168,7 +177,7 @@ def _start(command: list[str], env: dict, echo: bool) -> tuple[Optional[int], st
         for line in process.stdout:
             match = re.search(r"Successfully started run (\d+)", line)
             if match and run_id is None:
-                run_id = int(match.group(1))
+                run_id = started["run_id"] = int(match.group(1))
             if echo and run_id is not None:  # the run's log; Flower's own complaints become one FedMKTError line
                 print(line, end="", flush=True)
             else:
@@ -179,6 +188,14 @@ def _start(command: list[str], env: dict, echo: bool) -> tuple[Optional[int], st
             process.terminate()
             process.wait()
     return run_id, "".join(lines)
+
+
+def _stop_run(flwr: str, run_id: int, env: dict) -> None:
+    """Ask the SuperLink to stop run `run_id` (its ServerApp and ClientApps); best effort, 30 s at most."""
+    try:
+        subprocess.run([flwr, "stop", str(run_id), CONNECTION], env=env, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # the SuperLink is gone too; nothing is left to stop
 
 
 def _start_failure(config: RunConfig, output: str) -> str:
