@@ -1,4 +1,4 @@
-"""The `fedmkt` command: `fit`, `evaluate`, `map-vocab` and `align-text`, each mapped to a plain function.
+"""The `fedmkt` command: `fit`, `launch-local`, `evaluate`, `map-vocab` and `align-text`, each mapped to a plain function.
 
 `--config NAME` accepts a path, or the bare name of a shipped config (`demo`, `tiny.yaml`,
 `heterogeneous.yaml`, …) which resolves to the `lightning_configs/` folder (see `fedmkt.config`). Any key can be
@@ -40,6 +40,32 @@ def _fit_parser() -> ArgumentParser:
         type=Optional[Literal["inprocess", "flower"]],
         default=None,
         help="Shorthand for --federation.backend: inprocess, or flower (submit the run to the SuperLink in `flower.superlink`).",
+    )
+    return parser
+
+
+def _launch_local_parser() -> ArgumentParser:
+    parser = run_config_parser(
+        "Run FedMKT on a Flower federation on this machine: a SuperLink and one SuperNode per client on 127.0.0.1."
+    )
+    parser.add_argument(
+        "--gpus",
+        type=Optional[str],
+        default=None,
+        help="GPU indices, e.g. 0,1: the server runs on the first, the clients' SuperNodes on the following ones in turn "
+        "(CUDA_VISIBLE_DEVICES).",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Optional[str],
+        default=None,
+        help="Continue the interrupted run in this run_dir from its last round checkpoint; each client's node restores "
+        "its adapter from run_dir.",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the run already in run_dir (its config, summary, checkpoint, adapters and logs).",
     )
     return parser
 
@@ -105,18 +131,37 @@ def _fit(parser: ArgumentParser, namespace) -> None:
     if namespace["federation.backend"] == "flower":
         from fedmkt.federation.flower.submit import submit
 
-        if resume is not None:
-            raise FedMKTError(
-                "--resume is not supported on the flower backend (each client's adapter lives on its SuperNode, not in the "
-                "run_dir checkpoint). Fix: start the run afresh, or rerun it with --backend inprocess to use --resume."
+        # The ServerApp starts in the SuperLink's folder: run_dir must not depend on this one.
+        namespace.run_dir = str(Path(resume if resume is not None else namespace.run_dir).expanduser().resolve())
+        try:
+            submit(
+                run_config_from_namespace(parser, namespace),
+                resolved_config=parser.dump(namespace),
+                resume=resume is not None,
             )
-        namespace.run_dir = str(
-            Path(namespace.run_dir).expanduser().resolve()
-        )  # the ServerApp starts in the SuperLink's folder
-        submit(run_config_from_namespace(parser, namespace), resolved_config=parser.dump(namespace))
+        except RunInterrupted as interrupt:  # the run was stopped on the SuperLink too
+            interrupt.run_dir = namespace.run_dir
+            raise
         return
     config = run_config_from_namespace(parser, namespace)
     fit(config, resolved_config=parser.dump(namespace), resume=resume, overwrite=overwrite)
+
+
+def _launch_local(parser: ArgumentParser, namespace) -> None:
+    from fedmkt.federation.flower.local import launch_local
+
+    resume, gpus, overwrite = namespace.pop("resume"), namespace.pop("gpus"), namespace.pop("overwrite")
+    if resume is not None and overwrite:
+        raise FedMKTError("--resume and --overwrite contradict each other. Fix: give one of them.")
+    namespace["federation.backend"] = "flower"
+    namespace.run_dir = str(Path(resume if resume is not None else namespace.run_dir).expanduser().resolve())
+    launch_local(
+        run_config_from_namespace(parser, namespace),
+        parser.dump(namespace),
+        gpus=gpus,
+        overwrite=overwrite,
+        resume=resume is not None,
+    )
 
 
 def _evaluate(parser: ArgumentParser, namespace) -> None:
@@ -174,6 +219,11 @@ def _align_text(parser: ArgumentParser, namespace) -> None:
 
 SUBCOMMANDS = {
     "fit": (_fit_parser, _fit, "Run FedMKT rounds end to end."),
+    "launch-local": (
+        _launch_local_parser,
+        _launch_local,
+        "Run FedMKT on a Flower SuperLink and one SuperNode per client started on this machine.",
+    ),
     "evaluate": (_evaluate_parser, _evaluate, "Score a party on the held-out evaluation split."),
     "map-vocab": (_map_vocab_parser, _map_vocab, "Precompute a MinED vocabulary map."),
     "align-text": (
@@ -205,7 +255,7 @@ def _dispatch(argv: list[str]) -> None:
     parser, sub_parsers = build_parser()
     argv = resolve_config_arguments(argv)
     if any(arg.startswith("--print_config") for arg in argv) and any(
-        command in argv for command in ("fit", "evaluate")
+        command in argv for command in ("fit", "launch-local", "evaluate")
     ):
         _validate_before_printing(parser, sub_parsers, argv)
     namespace = parser.parse_args(argv)
@@ -250,7 +300,7 @@ def _interrupted_line(interrupt: RunInterrupted) -> str:
     if (run_dir / "checkpoint" / "checkpoint.json").is_file():
         return (
             f"fedmkt: stopped by {name}; the last round checkpoint in {run_dir} is intact. "
-            f"Fix: continue with `fedmkt fit --config {run_dir / 'config.yaml'} --resume {run_dir}`."
+            f"Fix: continue with `fedmkt {interrupt.command} --config {run_dir / 'config.yaml'} --resume {run_dir}`."
         )
     return f"fedmkt: stopped by {name} before round 1 finished, so there is no checkpoint to --resume {run_dir} from. Fix: start it again with --overwrite."
 

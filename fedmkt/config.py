@@ -244,7 +244,9 @@ class FederationConfig:
     error and the last round checkpoint stays valid."""
 
     client_timeout_s: Optional[float] = None
-    """A client phase running longer than this many seconds counts as failed for the round."""
+    """A client phase running longer than this many seconds counts as failed for the round. null:
+    no limit in-process; on the flower backend null means 3600 s (a node that stops answering is
+    left out of the round after that, plus 300 s for its ClientApp to start)."""
 
     rank_timeout_s: float = 1800.0
     """Multi-device parties (ddp/fsdp): how long a rank waits for its peers inside a phase (the

@@ -14,13 +14,15 @@ class RunInterrupted(BaseException):
     """SIGTERM or SIGINT arrived; raised from the signal handler so the run stops where it is.
 
     A `BaseException`, so neither a client's failure handling nor Lightning's error handling takes
-    it for an ordinary error. `run_dir` is set once the run it interrupted is known.
+    it for an ordinary error. `run_dir` is set once the run it interrupted is known, and `command`
+    is the `fedmkt` subcommand that continues it.
     """
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
         self.run_dir: str | None = None
+        self.command = "fit"
 
 
 def describe(error: BaseException) -> str:

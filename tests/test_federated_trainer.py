@@ -161,8 +161,8 @@ def test_run_round_follows_the_protocol_and_records_every_party(federation):
     record = trainer.run_round(1)
     assert federation.calls == [
         ("client_0", "fine_tune", 1),
-        ("client_0", "share", 1),
         ("client_1", "fine_tune", 1),
+        ("client_0", "share", 1),
         ("client_1", "share", 1),
         ("server", "distill", 1, ("client_0", "client_1")),
         ("server", "share", 1),
@@ -192,6 +192,16 @@ def test_run_round_follows_the_protocol_and_records_every_party(federation):
         assert (federation.run_dir / "adapters" / "round_1" / name / "adapter_model.safetensors").is_file()
     on_disk = strict_json((federation.run_dir / "summary.json").read_text())
     assert on_disk["rounds"] == [record]
+
+    # Each party's timeline: the phases it ran this round, in order, each a span of wall-clock time.
+    phases = {name: [span["phase"] for span in entry["timeline"]] for name, entry in parties.items()}
+    assert phases["server"] == ["distill", "share_knowledge", "evaluate", "save_adapter"]
+    for client in clients:
+        assert phases[client.name] == ["fine_tune", "share_knowledge", "distill", "evaluate", "save_adapter"]
+    for entry in parties.values():
+        spans = entry["timeline"]
+        assert all(span["start"] <= span["end"] for span in spans)
+        assert all(a["end"] <= b["start"] for a, b in zip(spans, spans[1:]))  # in-process: one phase at a time
 
 
 def test_traffic_is_counted_per_round(federation):

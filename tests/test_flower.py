@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,19 +35,20 @@ from fedmkt.cli import main  # noqa: E402
 from fedmkt.config import parse_run_config, run_config_from_text, shipped_configs  # noqa: E402
 from fedmkt.errors import FedMKTError  # noqa: E402
 from fedmkt.federation.flower import client_app, submit  # noqa: E402
+from fedmkt.federation.flower.local import bind_flower_commands  # noqa: E402
 from fedmkt.federation.flower.messages import (  # noqa: E402
     PHASE_MESSAGE_TYPES,
     Reply,
     Request,
     array_bytes,
     bytes_array,
-    client_of_node,
     decode_reply,
     decode_request,
     encode_reply,
     encode_request,
 )
-from fedmkt.federation.flower.proxy import RemoteParticipant, RemoteParticipantError  # noqa: E402
+from fedmkt.federation.flower.node import node_settings  # noqa: E402
+from fedmkt.federation.flower.proxy import RemoteParticipant, RemoteParticipantError, run_together  # noqa: E402
 from fedmkt.federation.flower.server_app import find_client_nodes  # noqa: E402
 from fedmkt.federation.protocol import PhaseStats  # noqa: E402
 from fedmkt.payload import KnowledgePayload  # noqa: E402
@@ -81,13 +83,16 @@ class FakeGrid:
             for node_id in nodes
         }
         self.sent: list[Message] = []
+        self.batches: list[list[str]] = []  # the message types of each send_and_receive call
 
     def get_node_ids(self):
         return list(self.nodes)
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
+        self.batches.append([m.metadata.message_type for m in messages])
         for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # as Grid.push_messages does
             self.sent.append(message)
             try:
                 reply = self.nodes[message.metadata.dst_node_id](message, self.contexts[message.metadata.dst_node_id])
@@ -165,13 +170,13 @@ def test_every_phase_routes_to_a_registered_client_app_handler():
 
 
 def test_partition_id_names_the_client():
-    assert client_of_node({"partition-id": 1}) == "client_1"
-    assert client_of_node({"partition-id": "0"}, num_clients=2) == "client_0"
-    for bad in ({}, {"partition-id": "x"}, {"partition-id": -1}):
+    assert node_settings({"partition-id": 1}).client == "client_1"
+    assert node_settings({"partition-id": "0"}, num_clients=2).client == "client_0"
+    for bad in ({}, {"partition-id": "x"}, {"partition-id": -1}, {"partition-id": 0, "data-path": "x.jsonl"}):
         with pytest.raises(FedMKTError, match="Fix:"):
-            client_of_node(bad)
+            node_settings(bad)
     with pytest.raises(FedMKTError, match="partition-id 2"):
-        client_of_node({"partition-id": 2}, num_clients=2)
+        node_settings({"partition-id": 2}, num_clients=2)
 
 
 # ---- the proxy, against an in-memory grid ----------------------------------------------------
@@ -243,7 +248,7 @@ def test_proxy_turns_node_errors_and_silence_into_client_failures(task_identity,
         _proxy(FakeGrid({7: lambda message, context: None}), tmp_path, timeout_s=0.1).evaluate()
 
 
-def test_proxy_moves_adapters_only_when_asked_and_refuses_resume(task_identity, tmp_path):
+def test_proxy_moves_adapters_only_when_asked_and_restores_only_checkpointed_ones(task_identity, tmp_path):
     state = {"a.lora_A.weight": torch.randn(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
     received = {}
 
@@ -260,8 +265,8 @@ def test_proxy_moves_adapters_only_when_asked_and_refuses_resume(task_identity, 
     assert all(torch.equal(proxy.adapter_state()[k], v) for k, v in state.items())
     proxy.load_adapter_state(state)
     assert all(torch.equal(received[k], v) for k, v in state.items())
-    with pytest.raises(FedMKTError, match="not supported on the flower backend.*Fix:"):
-        proxy.load_adapter(tmp_path)
+    with pytest.raises(FedMKTError, match="no round checkpoint|Fix:"):  # run_dir has no checkpoint to resume
+        proxy.load_adapter(tmp_path / "run" / "adapters" / "round_1" / "client_0")
 
 
 # ---- the ClientApp's node state -------------------------------------------------------------
@@ -398,6 +403,389 @@ def test_a_client_phase_through_messages_matches_the_in_process_participant(task
     assert client_app.STATE_KEY in grid.contexts[3].state.array_records  # losses + adapter kept on the node
 
 
+# ---- all clients at once ---------------------------------------------------------------------
+
+
+def test_a_stage_goes_to_every_client_in_one_batch_and_failures_stay_per_client(task_identity, tmp_path):
+    def node(message, context):
+        request = decode_request(message.content)
+        if request.client == "client_1":
+            raise RuntimeError("CUDA out of memory")
+        return Message(
+            encode_reply(Reply(stats={"task_loss": 0.5}, info={"start": 10.0, "end": 12.5})), reply_to=message
+        )
+
+    def unavailable(message, context):  # what the SuperLink answers for a node that stopped heartbeating
+        reply = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=message)
+        reply.metadata.__dict__["_src_node_id"] = 0  # from the SuperLink itself, not from node 10
+        return reply
+
+    grid = FakeGrid({7: node, 8: node, 9: lambda message, context: None, 10: unavailable})
+    clients = [
+        RemoteParticipant(f"client_{i}", 7 + i, grid, TINY_TEXT, tmp_path, num_public=3, timeout_s=0.1)
+        for i in range(4)
+    ]
+    outcomes = run_together("fine_tune", [(client, (2,)) for client in clients])
+    assert grid.batches == [["train.fine_tune"] * 4]  # one send_and_receive carrying every client's message
+    assert [decode_request(m.content).round for m in grid.sent] == [2, 2, 2, 2]
+    assert outcomes["client_0"].value == PhaseStats(task_loss=0.5) and outcomes["client_0"].error is None
+    assert outcomes["client_0"].span("fine_tune") == {
+        "phase": "fine_tune",
+        "start": 10.0,
+        "end": 12.5,
+    }  # the node's clock
+    assert isinstance(outcomes["client_1"].error, RemoteParticipantError) and "out of memory" in str(
+        outcomes["client_1"].error
+    )
+    assert "no reply to fine_tune" in str(outcomes["client_2"].error)
+    assert "fine_tune failed on SuperNode 10 (error 5): Error: Node Unavailable" in str(outcomes["client_3"].error)
+    assert all(m.metadata.ttl == pytest.approx(0.1 + 60.0) for m in grid.sent)  # the SuperLink drops them after that
+
+
+def test_a_round_over_flower_messages_matches_in_process_with_two_messages_per_client(task_identity, tmp_path):
+    """The trainer over RemoteParticipants and the real ClientApp (FakeGrid) gives the in-process
+    round; fine-tune + share and distil + evaluate + save each travel as one message."""
+    from fedmkt.federation.flower.proxy import FlowerStages
+    from fedmkt.federation.trainer import FederatedTrainer
+    from fedmkt.run import build_participant, build_participants
+
+    text = (
+        TINY_TEXT.replace("pool_size: 24", "pool_size: 6")
+        .replace("eval_size: 12", "eval_size: 4")
+        .replace("max_length: 96", "max_length: 48")
+        .replace("rounds: 2", "rounds: 1")
+        .replace("evaluate_before: true", "evaluate_before: false")
+    )
+    config = run_config_from_text(text)
+    server, clients = build_participants(config)
+    expected = FederatedTrainer(server, clients, config, tmp_path / "inprocess").fit()
+
+    config = run_config_from_text(text)
+    grid = FakeGrid(
+        {3: client_app.handle, 4: client_app.handle},
+        {
+            3: {"partition-id": 0, "output-dir": str(tmp_path / "node_0")},
+            4: {"partition-id": 1, "output-dir": str(tmp_path / "node_1")},
+        },
+    )
+    server = build_participant(config, "server")
+    run_dir = tmp_path / "flower"
+    remote = [
+        RemoteParticipant(f"client_{i}", 3 + i, grid, text, run_dir, num_public=len(server.data.public), timeout_s=600)
+        for i in range(2)
+    ]
+    got = FederatedTrainer(server, remote, config, run_dir, run_clients=FlowerStages(config, run_dir)).fit()
+
+    assert grid.batches == [["train.fine_tune"] * 2, ["train.distill"] * 2]  # two batches, one message per client each
+    assert [decode_request(m.content).then for m in grid.sent] == [["share_knowledge"]] * 2 + [
+        ["evaluate", "save_adapter"]
+    ] * 2
+    ours, theirs = got["rounds"][0]["parties"], expected["rounds"][0]["parties"]
+    for party, entry in theirs.items():
+        assert [s["phase"] for s in ours[party]["timeline"]] == [s["phase"] for s in entry["timeline"]], party
+        for key in (
+            "task_loss",
+            "kd_loss",
+            "selected",
+            "teacher_counts",
+            "bytes_sent",
+            "bytes_received",
+            "eval_accuracy",
+        ):
+            assert ours[party][key] == pytest.approx(entry[key], abs=1e-5), (party, key)
+    for index in range(2):  # each node wrote its adapter into its own folder, as in-process
+        node = load_file(
+            tmp_path / f"node_{index}" / "adapters" / "round_1" / f"client_{index}" / "adapter_model.safetensors"
+        )
+        local = load_file(
+            tmp_path / "inprocess" / "adapters" / "round_1" / f"client_{index}" / "adapter_model.safetensors"
+        )
+        assert node.keys() == local.keys() and all(torch.allclose(node[k], local[k], atol=1e-6) for k in local)
+
+
+# ---- state that survives restarts ----------------------------------------------------------------
+
+SMALL_TEXT = (
+    TINY_TEXT.replace("pool_size: 24", "pool_size: 6")
+    .replace("eval_size: 12", "eval_size: 4")
+    .replace("max_length: 96", "max_length: 48")
+    .replace("evaluate_before: true", "evaluate_before: false")
+)
+
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL of the ServerApp: not an Exception, so nothing may swallow it."""
+
+
+@pytest.fixture(scope="module")
+def small_in_process(tmp_path_factory):
+    """The uninterrupted 2-round in-process run every restart must end at."""
+    from fedmkt.federation.trainer import FederatedTrainer
+    from fedmkt.run import build_participants
+
+    config = run_config_from_text(SMALL_TEXT)
+    server, clients = build_participants(config)
+    return FederatedTrainer(server, clients, config, tmp_path_factory.mktemp("small")).fit()
+
+
+def _small_flower(tmp_path: Path) -> str:
+    return SMALL_TEXT.replace("run_dir: runs/tiny", f"run_dir: {tmp_path / 'server'}")
+
+
+def _node_grid(tmp_path: Path, node_ids=(3, 4)) -> FakeGrid:
+    configs = {nid: {"partition-id": i, "output-dir": str(tmp_path / f"node_{i}")} for i, nid in enumerate(node_ids)}
+    return FakeGrid({nid: client_app.handle for nid in node_ids}, configs)
+
+
+def _same_rounds(got: dict, expected: dict) -> None:
+    assert len(got["rounds"]) == len(expected["rounds"]) == 2
+    for ours, theirs in zip(got["rounds"], expected["rounds"]):
+        assert ours["failed"] == theirs["failed"] == {}
+        for party, entry in theirs["parties"].items():
+            assert (ours["parties"][party]["selected"], ours["parties"][party]["teacher_counts"]) == (
+                entry["selected"],
+                entry["teacher_counts"],
+            ), party
+            for key in ("task_loss", "distill_task_loss", "kd_loss", "eval_accuracy"):
+                if key in entry:
+                    assert ours["parties"][party][key] == pytest.approx(entry[key], abs=1e-4), (
+                        ours["round"],
+                        party,
+                        key,
+                    )
+
+
+def test_the_server_app_killed_after_round_1_resumes_to_the_uninterrupted_run(
+    task_identity, tmp_path, monkeypatch, small_in_process
+):
+    """The ServerApp dies in round 2; SuperLink and SuperNodes restart too (new node ids, empty node
+    state). `serve(resume=True)` continues from the checkpoint, each node from its own folder."""
+    from fedmkt.federation.flower.server_app import serve
+    from fedmkt.federation.participant import Participant
+
+    text = _small_flower(tmp_path)
+    original = Participant.distill
+
+    def distill_then_die(self, round_index, payloads):
+        if round_index == 2 and self.name == "server":
+            raise Killed()
+        return original(self, round_index, payloads)
+
+    monkeypatch.setattr(Participant, "distill", distill_then_die)
+    with pytest.raises(Killed):
+        serve(_node_grid(tmp_path), text)
+    checkpoint = json.loads((tmp_path / "server" / "checkpoint" / "checkpoint.json").read_text())
+    assert checkpoint["round"] == 1 and set(checkpoint["adapter_sha256"]) == {"client_0", "client_1"}
+    monkeypatch.setattr(Participant, "distill", original)
+
+    grid = _node_grid(tmp_path, node_ids=(13, 14))
+    _same_rounds(serve(grid, text, resume=True), small_in_process)
+    restores = [decode_request(m.content) for m in grid.sent if m.metadata.message_type == "train.load_adapter"]
+    assert sorted((r.client, r.path) for r in restores) == [
+        ("client_0", "adapters/round_1/client_0"),
+        ("client_1", "adapters/round_1/client_1"),
+    ]
+    assert all(r.sha256 == checkpoint["adapter_sha256"][r.client] for r in restores)
+
+
+def test_a_supernode_restarted_between_rounds_rejoins_from_its_own_folder(
+    task_identity, tmp_path, monkeypatch, small_in_process
+):
+    """client_0's SuperNode restarts after round 1 with the same partition-id and a new node id; the
+    ServerApp finds it again and it continues from its round-1 adapter, not from its initial one."""
+    from fedmkt.federation.flower.server_app import serve
+    from fedmkt.federation.trainer import FederatedTrainer
+
+    grid = _node_grid(tmp_path)
+    original = FederatedTrainer.run_round
+
+    def restart_before_round_2(self, round_index):
+        if round_index == 2:
+            grid.nodes[23] = grid.nodes.pop(3)
+            grid.contexts.pop(3)
+            grid.contexts[23] = Context(
+                run_id=1,
+                node_id=23,
+                node_config={"partition-id": 0, "output-dir": str(tmp_path / "node_0")},
+                state=RecordDict(),
+                run_config={},
+            )
+        return original(self, round_index)
+
+    monkeypatch.setattr(FederatedTrainer, "run_round", restart_before_round_2)
+    _same_rounds(serve(grid, _small_flower(tmp_path)), small_in_process)
+    round_2 = [m for m in grid.sent if m.metadata.dst_node_id == 23]
+    assert [m.metadata.message_type for m in round_2[:2]] == ["query.hello", "train.load_adapter"]
+    assert decode_request(round_2[1].content).path == "adapters/round_1/client_0"
+
+
+def test_a_node_that_lost_its_state_refuses_to_start_over(task_identity):
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    request = Request(phase="distill", client="client_0", config_text=TINY_TEXT, round=2, fresh=False)
+    message = Message(encode_request(request), dst_node_id=7, message_type="train.distill")
+    with pytest.raises(FedMKTError, match="holds no adapter of client_0.*Fix:"):
+        client_app.handle(message, context)
+
+
+def test_the_flower_backend_waits_a_finite_time_for_a_client_by_default():
+    from fedmkt.federation.flower.server_app import client_wait_s
+
+    config = run_config_from_text(TINY_TEXT)
+    assert config.federation.client_timeout_s is None
+    assert client_wait_s(config) == 3600.0 + 300.0
+    config.federation.client_timeout_s = 60.0
+    assert client_wait_s(config) == 60.0 + 300.0
+
+
+def test_the_quorum_error_names_the_fix_of_each_backend(tmp_path):
+    from fedmkt.federation.trainer import FederatedTrainer
+
+    class Failing:
+        def __init__(self, name):
+            self.name = name
+            self.num_public = 3
+
+        def fine_tune(self, round_index):
+            raise RuntimeError(f"{self.name} is down in round {round_index}")
+
+        def evaluate(self):
+            return {}
+
+    for backend, expected, absent in (
+        ("inprocess", "fedmkt fit --config ... --resume", "SuperNodes"),
+        ("flower", "--backend flower --resume", "--config ... --resume"),
+    ):
+        config = run_config_from_text(TINY_TEXT)
+        config.federation.backend, config.federation.min_clients = backend, 2
+        trainer = FederatedTrainer(Failing("server"), [Failing("client_0"), Failing("client_1")], config, tmp_path)
+        with pytest.raises(FedMKTError, match="only 0 of 2 clients answered") as error:
+            trainer.run_round(2)
+        fix = str(error.value).split("Fix:", 1)[1]
+        assert expected in fix and absent not in fix, fix
+
+
+# ---- a node writes only inside its own folder --------------------------------------------------
+
+
+def _save_request(path: str) -> Message:
+    request = Request(phase="save_adapter", client="client_0", config_text=TINY_TEXT, path=path)
+    return Message(encode_request(request), dst_node_id=7, message_type="query.save_adapter")
+
+
+def test_a_node_refuses_paths_that_leave_its_output_folder_and_deletes_nothing(task_identity, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    node_dir = tmp_path / "node"
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "output-dir": str(node_dir)},
+        state=RecordDict(),
+        run_config={},
+    )
+    client_app._store_state(_FakeParticipant(), context)
+    for bad in (str(outside), "../outside", "adapters/../../outside", ""):
+        with pytest.raises(FedMKTError, match="refused to write.*own output folder"):
+            client_app.handle(_save_request(bad), context)
+    (node_dir / "adapters").mkdir(parents=True)
+    (node_dir / "adapters" / "escape").symlink_to(outside)
+    with pytest.raises(FedMKTError, match="outside this node's output folder"):
+        client_app.handle(_save_request("adapters/escape"), context)
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+
+    target = node_dir / "adapters" / "round_1" / "client_0"
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text("the node's own file")
+    assert not client_app.handle(_save_request("adapters/round_1/client_0"), context).has_error()
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    assert (target / "notes.txt").read_text() == "the node's own file"  # nothing there was deleted
+
+
+# ---- node-owned data and settings --------------------------------------------------------------
+
+OWN_DATA_TEXT = shipped_configs()["own_data.yaml"].read_text()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_each_node_reads_only_its_own_private_file(task_identity, tmp_path, monkeypatch):
+    """Node 0 gets its file as a node-config key, node 1 through a node-local settings file; the
+    shared config names neither, and each node reads the shared sets and its own file only."""
+    from fedmkt.data import parts
+    from fedmkt.federation.flower.local import split_config
+
+    monkeypatch.chdir(REPO)  # own_data.yaml's shared sets are relative to the repository
+    text = OWN_DATA_TEXT.replace("rounds: 2", "rounds: 1")
+    shared, nodes = split_config(text, tmp_path / "run")
+    assert "client_0.jsonl" not in shared and "client_1.jsonl" not in shared
+    assert nodes[0]["data"]["path"] == str(REPO / "tests/data/own_data/client_0.jsonl")
+    assert nodes[1]["data"]["columns"] == {"id": "qid", "prompt": "question", "choices": "options", "answer": "label"}
+    settings_file = tmp_path / "node_1.yaml"
+    settings_file.write_text(yaml.safe_dump({"data": nodes[1]["data"], "output_dir": str(tmp_path / "out_1")}))
+    node_configs = {
+        10: {"partition-id": 0, "data": nodes[0]["data"]["path"], "output-dir": str(tmp_path / "out_0")},
+        11: {"partition-id": 1, "settings": str(settings_file)},
+    }
+    read: dict[int, list[str]] = {}
+    original = parts.load_source
+    current = []
+
+    def recording(source, key, expected=None):
+        read.setdefault(current[-1], []).append(f"{key}={Path(source.path).name}")
+        return original(source, key, expected)
+
+    monkeypatch.setattr(parts, "load_source", recording)
+    grid = FakeGrid({10: client_app.handle, 11: client_app.handle}, node_configs)
+    config = run_config_from_text(shared)
+    for index, node_id in enumerate((10, 11)):
+        current.append(node_id)
+        proxy = RemoteParticipant(f"client_{index}", node_id, grid, shared, tmp_path, num_public=8)
+        stats = proxy.fine_tune(1)
+        assert stats.task_loss == stats.task_loss  # trained on a non-empty private set (not NaN)
+    assert config.clients[0].data is None and config.clients[1].data is None
+    assert sorted(read[10]) == ["clients[0].data=client_0.jsonl", "data.eval=eval.jsonl", "data.public=public.jsonl"]
+    assert sorted(read[11]) == ["clients[1].data=client_1.jsonl", "data.eval=eval.jsonl", "data.public=public.jsonl"]
+
+
+def test_a_node_with_another_tokenizer_is_refused_before_round_1(task_identity):
+    from fedmkt.alignment.vocab_map import tokenizer_fingerprint
+    from fedmkt.models import load_tokenizer
+
+    config = run_config_from_text(TINY_TEXT)
+    config.flower.wait_for_nodes_s = 5
+    expected = tokenizer_fingerprint(load_tokenizer(config.clients[0].model, config.cache_dir))
+    fingerprints = {"client_0": expected, "client_1": expected}
+    grid = FakeGrid(
+        {11: client_app.handle, 12: client_app.handle},
+        {11: {"partition-id": 0}, 12: {"partition-id": 1, "model": "embedded:gemma3-270m"}},  # the server's model
+    )
+    with pytest.raises(FedMKTError) as error:
+        find_client_nodes(grid, config, TINY_TEXT, fingerprints)
+    line = str(error.value)
+    assert "\n" not in line and "client_1: this node's model embedded:gemma3-270m has a tokenizer" in line
+    assert line.count("Fix:") == 1 and "--node-config model=" in line
+    right = FakeGrid({11: client_app.handle, 12: client_app.handle}, {11: {"partition-id": 0}, 12: {"partition-id": 1}})
+    assert find_client_nodes(right, config, TINY_TEXT, fingerprints) == {"client_0": 11, "client_1": 12}
+
+
+def test_launch_local_pins_the_server_and_clients_to_gpus_in_turn(tmp_path, capsys):
+    from fedmkt.federation.flower.local import gpu_assignment
+
+    assert gpu_assignment(None, 2) == (None, [None, None])
+    assert gpu_assignment("0,1", 3) == ("0", ["1", "0", "1"])
+    assert gpu_assignment("2, 3, 5", 2) == ("2", ["3", "5"])
+    code = main(["launch-local", "--config", "tiny", "--gpus", "first", "--run_dir", str(tmp_path / "run")])
+    assert code == 2 and "--gpus 'first'" in _error_line(capsys)
+    assert not (tmp_path / "run").exists()  # refused before anything was started or written
+
+
+def test_private_client_data_in_the_shared_config_is_refused_on_flower(tmp_path, capsys):
+    code = main(["fit", "--config", "own_data", "--backend", "flower", "--run_dir", str(tmp_path / "run")])
+    assert code == 2
+    line = _error_line(capsys)
+    assert "clients[0].data, clients[1].data set in the run config" in line and "launch-local" in line
+
+
 # ---- one-line errors ------------------------------------------------------------------------
 
 
@@ -430,12 +818,12 @@ def test_unreachable_superlink_is_one_line(tmp_path, capsys):
     assert f"127.0.0.1:{port}" in _error_line(capsys)
 
 
-def test_missing_flwr_and_resume_are_one_line(tmp_path, capsys, monkeypatch):
+def test_missing_flwr_and_a_resume_without_checkpoint_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(submit.shutil, "which", lambda *args, **kwargs: None)
     assert main(["fit", "--config", "tiny", "--backend", "flower", "--run_dir", str(tmp_path / "run")]) == 2
     assert "pip install" in _error_line(capsys)
     assert main(["fit", "--config", "tiny", "--backend", "flower", "--resume", str(tmp_path)]) == 2
-    assert "not supported on the flower backend" in _error_line(capsys)
+    assert "start afresh without --resume" in _error_line(capsys)
 
 
 def test_multi_process_parties_are_refused_on_the_flower_backend(tmp_path, capsys):
@@ -515,9 +903,11 @@ def superlink(tmp_path_factory):
     base = tmp_path_factory.mktemp("flower")
     link_port, *node_ports = _free_ports(3)
     processes: list[subprocess.Popen] = []
+    commands = bind_flower_commands(base / "bin")  # the apps they spawn import this fedmkt, not another install's
 
     def start(name: str, command: list[str]) -> subprocess.Popen:
         env = dict(os.environ, FLWR_HOME=str(base / name), FLWR_TELEMETRY_ENABLED="0")
+        env["PATH"] = f"{commands}{os.pathsep}{env['PATH']}"
         log = open(base / f"{name}.log", "w")
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         processes.append(process)
@@ -548,7 +938,7 @@ def superlink(tmp_path_factory):
                     "--port",
                     str(port),
                     "--node-config",
-                    f"partition-id={index}",
+                    f'partition-id={index} output-dir="{base / f"node_{index}"}"',
                 ],
             )
         yield {"address": f"127.0.0.1:{link_port}", "logs": base}
@@ -566,35 +956,52 @@ def superlink(tmp_path_factory):
                 process.wait()
 
 
-# tiny.yaml as shipped (2 rounds). Flower starts a fresh ClientApp process per message (~15 s of
-# imports each), which makes this the suite's slowest test. The rounds cross every state
-# hand-over: fine-tune → share (restored adapter), share → distill (restored public losses),
-# distill → evaluate / save_adapter (restored distilled adapter), round 1 → round 2 fine-tune.
-SETTINGS = ["--config", "tiny", "--logging.wandb", "false"]
+# own_data.yaml as shipped (2 rounds, one private file per client), through `fedmkt launch-local`.
+# Flower starts a fresh ClientApp process per message (~15 s of imports each), which makes this the
+# suite's slowest test. The rounds cross every state hand-over: fine-tune → share (restored
+# adapter), share → distill (restored public losses), distill → evaluate / save_adapter (restored
+# distilled adapter), round 1 → round 2 fine-tune.
+SETTINGS = ["--config", "own_data", "--logging.wandb", "false"]
 ROUNDS = 2
 
 
+def _processes_naming(text: str) -> list[str]:
+    """Command lines of running processes whose command line or environment contains `text`: what
+    launch-local starts names its run_dir in FLWR_HOME, and their children inherit it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                environment = (entry / "environ").read_bytes().decode(errors="replace")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z" and (text in command or text in environment):
+                found.append(command)
+    return found
+
+
 @pytest.mark.slow
-def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
+def test_launch_local_reproduces_the_in_process_run(tmp_path, monkeypatch):
+    if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None:
+        pytest.skip("Flower's flower-superlink/flower-supernode commands are not installed")
+    monkeypatch.chdir(REPO)  # own_data.yaml's files are relative to the repository
     flower_dir, inprocess_dir = tmp_path / "flower", tmp_path / "inprocess"
     started = time.monotonic()
-    code = main(
-        [
-            "fit",
-            *SETTINGS,
-            "--backend",
-            "flower",
-            "--flower.superlink",
-            superlink["address"],
-            "--flower.insecure",
-            "true",
-            "--run_dir",
-            str(flower_dir),
-        ]
-    )
-    assert code == 0, [p.name + ":\n" + p.read_text()[-3000:] for p in sorted(superlink["logs"].glob("*.log"))]
+    code = main(["launch-local", *SETTINGS, "--run_dir", str(flower_dir)])
+    logs = [p.name + ":\n" + p.read_text()[-3000:] for p in sorted((flower_dir / "nodes").glob("*.log"))]
+    assert code == 0, logs
     flower_seconds = time.monotonic() - started
+    assert _processes_naming(str(flower_dir)) == []  # the SuperLink, SuperNodes and their apps are gone
     assert main(["fit", *SETTINGS, "--run_dir", str(inprocess_dir)]) == 0
+
+    # The shared config names no client's private file; each node got its own.
+    shared = (flower_dir / "config.yaml").read_text()
+    assert "client_0.jsonl" not in shared and "client_1.jsonl" not in shared
+    for index in (0, 1):
+        node = yaml.safe_load((flower_dir / "nodes" / f"client_{index}" / "node.yaml").read_text())
+        assert Path(node["data"]["path"]).name == f"client_{index}.jsonl"
 
     flower = json.loads((flower_dir / "summary.json").read_text())
     inprocess = json.loads((inprocess_dir / "summary.json").read_text())
@@ -616,9 +1023,15 @@ def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
             for key in ("task_loss", "distill_task_loss", "kd_loss", "eval_accuracy", "eval_accuracy_norm"):
                 if key in expected:
                     assert got[key] == pytest.approx(expected[key], abs=1e-4), (party, key)
+            assert [s["phase"] for s in got["timeline"]] == [s["phase"] for s in expected["timeline"]], party
         assert ours["parties"]["server"]["selected"] > 0  # the server really distilled from the clients
+        # All clients at once: the two SuperNodes fine-tuned at the same time, each span its node's own.
+        (a,), (b,) = (
+            [s for s in ours["parties"][c]["timeline"] if s["phase"] == "fine_tune"] for c in ("client_0", "client_1")
+        )
+        assert a["start"] < b["end"] and b["start"] < a["end"], (a, b)
 
-    # Client adapters are written by their SuperNodes (here on the same machine, into run_dir).
+    # Client adapters are written by their SuperNodes, into run_dir as launch-local tells them.
     for round_index in range(1, ROUNDS + 1):
         for party in ("server", "client_0", "client_1"):
             ours = load_file(flower_dir / "adapters" / f"round_{round_index}" / party / "adapter_model.safetensors")
@@ -627,7 +1040,101 @@ def test_flower_backend_reproduces_the_in_process_run(superlink, tmp_path):
             )
             assert ours.keys() == theirs.keys()
             assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs), (round_index, party)
-    print(f"flower backend: {flower_seconds:.0f} s for {ROUNDS} tiny rounds")
+    print(f"launch-local: {flower_seconds:.0f} s for {ROUNDS} own_data rounds")
+
+
+@pytest.mark.slow
+def test_launch_local_killed_after_round_1_resumes_to_the_in_process_run(tmp_path, monkeypatch):
+    """Everything stops after round 1 (SIGTERM to launch-local); `launch-local --resume` on the saved
+    shared config starts a new SuperLink and SuperNodes, whose nodes restore their adapters."""
+    if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None:
+        pytest.skip("Flower's flower-superlink/flower-supernode commands are not installed")
+    monkeypatch.chdir(REPO)
+    run_dir, inprocess_dir = tmp_path / "flower", tmp_path / "inprocess"
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(
+            ["fedmkt", "launch-local", *SETTINGS, "--run_dir", str(run_dir)], stdout=log, stderr=subprocess.STDOUT
+        )
+        checkpoint = run_dir / "checkpoint" / "checkpoint.json"
+        deadline = time.monotonic() + 900
+        while not checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert checkpoint.is_file(), (tmp_path / "first.log").read_text()[-3000:]
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, (tmp_path / "first.log").read_text()[-3000:]
+    assert (
+        f"fedmkt launch-local --config {run_dir / 'config.yaml'} --resume {run_dir}"
+        in (tmp_path / "first.log").read_text()
+    )
+    assert json.loads(checkpoint.read_text())["round"] == 1 and _processes_naming(str(run_dir)) == []
+
+    assert main(["launch-local", "--config", str(run_dir / "config.yaml"), "--resume", str(run_dir)]) == 0
+    assert main(["fit", *SETTINGS, "--run_dir", str(inprocess_dir)]) == 0
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    _same_rounds(resumed, json.loads((inprocess_dir / "summary.json").read_text()))
+
+
+@pytest.mark.slow
+def test_launch_local_stops_everything_it_started_on_ctrl_c(tmp_path):
+    if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None:
+        pytest.skip("Flower's flower-superlink/flower-supernode commands are not installed")
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        ["fedmkt", "launch-local", "--config", "tiny", "--logging.wandb", "false", "--run_dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 300
+    while len(_processes_naming(str(run_dir / "nodes"))) < 3 and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.5)
+    assert len(_processes_naming(str(run_dir / "nodes"))) >= 3  # the SuperLink and two SuperNodes run
+    time.sleep(5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, err
+    assert "stopped by SIGINT before round 1 finished" in err
+    assert _processes_naming(str(run_dir)) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_fit_stops_the_run_on_the_superlink_too(superlink, tmp_path):
+    process = subprocess.Popen(
+        [
+            "fedmkt",
+            "fit",
+            *["--config", "tiny", "--backend", "flower", "--flower.superlink", superlink["address"]],
+            *["--flower.insecure", "true", "--logging.wandb", "false", "--run_dir", str(tmp_path / "run")],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run_id = None
+    for line in process.stdout:
+        match = re.search(r"Successfully started run (\d+)", line)
+        if match:
+            run_id = int(match.group(1))
+            break
+    assert run_id is not None, process.communicate()
+    time.sleep(5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT and "stopped by SIGINT" in err, err
+
+    home = tmp_path / "flwr-home"
+    submit.write_flower_home(home, run_config_from_text(TINY_TEXT.replace("127.0.0.1:8000", superlink["address"])))
+    (home / "config.toml").write_text((home / "config.toml").read_text() + "insecure = true\n")
+    command = ["flwr", "ls", submit.CONNECTION, "--run-id", str(run_id), "--format", "json"]
+    deadline, status = time.monotonic() + 60, ""
+    while not status.startswith("finished") and time.monotonic() < deadline:
+        listing = subprocess.run(command, env=dict(os.environ, FLWR_HOME=str(home)), capture_output=True, text=True)
+        status = str((json.loads(listing.stdout or "{}").get("runs") or [{}])[0].get("status", ""))
+        time.sleep(1)
+    assert status == "finished:stopped", status
 
 
 @pytest.mark.slow

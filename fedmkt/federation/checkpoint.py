@@ -13,6 +13,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -21,7 +22,6 @@ from safetensors.torch import save as save_safetensors
 
 from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError, describe
-from fedmkt.federation.distributed import is_rank_zero
 from fedmkt.federation.files import atomic_write_bytes, atomic_write_text, finite_or_none, json_default
 from fedmkt.federation.protocol import FederatedParty
 from fedmkt.federation.summary import write_summary
@@ -39,18 +39,28 @@ def _losses_file(run_dir: Path, party: str) -> Path:
     return Path(run_dir) / "checkpoint" / f"public_losses_{party}.safetensors"
 
 
-def save_checkpoint(run_dir: Path, round_index: int, parties: Sequence[FederatedParty], summary: dict) -> None:
-    """Adapters of every party, then their own public losses, the summary and the checkpoint record, each atomic."""
-    for party in parties:  # every rank: a sharded (fsdp) party gathers its adapter first
-        party.save_adapter(adapter_dir(run_dir, round_index, party.name))
-    if not is_rank_zero():  # one writer; other ranks hold the same state
-        return
+def save_checkpoint(
+    run_dir: Path,
+    round_index: int,
+    parties: Sequence[FederatedParty],
+    summary: dict,
+    adapter_sha256: Optional[dict[str, str]] = None,
+) -> None:
+    """The parties' own public losses, the summary and the checkpoint record, each atomic.
+
+    Called once every party's adapter of `round_index` is saved (`adapter_dir`), and on rank 0
+    only. `checkpoint.json` is written last, so it only ever names a round whose files are
+    complete. `adapter_sha256` records adapters saved on other machines (Flower nodes), so a resumed
+    run can check that each node restores the very adapter this round ended with.
+    """
     for party in parties:
         losses = party.cached_public_losses()
         if losses is not None:
             atomic_write_bytes(_losses_file(run_dir, party.name), save_safetensors({"losses": losses.contiguous()}))
     write_summary(run_dir, summary)
     state = {"round": round_index, "summary": finite_or_none(summary), "rng": capture_rng_state()}
+    if adapter_sha256:
+        state["adapter_sha256"] = adapter_sha256
     atomic_write_text(
         Path(run_dir) / "checkpoint" / "checkpoint.json", json.dumps(state, default=json_default, allow_nan=False)
     )

@@ -12,11 +12,13 @@ metrics, the results table).
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from lightning.pytorch.loggers import Logger
@@ -24,8 +26,10 @@ from safetensors.torch import save as save_safetensors
 
 from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError, describe
-from fedmkt.federation.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
+from fedmkt.federation.checkpoint import adapter_dir, read_checkpoint, restore_checkpoint, save_checkpoint
+from fedmkt.federation.distributed import is_rank_zero
 from fedmkt.federation.protocol import FederatedParty, PhaseStats
+from fedmkt.federation.stages import StageRunner, run_one_by_one
 from fedmkt.federation.summary import log_metrics, results_table, write_summary
 from fedmkt.payload import KnowledgePayload
 
@@ -50,6 +54,7 @@ class FederatedTrainer:
         config: RunConfig,
         run_dir: Path,
         loggers: Optional[list[Logger]] = None,
+        run_clients: StageRunner = run_one_by_one,
     ) -> None:
         self.server = server
         self.clients = clients
@@ -60,6 +65,9 @@ class FederatedTrainer:
         self.num_public = server.num_public  # every party holds the same public samples
         self.summary: dict = {"config": asdict(config), "zero_shot": {}, "rounds": []}
         self._traffic: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_sent": 0, "bytes_received": 0})
+        self.run_clients = run_clients
+        """How a client stage runs (one by one in-process; all clients at once on Flower)."""
+        self._timeline: dict[str, list[dict]] = defaultdict(list)
 
     @property
     def parties(self) -> list[FederatedParty]:
@@ -70,7 +78,8 @@ class FederatedTrainer:
     def fit(self, start_round: int = 1) -> dict:
         """All rounds from `start_round`; returns the summary (also in `<run_dir>/summary.json`)."""
         if start_round == 1 and self.config.federation.evaluate_before:
-            self.summary["zero_shot"] = {p.name: p.evaluate() for p in self.parties}
+            clients = self._client_stage("evaluate", self.clients, (), {}, tolerate=False)
+            self.summary["zero_shot"] = {self.server.name: self.server.evaluate()} | clients
             self._log(self.summary["zero_shot"], step=0)
             self._write_summary()
         if not self.steps:  # zero_shot: nothing to train
@@ -81,41 +90,39 @@ class FederatedTrainer:
 
     def run_round(self, round_index: int) -> dict:
         """One round; appends its record to the summary, saves adapters and a checkpoint."""
+        started = time.perf_counter()
         self._traffic.clear()
+        self._timeline.clear()
         trained: dict[str, PhaseStats] = {party.name: PhaseStats() for party in self.parties}
         failed: dict[str, str] = {}
 
         # Steps 1–3: clients fine-tune on private data and share knowledge of the public data.
         client_knowledge = {}
-        for client in self.clients:
-            if "client_train" not in self.steps:
-                break
-            try:
-                trained[client.name] = client.fine_tune(round_index)
-                if "client_share" in self.steps:
-                    client_knowledge[client.name] = self._send(
-                        client.share_knowledge(round_index), receivers=[self.server]
-                    )
-            except Exception as error:  # a failing client must not stop the federation
-                failed[client.name] = describe(error)
+        if "client_train" in self.steps:
+            trained |= self._client_stage("fine_tune", self.clients, (round_index,), failed)
+            if "client_share" in self.steps:
+                answering = [c for c in self.clients if c.name not in failed]
+                for name, payload in self._client_stage("share_knowledge", answering, (round_index,), failed).items():
+                    try:
+                        client_knowledge[name] = self._send(payload, receivers=[self.server])
+                    except Exception as error:  # a client whose payload is refused is left out
+                        failed[name] = describe(error)
         self._require_quorum(round_index, failed)
 
         # Steps 4–6: the server distils from the clients (or, centralized, trains on all data).
         if "server_distil" in self.steps:
-            trained[self.server.name] = self.server.distill(round_index, client_knowledge)
+            trained[self.server.name] = self._timed(self.server, "distill", round_index, client_knowledge)
         if "server_train" in self.steps:
-            trained[self.server.name] = self.server.fine_tune(round_index)
+            trained[self.server.name] = self._timed(self.server, "fine_tune", round_index)
 
         # Steps 7–11: the server shares its knowledge; each client distils from it.
         if "server_share" in self.steps:
             answering = [c for c in self.clients if c.name not in failed]
-            server_knowledge = self._send(self.server.share_knowledge(round_index), receivers=answering)
-            for client in answering:
-                try:
-                    distilled = client.distill(round_index, {self.server.name: server_knowledge})
-                    trained[client.name] = trained[client.name].then(distilled)
-                except Exception as error:
-                    failed[client.name] = describe(error)
+            shared = self._timed(self.server, "share_knowledge", round_index)
+            server_knowledge = self._send(shared, receivers=answering)
+            teachers = {self.server.name: server_knowledge}
+            for name, distilled in self._client_stage("distill", answering, (round_index, teachers), failed).items():
+                trained[name] = trained[name].then(distilled)
             self._require_quorum(round_index, failed)
 
         if "adapter_average" in self.steps:
@@ -125,20 +132,69 @@ class FederatedTrainer:
         federation = self.config.federation
         last_round = round_index == federation.rounds
         if federation.evaluate_every_round or (federation.evaluate_final and last_round):
-            for party in self._parties_that_learn():
-                stats[party.name] |= party.evaluate()
+            learning = self._parties_that_learn()
+            if self.server in learning:
+                stats[self.server.name] |= self._timed(self.server, "evaluate")
+            clients = [c for c in learning if c is not self.server]
+            for name, scores in self._client_stage("evaluate", clients, (), failed, tolerate=False).items():
+                stats[name] |= scores
         for party in self.parties:
             stats[party.name] |= self._traffic[party.name]
+            stats[party.name]["timeline"] = self._timeline[party.name]  # save_adapter is added when it runs
             if party.name in failed:
                 stats[party.name]["failed"] = failed[party.name]
 
-        record = {"round": round_index, "parties": stats, "failed": failed}
+        record = {
+            "round": round_index,
+            "parties": stats,
+            "failed": failed,
+            "wall_seconds": time.perf_counter() - started,  # the round's wall time, its checkpoint aside
+        }
         self.summary["rounds"].append(record)
-        self._save_checkpoint(round_index)
+        self._save_checkpoint(round_index, failed)
         self._log(stats, step=round_index)
         for name, reason in failed.items():
             warnings.warn(f"round {round_index}: {name} failed and was left out ({reason})", stacklevel=1)
         return record
+
+    def _timed(self, party: FederatedParty, phase: str, *args):
+        """`party.<phase>(*args)`, its span added to the party's round timeline."""
+        start = time.time()
+        try:
+            return getattr(party, phase)(*args)
+        finally:
+            self._timeline[party.name].append({"phase": phase, "start": start, "end": time.time()})
+
+    def _client_stage(
+        self,
+        phase: str,
+        clients: list[FederatedParty],
+        args: Union[tuple, Callable[[FederatedParty], tuple]],
+        failed: dict[str, str],
+        tolerate: bool = True,
+    ) -> dict[str, object]:
+        """One phase on every client in `clients` through `run_clients`; returns the answering clients' results.
+
+        `args` are the phase's arguments, or a function giving each client its own. A client whose
+        call raised goes into `failed`; with `tolerate` off its error stops the run, as a server's
+        would, unless the client had already failed this round (a dead node cannot evaluate either).
+        """
+        if not clients:
+            return {}
+        outcomes = self.run_clients(phase, [(client, args(client) if callable(args) else args) for client in clients])
+        results = {}
+        for client in clients:
+            outcome = outcomes[client.name]
+            self._timeline[client.name].append(outcome.span(phase))
+            if outcome.error is None:
+                results[client.name] = outcome.value
+            elif client.name in failed:
+                continue  # left out already; its first reason stands
+            elif not tolerate:
+                raise outcome.error
+            else:
+                failed[client.name] = describe(outcome.error)
+        return results
 
     def _parties_that_learn(self) -> list[FederatedParty]:
         """Parties whose weights this mode changes (others keep their zero-shot accuracy)."""
@@ -158,10 +214,17 @@ class FederatedTrainer:
             )
         if failed and answered < self.config.federation.min_clients:
             reasons = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
+            if self.config.federation.backend == "flower":  # the clients are SuperNodes on other machines
+                fix = (
+                    "repair those clients (see their SuperNodes' logs; keep each node's output-dir), then "
+                    f"`fedmkt fit --config {self.run_dir / 'config.yaml'} --backend flower --resume {self.run_dir}` "
+                    "(or `fedmkt launch-local ... --resume`): the last round checkpoint is intact"
+                )
+            else:
+                fix = f"repair those clients, then `fedmkt fit --config ... --resume {self.run_dir}` (the last round checkpoint is intact)"
             raise FedMKTError(
                 f"round {round_index}: only {answered} of {len(self.clients)} clients answered "
-                f"(federation.min_clients={self.config.federation.min_clients}) — {reasons}. "
-                f"Fix: repair those clients, then `fedmkt fit --config ... --resume {self.run_dir}` (the last round checkpoint is intact)."
+                f"(federation.min_clients={self.config.federation.min_clients}) — {reasons}. Fix: {fix}."
             )
 
     def _average_client_adapters(self, clients: list[FederatedParty]) -> None:
@@ -183,8 +246,21 @@ class FederatedTrainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
 
-    def _save_checkpoint(self, round_index: int) -> None:
-        save_checkpoint(self.run_dir, round_index, self.parties, self.summary)
+    def _save_checkpoint(self, round_index: int, failed: Optional[dict[str, str]] = None) -> None:
+        """Every party's adapter (the clients' through their stage runner), then the checkpoint record."""
+        # Every rank, in one order: a sharded (fsdp) party gathers its adapter first.
+        self._timed(self.server, "save_adapter", adapter_dir(self.run_dir, round_index, self.server.name))
+        saved = self._client_stage(
+            "save_adapter",
+            self.clients,
+            lambda c: (adapter_dir(self.run_dir, round_index, c.name),),
+            failed or {},
+            False,
+        )
+        if not is_rank_zero():  # one writer; other ranks hold the same state
+            return
+        hashes = {name: digest for name, digest in saved.items() if digest}  # adapters saved on other machines
+        save_checkpoint(self.run_dir, round_index, self.parties, self.summary, adapter_sha256=hashes)
 
     def restore(self, state: Optional[dict] = None) -> int:
         """Load the last complete round checkpoint from `run_dir`; returns the round to start at.

@@ -7,10 +7,14 @@ Flower Message to the client's SuperNode. There the ClientApp rebuilds the clien
 same method. Nothing of the method is implemented twice.
 
   messages.py     what a phase call and its answer look like as Flower records
-  proxy.py        RemoteParticipant: the server-side stand-in for a client
+  proxy.py        RemoteParticipant: the server-side stand-in for a client; FlowerStages: every
+                  client at once, at most two messages per client per round
+  discovery.py    which SuperNode serves which client (partition-id), before round 1 and on rejoin
   server_app.py   the ServerApp: find one SuperNode per client, then FederatedTrainer.fit()
-  client_app.py   the ClientApp: one phase of one client per message, state kept on the node
+  client_app.py   the ClientApp: one phase (and those that follow) of one client per message
+  node.py         what a node owns: its client's private data, model, output folder
   submit.py       `fedmkt fit --backend flower`: `flwr run` of the packaged app, then wait
+  local.py        `fedmkt launch-local`: SuperLink + one SuperNode per client on this machine
   app/            the Flower App project (pyproject.toml + thin component modules) that
                   `flwr run` builds into a FAB
 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Optional
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
@@ -26,6 +25,7 @@ PHASE_MESSAGE_TYPES = {
     "evaluate": "evaluate.evaluate",
     "adapter_state": "query.adapter_state",
     "load_adapter_state": "train.load_adapter_state",
+    "load_adapter": "train.load_adapter",
     "save_adapter": "query.save_adapter",
 }
 """Phase → Flower message type (`<category>.<action>`; Flower routes on it in the ClientApp)."""
@@ -47,6 +47,14 @@ class Request:
     path: str = ""
     """For save_adapter: where to write, relative to the node's output folder."""
     blobs: dict[str, bytes] = field(default_factory=dict)
+    tokenizers: dict[str, str] = field(default_factory=dict)
+    """Client name → the fingerprint of the tokenizer the run expects it to use (its node checks its own)."""
+    then: list[str] = field(default_factory=list)
+    """Phases to run right after this one on the same party (one message instead of several)."""
+    fresh: bool = True
+    """The server has no state of this client on this node yet (False: the node must hold one)."""
+    sha256: str = ""
+    """For load_adapter: the hash the server's checkpoint recorded for that adapter."""
 
 
 @dataclass
@@ -93,6 +101,10 @@ def encode_request(request: Request) -> RecordDict:
         "config": request.config_text,
         "round": request.round,
         "path": request.path,
+        "tokenizers": json.dumps(request.tokenizers),
+        "then": json.dumps(request.then),
+        "fresh": request.fresh,
+        "sha256": request.sha256,
     }
     return RecordDict({_REQUEST: ConfigRecord(fields), _BLOBS: _blob_record(request.blobs)})
 
@@ -111,6 +123,10 @@ def decode_request(content: RecordDict) -> Request:
         round=int(fields["round"]),
         path=str(fields["path"]),
         blobs=_read_blobs(content),
+        tokenizers=json.loads(str(fields.get("tokenizers", "{}"))),
+        then=json.loads(str(fields.get("then", "[]"))),
+        fresh=bool(fields.get("fresh", True)),
+        sha256=str(fields.get("sha256", "")),
     )
 
 
@@ -130,22 +146,3 @@ def decode_reply(content: RecordDict) -> Reply:
     return Reply(
         stats=json.loads(str(fields["stats"])), info=json.loads(str(fields["info"])), blobs=_read_blobs(content)
     )
-
-
-def client_of_node(node_config: dict, num_clients: Optional[int] = None) -> str:
-    """`client_N` for a SuperNode started with `--node-config partition-id=N`."""
-    value = node_config.get("partition-id")
-    if value is None:
-        raise FedMKTError(
-            "this SuperNode has no partition-id. Fix: start it with `flower-supernode ... --node-config partition-id=N` "
-            "(N = 0 for client_0, 1 for client_1, ...)."
-        )
-    try:
-        index = int(value)
-    except (TypeError, ValueError):
-        raise FedMKTError(
-            f"partition-id {value!r} is not an integer. Fix: use --node-config partition-id=N with N = 0, 1, ..."
-        ) from None
-    if index < 0 or (num_clients is not None and index >= num_clients):
-        raise FedMKTError(f"partition-id {index} names no client of this run. Fix: use 0 to {(num_clients or 1) - 1}.")
-    return f"client_{index}"

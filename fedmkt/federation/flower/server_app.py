@@ -10,19 +10,33 @@ adapters land in its node's own output folder.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from lightning.pytorch.loggers import WandbLogger
 
-from fedmkt.config import RunConfig
+from fedmkt.alignment.vocab_map import tokenizer_fingerprint
+from fedmkt.config import RunConfig, run_config_from_text, validate
 from fedmkt.errors import FedMKTError
-from fedmkt.federation.flower.messages import PHASE_MESSAGE_TYPES, Request, decode_reply, encode_request
-from fedmkt.federation.flower.proxy import STARTUP_ALLOWANCE_S, RemoteParticipant
+from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
+from fedmkt.federation.flower.discovery import find_client_nodes
+from fedmkt.federation.flower.proxy import (
+    DEFAULT_CLIENT_TIMEOUT_S,
+    STARTUP_ALLOWANCE_S,
+    FlowerStages,
+    RemoteParticipant,
+)
+from fedmkt.federation.flower.submit import check_supported
+from fedmkt.federation.trainer import FederatedTrainer
+from fedmkt.models import load_tokenizer
+from fedmkt.run import build_participant, make_loggers, quiet_lightning
 
 CONFIG_PATH_KEY = "config-path"
 """Run-config key (see app/pyproject.toml) holding the path of the resolved config YAML."""
+
+RESUME_KEY = "resume"
+"""Run-config key: true continues the run in run_dir from its last round checkpoint."""
 
 app = ServerApp()
 
@@ -36,46 +50,49 @@ def main(grid: Grid, context: Context) -> None:
             f"the ServerApp cannot read the run config `{config_path}`. Fix: submit with `fedmkt fit --config X.yaml --backend flower`, "
             "and run the SuperLink on the machine (or shared file system) where run_dir lives."
         )
-    serve(grid, Path(config_path).read_text())
+    serve(grid, Path(config_path).read_text(), resume=bool(context.run_config.get(RESUME_KEY, False)))
 
 
-def serve(grid: Grid, config_text: str) -> dict:
-    """Run the whole federation from this ServerApp; returns the summary (also in run_dir)."""
-    from lightning.pytorch.loggers import WandbLogger
+def serve(grid: Grid, config_text: str, resume: bool = False) -> dict:
+    """Run the whole federation from this ServerApp; returns the summary (also in run_dir).
 
-    from fedmkt.config import run_config_from_text, validate
-    from fedmkt.federation.flower.submit import check_supported
-    from fedmkt.federation.trainer import FederatedTrainer
-    from fedmkt.models import load_tokenizer
-    from fedmkt.run import build_participant, make_loggers, quiet_lightning
-
+    With `resume`, the run continues after the last round checkpoint in run_dir: the server loads
+    its adapter from there, and each client's node its own from its output folder, checked against
+    the hash the checkpoint recorded.
+    """
     config = run_config_from_text(config_text)
     validate(config)
     check_supported(config)
     quiet_lightning()
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    state = read_checkpoint(run_dir) if resume else None
+    if state is not None:
+        check_resumable(state, config, run_dir)
 
-    nodes = find_client_nodes(grid, config)
+    # The tokenizer each client must use: its knowledge is aligned with this one (tokenizers are not private).
+    names = list(config.parties())[1:]
+    tokenizers = {name: load_tokenizer(spec.model, config.cache_dir) for name, spec in zip(names, config.clients)}
+    fingerprints = {name: tokenizer_fingerprint(tokenizer) for name, tokenizer in tokenizers.items()}
+    nodes = find_client_nodes(grid, config, config_text, fingerprints)
     server = build_participant(config, "server")
-    timeout = (
-        None if config.federation.client_timeout_s is None else config.federation.client_timeout_s + STARTUP_ALLOWANCE_S
-    )
+    timeout = client_wait_s(config)
     num_public = server.num_public
     clients = [
-        RemoteParticipant(name, nodes[name], grid, config_text, run_dir, num_public, timeout)
-        for name in list(config.parties())[1:]
+        RemoteParticipant(name, nodes[name], grid, config_text, run_dir, num_public, timeout, fingerprints[name])
+        for name in names
     ]
 
-    # What's needed, with the adapters, to reproduce a checkpoint (tokenizers are not private).
+    # What's needed, with the adapters, to reproduce a checkpoint.
     server.tokenizer.save_pretrained(run_dir / "tokenizers" / server.name)
-    for client, spec in zip(clients, config.clients):
-        load_tokenizer(spec.model, config.cache_dir).save_pretrained(run_dir / "tokenizers" / client.name)
+    for name, tokenizer in tokenizers.items():
+        tokenizer.save_pretrained(run_dir / "tokenizers" / name)
 
-    loggers = make_loggers(config, run_dir)
-    trainer = FederatedTrainer(server, clients, config, run_dir, loggers)
+    trainer = FederatedTrainer(server, clients, config, run_dir, run_clients=FlowerStages(config, run_dir))
+    start_round = trainer.restore(state) if state is not None else 1
+    loggers = trainer.loggers = make_loggers(config, run_dir, resumed=state is not None)
     try:
-        summary = trainer.fit()
+        summary = trainer.fit(start_round)
     finally:
         for logger in loggers:
             logger.finalize("success")
@@ -87,46 +104,8 @@ def serve(grid: Grid, config_text: str) -> dict:
     return summary
 
 
-def find_client_nodes(grid: Grid, config: RunConfig) -> dict[str, int]:
-    """Client name → node id, from each connected SuperNode's partition-id."""
-    needed = len(config.clients)
-    wait_s = config.flower.wait_for_nodes_s
-    deadline = time.monotonic() + wait_s
-    node_ids = list(grid.get_node_ids())
-    while len(node_ids) < needed:
-        if time.monotonic() > deadline:
-            raise FedMKTError(
-                f"{len(node_ids)} of the {needed} SuperNodes this config needs are connected to the SuperLink after {wait_s:.0f} s. "
-                f"Fix: start one `flower-supernode --superlink HOST:PORT --node-config partition-id=N` per client (N = 0..{needed - 1}), "
-                "or raise flower.wait_for_nodes_s."
-            )
-        time.sleep(1.0)
-        node_ids = list(grid.get_node_ids())
-
-    hello = [
-        Message(
-            content=encode_request(Request(phase="hello", client="", config_text="")),
-            dst_node_id=node_id,
-            message_type=PHASE_MESSAGE_TYPES["hello"],
-        )
-        for node_id in node_ids
-    ]
-    nodes: dict[str, int] = {}
-    errors, duplicates = [], []
-    for reply in grid.send_and_receive(hello, timeout=wait_s):
-        node_id = reply.metadata.src_node_id
-        if reply.has_error():
-            errors.append(f"SuperNode {node_id}: {' '.join(str(reply.error.reason).split())}")
-            continue
-        client = decode_reply(reply.content).info["client"]
-        if client in nodes:
-            duplicates.append(f"SuperNodes {nodes[client]} and {node_id} both serve {client}")
-        nodes[client] = node_id
-    wanted = list(config.parties())[1:]
-    missing = [name for name in wanted if name not in nodes]
-    if missing or duplicates:  # a spare node that fails or serves no client of this run is ignored
-        problems = ([f"no SuperNode answered for {', '.join(missing)}"] if missing else []) + duplicates + errors
-        raise FedMKTError(
-            f"{'; '.join(problems)}. Fix: run one SuperNode per client with a distinct --node-config partition-id=N, N = 0..{needed - 1}."
-        )
-    return {name: nodes[name] for name in wanted}
+def client_wait_s(config: RunConfig) -> float:
+    """How long the server waits for one client phase: `client_timeout_s` (Flower's default if null)
+    plus the time a ClientApp needs to start and rebuild its party."""
+    limit = config.federation.client_timeout_s
+    return (DEFAULT_CLIENT_TIMEOUT_S if limit is None else limit) + STARTUP_ALLOWANCE_S

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Optional
 
 from fedmkt.config import RunConfig, validate
-from fedmkt.errors import FedMKTError
+from fedmkt.errors import FedMKTError, RunInterrupted
+from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
+from fedmkt.federation.distributed import party_processes
 from fedmkt.federation.files import atomic_write_text
 
 CONNECTION = "fedmkt"
@@ -73,9 +75,17 @@ def write_flower_home(home: Path, config: RunConfig) -> None:
 
 
 def check_supported(config: RunConfig) -> None:
-    """Refuse what the flower backend does not do yet: parties spread over several processes."""
-    from fedmkt.federation.distributed import party_processes
-
+    """Refuse what the flower backend does not do (yet): parties spread over several processes, and
+    private client data named in the shared run config (on Flower it is each node's own)."""
+    private = [
+        f"clients[{i}].{key}" for i, c in enumerate(config.clients) for key in ("data", "eval") if getattr(c, key)
+    ]
+    if private:
+        raise FedMKTError(
+            f"{', '.join(private)} set in the run config, but on the flower backend a client's private data is its own node's. "
+            "Fix: remove them from the run config and give each client's SuperNode its own (--node-config data=PATH eval=PATH, "
+            "see docs/flower.md), or run the config with `fedmkt launch-local`, which does this for you."
+        )
     parties = {"server": config.server} | {f"clients[{i}]": c for i, c in enumerate(config.clients)}
     spread = [name for name, party in parties.items() if party_processes(party.trainer) > 1]
     if spread:
@@ -85,12 +95,24 @@ def check_supported(config: RunConfig) -> None:
         )
 
 
-def submit(config: RunConfig, resolved_config: str, stream: bool = True) -> dict:
-    """Run FedMKT on the Flower SuperLink in `config.flower`; returns the summary from run_dir."""
+def submit(config: RunConfig, resolved_config: str, stream: bool = True, resume: bool = False) -> dict:
+    """Run FedMKT on the Flower SuperLink in `config.flower`; returns the summary from run_dir.
+
+    With `resume`, the run continues in run_dir after its last round checkpoint (checked here first).
+    """
     validate(config)
     check_supported(config)
-    flwr = flwr_executable()
     run_dir = Path(config.run_dir).expanduser().resolve()
+    if resume:
+        state = read_checkpoint(run_dir)
+        check_resumable(state, config, run_dir)
+        if int(state["round"]) >= config.federation.rounds:
+            print(
+                f"fedmkt: {run_dir} already finished all {config.federation.rounds} rounds; nothing left to do "
+                "(raise --federation.rounds to continue it further)."
+            )
+            return state["summary"]
+    flwr = flwr_executable()
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     atomic_write_text(config_path, resolved_config)
@@ -111,14 +133,20 @@ def submit(config: RunConfig, resolved_config: str, stream: bool = True) -> dict
             str(app_dir()),
             CONNECTION,
             "--run-config",
-            f"config-path={json.dumps(str(config_path))}",
+            f"config-path={json.dumps(str(config_path))} resume={'true' if resume else 'false'}",
         ]
         if stream:
             command.append("--stream")
-        run_id, output = _start(command, env, echo=stream)
-        if run_id is None:
-            raise FedMKTError(_start_failure(config, output))
-        status, details = _wait_until_finished(flwr, run_id, env)
+        started: dict[str, int] = {}
+        try:
+            run_id, output = _start(command, env, echo=stream, started=started)
+            if run_id is None:
+                raise FedMKTError(_start_failure(config, output))
+            status, details = _wait_until_finished(flwr, run_id, env)
+        except RunInterrupted:  # Ctrl-C here stops the run on the SuperLink too, not only this command
+            if "run_id" in started:
+                _stop_run(flwr, started["run_id"], env)
+            raise
 
     if status != "finished:completed":
         reason = " ".join(details.replace("ServerApp failed with exception:", "").split()) or "no details"
@@ -136,22 +164,38 @@ def submit(config: RunConfig, resolved_config: str, stream: bool = True) -> dict
     return json.loads(summary_file.read_text())
 
 
-def _start(command: list[str], env: dict, echo: bool) -> tuple[Optional[int], str]:
-    """Run `flwr run`, echoing its output (the streamed ServerApp log); returns (run id, output)."""
+def _start(command: list[str], env: dict, echo: bool, started: dict[str, int]) -> tuple[Optional[int], str]:
+    """Run `flwr run`, echoing its output (the streamed ServerApp log); returns (run id, output).
+
+    The run id is also put into `started` as soon as it is known, for a caller that is interrupted.
+    """
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     run_id = None
     assert process.stdout is not None
-    for line in process.stdout:
-        match = re.search(r"Successfully started run (\d+)", line)
-        if match and run_id is None:
-            run_id = int(match.group(1))
-        if echo and run_id is not None:  # the run's log; Flower's own complaints become one FedMKTError line
-            print(line, end="", flush=True)
-        else:
-            lines.append(line)
-    process.wait()
+    try:
+        for line in process.stdout:
+            match = re.search(r"Successfully started run (\d+)", line)
+            if match and run_id is None:
+                run_id = started["run_id"] = int(match.group(1))
+            if echo and run_id is not None:  # the run's log; Flower's own complaints become one FedMKTError line
+                print(line, end="", flush=True)
+            else:
+                lines.append(line)
+        process.wait()
+    finally:
+        if process.poll() is None:  # interrupted: the log stream must not outlive this command
+            process.terminate()
+            process.wait()
     return run_id, "".join(lines)
+
+
+def _stop_run(flwr: str, run_id: int, env: dict) -> None:
+    """Ask the SuperLink to stop run `run_id` (its ServerApp and ClientApps); best effort, 30 s at most."""
+    try:
+        subprocess.run([flwr, "stop", str(run_id), CONNECTION], env=env, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # the SuperLink is gone too; nothing is left to stop
 
 
 def _start_failure(config: RunConfig, output: str) -> str:

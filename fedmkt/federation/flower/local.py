@@ -1,0 +1,335 @@
+"""`fedmkt launch-local`: a whole Flower federation on this machine, one SuperNode per client.
+
+It starts a SuperLink and one SuperNode per client on 127.0.0.1, each with the node settings the
+config gives that client (its private data, own evaluation set, output folder) and, with `--gpus`,
+pinned to one GPU through CUDA_VISIBLE_DEVICES; then it submits the run like `fedmkt fit --backend
+flower`, streams its log, and stops everything it started when the run ends, fails or is
+interrupted. The run goes through the same engine as a federation over several machines: the
+shared config the SuperLink receives names no client's private data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from fedmkt.config import RunConfig, run_config_from_text, validate
+from fedmkt.data.parts import federation_data
+from fedmkt.errors import FedMKTError, RunInterrupted
+from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
+from fedmkt.federation.flower.node import apply_to_config, node_settings
+from fedmkt.federation.flower.submit import submit
+from fedmkt.run import claim_run_dir, validate_against_vocabularies
+
+NODE_FILE = "node.yaml"
+"""Each client's node settings, written to `<run_dir>/nodes/client_N/node.yaml`."""
+
+_PRIVATE_KEYS = ("data", "eval")
+
+
+def split_config(resolved: str, run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
+    """(the shared run config, one node-settings mapping per client) from a full resolved config.
+
+    The clients' private sources move to their nodes' settings (relative paths made absolute, as a
+    node may start elsewhere); each node writes into `run_dir`, as an in-process run would.
+    """
+    data = yaml.safe_load(resolved)
+    nodes = []
+    for index, client in enumerate(data.get("clients") or []):
+        settings: dict[str, Any] = {"partition-id": index, "output-dir": str(run_dir)}
+        for key in _PRIVATE_KEYS:
+            source = client.pop(key, None)
+            if source:
+                settings[key] = _absolute_source(source)
+        nodes.append(settings)
+    return yaml.safe_dump(data, sort_keys=False), nodes
+
+
+def _absolute_source(source: dict) -> dict:
+    path = str(source.get("path", ""))
+    if path and ":" not in path.split("/", 1)[0] and Path(path).expanduser().exists():
+        source = dict(source, path=str(Path(path).expanduser().resolve()))
+    return source
+
+
+def gpu_assignment(gpus: Optional[str], num_clients: int) -> tuple[Optional[str], list[Optional[str]]]:
+    """(the server's GPU, each client's GPU) from `--gpus 0,1,…`: the server takes the first, the
+    clients the following ones in turn (wrapping around). None: no pinning."""
+    if gpus is None:
+        return None, [None] * num_clients
+    ids = [part.strip() for part in str(gpus).split(",") if part.strip()]
+    if not ids or not all(part.isdigit() for part in ids):
+        raise FedMKTError(f"--gpus {gpus!r} is not a list of GPU indices. Fix: e.g. --gpus 0,1 (see nvidia-smi).")
+    return ids[0], [ids[(index + 1) % len(ids)] for index in range(num_clients)]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` TCP ports free on 127.0.0.1 right now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+FLOWER_COMMANDS = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-clientapp",
+    "flwr",
+)
+"""The Flower commands a local federation runs; the SuperLink and SuperNodes start the apps by name."""
+
+
+def bind_flower_commands(folder: Path) -> Path:
+    """Write `folder/<command>` for each Flower command, running it with this Python interpreter.
+
+    A `flower-superlink` found on PATH may belong to another environment (a pyenv shim, a system
+    install) whose ServerApp and ClientApp would import another fedmkt; with `folder` first on PATH,
+    every process of the federation, and the apps they spawn, runs the fedmkt of this command.
+    """
+    scripts = {entry.name: entry for entry in entry_points(group="console_scripts") if entry.name in FLOWER_COMMANDS}
+    missing = [name for name in FLOWER_COMMANDS if name not in scripts]
+    if missing:
+        raise FedMKTError(
+            f"Flower's {', '.join(missing)} command(s) are not installed for {sys.executable}. "
+            "Fix: `pip install 'flwr>=1.42'` in the environment fedmkt runs in."
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, entry in scripts.items():
+        module, _, attribute = entry.value.partition(":")
+        script = folder / name
+        script.write_text(
+            f"#!{sys.executable}\nimport sys\nfrom {module} import {attribute.split('.')[0]} as main\n"
+            f"sys.argv[0] = {name!r}\nsys.exit(main())\n"
+        )
+        script.chmod(0o755)
+    return folder
+
+
+class LocalFederation:
+    """The processes `launch-local` started; `stop` ends each of them (and its children) by its own id."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "wb") as log:
+            process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self.processes.append((name, process))
+        return process
+
+    def check_alive(self) -> None:
+        for name, process in self.processes:
+            if process.poll() is not None:
+                tail = (self.logs / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:] or [
+                    "no output"
+                ]
+                raise FedMKTError(
+                    f"the local {name} exited (code {process.returncode}): {tail[0][-300:]}. Fix: see {self.logs / (name + '.log')}."
+                )
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM to each process we started and every process they spawned (the ServerApp and
+        ClientApp processes), then SIGKILL to those still there after `timeout_s`; returns once
+        all are gone."""
+        pids = [process.pid for _, process in self.processes]
+        family = {pid: _started(pid) for pid in set(pids) | {c for pid in pids for c in _descendants(pid)}}
+        for _, process in reversed(self.processes):
+            _signal(process.pid, signal.SIGTERM, group=True)
+        for pid, started in family.items():
+            if _started(pid) == started:  # still that process, not a new one that got its id
+                _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for _, process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(process.pid, signal.SIGKILL, group=True)
+                process.wait()
+
+        def running() -> list[int]:
+            return [pid for pid, started in family.items() if _alive(pid) and _started(pid) == started]
+
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in running():
+            _signal(pid, signal.SIGKILL)
+        self.processes.clear()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux /proc; elsewhere none: the process groups still go)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _started(pid: int) -> Optional[str]:
+    """When `pid` started (its /proc start time), to tell it from a later process with the same id."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _signal(pid: int, signum: int, group: bool = False) -> None:
+    try:
+        (os.killpg if group else os.kill)(pid, signum)  # a group: the process's own session
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_listening(federation: LocalFederation, port: int, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        federation.check_alive()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise FedMKTError(
+        f"the local SuperLink did not listen on port {port} within {timeout_s:.0f} s. Fix: see {federation.logs / 'superlink.log'}."
+    )
+
+
+@contextmanager
+def local_federation(
+    run_dir: Path, nodes: list[dict[str, Any]], gpus: Optional[str] = None
+) -> Iterator[tuple[str, LocalFederation]]:
+    """A SuperLink and one SuperNode per entry of `nodes` on 127.0.0.1 (no TLS: nothing leaves this
+    machine); yields the SuperLink's address and the processes, and stops them all on exit."""
+    server_gpu, client_gpus = gpu_assignment(gpus, len(nodes))
+    link_port, *node_ports = free_ports(1 + len(nodes))
+    federation = LocalFederation(run_dir / "nodes")
+    commands = bind_flower_commands(run_dir / "nodes" / "bin")
+    base_env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
+    base_env["PATH"] = os.pathsep.join([str(commands), str(Path(sys.executable).parent), base_env.get("PATH", "")])
+    try:
+        link_env = dict(base_env, FLWR_HOME=str(run_dir / "nodes" / "superlink"))
+        if server_gpu is not None:
+            link_env["CUDA_VISIBLE_DEVICES"] = server_gpu
+        federation.start(
+            "superlink",
+            [
+                str(commands / "flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+                "--disable-runtime-dependency-installation",
+            ],
+            link_env,
+        )
+        _wait_listening(federation, link_port)
+        for settings, port, gpu in zip(nodes, node_ports, client_gpus):
+            name = f"client_{settings['partition-id']}"
+            folder = run_dir / "nodes" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            settings_file = folder / NODE_FILE
+            settings_file.write_text(yaml.safe_dump(settings, sort_keys=False))
+            env = dict(base_env, FLWR_HOME=str(folder / "flwr"))
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            federation.start(
+                name,
+                [
+                    str(commands / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={settings['partition-id']} settings={_toml_string(str(settings_file))}",
+                ],
+                env,
+            )
+        yield f"127.0.0.1:{link_port}", federation
+    finally:
+        federation.stop()
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def launch_local(
+    config: RunConfig, resolved: str, gpus: Optional[str] = None, overwrite: bool = False, resume: bool = False
+) -> dict:
+    """Run `config` on a Flower federation started on this machine; returns the summary in run_dir.
+
+    Every source is read and checked here first (all parties' data is on this machine), so a bad
+    config fails before any process starts. With `resume`, the run in run_dir continues after its
+    last round checkpoint; a client whose private data the config does not name (the shared
+    `run_dir/config.yaml`) gets the node settings it had, from `run_dir/nodes/client_N/node.yaml`.
+    """
+    run_dir = Path(config.run_dir).expanduser().resolve()
+    shared, nodes = split_config(resolved, run_dir)
+    if resume:
+        check_resumable(read_checkpoint(run_dir), config, run_dir)
+        for index, settings in enumerate(nodes):
+            saved = run_dir / "nodes" / f"client_{index}" / NODE_FILE
+            if not any(key in settings for key in _PRIVATE_KEYS) and saved.is_file():
+                nodes[index] = yaml.safe_load(saved.read_text())
+                config.clients[index] = apply_to_config(node_settings(nodes[index]), config).clients[index]
+    validate(config)
+    federation_data(config, list(config.parties()))
+    validate_against_vocabularies(config)
+    gpu_assignment(gpus, len(config.clients))  # a bad --gpus fails before anything starts
+    lock = claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    try:
+        with local_federation(run_dir, nodes, gpus) as (address, _):
+            data = yaml.safe_load(shared)
+            data["run_dir"] = str(run_dir)
+            data.setdefault("federation", {})["backend"] = "flower"
+            data["flower"] = dict(data.get("flower") or {}, superlink=address, insecure=True, root_certificates=None)
+            text = yaml.safe_dump(data, sort_keys=False)
+            return submit(run_config_from_text(text), resolved_config=text, resume=resume)
+    except RunInterrupted as interrupt:  # the line printed says how to continue this run
+        interrupt.run_dir, interrupt.command = str(run_dir), "launch-local"
+        raise
+    finally:
+        lock.release()
