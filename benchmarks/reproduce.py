@@ -44,7 +44,6 @@ from typing import Optional
 import numpy as np
 
 from fedmkt.config import RunConfig, parse_run_config
-from fedmkt.evaluation import wilson_interval
 from fedmkt.run import fit
 
 MODES = ("zero_shot", "standalone", "fedmkt", "centralized", "fedmkt_no_kd", "llm2slm")
@@ -182,10 +181,13 @@ def final_entry(summary: dict, party: str) -> Optional[dict]:
 
 
 def cell_of(entry: dict) -> dict:
-    correct = entry.get("eval_correct")
-    n = entry["eval_n"]
-    low, high = wilson_interval(round(entry["eval_accuracy"] * n), n)
-    return {"acc": entry["eval_accuracy"], "ci": [low, high], "n": n, "correct": correct}
+    """A report cell from a party's summary entry (its accuracy, Wilson interval, n and per-question record)."""
+    return {
+        "acc": entry["eval_accuracy"],
+        "ci": list(entry["eval_accuracy_ci"]),
+        "n": entry["eval_n"],
+        "correct": entry.get("eval_correct"),
+    }
 
 
 def assemble(runs: dict[str, dict[str, dict]]) -> dict:
@@ -386,8 +388,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         settings["tasks"][task][f"settings_hash_{mode}"] = settings_hash(config)
         summary = run_cell(config, task, mode, record, f"[{index}/{len(cells)}] {task} {mode}")
         runs.setdefault(task, {})[mode] = summary
-        write_outputs(runs, dict(settings), args.record)  # after every cell, so a cut grid still reports
-    report = write_outputs(runs, settings, args.record)
+        report = write_outputs(runs, dict(settings), args.record)  # after every cell, so a cut grid still reports
     print((record / "table.md").read_text())
     print(f"wall time of the runs: {report['wall_seconds']:.0f} s; {args.record / 'reproduction.json'}")
     return 0

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fedmkt.evaluation import wilson_interval
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 
 
@@ -47,7 +49,9 @@ def _summary(mode: str, records: dict[str, str], data: dict | None = None, round
     """A summary.json shaped as a run writes it, with per-question records for each scored party."""
 
     def entry(correct: str) -> dict:
-        return {"eval_accuracy": correct.count("1") / len(correct), "eval_n": len(correct), "eval_correct": correct}
+        n, right = len(correct), correct.count("1")
+        interval = list(wilson_interval(right, n))
+        return {"eval_accuracy": right / n, "eval_n": n, "eval_accuracy_ci": interval, "eval_correct": correct}
 
     config = {"seed": 1, "data": data or {"task": "arc_easy", "eval_size": 8}, "clients": [{}, {}]}
     if mode == "zero_shot":

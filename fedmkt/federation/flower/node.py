@@ -150,35 +150,28 @@ def _settings_file(path: Path) -> dict:
     return values
 
 
-def _source(value: Any, key: str) -> Optional[DataSource]:
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        return DataSource(path=value)
-    if isinstance(value, dict):
-        fields = {f.name for f in dataclasses.fields(DataSource)}
-        unknown = sorted(set(value) - fields)
-        if unknown or "path" not in value:
-            raise FedMKTError(
-                f"node setting {key}: {'unknown key(s) ' + ', '.join(unknown) if unknown else 'no path'}. "
-                f"Fix: give {key} as a path, or as a data source with keys {', '.join(sorted(fields))}."
-            )
-        return DataSource(**value)
-    raise FedMKTError(f"node setting {key} is a {type(value).__name__}. Fix: give a path or a data source mapping.")
-
-
-def _model(value: Any) -> tuple[Optional[ModelSpec], bool]:
+def _spec(value: Any, cls: type, required: str, key: str, short: str, long: str) -> tuple[Any, bool]:
+    """A `cls` from a node setting given as its `required` field alone (a string) or as a mapping of
+    its fields; returns (spec or None, whether it came as the string form)."""
     if value is None or value == "":
         return None, True
     if isinstance(value, str):
-        return ModelSpec(source=value), True
+        return cls(**{required: value}), True
     if isinstance(value, dict):
-        fields = {f.name for f in dataclasses.fields(ModelSpec)}
+        fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - fields)
-        if unknown or "source" not in value:
+        if unknown or required not in value:
             raise FedMKTError(
-                f"node setting model: {'unknown key(s) ' + ', '.join(unknown) if unknown else 'no source'}. "
-                f"Fix: give model as a source, or as a model spec with keys {', '.join(sorted(fields))}."
+                f"node setting {key}: {'unknown key(s) ' + ', '.join(unknown) if unknown else 'no ' + required}. "
+                f"Fix: give {key} as a {short}, or as a {long} with keys {', '.join(sorted(fields))}."
             )
-        return ModelSpec(**value), False
-    raise FedMKTError(f"node setting model is a {type(value).__name__}. Fix: give a model source or a model spec.")
+        return cls(**value), False
+    raise FedMKTError(f"node setting {key} is a {type(value).__name__}. Fix: give a {short} or a {long}.")
+
+
+def _source(value: Any, key: str) -> Optional[DataSource]:
+    return _spec(value, DataSource, "path", key, "path", "data source")[0]
+
+
+def _model(value: Any) -> tuple[Optional[ModelSpec], bool]:
+    return _spec(value, ModelSpec, "source", "model", "source", "model spec")
