@@ -18,13 +18,16 @@ right). Outputs:
   <record>/reproduction/table.md    the same as tables, plus every recorded try
   <record>/reproduction/accuracy_per_round.png
   <record>/reproduction/runs/       each finished run's summary, named by task, mode and settings hash
+  <record>/reproduction/in_progress/  the last round checkpoint of each unfinished run (tracked in git)
   <out>/<task>/<mode>/              each run's folder (adapters, round checkpoints, logs)
 
     OMP_NUM_THREADS=1 python benchmarks/reproduce.py --tasks arc_easy boolq
 
 The grid resumes where it stopped: a run whose summary is recorded under the same settings is
 reused, a run killed mid-way continues from its last round checkpoint, and one killed before its
-first checkpoint starts over. So the grid may span several sittings. `--modes` and `--tasks` run
+first checkpoint starts over. Each round checkpoint is mirrored into `in_progress/` (adapters,
+cached losses, RNG state: a few MB), so a fresh checkout of the repository continues the run too:
+the grid may span several sittings on different machines. `--modes` and `--tasks` run
 part of it; every call rewrites the outputs from what has finished (missing cells are listed).
 Extra `--override KEY=VALUE` pairs go to every run and change the settings hash. On a 2-core machine
 give each process one thread: two multi-threaded torch processes slow each other down several-fold.
@@ -35,7 +38,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -120,33 +125,139 @@ def finished(summary: dict, config: RunConfig) -> bool:
     return len(summary.get("rounds", [])) == config.federation.rounds
 
 
-def run_cell(config: RunConfig, task: str, mode: str, record: Path, label: str) -> dict:
-    """One grid cell: reused when recorded, resumed from its round checkpoint, or run."""
+def recorded_summary(config: RunConfig, task: str, mode: str, record: Path) -> Optional[dict]:
+    """The recorded summary of this exact cell, if a finished one is in `record`."""
     recorded = record / "runs" / f"{task}-{mode}-{settings_hash(config)}.json"
     if recorded.is_file():
         summary = json.loads(recorded.read_text())
         if finished(summary, config):
-            print(f"{label}: reused {recorded}", flush=True)
             return summary
+    return None
+
+
+def run_cell(config: RunConfig, task: str, mode: str, record: Path, label: str) -> dict:
+    """One grid cell: reused when recorded, resumed from its round checkpoint, or run."""
+    name = f"{task}-{mode}-{settings_hash(config)}"
+    recorded = record / "runs" / f"{name}.json"
+    summary = recorded_summary(config, task, mode, record)
+    if summary is not None:
+        print(f"{label}: reused {recorded}", flush=True)
+        return summary
     run_dir = Path(config.run_dir)
+    mirror_dir = record / "in_progress" / name
     summary_path = run_dir / "summary.json"
     if summary_path.is_file() and finished(json.loads(summary_path.read_text()), config):
         summary = json.loads(summary_path.read_text())
         # Finished outside this script: from the run folder's first and last writes.
         summary["wall_seconds"] = summary_path.stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
     else:
+        earlier = restore_mirror(mirror_dir, run_dir)
         resume = str(run_dir) if (run_dir / "checkpoint" / "checkpoint.json").is_file() else None
-        print(f"{label}: {'resuming ' + str(run_dir) if resume else 'running'} (log in the run folder)", flush=True)
-        start = time.perf_counter()
-        summary = fit(config, resume=resume, overwrite=resume is None and run_dir.exists())
+        where = f"resuming {run_dir} ({earlier:.0f} s done in earlier sittings)" if resume else "running"
+        print(f"{label}: {where} (log in the run folder)", flush=True)
+        mirror = CheckpointMirror(run_dir, mirror_dir, earlier if resume else 0.0)
+        mirror.start()
+        try:
+            summary = fit(config, resume=resume, overwrite=resume is None and run_dir.exists())
+        finally:
+            mirror.stop()
         summary = json.loads(json.dumps(summary, default=str))
-        # A resumed run reports the time of this sitting only, added to what earlier sittings recorded.
-        summary["wall_seconds"] = time.perf_counter() - start
+        # Time of the work kept: earlier sittings up to their last checkpoint, plus this sitting.
+        summary["wall_seconds"] = mirror.seconds()
     summary["settings_hash"] = settings_hash(config)
     recorded.parent.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(summary, indent=1, default=str))
+    shutil.rmtree(mirror_dir, ignore_errors=True)  # the finished record replaces the checkpoint
     print(f"{label}: done, recorded {recorded}", flush=True)
     return summary
+
+
+# ---- round checkpoints that outlive the run folder ----------------------------------------------
+
+MIRROR_RECORD = "sittings.json"
+"""In a mirror folder: the round it holds and the wall seconds the run had spent when it was saved."""
+
+
+class CheckpointMirror:
+    """Copies a running fit's latest round checkpoint into a folder that travels with the repository.
+
+    The run folder lives in an ignored path, so a fresh checkout would start a long run over; the
+    mirror holds exactly what `--resume` reads (checkpoint/ and the last round's adapters). A copy
+    is kept only if no checkpoint file changed while it was taken, and it replaces the previous
+    mirror in one rename, so the mirror always holds one complete round.
+    """
+
+    def __init__(self, run_dir: Path, mirror_dir: Path, earlier_seconds: float, poll_s: float = 15.0) -> None:
+        self.run_dir, self.mirror_dir = Path(run_dir), Path(mirror_dir)
+        self.earlier_seconds, self.poll_s = earlier_seconds, poll_s
+        self.started = time.perf_counter()
+        self._copied: Optional[tuple] = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="checkpoint-mirror", daemon=True)
+
+    def seconds(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self.started
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+        self.sync()  # the checkpoint of a round that ended just before fit returned or failed
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self.poll_s):
+            self.sync()
+
+    def _stamps(self) -> tuple:
+        folder = self.run_dir / "checkpoint"
+        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()))
+
+    def sync(self) -> bool:
+        """Mirror the current checkpoint if it is new; returns whether a copy was made."""
+        record = self.run_dir / "checkpoint" / "checkpoint.json"
+        if not record.is_file():
+            return False
+        before = self._stamps()
+        if before == self._copied:
+            return False
+        round_index = int(json.loads(record.read_text())["round"])
+        staging = self.mirror_dir.with_name(self.mirror_dir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(self.run_dir / "checkpoint", staging / "checkpoint")
+        adapters = Path("adapters") / f"round_{round_index}"
+        shutil.copytree(self.run_dir / adapters, staging / adapters)
+        if self._stamps() != before:  # the next round's checkpoint was being written: try again later
+            shutil.rmtree(staging, ignore_errors=True)
+            return False
+        (staging / MIRROR_RECORD).write_text(json.dumps({"round": round_index, "wall_seconds": self.seconds()}))
+        previous = self.mirror_dir.with_name(self.mirror_dir.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        if self.mirror_dir.exists():
+            self.mirror_dir.rename(previous)
+        staging.rename(self.mirror_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+        self._copied = before
+        return True
+
+
+def restore_mirror(mirror_dir: Path, run_dir: Path) -> float:
+    """Put a mirrored checkpoint back into `run_dir` when the run folder lacks one (a fresh checkout).
+
+    Returns the wall seconds the run had spent up to the mirrored checkpoint (0 without one). A run
+    folder with its own checkpoint keeps it: it is at least as recent as the mirror.
+    """
+    record = mirror_dir / MIRROR_RECORD
+    if not record.is_file():
+        return 0.0
+    mirrored = json.loads(record.read_text())
+    own = run_dir / "checkpoint" / "checkpoint.json"
+    if not (own.is_file() and int(json.loads(own.read_text())["round"]) >= int(mirrored["round"])):
+        for part in ("checkpoint", Path("adapters") / f"round_{mirrored['round']}"):
+            shutil.rmtree(run_dir / part, ignore_errors=True)
+            shutil.copytree(mirror_dir / part, run_dir / part)
+    return float(mirrored["wall_seconds"])
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -355,6 +466,10 @@ def write_outputs(runs: dict[str, dict[str, dict]], settings: dict, record: Path
     return report
 
 
+def _in_grid_order(runs: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    return {task: {m: by_mode[m] for m in GRID_ORDER if m in by_mode} for task, by_mode in runs.items()}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="demo", help="base config (demo: the real embedded models)")
@@ -373,22 +488,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     modes = [mode for mode in GRID_ORDER if mode in args.modes]
     record = args.record / "reproduction"
-    runs: dict[str, dict[str, dict]] = {}
-    cells = [(task, mode) for task in args.tasks for mode in modes]
     settings: dict = {"base_config": args.config, "part_size": args.part_size, "rounds": args.rounds, "tasks": {}}
     settings["overrides"] = args.override
-    for index, (task, mode) in enumerate(cells, 1):
+    configs: dict[tuple[str, str], RunConfig] = {}
+    for task in args.tasks:
         scale = {
             "eval_size": args.eval_size or EVAL_SIZES.get(task, 1000),
             "part_size": args.part_size,
             "rounds": args.rounds,
         }
         settings["tasks"][task] = {"n_eval": scale["eval_size"]}
-        config = grid_config(args.config, task, mode, scale, args.out, args.override)
-        settings["tasks"][task][f"settings_hash_{mode}"] = settings_hash(config)
-        summary = run_cell(config, task, mode, record, f"[{index}/{len(cells)}] {task} {mode}")
+        for mode in GRID_ORDER:
+            configs[task, mode] = grid_config(args.config, task, mode, scale, args.out, args.override)
+            settings["tasks"][task][f"settings_hash_{mode}"] = settings_hash(configs[task, mode])
+    # Every finished run of these settings is reported, also those a call with other --modes ran.
+    runs: dict[str, dict[str, dict]] = {}
+    for (task, mode), config in configs.items():
+        summary = recorded_summary(config, task, mode, record)
+        if summary is not None:
+            runs.setdefault(task, {})[mode] = summary
+    cells = [(task, mode) for task in args.tasks for mode in modes]
+    report = write_outputs(_in_grid_order(runs), dict(settings), args.record)
+    for index, (task, mode) in enumerate(cells, 1):
+        summary = run_cell(configs[task, mode], task, mode, record, f"[{index}/{len(cells)}] {task} {mode}")
         runs.setdefault(task, {})[mode] = summary
-        report = write_outputs(runs, dict(settings), args.record)  # after every cell, so a cut grid still reports
+        report = write_outputs(_in_grid_order(runs), dict(settings), args.record)  # after every cell
     print((record / "table.md").read_text())
     print(f"wall time of the runs: {report['wall_seconds']:.0f} s; {args.record / 'reproduction.json'}")
     return 0

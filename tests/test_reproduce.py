@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,80 @@ def test_grid_records_reuses_and_resumes(reproduce, tmp_path, monkeypatch):
     assert calls == [{"resume": str(run_dir), "overwrite": False}]
     after = json.loads((record / "reproduction.json").read_text())["tasks"]["arc_easy"]["parties"]
     assert after["client_0"]["standalone"]["acc"] == pytest.approx(before["client_0"]["standalone"]["acc"])
+
+
+def _fake_checkpoint(run_dir: Path, round_index: int) -> None:
+    (run_dir / "checkpoint").mkdir(parents=True, exist_ok=True)
+    adapter = run_dir / "adapters" / f"round_{round_index}" / "server"
+    adapter.mkdir(parents=True, exist_ok=True)
+    (adapter / "adapter_model.safetensors").write_bytes(bytes([round_index]) * 64)
+    (run_dir / "checkpoint" / "public_losses_server.safetensors").write_bytes(bytes([round_index]) * 8)
+    (run_dir / "checkpoint" / "checkpoint.json").write_text(json.dumps({"round": round_index}))
+
+
+def test_checkpoint_mirror_keeps_exactly_the_last_round(reproduce, tmp_path):
+    run_dir, mirror_dir = tmp_path / "run", tmp_path / "record" / "in_progress" / "cell"
+    mirror = reproduce.CheckpointMirror(run_dir, mirror_dir, earlier_seconds=100.0)
+    assert mirror.sync() is False  # nothing to mirror before the first checkpoint
+    _fake_checkpoint(run_dir, 1)
+    assert mirror.sync() is True and mirror.sync() is False  # copied once, then unchanged
+    _fake_checkpoint(run_dir, 2)
+    assert mirror.sync() is True
+    assert sorted(p.name for p in (mirror_dir / "adapters").iterdir()) == ["round_2"]
+    assert (mirror_dir / "adapters" / "round_2" / "server" / "adapter_model.safetensors").read_bytes() == bytes(
+        [2]
+    ) * 64
+    assert json.loads((mirror_dir / "checkpoint" / "checkpoint.json").read_text()) == {"round": 2}
+    saved = json.loads((mirror_dir / reproduce.MIRROR_RECORD).read_text())
+    assert saved["round"] == 2 and saved["wall_seconds"] >= 100.0
+    assert sorted(p.name for p in mirror_dir.parent.iterdir()) == ["cell"]  # no staging folders left
+
+    # A fresh checkout: the run folder is gone, and the mirror puts round 2 back for --resume.
+    fresh = tmp_path / "fresh"
+    assert reproduce.restore_mirror(mirror_dir, fresh) == pytest.approx(saved["wall_seconds"])
+    assert json.loads((fresh / "checkpoint" / "checkpoint.json").read_text()) == {"round": 2}
+    assert (fresh / "checkpoint" / "public_losses_server.safetensors").read_bytes() == bytes([2]) * 8
+    # A run folder with its own checkpoint at least as recent keeps it.
+    _fake_checkpoint(run_dir, 3)
+    reproduce.restore_mirror(mirror_dir, run_dir)
+    assert json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text()) == {"round": 3}
+    assert reproduce.restore_mirror(tmp_path / "no-mirror", tmp_path / "other") == 0.0
+
+
+def test_grid_continues_a_run_from_its_mirror_in_a_fresh_checkout(reproduce, tmp_path, monkeypatch):
+    """A run cut after round 1 whose run folder is lost continues from the tracked mirror and ends as an
+    uninterrupted run does."""
+    arguments = ["--config", "tiny", "--tasks", "arc_easy", "--eval-size", "12", "--part-size", "8", "--rounds", "2"]
+    arguments += ["--modes", "fedmkt"]
+    whole = tmp_path / "whole"
+    assert reproduce.main([*arguments, "--out", str(whole / "runs"), "--record", str(whole / "results")]) == 0
+    (expected,) = (whole / "results" / "reproduction" / "runs").glob("*.json")
+
+    out, record = tmp_path / "runs", tmp_path / "results"
+    real_fit = reproduce.fit
+
+    def killed_after_round_1(config, **kwargs):
+        cut = copy.deepcopy(config)
+        cut.federation.rounds = 1
+        real_fit(cut, **kwargs)
+        raise KeyboardInterrupt  # the sitting ends here
+
+    monkeypatch.setattr(reproduce, "fit", killed_after_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.main([*arguments, "--out", str(out), "--record", str(record)])
+    (mirror_dir,) = (record / "reproduction" / "in_progress").iterdir()
+    assert json.loads((mirror_dir / reproduce.MIRROR_RECORD).read_text())["round"] == 1
+    shutil.rmtree(out)  # a fresh checkout has no run folders
+
+    calls = []
+    monkeypatch.setattr(reproduce, "fit", lambda *a, **k: calls.append(k) or real_fit(*a, **k))
+    assert reproduce.main([*arguments, "--out", str(out), "--record", str(record)]) == 0
+    assert calls == [{"resume": str(out / "arc_easy" / "fedmkt"), "overwrite": False}]
+    assert not (record / "reproduction" / "in_progress" / mirror_dir.name).exists()  # replaced by the record
+    resumed = json.loads((record / "reproduction" / "runs" / expected.name).read_text())
+    uninterrupted = json.loads(expected.read_text())
+    for got, want in zip(resumed["rounds"], uninterrupted["rounds"], strict=True):
+        for party, entry in want["parties"].items():
+            for key in ("distill_loss", "fine_tune_loss", "eval_accuracy"):
+                if entry.get(key) is not None:
+                    assert got["parties"][party][key] == pytest.approx(entry[key], abs=1e-4), (party, key)
