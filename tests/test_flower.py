@@ -34,7 +34,7 @@ from safetensors.torch import load_file  # noqa: E402
 from fedmkt.cli import main  # noqa: E402
 from fedmkt.config import parse_run_config, run_config_from_text, shipped_configs  # noqa: E402
 from fedmkt.errors import FedMKTError  # noqa: E402
-from fedmkt.federation.flower import client_app, submit  # noqa: E402
+from fedmkt.federation.flower import client_app, client_phases, submit  # noqa: E402
 from fedmkt.federation.flower.local import bind_flower_commands  # noqa: E402
 from fedmkt.federation.flower.messages import (  # noqa: E402
     PHASE_MESSAGE_TYPES,
@@ -76,7 +76,7 @@ class FakeGrid:
             node_id: Context(
                 run_id=1,
                 node_id=node_id,
-                node_config=(node_configs or {}).get(node_id, {}),
+                node_config={"keep-alive-s": 0, **(node_configs or {}).get(node_id, {})},  # no worker process
                 state=RecordDict(),
                 run_config={},
             )
@@ -273,7 +273,7 @@ def test_proxy_moves_adapters_only_when_asked_and_restores_only_checkpointed_one
 
 
 class _FakeParticipant:
-    """What `_store_state` / `_restore_state` use of a Participant."""
+    """What `capture_state` / `restore_state` use of a Participant."""
 
     def __init__(self, losses=None):
         self.losses = losses
@@ -302,30 +302,33 @@ def test_client_state_persists_in_the_node_context_and_save_adapter_writes_it(ta
     context = Context(
         run_id=1,
         node_id=7,
-        node_config={"partition-id": 0, "output-dir": str(tmp_path / "node")},
+        node_config={"partition-id": 0, "output-dir": str(tmp_path / "node"), "keep-alive-s": 0},
         state=RecordDict(),
         run_config={},
     )
     restored = _FakeParticipant()
-    client_app._restore_state(restored, context)  # before the first phase: a fresh party
+    client_phases.restore_state(restored, client_app.read_state(context))  # before the first phase: a fresh party
     assert restored.loaded is None and restored.losses is None
 
-    client_app._store_state(_FakeParticipant(torch.tensor([0.5, 1.5])), context)
+    client_app.write_state(context, client_phases.capture_state(_FakeParticipant(torch.tensor([0.5, 1.5]))))
     assert set(context.state.array_records[client_app.STATE_KEY]) == {
         "adapter_model.safetensors",
         "adapter_config.json",
         "public_losses",
     }
-    client_app._restore_state(restored, context)
+    client_phases.restore_state(restored, client_app.read_state(context))
     assert torch.equal(restored.loaded["layer.lora_A.weight"], _FakeParticipant.weights["layer.lora_A.weight"])
     assert torch.equal(restored.losses, torch.tensor([0.5, 1.5]))
-    client_app._store_state(_FakeParticipant(None), context)  # losses no longer valid: dropped
-    client_app._restore_state(restored, context)
-    assert restored.losses is None
 
     request = Message(
         encode_request(
-            Request(phase="save_adapter", client="client_0", config_text=TINY_TEXT, path="adapters/round_1/client_0")
+            Request(
+                phase="save_adapter",
+                client="client_0",
+                config_text=TINY_TEXT,
+                path="adapters/round_1/client_0",
+                round=1,
+            )
         ),
         dst_node_id=7,
         message_type="query.save_adapter",
@@ -338,10 +341,25 @@ def test_client_state_persists_in_the_node_context_and_save_adapter_writes_it(ta
         _FakeParticipant.weights["layer.lora_A.weight"],
     )
     assert json.loads((folder / "adapter_config.json").read_text()) == {"r": 8}
+    # The cached losses and the round are saved with the adapter, and come back with it.
+    assert torch.equal(load_file(folder / "public_losses.safetensors")["losses"], torch.tensor([0.5, 1.5]))
+    record = json.loads((folder / "node_state.json").read_text())
+    assert record["round"] == 1 and record["adapter_sha256"] == decode_reply(reply.content).info["sha256"]
+    back = client_phases.read_state(folder, record["adapter_sha256"])
+    assert back == client_app.read_state(context)
+
+    client_app.write_state(context, client_phases.capture_state(_FakeParticipant(None)))  # losses no longer valid
+    client_phases.restore_state(restored, client_app.read_state(context))
+    assert restored.losses is None
+    client_app.handle(request, context)  # the same folder again: the stale losses file goes
+    assert not (folder / "public_losses.safetensors").exists()
+    assert client_phases.LOSSES_BLOB not in client_phases.read_state(folder, "")
 
 
 def test_client_app_answers_hello_and_refuses_messages_for_another_client(task_identity):
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    context = Context(
+        run_id=1, node_id=7, node_config={"partition-id": 1, "keep-alive-s": 0}, state=RecordDict(), run_config={}
+    )
     hello = Message(
         encode_request(Request(phase="hello", client="", config_text="")), dst_node_id=7, message_type="query.hello"
     )
@@ -401,6 +419,105 @@ def test_a_client_phase_through_messages_matches_the_in_process_participant(task
     proxy = RemoteParticipant("client_1", 3, grid, text, tmp_path, num_public=len(clients[1].data.public))
     assert _same_payload(proxy.share_knowledge(1), reference_payload)
     assert client_app.STATE_KEY in grid.contexts[3].state.array_records  # losses + adapter kept on the node
+
+
+def _worker_job(phase, settings, state, supernode, round_index=1):
+    from fedmkt.federation.flower.worker import Job
+
+    text = TINY_TEXT.replace("pool_size: 24", "pool_size: 6").replace("max_length: 96", "max_length: 48")
+    request = Request(phase=phase, client="client_1", config_text=text, round=round_index, fresh=state is None)
+    return Job(request, settings, state, node_id=3, run_id=1, supernode_pid=supernode.pid, caller_pid=os.getpid())
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    from safetensors.torch import load
+
+    def config(blob: bytes) -> dict:  # PEFT writes target_modules from a set: its order varies
+        values = json.loads(blob)
+        return values | {"target_modules": sorted(values["target_modules"])}
+
+    tensors = [name for name in a if name.endswith(".safetensors") or name == client_phases.LOSSES_BLOB]
+    same = set(a) == set(b) and config(a["adapter_config.json"]) == config(b["adapter_config.json"])
+    for name in tensors:
+        x, y = load(a[name]), load(b[name])
+        same = same and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    return same
+
+
+def _scores(stats: dict) -> dict:
+    return {key: value for key, value in stats.items() if not key.endswith("seconds")}
+
+
+def _gone(pid: int, timeout_s: float = 20.0) -> bool:
+    from fedmkt.federation.flower.worker import _alive
+
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _alive(pid)
+
+
+def test_the_node_worker_keeps_the_party_between_messages_and_leaves_with_its_supernode(task_identity, tmp_path):
+    """Two messages reuse one worker (one party build) and answer as the ClientApp process itself
+    does; the worker leaves when its SuperNode dies, when it sat idle for keep-alive-s, and when
+    another SuperNode takes over its folder."""
+    from fedmkt.federation.flower import worker
+
+    settings = node_settings({"partition-id": 1, "output-dir": str(tmp_path / "node"), "keep-alive-s": 3})
+    folder = worker.worker_folder(settings)
+    supernode = subprocess.Popen(["sleep", "600"])  # stands in for the SuperNode process
+    try:
+        shared, state = worker.call(_worker_job("share_knowledge", settings, None, supernode))
+        first = json.loads((folder / "address.json").read_text())["pid"]
+        evaluated, same_state = worker.call(_worker_job("evaluate", settings, state, supernode))
+        assert json.loads((folder / "address.json").read_text())["pid"] == first
+        assert same_state == state  # evaluating changes no state
+        assert (folder / "key").stat().st_mode & 0o077 == 0  # the key is the node user's only
+        log = (folder / "worker.log").read_text()
+        assert "share_knowledge round 1: ok" in log and "evaluate round 1: ok in" in log
+        assert "party builds so far: 1)" in log.splitlines()[-1]  # the second message reused the party
+
+        # The same two phases answered in this process, each on a party built afresh.
+        cache = client_phases.PartyCache()
+        job = _worker_job("share_knowledge", settings, None, supernode)
+        local, local_state = client_phases.answer(job.request, settings, None, 3, cache, 1)
+        assert _same_payload(
+            KnowledgePayload.from_bytes(shared.blobs["payload"]), KnowledgePayload.from_bytes(local.blobs["payload"])
+        )
+        assert _same_state(local_state, state)
+        fresh = client_phases.PartyCache()
+        local_eval, _ = client_phases.answer(
+            _worker_job("evaluate", settings, state, supernode).request, settings, state, 3, fresh, 1
+        )
+        assert _scores(local_eval.stats) == _scores(evaluated.stats)
+
+        supernode.kill()
+        supernode.wait()
+        assert _gone(first)  # its SuperNode is gone: so is the worker
+        assert not (folder / "address.json").exists()
+
+        supernode = subprocess.Popen(["sleep", "600"])
+        again, _ = worker.call(_worker_job("evaluate", settings, state, supernode))  # a new worker, rebuilt from state
+        second = json.loads((folder / "address.json").read_text())["pid"]
+        assert second != first and _scores(again.stats) == _scores(evaluated.stats)
+        other = subprocess.Popen(["sleep", "600"])  # a restarted SuperNode on the same folder
+        try:
+            worker.call(_worker_job("evaluate", settings, state, other))
+            third = json.loads((folder / "address.json").read_text())["pid"]
+            assert third not in (first, second) and _gone(second)
+            assert _gone(third, timeout_s=30.0)  # idle for keep-alive-s (3 s): it leaves by itself
+        finally:
+            other.kill()
+    finally:
+        supernode.kill()
+
+
+def test_keep_alive_is_a_number_of_seconds():
+    assert node_settings({"partition-id": 0}).keep_alive_s == 1800.0
+    assert node_settings({"partition-id": 0, "keep-alive-s": "0"}).keep_alive_s == 0.0
+    for bad in ("soon", -1, "nan"):
+        with pytest.raises(FedMKTError, match="keep-alive-s .* Fix: use e.g. keep-alive-s=1800"):
+            node_settings({"partition-id": 0, "keep-alive-s": bad})
 
 
 # ---- all clients at once ---------------------------------------------------------------------
@@ -620,7 +737,9 @@ def test_a_supernode_restarted_between_rounds_rejoins_from_its_own_folder(
 
 
 def test_a_node_that_lost_its_state_refuses_to_start_over(task_identity):
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    context = Context(
+        run_id=1, node_id=7, node_config={"partition-id": 0, "keep-alive-s": 0}, state=RecordDict(), run_config={}
+    )
     request = Request(phase="distill", client="client_0", config_text=TINY_TEXT, round=2, fresh=False)
     message = Message(encode_request(request), dst_node_id=7, message_type="train.distill")
     with pytest.raises(FedMKTError, match="holds no adapter of client_0.*Fix:"):
@@ -680,11 +799,11 @@ def test_a_node_refuses_paths_that_leave_its_output_folder_and_deletes_nothing(t
     context = Context(
         run_id=1,
         node_id=7,
-        node_config={"partition-id": 0, "output-dir": str(node_dir)},
+        node_config={"partition-id": 0, "output-dir": str(node_dir), "keep-alive-s": 0},
         state=RecordDict(),
         run_config={},
     )
-    client_app._store_state(_FakeParticipant(), context)
+    client_app.write_state(context, client_phases.capture_state(_FakeParticipant()))
     for bad in (str(outside), "../outside", "adapters/../../outside", ""):
         with pytest.raises(FedMKTError, match="refused to write.*own output folder"):
             client_app.handle(_save_request(bad), context)
@@ -698,7 +817,8 @@ def test_a_node_refuses_paths_that_leave_its_output_folder_and_deletes_nothing(t
     target.mkdir(parents=True)
     (target / "notes.txt").write_text("the node's own file")
     assert not client_app.handle(_save_request("adapters/round_1/client_0"), context).has_error()
-    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    names = ["adapter_config.json", "adapter_model.safetensors", "node_state.json", "notes.txt"]
+    assert sorted(p.name for p in target.iterdir()) == names
     assert (target / "notes.txt").read_text() == "the node's own file"  # nothing there was deleted
 
 
@@ -987,14 +1107,20 @@ def test_launch_local_reproduces_the_in_process_run(tmp_path, monkeypatch):
     if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None:
         pytest.skip("Flower's flower-superlink/flower-supernode commands are not installed")
     monkeypatch.chdir(REPO)  # own_data.yaml's files are relative to the repository
+    # Clients that fine-tune for a few seconds, so that "at the same time" can show in the spans.
+    config = tmp_path / "own_data_longer.yaml"
+    text = shipped_configs()["own_data.yaml"].read_text()
+    config.write_text(text.replace("\n    optimizer: {lr: 1.0e-3}", "\n    local_epochs: 12\n    optimizer: {lr: 1.0e-3}"))
+    assert config.read_text().count("local_epochs: 12") == 2
+    settings = [*SETTINGS, "--config", str(config)]
     flower_dir, inprocess_dir = tmp_path / "flower", tmp_path / "inprocess"
     started = time.monotonic()
-    code = main(["launch-local", *SETTINGS, "--run_dir", str(flower_dir)])
+    code = main(["launch-local", *settings, "--run_dir", str(flower_dir)])
     logs = [p.name + ":\n" + p.read_text()[-3000:] for p in sorted((flower_dir / "nodes").glob("*.log"))]
     assert code == 0, logs
     flower_seconds = time.monotonic() - started
     assert _processes_naming(str(flower_dir)) == []  # the SuperLink, SuperNodes and their apps are gone
-    assert main(["fit", *SETTINGS, "--run_dir", str(inprocess_dir)]) == 0
+    assert main(["fit", *settings, "--run_dir", str(inprocess_dir)]) == 0
 
     # The shared config names no client's private file; each node got its own.
     shared = (flower_dir / "config.yaml").read_text()

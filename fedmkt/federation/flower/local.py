@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -30,6 +30,7 @@ from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
 from fedmkt.federation.flower.node import apply_to_config, node_settings
 from fedmkt.federation.flower.submit import submit
+from fedmkt.federation.flower.worker import stop_workers
 from fedmkt.run import claim_run_dir, validate_against_vocabularies
 
 NODE_FILE = "node.yaml"
@@ -126,8 +127,10 @@ def bind_flower_commands(folder: Path) -> Path:
 class LocalFederation:
     """The processes `launch-local` started; `stop` ends each of them (and its children) by its own id."""
 
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, output_dirs: Sequence[Path] = ()) -> None:
         self.logs = logs
+        self.output_dirs = list(output_dirs)
+        """The nodes' output folders, where their SuperNodes' workers are found (`worker.py`)."""
         self.processes: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -151,10 +154,12 @@ class LocalFederation:
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM to each process we started and every process they spawned (the ServerApp and
-        ClientApp processes), then SIGKILL to those still there after `timeout_s`; returns once
-        all are gone."""
+        ClientApp processes, the nodes' workers), then SIGKILL to those still there after
+        `timeout_s`; returns once all are gone."""
         pids = [process.pid for _, process in self.processes]
         family = {pid: _started(pid) for pid in set(pids) | {c for pid in pids for c in _descendants(pid)}}
+        for folder in self.output_dirs:
+            stop_workers(folder, set(family), timeout_s)
         for _, process in reversed(self.processes):
             _signal(process.pid, signal.SIGTERM, group=True)
         for pid, started in family.items():
@@ -242,7 +247,9 @@ def local_federation(
     machine); yields the SuperLink's address and the processes, and stops them all on exit."""
     server_gpu, client_gpus = gpu_assignment(gpus, len(nodes))
     link_port, *node_ports = free_ports(1 + len(nodes))
-    federation = LocalFederation(run_dir / "nodes")
+    federation = LocalFederation(
+        run_dir / "nodes", sorted({Path(node["output-dir"]) for node in nodes if node.get("output-dir")})
+    )
     commands = bind_flower_commands(run_dir / "nodes" / "bin")
     base_env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
     base_env["PATH"] = os.pathsep.join([str(commands), str(Path(sys.executable).parent), base_env.get("PATH", "")])

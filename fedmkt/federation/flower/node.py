@@ -10,6 +10,8 @@ node-local YAML file that the `settings` key names (node-config keys win over th
   model          base model source (hub name, local dir, .gguf, embedded:NAME); other model
                  settings (random_init, dtype) stay those of the run config
   output-dir     folder the node writes its adapters into (default: ./fedmkt-client_N)
+  keep-alive-s   seconds the node's worker keeps the built party after its last message
+                 (default 1800; 0: no worker, every message rebuilds the party; see worker.py)
   settings       a YAML file with the same keys, where `data`/`eval` may be full data sources
                  ({path, name, split, format, columns, limit}) and `model` a full model spec
 
@@ -29,7 +31,7 @@ import yaml
 from fedmkt.config import DataSource, ModelSpec, RunConfig
 from fedmkt.errors import FedMKTError
 
-NODE_KEYS = ("partition-id", "data", "eval", "model", "output-dir", "settings")
+NODE_KEYS = ("partition-id", "data", "eval", "model", "output-dir", "keep-alive-s", "settings")
 """The `--node-config` keys fedmkt reads (and the keys of a `settings` file)."""
 
 
@@ -44,6 +46,8 @@ class NodeSettings:
     model: Optional[ModelSpec] = None
     model_source_only: bool = True
     """`model` came as a bare source: the run config's other model settings are kept."""
+    keep_alive_s: float = 1800.0
+    """How long the node's worker keeps the built party without a message (0: no worker)."""
 
     @property
     def client(self) -> str:
@@ -71,6 +75,7 @@ def node_settings(node_config: dict, num_clients: Optional[int] = None) -> NodeS
         eval=_source(values.get("eval"), "eval"),
         model=model,
         model_source_only=source_only,
+        keep_alive_s=_keep_alive(values.get("keep-alive-s")),
     )
 
 
@@ -125,6 +130,20 @@ def _partition_index(value: Any, num_clients: Optional[int]) -> int:
     if index < 0 or (num_clients is not None and index >= num_clients):
         raise FedMKTError(f"partition-id {index} names no client of this run. Fix: use 0 to {(num_clients or 1) - 1}.")
     return index
+
+
+def _keep_alive(value: Any) -> float:
+    if value is None or value == "":
+        return NodeSettings.keep_alive_s
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds >= 0:
+        raise FedMKTError(
+            f"keep-alive-s {value!r} is not a number of seconds >= 0. Fix: use e.g. keep-alive-s=1800 (0: no worker)."
+        )
+    return seconds
 
 
 def _settings_file(path: Path) -> dict:

@@ -1,0 +1,271 @@
+"""A node's long-lived party process: the client's built party stays in memory between messages.
+
+Flower starts a fresh ClientApp process for every message, and rebuilding the party there (torch
+and transformers imports, model load, tokenised data, vocabulary maps) costs tens of seconds per
+message. So the ClientApp only forwards each request to this worker: the node's first message
+starts it, later ones reuse it, and it answers them with `client_phases.answer` on a `PartyCache`.
+The client's state still travels with every request and reply (Flower's `context.state` stays the
+source of truth), so a worker that died or was replaced costs one rebuild, never a result.
+
+The worker listens on 127.0.0.1 (an OS-chosen port) and accepts only callers that know the key in
+its folder, `<output-dir>/.fedmkt-worker/client_N/` (`address.json`, `key` readable by the node's
+user only, `worker.log` with the phases' progress). It exits when the SuperNode that started it is gone, when
+the ClientApp process waiting for a phase dies (a stopped run stops its phase), or after
+`keep-alive-s` seconds without a request (node setting; 0: no worker, each ClientApp process
+answers its own message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Optional
+
+from filelock import FileLock
+
+from fedmkt.errors import FedMKTError
+from fedmkt.federation.flower.messages import Reply, Request
+from fedmkt.federation.flower.node import NodeSettings
+
+WORKER_DIR = ".fedmkt-worker"
+START_TIMEOUT_S = 300.0
+"""How long a ClientApp waits for a worker it started to listen."""
+
+
+@dataclass
+class Job:
+    """One request for the worker, with what the ClientApp process knows of the node and the run."""
+
+    request: Request
+    settings: NodeSettings
+    state: Optional[dict[str, bytes]]
+    node_id: int
+    run_id: int
+    supernode_pid: int
+    """The SuperNode the ClientApp runs under: a worker of another SuperNode steps aside."""
+    caller_pid: int
+
+
+def call(job: Job) -> tuple[Reply, Optional[dict[str, bytes]]]:
+    """Answer `job` in this node's worker, starting one if none is listening."""
+    folder = worker_folder(job.settings)
+    for _ in range(2):  # a worker of an earlier SuperNode answers "stale" once, then a new one starts
+        connection = _connection(folder, job.supernode_pid, job.settings.keep_alive_s)
+        try:
+            connection.send(job)
+            outcome = connection.recv()
+        except (EOFError, OSError) as error:
+            raise FedMKTError(
+                f"{job.settings.client}: the node's fedmkt worker stopped during {job.request.phase} ({type(error).__name__}). "
+                f"Fix: see {folder / 'worker.log'}; the next message starts a fresh worker."
+            ) from None
+        finally:
+            connection.close()
+        if outcome[0] == "ok":
+            return outcome[1], outcome[2]
+        if outcome[0] == "error":
+            name, text = outcome[1], outcome[2]
+            raise FedMKTError(text) if name == "FedMKTError" else RuntimeError(f"{name}: {text}")
+        _wait_gone(folder)  # "stale": that worker leaves; the next attempt starts this SuperNode's own
+    raise FedMKTError(
+        f"{job.settings.client}: no fedmkt worker of this SuperNode could be reached. Fix: see {folder / 'worker.log'}."
+    )
+
+
+def worker_folder(settings: NodeSettings) -> Path:
+    """Where the worker of this node's client keeps its address, key and log."""
+    return settings.output_dir / WORKER_DIR / settings.client
+
+
+def stop_workers(output_dir: Path, supernode_pids: set[int], timeout_s: float = 20.0) -> None:
+    """End the workers under `output_dir` that these SuperNodes started, and wait until they are gone
+    (they would leave by themselves within a second of their SuperNode; this makes it certain)."""
+    pids = []
+    for address in Path(output_dir).glob(f"{WORKER_DIR}/*/address.json"):
+        record = _address(address.parent) or {}
+        if record.get("supernode_pid") in supernode_pids and _alive(int(record.get("pid", 0))):
+            pids.append(int(record["pid"]))
+            os.kill(pids[-1], signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _connection(folder: Path, supernode_pid: int, keep_alive_s: float) -> Connection:
+    """A connection to the listening worker of `folder`, started here if there is none."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / "start.lock")):
+        connection = _connect(folder)
+        if connection is not None:
+            return connection
+        process = _start(folder, supernode_pid, keep_alive_s)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise FedMKTError(
+                    f"the node's fedmkt worker exited at start (code {process.returncode}). Fix: see {folder / 'worker.log'}."
+                )
+            record = _address(folder)
+            if record and record.get("pid") == process.pid:
+                connection = _connect(folder)
+                if connection is not None:
+                    return connection
+            time.sleep(0.1)
+        process.kill()
+        raise FedMKTError(
+            f"the node's fedmkt worker did not start in {START_TIMEOUT_S:.0f} s. Fix: see {folder / 'worker.log'}."
+        )
+
+
+def _address(folder: Path) -> Optional[dict]:
+    try:
+        return json.loads((folder / "address.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _connect(folder: Path) -> Optional[Connection]:
+    record = _address(folder)
+    if record is None or not _alive(int(record.get("pid", 0))):
+        return None
+    try:
+        return Client((record["host"], int(record["port"])), authkey=(folder / "key").read_bytes())
+    except (OSError, EOFError, KeyError, ValueError):  # gone since it wrote the file, or another key
+        return None
+
+
+def _wait_gone(folder: Path, timeout_s: float = 10.0) -> None:
+    record = _address(folder) or {}
+    deadline = time.monotonic() + timeout_s
+    while _alive(int(record.get("pid", 0))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _start(folder: Path, supernode_pid: int, keep_alive_s: float) -> subprocess.Popen:
+    command = [sys.executable, "-m", "fedmkt.federation.flower.worker", "--folder", str(folder)]
+    command += ["--supernode-pid", str(supernode_pid), "--keep-alive-s", str(keep_alive_s)]
+    with open(folder / "worker.log", "ab") as log:
+        return subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): the signal check stands
+
+
+# ---- the worker process ----------------------------------------------------------------------
+
+
+def serve(folder: Path, supernode_pid: int, keep_alive_s: float) -> None:
+    """Listen for this node's requests until the SuperNode is gone or nothing came for `keep_alive_s`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    key_file = folder / "key"
+    key_file.unlink(missing_ok=True)
+    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(key)
+    listener = Listener(("127.0.0.1", 0), authkey=key)
+    host, port = listener.address
+    record = {"host": host, "port": port, "pid": os.getpid(), "supernode_pid": supernode_pid}
+    staging = folder / f"address.json.{os.getpid()}"
+    staging.write_text(json.dumps(record))
+    staging.replace(folder / "address.json")
+    print(f"fedmkt worker {os.getpid()}: listening for SuperNode {supernode_pid} on {host}:{port}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: _leave(folder))
+    status = {"busy_caller": 0, "last": None}  # no idle clock while the imports below run
+    threading.Thread(target=_watch, args=(folder, supernode_pid, keep_alive_s, status), daemon=True).start()
+
+    from fedmkt.federation.flower.client_phases import PartyCache, answer  # the heavy imports, once
+
+    status["last"] = time.monotonic()
+    cache = PartyCache()
+    while True:
+        try:
+            connection = listener.accept()
+        except (OSError, EOFError, multiprocessing.AuthenticationError):  # a caller without the key, or gone
+            continue
+        with connection:
+            try:
+                job: Job = connection.recv()
+            except (OSError, EOFError):
+                continue
+            if job.supernode_pid != supernode_pid:  # this folder now belongs to a restarted SuperNode
+                connection.send(("stale",))
+                _leave(folder)
+            status["busy_caller"] = job.caller_pid
+            started = time.time()
+            try:
+                reply, state = answer(job.request, job.settings, job.state, job.node_id, cache, job.run_id)
+                outcome = ("ok", reply, state)
+            except Exception as error:  # the ClientApp raises it, so Flower reports it as the node's error
+                outcome = ("error", type(error).__name__, " ".join(str(error).split()))
+            print(
+                f"fedmkt worker: {job.request.client} {job.request.phase} round {job.request.round}: "
+                f"{outcome[0]} in {time.time() - started:.1f} s (party builds so far: {cache.builds})",
+                flush=True,
+            )
+            try:
+                connection.send(outcome)
+            except OSError:  # the ClientApp process is gone; its state is Flower's, nothing is lost
+                pass
+            status["busy_caller"], status["last"] = 0, time.monotonic()
+
+
+def _watch(folder: Path, supernode_pid: int, keep_alive_s: float, status: dict) -> None:
+    while True:
+        time.sleep(0.5)
+        caller = status["busy_caller"]
+        if not _alive(supernode_pid) or (caller and not _alive(caller)):
+            _leave(folder)
+        if not caller and status["last"] is not None and time.monotonic() - status["last"] > keep_alive_s:
+            _leave(folder)
+
+
+def _leave(folder: Path) -> None:
+    """Exit at once (also from the watch thread, mid-phase), withdrawing the address if it is ours."""
+    record = _address(folder)
+    if record and record.get("pid") == os.getpid():
+        (folder / "address.json").unlink(missing_ok=True)
+    print(f"fedmkt worker {os.getpid()}: leaving", flush=True)
+    os._exit(0)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="fedmkt's long-lived party process of one SuperNode")
+    parser.add_argument("--folder", type=Path, required=True)
+    parser.add_argument("--supernode-pid", type=int, required=True)
+    parser.add_argument("--keep-alive-s", type=float, default=1800.0)
+    args = parser.parse_args(argv)
+    serve(args.folder, args.supernode_pid, args.keep_alive_s)
+
+
+if __name__ == "__main__":
+    main()
