@@ -83,13 +83,16 @@ class FakeGrid:
             for node_id in nodes
         }
         self.sent: list[Message] = []
-        self.batches: list[list[str]] = []  # the message types of each send_and_receive call
+        self.batches: list[list[str]] = []  # the message types of each push
+        self.waiting: dict[str, Message] = {}  # replies not pulled yet, by the message they answer
+        self.pulls = 0
 
     def get_node_ids(self):
         return list(self.nodes)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        """Each node answers at once; its reply waits on the SuperLink until pulled."""
+        ids = []
         self.batches.append([m.metadata.message_type for m in messages])
         for message in messages:
             message.metadata.__dict__["_message_id"] = message.object_id  # as Grid.push_messages does
@@ -99,8 +102,13 @@ class FakeGrid:
             except Exception as error:
                 reply = Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=message)
             if reply is not None:
-                replies.append(reply)
-        return replies
+                self.waiting[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        return [self.waiting.pop(message_id) for message_id in list(message_ids) if message_id in self.waiting]
 
 
 def _payload(sender: str = "client_0", vocab_size: int = 100, num_samples: int = 3) -> KnowledgePayload:
@@ -543,7 +551,8 @@ def test_a_stage_goes_to_every_client_in_one_batch_and_failures_stay_per_client(
         for i in range(4)
     ]
     outcomes = run_together("fine_tune", [(client, (2,)) for client in clients])
-    assert grid.batches == [["train.fine_tune"] * 4]  # one send_and_receive carrying every client's message
+    assert grid.batches == [["train.fine_tune"] * 4]  # one push carrying every client's message
+    assert grid.pulls >= 2  # replies collected as they came, until the wait for the silent node ended
     assert [decode_request(m.content).round for m in grid.sent] == [2, 2, 2, 2]
     assert outcomes["client_0"].value == PhaseStats(task_loss=0.5) and outcomes["client_0"].error is None
     assert outcomes["client_0"].span("fine_tune") == {
@@ -1110,8 +1119,10 @@ def test_launch_local_reproduces_the_in_process_run(tmp_path, monkeypatch):
     # Clients that fine-tune for a few seconds, so that "at the same time" can show in the spans.
     config = tmp_path / "own_data_longer.yaml"
     text = shipped_configs()["own_data.yaml"].read_text()
-    config.write_text(text.replace("\n    optimizer: {lr: 1.0e-3}", "\n    local_epochs: 12\n    optimizer: {lr: 1.0e-3}"))
-    assert config.read_text().count("local_epochs: 12") == 2
+    config.write_text(
+        text.replace("\n    optimizer: {lr: 1.0e-3}", "\n    local_epochs: 40\n    optimizer: {lr: 1.0e-3}")
+    )
+    assert config.read_text().count("local_epochs: 40") == 2
     settings = [*SETTINGS, "--config", str(config)]
     flower_dir, inprocess_dir = tmp_path / "flower", tmp_path / "inprocess"
     started = time.monotonic()

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 
 from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError
-from fedmkt.federation.flower.messages import PHASE_MESSAGE_TYPES, Request, decode_reply, encode_request
+from fedmkt.federation.flower.messages import PHASE_MESSAGE_TYPES, Request, decode_reply, encode_request, exchange
 
 
 def ask_nodes(
@@ -36,7 +36,7 @@ def ask_nodes(
         return {}, [], []
     nodes: dict[str, int] = {}
     errors, duplicates = [], []
-    for reply in grid.send_and_receive(hello, timeout=timeout_s):
+    for reply in exchange(grid, hello, timeout_s):
         node_id = reply.metadata.src_node_id
         if reply.has_error():
             errors.append(f"SuperNode {node_id}: {' '.join(str(reply.error.reason).split())}")

@@ -28,7 +28,14 @@ from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.checkpoint import read_checkpoint
 from fedmkt.federation.flower.discovery import ask_nodes
-from fedmkt.federation.flower.messages import PHASE_MESSAGE_TYPES, Reply, Request, decode_reply, encode_request
+from fedmkt.federation.flower.messages import (
+    PHASE_MESSAGE_TYPES,
+    Reply,
+    Request,
+    decode_reply,
+    encode_request,
+    exchange,
+)
 from fedmkt.federation.protocol import PhaseStats
 from fedmkt.federation.stages import Outcome
 from fedmkt.payload import KnowledgePayload
@@ -231,7 +238,7 @@ def run_together(
     then: Sequence[str] = (),
     path: Optional[Callable[[RemoteParticipant], str]] = None,
 ) -> dict[str, Outcome]:
-    """The trainer's stage runner on Flower: `phase` for every client in one `send_and_receive`.
+    """The trainer's stage runner on Flower: `phase` for every client in one `exchange`.
 
     All messages leave together, so the clients' nodes work in parallel; replies are collected as
     they arrive until every client answered or the longest client timeout passed. A reply is
@@ -247,7 +254,7 @@ def run_together(
     messages = [client.message(phase, *args, then=then, path=path(client) if path else "") for client, args in calls]
     timeouts = [client.wait_s(len(then)) for client, _ in calls]
     sent = time.time()
-    replies = grid.send_and_receive(messages, timeout=None if None in timeouts else max(timeouts))
+    replies = exchange(grid, messages, None if None in timeouts else max(timeouts))
     received = time.time()
     # Pushing gave each message its id. A reply names the message it answers; the SuperLink's own
     # error replies (e.g. "node unavailable") come from the SuperLink, not from the client's node.
