@@ -8,7 +8,7 @@ import shutil
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import lightning as L
 from filelock import FileLock, Timeout
@@ -132,7 +132,7 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> FileLock:
     return lock
 
 
-def _resume_state(config: RunConfig, resume: str) -> dict:
+def resume_state(config: RunConfig, resume: str) -> dict:
     """The checkpoint a `--resume` continues (checked against `config`)."""
     folder = Path(resume)
     if folder.exists() and not folder.is_dir():
@@ -161,7 +161,7 @@ def fit(
     check_hardware(config)  # in-process: every party runs on this machine
     data = federation_data(config, list(config.parties()))  # every source read and checked here
     validate_against_vocabularies(config)
-    state = _resume_state(config, resume) if resume is not None else None
+    state = resume_state(config, resume) if resume is not None else None
     if state is not None and int(state["round"]) >= config.federation.rounds:
         print(
             f"fedmkt: {resume} already finished all {config.federation.rounds} rounds; nothing left to do "
@@ -189,12 +189,26 @@ def _fit_locked(
         atomic_write_text(run_dir / "config.yaml", resolved_config)
     server, clients = build_participants(config, data)
     if is_rank_zero():
-        for party in (server, *clients):  # what's needed, with the adapters, to reproduce a checkpoint
-            atomic_write_dir(run_dir / "tokenizers" / party.name, party.tokenizer.save_pretrained)
+        save_tokenizers(run_dir, {party.name: party.tokenizer for party in (server, *clients)})
     server, *clients = coordinate([server, *clients], [p.trainer for p in config.parties().values()])
     trainer = FederatedTrainer(server, clients, config, run_dir)
+    return run_rounds(trainer, config, run_dir, state, report=is_rank_zero())
+
+
+def save_tokenizers(run_dir: Path, tokenizers: dict[str, Any]) -> None:
+    """Every party's tokenizer under run_dir/tokenizers: with the adapters, what reproduces a checkpoint."""
+    for name, tokenizer in tokenizers.items():
+        atomic_write_dir(run_dir / "tokenizers" / name, tokenizer.save_pretrained)
+
+
+def run_rounds(
+    trainer: FederatedTrainer, config: RunConfig, run_dir: Path, state: Optional[dict], report: bool = True
+) -> dict:
+    """The set-up and tear-down every backend shares around `trainer.fit`: continue after the
+    checkpoint `state` (if any), log to the run's loggers, close them with the run's outcome, and
+    print the results table. `report` is False on the ranks that do not write the run folder."""
     start_round = trainer.restore(state) if state is not None else 1
-    trainer.loggers = make_loggers(config, run_dir, resumed=state is not None) if is_rank_zero() else []
+    trainer.loggers = make_loggers(config, run_dir, resumed=state is not None) if report else []
     status = "failed"
     try:
         summary = trainer.fit(start_round)
@@ -206,7 +220,7 @@ def _fit_locked(
             import wandb
 
             wandb.finish(exit_code=0 if status == "success" else 1)
-    if is_rank_zero():
+    if report:
         print("\n" + trainer.results_table())
         print(f"\nsummary: {run_dir / 'summary.json'}")
     return summary

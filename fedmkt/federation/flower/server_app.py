@@ -14,12 +14,10 @@ from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from lightning.pytorch.loggers import WandbLogger
 
 from fedmkt.alignment.vocab_map import tokenizer_fingerprint
 from fedmkt.config import RunConfig, run_config_from_text, validate
 from fedmkt.errors import FedMKTError
-from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
 from fedmkt.federation.flower.discovery import find_client_nodes
 from fedmkt.federation.flower.proxy import (
     DEFAULT_CLIENT_TIMEOUT_S,
@@ -30,7 +28,7 @@ from fedmkt.federation.flower.proxy import (
 from fedmkt.federation.flower.submit import check_supported
 from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.models import load_tokenizer
-from fedmkt.run import build_participant, make_loggers, quiet_lightning
+from fedmkt.run import build_participant, quiet_lightning, resume_state, run_rounds, save_tokenizers
 
 CONFIG_PATH_KEY = "config-path"
 """Run-config key (see app/pyproject.toml) holding the path of the resolved config YAML."""
@@ -66,9 +64,7 @@ def serve(grid: Grid, config_text: str, resume: bool = False) -> dict:
     quiet_lightning()
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = read_checkpoint(run_dir) if resume else None
-    if state is not None:
-        check_resumable(state, config, run_dir)
+    state = resume_state(config, str(run_dir)) if resume else None
 
     # The tokenizer each client must use: its knowledge is aligned with this one (tokenizers are not private).
     names = list(config.parties())[1:]
@@ -83,25 +79,9 @@ def serve(grid: Grid, config_text: str, resume: bool = False) -> dict:
         for name in names
     ]
 
-    # What's needed, with the adapters, to reproduce a checkpoint.
-    server.tokenizer.save_pretrained(run_dir / "tokenizers" / server.name)
-    for name, tokenizer in tokenizers.items():
-        tokenizer.save_pretrained(run_dir / "tokenizers" / name)
-
+    save_tokenizers(run_dir, {server.name: server.tokenizer, **tokenizers})
     trainer = FederatedTrainer(server, clients, config, run_dir, run_clients=FlowerStages(config, run_dir))
-    start_round = trainer.restore(state) if state is not None else 1
-    loggers = trainer.loggers = make_loggers(config, run_dir, resumed=state is not None)
-    try:
-        summary = trainer.fit(start_round)
-    finally:
-        for logger in loggers:
-            logger.finalize("success")
-        if any(isinstance(logger, WandbLogger) for logger in loggers):
-            import wandb
-
-            wandb.finish()
-    print("\n" + trainer.results_table())
-    return summary
+    return run_rounds(trainer, config, run_dir, state)
 
 
 def client_wait_s(config: RunConfig) -> float:
