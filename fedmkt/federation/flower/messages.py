@@ -1,10 +1,11 @@
 """A phase call and its answer as Flower records, and how a batch of them is sent.
 
 A request names the phase, the client it is meant for, the round, and carries the resolved run
-config (YAML text) so that a ClientApp, which Flower starts afresh for every message, can rebuild
-its party without any other input. Binary data (knowledge payloads, adapter weights) travels as
-raw byte arrays in an `ArrayRecord`: Flower splits arrays into chunks on the wire, and the bytes
-arrive exactly as sent (no pickles; the receiver parses them with safetensors). Phase statistics
+config (YAML text) so that a node can build its party from the request alone (its worker builds
+it once and reuses it while requests of the same run come). Binary data (knowledge payloads,
+adapter weights) travels as raw byte arrays in an `ArrayRecord`: Flower splits arrays into chunks
+on the wire, and the bytes arrive exactly as sent (no pickles between machines; the receiver parses
+them with safetensors). Phase statistics
 travel as JSON text, which keeps NaN task losses and nested `teacher_counts` intact.
 """
 

@@ -45,7 +45,7 @@ DEFAULT_CLIENT_TIMEOUT_S = 3600.0
 died is given up on after an hour, not after Flower's 12-hour message lifetime."""
 
 STARTUP_ALLOWANCE_S = 300.0
-"""Time a ClientApp may spend starting and rebuilding its party on top of
+"""Time a node may spend starting its worker and building its party on top of
 `federation.client_timeout_s` before the server stops waiting for its reply."""
 
 
@@ -306,8 +306,8 @@ class FlowerStages:
     """The trainer's stage runner on Flower, with fewer messages: at most two per client per round
     on the training path.
 
-    Each message makes its node start a fresh ClientApp process and rebuild the party, so phases
-    that the protocol always runs next go in the same message: fine-tune is followed by
+    Each message costs a fresh ClientApp process on its node and two polls, so phases that the
+    protocol always runs next go in the same message: fine-tune is followed by
     share-knowledge (modes that share), distil by evaluate (in rounds that evaluate) and
     save-adapter (not fedavg, whose averaging comes between). Their outcomes are kept until the
     trainer asks for that phase, and then returned without another message. Anything else, or any

@@ -86,6 +86,6 @@ def serve(grid: Grid, config_text: str, resume: bool = False) -> dict:
 
 def client_wait_s(config: RunConfig) -> float:
     """How long the server waits for one client phase: `client_timeout_s` (Flower's default if null)
-    plus the time a ClientApp needs to start and rebuild its party."""
+    plus the time a node needs to start its worker and build its party."""
     limit = config.federation.client_timeout_s
     return (DEFAULT_CLIENT_TIMEOUT_S if limit is None else limit) + STARTUP_ALLOWANCE_S

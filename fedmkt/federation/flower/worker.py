@@ -7,12 +7,13 @@ starts it, later ones reuse it, and it answers them with `client_phases.answer` 
 The client's state still travels with every request and reply (Flower's `context.state` stays the
 source of truth), so a worker that died or was replaced costs one rebuild, never a result.
 
-The worker listens on 127.0.0.1 (an OS-chosen port) and accepts only callers that know the key in
-its folder, `<output-dir>/.fedmkt-worker/client_N/` (`address.json`, `key` readable by the node's
-user only, `worker.log` with the phases' progress). It exits when the SuperNode that started it is gone, when
-the ClientApp process waiting for a phase dies (a stopped run stops its phase), or after
-`keep-alive-s` seconds without a request (node setting; 0: no worker, each ClientApp process
-answers its own message).
+The worker listens on 127.0.0.1 (an OS-chosen port) and accepts only callers that prove they know
+the key in its folder (`multiprocessing.connection`'s HMAC handshake; only then are the pickled
+requests read). The folder is `<output-dir>/.fedmkt-worker/client_N/`: `address.json`, `key`
+(readable by the node's user only) and `worker.log` (each phase and its progress). The worker
+exits when the SuperNode that started it is gone, when the ClientApp process waiting for a phase
+dies (a stopped run stops its phase), or after `keep-alive-s` seconds without a request (node
+setting; 0: no worker, each ClientApp process answers its own message).
 """
 
 from __future__ import annotations
