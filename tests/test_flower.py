@@ -434,7 +434,7 @@ def _worker_job(phase, settings, state, supernode, round_index=1):
 
     text = TINY_TEXT.replace("pool_size: 24", "pool_size: 6").replace("max_length: 96", "max_length: 48")
     request = Request(phase=phase, client="client_1", config_text=text, round=round_index, fresh=state is None)
-    return Job(request, settings, state, node_id=3, run_id=1, supernode_pid=supernode.pid, caller_pid=os.getpid())
+    return Job(request, settings, state, node_id=3, run_id=1, launcher_pid=supernode.pid, caller_pid=os.getpid())
 
 
 def _same_state(a: dict, b: dict) -> bool:

@@ -53,8 +53,9 @@ class Job:
     state: Optional[dict[str, bytes]]
     node_id: int
     run_id: int
-    supernode_pid: int
-    """The SuperNode the ClientApp runs under: a worker of another SuperNode steps aside."""
+    launcher_pid: int
+    """The process that started the ClientApp on the SuperNode (Flower's SuperExec, which exits with its
+    SuperNode): the worker leaves with it, and a worker of another SuperNode steps aside."""
     caller_pid: int
 
 
@@ -62,7 +63,7 @@ def call(job: Job) -> tuple[Reply, Optional[dict[str, bytes]]]:
     """Answer `job` in this node's worker, starting one if none is listening."""
     folder = worker_folder(job.settings)
     for _ in range(2):  # a worker of an earlier SuperNode answers "stale" once, then a new one starts
-        connection = _connection(folder, job.supernode_pid, job.settings.keep_alive_s)
+        connection = _connection(folder, job.launcher_pid, job.settings.keep_alive_s)
         try:
             connection.send(job)
             outcome = connection.recv()
@@ -89,13 +90,13 @@ def worker_folder(settings: NodeSettings) -> Path:
     return settings.output_dir / WORKER_DIR / settings.client
 
 
-def stop_workers(output_dir: Path, supernode_pids: set[int], timeout_s: float = 20.0) -> None:
+def stop_workers(output_dir: Path, launcher_pids: set[int], timeout_s: float = 20.0) -> None:
     """End the workers under `output_dir` that these SuperNodes started, and wait until they are gone
     (they would leave by themselves within a second of their SuperNode; this makes it certain)."""
     pids = []
     for address in Path(output_dir).glob(f"{WORKER_DIR}/*/address.json"):
         record = _address(address.parent) or {}
-        if record.get("supernode_pid") in supernode_pids and _alive(int(record.get("pid", 0))):
+        if record.get("launcher_pid") in launcher_pids and _alive(int(record.get("pid", 0))):
             pids.append(int(record["pid"]))
             os.kill(pids[-1], signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
@@ -106,14 +107,14 @@ def stop_workers(output_dir: Path, supernode_pids: set[int], timeout_s: float = 
             os.kill(pid, signal.SIGKILL)
 
 
-def _connection(folder: Path, supernode_pid: int, keep_alive_s: float) -> Connection:
+def _connection(folder: Path, launcher_pid: int, keep_alive_s: float) -> Connection:
     """A connection to the listening worker of `folder`, started here if there is none."""
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / "start.lock")):
         connection = _connect(folder)
         if connection is not None:
             return connection
-        process = _start(folder, supernode_pid, keep_alive_s)
+        process = _start(folder, launcher_pid, keep_alive_s)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -156,9 +157,9 @@ def _wait_gone(folder: Path, timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def _start(folder: Path, supernode_pid: int, keep_alive_s: float) -> subprocess.Popen:
+def _start(folder: Path, launcher_pid: int, keep_alive_s: float) -> subprocess.Popen:
     command = [sys.executable, "-m", "fedmkt.federation.flower.worker", "--folder", str(folder)]
-    command += ["--supernode-pid", str(supernode_pid), "--keep-alive-s", str(keep_alive_s)]
+    command += ["--launcher-pid", str(launcher_pid), "--keep-alive-s", str(keep_alive_s)]
     with open(folder / "worker.log", "ab") as log:
         return subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -184,7 +185,7 @@ def _alive(pid: int) -> bool:
 # ---- the worker process ----------------------------------------------------------------------
 
 
-def serve(folder: Path, supernode_pid: int, keep_alive_s: float) -> None:
+def serve(folder: Path, launcher_pid: int, keep_alive_s: float) -> None:
     """Listen for this node's requests until the SuperNode is gone or nothing came for `keep_alive_s`."""
     folder.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
@@ -195,14 +196,17 @@ def serve(folder: Path, supernode_pid: int, keep_alive_s: float) -> None:
         handle.write(key)
     listener = Listener(("127.0.0.1", 0), authkey=key)
     host, port = listener.address
-    record = {"host": host, "port": port, "pid": os.getpid(), "supernode_pid": supernode_pid}
+    record = {"host": host, "port": port, "pid": os.getpid(), "launcher_pid": launcher_pid}
     staging = folder / f"address.json.{os.getpid()}"
     staging.write_text(json.dumps(record))
     staging.replace(folder / "address.json")
-    print(f"fedmkt worker {os.getpid()}: listening for SuperNode {supernode_pid} on {host}:{port}", flush=True)
+    print(
+        f"fedmkt worker {os.getpid()}: listening on {host}:{port} for the ClientApps of process {launcher_pid}",
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, lambda *_: _leave(folder))
     status = {"busy_caller": 0, "last": None}  # no idle clock while the imports below run
-    threading.Thread(target=_watch, args=(folder, supernode_pid, keep_alive_s, status), daemon=True).start()
+    threading.Thread(target=_watch, args=(folder, launcher_pid, keep_alive_s, status), daemon=True).start()
 
     from fedmkt.federation.flower.client_phases import PartyCache, answer  # the heavy imports, once
 
@@ -218,7 +222,7 @@ def serve(folder: Path, supernode_pid: int, keep_alive_s: float) -> None:
                 job: Job = connection.recv()
             except (OSError, EOFError):
                 continue
-            if job.supernode_pid != supernode_pid:  # this folder now belongs to a restarted SuperNode
+            if job.launcher_pid != launcher_pid:  # this folder now belongs to a restarted SuperNode
                 connection.send(("stale",))
                 _leave(folder)
             status["busy_caller"] = job.caller_pid
@@ -240,11 +244,11 @@ def serve(folder: Path, supernode_pid: int, keep_alive_s: float) -> None:
             status["busy_caller"], status["last"] = 0, time.monotonic()
 
 
-def _watch(folder: Path, supernode_pid: int, keep_alive_s: float, status: dict) -> None:
+def _watch(folder: Path, launcher_pid: int, keep_alive_s: float, status: dict) -> None:
     while True:
         time.sleep(0.5)
         caller = status["busy_caller"]
-        if not _alive(supernode_pid) or (caller and not _alive(caller)):
+        if not _alive(launcher_pid) or (caller and not _alive(caller)):
             _leave(folder)
         if not caller and status["last"] is not None and time.monotonic() - status["last"] > keep_alive_s:
             _leave(folder)
@@ -262,10 +266,10 @@ def _leave(folder: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="fedmkt's long-lived party process of one SuperNode")
     parser.add_argument("--folder", type=Path, required=True)
-    parser.add_argument("--supernode-pid", type=int, required=True)
+    parser.add_argument("--launcher-pid", type=int, required=True)
     parser.add_argument("--keep-alive-s", type=float, default=1800.0)
     args = parser.parse_args(argv)
-    serve(args.folder, args.supernode_pid, args.keep_alive_s)
+    serve(args.folder, args.launcher_pid, args.keep_alive_s)
 
 
 if __name__ == "__main__":
