@@ -520,6 +520,35 @@ def test_the_node_worker_keeps_the_party_between_messages_and_leaves_with_its_su
         supernode.kill()
 
 
+def test_a_party_whose_phase_failed_part_way_is_built_again(task_identity, monkeypatch):
+    """A phase that raised may have changed the party (half an epoch of training) without a state
+    that describes it; the cache must not hand that party to the next request."""
+    built = []
+
+    class HalfTrained(_FakeParticipant):
+        def fine_tune(self, round_index):
+            raise RuntimeError("out of memory in step 3")
+
+        def evaluate(self):
+            return {"eval_accuracy": 0.5}
+
+    monkeypatch.setattr(
+        client_phases, "build_participant", lambda config, client: built.append(client) or HalfTrained()
+    )
+    settings = node_settings({"partition-id": 0, "keep-alive-s": 0})
+    cache = client_phases.PartyCache()
+    evaluate = Request(phase="evaluate", client="client_0", config_text=TINY_TEXT)
+    client_phases.answer(evaluate, settings, None, 7, cache)
+    client_phases.answer(evaluate, settings, None, 7, cache)
+    assert cache.builds == 1  # read-only phases reuse the party
+    with pytest.raises(RuntimeError, match="out of memory"):
+        client_phases.answer(
+            Request(phase="fine_tune", client="client_0", config_text=TINY_TEXT), settings, None, 7, cache
+        )
+    client_phases.answer(evaluate, settings, None, 7, cache)
+    assert cache.builds == 2 and built == ["client_0", "client_0"]
+
+
 def test_keep_alive_is_a_number_of_seconds():
     assert node_settings({"partition-id": 0}).keep_alive_s == 1800.0
     assert node_settings({"partition-id": 0, "keep-alive-s": "0"}).keep_alive_s == 0.0

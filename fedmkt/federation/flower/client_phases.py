@@ -87,6 +87,10 @@ class PartyCache:
             cached.state_digest = digest
         return cached.participant
 
+    def forget(self) -> None:
+        """Drop the party: a phase failed part-way, so it may hold what no stored state describes."""
+        self._cached = None
+
     def stored(self, state: ClientState) -> None:
         """The party's state is now `state` (after a stateful phase)."""
         if self._cached is not None:
@@ -127,7 +131,14 @@ def answer(
     if request.phase == "load_adapter":  # adopts a state saved in this node's folder; no model is built
         state = read_state(inside_output_dir(settings, request.path), request.sha256)
         return Reply(info={"start": start, "end": time.time()}), state
-    return run_phase(request, settings, state, cache, start, run_id)
+    try:
+        reply, new_state = run_phase(request, settings, state, cache, start, run_id)
+    except BaseException:
+        cache.forget()
+        raise
+    if any("error" in entry for entry in reply.info.get("then", {}).values()):
+        cache.forget()
+    return reply, new_state
 
 
 def node_config(settings: NodeSettings, request: Request) -> RunConfig:
