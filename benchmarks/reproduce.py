@@ -326,15 +326,15 @@ def assemble(runs: dict[str, dict[str, dict]]) -> dict:
         sizes = {cell["n"] for cells in parties.values() for cell in cells.values()}
         if len(sizes) > 1:
             raise SystemExit(f"{task}: runs were evaluated on different numbers of questions {sorted(sizes)}")
-        differences = {}
+        differences: dict[str, dict] = {}
         for party, cells in parties.items():
-            if "fedmkt" not in cells:
-                continue
-            differences[party] = {}
-            for baseline in BASELINES:
-                if baseline in cells and cells["fedmkt"]["correct"] and cells[baseline]["correct"]:
-                    diff, ci = paired_bootstrap(cells["fedmkt"]["correct"], cells[baseline]["correct"])
-                    differences[party][f"fedmkt-{baseline}"] = {"diff": diff, "ci": ci}
+            pairs = [("fedmkt", baseline) for baseline in BASELINES] + [("standalone", "zero_shot")]
+            for a, b in pairs:
+                if a in cells and b in cells and cells[a]["correct"] and cells[b]["correct"]:
+                    if "same_as" in cells[a]:
+                        continue  # a mode that leaves this party untrained: nothing of its own to compare
+                    diff, ci = paired_bootstrap(cells[a]["correct"], cells[b]["correct"])
+                    differences.setdefault(party, {})[f"{a}-{b}"] = {"diff": diff, "ci": ci}
         for cells in parties.values():
             for cell in cells.values():
                 cell.pop("correct")
@@ -344,8 +344,72 @@ def assemble(runs: dict[str, dict[str, dict]]) -> dict:
             "parties": parties,
             "differences": differences,
             "missing": [mode for mode in MODES if mode not in by_mode],
+            "paper_shape": paper_shape(differences, parties_names),
         }
     return tasks
+
+
+CLOSE_TO_CENTRALIZED = 0.03
+""""The LLM's FedMKT is close to Centralized": at 95 % it is at most this far below (3 points)."""
+
+
+def paper_shape(differences: dict[str, dict], parties: list[str]) -> list[dict]:
+    """The paper's claims, each with a verdict from the paired intervals: `holds` (the interval is
+    clear of the bound), `contradicted` (clear on the wrong side), `not shown` (the bound lies
+    inside the interval) or `not measured`."""
+
+    def verdict(item: Optional[dict], bound: float = 0.0) -> str:
+        if item is None:
+            return "not measured"
+        low, high = item["ci"]
+        return "holds" if low > bound else "contradicted" if high < bound else "not shown"
+
+    def evidence(party: str, key: str) -> str:
+        item = differences.get(party, {}).get(key)
+        return f"{party} {key}: {_points(item)}" if item else f"{party} {key}: not measured"
+
+    claims = []
+    for party in parties[1:]:
+        for key, claim in (
+            ("fedmkt-standalone", "FedMKT > Standalone"),
+            ("standalone-zero_shot", "Standalone > Zero-Shot"),
+        ):
+            item = differences.get(party, {}).get(key)
+            claims.append({"claim": f"{party}: {claim}", "verdict": verdict(item), "evidence": evidence(party, key)})
+    server = differences.get("server", {})
+    claims.append(
+        {
+            "claim": "server: FedMKT > Zero-Shot",
+            "verdict": verdict(server.get("fedmkt-zero_shot")),
+            "evidence": evidence("server", "fedmkt-zero_shot"),
+        }
+    )
+    claims.append(
+        {
+            "claim": f"server: FedMKT close to Centralized (at most {100 * CLOSE_TO_CENTRALIZED:.0f} points below)",
+            "verdict": verdict(server.get("fedmkt-centralized"), -CLOSE_TO_CENTRALIZED),
+            "evidence": evidence("server", "fedmkt-centralized"),
+        }
+    )
+    controls = [verdict(differences.get(party, {}).get("fedmkt-fedmkt_no_kd")) for party in parties]
+    measured = [v for v in controls if v != "not measured"]
+    overall = (
+        "not measured"
+        if not measured
+        else "holds"
+        if "holds" in measured
+        else "contradicted"
+        if all(v == "contradicted" for v in measured)
+        else "not shown"
+    )
+    claims.append(
+        {
+            "claim": "FedMKT > FedMKT with lambda = 1 for at least one party (the KD term's own gain)",
+            "verdict": overall,
+            "evidence": "; ".join(evidence(party, "fedmkt-fedmkt_no_kd") for party in parties),
+        }
+    )
+    return claims
 
 
 def _party_names(by_mode: dict[str, dict]) -> list[str]:
@@ -393,6 +457,8 @@ def table(report: dict, tries: list[str]) -> str:
         ]
         for party, items in result["differences"].items():
             lines.append(f"| {party} | " + " | ".join(_points(items.get(f"fedmkt-{b}")) for b in BASELINES) + " |")
+        lines += ["", "The paper's shape (verdicts from the paired intervals above):", ""]
+        lines += [f"- {c['claim']}: **{c['verdict']}** ({c['evidence']})" for c in result["paper_shape"]]
         if result["missing"]:
             lines += ["", f"Not run yet: {', '.join(result['missing'])}."]
         lines.append("")

@@ -87,9 +87,45 @@ def test_assemble_fills_the_schema_and_marks_untrained_parties(reproduce):
     assert diffs["client_0"]["fedmkt-standalone"]["diff"] == pytest.approx(1 / 8)
     assert diffs["client_0"]["fedmkt-zero_shot"]["diff"] == pytest.approx(2 / 8)
     assert diffs["server"]["fedmkt-centralized"]["diff"] == pytest.approx(-1 / 8)
-    assert set(diffs["client_1"]) == {"fedmkt-standalone", "fedmkt-zero_shot", "fedmkt-centralized"}
+    assert set(diffs["client_1"]) == {
+        "fedmkt-standalone",
+        "fedmkt-zero_shot",
+        "fedmkt-centralized",
+        "standalone-zero_shot",
+    }
+    assert diffs["client_0"]["standalone-zero_shot"]["diff"] == pytest.approx(1 / 8)
+    assert "standalone-zero_shot" not in diffs["server"]  # the server's standalone cell is its zero-shot model
     json.dumps(result)  # the report is plain JSON (no per-question records left in it)
     assert "correct" not in server["fedmkt"]
+
+
+def test_paper_shape_verdicts_follow_the_intervals(reproduce):
+    def item(low, high):
+        return {"diff": (low + high) / 2, "ci": [low, high]}
+
+    differences = {
+        "server": {"fedmkt-zero_shot": item(-0.01, 0.03), "fedmkt-centralized": item(-0.02, 0.01)},
+        "client_0": {
+            "fedmkt-standalone": item(0.01, 0.05),
+            "standalone-zero_shot": item(0.05, 0.10),
+            "fedmkt-fedmkt_no_kd": item(-0.02, 0.02),
+        },
+        "client_1": {"fedmkt-standalone": item(-0.06, -0.01), "fedmkt-fedmkt_no_kd": item(0.005, 0.03)},
+    }
+    verdicts = {
+        c["claim"]: c["verdict"] for c in reproduce.paper_shape(differences, ["server", "client_0", "client_1"])
+    }
+    assert verdicts["client_0: FedMKT > Standalone"] == "holds"
+    assert verdicts["client_0: Standalone > Zero-Shot"] == "holds"
+    assert verdicts["client_1: FedMKT > Standalone"] == "contradicted"
+    assert verdicts["client_1: Standalone > Zero-Shot"] == "not measured"
+    assert verdicts["server: FedMKT > Zero-Shot"] == "not shown"  # 0 lies inside [-1, +3] points
+    assert verdicts["server: FedMKT close to Centralized (at most 3 points below)"] == "holds"  # -2 > -3
+    assert verdicts["FedMKT > FedMKT with lambda = 1 for at least one party (the KD term's own gain)"] == "holds"
+    far_below = {"server": {"fedmkt-centralized": item(-0.08, -0.04)}}
+    claims = {c["claim"]: c["verdict"] for c in reproduce.paper_shape(far_below, ["server", "client_0"])}
+    assert claims["server: FedMKT close to Centralized (at most 3 points below)"] == "contradicted"
+    assert claims["FedMKT > FedMKT with lambda = 1 for at least one party (the KD term's own gain)"] == "not measured"
 
 
 def test_assemble_refuses_runs_on_different_questions(reproduce):
