@@ -26,7 +26,7 @@ right). Outputs:
 The grid resumes where it stopped: a run whose summary is recorded under the same settings is
 reused, a run killed mid-way continues from its last round checkpoint, and one killed before its
 first checkpoint starts over. Each round checkpoint is mirrored into `in_progress/` (adapters,
-cached losses, RNG state: a few MB), so a fresh checkout of the repository continues the run too:
+cached losses, RNG state: about 10 MB), so a fresh checkout of the repository continues the run too:
 the grid may span several sittings on different machines. `--modes` and `--tasks` run
 part of it; every call rewrites the outputs from what has finished (missing cells are listed).
 Extra `--override KEY=VALUE` pairs go to every run and change the settings hash. On a 2-core machine

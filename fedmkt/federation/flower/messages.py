@@ -5,8 +5,8 @@ config (YAML text) so that a node can build its party from the request alone (it
 it once and reuses it while requests of the same run come). Binary data (knowledge payloads,
 adapter weights) travels as raw byte arrays in an `ArrayRecord`: Flower splits arrays into chunks
 on the wire, and the bytes arrive exactly as sent (no pickles between machines; the receiver parses
-them with safetensors). Phase statistics
-travel as JSON text, which keeps NaN task losses and nested `teacher_counts` intact.
+them with safetensors). Phase statistics travel as JSON text, which keeps NaN task losses and
+nested `teacher_counts` intact.
 """
 
 from __future__ import annotations
