@@ -19,7 +19,8 @@ right). Outputs:
   <record>/reproduction/accuracy_per_round.png
   <record>/reproduction/runs/       each finished run's summary, named by task, mode and settings hash
   <record>/reproduction/in_progress/  the last round checkpoint of each unfinished run (tracked in git)
-  <out>/<task>/<mode>/              each run's folder (adapters, round checkpoints, logs)
+  <record>/reproduction/tries/NAME/   a tuning try's report (see --try)
+  <out>/<task>/<mode>-<hash>/       each run's folder (adapters, round checkpoints, logs)
 
     OMP_NUM_THREADS=1 python benchmarks/reproduce.py --tasks arc_easy boolq
 
@@ -29,8 +30,16 @@ first checkpoint starts over. Each round checkpoint is mirrored into `in_progres
 cached losses, RNG state: about 10 MB), so a fresh checkout of the repository continues the run too:
 the grid may span several sittings on different machines. `--modes` and `--tasks` run
 part of it; every call rewrites the outputs from what has finished (missing cells are listed).
-Extra `--override KEY=VALUE` pairs go to every run and change the settings hash. On a 2-core machine
-give each process one thread: two multi-threaded torch processes slow each other down several-fold.
+Extra `--override KEY=VALUE` pairs go to every run. They change the settings hash only of the modes
+that read the key (Zero-Shot reads no training setting, Standalone no transfer setting, ...), so a
+tuning try reruns only what its change can move and reuses the rest. `--try NAME` writes such a try's
+report to `<record>/reproduction/tries/NAME/` and lists it in the main table:
+
+    OMP_NUM_THREADS=1 python benchmarks/reproduce.py --tasks arc_easy --try kd-answer \
+        --override transfer.kd_positions=answer
+
+On a 2-core machine give each process one thread: two multi-threaded torch processes slow each
+other down several-fold.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from typing import Optional
 import numpy as np
 
 from fedmkt.config import RunConfig, parse_run_config
+from fedmkt.federation.files import atomic_write_text
 from fedmkt.run import fit
 
 MODES = ("zero_shot", "standalone", "fedmkt", "centralized", "fedmkt_no_kd", "llm2slm")
@@ -93,8 +103,6 @@ def grid_config(base: str, task: str, mode: str, scale: dict, out: Path, overrid
         str(3 * scale["part_size"]),  # one public and two private parts
         "--federation.rounds",
         str(scale["rounds"]),
-        "--run_dir",
-        str(out / task / mode),
         "--logging.wandb",
         "false",
         *mode_arguments(mode),
@@ -102,13 +110,66 @@ def grid_config(base: str, task: str, mode: str, scale: dict, out: Path, overrid
     for item in overrides:
         key, _, value = item.partition("=")
         arguments += [f"--{key}", value]
-    return parse_run_config(arguments)
+    config = parse_run_config(arguments)
+    # One folder per settings, so tries of other settings (even running side by side) never meet.
+    config.run_dir = str(out / task / f"{mode}-{settings_hash(config)}")
+    return config
+
+
+TRAINING_KEYS = ("optimizer", "batch_size", "local_epochs", "distill_epochs")
+"""A party's keys that only matter when it trains."""
+
+KD_KEYS = ("top_k", "temperature", "kd_loss", "selection", "kd_positions", "sequence_alignment")
+"""Transfer keys that only shape the KD term (lambda < 1)."""
+
+
+def _unread_keys(tree: dict) -> dict[str, tuple[str, ...]]:
+    """Keys a run of this config never reads, per part (`transfer`, `privacy`, `server`, `clients`, ...).
+
+    A mode leaves parts of the config unused (Zero-Shot trains nobody, Standalone never transfers,
+    lambda = 1 has no KD term); leaving them out of the settings hash lets a tuning try reuse every
+    recorded run that its changed keys cannot affect.
+    """
+    mode = tree["federation"]["mode"]
+    no_kd = mode == "fedmkt" and float(tree["transfer"]["ce_weight"]) == 1.0
+    everything = tuple(tree["transfer"])
+    if mode == "zero_shot":
+        return {
+            "transfer": everything,
+            "privacy": tuple(tree["privacy"]),
+            "federation": ("rounds",),
+            "server": TRAINING_KEYS,
+            "clients": TRAINING_KEYS,
+        }
+    if mode == "standalone":
+        return {
+            "transfer": everything,
+            "privacy": tuple(tree["privacy"]),
+            "server": TRAINING_KEYS,
+            "clients": ("distill_epochs",),
+        }
+    if mode == "centralized":
+        return {
+            "transfer": everything,
+            "privacy": tuple(tree["privacy"]),
+            "server": ("distill_epochs",),
+            "clients": TRAINING_KEYS,
+        }
+    if mode == "llm2slm":
+        return {"server": TRAINING_KEYS}
+    if no_kd:
+        return {"transfer": KD_KEYS}
+    return {}
 
 
 def settings_of(config: RunConfig | dict) -> dict:
-    """The config as JSON, without the keys that do not change results."""
+    """The config as JSON, without the keys that do not change this run's results."""
     tree = asdict(config) if isinstance(config, RunConfig) else config
     tree = json.loads(json.dumps(tree, default=str))
+    for part, keys in _unread_keys(tree).items():
+        for section in tree[part] if part == "clients" else [tree[part]]:
+            for key in keys:
+                section.pop(key, None)
     return {key: value for key, value in tree.items() if key not in IGNORED_SETTINGS}
 
 
@@ -435,7 +496,7 @@ def _points(item: Optional[dict]) -> str:
     return f"{100 * item['diff']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
-def table(report: dict, tries: list[str]) -> str:
+def table(report: dict, recorded: list[str], tries: list[str]) -> str:
     lines = []
     for task, result in report["tasks"].items():
         lines += [
@@ -462,7 +523,8 @@ def table(report: dict, tries: list[str]) -> str:
         if result["missing"]:
             lines += ["", f"Not run yet: {', '.join(result['missing'])}."]
         lines.append("")
-    lines += ["## Every recorded try (task-mode-settings hash)", "", *[f"- {name}" for name in tries], ""]
+    lines += tries
+    lines += ["## Every recorded run (task-mode-settings hash)", "", *[f"- {name}" for name in recorded], ""]
     return "\n".join(lines)
 
 
@@ -511,7 +573,37 @@ def plot(runs: dict[str, dict[str, dict]], path: Path) -> None:
     plt.close(figure)
 
 
-def write_outputs(runs: dict[str, dict[str, dict]], settings: dict, record: Path) -> dict:
+TRIES = "tries"
+"""Under `<record>/reproduction/`: one folder per named tuning try, with its own report."""
+
+
+def tries_table(record: Path) -> list[str]:
+    """Markdown lines summing up every named try: its overrides and each party's FedMKT against Zero-Shot."""
+    reports = sorted((record / "reproduction" / TRIES).glob("*/reproduction.json"))
+    if not reports:
+        return []
+    lines = [
+        "## Tuning tries (each with every mode at the same settings; see tries/NAME/table.md)",
+        "",
+        "| try | task | overrides | party | fedmkt | fedmkt-zero_shot | fedmkt-standalone | missing |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in reports:
+        report = json.loads(path.read_text())
+        overrides = " ".join(report["settings"].get("overrides") or []) or "(none)"
+        for task, result in report["tasks"].items():
+            for party, cells in result["parties"].items():
+                items = result["differences"].get(party, {})
+                lines.append(
+                    f"| {path.parent.name} | {task} | {overrides} | {party} | {_percent(cells.get('fedmkt'))} | "
+                    f"{_points(items.get('fedmkt-zero_shot'))} | {_points(items.get('fedmkt-standalone'))} | "
+                    f"{', '.join(result['missing']) or '–'} |"
+                )
+    return [*lines, ""]
+
+
+def write_outputs(runs: dict[str, dict[str, dict]], settings: dict, record: Path, name: Optional[str] = None) -> dict:
+    """reproduction.json, table.md and the PNG: the main report, or with `name` a tuning try's."""
     report = {
         "settings": settings,
         "wall_seconds": sum(s.get("wall_seconds") or 0.0 for by_mode in runs.values() for s in by_mode.values()),
@@ -522,13 +614,20 @@ def write_outputs(runs: dict[str, dict[str, dict]], settings: dict, record: Path
         for task, by_mode in runs.items()
         for mode, summary in by_mode.items()
     }
-    folder = record / "reproduction"
+    runs_folder = record / "reproduction" / "runs"
+    folder = record / "reproduction" / TRIES / name if name else record / "reproduction"
     folder.mkdir(parents=True, exist_ok=True)
-    (record / "reproduction.json").write_text(json.dumps(report, indent=2) + "\n")
-    tries = sorted(p.stem for p in (folder / "runs").glob("*.json"))
-    (folder / "table.md").write_text(table(report, tries))
+    # Atomic writes: a grid and a try running side by side read each other's reports.
+    atomic_write_text(
+        folder / "reproduction.json" if name else record / "reproduction.json", json.dumps(report, indent=2) + "\n"
+    )
+    recorded = sorted(p.stem for p in runs_folder.glob("*.json"))
+    atomic_write_text(folder / "table.md", table(report, recorded, [] if name else tries_table(record)))
     if runs:
         plot(runs, folder / "accuracy_per_round.png")
+    if name and (record / "reproduction.json").is_file():  # keep the main table's list of tries current
+        main = json.loads((record / "reproduction.json").read_text())
+        atomic_write_text(record / "reproduction" / "table.md", table(main, recorded, tries_table(record)))
     return report
 
 
@@ -551,7 +650,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="run folders")
     parser.add_argument("--record", type=Path, default=Path("benchmarks/results"), help="where results are recorded")
     parser.add_argument("--override", nargs="*", default=[], help="KEY=VALUE config overrides for every run")
+    parser.add_argument(
+        "--try",
+        dest="try_name",
+        default=None,
+        help=f"name of a tuning try: its report goes to <record>/reproduction/{TRIES}/NAME/ (default: the main report)",
+    )
     args = parser.parse_args(argv)
+    if args.try_name is not None and not args.try_name.replace("-", "").replace("_", "").isalnum():
+        parser.error(f"--try {args.try_name!r}: use letters, digits, '-' and '_' only (it names a folder)")
     modes = [mode for mode in GRID_ORDER if mode in args.modes]
     record = args.record / "reproduction"
     settings: dict = {"base_config": args.config, "part_size": args.part_size, "rounds": args.rounds, "tasks": {}}
@@ -574,13 +681,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if summary is not None:
             runs.setdefault(task, {})[mode] = summary
     cells = [(task, mode) for task in args.tasks for mode in modes]
-    report = write_outputs(_in_grid_order(runs), dict(settings), args.record)
+    report = write_outputs(_in_grid_order(runs), dict(settings), args.record, args.try_name)
     for index, (task, mode) in enumerate(cells, 1):
         summary = run_cell(configs[task, mode], task, mode, record, f"[{index}/{len(cells)}] {task} {mode}")
         runs.setdefault(task, {})[mode] = summary
-        report = write_outputs(_in_grid_order(runs), dict(settings), args.record)  # after every cell
-    print((record / "table.md").read_text())
-    print(f"wall time of the runs: {report['wall_seconds']:.0f} s; {args.record / 'reproduction.json'}")
+        report = write_outputs(_in_grid_order(runs), dict(settings), args.record, args.try_name)  # after every cell
+    folder = record / TRIES / args.try_name if args.try_name else record
+    print((folder / "table.md").read_text())
+    print(f"wall time of the runs: {report['wall_seconds']:.0f} s; report in {folder}")
     return 0
 
 

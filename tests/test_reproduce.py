@@ -158,6 +158,30 @@ def test_mode_arguments_turn_one_config_into_each_mode(reproduce, tmp_path):
     assert len(hashes) == len(reproduce.MODES)
     moved = reproduce.grid_config("tiny", "arc_easy", "fedmkt", scale, tmp_path / "elsewhere", [])
     assert reproduce.settings_hash(moved) == reproduce.settings_hash(configs["fedmkt"])  # run_dir is not a setting
+    assert len({c.run_dir for c in configs.values()}) == len(reproduce.MODES)
+
+
+@pytest.mark.parametrize(
+    "override, changed",
+    [
+        ("transfer.kd_positions=answer", {"fedmkt", "llm2slm"}),
+        ("transfer.temperature=2.0", {"fedmkt", "llm2slm"}),
+        ("privacy.logit_noise=0.5", {"fedmkt", "fedmkt_no_kd", "llm2slm"}),
+        ("server.optimizer.lr=0.0007", {"fedmkt", "fedmkt_no_kd", "centralized"}),
+        ("server.distill_epochs=2", {"fedmkt", "fedmkt_no_kd"}),
+        ("server.local_epochs=2", {"fedmkt", "fedmkt_no_kd", "centralized"}),
+        ("federation.rounds=4", {"standalone", "fedmkt", "fedmkt_no_kd", "centralized", "llm2slm"}),
+        ("data.pool_size=30", {"zero_shot", "standalone", "fedmkt", "centralized", "fedmkt_no_kd", "llm2slm"}),
+    ],
+)
+def test_a_try_changes_the_settings_hash_only_of_modes_that_read_it(reproduce, tmp_path, override, changed):
+    """A tuning try reruns exactly the modes whose results its changed key can move."""
+    scale = {"eval_size": 12, "part_size": 8, "rounds": 2}
+    for mode in reproduce.MODES:
+        base = reproduce.grid_config("tiny", "arc_easy", mode, scale, tmp_path, [])
+        tried = reproduce.grid_config("tiny", "arc_easy", mode, scale, tmp_path, [override])
+        moved = reproduce.settings_hash(tried) != reproduce.settings_hash(base)
+        assert moved == (mode in changed), (override, mode)
 
 
 def test_grid_records_reuses_and_resumes(reproduce, tmp_path, monkeypatch):
@@ -180,10 +204,25 @@ def test_grid_records_reuses_and_resumes(reproduce, tmp_path, monkeypatch):
     assert reproduce.main(arguments) == 0
     assert calls == []  # both cells reused from the record
 
+    # A tuning try of a KD setting: neither mode reads it, so both cells are reused, and the try's
+    # report goes to its own folder while the main one is kept and lists the try.
+    main_report = (record / "reproduction.json").read_text()
+    try_arguments = [*arguments, "--try", "kd-answer", "--override", "transfer.kd_positions=answer"]
+    assert reproduce.main(try_arguments) == 0
+    assert calls == []
+    assert (record / "reproduction.json").read_text() == main_report
+    tried = json.loads((record / "reproduction" / "tries" / "kd-answer" / "reproduction.json").read_text())
+    assert tried["settings"]["overrides"] == ["transfer.kd_positions=answer"]
+    assert tried["tasks"]["arc_easy"]["parties"] == json.loads(main_report)["tasks"]["arc_easy"]["parties"]
+    assert (
+        "| kd-answer | arc_easy | transfer.kd_positions=answer | client_0 |"
+        in (record / "reproduction" / "table.md").read_text()
+    )
+
     # Cut the standalone run back to its round-1 checkpoint state: the grid resumes it, not restarts.
     for path in (record / "reproduction" / "runs").glob("arc_easy-standalone-*.json"):
         path.unlink()
-    run_dir = out / "arc_easy" / "standalone"
+    (run_dir,) = (out / "arc_easy").glob("standalone-*")
     checkpoint = json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text())
     checkpoint["round"] = 1
     checkpoint["summary"]["rounds"] = checkpoint["summary"]["rounds"][:1]
@@ -262,7 +301,7 @@ def test_grid_continues_a_run_from_its_mirror_in_a_fresh_checkout(reproduce, tmp
     calls = []
     monkeypatch.setattr(reproduce, "fit", lambda *a, **k: calls.append(k) or real_fit(*a, **k))
     assert reproduce.main([*arguments, "--out", str(out), "--record", str(record)]) == 0
-    assert calls == [{"resume": str(out / "arc_easy" / "fedmkt"), "overwrite": False}]
+    assert calls == [{"resume": str(out / "arc_easy" / mirror_dir.name.removeprefix("arc_easy-")), "overwrite": False}]
     assert not (record / "reproduction" / "in_progress" / mirror_dir.name).exists()  # replaced by the record
     resumed = json.loads((record / "reproduction" / "runs" / expected.name).read_text())
     uninterrupted = json.loads(expected.read_text())
