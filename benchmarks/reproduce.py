@@ -91,7 +91,10 @@ def mode_arguments(mode: str) -> list[str]:
 
 
 def grid_config(base: str, task: str, mode: str, scale: dict, out: Path, overrides: list[str]) -> RunConfig:
-    """The RunConfig of one cell: base config, task, scale, mode, then the user's overrides."""
+    """The RunConfig of one cell: base config, task, scale, the user's overrides, then the mode.
+
+    The mode's own settings come last, so an override cannot turn one mode into another (a
+    `transfer.ce_weight` try keeps the lambda = 1 control at lambda = 1)."""
     arguments = [
         "--config",
         base,
@@ -105,11 +108,11 @@ def grid_config(base: str, task: str, mode: str, scale: dict, out: Path, overrid
         str(scale["rounds"]),
         "--logging.wandb",
         "false",
-        *mode_arguments(mode),
     ]
     for item in overrides:
         key, _, value = item.partition("=")
         arguments += [f"--{key}", value]
+    arguments += mode_arguments(mode)
     config = parse_run_config(arguments)
     # One folder per settings, so tries of other settings (even running side by side) never meet.
     config.run_dir = str(out / task / f"{mode}-{settings_hash(config)}")

@@ -166,6 +166,7 @@ def test_mode_arguments_turn_one_config_into_each_mode(reproduce, tmp_path):
     [
         ("transfer.kd_positions=answer", {"fedmkt", "llm2slm"}),
         ("transfer.temperature=2.0", {"fedmkt", "llm2slm"}),
+        ("transfer.ce_weight=0.5", {"fedmkt", "llm2slm"}),  # the lambda = 1 control stays at 1
         ("privacy.logit_noise=0.5", {"fedmkt", "fedmkt_no_kd", "llm2slm"}),
         ("server.optimizer.lr=0.0007", {"fedmkt", "fedmkt_no_kd", "centralized"}),
         ("server.distill_epochs=2", {"fedmkt", "fedmkt_no_kd"}),
