@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import shutil
 import sys
 import threading
@@ -660,8 +661,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         help=f"name of a tuning try: its report goes to <record>/reproduction/{TRIES}/NAME/ (default: the main report)",
     )
     args = parser.parse_args(argv)
-    if args.try_name is not None and not args.try_name.replace("-", "").replace("_", "").isalnum():
-        parser.error(f"--try {args.try_name!r}: use letters, digits, '-' and '_' only (it names a folder)")
+    if args.try_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.try_name):
+        parser.error(f"--try {args.try_name!r}: use letters, digits, '.', '-' and '_' only (it names a folder)")
     modes = [mode for mode in GRID_ORDER if mode in args.modes]
     record = args.record / "reproduction"
     settings: dict = {"base_config": args.config, "part_size": args.part_size, "rounds": args.rounds, "tasks": {}}

@@ -311,3 +311,10 @@ def test_grid_continues_a_run_from_its_mirror_in_a_fresh_checkout(reproduce, tmp
             for key in ("distill_loss", "fine_tune_loss", "eval_accuracy"):
                 if entry.get(key) is not None:
                     assert got["parties"][party][key] == pytest.approx(entry[key], abs=1e-4), (party, key)
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", ".hidden", ""])
+def test_a_try_name_that_is_not_a_plain_folder_name_is_refused(reproduce, name, capsys):
+    with pytest.raises(SystemExit):
+        reproduce.main(["--tasks", "arc_easy", "--try", name])
+    assert "--try" in capsys.readouterr().err
