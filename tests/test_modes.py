@@ -8,6 +8,8 @@ import yaml
 from safetensors.torch import load_file
 
 from fedmkt.cli import main
+from fedmkt.config import parse_run_config
+from fedmkt.data.parts import party_data
 
 QUICK = [
     "--federation.rounds",
@@ -47,6 +49,23 @@ def test_standalone_trains_clients_alone_and_moves_no_bytes(tmp_path):
     assert parties["client_0"]["task_loss"] > 0 and parties["server"]["task_loss"] is None
     assert lora_b_is_zero(adapter(run_dir, "server"))
     assert not lora_b_is_zero(adapter(run_dir, "client_0"))
+
+
+def test_centralized_gives_the_server_the_public_and_every_private_part():
+    """Centralized bounds what federating can give the server: it trains on every example there is."""
+    arguments = ["--config", "tiny", "--data.pool_size", "12", "--data.eval_size", "4"]
+    federated = parse_run_config(arguments)
+    centralized = parse_run_config([*arguments, "--federation.mode", "centralized"])
+    assert party_data(federated, "server").private == []
+
+    def questions(examples):
+        return sorted(repr(e) for e in examples)
+
+    everything = party_data(federated, "server").public + [
+        e for i in range(len(federated.clients)) for e in party_data(federated, f"client_{i}").private
+    ]
+    assert len(everything) == 12
+    assert questions(party_data(centralized, "server").private) == questions(everything)
 
 
 def test_centralized_trains_only_the_server_on_the_whole_pool(tmp_path):

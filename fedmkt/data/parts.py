@@ -101,9 +101,12 @@ def party_data(config: RunConfig, name: str, loader: Optional[SourceReader] = No
     public, evaluation = loader.public(), loader.evaluation()
     own_evaluation = None
     if name == SERVER:  # the server owns no private data, except in the centralized baseline
-        clients = range(len(config.clients)) if config.federation.mode == "centralized" else ()
+        centralized = config.federation.mode == "centralized"
+        clients = range(len(config.clients)) if centralized else ()
         training = {f"clients[{i}].data": loader.private(i) for i in clients}
-        private = [e for part in training.values() for e in part]
+        # Centralized: the server trains on all the data there is, the public part included (which
+        # FedMKT's server also trains on), so it bounds what federating can give the server.
+        private = (list(public) if centralized else []) + [e for part in training.values() for e in part]
     else:
         index = int(name.split("_", 1)[1])
         private = loader.private(index)
