@@ -668,22 +668,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings: dict = {"base_config": args.config, "part_size": args.part_size, "rounds": args.rounds, "tasks": {}}
     settings["overrides"] = args.override
     configs: dict[tuple[str, str], RunConfig] = {}
-    for task in args.tasks:
+    # Every finished run of these settings is reported, also those a call with other --tasks or
+    # --modes ran: a call that runs BoolQ keeps ARC-Easy's results in the report.
+    runs: dict[str, dict[str, dict]] = {}
+    for task in dict.fromkeys([*EVAL_SIZES, *args.tasks]):
         scale = {
             "eval_size": args.eval_size or EVAL_SIZES.get(task, 1000),
             "part_size": args.part_size,
             "rounds": args.rounds,
         }
-        settings["tasks"][task] = {"n_eval": scale["eval_size"]}
+        hashes = {"n_eval": scale["eval_size"]}
         for mode in GRID_ORDER:
             configs[task, mode] = grid_config(args.config, task, mode, scale, args.out, args.override)
-            settings["tasks"][task][f"settings_hash_{mode}"] = settings_hash(configs[task, mode])
-    # Every finished run of these settings is reported, also those a call with other --modes ran.
-    runs: dict[str, dict[str, dict]] = {}
-    for (task, mode), config in configs.items():
-        summary = recorded_summary(config, task, mode, record)
-        if summary is not None:
-            runs.setdefault(task, {})[mode] = summary
+            hashes[f"settings_hash_{mode}"] = settings_hash(configs[task, mode])
+            summary = recorded_summary(configs[task, mode], task, mode, record)
+            if summary is not None:
+                runs.setdefault(task, {})[mode] = summary
+        if task in args.tasks or task in runs:
+            settings["tasks"][task] = hashes
     cells = [(task, mode) for task in args.tasks for mode in modes]
     report = write_outputs(_in_grid_order(runs), dict(settings), args.record, args.try_name)
     for index, (task, mode) in enumerate(cells, 1):

@@ -235,6 +235,15 @@ def test_grid_records_reuses_and_resumes(reproduce, tmp_path, monkeypatch):
     after = json.loads((record / "reproduction.json").read_text())["tasks"]["arc_easy"]["parties"]
     assert after["client_0"]["standalone"]["acc"] == pytest.approx(before["client_0"]["standalone"]["acc"])
 
+    # A call for another task keeps what has finished for this one in the report.
+    other = [a if a != "arc_easy" else "boolq" for a in arguments[: arguments.index("--modes")]]
+    assert reproduce.main([*other, "--modes", "zero_shot"]) == 0
+    report = json.loads((record / "reproduction.json").read_text())
+    assert list(report["tasks"]) == ["arc_easy", "boolq"]
+    assert report["tasks"]["arc_easy"]["parties"] == after
+    assert list(report["settings"]["tasks"]) == ["arc_easy", "boolq"]
+    assert "## boolq" in (record / "reproduction" / "table.md").read_text()
+
 
 def _fake_checkpoint(run_dir: Path, round_index: int) -> None:
     (run_dir / "checkpoint").mkdir(parents=True, exist_ok=True)
