@@ -28,7 +28,9 @@ The grid resumes where it stopped: a run whose summary is recorded under the sam
 reused, a run killed mid-way continues from its last round checkpoint, and one killed before its
 first checkpoint starts over. Each round checkpoint is mirrored into `in_progress/` (adapters,
 cached losses, RNG state: about 10 MB), so a fresh checkout of the repository continues the run too:
-the grid may span several sittings on different machines. `--modes` and `--tasks` run
+the grid may span several sittings on different machines. SIGTERM or Ctrl-C stops it at once, in
+any phase, with one line naming the checkpoint that the same command continues from (exit code
+143 / 130). `--modes` and `--tasks` run
 part of it; every call rewrites the outputs from what has finished (missing cells are listed).
 Extra `--override KEY=VALUE` pairs go to every run. They change the settings hash only of the modes
 that read the key (Zero-Shot reads no training setting, Standalone no transfer setting, ...), so a
@@ -49,6 +51,7 @@ import hashlib
 import json
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -59,7 +62,9 @@ from typing import Optional
 import numpy as np
 
 from fedmkt.config import RunConfig, parse_run_config
+from fedmkt.errors import RunInterrupted
 from fedmkt.federation.files import atomic_write_text
+from fedmkt.interrupts import stop_on_signals
 from fedmkt.run import fit
 
 MODES = ("zero_shot", "standalone", "fedmkt", "centralized", "fedmkt_no_kd", "llm2slm")
@@ -639,6 +644,21 @@ def _in_grid_order(runs: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict
     return {task: {m: by_mode[m] for m in GRID_ORDER if m in by_mode} for task, by_mode in runs.items()}
 
 
+def _interrupted_line(interrupt: RunInterrupted, cell: str, mirror_dir: Path) -> str:
+    """The one line a stopped grid prints: which cell stopped and what the next call continues from."""
+    name = signal.Signals(interrupt.signum).name
+    if (mirror_dir / MIRROR_RECORD).is_file():
+        round_index = json.loads((mirror_dir / MIRROR_RECORD).read_text())["round"]
+        return (
+            f"reproduce: stopped by {name} in {cell}; its round-{round_index} checkpoint is kept in {mirror_dir}. "
+            "Fix: run the same command again to continue from it."
+        )
+    return (
+        f"reproduce: stopped by {name} in {cell} before its first round checkpoint. "
+        "Fix: run the same command again to start that cell over."
+    )
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="demo", help="base config (demo: the real embedded models)")
@@ -689,7 +709,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     cells = [(task, mode) for task in args.tasks for mode in modes]
     report = write_outputs(_in_grid_order(runs), dict(settings), args.record, args.try_name)
     for index, (task, mode) in enumerate(cells, 1):
-        summary = run_cell(configs[task, mode], task, mode, record, f"[{index}/{len(cells)}] {task} {mode}")
+        try:
+            with stop_on_signals():
+                summary = run_cell(configs[task, mode], task, mode, record, f"[{index}/{len(cells)}] {task} {mode}")
+        except RunInterrupted as interrupt:
+            mirror_dir = record / "in_progress" / f"{task}-{mode}-{settings_hash(configs[task, mode])}"
+            print(_interrupted_line(interrupt, f"{task} {mode}", mirror_dir), file=sys.stderr)
+            return 128 + interrupt.signum
         runs.setdefault(task, {})[mode] = summary
         report = write_outputs(_in_grid_order(runs), dict(settings), args.record, args.try_name)  # after every cell
     folder = record / TRIES / args.try_name if args.try_name else record

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 from typing import Literal, Optional
@@ -20,6 +19,7 @@ from jsonargparse import ArgumentParser
 
 from fedmkt.config import resolve_config_arguments, run_config_from_namespace, run_config_parser
 from fedmkt.errors import FedMKTError, RunInterrupted
+from fedmkt.interrupts import stop_on_signals
 
 
 def _fit_parser() -> ArgumentParser:
@@ -278,20 +278,6 @@ def _validate_before_printing(parser: ArgumentParser, sub_parsers: dict[str, Arg
     validate_against_vocabularies(config)
 
 
-def _interrupt_handlers() -> dict:
-    """SIGTERM and SIGINT raise `RunInterrupted` (once) wherever the run is; returns the previous handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    received: list[int] = []
-
-    def handler(signum: int, frame) -> None:
-        if not received:  # a second signal while the run stops must not interrupt its cleanup
-            received.append(signum)
-            raise RunInterrupted(signum)
-
-    return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
-
-
 def _interrupted_line(interrupt: RunInterrupted) -> str:
     name = signal.Signals(interrupt.signum).name
     if interrupt.run_dir is None:
@@ -314,9 +300,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:  # library deprecation chatter would bury the one line that matters
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
-    previous_handlers = _interrupt_handlers()
     try:
-        _dispatch(argv)
+        with stop_on_signals():
+            _dispatch(argv)
     except RunInterrupted as interrupt:
         if debug:
             raise
@@ -336,9 +322,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
-    finally:
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
     return 0
 
 

@@ -8,6 +8,9 @@ import json
 import math
 import random
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -320,6 +323,60 @@ def test_grid_continues_a_run_from_its_mirror_in_a_fresh_checkout(reproduce, tmp
             for key in ("distill_loss", "fine_tune_loss", "eval_accuracy"):
                 if entry.get(key) is not None:
                     assert got["parties"][party][key] == pytest.approx(entry[key], abs=1e-4), (party, key)
+
+
+# Runs reproduce.py in a subprocess whose first prediction step after a round checkpoint exists
+# sends SIGTERM to the process itself: a signal in the middle of round 2, as a scheduler's would be.
+SIGNALLING_GRID = """
+import importlib.util, os, signal, sys
+from pathlib import Path
+from fedmkt.party import PartyModule
+
+spec = importlib.util.spec_from_file_location("reproduce", sys.argv[1])
+reproduce = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reproduce)
+out = Path(sys.argv[2])
+original = PartyModule.predict_step
+
+def signalled(*args, **kwargs):
+    if list(out.rglob("checkpoint/checkpoint.json")):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+PartyModule.predict_step = signalled
+sys.exit(reproduce.main(sys.argv[3:]))
+"""
+
+
+def test_sigterm_stops_the_grid_in_any_phase_and_the_same_command_continues_it(reproduce, tmp_path, monkeypatch):
+    """Lightning alone swallows a SIGTERM that arrives outside its fit loop; the grid stops at once."""
+    out, record = tmp_path / "runs", tmp_path / "results"
+    arguments = ["--config", "tiny", "--tasks", "arc_easy", "--eval-size", "12", "--part-size", "8", "--rounds", "2"]
+    arguments += ["--modes", "fedmkt", "--out", str(out), "--record", str(record)]
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNALLING_GRID, str(SCRIPT), str(out), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    (mirror_dir,) = (record / "reproduction" / "in_progress").iterdir()
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last == (
+        f"reproduce: stopped by SIGTERM in arc_easy fedmkt; its round-1 checkpoint is kept in {mirror_dir}. "
+        "Fix: run the same command again to continue from it."
+    )
+    assert not list((record / "reproduction" / "runs").glob("*.json"))  # not recorded as finished
+    (run_dir,) = (out / "arc_easy").iterdir()
+    assert not (run_dir / "adapters" / "round_2").exists()
+
+    calls = []
+    real_fit = reproduce.fit
+    monkeypatch.setattr(reproduce, "fit", lambda *a, **k: calls.append(k) or real_fit(*a, **k))
+    assert reproduce.main(arguments) == 0
+    assert calls == [{"resume": str(run_dir), "overwrite": False}]
+    (recorded,) = (record / "reproduction" / "runs").glob("*.json")
+    assert [r["round"] for r in json.loads(recorded.read_text())["rounds"]] == [1, 2]
 
 
 @pytest.mark.parametrize("name", ["../elsewhere", "a/b", ".hidden", ""])
