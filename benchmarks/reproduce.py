@@ -688,10 +688,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings: dict = {"base_config": args.config, "part_size": args.part_size, "rounds": args.rounds, "tasks": {}}
     settings["overrides"] = args.override
     configs: dict[tuple[str, str], RunConfig] = {}
-    # Every finished run of these settings is reported, also those a call with other --tasks or
-    # --modes ran: a call that runs BoolQ keeps ARC-Easy's results in the report.
+    # Every finished run of these settings is reported, also those a call with other --modes ran,
+    # and in the main report those of other --tasks: a call that runs BoolQ keeps ARC-Easy's
+    # results. A try reports only the tasks it was run on.
     runs: dict[str, dict[str, dict]] = {}
-    for task in dict.fromkeys([*EVAL_SIZES, *args.tasks]):
+    for task in dict.fromkeys(args.tasks if args.try_name else [*EVAL_SIZES, *args.tasks]):
         scale = {
             "eval_size": args.eval_size or EVAL_SIZES.get(task, 1000),
             "part_size": args.part_size,

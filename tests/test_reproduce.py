@@ -246,6 +246,10 @@ def test_grid_records_reuses_and_resumes(reproduce, tmp_path, monkeypatch):
     assert report["tasks"]["arc_easy"]["parties"] == after
     assert list(report["settings"]["tasks"]) == ["arc_easy", "boolq"]
     assert "## boolq" in (record / "reproduction" / "table.md").read_text()
+    # A try reports only the tasks it was run on, though BoolQ's Zero-Shot would fit its settings.
+    assert reproduce.main(try_arguments) == 0
+    tried = json.loads((record / "reproduction" / "tries" / "kd-answer" / "reproduction.json").read_text())
+    assert list(tried["tasks"]) == ["arc_easy"]
 
 
 def _fake_checkpoint(run_dir: Path, round_index: int) -> None:
