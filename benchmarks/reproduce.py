@@ -195,9 +195,14 @@ def finished(summary: dict, config: RunConfig) -> bool:
     return len(summary.get("rounds", [])) == config.federation.rounds
 
 
+def cell_name(config: RunConfig, task: str, mode: str) -> str:
+    """`task-mode-hash`: names a cell's record in `runs/` and its checkpoint mirror in `in_progress/`."""
+    return f"{task}-{mode}-{settings_hash(config)}"
+
+
 def recorded_summary(config: RunConfig, task: str, mode: str, record: Path) -> Optional[dict]:
     """The recorded summary of this exact cell, if a finished one is in `record`."""
-    recorded = record / "runs" / f"{task}-{mode}-{settings_hash(config)}.json"
+    recorded = record / "runs" / f"{cell_name(config, task, mode)}.json"
     if recorded.is_file():
         summary = json.loads(recorded.read_text())
         if finished(summary, config):
@@ -207,7 +212,7 @@ def recorded_summary(config: RunConfig, task: str, mode: str, record: Path) -> O
 
 def run_cell(config: RunConfig, task: str, mode: str, record: Path, label: str) -> dict:
     """One grid cell: reused when recorded, resumed from its round checkpoint, or run."""
-    name = f"{task}-{mode}-{settings_hash(config)}"
+    name = cell_name(config, task, mode)
     recorded = record / "runs" / f"{name}.json"
     summary = recorded_summary(config, task, mode, record)
     if summary is not None:
@@ -714,7 +719,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             with stop_on_signals():
                 summary = run_cell(configs[task, mode], task, mode, record, f"[{index}/{len(cells)}] {task} {mode}")
         except RunInterrupted as interrupt:
-            mirror_dir = record / "in_progress" / f"{task}-{mode}-{settings_hash(configs[task, mode])}"
+            mirror_dir = record / "in_progress" / cell_name(configs[task, mode], task, mode)
             print(_interrupted_line(interrupt, f"{task} {mode}", mirror_dir), file=sys.stderr)
             return 128 + interrupt.signum
         runs.setdefault(task, {})[mode] = summary
