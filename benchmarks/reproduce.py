@@ -229,7 +229,7 @@ def run_cell(config: RunConfig, task: str, mode: str, record: Path, label: str) 
         earlier = restore_mirror(mirror_dir, run_dir)
         resume = str(run_dir) if (run_dir / "checkpoint" / "checkpoint.json").is_file() else None
         where = f"resuming {run_dir} ({earlier:.0f} s done in earlier sittings)" if resume else "running"
-        print(f"{label}: {where} (log in the run folder)", flush=True)
+        print(f"{label}: {where}; per-round metrics in {run_dir / 'logs' / 'metrics.csv'}", flush=True)
         mirror = CheckpointMirror(run_dir, mirror_dir, earlier if resume else 0.0)
         mirror.start()
         try:
