@@ -241,7 +241,7 @@ def run_cell(config: RunConfig, task: str, mode: str, record: Path, label: str) 
         summary["wall_seconds"] = mirror.seconds()
     summary["settings_hash"] = settings_hash(config)
     recorded.parent.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(summary, indent=1, default=str))
+    atomic_write_text(recorded, json.dumps(summary, indent=1, default=str))  # a grid alongside may read it
     shutil.rmtree(mirror_dir, ignore_errors=True)  # the finished record replaces the checkpoint
     print(f"{label}: done, recorded {recorded}", flush=True)
     return summary
@@ -645,8 +645,15 @@ def write_outputs(runs: dict[str, dict[str, dict]], settings: dict, record: Path
     return report
 
 
-def _in_grid_order(runs: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
-    return {task: {m: by_mode[m] for m in GRID_ORDER if m in by_mode} for task, by_mode in runs.items()}
+def recorded_runs(configs: dict[tuple[str, str], RunConfig], tasks: list[str], record: Path) -> dict[str, dict[str, dict]]:
+    """Every finished cell of these configs found in the record, by task and then mode in grid order."""
+    runs: dict[str, dict[str, dict]] = {}
+    for task in tasks:
+        for mode in GRID_ORDER:
+            summary = recorded_summary(configs[task, mode], task, mode, record)
+            if summary is not None:
+                runs.setdefault(task, {})[mode] = summary
+    return runs
 
 
 def _interrupted_line(interrupt: RunInterrupted, cell: str, mirror_dir: Path) -> str:
@@ -696,34 +703,39 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Every finished run of these settings is reported, also those a call with other --modes ran,
     # and in the main report those of other --tasks: a call that runs BoolQ keeps ARC-Easy's
     # results. A try reports only the tasks it was run on.
-    runs: dict[str, dict[str, dict]] = {}
-    for task in dict.fromkeys(args.tasks if args.try_name else [*EVAL_SIZES, *args.tasks]):
+    reported = list(dict.fromkeys(args.tasks if args.try_name else [*EVAL_SIZES, *args.tasks]))
+    for task in reported:
         scale = {
             "eval_size": args.eval_size or EVAL_SIZES.get(task, 1000),
             "part_size": args.part_size,
             "rounds": args.rounds,
         }
-        hashes = {"n_eval": scale["eval_size"]}
         for mode in GRID_ORDER:
             configs[task, mode] = grid_config(args.config, task, mode, scale, args.out, args.override)
-            hashes[f"settings_hash_{mode}"] = settings_hash(configs[task, mode])
-            summary = recorded_summary(configs[task, mode], task, mode, record)
-            if summary is not None:
-                runs.setdefault(task, {})[mode] = summary
-        if task in args.tasks or task in runs:
-            settings["tasks"][task] = hashes
+
+    def report_now() -> dict:
+        # Read from the record each time, not kept in memory: a grid running side by side with
+        # this one (other --modes, one torch thread each) records cells this call did not run.
+        runs = recorded_runs(configs, reported, record)
+        for task in reported:
+            if task in args.tasks or task in runs:
+                settings["tasks"][task] = {
+                    "n_eval": configs[task, GRID_ORDER[0]].data.eval_size,
+                    **{f"settings_hash_{m}": settings_hash(configs[task, m]) for m in GRID_ORDER},
+                }
+        return write_outputs(runs, dict(settings), args.record, args.try_name)
+
     cells = [(task, mode) for task in args.tasks for mode in modes]
-    report = write_outputs(_in_grid_order(runs), dict(settings), args.record, args.try_name)
+    report = report_now()
     for index, (task, mode) in enumerate(cells, 1):
         try:
             with stop_on_signals():
-                summary = run_cell(configs[task, mode], task, mode, record, f"[{index}/{len(cells)}] {task} {mode}")
+                run_cell(configs[task, mode], task, mode, record, f"[{index}/{len(cells)}] {task} {mode}")
         except RunInterrupted as interrupt:
             mirror_dir = record / "in_progress" / cell_name(configs[task, mode], task, mode)
             print(_interrupted_line(interrupt, f"{task} {mode}", mirror_dir), file=sys.stderr)
             return 128 + interrupt.signum
-        runs.setdefault(task, {})[mode] = summary
-        report = write_outputs(_in_grid_order(runs), dict(settings), args.record, args.try_name)  # after every cell
+        report = report_now()  # after every cell
     folder = record / TRIES / args.try_name if args.try_name else record
     print((folder / "table.md").read_text())
     print(f"wall time of the runs: {report['wall_seconds']:.0f} s; report in {folder}")

@@ -252,6 +252,30 @@ def test_grid_records_reuses_and_resumes(reproduce, tmp_path, monkeypatch):
     assert list(tried["tasks"]) == ["arc_easy"]
 
 
+def test_grids_side_by_side_each_report_the_cells_the_other_finished(reproduce, tmp_path, monkeypatch):
+    """Two calls with other --modes run at once: the one that finishes last still reports both."""
+    out = tmp_path / "runs"
+    common = ["--config", "tiny", "--tasks", "arc_easy", "--eval-size", "12", "--part-size", "8", "--rounds", "1"]
+    common += ["--out", str(out)]
+    alongside, record = tmp_path / "alongside", tmp_path / "results"
+    assert reproduce.main([*common, "--record", str(alongside), "--modes", "zero_shot"]) == 0
+    (finished_alongside,) = (alongside / "reproduction" / "runs").glob("arc_easy-zero_shot-*.json")
+
+    real_fit = reproduce.fit
+
+    def fit_while_the_other_grid_finishes(*args, **kwargs):
+        runs_folder = record / "reproduction" / "runs"
+        runs_folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(finished_alongside, runs_folder / finished_alongside.name)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(reproduce, "fit", fit_while_the_other_grid_finishes)
+    assert reproduce.main([*common, "--record", str(record), "--modes", "standalone"]) == 0
+    parties = json.loads((record / "reproduction.json").read_text())["tasks"]["arc_easy"]["parties"]
+    assert set(parties["client_0"]) == {"zero_shot", "standalone"}
+    assert "Not run yet: fedmkt" in (record / "reproduction" / "table.md").read_text()
+
+
 def _fake_checkpoint(run_dir: Path, round_index: int) -> None:
     (run_dir / "checkpoint").mkdir(parents=True, exist_ok=True)
     adapter = run_dir / "adapters" / f"round_{round_index}" / "server"
