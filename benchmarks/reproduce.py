@@ -266,7 +266,9 @@ class CheckpointMirror:
         self.run_dir, self.mirror_dir = Path(run_dir), Path(mirror_dir)
         self.earlier_seconds, self.poll_s = earlier_seconds, poll_s
         self.started = time.perf_counter()
-        self._copied: Optional[tuple] = None
+        # A resumed run starts from the round the mirror holds: copying it again would only stamp it
+        # with this sitting's clock, counting time that produced nothing as time of that round.
+        self._copied: Optional[tuple] = self._stamps() if self._holds_current_round() else None
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="checkpoint-mirror", daemon=True)
 
@@ -284,6 +286,12 @@ class CheckpointMirror:
     def _loop(self) -> None:
         while not self._stopped.wait(self.poll_s):
             self.sync()
+
+    def _holds_current_round(self) -> bool:
+        record, saved = self.run_dir / "checkpoint" / "checkpoint.json", self.mirror_dir / MIRROR_RECORD
+        if not (record.is_file() and saved.is_file()):
+            return False
+        return json.loads(record.read_text())["round"] == json.loads(saved.read_text())["round"]
 
     def _stamps(self) -> tuple:
         folder = self.run_dir / "checkpoint"

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -307,6 +308,14 @@ def test_checkpoint_mirror_keeps_exactly_the_last_round(reproduce, tmp_path):
     assert reproduce.restore_mirror(mirror_dir, fresh) == pytest.approx(saved["wall_seconds"])
     assert json.loads((fresh / "checkpoint" / "checkpoint.json").read_text()) == {"round": 2}
     assert (fresh / "checkpoint" / "public_losses_server.safetensors").read_bytes() == bytes([2]) * 8
+    # Resuming there, the restored round is not mirrored again (its recorded time stays that of round 2).
+    resumed = reproduce.CheckpointMirror(fresh, mirror_dir, earlier_seconds=saved["wall_seconds"])
+    time.sleep(0.01)
+    assert resumed.sync() is False
+    assert json.loads((mirror_dir / reproduce.MIRROR_RECORD).read_text()) == saved
+    _fake_checkpoint(fresh, 3)
+    assert resumed.sync() is True
+    assert json.loads((mirror_dir / reproduce.MIRROR_RECORD).read_text())["round"] == 3
     # A run folder with its own checkpoint at least as recent keeps it.
     _fake_checkpoint(run_dir, 3)
     reproduce.restore_mirror(mirror_dir, run_dir)
