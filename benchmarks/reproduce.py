@@ -653,7 +653,9 @@ def write_outputs(runs: dict[str, dict[str, dict]], settings: dict, record: Path
     return report
 
 
-def recorded_runs(configs: dict[tuple[str, str], RunConfig], tasks: list[str], record: Path) -> dict[str, dict[str, dict]]:
+def recorded_runs(
+    configs: dict[tuple[str, str], RunConfig], tasks: list[str], record: Path
+) -> dict[str, dict[str, dict]]:
     """Every finished cell of these configs found in the record, by task and then mode in grid order."""
     runs: dict[str, dict[str, dict]] = {}
     for task in tasks:
