@@ -418,6 +418,8 @@ def assemble(runs: dict[str, dict[str, dict]]) -> dict:
                         continue  # a mode that leaves this party untrained: nothing of its own to compare
                     diff, ci = paired_bootstrap(cells[a]["correct"], cells[b]["correct"])
                     differences.setdefault(party, {})[f"{a}-{b}"] = {"diff": diff, "ci": ci}
+        zero_shot_cells = {party: cells.get("zero_shot") for party, cells in parties.items()}
+        per_round = fedmkt_per_round(by_mode.get("fedmkt"), zero_shot_cells)
         for cells in parties.values():
             for cell in cells.values():
                 cell.pop("correct")
@@ -426,10 +428,32 @@ def assemble(runs: dict[str, dict[str, dict]]) -> dict:
             "n_eval": sizes.pop() if sizes else 0,
             "parties": parties,
             "differences": differences,
+            "fedmkt_per_round": per_round,
             "missing": [mode for mode in MODES if mode not in by_mode],
             "paper_shape": paper_shape(differences, parties_names),
         }
     return tasks
+
+
+def fedmkt_per_round(summary: Optional[dict], zero_shot_cells: dict[str, Optional[dict]]) -> dict[str, list[dict]]:
+    """FedMKT's accuracy after each round, and its paired difference from zero-shot, per party.
+
+    Rounds run in sequence and each phase restarts its learning-rate schedule, so round k of this
+    run is what a k-round run gives: the rows answer "how many rounds" without more runs."""
+    if summary is None:
+        return {}
+    rows: dict[str, list[dict]] = {}
+    for party, zero_shot in zero_shot_cells.items():
+        for round_record in summary.get("rounds", []):
+            entry = round_record["parties"].get(party)
+            if not entry or entry.get("eval_accuracy") is None:
+                continue
+            row = {"round": round_record["round"], "acc": entry["eval_accuracy"], "ci": list(entry["eval_accuracy_ci"])}
+            if zero_shot and zero_shot["correct"] and entry.get("eval_correct"):
+                diff, ci = paired_bootstrap(entry["eval_correct"], zero_shot["correct"])
+                row["minus_zero_shot"] = {"diff": diff, "ci": ci}
+            rows.setdefault(party, []).append(row)
+    return rows
 
 
 CLOSE_TO_CENTRALIZED = 0.03
@@ -540,6 +564,20 @@ def table(report: dict, recorded: list[str], tries: list[str]) -> str:
         ]
         for party, items in result["differences"].items():
             lines.append(f"| {party} | " + " | ".join(_points(items.get(f"fedmkt-{b}")) for b in BASELINES) + " |")
+        if result.get("fedmkt_per_round"):
+            lines += [
+                "",
+                "FedMKT after each round (a k-round run is this run's first k rounds): accuracy (%) "
+                "[Wilson CI] and minus zero-shot (points) [paired bootstrap CI]:",
+                "",
+                "| party | round | fedmkt | fedmkt-zero_shot |",
+                "|---|---|---|---|",
+            ]
+            for party, rows in result["fedmkt_per_round"].items():
+                for row in rows:
+                    lines.append(
+                        f"| {party} | {row['round']} | {_percent(row)} | {_points(row.get('minus_zero_shot'))} |"
+                    )
         lines += ["", "The paper's shape (verdicts from the paired intervals above):", ""]
         lines += [f"- {c['claim']}: **{c['verdict']}** ({c['evidence']})" for c in result["paper_shape"]]
         if result["missing"]:

@@ -102,6 +102,24 @@ def test_assemble_fills_the_schema_and_marks_untrained_parties(reproduce):
     assert "correct" not in server["fedmkt"]
 
 
+def test_assemble_reports_fedmkt_after_every_round_against_zero_shot(reproduce):
+    zero_shot = _summary("zero_shot", {"server": "11000000", "client_0": "10000000", "client_1": "10000000"})
+    fedmkt = _summary("fedmkt", {"server": "11100000", "client_0": "11110000", "client_1": "10000000"}, rounds=2)
+    first = _summary("fedmkt", {"server": "11111000", "client_0": "10000000"}, rounds=1)["rounds"][0]
+    fedmkt["rounds"][0] = first  # round 1 scored the server and client_0 only
+    rows = reproduce.assemble({"arc_easy": {"zero_shot": zero_shot, "fedmkt": fedmkt}})["arc_easy"]["fedmkt_per_round"]
+    assert [row["round"] for row in rows["server"]] == [1, 2]
+    assert [row["round"] for row in rows["client_1"]] == [2]
+    # Counted by hand: the server gets 5, then 3, of 8 right against zero-shot's 2.
+    assert [row["acc"] for row in rows["server"]] == [5 / 8, 3 / 8]
+    assert [row["minus_zero_shot"]["diff"] for row in rows["server"]] == pytest.approx([3 / 8, 1 / 8])
+    assert rows["client_0"][0]["minus_zero_shot"] == {"diff": 0.0, "ci": [0.0, 0.0]}
+    low, high = rows["server"][0]["ci"]
+    assert low < 5 / 8 < high
+    assert "correct" not in rows["server"][0]
+    assert reproduce.assemble({"arc_easy": {"zero_shot": zero_shot}})["arc_easy"]["fedmkt_per_round"] == {}
+
+
 def test_paper_shape_verdicts_follow_the_intervals(reproduce):
     def item(low, high):
         return {"diff": (low + high) / 2, "ci": [low, high]}
