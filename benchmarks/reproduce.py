@@ -40,6 +40,8 @@ report to `<record>/reproduction/tries/NAME/` and lists it in the main table:
     OMP_NUM_THREADS=1 python benchmarks/reproduce.py --tasks arc_easy --try kd-answer \
         --override transfer.kd_positions=answer
 
+`clients.N.KEY=VALUE` sets one client's setting (`clients.0.optimizer.lr=1e-4`).
+
 On a 2-core machine give each process one thread: two multi-threaded torch processes slow each
 other down several-fold.
 """
@@ -60,6 +62,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import yaml
 
 from fedmkt.config import RunConfig, parse_run_config
 from fedmkt.errors import RunInterrupted
@@ -115,14 +118,46 @@ def grid_config(base: str, task: str, mode: str, scale: dict, out: Path, overrid
         "--logging.wandb",
         "false",
     ]
+    per_client = []
     for item in overrides:
         key, _, value = item.partition("=")
-        arguments += [f"--{key}", value]
+        if CLIENT_KEY.match(key):
+            per_client.append((key, value))
+        else:
+            arguments += [f"--{key}", value]
+    if per_client:
+        arguments += ["--clients", json.dumps(_clients_with(parse_run_config(arguments), per_client))]
     arguments += mode_arguments(mode)
     config = parse_run_config(arguments)
     # One folder per settings, so tries of other settings (even running side by side) never meet.
     config.run_dir = str(out / task / f"{mode}-{settings_hash(config)}")
     return config
+
+
+CLIENT_KEY = re.compile(r"^clients\.(\d+)\.(\w+(?:\.\w+)*)$")
+"""`clients.N.KEY=VALUE`: one client's setting (the config's parser takes a list only as a whole)."""
+
+
+def _clients_with(config: RunConfig, per_client: list[tuple[str, str]]) -> list[dict]:
+    """The config's client list as plain data, with each `clients.N.KEY` override set in it."""
+    clients = [asdict(client) for client in config.clients]
+    for key, value in per_client:
+        index, path = CLIENT_KEY.match(key).groups()
+        if int(index) >= len(clients):
+            raise SystemExit(
+                f"--override {key}: the config has {len(clients)} clients, so N in clients.N runs from 0 to {len(clients) - 1}"
+            )
+        node = clients[int(index)]
+        *parents, leaf = path.split(".")
+        for name in parents:
+            if not isinstance(node.get(name), dict):
+                raise SystemExit(f"--override {key}: a client has no setting {name!r}; see the YAML's clients entries")
+            node = node[name]
+        if leaf not in node:
+            raise SystemExit(f"--override {key}: a client has no setting {leaf!r}; see the YAML's clients entries")
+        # YAML reads `1e-4` as text; a float setting takes any float literal.
+        node[leaf] = float(value) if isinstance(node[leaf], float) else yaml.safe_load(value)
+    return clients
 
 
 TRAINING_KEYS = ("optimizer", "batch_size", "local_epochs", "distill_epochs")

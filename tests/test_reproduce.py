@@ -193,6 +193,7 @@ def test_mode_arguments_turn_one_config_into_each_mode(reproduce, tmp_path):
         ("server.distill_epochs=2", {"fedmkt", "fedmkt_no_kd"}),
         ("server.local_epochs=2", {"fedmkt", "fedmkt_no_kd", "centralized"}),
         ("federation.rounds=4", {"standalone", "fedmkt", "fedmkt_no_kd", "centralized", "llm2slm"}),
+        ("clients.1.optimizer.lr=0.0001", {"standalone", "fedmkt", "fedmkt_no_kd", "llm2slm"}),
         ("data.pool_size=30", {"zero_shot", "standalone", "fedmkt", "centralized", "fedmkt_no_kd", "llm2slm"}),
     ],
 )
@@ -204,6 +205,19 @@ def test_a_try_changes_the_settings_hash_only_of_modes_that_read_it(reproduce, t
         tried = reproduce.grid_config("tiny", "arc_easy", mode, scale, tmp_path, [override])
         moved = reproduce.settings_hash(tried) != reproduce.settings_hash(base)
         assert moved == (mode in changed), (override, mode)
+
+
+def test_a_client_override_sets_that_client_only_and_names_a_wrong_index(reproduce, tmp_path):
+    scale = {"eval_size": 12, "part_size": 8, "rounds": 2}
+    base = reproduce.grid_config("tiny", "arc_easy", "standalone", scale, tmp_path, [])
+    tried = reproduce.grid_config("tiny", "arc_easy", "standalone", scale, tmp_path, ["clients.1.optimizer.lr=1e-4"])
+    assert tried.clients[1].optimizer.lr == 1e-4
+    assert tried.clients[0] == base.clients[0] and tried.server == base.server
+    assert tried.clients[1].model == base.clients[1].model and tried.clients[1].lora == base.clients[1].lora
+    with pytest.raises(SystemExit, match=r"clients\.7\.optimizer\.lr: the config has 2 clients"):
+        reproduce.grid_config("tiny", "arc_easy", "standalone", scale, tmp_path, ["clients.7.optimizer.lr=1e-4"])
+    with pytest.raises(SystemExit, match="no setting 'optimiser'"):
+        reproduce.grid_config("tiny", "arc_easy", "standalone", scale, tmp_path, ["clients.0.optimiser.lr=1e-4"])
 
 
 def test_grid_records_reuses_and_resumes(reproduce, tmp_path, monkeypatch):
