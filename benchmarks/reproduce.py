@@ -85,6 +85,10 @@ Centralized trains only the server. Their cell is the zero-shot model, marked `s
 IGNORED_SETTINGS = {"run_dir", "cache_dir", "logging"}
 """Config keys that do not change results, left out of the settings hash."""
 
+NULL_BY_DEFAULT = {"data": ("public_size",)}
+"""Keys added to the config after runs were recorded: at null they change nothing, so they are left
+out of the settings hash and every run recorded before them keeps its hash."""
+
 
 def mode_arguments(mode: str) -> list[str]:
     """Command-line overrides that turn the base config into one mode of the grid."""
@@ -179,6 +183,7 @@ def _unread_keys(tree: dict) -> dict[str, tuple[str, ...]]:
     everything = tuple(tree["transfer"])
     if mode == "zero_shot":
         return {
+            "data": ("pool_size", "public_size"),  # the held-out part does not depend on the pool
             "transfer": everything,
             "privacy": tuple(tree["privacy"]),
             "federation": ("rounds",),
@@ -214,6 +219,10 @@ def settings_of(config: RunConfig | dict) -> dict:
         for section in tree[part] if part == "clients" else [tree[part]]:
             for key in keys:
                 section.pop(key, None)
+    for part, keys in NULL_BY_DEFAULT.items():
+        for key in keys:
+            if tree[part].get(key) is None:
+                tree[part].pop(key, None)
     return {key: value for key, value in tree.items() if key not in IGNORED_SETTINGS}
 
 

@@ -185,6 +185,10 @@ class DataConfig:
     pool_size: Optional[int] = None
     """Preset: training-pool size, cut into 1 public + K private parts (None: all remaining rows)."""
 
+    public_size: Optional[int] = None
+    """Preset: rows of the pool in the public part; the K private parts share the rest equally
+    (None: the pool is cut into 1 public + K private parts of one size)."""
+
     public: Optional[DataSource] = None
     """The public set every party holds and shares logits on (null: the preset's public part)."""
 

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from fedmkt.config import run_config_from_text
 from fedmkt.evaluation import wilson_interval
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
@@ -194,7 +196,8 @@ def test_mode_arguments_turn_one_config_into_each_mode(reproduce, tmp_path):
         ("server.local_epochs=2", {"fedmkt", "fedmkt_no_kd", "centralized"}),
         ("federation.rounds=4", {"standalone", "fedmkt", "fedmkt_no_kd", "centralized", "llm2slm"}),
         ("clients.1.optimizer.lr=0.0001", {"standalone", "fedmkt", "fedmkt_no_kd", "llm2slm"}),
-        ("data.pool_size=30", {"zero_shot", "standalone", "fedmkt", "centralized", "fedmkt_no_kd", "llm2slm"}),
+        ("data.pool_size=30", {"standalone", "fedmkt", "centralized", "fedmkt_no_kd", "llm2slm"}),
+        ("data.public_size=12", {"standalone", "fedmkt", "centralized", "fedmkt_no_kd", "llm2slm"}),
     ],
 )
 def test_a_try_changes_the_settings_hash_only_of_modes_that_read_it(reproduce, tmp_path, override, changed):
@@ -205,6 +208,17 @@ def test_a_try_changes_the_settings_hash_only_of_modes_that_read_it(reproduce, t
         tried = reproduce.grid_config("tiny", "arc_easy", mode, scale, tmp_path, [override])
         moved = reproduce.settings_hash(tried) != reproduce.settings_hash(base)
         assert moved == (mode in changed), (override, mode)
+
+
+def test_every_recorded_run_keeps_the_hash_it_was_recorded_under(reproduce):
+    """Keys added to the config later (at their null default) must not orphan the recorded grid."""
+    records = sorted((Path(reproduce.__file__).parent / "results" / "reproduction" / "runs").glob("*.json"))
+    assert len(records) > 20
+    for record in records:
+        recorded = json.loads(record.read_text())["config"]
+        # Parsed again today, the config holds every key the code now has.
+        config = run_config_from_text(yaml.safe_dump(recorded))
+        assert record.stem.rsplit("-", 1)[1] == reproduce.settings_hash(config), record.name
 
 
 def test_a_client_override_sets_that_client_only_and_names_a_wrong_index(reproduce, tmp_path):

