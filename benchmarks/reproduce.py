@@ -164,6 +164,9 @@ def _clients_with(config: RunConfig, per_client: list[tuple[str, str]]) -> list[
     return clients
 
 
+POOL_KEYS = ("pool_size", "public_size")
+"""Data keys that carve the training pool: the held-out questions do not depend on them."""
+
 TRAINING_KEYS = ("optimizer", "batch_size", "local_epochs", "distill_epochs")
 """A party's keys that only matter when it trains."""
 
@@ -183,7 +186,7 @@ def _unread_keys(tree: dict) -> dict[str, tuple[str, ...]]:
     everything = tuple(tree["transfer"])
     if mode == "zero_shot":
         return {
-            "data": ("pool_size", "public_size"),  # the held-out part does not depend on the pool
+            "data": POOL_KEYS,
             "transfer": everything,
             "privacy": tuple(tree["privacy"]),
             "federation": ("rounds",),
@@ -428,11 +431,17 @@ def cell_of(entry: dict) -> dict:
     }
 
 
+def _held_out_settings(config: dict) -> list:
+    """The settings that fix which questions a run is scored on, and how they are scored."""
+    data = {key: value for key, value in config["data"].items() if key not in POOL_KEYS}
+    return [config["seed"], data]
+
+
 def assemble(runs: dict[str, dict[str, dict]]) -> dict:
     """`tasks` of reproduction.json from finished runs: `{task: {mode: summary}}`."""
     tasks = {}
     for task, by_mode in runs.items():
-        held_out = {json.dumps([s["config"]["seed"], s["config"]["data"]], sort_keys=True) for s in by_mode.values()}
+        held_out = {json.dumps(_held_out_settings(s["config"]), sort_keys=True) for s in by_mode.values()}
         if len(held_out) > 1:  # paired comparisons need the very same questions in every mode
             raise SystemExit(f"{task}: runs differ in seed or data settings; rerun them with the same ones")
         zero_shot = by_mode.get("zero_shot")

@@ -162,6 +162,21 @@ def test_assemble_refuses_runs_on_different_questions(reproduce):
         reproduce.assemble(runs)
 
 
+def test_assemble_pairs_runs_whose_training_pools_differ(reproduce):
+    """A public-size try reuses the zero-shot run: the pool does not change the held-out questions."""
+    held_out = {"task": "arc_easy", "eval_size": 4, "max_length": 128}
+    runs = {
+        "arc_easy": {
+            "zero_shot": _summary("zero_shot", {"server": "1100"}, {**held_out, "pool_size": 900}),
+            "fedmkt": _summary("fedmkt", {"server": "1111"}, {**held_out, "pool_size": 1500, "public_size": 900}),
+        }
+    }
+    assert reproduce.assemble(runs)["arc_easy"]["differences"]["server"]["fedmkt-zero_shot"]["diff"] == 0.5
+    runs["arc_easy"]["fedmkt"]["config"]["data"]["max_length"] = 256  # scored on other tokens: not paired
+    with pytest.raises(SystemExit, match="differ in seed or data"):
+        reproduce.assemble(runs)
+
+
 def test_mode_arguments_turn_one_config_into_each_mode(reproduce, tmp_path):
     scale = {"eval_size": 12, "part_size": 8, "rounds": 2}
     configs = {m: reproduce.grid_config("tiny", "arc_easy", m, scale, tmp_path, []) for m in reproduce.MODES}
