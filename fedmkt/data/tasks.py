@@ -260,8 +260,8 @@ def split_task(
     """Shuffle with `seed`, hold out `eval_size` for evaluation, cut the next `pool_size` (or all the
     rest) into 1 public + `num_clients` private parts of equal size (the remainder is dropped).
 
-    With `public_size`, the public part takes that many rows from the front of the pool and the
-    private parts share the rest equally: the public set can grow without the clients' data growing.
+    With `public_size`, the public part is the first `public_size` rows of the pool and the private
+    parts share the rest equally, so the public set can be sized apart from the clients' data.
     Deterministic: the same examples and seed give the same split on every machine.
     """
     if num_clients < 1:
