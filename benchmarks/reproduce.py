@@ -85,9 +85,16 @@ Centralized trains only the server. Their cell is the zero-shot model, marked `s
 IGNORED_SETTINGS = {"run_dir", "cache_dir", "logging"}
 """Config keys that do not change results, left out of the settings hash."""
 
-NULL_BY_DEFAULT = {"data": ("public_size",)}
-"""Keys added to the config after runs were recorded: at null they change nothing, so they are left
-out of the settings hash and every run recorded before them keeps its hash."""
+ADDED_LATER = {"data": {"public_size": None}, "transfer": {"topk_target": "renormalize"}}
+"""Keys added to the config after runs were recorded, with the value that does what the code did
+before them: at that value they are left out of the settings hash, so every run recorded before
+them keeps its hash."""
+
+KD_OBJECTIVE = "per-sample"
+"""How the KD term is weighted against CE (`fedmkt.losses.loss_weights`: per-sample means, KD x T^2).
+Part of the settings of every run whose KD term is on, and stored in its record: a record without
+it was run with the earlier weighting (KD summed over the batch's eligible positions), so it is
+never reused for a run of today's code."""
 
 
 def mode_arguments(mode: str) -> list[str]:
@@ -170,7 +177,7 @@ POOL_KEYS = ("pool_size", "public_size")
 TRAINING_KEYS = ("optimizer", "batch_size", "local_epochs", "distill_epochs")
 """A party's keys that only matter when it trains."""
 
-KD_KEYS = ("top_k", "temperature", "kd_loss", "selection", "kd_positions", "sequence_alignment")
+KD_KEYS = ("top_k", "temperature", "kd_loss", "selection", "kd_positions", "topk_target", "sequence_alignment")
 """Transfer keys that only shape the KD term (lambda < 1)."""
 
 
@@ -214,28 +221,48 @@ def _unread_keys(tree: dict) -> dict[str, tuple[str, ...]]:
     return {}
 
 
-def settings_of(config: RunConfig | dict) -> dict:
-    """The config as JSON, without the keys that do not change this run's results."""
+def distils(config: RunConfig | dict) -> bool:
+    """Whether a run of this config has a KD term (some party distils with lambda < 1)."""
+    tree = asdict(config) if isinstance(config, RunConfig) else config
+    mode = tree["federation"]["mode"]
+    return mode in ("fedmkt", "fedavg", "llm2slm") and float(tree["transfer"]["ce_weight"]) < 1.0
+
+
+def settings_of(config: RunConfig | dict, kd_objective: Optional[str] = KD_OBJECTIVE) -> dict:
+    """The config as JSON, without the keys that do not change this run's results.
+
+    `kd_objective` is the KD weighting the run used (`KD_OBJECTIVE` for today's code, None for a
+    record made before it was stored); it is part of the settings only where the KD term is on.
+    """
     tree = asdict(config) if isinstance(config, RunConfig) else config
     tree = json.loads(json.dumps(tree, default=str))
+    active_kd = distils(tree)
     for part, keys in _unread_keys(tree).items():
         for section in tree[part] if part == "clients" else [tree[part]]:
             for key in keys:
                 section.pop(key, None)
-    for part, keys in NULL_BY_DEFAULT.items():
-        for key in keys:
-            if tree[part].get(key) is None:
-                tree[part].pop(key, None)
-    return {key: value for key, value in tree.items() if key not in IGNORED_SETTINGS}
+    for part, defaults in ADDED_LATER.items():
+        for key, value in defaults.items():
+            if key in tree[part] and tree[part][key] == value:
+                tree[part].pop(key)
+    settings = {key: value for key, value in tree.items() if key not in IGNORED_SETTINGS}
+    if active_kd and kd_objective is not None:
+        settings["kd_objective"] = kd_objective
+    return settings
 
 
-def settings_hash(config: RunConfig | dict) -> str:
-    return hashlib.sha256(json.dumps(settings_of(config), sort_keys=True).encode()).hexdigest()[:10]
+def settings_hash(config: RunConfig | dict, kd_objective: Optional[str] = KD_OBJECTIVE) -> str:
+    return hashlib.sha256(json.dumps(settings_of(config, kd_objective), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def finished(summary: dict, config: RunConfig) -> bool:
-    """Whether `summary` is a complete run of exactly `config`'s settings."""
-    if settings_of(summary.get("config", {})) != settings_of(config):
+def finished(summary: dict, config: RunConfig, kd_objective: Optional[str] = KD_OBJECTIVE) -> bool:
+    """Whether `summary` is a complete run of exactly `config`'s settings.
+
+    `kd_objective`: the KD weighting the summary's run used (a record says which in its own
+    `kd_objective`; a run folder named by today's settings hash holds a run of today's code).
+    """
+    recorded = summary.get("config", {})
+    if not recorded or settings_of(recorded, kd_objective) != settings_of(config):
         return False
     if config.federation.mode == "zero_shot":
         return bool(summary.get("zero_shot"))
@@ -252,7 +279,7 @@ def recorded_summary(config: RunConfig, task: str, mode: str, record: Path) -> O
     recorded = record / "runs" / f"{cell_name(config, task, mode)}.json"
     if recorded.is_file():
         summary = json.loads(recorded.read_text())
-        if finished(summary, config):
+        if finished(summary, config, summary.get("kd_objective")):
             return summary
     return None
 
@@ -287,6 +314,8 @@ def run_cell(config: RunConfig, task: str, mode: str, record: Path, label: str) 
         # Time of the work kept: earlier sittings up to their last checkpoint, plus this sitting.
         summary["wall_seconds"] = mirror.seconds()
     summary["settings_hash"] = settings_hash(config)
+    if distils(config):
+        summary["kd_objective"] = KD_OBJECTIVE
     recorded.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(recorded, json.dumps(summary, indent=1, default=str))  # a grid alongside may read it
     shutil.rmtree(mirror_dir, ignore_errors=True)  # the finished record replaces the checkpoint

@@ -224,6 +224,12 @@ class TransferConfig:
     kd_positions: Literal["all", "answer"] = "all"
     """Distil at every non-pad position, or only where the task loss has a label."""
 
+    topk_target: Literal["renormalize", "tail"] = "renormalize"
+    """What a teacher's top-k logits become. renormalize: a softmax over the k values (the
+    reference's target; over-states the teacher's confidence where its mass is spread); tail: the
+    teacher's true probabilities on the k ids (from the log-sum-exp it shares) plus one class for
+    the rest of its mass, matched against the student's mass outside those ids."""
+
     sequence_alignment: Literal["dtw", "offsets"] = "offsets"
     """How a teacher's positions are matched to a receiver's. offsets: positions whose tokens end
     at the same byte of the text (exact, no dynamic programming); dtw: the one-to-one pairs of the

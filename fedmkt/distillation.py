@@ -17,6 +17,7 @@ import torch
 
 from fedmkt.alignment import TokenAligner
 from fedmkt.data.datamodule import DistillationTargets, TokenizedSample
+from fedmkt.errors import FedMKTError
 from fedmkt.payload import KnowledgePayload
 from fedmkt.selection import Selection, dual_min_ce
 
@@ -78,12 +79,14 @@ class TeacherAligners:
         cache_dir: str | Path,
         temperature: float = 1.0,
         sequence_alignment: str = "offsets",
+        topk_target: str = "renormalize",
     ) -> None:
         self.receiver_tokenizer = receiver_tokenizer
         self.teacher_tokenizers = teacher_tokenizers
         self.cache_dir = Path(cache_dir)
         self.temperature = temperature
         self.sequence_alignment = sequence_alignment
+        self.topk_target = topk_target
         self._aligners: dict[str, TokenAligner] = {}
         self.last_alignment = AlignmentCacheStats()
 
@@ -117,12 +120,20 @@ class TeacherAligners:
             payload = payloads[teacher]
             row_of_sample = {int(sample): row for row, sample in enumerate(payload.sample_index.tolist())}
             rows = [payload.sample(row_of_sample[i]) for i in chosen]
+            if self.topk_target == "tail" and payload.temperature != self.temperature:
+                raise FedMKTError(
+                    f"{teacher}'s log-sum-exp was taken at temperature {payload.temperature}, this party distils at "
+                    f"{self.temperature}. Fix: give every party the same transfer.temperature."
+                )
             aligned = self.aligner(teacher).align(
                 [row[0] for row in rows],
                 [row[1] for row in rows],
                 [row[2] for row in rows],
                 [public[i].input_ids for i in chosen],
                 temperature=self.temperature,
+                teacher_logsumexp=(
+                    [payload.logsumexp_of(row_of_sample[i]) for i in chosen] if self.topk_target == "tail" else None
+                ),
             )
             for i, (ids, probs) in zip(chosen, aligned):
                 targets.ids[i], targets.probs[i] = ids.long(), probs.float()

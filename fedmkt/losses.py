@@ -23,7 +23,7 @@ shifted); ``-100`` marks an ignored label, ``-1`` an empty top-k slot.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -35,6 +35,7 @@ __all__ = [
     "token_cross_entropy",
     "sparse_kd_loss",
     "kd_objective",
+    "loss_weights",
 ]
 
 IGNORE_INDEX = -100
@@ -109,9 +110,39 @@ def _can_flatten(t: Tensor) -> bool:
     return True
 
 
+def _tail_log_mass(rows: Tensor, temperature: float, kept_ids: Tensor) -> Tensor:
+    """``log sum_{v not in kept} exp(rows_v / T)`` of a ``[n, V]`` chunk, exactly (no ``1 - sum`` cancellation).
+
+    ``kept_ids`` ``[n, k]`` lists each row's kept ids (every slot a kept id). The exponentials are
+    taken once, the kept ones set to 0, and the rest summed; a row whose whole mass is kept gets
+    the log of a tiny floor rather than -inf, so a teacher that puts mass there gives a large
+    finite loss.
+    """
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    row_max = rows.amax(dim=-1, keepdim=True).to(acc)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    shifted = torch.add(row_max / -temperature, rows, alpha=1.0 / temperature).exp_()
+    shifted.scatter_(1, kept_ids, 0.0)
+    tail = shifted.sum(dim=-1).clamp_min_(_TAIL_FLOOR).log_()
+    return tail + row_max.squeeze(-1) / temperature
+
+
+# Smallest tail mass (relative to the row's largest term) the student is credited with.
+_TAIL_FLOOR = 1e-30
+
+
+def _scatter_index(ids: Tensor, valid: Tensor) -> Tensor:
+    """``ids`` with each empty slot pointing at its row's first valid id, so a scatter over all slots
+    writes only kept ids (rows without a valid slot keep their dummy ids; nothing is kept there)."""
+    first_valid = valid.to(torch.int8).argmax(dim=1, keepdim=True)
+    return torch.where(valid, ids, ids.gather(1, first_valid))
+
+
 class _SparseSoftTargetCE(torch.autograd.Function):
     """Per-row ``-sum_j p_j * log_softmax(x / T)[id_j]`` (+ ``sum_j p_j log p_j`` for KL).
 
+    With ``tail``, the teacher's remaining mass ``p_t = 1 - sum_j p_j`` is matched against the
+    student's mass outside the row's ids: ``- p_t * log q_t`` (+ ``p_t log p_t`` for KL).
     Logits ``[B, L, V]`` (any strides; never copied), ids/probs/valid ``[N = B*L, k]`` contiguous,
     empty slots already given probability 0 and a valid (clamped) id. Returns ``[N]`` in fp32 (fp64 for fp64 logits).
     """
@@ -127,13 +158,19 @@ class _SparseSoftTargetCE(torch.autograd.Function):
         kl: bool,
         chunk_size: int,
         inplace_grad: bool,
+        tail: bool,
     ) -> Tensor:
         batch, length, _ = logits.shape
         flat = _can_flatten(logits)
         acc = torch.promote_types(logits.dtype, torch.float32)
         lse = torch.empty(batch * length, dtype=acc, device=logits.device)
+        tail_lse = torch.empty(batch * length if tail else 0, dtype=acc, device=logits.device)
+        kept_index = _scatter_index(ids, valid) if tail else ids
         for start, stop in _row_ranges(batch, length, chunk_size, flat):
-            lse[start:stop] = _chunk_scaled_logsumexp(_rows(logits, start, stop), temperature)
+            rows = _rows(logits, start, stop)
+            lse[start:stop] = _chunk_scaled_logsumexp(rows, temperature)
+            if tail:
+                tail_lse[start:stop] = _tail_log_mass(rows, temperature, kept_index[start:stop])
         # log q(id_j) for every slot; empty slots are masked out below, never multiplied (so an
         # infinite logit at the clamped dummy id cannot turn into 0 * inf = NaN).
         probs = probs.to(acc)
@@ -144,9 +181,15 @@ class _SparseSoftTargetCE(torch.autograd.Function):
         loss = 0.0 - weighted.sum(dim=1)  # +0.0, not -0.0, on empty rows
         if kl:
             loss = loss + torch.xlogy(probs, probs).sum(dim=1)
-        ctx.save_for_backward(logits, ids, probs, valid, lse, target_logp)
+        tail_probs = _tail_probs(probs, valid) if tail else probs.new_zeros(0)
+        if tail:
+            loss = loss - tail_probs * (tail_lse - lse)
+            if kl:
+                loss = loss + torch.xlogy(tail_probs, tail_probs)
+        ctx.save_for_backward(logits, ids, probs, valid, lse, target_logp, tail_lse, tail_probs, kept_index)
         ctx.temperature = temperature
         ctx.kl = kl
+        ctx.tail = tail
         ctx.chunk_size = chunk_size
         ctx.inplace_grad = inplace_grad
         ctx.flat = flat
@@ -154,13 +197,16 @@ class _SparseSoftTargetCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        logits, ids, probs, valid, lse, target_logp = ctx.saved_tensors
-        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        logits, ids, probs, valid, lse, target_logp, tail_lse, tail_probs, kept_index = ctx.saved_tensors
+        temperature, chunk_size, tail = ctx.temperature, ctx.chunk_size, ctx.tail
         grad_logits = grad_probs = None
 
         if ctx.needs_input_grad[0]:
             grad_loss = grad_loss.to(lse.dtype)
             prob_mass = probs.sum(dim=1)  # sum_j p_j per row
+            if tail:
+                prob_mass = prob_mass + tail_probs
+                tail_scale = -(tail_probs * grad_loss / temperature)  # [N]
             softmax_scale = prob_mass * grad_loss / temperature  # [N]
             scatter_vals = -(probs * (grad_loss / temperature).unsqueeze(1))  # [N, k]
             if ctx.inplace_grad:
@@ -182,6 +228,13 @@ class _SparseSoftTargetCE(torch.autograd.Function):
                     work = torch.add(neg_lse, rows, alpha=1.0 / temperature)  # fp32 chunk
                 work.exp_()
                 work.mul_(softmax_scale[start:stop].unsqueeze(1))
+                if tail:
+                    # - p_t / T * q_v / q_t on every id outside the kept ones, from its own exponent
+                    # (x / T - log q_t <= 0 there), so no large factor ever cancels at a kept id.
+                    outside = torch.add(tail_lse[start:stop].neg().unsqueeze(1), rows, alpha=1.0 / temperature)
+                    outside = outside.to(work.dtype).exp_().scatter_(1, kept_index[start:stop], 0.0)
+                    work.add_(outside.mul_(tail_scale[start:stop].unsqueeze(1)))
+                    del outside
                 # scatter_add (not scatter) so that the gradient matches the loss, which sums
                 # over slots; empty slots carry 0 and add nothing to their dummy id.
                 work.scatter_add_(1, ids[start:stop], scatter_vals[start:stop])
@@ -194,10 +247,22 @@ class _SparseSoftTargetCE(torch.autograd.Function):
             g = -target_logp
             if ctx.kl:
                 g = g + torch.where(probs > 0, torch.log(probs) + 1, torch.zeros_like(probs))
+            if tail:  # p_t = 1 - sum_j p_j: each p_j also moves the tail term
+                g = g + (tail_lse - lse).unsqueeze(1)
+                if ctx.kl:
+                    g = g - torch.where(
+                        tail_probs > 0, torch.log(tail_probs) + 1, torch.zeros_like(tail_probs)
+                    ).unsqueeze(1)
             g = torch.where(valid, g, torch.zeros_like(g))
             grad_probs = g * grad_loss.to(g.dtype).unsqueeze(1)
 
-        return grad_logits, None, grad_probs, None, None, None, None, None
+        return grad_logits, None, grad_probs, None, None, None, None, None, None
+
+
+def _tail_probs(probs: Tensor, valid: Tensor) -> Tensor:
+    """The teacher's mass outside its listed ids, ``max(0, 1 - sum_j p_j)``; 0 on rows with no valid slot."""
+    mass = torch.where(valid, probs, torch.zeros_like(probs)).sum(dim=1)
+    return torch.where(valid.any(dim=1), (1.0 - mass).clamp_min(0.0), torch.zeros_like(mass))
 
 
 def sparse_kd_loss(
@@ -209,6 +274,7 @@ def sparse_kd_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     *,
     inplace_grad: bool = False,
+    tail: bool = False,
 ) -> Tensor:
     """Per-position KD loss against a top-k teacher distribution, without a dense target.
 
@@ -216,6 +282,11 @@ def sparse_kd_loss(
     ``kind="kl"``: the same minus the target entropy, i.e. ``KL(p || softmax(logits / T))``.
     Slots with id ``-1`` are empty; a position with no non-empty slot gets loss 0 and gradient 0.
     Duplicate ids within a position are summed (the dense reference would keep only one of them).
+
+    ``tail=True`` (``transfer.topk_target: tail``): the probabilities are the teacher's true ones
+    on its top-k ids (summing to at most 1), and the mass they leave, ``1 - sum p``, becomes one
+    more class, matched against the student's mass outside the position's ids: the KD of the
+    teacher's full distribution coarsened to k + 1 classes. Ids must then be distinct per position.
     The result is ``[B, L]`` in fp32 (fp64 for fp64 logits); masking and normalisation are the caller's (see
     :func:`kd_objective`). ``chunk_size`` positions are processed at a time.
 
@@ -234,13 +305,33 @@ def sparse_kd_loss(
     valid = flat_ids >= 0
     if bool((flat_ids >= vocab).any()):
         raise ValueError(f"target_ids contain ids >= vocab size {vocab}")
+    if tail and _has_repeated_ids(flat_ids, valid):
+        raise ValueError("with tail=True every position's target ids must be distinct")
     flat_ids = torch.where(valid, flat_ids, torch.zeros_like(flat_ids))
     flat_probs = target_probs.reshape(batch * length, k)
     flat_probs = torch.where(valid, flat_probs, torch.zeros_like(flat_probs))
     loss = _SparseSoftTargetCE.apply(
-        logits, flat_ids, flat_probs, valid, float(temperature), kind == "kl", int(chunk_size), bool(inplace_grad)
+        logits,
+        flat_ids,
+        flat_probs,
+        valid,
+        float(temperature),
+        kind == "kl",
+        int(chunk_size),
+        bool(inplace_grad),
+        bool(tail),
     )
     return loss.view(batch, length)
+
+
+def _has_repeated_ids(ids: Tensor, valid: Tensor) -> bool:
+    """Whether some row lists one valid id in two slots."""
+    if ids.shape[1] <= 1:
+        return False
+    # Empty slots get distinct negative ids so they never count as repeats.
+    marked = torch.where(valid, ids, -1 - torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
+    ordered = marked.sort(dim=1).values
+    return bool((ordered[:, 1:] == ordered[:, :-1]).any())
 
 
 def token_cross_entropy(
@@ -267,43 +358,79 @@ def token_cross_entropy(
     return per_position.sum(dim=1) / counts.clamp(min=1).to(per_position.dtype)
 
 
+def loss_weights(
+    has_label: Tensor,
+    kd_mask: Optional[Tensor] = None,
+    kd_eligible: Optional[Tensor] = None,
+    ce_weight: float = 1.0,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Per-position weights ``(ce_w, kd_w)`` ``[B, L]`` such that FedMKT's objective is
+    ``sum(ce_w * ce_per_position) + sum(kd_w * kd_per_position)``.
+
+    Each term is a per-sample mean over its own positions, then a mean over the batch:
+    ``mean_b [lambda * CE_b + (1 - lambda) * T^2 * KD_b]`` with ``CE_b`` the mean over sample b's
+    label positions and ``KD_b`` the sum over its distilled positions (``kd_mask``) divided by its
+    KD-eligible ones (``kd_eligible``; every position that would be distilled had DualMinCE
+    selected the sample; ``None``: the distilled ones). A sample that was not selected adds 0 KD
+    but still counts in the batch, so a token's weight never depends on its batch-mates, and
+    lambda is each sample's own share of the loss. ``T^2`` keeps the gradient's size independent
+    of the temperature (Hinton et al.), so the temperature changes the target only.
+
+    The reference implementation (FATE-LLM, from FuseLLM) takes the CE as a mean over the batch's
+    label tokens and divides the KD sum by every non-pad token of the batch, without ``T^2``. With
+    labels on a short answer after a long prompt, that leaves KD about 1/100 of CE's weight at the
+    positions a task is scored on (ARC-Easy, lambda 0.9): the transfer is then effectively off.
+    Without ``kd_mask`` (training on private data) the objective is the mean per-sample CE.
+    """
+    if not 0.0 <= ce_weight <= 1.0:
+        raise ValueError(f"ce_weight (lambda) must be in [0, 1], got {ce_weight}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    batch = has_label.shape[0]
+    label = has_label.bool()
+    per_label = 1.0 / (batch * label.sum(dim=1, keepdim=True).clamp(min=1))
+    if kd_mask is None:
+        return label * per_label, torch.zeros(label.shape, dtype=per_label.dtype, device=label.device)
+    if kd_mask.shape != label.shape:
+        raise ValueError(f"kd_mask shape {tuple(kd_mask.shape)} != label shape {tuple(label.shape)}")
+    mask = kd_mask.bool()
+    if kd_eligible is not None:
+        if kd_eligible.shape != mask.shape:
+            raise ValueError(f"kd_eligible shape {tuple(kd_eligible.shape)} != kd_mask shape {tuple(mask.shape)}")
+        if bool((mask & ~kd_eligible.bool()).any()):
+            raise ValueError(
+                "kd_mask marks positions that kd_eligible does not; every distilled position must be eligible"
+            )
+        denominators = kd_eligible.bool().sum(dim=1, keepdim=True)
+    else:
+        denominators = mask.sum(dim=1, keepdim=True)
+    per_kd = (1.0 - ce_weight) * temperature**2 / (batch * denominators.clamp(min=1))
+    return label * (ce_weight * per_label), mask * per_kd
+
+
 def kd_objective(
     ce_per_sample: Tensor,
     kd_per_position: Tensor,
     kd_mask: Tensor,
     ce_weight: float,
     kd_eligible: Tensor | None = None,
+    temperature: float = 1.0,
 ) -> Tensor:
-    """FedMKT's ``lambda * CE + (1 - lambda) * KD`` as one scalar.
+    """FedMKT's ``mean_b [lambda * CE_b + (1 - lambda) * T^2 * KD_b]`` as one scalar (see :func:`loss_weights`).
 
-    Normalisation: ``CE = mean_b ce_per_sample[b]`` (each entry already a token mean), and
-    ``KD = sum(kd_per_position[kd_mask]) / count(kd_eligible)``: the distilled positions' losses
-    divided by every position that *could* be distilled (non-pad, has a next token, and in
-    ``kd_positions=answer`` mode has a label), selected by DualMinCE or not, as the reference
-    implementation does. So a distilled token's weight does not grow when its batch-mates are
-    not selected, and the effective lambda does not drift from batch to batch with how many
-    samples DualMinCE kept; a batch with no selected sample has KD 0. ``kd_eligible=None`` divides
-    by ``count(kd_mask)`` instead (a mean over the distilled positions only). Masked-out entries
-    are excluded with ``where``, so a NaN/inf there cannot leak into the value or the gradient.
+    ``ce_per_sample`` holds each sample's token-mean CE; ``KD_b`` is the sum of
+    ``kd_per_position`` over sample b's ``kd_mask`` divided by its ``kd_eligible`` count (its
+    ``kd_mask`` count when ``None``); a sample with no distilled position has KD 0. Masked-out
+    entries are excluded with ``where``, so a NaN/inf there cannot leak into the value or the gradient.
     """
     if kd_mask.shape != kd_per_position.shape:
         raise ValueError(
             f"kd_mask shape {tuple(kd_mask.shape)} != kd_per_position shape {tuple(kd_per_position.shape)}"
         )
-    if kd_eligible is not None and kd_eligible.shape != kd_mask.shape:
-        raise ValueError(f"kd_eligible shape {tuple(kd_eligible.shape)} != kd_mask shape {tuple(kd_mask.shape)}")
-    if not 0.0 <= ce_weight <= 1.0:
-        raise ValueError(f"ce_weight (lambda) must be in [0, 1], got {ce_weight}")
-    mask = kd_mask.bool()
-    if kd_eligible is not None:
-        if bool((mask & ~kd_eligible.bool()).any()):
-            raise ValueError(
-                "kd_mask marks positions that kd_eligible does not; every distilled position must be eligible"
-            )
-        count = kd_eligible.bool().sum()
-    else:
-        count = mask.sum()
-    kd_sum = torch.where(mask, kd_per_position, torch.zeros_like(kd_per_position)).sum()
-    kd = kd_sum / count.clamp(min=1).to(kd_sum.dtype)
-    ce = ce_per_sample.mean() if ce_per_sample.numel() else ce_per_sample.sum()
-    return ce_weight * ce + (1.0 - ce_weight) * kd
+    one_label = torch.zeros(kd_mask.shape, dtype=torch.bool, device=kd_mask.device)
+    one_label[:, :1] = True  # each sample's CE is already its mean: one position of weight lambda / B
+    ce_w, kd_w = loss_weights(one_label, kd_mask, kd_eligible, ce_weight, temperature)
+    kd_terms = torch.where(kd_mask.bool(), kd_per_position * kd_w.to(kd_per_position.dtype), 0.0)
+    ce = (ce_per_sample * ce_w[:, 0].to(ce_per_sample.dtype)).sum()
+    return ce + kd_terms.sum()

@@ -3,9 +3,12 @@
 One module serves every phase a party goes through in a round:
 - training on private data (batches carry only `targets`): task CE on answer tokens;
 - training on public data with teacher targets (batches also carry `kd_ids`/`kd_probs`/`kd_mask`/`kd_eligible`):
-  `λ·CE + (1−λ)·KD`, where KD is the sparse top-k loss — no dense [B, L, V] target is built;
-- prediction on public data: per-sample CE and top-k next-token logits at every position, which
-  is what the party shares with others.
+  per sample `λ·CE + (1−λ)·T²·KD` (`fedmkt.losses.loss_weights`), KD the sparse top-k loss;
+- prediction on public data: per-sample CE, top-k next-token logits and the log-sum-exp at every
+  position, which is what the party shares with others.
+
+No phase builds a [B, L, V] tensor: the model runs up to its final hidden states and the output
+head runs a chunk at a time on the rows a loss or payload reads (`fedmkt.head`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from fedmkt.config import LoRAConfig, OptimizerConfig, TransferConfig
+from fedmkt.data.tokenize import IGNORE_INDEX
 from fedmkt.errors import FedMKTError
-from fedmkt.losses import kd_objective, sparse_kd_loss, token_cross_entropy
+from fedmkt.head import OutputHead, final_hidden_states, head_knowledge, head_training_loss
+from fedmkt.losses import loss_weights
 
 
 class PartyModule(L.LightningModule):
@@ -101,7 +106,14 @@ class PartyModule(L.LightningModule):
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Full ``[B, L, V]`` logits (for inspection; the phases never need them whole)."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def _hidden_rows(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """The final hidden states at the ``[B, L]`` mask `rows`, as ``[N, H]``, with the rows' indices."""
+        hidden = final_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
+        where = rows.nonzero(as_tuple=True)
+        return hidden[where], where
 
     # ---- training -------------------------------------------------------------------------
 
@@ -110,30 +122,47 @@ class PartyModule(L.LightningModule):
         self.kd_loss.reset()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        ce = token_cross_entropy(logits, batch["targets"])
-        if "kd_ids" in batch:
-            kd = sparse_kd_loss(
-                logits,
-                batch["kd_ids"],
-                batch["kd_probs"],
-                temperature=self.transfer.temperature,
-                kind=self.transfer.kd_loss,
+        targets = batch["targets"]
+        has_label = targets != IGNORE_INDEX
+        transfer = self.transfer
+        distilling = "kd_ids" in batch
+        if distilling:
+            mask = batch["kd_mask"].bool()
+            ce_w, kd_w = loss_weights(
+                has_label, mask, batch.get("kd_eligible"), transfer.ce_weight, transfer.temperature
             )
-            mask = batch["kd_mask"]
-            loss = kd_objective(ce, kd, mask, self.transfer.ce_weight, batch.get("kd_eligible"))
-            kd_mean = (kd * mask).sum() / mask.sum().clamp_min(1)
-            self.kd_loss.update(kd_mean.detach())
-            self.log("kd_loss", kd_mean.detach(), prog_bar=True, batch_size=len(ce))
+            hidden, where = self._hidden_rows(batch, has_label | mask)
+            kd_ids = torch.where(mask[where].unsqueeze(-1), batch["kd_ids"][where], -1)
+            loss, ce_rows, kd_rows = head_training_loss(
+                OutputHead.of(self.model),
+                hidden,
+                targets[where],
+                ce_w[where],
+                kd_ids,
+                batch["kd_probs"][where],
+                kd_w[where],
+                temperature=transfer.temperature,
+                kind=transfer.kd_loss,
+                tail=transfer.topk_target == "tail",
+            )
         else:
-            loss = ce.mean()
+            ce_w, _ = loss_weights(has_label)
+            hidden, where = self._hidden_rows(batch, has_label)
+            loss, ce_rows, kd_rows = head_training_loss(OutputHead.of(self.model), hidden, targets[where], ce_w[where])
         if not torch.isfinite(loss):
             raise FedMKTError(
                 f"{self.name}: loss became {loss.item()} at step {self.global_step}. "
                 "Fix: lower optimizer.lr, use precision 32-true, or check the data for empty answers."
             )
-        self.task_loss.update(ce.mean().detach())
-        self.log("task_loss", ce.mean().detach(), prog_bar=True, batch_size=len(ce))
+        samples = len(targets)
+        ce = _per_sample_mean(ce_rows, where[0], has_label[where], samples)
+        self.task_loss.update(ce.mean())
+        self.log("task_loss", ce.mean(), prog_bar=True, batch_size=samples)
+        if distilling:
+            distilled = mask[where]
+            kd_mean = (kd_rows * distilled).sum() / distilled.sum().clamp_min(1)
+            self.kd_loss.update(kd_mean)
+            self.log("kd_loss", kd_mean, prog_bar=True, batch_size=samples)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -150,16 +179,32 @@ class PartyModule(L.LightningModule):
     # ---- sharing knowledge -----------------------------------------------------------------
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Per-sample CE and top-k logits at every real (non-pad) position, moved to CPU."""
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        losses = token_cross_entropy(logits, batch["targets"]).float()
-        values, ids = logits.topk(self.transfer.top_k, dim=-1)
+        """Per-sample CE, and top-k logits and log-sum-exp at every real (non-pad) position, moved to CPU."""
         mask = batch["attention_mask"].bool()
+        hidden, where = self._hidden_rows(batch, mask)
+        targets = batch["targets"][where]
+        knowledge = head_knowledge(
+            OutputHead.of(self.model), hidden, targets, self.transfer.top_k, self.transfer.temperature
+        )
+        losses = -_per_sample_mean(knowledge.label_logprob, where[0], targets != IGNORE_INDEX, len(mask))
         return {
             "index": batch["index"].cpu(),
             "losses": losses.cpu(),
             "lengths": mask.sum(-1).cpu(),
             "token_ids": batch["input_ids"][mask].cpu(),
-            "topk_ids": ids[mask].cpu(),
-            "topk_logits": values[mask].to(torch.float16).cpu(),
+            "topk_ids": knowledge.topk_ids.cpu(),
+            "topk_logits": knowledge.topk_values.to(torch.float16).cpu(),
+            "logsumexp": knowledge.logsumexp.cpu(),
         }
+
+
+def _per_sample_mean(
+    values: torch.Tensor, sample_of_row: torch.Tensor, counted: torch.Tensor, samples: int
+) -> torch.Tensor:
+    """Each sample's mean of `values` over its `counted` rows (0 for a sample with none), ``[samples]``."""
+    kept = torch.where(counted, values.float(), 0.0)
+    sums = torch.zeros(samples, dtype=torch.float32, device=values.device).index_add_(0, sample_of_row, kept)
+    counts = torch.zeros(samples, dtype=torch.float32, device=values.device).index_add_(
+        0, sample_of_row, counted.float()
+    )
+    return sums / counts.clamp(min=1)

@@ -1,8 +1,10 @@
 """What crosses a party boundary: knowledge about the public dataset, as tensors.
 
 A `KnowledgePayload` holds, for every public sample the sender scored, its per-sample loss and
-its top-k next-token logits at every token position (values + ids), plus the sender's own token
-ids for that sample (needed by the receiver to align the two tokenizations). Rows are ragged:
+its top-k next-token logits at every token position (values + ids) with the log-sum-exp of the
+whole vocabulary's logits there (so the receiver knows the teacher's true probabilities on the k
+ids and the mass of the rest), plus the sender's own token ids for that sample (needed by the
+receiver to align the two tokenizations). Rows are ragged:
 sample `s` owns rows `offsets[s]:offsets[s+1]`.
 
 Payloads travel as safetensors bytes — never pickles, never Python lists — so the receiver can
@@ -12,6 +14,7 @@ deserialise untrusted input safely, and the byte count we report is the real wir
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +24,8 @@ from safetensors.torch import save as save_safetensors
 
 from fedmkt.errors import FedMKTError
 
-_TENSOR_FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits")
+_TENSOR_FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits", "logsumexp")
+_FLOAT_FIELDS = ("losses", "topk_logits", "logsumexp")
 
 MAX_PAYLOAD_BYTES = 4 * 1024**3
 """Largest payload `from_bytes` accepts by default (4 GiB). The paper's exchange (1,000 public
@@ -77,6 +81,13 @@ class KnowledgePayload:
     topk_logits: torch.Tensor
     """[T, k] float16 values of those logits."""
 
+    logsumexp: torch.Tensor
+    """[T] float32: ``log sum_v exp(logit_v / temperature)`` over the sender's whole vocabulary at
+    each position, so ``exp(topk_logits / temperature - logsumexp)`` are its true probabilities."""
+
+    temperature: float = 1.0
+    """The temperature `logsumexp` was taken at (the run's `transfer.temperature`)."""
+
     @property
     def top_k(self) -> int:
         return int(self.topk_ids.shape[1])
@@ -93,6 +104,10 @@ class KnowledgePayload:
             self.topk_logits[start:end].float(),
         )
 
+    def logsumexp_of(self, row: int) -> torch.Tensor:
+        """The `row`-th sample's per-position log-sum-exp (see `logsumexp`), as float32."""
+        return self.logsumexp[int(self.offsets[row]) : int(self.offsets[row + 1])].float()
+
     def to_bytes(self) -> bytes:
         """Serialise with safetensors (the metadata carries sender, round and vocab size)."""
         tensors = {name: getattr(self, name).contiguous() for name in _TENSOR_FIELDS}
@@ -102,7 +117,12 @@ class KnowledgePayload:
                 if not ids.numel() or (int(ids.min()) >= 0 and int(ids.max()) < 2**16):
                     tensors[name] = ids.to(torch.uint16)
                 # else: they travel as they are, and the receiver's validation names the bad ids
-        metadata = {"sender": self.sender, "round": str(self.round), "vocab_size": str(self.vocab_size)}
+        metadata = {
+            "sender": self.sender,
+            "round": str(self.round),
+            "vocab_size": str(self.vocab_size),
+            "temperature": repr(float(self.temperature)),
+        }
         return save_safetensors(tensors, metadata=metadata)
 
     @classmethod
@@ -126,7 +146,7 @@ class KnowledgePayload:
                 f"received payload is not valid safetensors data ({error}). Fix: check the sender's fedmkt version."
             ) from error
         missing = [name for name in _TENSOR_FIELDS if name not in tensors] + [
-            key for key in ("sender", "round", "vocab_size") if key not in metadata
+            key for key in ("sender", "round", "vocab_size", "temperature") if key not in metadata
         ]
         if missing:
             raise FedMKTError(f"received payload lacks {missing}. Fix: check the sender's fedmkt version.")
@@ -137,14 +157,17 @@ class KnowledgePayload:
             )
         try:
             round_index, vocab_size = int(metadata["round"]), int(metadata["vocab_size"])
+            temperature = float(metadata["temperature"])
         except ValueError as error:
             raise FedMKTError(
-                f"received payload has non-integer round/vocab_size metadata ({error}). Fix: check the sender's fedmkt version."
+                f"received payload has malformed round/vocab_size/temperature metadata ({error}). Fix: check the sender's fedmkt version."
             ) from error
         for name in _ID_FIELDS:  # widen 2-byte unsigned wire ids to a signed type torch can compute with
             if tensors[name].dtype == torch.uint16:
                 tensors[name] = tensors[name].to(smallest_id_dtype(vocab_size))
-        payload = cls(sender=metadata["sender"], round=round_index, vocab_size=vocab_size, **tensors)
+        payload = cls(
+            sender=metadata["sender"], round=round_index, vocab_size=vocab_size, temperature=temperature, **tensors
+        )
         payload.validate(num_public=num_public)
         return payload
 
@@ -155,7 +178,7 @@ class KnowledgePayload:
         wrong_dtype = [
             name
             for name in _TENSOR_FIELDS
-            if getattr(self, name).is_floating_point() != (name in ("losses", "topk_logits"))
+            if getattr(self, name).is_floating_point() != (name in _FLOAT_FIELDS)
             or getattr(self, name).dtype in (torch.bool, torch.uint8)
             or getattr(self, name).is_complex()
         ]
@@ -180,8 +203,13 @@ class KnowledgePayload:
             )
         elif rows and self.topk_ids.shape[1] == 0:  # would count as distilled while carrying no logits
             problems.append("top-k has no columns (k = 0)")
-        if not bool(torch.isfinite(self.losses).all()) or not bool(torch.isfinite(self.topk_logits.float()).all()):
-            problems.append("losses or logits contain NaN/inf")
+        if self.logsumexp.shape != (rows,):
+            problems.append(f"logsumexp shape {tuple(self.logsumexp.shape)} does not match {rows} token rows")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            problems.append(f"temperature {self.temperature} is not positive")
+        finite = [torch.isfinite(getattr(self, name).float()).all() for name in _FLOAT_FIELDS]
+        if not all(bool(ok) for ok in finite):
+            problems.append("losses, logits or logsumexp contain NaN/inf")
         for name in ("token_ids", "topk_ids"):
             ids = getattr(self, name)
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):

@@ -4,6 +4,9 @@ Each shared position's top-k logits are centred on their maximum, clipped to an 
 `logit_clip` (bounding any single position's contribution), and perturbed with Gaussian noise of
 standard deviation `logit_noise`. This blurs what the logits reveal about a party's weights; it is
 NOT a formal differential-privacy guarantee — no privacy accountant tracks the spent budget.
+The true log-sum-exp over the vocabulary is not shared then (it would reveal the logits' scale
+before clipping): the payload's `logsumexp` becomes that of the noised top-k values, so a
+receiver sees no mass outside the k ids.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from fedmkt.payload import KnowledgePayload
 
 
 def add_logit_noise(payload: KnowledgePayload, privacy: PrivacyConfig, seed: int) -> KnowledgePayload:
-    """A copy of `payload` whose top-k logits are clipped and noised (ids and losses unchanged)."""
+    """A copy of `payload` whose top-k logits are clipped and noised (ids and losses unchanged).
+
+    Its `logsumexp` is that of the noised values (no tail mass), for the reason the module gives.
+    """
     if privacy.logit_noise <= 0:
         return payload
     logits = payload.topk_logits.float()
@@ -26,4 +32,6 @@ def add_logit_noise(payload: KnowledgePayload, privacy: PrivacyConfig, seed: int
     clipped = centred * (privacy.logit_clip / norms).clamp(max=1.0)
     generator = torch.Generator().manual_seed(seed)
     noisy = clipped + privacy.logit_noise * torch.randn(clipped.shape, generator=generator)
-    return replace(payload, topk_logits=noisy.to(payload.topk_logits.dtype))
+    shared = noisy.to(payload.topk_logits.dtype)
+    logsumexp = torch.logsumexp(shared.float() / payload.temperature, dim=-1)
+    return replace(payload, topk_logits=shared, logsumexp=logsumexp)

@@ -35,3 +35,29 @@ def dense_kd_loss_reference(
     if kind == "kl":
         loss = loss + torch.xlogy(target, target).sum(-1)
     return loss
+
+
+def dense_tail_kd_loss_reference(
+    logits: Tensor,
+    target_ids: Tensor,
+    target_probs: Tensor,
+    temperature: float = 1.0,
+    kind: Literal["ce", "kl"] = "ce",
+) -> Tensor:
+    """The KD of a teacher's top-k probabilities plus one class for the rest, on dense tensors, ``[B, L]``.
+
+    The student's tail is the log-sum-exp of its logits with every listed id masked out (a dense
+    ``[B, L, V]`` mask), the teacher's is what its probabilities leave of 1.
+    """
+    valid = target_ids >= 0
+    ids = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long()
+    probs = torch.where(valid, target_probs, torch.zeros_like(target_probs)).to(logits.dtype)
+    scaled = logits / temperature
+    logq = torch.log_softmax(scaled, dim=-1)
+    listed = torch.zeros(logits.shape, dtype=logits.dtype).scatter_add_(-1, ids, valid.to(logits.dtype)) > 0
+    tail_logq = torch.logsumexp(scaled.masked_fill(listed, float("-inf")), dim=-1) - torch.logsumexp(scaled, dim=-1)
+    tail_p = torch.where(valid.any(-1), (1 - probs.sum(-1)).clamp_min(0), torch.zeros_like(probs[..., 0]))
+    loss = -(probs * logq.gather(-1, ids)).sum(-1) - tail_p * tail_logq
+    if kind == "kl":
+        loss = loss + torch.xlogy(probs, probs).sum(-1) + torch.xlogy(tail_p, tail_p)
+    return loss

@@ -158,9 +158,16 @@ def one_to_one_matches(
     ]
 
 
-def align_topk(topk_ids, topk_logits, matched, vocab_map, fallback, temperature=1.0, k=None):
-    """Loop version of ``fedmkt.alignment.align_topk`` on nested lists; returns (ids, probs) lists."""
+def align_topk(topk_ids, topk_logits, matched, vocab_map, fallback, temperature=1.0, k=None, logsumexp=None):
+    """Loop version of ``fedmkt.alignment.align_topk`` on nested lists; returns (ids, probs) lists.
+
+    With `logsumexp` (one per teacher position): each slot's true probability, the mass of the
+    slots that map to one receiver id added up in its first slot.
+    """
     import math
+
+    if logsumexp is not None:
+        return _align_topk_true_probs(topk_ids, topk_logits, matched, vocab_map, fallback, temperature, k, logsumexp)
 
     if k is None:
         k = len(topk_ids[0]) if len(topk_ids) else 0
@@ -182,6 +189,36 @@ def align_topk(topk_ids, topk_logits, matched, vocab_map, fallback, temperature=
                 total = sum(weights.values())
                 for s in kept:
                     probs[s] = weights[s] / total
+        elif fallback[pos] >= 0:
+            ids[0], probs[0] = fallback[pos], 1.0
+        out_ids.append(ids)
+        out_probs.append(probs)
+    return out_ids, out_probs
+
+
+def _align_topk_true_probs(topk_ids, topk_logits, matched, vocab_map, fallback, temperature, k, logsumexp):
+    import math
+
+    if k is None:
+        k = len(topk_ids[0]) if len(topk_ids) else 0
+    out_ids, out_probs = [], []
+    for pos, j in enumerate(matched):
+        ids, probs = [-1] * k, [0.0] * k
+        if j >= 0:
+            true = [math.exp(topk_logits[j][s] / temperature - logsumexp[j]) for s in range(k)]
+            total = sum(true)
+            if total > 1:  # rounding between the sent values and their log-sum-exp
+                true = [p / total for p in true]
+            first_slot_of = {}
+            for slot in range(k):
+                t = topk_ids[j][slot]
+                r = vocab_map[t] if 0 <= t < len(vocab_map) else -1
+                if r < 0:
+                    continue
+                if r not in first_slot_of:
+                    first_slot_of[r] = slot
+                    ids[slot] = r
+                probs[first_slot_of[r]] += true[slot]
         elif fallback[pos] >= 0:
             ids[0], probs[0] = fallback[pos], 1.0
         out_ids.append(ids)

@@ -55,6 +55,44 @@ def test_align_topk_matches_reference(case):
     assert torch.allclose(got_probs, torch.tensor(exp_probs, dtype=torch.float32).reshape(len(matched), k), atol=1e-6)
 
 
+@settings(max_examples=300, deadline=None)
+@given(reindex_case(), st.floats(0.0, 30.0))
+def test_align_topk_true_probabilities_match_reference(case, headroom):
+    ids, logits, matched, vmap, fallback, temperature, k = case
+    # The teacher's log-sum-exp lies `headroom` above its largest sent value: its top-k leave a tail.
+    lse = [max(row) / temperature + headroom for row in logits] if logits else []
+    got_ids, got_probs = align_topk(
+        torch.tensor(ids, dtype=torch.long).reshape(len(ids), k),
+        torch.tensor(logits, dtype=torch.float32).reshape(len(ids), k),
+        torch.tensor(matched, dtype=torch.long),
+        torch.tensor(vmap, dtype=torch.long),
+        torch.tensor(fallback, dtype=torch.long),
+        temperature,
+        torch.tensor(lse, dtype=torch.float32),
+    )
+    logits32 = torch.tensor(logits, dtype=torch.float32).double().tolist()
+    lse32 = torch.tensor(lse, dtype=torch.float32).double().tolist()
+    exp_ids, exp_probs = ref.align_topk(ids, logits32, matched, vmap, fallback, temperature, k, lse32)
+    assert got_ids.tolist() == exp_ids
+    assert torch.allclose(got_probs, torch.tensor(exp_probs, dtype=torch.float32).reshape(len(matched), k), atol=1e-6)
+    assert bool((got_probs.sum(-1) <= 1 + 1e-6).all())
+
+
+def test_align_topk_true_probabilities_example():
+    # Teacher ids 5 and 7 map to one receiver id (9): their mass adds up; id 6 is unmapped: its
+    # mass stays with the tail. log-sum-exp log(10): the probabilities are exp(logit) / 10.
+    ids, probs = align_topk(
+        torch.tensor([[5, 6, 7]]),
+        torch.tensor([[torch.log(torch.tensor(4.0)), torch.log(torch.tensor(3.0)), 0.0]]),
+        torch.tensor([0]),
+        torch.tensor([-1, -1, -1, -1, -1, 9, -1, 9]),
+        torch.tensor([-1]),
+        teacher_logsumexp=torch.log(torch.tensor([10.0])),
+    )
+    assert ids.tolist() == [[9, -1, -1]]
+    torch.testing.assert_close(probs, torch.tensor([[0.5, 0.0, 0.0]]))
+
+
 def test_align_topk_example():
     ids, probs = align_topk(
         torch.tensor([[5, 6, 7], [1, 2, 3]]),

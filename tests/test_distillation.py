@@ -19,6 +19,7 @@ from fedmkt.config import LoRAConfig, OptimizerConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, DistillationTargets, TokenizedSample
 from fedmkt.data.tokenize import IGNORE_INDEX
 from fedmkt.distillation import TeacherAligners, select_teachers, teacher_losses
+from fedmkt.errors import FedMKTError
 from fedmkt.party import PartyModule
 from fedmkt.payload import KnowledgePayload
 from fedmkt.selection import Selection
@@ -77,6 +78,7 @@ def teacher_payload(sender, public, scored: dict[int, float], k=4, seed=0) -> Kn
         token_ids=torch.cat(token_ids).to(torch.int16),
         topk_ids=topk_ids.to(torch.int16),
         topk_logits=(torch.randn(rows, k, generator=g) * 3).sort(dim=1, descending=True).values.half(),
+        logsumexp=torch.full((rows,), 12.0),  # above every top-k value: a tail remains
     )
 
 
@@ -150,6 +152,31 @@ def test_alignment_maps_selected_teacher_topk_onto_receiver_ids(scenario, tmp_pa
 
     # The maps live on disk, one per ordered tokenizer pair (both teachers share a tokenizer).
     assert len(list(tmp_path.glob("vocabmap-*.npy"))) == 1
+
+
+def test_tail_targets_are_the_teachers_true_probabilities(scenario, tmp_path):
+    public, payloads = scenario
+    payloads = by_sender(payloads)
+    selection = select_teachers(torch.ones(4), payloads)
+    tail = TeacherAligners(RECEIVER, {"client_0": TEACHER, "client_1": TEACHER}, tmp_path, topk_target="tail")
+    targets = tail.align_selected(selection, payloads, public)
+    payload = payloads["client_0"]
+    row = payload.sample_index.tolist().index(2)
+    _, topk_ids, topk_logits = payload.sample(row)
+    true = (topk_logits - payload.logsumexp_of(row)[:, None]).exp()  # exp(logit - log-sum-exp): below 1 in all
+    assert torch.equal(targets.ids[2], TO_TEACHER[topk_ids])
+    torch.testing.assert_close(targets.probs[2], true)
+    assert bool((targets.probs[2].sum(-1) < 1).all())
+
+
+def test_tail_targets_refuse_a_logsumexp_taken_at_another_temperature(scenario, tmp_path):
+    public, payloads = scenario
+    payloads = by_sender(payloads)
+    payloads["client_0"].temperature = 2.0
+    selection = select_teachers(torch.ones(4), payloads)
+    tail = TeacherAligners(RECEIVER, {"client_0": TEACHER, "client_1": TEACHER}, tmp_path, topk_target="tail")
+    with pytest.raises(FedMKTError, match="temperature 2.0.*Fix: give every party the same transfer.temperature"):
+        tail.align_selected(selection, payloads, public)
 
 
 def test_alignment_reuses_aligners_in_memory_and_maps_from_disk(scenario, tmp_path, monkeypatch):

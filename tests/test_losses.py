@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmkt.losses import kd_objective, sparse_kd_loss, token_cross_entropy
+from fedmkt.losses import kd_objective, loss_weights, sparse_kd_loss, token_cross_entropy
 
 try:
-    from kd_reference import dense_kd_loss_reference
+    from kd_reference import dense_kd_loss_reference, dense_tail_kd_loss_reference
 except ImportError:  # tests/ imported as a package
-    from tests.kd_reference import dense_kd_loss_reference
+    from tests.kd_reference import dense_kd_loss_reference, dense_tail_kd_loss_reference
 
 TOL = 1e-5
 
@@ -283,20 +283,22 @@ def test_token_ce_rejects_out_of_range_targets():
 # --- kd_objective --------------------------------------------------------------------------------
 
 
-def test_kd_objective_normalisation():
+def test_kd_objective_is_a_per_sample_mix():
+    # Sample 0 distils positions 0-1 (KD mean 1.5), sample 1 position 0 (KD 4); CE 1 and 3.
     ce = torch.tensor([1.0, 3.0])
     kd = torch.tensor([[1.0, 2.0, 100.0], [4.0, 200.0, 300.0]])
     mask = torch.tensor([[True, True, False], [True, False, False]])
     got = kd_objective(ce, kd, mask, ce_weight=0.9)
-    expected = 0.9 * 2.0 + 0.1 * (1.0 + 2.0 + 4.0) / 3
-    assert math.isclose(got.item(), expected, rel_tol=1e-6)
+    assert math.isclose(got.item(), ((0.9 * 1 + 0.1 * 1.5) + (0.9 * 3 + 0.1 * 4)) / 2, rel_tol=1e-6)
     assert got.dim() == 0
+    # T = 2 multiplies the KD term by T^2 = 4
+    got = kd_objective(ce, kd, mask, ce_weight=0.9, temperature=2.0)
+    assert math.isclose(got.item(), ((0.9 * 1 + 0.4 * 1.5) + (0.9 * 3 + 0.4 * 4)) / 2, rel_tol=1e-6)
 
 
 def test_kd_weight_of_a_token_does_not_depend_on_its_batch_mates_selection():
-    # Sample 0 is distilled; sample 1 is eligible but DualMinCE did not select it. Dividing by
-    # the eligible positions, sample 0's KD contributes the same whether or not sample 1 was
-    # selected (sample 1's own KD is what changes), so lambda does not drift with the selection.
+    # Sample 0 is distilled; sample 1 is eligible but DualMinCE did not select it: it adds 0 KD but
+    # still counts in the batch mean, so sample 0's KD weighs the same whether or not 1 was selected.
     ce = torch.tensor([1.0, 1.0])
     kd = torch.tensor([[2.0, 4.0, 0.0], [6.0, 8.0, 0.0]], requires_grad=True)
     eligible = torch.tensor([[True, True, False], [True, True, False]])
@@ -307,13 +309,37 @@ def test_kd_weight_of_a_token_does_not_depend_on_its_batch_mates_selection():
     kd.grad = None
     kd_objective(ce, kd, both, 0.5, eligible).backward()
     torch.testing.assert_close(kd.grad[0], alone)
+    # (1 - lambda) / (batch 2 * eligible 2) per distilled position
     torch.testing.assert_close(alone, torch.full((3,), 0.5 / 4) * eligible[0])
     got = kd_objective(ce, kd, only_first, 0.5, eligible)
-    assert math.isclose(got.item(), 0.5 * 1.0 + 0.5 * (2.0 + 4.0) / 4, rel_tol=1e-6)
-    # Normalising by the selected positions instead doubles sample 0's weight when alone.
-    kd.grad = None
-    kd_objective(ce, kd, only_first, 0.5).backward()
-    torch.testing.assert_close(kd.grad[0], 2 * alone)
+    assert math.isclose(got.item(), ((0.5 * 1 + 0.5 * (2 + 4) / 2) + (0.5 * 1 + 0)) / 2, rel_tol=1e-6)
+
+
+def test_kd_positions_answer_divides_by_the_answer_positions_only():
+    # kd_positions: answer makes only the answer positions eligible: a sample's KD is their mean,
+    # however long its prompt (under "all" the prompt positions dilute it).
+    ce = torch.tensor([2.0])
+    kd = torch.tensor([[1.0, 1.0, 1.0, 5.0, 7.0]])
+    answer = torch.tensor([[False, False, False, True, True]])
+    every = torch.ones(1, 5, dtype=torch.bool)
+    got_answer = kd_objective(ce, kd, answer, 0.5, answer)
+    got_all = kd_objective(ce, kd, every, 0.5, every)
+    assert math.isclose(got_answer.item(), 0.5 * 2 + 0.5 * (5 + 7) / 2, rel_tol=1e-6)
+    assert math.isclose(got_all.item(), 0.5 * 2 + 0.5 * (1 + 1 + 1 + 5 + 7) / 5, rel_tol=1e-6)
+
+
+def test_loss_weights_per_position():
+    has_label = torch.tensor([[False, True, True, False], [False, False, True, False]])
+    mask = torch.tensor([[True, True, True, False], [False, False, False, False]])
+    eligible = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    ce_w, kd_w = loss_weights(has_label, mask, eligible, ce_weight=0.8, temperature=2.0)
+    # CE: lambda / (batch 2 * label count); KD: (1 - lambda) * T^2 / (batch 2 * eligible count 3)
+    torch.testing.assert_close(ce_w, torch.tensor([[0, 0.2, 0.2, 0], [0, 0, 0.4, 0]]))
+    torch.testing.assert_close(kd_w, torch.tensor([[0.8 / 6, 0.8 / 6, 0.8 / 6, 0], [0, 0, 0, 0]]))
+    # private data (no KD): the mean over samples of each one's mean CE
+    ce_w, kd_w = loss_weights(has_label)
+    torch.testing.assert_close(ce_w, torch.tensor([[0, 0.25, 0.25, 0], [0, 0, 0.5, 0]]))
+    assert not kd_w.any()
 
 
 def test_kd_objective_rejects_distilled_positions_that_are_not_eligible():
@@ -348,9 +374,66 @@ def test_end_to_end_fully_masked_batch_is_nan_free():
 
 
 def test_kd_objective_gradient_weights():
-    ce = torch.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)
+    ce = torch.tensor([1.0, 2.0], requires_grad=True)
     kd = torch.ones(2, 3, requires_grad=True)
     mask = torch.tensor([[True, False, True], [False, False, True]])
     kd_objective(ce, kd, mask, 0.25).backward()
-    torch.testing.assert_close(ce.grad, torch.full((4,), 0.25 / 4))
-    torch.testing.assert_close(kd.grad, mask.float() * 0.75 / 3)
+    torch.testing.assert_close(ce.grad, torch.full((2,), 0.25 / 2))
+    # sample 0 distils 2 positions, sample 1 one: (1 - lambda) / (2 * count)
+    torch.testing.assert_close(kd.grad, torch.tensor([[0.75 / 4, 0, 0.75 / 4], [0, 0, 0.75 / 2]]))
+
+
+# --- tail targets --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_tail_matches_the_dense_tail_reference(kind, temperature, chunk_size):
+    batch, length, vocab, k = 3, 7, 29, 5
+    g = torch.Generator().manual_seed(chunk_size)
+    logits = torch.randn(batch, length, vocab, generator=g, dtype=torch.float64) * 3
+    ids = torch.argsort(torch.rand(batch, length, vocab, generator=g), -1)[..., :k].clone()
+    ids[torch.rand(batch, length, k, generator=g) < 0.2] = -1
+    ids[0, 0] = -1  # a row with no slot: no loss, no tail
+    probs = torch.softmax(torch.randn(batch, length, k, generator=g, dtype=torch.float64), -1)
+    probs = probs * torch.rand(batch, length, 1, generator=g, dtype=torch.float64)  # leave a tail
+    weights = torch.randn(batch, length, generator=g, dtype=torch.float64)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    pa = probs.clone().requires_grad_(True)
+    pb = probs.clone().requires_grad_(True)
+    ours = sparse_kd_loss(a, ids, pa, temperature, kind, chunk_size, tail=True)
+    ref = dense_tail_kd_loss_reference(b, ids, pb, temperature, kind)
+    (ours * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(ours, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=0)
+    listed = ids >= 0
+    torch.testing.assert_close(pa.grad * listed, pb.grad * listed, atol=1e-10, rtol=0)
+    assert ours[0, 0] == 0 and not a.grad[0, 0].any()
+
+
+def test_tail_is_the_kd_of_the_full_distribution_coarsened_to_k_plus_one_classes():
+    # A teacher whose true distribution is known over the whole vocabulary: its top-3 plus the
+    # rest as one class give the same loss as the full KD when the student is the teacher.
+    teacher = torch.randn(1, 1, 50, dtype=torch.float64)
+    p = torch.softmax(teacher, -1)
+    top = p.topk(3, -1)
+    kl = sparse_kd_loss(teacher.clone(), top.indices, top.values, kind="kl", tail=True)
+    assert abs(kl.item()) < 1e-12  # the student equal to the teacher has nothing left to learn
+    renormalized = sparse_kd_loss(teacher.clone(), top.indices, top.values / top.values.sum(), kind="kl")
+    assert renormalized.item() > 1e-3  # the renormalised target asks the teacher to be more confident
+
+
+def test_tail_with_the_whole_mass_listed_is_finite():
+    logits = torch.tensor([[[30.0, -30.0, -30.0]]], requires_grad=True)
+    loss = sparse_kd_loss(logits, torch.tensor([[[0]]]), torch.tensor([[[0.5]]]), tail=True)
+    loss.backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logits.grad).all()
+    assert loss.item() > 10  # the teacher's 50 % outside id 0 is far from the student's ~0
+
+
+def test_tail_refuses_repeated_ids():
+    with pytest.raises(ValueError, match="distinct"):
+        sparse_kd_loss(torch.randn(1, 1, 5), torch.tensor([[[1, 1]]]), torch.tensor([[[0.3, 0.3]]]), tail=True)

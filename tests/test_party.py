@@ -14,9 +14,9 @@ from fedmkt.errors import FedMKTError
 from fedmkt.party import PartyModule
 
 try:
-    from kd_reference import dense_kd_loss_reference
+    from kd_reference import dense_kd_loss_reference, dense_tail_kd_loss_reference
 except ImportError:  # tests/ imported as a package
-    from tests.kd_reference import dense_kd_loss_reference
+    from tests.kd_reference import dense_kd_loss_reference, dense_tail_kd_loss_reference
 
 # training_step is also called directly, without a Trainer; Lightning then skips self.log with a warning.
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
@@ -127,6 +127,20 @@ def test_training_step_without_kd_is_mean_answer_ce(make_tiny_llama, smollm2_tok
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
+def objective_by_hand(module, batch, kd_batch, ce_weight, temperature, eligible, tail=False):
+    """mean over samples of λ·CE_b + (1−λ)·T²·(sum of KD over b's distilled positions / b's eligible count)."""
+    with torch.no_grad():
+        logits = module(batch["input_ids"], batch["attention_mask"])
+        reference = dense_tail_kd_loss_reference if tail else dense_kd_loss_reference
+        kd = reference(logits, kd_batch["kd_ids"], kd_batch["kd_probs"], temperature)
+    terms = []
+    for b in range(len(logits)):
+        ce_b = F.cross_entropy(logits[b], batch["targets"][b], ignore_index=IGNORE_INDEX)
+        kd_b = kd[b][kd_batch["kd_mask"][b]].sum() / eligible[b].sum()
+        terms.append(ce_weight * ce_b + (1 - ce_weight) * temperature**2 * kd_b)
+    return torch.stack(terms).mean(), kd
+
+
 def test_training_step_with_kd_is_lambda_mix_and_changes_the_gradient(make_tiny_llama, smollm2_tokenizer):
     module = make_module(make_tiny_llama, smollm2_tokenizer, ce_weight=0.7)
     batch = make_batch(smollm2_tokenizer)
@@ -145,30 +159,75 @@ def test_training_step_with_kd_is_lambda_mix_and_changes_the_gradient(make_tiny_
     assert plain.keys() == distilled.keys() and plain
     assert any(not torch.allclose(plain[n], distilled[n]) for n in plain)
 
-    with torch.no_grad():
-        logits = module(batch["input_ids"], batch["attention_mask"])
-        kd = dense_kd_loss_reference(logits, kd_batch["kd_ids"], kd_batch["kd_probs"])
-        kd_mean = kd[kd_batch["kd_mask"]].mean()
-    torch.testing.assert_close(kd_loss.detach(), 0.7 * plain_loss.detach() + 0.3 * kd_mean, rtol=1e-5, atol=1e-6)
+    expected, kd = objective_by_hand(module, batch, kd_batch, 0.7, 1.0, kd_batch["kd_mask"])
+    torch.testing.assert_close(kd_loss.detach(), expected, rtol=1e-5, atol=1e-6)
     assert module.kd_loss.update_count == 1
-    torch.testing.assert_close(module.kd_loss.compute(), kd_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(module.kd_loss.compute(), kd[kd_batch["kd_mask"]].mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_training_step_divides_kd_by_the_eligible_positions(make_tiny_llama, smollm2_tokenizer):
-    module = make_module(make_tiny_llama, smollm2_tokenizer, ce_weight=0.7)
+@pytest.mark.parametrize("kd_positions", ["all", "answer"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_training_step_is_a_per_sample_mix_over_eligible_positions(
+    make_tiny_llama, smollm2_tokenizer, kd_positions, temperature
+):
+    # Sample 1 is eligible but was not selected: it adds no KD, yet counts in the batch mean.
+    module = make_module(make_tiny_llama, smollm2_tokenizer, ce_weight=0.5)
+    module.transfer.temperature = temperature
     batch = make_batch(smollm2_tokenizer)
     kd_batch = add_kd_targets(batch, len(smollm2_tokenizer))
     eligible = kd_batch["kd_mask"].clone()
+    if kd_positions == "answer":
+        eligible &= batch["targets"] != IGNORE_INDEX
     kd_batch["kd_eligible"] = eligible
     kd_batch["kd_mask"] = eligible.clone()
-    kd_batch["kd_mask"][1:] = False  # only the first sample was selected
+    kd_batch["kd_mask"][1:] = False
     with torch.no_grad():
-        ce_loss = module.training_step(batch, 0)
-        logits = module(batch["input_ids"], batch["attention_mask"])
-        kd = dense_kd_loss_reference(logits, kd_batch["kd_ids"], kd_batch["kd_probs"])
         loss = module.training_step(kd_batch, 0)
-    expected = 0.7 * ce_loss + 0.3 * kd[kd_batch["kd_mask"]].sum() / eligible.sum()
+    expected, _ = objective_by_hand(module, batch, kd_batch, 0.5, temperature, eligible)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_step_with_tail_targets_matches_the_dense_tail_loss(make_tiny_llama, smollm2_tokenizer):
+    module = make_module(make_tiny_llama, smollm2_tokenizer, ce_weight=0.5)
+    module.transfer.topk_target = "tail"
+    batch = make_batch(smollm2_tokenizer)
+    kd_batch = add_kd_targets(batch, len(smollm2_tokenizer))
+    g = torch.Generator().manual_seed(1)
+    b, length, k = kd_batch["kd_ids"].shape
+    kd_batch["kd_ids"] = torch.argsort(torch.rand(b, length, len(smollm2_tokenizer), generator=g), -1)[..., :k]
+    kd_batch["kd_probs"] = kd_batch["kd_probs"] * 0.6  # the teacher leaves 40 % to the other tokens
+    with torch.no_grad():
+        loss = module.training_step(kd_batch, 0)
+    expected, _ = objective_by_hand(module, batch, kd_batch, 0.5, 1.0, kd_batch["kd_mask"], tail=True)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_step_gradient_matches_the_dense_logits_path(make_tiny_llama, smollm2_tokenizer):
+    module = make_module(make_tiny_llama, smollm2_tokenizer, ce_weight=0.3)
+    batch = make_batch(smollm2_tokenizer)
+    kd_batch = add_kd_targets(batch, len(smollm2_tokenizer))
+    module.zero_grad()
+    module.training_step(kd_batch, 0).backward()
+    chunked = lora_grads(module)
+    module.zero_grad()
+    expected, _ = objective_with_grad(module, batch, kd_batch, 0.3)
+    expected.backward()
+    dense = lora_grads(module)
+    assert chunked.keys() == dense.keys() and chunked
+    for name in dense:
+        torch.testing.assert_close(chunked[name], dense[name], rtol=1e-5, atol=1e-6)
+
+
+def objective_with_grad(module, batch, kd_batch, ce_weight):
+    """The objective through the model's full [B, L, V] logits, with autograd (the path before the chunked head)."""
+    logits = module(batch["input_ids"], batch["attention_mask"])
+    kd = dense_kd_loss_reference(logits, kd_batch["kd_ids"], kd_batch["kd_probs"])
+    terms = []
+    for b in range(len(logits)):
+        ce_b = F.cross_entropy(logits[b], batch["targets"][b], ignore_index=IGNORE_INDEX)
+        kd_b = kd[b][kd_batch["kd_mask"][b]].sum() / kd_batch["kd_mask"][b].sum()
+        terms.append(ce_weight * ce_b + (1 - ce_weight) * kd_b)
+    return torch.stack(terms).mean(), kd
 
 
 def test_masked_out_kd_positions_do_not_affect_the_loss(make_tiny_llama, smollm2_tokenizer):
@@ -220,6 +279,9 @@ def test_predict_step_matches_topk_and_cross_entropy_at_real_positions(make_tiny
         assert torch.equal(out["topk_logits"][rows], values.to(torch.float16))
         expected = F.cross_entropy(logits[b], batch["targets"][b], ignore_index=IGNORE_INDEX)
         torch.testing.assert_close(out["losses"][b], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            out["logsumexp"][rows], torch.logsumexp(logits[b, :length], -1), rtol=1e-5, atol=1e-5
+        )
         start += length
     assert start == len(out["token_ids"])
 

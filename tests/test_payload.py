@@ -12,7 +12,7 @@ from safetensors.torch import save as save_safetensors
 from fedmkt.errors import FedMKTError
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 
-FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits")
+FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits", "logsumexp")
 
 
 def make_payload(lengths=(2, 3, 1), k=4, vocab=50, sender="client_0", round_index=3, seed=0, id_dtype=None):
@@ -29,6 +29,7 @@ def make_payload(lengths=(2, 3, 1), k=4, vocab=50, sender="client_0", round_inde
         token_ids=torch.randint(vocab, (rows,), generator=g).to(id_dtype),
         topk_ids=torch.randint(vocab, (rows, k), generator=g).to(id_dtype),
         topk_logits=(torch.randn(rows, k, generator=g) * 10).to(torch.float16),
+        logsumexp=torch.full((rows,), 12.0),  # above every top-k value: a tail remains
     )
 
 
@@ -59,6 +60,23 @@ def test_round_trip_is_bit_exact_and_keeps_metadata():
         assert got.shape == sent.shape, name
         assert torch.equal(_bits(got), _bits(sent)), name
     assert back.top_k == 4 and len(back) == 3
+    assert back.temperature == payload.temperature
+
+
+def test_temperature_travels_in_the_metadata_and_logsumexp_per_sample():
+    payload = make_payload(lengths=(2, 3, 1))
+    payload.temperature = 2.0
+    back = KnowledgePayload.from_bytes(payload.to_bytes())
+    assert back.temperature == 2.0
+    assert torch.equal(back.logsumexp_of(1), payload.logsumexp[2:5].float())
+
+
+def test_validate_rejects_a_logsumexp_that_does_not_cover_the_rows():
+    payload = make_payload()
+    payload.logsumexp = payload.logsumexp[:-1]
+    with pytest.raises(FedMKTError) as error:
+        payload.validate()
+    _assert_one_line_error(error, "logsumexp shape")
 
 
 def test_round_trip_large_vocab_uses_int32_ids():
@@ -90,7 +108,7 @@ def test_wire_format_is_plain_safetensors_without_pickle(monkeypatch):
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
     assert set(header) == set(FIELDS) | {"__metadata__"}
-    assert header["__metadata__"] == {"sender": "client_0", "round": "3", "vocab_size": "50"}
+    assert header["__metadata__"] == {"sender": "client_0", "round": "3", "vocab_size": "50", "temperature": "1.0"}
     # The byte count is the real wire size: header + raw tensor bytes, nothing else.
     tensor_bytes = sum(getattr(payload, name).numel() * getattr(payload, name).element_size() for name in FIELDS)
     assert len(data) == 8 + header_len + tensor_bytes
@@ -146,12 +164,16 @@ def test_valid_payload_passes_with_and_without_public_size():
     _assert_one_line_error(error, "sample_index outside the public dataset of 3")
 
 
-@pytest.mark.parametrize("where", ["topk_logits_nan", "topk_logits_inf", "losses_nan", "losses_inf"])
+@pytest.mark.parametrize(
+    "where", ["topk_logits_nan", "topk_logits_inf", "losses_nan", "losses_inf", "logsumexp_nan", "logsumexp_inf"]
+)
 def test_validate_rejects_non_finite_values(where):
     payload = make_payload()
     bad = float("nan") if where.endswith("nan") else float("-inf")
     if where.startswith("topk_logits"):
         payload.topk_logits[1, 2] = bad
+    elif where.startswith("logsumexp"):
+        payload.logsumexp[3] = bad
     else:
         payload.losses[0] = bad
     with pytest.raises(FedMKTError) as error:
@@ -282,7 +304,9 @@ def test_from_bytes_rejects_unexpected_tensors():
     # Nothing beyond the declared fields may cross the boundary (e.g. private token ids).
     payload = make_payload()
     tensors = {n: getattr(payload, n) for n in FIELDS} | {"private_ids": torch.arange(4)}
-    data = save_safetensors(tensors, metadata={"sender": "client_0", "round": "1", "vocab_size": "50"})
+    data = save_safetensors(
+        tensors, metadata={"sender": "client_0", "round": "1", "vocab_size": "50", "temperature": "1.0"}
+    )
     with pytest.raises(FedMKTError) as error:
         KnowledgePayload.from_bytes(data)
     _assert_one_line_error(error, "private_ids")
@@ -291,10 +315,18 @@ def test_from_bytes_rejects_unexpected_tensors():
 def test_from_bytes_rejects_malformed_metadata():
     payload = make_payload()
     tensors = {n: getattr(payload, n) for n in FIELDS}
-    data = save_safetensors(tensors, metadata={"sender": "client_0", "round": "one", "vocab_size": "50"})
+    data = save_safetensors(
+        tensors, metadata={"sender": "client_0", "round": "one", "vocab_size": "50", "temperature": "1.0"}
+    )
     with pytest.raises(FedMKTError) as error:
         KnowledgePayload.from_bytes(data)
     _assert_one_line_error(error, "round")
+    data = save_safetensors(
+        tensors, metadata={"sender": "client_0", "round": "1", "vocab_size": "50", "temperature": "-2"}
+    )
+    with pytest.raises(FedMKTError) as error:
+        KnowledgePayload.from_bytes(data)
+    _assert_one_line_error(error, "temperature -2.0 is not positive")
 
 
 def test_from_bytes_validates_content():

@@ -31,7 +31,7 @@ from fedmkt.models import load_tokenizer
 from fedmkt.payload import KnowledgePayload
 from fedmkt.privacy import add_logit_noise
 
-FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits")
+FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits", "logsumexp")
 CLIENTS = ("client_0", "client_1")
 # 12 pooled questions: 4 public + 4 private per client; 1 round, evaluation off (not needed here).
 SETTINGS = [
@@ -190,17 +190,19 @@ def test_server_payload_holds_only_public_sample_knowledge(fedmkt_run, own_token
     _assert_public_only(send, own_tokenisation["server"], fedmkt_run.config.transfer.top_k)
 
 
-def test_wire_bytes_are_the_six_payload_fields_and_nothing_else(fedmkt_run):
+def test_wire_bytes_are_the_seven_payload_fields_and_nothing_else(fedmkt_run):
     assert len(fedmkt_run.sends) == 3  # two clients up, the server down
     for send in fedmkt_run.sends:
         header_length = int.from_bytes(send.data[:8], "little")
         header = json.loads(send.data[8 : 8 + header_length])
         assert set(header) == set(FIELDS) | {"__metadata__"}
-        assert set(header["__metadata__"]) == {"sender", "round", "vocab_size"}
-        # No weight, gradient or optimizer tensor: the only floats are one loss per sample and the top-k values.
+        assert set(header["__metadata__"]) == {"sender", "round", "vocab_size", "temperature"}
+        # No weight, gradient or optimizer tensor: the only floats are one loss per sample, the top-k
+        # values and one log-sum-exp per position.
         tensors = load_safetensors(send.data)
         floats = {name for name, t in tensors.items() if t.is_floating_point()}
-        assert floats == {"losses", "topk_logits"}
+        assert floats == {"losses", "topk_logits", "logsumexp"}
+        assert tensors["logsumexp"].shape == tensors["token_ids"].shape
         # The wire size is exactly the header plus these tensors.
         assert len(send.data) == 8 + header_length + sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -272,6 +274,7 @@ class _Party:
             token_ids=torch.arange(rows).to(torch.int16),
             topk_ids=torch.arange(rows * k).view(rows, k).to(torch.int16),
             topk_logits=torch.zeros(rows, k).half(),
+            logsumexp=torch.full((rows,), 12.0),  # above every top-k value: a tail remains
         )
 
     def distill(self, round_index, payloads):
@@ -335,6 +338,7 @@ def _payload(rows: int = 2000, k: int = 16, scale: float = 6.0, dtype=torch.floa
         token_ids=torch.randint(1000, (rows,), generator=g).to(torch.int16),
         topk_ids=torch.randint(1000, (rows, k), generator=g).to(torch.int16),
         topk_logits=(torch.randn(rows, k, generator=g) * scale).sort(dim=-1, descending=True).values.to(dtype),
+        logsumexp=torch.full((rows,), 12.0),  # above every top-k value: a tail remains
     )
 
 
@@ -362,6 +366,16 @@ def test_noise_changes_only_the_logits():
     assert noisy.topk_logits.dtype == torch.float16 and noisy.topk_logits.shape == payload.topk_logits.shape
     assert not torch.equal(noisy.topk_logits, payload.topk_logits)
     noisy.validate(num_public=2)  # still a valid payload (finite values)
+
+
+def test_noise_withholds_the_true_logsumexp():
+    # The log-sum-exp of the raw logits would tell the receiver their scale before clipping; under
+    # noise the payload's is that of the noised top-k values, so their probabilities sum to 1.
+    payload = _payload()
+    noisy = add_logit_noise(payload, PrivacyConfig(logit_noise=1.0), seed=1)
+    probs = (noisy.topk_logits.float() - noisy.logsumexp[:, None]).exp()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(len(probs)))
+    assert not torch.allclose(noisy.logsumexp, payload.logsumexp)
 
 
 def test_clipping_bounds_each_positions_centred_norm():

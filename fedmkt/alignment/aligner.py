@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -93,6 +93,7 @@ class TokenAligner:
         teacher_topk_logits: list[Tensor],
         receiver_input_ids: list[Tensor],
         temperature: float = 1.0,
+        teacher_logsumexp: Optional[list[Tensor]] = None,
     ) -> list[tuple[Tensor, Tensor]]:
         """Receiver-side ``(ids [Ls, k], probs [Ls, k])`` targets for each public sample.
 
@@ -102,18 +103,21 @@ class TokenAligner:
         receiver's own *next* token ``receiver_input_ids[i + 1]`` (the last position, which has
         no next token, gets an empty row: ids -1, probabilities 0). The reference implementation
         one-hots the *current* token there, which is off by one for next-token targets; we use
-        the next token on purpose.
+        the next token on purpose. With `teacher_logsumexp` (per sample, ``[Lt]``) matched rows
+        carry the teacher's true probabilities and leave it a tail (see `align_topk`).
         """
-        counts = {len(teacher_input_ids), len(teacher_topk_ids), len(teacher_topk_logits), len(receiver_input_ids)}
+        lists = [teacher_input_ids, teacher_topk_ids, teacher_topk_logits, receiver_input_ids]
+        if teacher_logsumexp is not None:
+            lists.append(teacher_logsumexp)
+        counts = {len(entries) for entries in lists}
         if len(counts) != 1:
             raise ValueError(f"align() needs one entry per sample in every list, got lengths {sorted(counts)}")
         out: list[tuple[Tensor, Tensor]] = []
-        for t_ids, top_ids, top_logits, r_ids in zip(
-            teacher_input_ids, teacher_topk_ids, teacher_topk_logits, receiver_input_ids
-        ):
+        for sample, (t_ids, top_ids, top_logits, r_ids) in enumerate(zip(*lists[:4])):
             r_ids = r_ids.reshape(-1).long()
             matched = self.match_positions(t_ids, r_ids)
             fallback = torch.full_like(r_ids, -1)
             fallback[:-1] = r_ids[1:]
-            out.append(align_topk(top_ids, top_logits, matched, self.vocab_map, fallback, temperature))
+            lse = None if teacher_logsumexp is None else teacher_logsumexp[sample]
+            out.append(align_topk(top_ids, top_logits, matched, self.vocab_map, fallback, temperature, lse))
         return out

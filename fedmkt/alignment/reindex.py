@@ -7,6 +7,8 @@ positions and no token strings.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,13 @@ def _first_occurrence(ids: Tensor) -> Tensor:
     return torch.empty_like(first).scatter_(1, perm, first)
 
 
+def _sum_into_first_slot(probs: Tensor, ids: Tensor) -> Tensor:
+    """Each slot's probability added to the earliest slot of its row with the same id."""
+    same = ids.unsqueeze(2) == ids.unsqueeze(1)  # [L, k, k]: slot a and slot b hold one id
+    first_slot = same.to(torch.int8).argmax(dim=2)  # earliest b with ids[b] == ids[a]
+    return torch.zeros_like(probs).scatter_add_(1, first_slot, probs)
+
+
 def align_topk(
     teacher_topk_ids: Tensor,
     teacher_topk_logits: Tensor,
@@ -33,6 +42,7 @@ def align_topk(
     vocab_map: Tensor,
     fallback_ids: Tensor,
     temperature: float = 1.0,
+    teacher_logsumexp: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Receiver-side top-k ids and probabilities for each receiver position.
 
@@ -46,12 +56,19 @@ def align_topk(
         fallback_ids: ``[Ls]`` long, the receiver token to put all mass on where there is no match
             (-1: leave the row empty).
         temperature: logits are divided by it before the softmax.
+        teacher_logsumexp: ``[Lt]``, the teacher's log-sum-exp over its whole vocabulary at
+            `temperature` per teacher position; given, the probabilities are the teacher's true
+            ones (``transfer.topk_target: tail``) instead of a softmax over the k values.
 
     Returns:
         ``(ids, probs)``, ``[Ls, k]`` long and float32. Matched rows keep the teacher's slot order;
-        a slot whose mapped id is unmapped or repeats an earlier slot's id (first assignment wins)
-        becomes id -1 with probability 0, and the softmax runs over the remaining slots. Unmatched
-        rows are one-hot on the fallback id in slot 0; rows with neither are all -1 / 0.
+        a slot whose mapped id is unmapped or repeats an earlier slot's id becomes id -1 with
+        probability 0. Without `teacher_logsumexp` the first assignment of an id wins and the
+        softmax runs over the remaining slots (the reference's rule). With it, a repeated id's
+        probability is added to its first slot (the teacher's mass on every token that maps
+        there), an unmapped id's mass is left out, and a row sums to at most 1: what it leaves is
+        the tail the loss matches. Unmatched rows are one-hot on the fallback id in slot 0; rows
+        with neither are all -1 / 0.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -81,11 +98,21 @@ def align_topk(
     else:
         in_vocab = (src_ids >= 0) & (src_ids < vocab_size)
         mapped = torch.where(in_vocab, vocab_map[src_ids.clamp(0, vocab_size - 1)], -1)
-    keep = has_match[:, None] & (mapped >= 0) & _first_occurrence(mapped)
+    first = _first_occurrence(mapped)
+    keep = has_match[:, None] & (mapped >= 0) & first
 
     scaled = teacher_topk_logits[rows].float() / temperature
-    scaled = scaled.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scaled, dim=1)
+    if teacher_logsumexp is None:
+        scaled = scaled.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(scaled, dim=1)
+    else:
+        lse = teacher_logsumexp.to(device=device, dtype=torch.float32)
+        lse = lse[rows] if lse.numel() else torch.zeros(length, device=device)
+        true_probs = (scaled - lse[:, None]).exp()
+        # Sent logits and log-sum-exp may disagree by rounding (fp16 values): never above 1 in all.
+        true_probs = true_probs / true_probs.sum(dim=1, keepdim=True).clamp(min=1.0)
+        mapped_ok = has_match[:, None] & (mapped >= 0)
+        probs = _sum_into_first_slot(torch.where(mapped_ok, true_probs, 0.0), mapped)
     probs = torch.where(keep, probs, torch.zeros((), dtype=probs.dtype, device=device))
     ids = torch.where(keep, mapped, torch.full((), -1, dtype=torch.long, device=device))
 

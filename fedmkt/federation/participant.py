@@ -94,7 +94,12 @@ class Participant:
         self.phase_timeout_s = phase_timeout_s
         self.privacy = privacy or PrivacyConfig()
         self.alignment = TeacherAligners(
-            tokenizer, peer_tokenizers, cache_dir, transfer.temperature, transfer.sequence_alignment
+            tokenizer,
+            peer_tokenizers,
+            cache_dir,
+            transfer.temperature,
+            transfer.sequence_alignment,
+            transfer.topk_target,
         )
         self._public_losses: Optional[torch.Tensor] = None  # valid until the weights change
 
@@ -186,6 +191,8 @@ class Participant:
             token_ids=torch.cat([o["token_ids"] for o in outputs]).to(id_dtype),
             topk_ids=torch.cat([o["topk_ids"] for o in outputs]).to(id_dtype),
             topk_logits=torch.cat([o["topk_logits"] for o in outputs]),
+            logsumexp=torch.cat([o["logsumexp"] for o in outputs]).float(),
+            temperature=self.transfer.temperature,
         )
         return add_logit_noise(payload, self.privacy, seed=phase_seed(self.seed, round_index, "logit_noise"))
 
