@@ -1,4 +1,4 @@
-"""Peak memory of the KD loss: dense-target reference vs fedmkt's sparse top-k loss.
+"""Peak memory of the KD loss (dense-target reference vs sparse top-k loss) and of the whole training path.
 
 Each variant runs forward + backward in its own fresh subprocess. The subprocess allocates the
 student's logits ``[B, L, V]`` (fp32, a leaf that requires grad) and the top-k targets, warms the
@@ -26,6 +26,19 @@ before the loss, i.e. the same accounting with the CUDA caching allocator's coun
 
 At small sizes one chunk (64 positions by default) is a large share of all positions, so the ratios
 only mean something at realistic sizes; the quick run is for checking agreement and plumbing.
+
+The second table measures the training path a party runs, from the final hidden states ``[B, L, H]``
+(H = 640, Gemma-3-270M's width) to the gradient of those states, in fp32 and bf16:
+
+  logits-path   the path before the chunked head: ``lm_head`` on every position ([B, L, V] logits),
+                then task CE and sparse KD on those logits (each allocating its own [B, L, V] gradient)
+  chunked-head  ``fedmkt.head.head_training_loss``: the head a chunk of rows at a time, CE and KD
+                and the hidden states' gradient computed in the same pass; no [B, L, V] tensor
+
+"Added peak" is again the high-water mark minus the memory held before the call (hidden states,
+head weight, targets), so it counts the logits, their gradients and every temporary.
+
+    python benchmarks/kd_memory.py --path training    # only the training-path table
 """
 
 from __future__ import annotations
@@ -43,6 +56,8 @@ from pathlib import Path
 import numpy as np
 
 VARIANTS = ("dense", "sparse", "sparse-inplace")
+HEAD_VARIANTS = ("logits-path", "chunked-head")
+HIDDEN = 640  # Gemma-3-270M's hidden size
 MiB = 1024 * 1024
 
 
@@ -147,6 +162,152 @@ def worker(args: argparse.Namespace) -> None:
     )
 
 
+def _head_inputs(args: argparse.Namespace):
+    """Hidden states (a leaf), a head weight, labels on ~15 % of positions and top-k targets everywhere."""
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype)
+    hidden = torch.randn(args.batch, args.length, HIDDEN, generator=g).to(dtype)
+    weight = (torch.randn(args.vocab, HIDDEN, generator=g) / HIDDEN**0.5).to(dtype)
+    labels = torch.randint(0, args.vocab, (args.batch, args.length), generator=g)
+    labels[torch.rand(args.batch, args.length, generator=g) > 0.15] = -100
+    base = torch.randint(0, args.vocab, (args.batch, args.length, 1), generator=g)
+    ids = (base + torch.randperm(args.vocab, generator=g)[: args.k]) % args.vocab
+    probs = torch.softmax(torch.randn(args.batch, args.length, args.k, generator=g) * 2, dim=-1)
+    return hidden, weight, labels, ids, probs
+
+
+def head_worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from fedmkt.head import OutputHead, head_training_loss
+    from fedmkt.losses import loss_weights, sparse_kd_loss
+
+    hidden, weight, labels, ids, probs = _head_inputs(args)
+    mask = torch.ones(labels.shape, dtype=torch.bool)
+    ce_w, kd_w = loss_weights(labels != -100, mask, mask, 0.9, args.temperature)
+
+    def logits_path(h):
+        logits = h @ weight.T  # [B, L, V], as lm_head computes it
+        keep = labels != -100
+        label_ids = torch.where(keep, labels, -1).unsqueeze(-1)
+        ce = sparse_kd_loss(logits, label_ids, keep.float().unsqueeze(-1), chunk_size=args.chunk_size)
+        kd = sparse_kd_loss(logits, ids, probs, args.temperature, args.kind, args.chunk_size)
+        return (ce * ce_w).sum() + (kd * kd_w).sum()
+
+    def chunked_head(h):
+        rows = h.reshape(-1, HIDDEN)
+        head = OutputHead(weight)
+        loss, _, _ = head_training_loss(
+            head,
+            rows,
+            labels.reshape(-1),
+            ce_w.reshape(-1),
+            ids.reshape(-1, args.k),
+            probs.reshape(-1, args.k),
+            kd_w.reshape(-1),
+            args.temperature,
+            args.kind,
+        )
+        return loss
+
+    run = logits_path if args.variant == "logits-path" else chunked_head
+    small = hidden[:1, :8].clone().requires_grad_(True)  # warm-up, as in `worker`
+    saved = labels, ids, probs, ce_w, kd_w
+    labels, ids, probs, ce_w, kd_w = (t[:1, :8] for t in saved)
+    run(small).backward()
+    labels, ids, probs, ce_w, kd_w = saved
+    del small
+    hidden.requires_grad_(True)
+    exact = _reset_peak()
+    base_kib = _status_kib("VmRSS") if exact else max(_status_kib("VmRSS"), _status_kib("VmHWM"))
+    t0 = time.perf_counter()
+    loss = run(hidden)
+    loss.backward()
+    wall = time.perf_counter() - t0
+    peak_kib = _status_kib("VmHWM")
+    out = Path(args.out)
+    np.save(out.with_suffix(".loss.npy"), np.array([float(loss)]))
+    np.save(out.with_suffix(".grad.npy"), hidden.grad.float().numpy())
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "dtype": args.dtype,
+                "added_mib": (peak_kib - base_kib) / 1024,
+                "wall_s": wall,
+                "exact_peak_reset": exact,
+            }
+        )
+    )
+
+
+def training_path_table(args: argparse.Namespace, tmp: str) -> None:
+    """Run both training-path variants per dtype in fresh subprocesses and print their added peaks."""
+    print(
+        f"\ntraining path: hidden [{args.batch}, {args.length}, {HIDDEN}] -> head (V={args.vocab:,}) -> CE (15 % of "
+        f"positions) + KD (k={args.ks[0]}, every position) -> gradient of the hidden states"
+    )
+    rows = []
+    for dtype in args.dtypes:
+        results = {}
+        for variant in HEAD_VARIANTS:
+            out = Path(tmp) / f"{variant}_{dtype}"
+            results[variant] = _subprocess(
+                args,
+                ["--variant", variant, "--dtype", dtype, "--k", str(args.ks[0]), "--out", str(out)],
+            )
+            results[variant]["out"] = out
+        base = results["logits-path"]
+        base_loss = float(np.load(base["out"].with_suffix(".loss.npy"))[0])
+        base_grad = np.load(base["out"].with_suffix(".grad.npy"))
+        for variant in HEAD_VARIANTS:
+            r = results[variant]
+            r["dloss"] = abs(float(np.load(r["out"].with_suffix(".loss.npy"))[0]) - base_loss)
+            r["dgrad"] = float(np.abs(np.load(r["out"].with_suffix(".grad.npy")) - base_grad).max())
+            r["ratio"] = r["added_mib"] / base["added_mib"]
+            rows.append(r)
+    print("| dtype | variant | added peak MiB | ratio vs logits-path | wall s | max abs dloss | max abs dgrad |")
+    print("|" + "---|" * 7)
+    for r in rows:
+        print(
+            f"| {r['dtype']} | {r['variant']} | {r['added_mib']:,.0f} | {r['ratio']:.3f} | {r['wall_s']:.2f} | "
+            f"{r['dloss']:.2e} | {r['dgrad']:.2e} |"
+        )
+    for r in rows:
+        if r["variant"] == "chunked-head":
+            agree = (
+                ""
+                if r["dtype"] != "float32"
+                else f"; loss and gradient within 1e-5: {max(r['dloss'], r['dgrad']) <= 1e-5}"
+            )
+            print(f"{r['dtype']} chunked-head: added peak <= 1/10 of the logits path: {r['ratio'] <= 0.1}{agree}")
+
+
+def _subprocess(args: argparse.Namespace, extra: list[str]) -> dict:
+    """One measurement in a fresh interpreter (its own high-water mark), returning its JSON line."""
+    cmd = [sys.executable, os.path.abspath(__file__), *extra]
+    for flag, value in (
+        ("--vocab", args.vocab),
+        ("--batch", args.batch),
+        ("--length", args.length),
+        ("--temperature", args.temperature),
+        ("--kind", args.kind),
+        ("--chunk-size", args.chunk_size),
+        ("--seed", args.seed),
+        ("--device", args.device),
+    ):
+        cmd += [flag, str(value)]
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(extra[:2])} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _max_abs_diff(a_path: Path, b_path: Path, rows: int, cols: int) -> float:
     a = np.memmap(a_path, dtype=np.float32, mode="r", shape=(rows, cols))
     b = np.memmap(b_path, dtype=np.float32, mode="r", shape=(rows, cols))
@@ -176,7 +337,10 @@ def main(argv: list[str] | None = None) -> None:
         help="where the logits live; cuda measures torch.cuda.max_memory_allocated",
     )
     p.add_argument("--scratch", default=None, help="folder for the per-variant gradient files")
-    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # worker mode
+    p.add_argument("--path", choices=["loss", "training", "both"], default="both", help="which table(s) to print")
+    p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=VARIANTS + HEAD_VARIANTS, help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--k", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -184,8 +348,15 @@ def main(argv: list[str] | None = None) -> None:
         from fedmkt.losses import DEFAULT_CHUNK_SIZE
 
         args.chunk_size = DEFAULT_CHUNK_SIZE
+    if args.variant in HEAD_VARIANTS:
+        head_worker(args)
+        return
     if args.variant:
         worker(args)
+        return
+    if args.path == "training":
+        with tempfile.TemporaryDirectory(dir=args.scratch, prefix="kd_memory_") as tmp:
+            training_path_table(args, tmp)
         return
     if "dense" not in args.variants:
         p.error("--variants must include dense (it is the reference)")
@@ -290,6 +461,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"k={r['k']} {r['variant']}: <= 1/10 of dense incl. grad buffer: "
                 f"{r['ratio'] <= 0.1}; excl. grad buffer: {r['ratio_excl'] <= 0.1}"
             )
+    if args.path == "both":
+        with tempfile.TemporaryDirectory(dir=args.scratch, prefix="kd_memory_") as tmp:
+            training_path_table(args, tmp)
 
 
 if __name__ == "__main__":

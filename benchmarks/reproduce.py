@@ -61,11 +61,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import yaml
 
 from fedmkt.config import RunConfig, parse_run_config
 from fedmkt.errors import RunInterrupted
+from fedmkt.evaluation import paired_bootstrap
 from fedmkt.federation.files import atomic_write_text
 from fedmkt.interrupts import stop_on_signals
 from fedmkt.run import fit
@@ -420,27 +420,6 @@ def restore_mirror(mirror_dir: Path, run_dir: Path) -> float:
 
 
 # ---- statistics ---------------------------------------------------------------------------------
-
-
-def paired_bootstrap(a: str, b: str, resamples: int = 10_000, seed: int = 0) -> tuple[float, list[float]]:
-    """Accuracy difference of two models on the same questions, with its 95 % percentile interval.
-
-    `a` and `b` are per-question records ("1" right, "0" wrong) in the same order; each resample
-    draws questions with replacement and scores both models on the same draw, so the interval
-    reflects how much the two differ on shared questions rather than each model's own noise.
-    """
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired records must be non-empty and equally long ({len(a)} vs {len(b)})")
-    x = np.frombuffer(a.encode(), dtype=np.uint8) - ord("0")
-    y = np.frombuffer(b.encode(), dtype=np.uint8) - ord("0")
-    delta = (x.astype(np.int64) - y).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for start in range(0, resamples, 1000):  # chunks keep memory at 1000 x n
-        stop = min(start + 1000, resamples)
-        means[start:stop] = delta[rng.integers(0, len(delta), size=(stop - start, len(delta)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(delta.mean()), [float(low), float(high)]
 
 
 def final_entry(summary: dict, party: str) -> Optional[dict]:

@@ -1,0 +1,405 @@
+"""Does distillation alone move a teacher's knowledge into a student, within and across tokenizers?
+
+KD only (lambda = 0: no labels), no private data, every public sample distilled (`selection: all`),
+on the embedded ARC-Easy split (held-out questions, a public part, and a labelled part the teachers
+fine-tune on). Three pairs, each against a control:
+
+  same_tokenizer    SmolLM2 fine-tuned on the labelled part  -> a fresh SmolLM2
+  cross_to_gemma    that fine-tuned SmolLM2                  -> a fresh Gemma-3-270M
+  cross_to_smollm2  a Gemma fine-tuned on the labelled part  -> a fresh SmolLM2
+  control           the same pair, with the teacher's top-k logits replaced by equal values (same
+                    ids and positions, and in tail mode the same top-k mass, but no ranking), so
+                    what a control gains is not the teacher's knowledge
+
+For each pair: the teacher's and the student's zero-shot accuracy, the student's after KD and the
+control's, each with its 95 % Wilson interval; the KD-minus-control difference with a paired
+bootstrap interval over the same questions; and `gap_closed`, the share of the teacher-minus-student
+gap that KD closes. Where transfer loses knowledge across tokenizers, `alignment` gives the numbers
+to find where: positions matched one-to-one, teacher top-k ids with no receiver token, ids that
+collide on one receiver token, and the teacher's probability mass left outside its top-k.
+
+    OMP_NUM_THREADS=2 python benchmarks/kd_transfer.py                       # writes benchmarks/results/kd_transfer.json
+    python benchmarks/kd_transfer.py --scale quick                           # the same steps in minutes
+    python benchmarks/kd_transfer.py --try tail --override transfer.topk_target=tail
+
+Every step (teacher fine-tuning, each evaluation, each distillation) is stored in `--state-dir`
+(default `$FEDMKT_CACHE/kd_transfer`, else `~/.cache/fedmkt/kd_transfer`) as soon as it ends, keyed
+by the settings it depends on, so the command resumes where it stopped, over several sittings,
+and a try reuses every step its change cannot move. Nothing large is written to the repository:
+the results JSON only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from copy import deepcopy
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from fedmkt.config import ModelSpec, RunConfig, parse_run_config
+from fedmkt.data.parts import PartyData, party_data
+from fedmkt.evaluation import paired_bootstrap
+from fedmkt.federation.files import atomic_write_text
+from fedmkt.models import cache_root
+from fedmkt.payload import KnowledgePayload
+from fedmkt.run import build_participant, quiet_lightning
+
+SMOLLM2 = "embedded:smollm2-135m-instruct"
+GEMMA = "embedded:gemma3-270m"
+LEARNING_RATES = {SMOLLM2: 3.0e-4, GEMMA: 2.0e-4}
+"""demo.yaml's learning rates: SmolLM2 as a client, Gemma as the server."""
+
+PAIRS = {
+    "same_tokenizer": (SMOLLM2, SMOLLM2),
+    "cross_to_gemma": (SMOLLM2, GEMMA),
+    "cross_to_smollm2": (GEMMA, SMOLLM2),
+}
+"""Pair name -> (teacher model, student model)."""
+
+SCALES = {
+    "full": {"eval_size": 1000, "public_size": 900, "labelled_size": None},
+    "quick": {"eval_size": 40, "public_size": 24, "labelled_size": 24},
+}
+"""Held-out questions, public questions, and questions the teachers fine-tune on (None: the rest)."""
+
+KD_SETTINGS = {"transfer.ce_weight": "0.0", "transfer.selection": "all"}
+"""What makes a distillation KD alone: no label term, every public sample distilled."""
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One benchmark's settings: the scale, the run config every party derives from, and where state lives."""
+
+    scale: str
+    config: RunConfig
+    state: Path
+
+    def key(self, *parts: Any) -> str:
+        """A step's name: its parts plus a hash of the settings it depends on."""
+        text = json.dumps([self.scale, *[p if isinstance(p, (str, int, float)) else asdict(p) for p in parts]])
+        return (
+            "-".join(str(p) for p in parts if isinstance(p, str)) + "-" + hashlib.sha256(text.encode()).hexdigest()[:10]
+        )
+
+
+def base_config(scale: str, overrides: list[str]) -> RunConfig:
+    """demo.yaml at the benchmark's scale: one client (its private part is the teachers' labelled part)."""
+    sizes = SCALES[scale]
+    arguments = ["--config", "demo", "--logging.wandb", "false", "--logging.csv", "false"]
+    arguments += ["--data.eval_size", str(sizes["eval_size"]), "--data.public_size", str(sizes["public_size"])]
+    if sizes["labelled_size"] is not None:
+        arguments += ["--data.pool_size", str(sizes["public_size"] + sizes["labelled_size"])]
+    else:
+        arguments += ["--data.pool_size", "null"]
+    for item in [*overrides, *(f"{k}={v}" for k, v in KD_SETTINGS.items())]:
+        key, _, value = item.partition("=")
+        arguments += [f"--{key}", value]
+    config = parse_run_config(arguments)
+    config.clients = config.clients[:1]
+    for party in (config.server, config.clients[0]):
+        party.trainer.enable_progress_bar = True
+    return config
+
+
+def pair_config(bench: Bench, teacher: str, student: str) -> RunConfig:
+    """The teacher as the server, the student as client_0 (so each knows the other's tokenizer)."""
+    config = deepcopy(bench.config)
+    config.server.model = ModelSpec(source=teacher, dtype="float32")
+    config.server.optimizer.lr = LEARNING_RATES[teacher]
+    config.clients[0].model = ModelSpec(source=student, dtype="float32")
+    config.clients[0].optimizer.lr = LEARNING_RATES[student]
+    config.run_dir = str(bench.state / "runs")
+    return config
+
+
+def cached(bench: Bench, name: str, compute: Callable[[], dict]) -> dict:
+    """The stored result of step `name`, or computed now and stored before anything else runs."""
+    path = bench.state / f"{name}.json"
+    if path.is_file():
+        print(f"[kd_transfer] {name}: reused {path}", flush=True)
+        return json.loads(path.read_text())
+    print(f"[kd_transfer] {name}: running", flush=True)
+    start = time.perf_counter()
+    result = compute() | {"seconds": round(time.perf_counter() - start, 1)}
+    atomic_write_text(path, json.dumps(result))
+    print(f"[kd_transfer] {name}: done in {result['seconds']:.0f} s ({_accuracy_text(result)})", flush=True)
+    return result
+
+
+def _accuracy_text(result: dict) -> str:
+    return f"accuracy {result['eval_accuracy']:.3f}" if "eval_accuracy" in result else "no evaluation"
+
+
+def _scores(stats: dict) -> dict:
+    keep = ("eval_accuracy", "eval_accuracy_ci", "eval_n", "eval_correct", "eval_seconds")
+    return {key: stats[key] for key in keep}
+
+
+def _free(*objects: Any) -> None:
+    del objects
+    gc.collect()
+
+
+def teacher_step(bench: Bench, model: str, data: PartyData) -> tuple[dict, Path]:
+    """Fine-tune `model` on the labelled part, evaluate it, and store its knowledge of the public part."""
+    config = pair_config(bench, model, model)
+    name = bench.key("teacher", model.split(":")[-1], config.server, config.transfer.top_k, config.transfer.temperature)
+    payload_path = bench.state / f"{name}.payload"
+
+    def compute() -> dict:
+        teacher = build_participant(config, "server", data=data)
+        stats = teacher.fine_tune(1)
+        scores = _scores(teacher.evaluate())
+        payload = teacher.share_knowledge(1)
+        payload_path.write_bytes(payload.to_bytes())
+        _free(teacher)
+        return scores | {"task_loss": stats.task_loss}
+
+    if not payload_path.is_file():
+        (bench.state / f"{name}.json").unlink(missing_ok=True)  # a result without its payload is incomplete
+    return cached(bench, name, compute), payload_path
+
+
+def zero_shot_step(bench: Bench, model: str, data: PartyData) -> dict:
+    config = pair_config(bench, model, model)
+    name = bench.key("zero_shot", model.split(":")[-1], config.clients[0].model)
+
+    def compute() -> dict:
+        student = build_participant(config, "client_0", data=data)
+        scores = _scores(student.evaluate())
+        _free(student)
+        return scores
+
+    return cached(bench, name, compute)
+
+
+def equal_logits(payload: KnowledgePayload) -> KnowledgePayload:
+    """The control's payload: each position's top-k values replaced by one value (no ranking).
+
+    The value keeps the top-k's total probability (``T * (logsumexp(x / T) - log k)``), so under
+    `topk_target: tail` the control moves the same mass onto the same ids, spread evenly.
+    """
+    scaled = payload.topk_logits.float() / payload.temperature
+    k = scaled.shape[1]
+    level = payload.temperature * (torch.logsumexp(scaled, dim=1, keepdim=True) - torch.log(torch.tensor(float(k))))
+    return replace(payload, topk_logits=level.expand_as(scaled).to(payload.topk_logits.dtype).contiguous())
+
+
+def student_step(bench: Bench, pair: str, control: bool, payload_path: Path, data: PartyData) -> dict:
+    """Distil a fresh student from the teacher's payload (or the control's) and evaluate it."""
+    teacher, student = PAIRS[pair]
+    config = pair_config(bench, teacher, student)
+    kind = "control" if control else "kd"
+    name = bench.key(pair, kind, config.clients[0], config.transfer, payload_path.name)
+
+    def compute() -> dict:
+        payload = KnowledgePayload.from_bytes(payload_path.read_bytes())
+        if control:
+            payload = equal_logits(payload)
+        party = build_participant(config, "client_0", data=data)
+        stats = party.distill(1, {"server": payload})
+        scores = _scores(party.evaluate())
+        alignment = alignment_losses(party, payload, data) if not control else {}
+        _free(party)
+        return scores | {"kd_loss": stats.kd_loss, "task_loss": stats.task_loss, "alignment": alignment}
+
+    return cached(bench, name, compute)
+
+
+def alignment_losses(party: Any, payload: KnowledgePayload, data: PartyData) -> dict:
+    """Where a teacher's knowledge can be lost on its way to this student, counted over the public set.
+
+    matched: share of the student's positions matched one-to-one to a teacher position (the rest
+    get a one-hot on the next token); unmapped: share of the teacher's top-k slots, at matched
+    positions, whose token has no receiver token; collided: share that land on a receiver id an
+    earlier slot already took; outside_topk: the teacher's mean probability mass outside its top-k.
+    """
+    aligner = party.alignment.aligner("server")
+    matched = positions = slots = unmapped = collided = 0
+    for row in range(len(payload)):
+        token_ids, topk_ids, _ = payload.sample(row)
+        receiver_ids = party.data.public[int(payload.sample_index[row])].input_ids
+        match = aligner.match_positions(token_ids, receiver_ids)
+        positions += len(match)
+        hit = match[match >= 0]
+        matched += len(hit)
+        mapped = aligner.vocab_map[topk_ids[hit]]
+        slots += mapped.numel()
+        unmapped += int((mapped < 0).sum())
+        for ids in mapped.tolist():
+            kept = [i for i in ids if i >= 0]
+            collided += len(kept) - len(set(kept))
+    probs = (payload.topk_logits.float() / payload.temperature - payload.logsumexp[:, None]).exp().sum(1)
+    return {
+        "matched": matched / max(positions, 1),
+        "unmapped": unmapped / max(slots, 1),
+        "collided": collided / max(slots, 1),
+        "outside_topk": float(1 - probs.clamp(max=1).mean()),
+    }
+
+
+def cell(result: dict) -> dict:
+    return {"acc": result["eval_accuracy"], "ci": list(result["eval_accuracy_ci"]), "n": result["eval_n"]}
+
+
+def report(bench: Bench, overrides: list[str], results: dict) -> dict:
+    """The results JSON: settings, n, and per pair the accuracies, the difference to the control and the gap closed."""
+    pairs = {}
+    for pair, (teacher, student) in PAIRS.items():
+        if pair not in results:
+            continue
+        got = results[pair]
+        teacher_acc = got["teacher"]["eval_accuracy"]
+        zero_shot = got["zero_shot"]["eval_accuracy"]
+        student_acc = got["kd"]["eval_accuracy"]
+        diff, interval = paired_bootstrap(got["kd"]["eval_correct"], got["control"]["eval_correct"])
+        gap = teacher_acc - zero_shot
+        pairs[pair] = {
+            "teacher": teacher,
+            "student": student,
+            "teacher_acc": teacher_acc,
+            "teacher_ci": list(got["teacher"]["eval_accuracy_ci"]),
+            "student_zero_shot_acc": zero_shot,
+            "student_zero_shot_ci": list(got["zero_shot"]["eval_accuracy_ci"]),
+            "student_acc": student_acc,
+            "ci": list(got["kd"]["eval_accuracy_ci"]),
+            "control_acc": got["control"]["eval_accuracy"],
+            "control_ci": list(got["control"]["eval_accuracy_ci"]),
+            "diff_vs_control": {"diff": diff, "ci": interval},
+            "gap_closed": (student_acc - zero_shot) / gap if gap > 0 else None,
+            "control_gap_closed": (got["control"]["eval_accuracy"] - zero_shot) / gap if gap > 0 else None,
+            "kd_loss": got["kd"]["kd_loss"],
+            "alignment": got["kd"]["alignment"],
+            "seconds": {part: got[part]["seconds"] for part in ("teacher", "zero_shot", "kd", "control")},
+        }
+    config = bench.config
+    return {
+        "settings": {
+            "scale": bench.scale,
+            "task": config.data.task,
+            "public_size": config.data.public_size,
+            "transfer": asdict(config.transfer),
+            "learning_rates": {name.split(":")[-1]: lr for name, lr in LEARNING_RATES.items()},
+            "distill_epochs": config.clients[0].distill_epochs,
+            "teacher_fine_tune_epochs": config.server.local_epochs,
+            "batch_size": config.clients[0].batch_size,
+            "max_length": config.data.max_length,
+            "overrides": overrides,
+            "machine": machine(),
+        },
+        "n_eval": config.data.eval_size,
+        "n_labelled": results.get("n_labelled"),
+        "pairs": pairs,
+    }
+
+
+def machine() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def table(result: dict) -> str:
+    """A Markdown table of the pairs (accuracy in %, intervals, difference to the control, gap closed)."""
+    lines = [
+        f"n = {result['n_eval']} held-out ARC-Easy questions; accuracy in % with its 95 % interval.",
+        "",
+        "| pair | teacher | student zero-shot | student after KD | control | KD − control | gap closed (control) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def pct(value: float, interval: list[float]) -> str:
+        return f"{100 * value:.1f} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+    for name, pair in result["pairs"].items():
+        diff = pair["diff_vs_control"]
+        gap = "–" if pair["gap_closed"] is None else f"{pair['gap_closed']:.2f} ({pair['control_gap_closed']:.2f})"
+        lines.append(
+            f"| {name} | {pct(pair['teacher_acc'], pair['teacher_ci'])} "
+            f"| {pct(pair['student_zero_shot_acc'], pair['student_zero_shot_ci'])} "
+            f"| {pct(pair['student_acc'], pair['ci'])} | {pct(pair['control_acc'], pair['control_ci'])} "
+            f"| {100 * diff['diff']:+.1f} [{100 * diff['ci'][0]:+.1f}, {100 * diff['ci'][1]:+.1f}] | {gap} |"
+        )
+    return "\n".join(lines)
+
+
+def run(scale: str, overrides: list[str], state: Path, pairs: list[str]) -> dict:
+    quiet_lightning()
+    config = base_config(scale, overrides)
+    bench = Bench(scale, config, state / scale)
+    bench.state.mkdir(parents=True, exist_ok=True)
+    split = party_data(config, "client_0")
+    labelled = PartyData(split.public, split.private, split.evaluation, None, split.format)
+    public_only = PartyData(split.public, [], split.evaluation, None, split.format)
+    print(
+        f"[kd_transfer] {len(split.evaluation)} held-out, {len(split.public)} public, {len(split.private)} labelled "
+        f"questions; state in {bench.state}",
+        flush=True,
+    )
+    results: dict = {"n_labelled": len(split.private)}
+    teachers: dict[str, tuple[dict, Path]] = {}
+    for pair in pairs:
+        teacher, student = PAIRS[pair]
+        if teacher not in teachers:
+            teachers[teacher] = teacher_step(bench, teacher, labelled)
+        teacher_result, payload_path = teachers[teacher]
+        results[pair] = {
+            "teacher": teacher_result,
+            "zero_shot": zero_shot_step(bench, student, public_only),
+            "kd": student_step(bench, pair, False, payload_path, public_only),
+            "control": student_step(bench, pair, True, payload_path, public_only),
+        }
+    return report(bench, overrides, results)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="full")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="a transfer/data setting")
+    parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS))
+    parser.add_argument("--state-dir", type=Path, default=None, help="where each step's result is kept")
+    parser.add_argument("--try", dest="try_name", default=None, help="write to results/kd_transfer/tries/NAME.json")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.override and not args.try_name and args.out is None:
+        parser.error(
+            "--override changes the settings: name the try with --try NAME (kd_transfer.json holds the defaults)"
+        )
+    state = args.state_dir or cache_root() / "kd_transfer"
+    result = run(args.scale, args.override, state, args.pairs)
+    results_dir = Path(__file__).parent / "results"
+    if args.out is not None:
+        out = args.out
+    elif args.try_name:
+        out = results_dir / "kd_transfer" / "tries" / f"{args.try_name}.json"
+    elif args.scale == "full":
+        out = results_dir / "kd_transfer.json"
+    else:
+        out = state / args.scale / "kd_transfer.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=1))
+    print(table(result))
+    print(f"[kd_transfer] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

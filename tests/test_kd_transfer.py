@@ -1,0 +1,88 @@
+"""benchmarks/kd_transfer.py: the control's targets carry no ranking, and the report's arithmetic."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmkt.payload import KnowledgePayload
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kd_transfer.py"
+
+
+@pytest.fixture(scope="module")
+def kd_transfer():
+    spec = importlib.util.spec_from_file_location("kd_transfer", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kd_transfer"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def payload(temperature: float = 2.0) -> KnowledgePayload:
+    g = torch.Generator().manual_seed(0)
+    rows, k = 5, 4
+    logits = (torch.randn(rows, k, generator=g) * 3).sort(dim=1, descending=True).values
+    return KnowledgePayload(
+        sender="server",
+        round=1,
+        vocab_size=50,
+        sample_index=torch.arange(1),
+        losses=torch.ones(1),
+        offsets=torch.tensor([0, rows]),
+        token_ids=torch.arange(rows).to(torch.int16),
+        topk_ids=torch.randint(50, (rows, k), generator=g).to(torch.int16),
+        topk_logits=logits.half(),
+        logsumexp=torch.logsumexp(logits / temperature, dim=1) + 0.7,  # 1 - e^-0.7 of the mass is outside
+        temperature=temperature,
+    )
+
+
+def test_the_control_keeps_ids_and_top_k_mass_but_no_ranking(kd_transfer):
+    sent = payload()
+    control = kd_transfer.equal_logits(sent)
+    assert torch.equal(control.topk_ids, sent.topk_ids) and torch.equal(control.logsumexp, sent.logsumexp)
+    values = control.topk_logits.float()
+    assert torch.equal(values, values[:, :1].expand_as(values))  # one value per position
+    mass = lambda p: (p.topk_logits.float() / p.temperature - p.logsumexp[:, None]).exp().sum(1)  # noqa: E731
+    torch.testing.assert_close(mass(control), mass(sent), rtol=2e-3, atol=0)  # fp16 values
+    torch.testing.assert_close(mass(sent), torch.full((5,), float(torch.exp(torch.tensor(-0.7)))), rtol=2e-3, atol=0)
+
+
+def test_report_gap_closed_and_difference_to_the_control(kd_transfer, tmp_path):
+    bench = kd_transfer.Bench("quick", kd_transfer.base_config("quick", []), tmp_path)
+
+    def result(correct: str) -> dict:
+        n = len(correct)
+        return {
+            "eval_accuracy": correct.count("1") / n,
+            "eval_accuracy_ci": [0.0, 1.0],
+            "eval_n": n,
+            "eval_correct": correct,
+            "seconds": 1.0,
+        }
+
+    student = result("1111100000") | {"kd_loss": 1.5, "alignment": {"matched": 1.0}}
+    results = {
+        "same_tokenizer": {
+            "teacher": result("1111111000"),  # 70 %
+            "zero_shot": result("1110000000"),  # 30 %
+            "kd": student,  # 50 %: half the gap
+            "control": result("1110000001"),  # 40 %
+        }
+    }
+    pair = kd_transfer.report(bench, [], results)["pairs"]["same_tokenizer"]
+    assert pair["gap_closed"] == pytest.approx(0.5)
+    assert pair["control_gap_closed"] == pytest.approx(0.25)
+    assert pair["diff_vs_control"]["diff"] == pytest.approx(0.1)
+    assert pair["teacher_acc"] == 0.7 and pair["student_acc"] == 0.5 and pair["control_acc"] == 0.4
+    assert set(pair) >= {"teacher", "student", "student_zero_shot_acc", "ci", "diff_vs_control"}
+
+
+def test_overrides_need_a_try_name(kd_transfer):
+    with pytest.raises(SystemExit):
+        kd_transfer.main(["--override", "transfer.topk_target=tail"])
