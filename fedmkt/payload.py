@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from safetensors import SafetensorError
@@ -102,6 +102,24 @@ class KnowledgePayload:
             self.token_ids[start:end].long(),
             self.topk_ids[start:end].long(),
             self.topk_logits[start:end].float(),
+        )
+
+    def in_sample_order(self) -> KnowledgePayload:
+        """The same payload with its samples sorted by `sample_index` (how it travels, whatever order it was scored in)."""
+        order = self.sample_index.argsort()
+        if bool((order == torch.arange(len(order))).all()):
+            return self
+        starts, lengths = self.offsets[:-1][order], self.offsets.diff()[order]
+        rows = torch.cat([torch.arange(int(s), int(s + n)) for s, n in zip(starts, lengths)]) if len(order) else starts
+        return replace(
+            self,
+            sample_index=self.sample_index[order],
+            losses=self.losses[order],
+            offsets=torch.cat([torch.zeros(1, dtype=self.offsets.dtype), lengths.cumsum(0)]),
+            token_ids=self.token_ids[rows],
+            topk_ids=self.topk_ids[rows],
+            topk_logits=self.topk_logits[rows],
+            logsumexp=self.logsumexp[rows],
         )
 
     def logsumexp_of(self, row: int) -> torch.Tensor:

@@ -64,18 +64,21 @@ def test_no_private_data_is_an_error_naming_the_party(smollm2_tokenizer):
         data.train_dataloader()
 
 
-def test_predict_dataloader_covers_the_public_set_in_order_with_padding(smollm2_tokenizer):
+def test_predict_dataloader_covers_the_public_set_longest_first_with_padding(smollm2_tokenizer):
     data = party_data(smollm2_tokenizer, public=4)
     assert data.pad_id == smollm2_tokenizer.pad_token_id
     batches = list(data.predict_dataloader())
     assert [len(b["index"]) for b in batches] == [3, 1]
-    assert torch.cat([b["index"] for b in batches]).tolist() == [0, 1, 2, 3]
+    order = torch.cat([b["index"] for b in batches]).tolist()
+    assert sorted(order) == [0, 1, 2, 3]
+    lengths_in_order = [len(data.public[i].input_ids) for i in order]
+    assert lengths_in_order == sorted(lengths_in_order, reverse=True)  # similar lengths share a batch
     first = batches[0]
-    lengths = [len(s.input_ids) for s in data.public[:3]]
+    lengths = lengths_in_order[:3]
     assert first["input_ids"].shape == (3, max(lengths))
     assert first["attention_mask"].sum(-1).tolist() == lengths
     for row, length in enumerate(lengths):
-        assert torch.equal(first["input_ids"][row, :length], data.public[row].input_ids)
+        assert torch.equal(first["input_ids"][row, :length], data.public[order[row]].input_ids)
         assert (first["input_ids"][row, length:] == data.pad_id).all()
         assert (first["targets"][row, length:] == IGNORE_INDEX).all()
 

@@ -13,7 +13,7 @@ import torch
 
 import fedmkt.federation.files as files_module
 from fedmkt.config import LoRAConfig, ModelSpec, OptimizerConfig, PartyConfig, RunConfig, TrainerConfig, TransferConfig
-from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
+from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule, _loader
 from fedmkt.data.tasks import QAExample
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.files import atomic_write_text
@@ -397,6 +397,28 @@ def test_participant_phases_share_distil_and_save(smollm2_tokenizer, make_tiny_l
     saved = sorted(p.name for p in (tmp_path / "adapters" / "client_0").iterdir())
     assert "adapter_model.safetensors" in saved and "adapter_config.json" in saved
     assert [p.name for p in (tmp_path / "adapters").iterdir()] == ["client_0"]  # no temporary folder left
+
+
+def test_the_length_sorted_public_pass_gives_the_payload_of_the_unsorted_one(
+    smollm2_tokenizer, make_tiny_llama, tmp_path, monkeypatch
+):
+    party = make_participant("client_0", smollm2_tokenizer, make_tiny_llama, tmp_path / "cache", 0, TransferConfig())
+    sorted_payload = party.share_knowledge(round_index=1)
+    lengths = [len(s.input_ids) for s in party.data.public]
+    assert sorted(lengths, reverse=True) != lengths  # the sort really reorders this public set
+    in_order = PartyDataModule.predict_dataloader
+
+    def unsorted(self):  # the public set in sample order, as before the sort
+        return _loader([s.as_item() for s in self.public], self.eval_batch_size, self.pad_id, False, self.seed)
+
+    monkeypatch.setattr(PartyDataModule, "predict_dataloader", unsorted)
+    plain = party.share_knowledge(round_index=1)
+    monkeypatch.setattr(PartyDataModule, "predict_dataloader", in_order)
+    assert sorted_payload.sample_index.tolist() == plain.sample_index.tolist() == [0, 1, 2]
+    for name in ("offsets", "token_ids", "topk_ids"):
+        assert torch.equal(getattr(sorted_payload, name), getattr(plain, name)), name
+    for name in ("losses", "topk_logits", "logsumexp"):
+        torch.testing.assert_close(getattr(sorted_payload, name), getattr(plain, name), rtol=1e-5, atol=1e-5)
 
 
 def test_participant_distill_selects_aligns_builds_its_data_then_trains(

@@ -124,6 +124,25 @@ def test_wire_format_is_plain_safetensors_without_pickle(monkeypatch):
     assert torch.equal(back.token_ids, payload.token_ids)
 
 
+def test_in_sample_order_sorts_samples_and_moves_their_rows_with_them():
+    payload = make_payload(lengths=(2, 3, 1))
+    shuffled = KnowledgePayload(
+        **{
+            **payload.__dict__,
+            "sample_index": torch.tensor([2, 0, 1]),
+        }
+    )
+    ordered = shuffled.in_sample_order()
+    assert ordered.sample_index.tolist() == [0, 1, 2]
+    assert ordered.offsets.tolist() == [0, 3, 4, 6]  # sample 0 owned rows 2:5, sample 1 row 5, sample 2 rows 0:2
+    for name in ("token_ids", "topk_ids", "topk_logits", "logsumexp"):
+        rows = getattr(shuffled, name)
+        assert torch.equal(getattr(ordered, name), torch.cat([rows[2:5], rows[5:6], rows[0:2]])), name
+    assert ordered.losses.tolist() == shuffled.losses[[1, 2, 0]].tolist()
+    ordered.validate()
+    assert ordered.in_sample_order() is ordered
+
+
 def test_sample_returns_the_rows_of_one_sample_as_long_and_float():
     payload = make_payload(lengths=(2, 3, 1))
     token_ids, topk_ids, topk_logits = payload.sample(1)

@@ -85,7 +85,12 @@ class PartyDataModule(L.LightningDataModule):
         return _loader([s.as_item() for s in self.private], self.batch_size, self.pad_id, True, self.shuffle_seed)
 
     def predict_dataloader(self) -> DataLoader:
-        return _loader([s.as_item() for s in self.public], self.eval_batch_size, self.pad_id, False, self.seed)
+        """The public set longest first, so each batch holds samples of similar length (little padding).
+
+        Predictions carry each sample's index; the payload puts them back in sample order.
+        """
+        by_length = sorted(self.public, key=lambda sample: (-len(sample.input_ids), sample.index))
+        return _loader([s.as_item() for s in by_length], self.eval_batch_size, self.pad_id, False, self.seed)
 
 
 @dataclass

@@ -193,7 +193,7 @@ class Participant:
             topk_logits=torch.cat([o["topk_logits"] for o in outputs]),
             logsumexp=torch.cat([o["logsumexp"] for o in outputs]).float(),
             temperature=self.transfer.temperature,
-        )
+        ).in_sample_order()
         return add_logit_noise(payload, self.privacy, seed=phase_seed(self.seed, round_index, "logit_noise"))
 
     def public_losses(self) -> torch.Tensor:
