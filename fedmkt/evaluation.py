@@ -29,6 +29,8 @@ from torchmetrics.aggregation import MeanMetric
 from fedmkt.data.examples import GenerationExample, QAExample
 from fedmkt.data.tokenize import IGNORE_INDEX, collate, encode_prompt_answer, prompt_ids
 from fedmkt.errors import FedMKTError
+from fedmkt.fastpaths import FAST
+from fedmkt.head import OutputHead, forward_without_head, head_label_logprobs
 
 __all__ = [
     "choice_loglikelihoods",
@@ -126,6 +128,26 @@ def _logits_at(model: Any, keep: Tensor, **kwargs: Any) -> tuple[Tensor, Any]:
     return logits, output
 
 
+def _output_head(model: Any) -> Optional[OutputHead]:
+    """The model's linear output head, or None: such a model is scored through its own logits."""
+    if not FAST.scored_rows_only or not callable(getattr(model, "get_output_embeddings", None)):
+        return None
+    try:
+        return OutputHead.of(model, trainable_ok=True)
+    except FedMKTError:  # no linear head, or logits the head alone does not give
+        return None
+
+
+def _without_head(model: Any, **kwargs: Any) -> tuple[Tensor, Any]:
+    """Final hidden states and output of a forward whose output head is skipped (see `fedmkt.head`)."""
+    return forward_without_head(model, call=lambda **inputs: _call(model, **inputs), **kwargs)
+
+
+def _row_sums(values: Tensor, rows: Tensor, count: int) -> Tensor:
+    """``[count]`` float64: the sum of `values` per row index in `rows`, on the CPU."""
+    return torch.zeros(count, dtype=torch.float64).index_add_(0, rows.cpu(), values.double().cpu())
+
+
 def _summed_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     """Sum over positions of log p(target); targets equal to -100 count zero. [B, K, V], [B, K] -> [B]."""
     mask = targets != IGNORE_INDEX
@@ -149,15 +171,21 @@ def _score_pairs(
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     scores = torch.empty(len(encoded), dtype=torch.float64)
+    head = _output_head(model)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = collate([{"input_ids": encoded[i][0], "targets": encoded[i][1]} for i in rows], pad_id)
         targets = batch["targets"].to(device)
-        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-        logits, _ = _logits_at(
-            model, keep, input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        )
-        scores[rows] = _summed_logprobs(logits, targets[:, keep])
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        if head is not None:  # the head on the scored positions only
+            hidden, _ = _without_head(model, **inputs)
+            scored = targets != IGNORE_INDEX
+            logprobs = head_label_logprobs(head, hidden[scored], targets[scored])
+            scores[rows] = _row_sums(logprobs, scored.nonzero()[:, 0], len(rows))
+        else:
+            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+            logits, _ = _logits_at(model, keep, **inputs)
+            scores[rows] = _summed_logprobs(logits, targets[:, keep])
         if bar is not None:
             bar.update(len(rows))
     return scores
@@ -209,8 +237,14 @@ def _score_shared_prompts(
     prompt. An ARC question (4 options of a few tokens after a ~25-token prompt) costs about a
     third of the tokens; BoolQ/RTE options are one token, which the prompt pass alone scores.
     """
-    groups = sorted(_group_by_prompt(encoded, sizes), key=lambda g: -len(g.prompt))
+    # Widest option first, then longest prompt: a batch's options are padded to about one width.
+    groups = _group_by_prompt(encoded, sizes)
+    if FAST.scored_rows_only:
+        groups.sort(key=lambda g: (-max(len(c) for c in g.continuations), -len(g.prompt)))
+    else:
+        groups.sort(key=lambda g: -len(g.prompt))
     scores = torch.empty(len(encoded), dtype=torch.float64)
+    head = _output_head(model)
     start = 0
     while start < len(groups):
         stop, rows = start, 0
@@ -223,10 +257,13 @@ def _score_shared_prompts(
         lengths = prompts["attention_mask"].sum(dim=1).to(device)
         prompt_mask = prompts["attention_mask"].to(device)
         last = lengths - 1
-        keep = torch.unique(last)
-        logits, output = _logits_at(
-            model, keep, input_ids=prompts["input_ids"].to(device), attention_mask=prompt_mask, use_cache=True
-        )
+        prompt_inputs = {"input_ids": prompts["input_ids"].to(device), "attention_mask": prompt_mask, "use_cache": True}
+        if head is not None:
+            hidden, output = _without_head(model, **prompt_inputs)
+            at_last_hidden = hidden[torch.arange(len(batch), device=device), last]  # [G, H]
+        else:
+            keep = torch.unique(last)
+            logits, output = _logits_at(model, keep, **prompt_inputs)
         # transformers >= 5.2x names the cache `cache`; earlier versions `past_key_values`.
         cache_key = "cache" if getattr(output, "cache", None) is not None else "past_key_values"
         cache = getattr(output, cache_key, None)
@@ -235,8 +272,11 @@ def _score_shared_prompts(
         owner = torch.tensor([i for i, g in enumerate(batch) for _ in g.pairs], device=device)
         continuations = [c for g in batch for c in g.continuations]
         first_tokens = torch.stack([c[:1] for c in continuations]).to(device)  # [R, 1]
-        at_last = logits[torch.arange(len(batch), device=device), torch.searchsorted(keep, last)]  # [G, V]
-        total = _summed_logprobs(at_last[owner].unsqueeze(1), first_tokens)
+        if head is not None:
+            total = head_label_logprobs(head, at_last_hidden[owner], first_tokens[:, 0]).double().cpu()
+        else:
+            at_last = logits[torch.arange(len(batch), device=device), torch.searchsorted(keep, last)]  # [G, V]
+            total = _summed_logprobs(at_last[owner].unsqueeze(1), first_tokens)
 
         width = max(len(c) for c in continuations)
         if width > 1:  # the rest of each option, predicted by its own earlier tokens
@@ -244,19 +284,24 @@ def _score_shared_prompts(
             options = collate([{"input_ids": c} for c in continuations], pad_id)
             option_ids = options["input_ids"].to(device)
             option_mask = options["attention_mask"].to(device)
+            option_inputs = {
+                "input_ids": option_ids,
+                "attention_mask": torch.cat([prompt_mask[owner], option_mask], dim=1),
+                "position_ids": lengths[owner, None] + torch.arange(width, device=device),
+                cache_key: cache,
+            }
             try:  # without explicit positions and the cache, the continuation would be scored wrongly
-                rest, _ = _logits_at(
-                    model,
-                    torch.arange(width - 1, device=device),
-                    input_ids=option_ids,
-                    attention_mask=torch.cat([prompt_mask[owner], option_mask], dim=1),
-                    position_ids=lengths[owner, None] + torch.arange(width, device=device),
-                    **{cache_key: cache},
-                )
+                if head is not None:  # the head only on the option positions that predict a real token
+                    hidden, _ = _without_head(model, **option_inputs)
+                    scored = option_mask[:, 1:].bool()
+                    logprobs = head_label_logprobs(head, hidden[:, :-1][scored], option_ids[:, 1:][scored])
+                    total += _row_sums(logprobs, scored.nonzero()[:, 0], len(continuations))
+                else:
+                    rest, _ = _logits_at(model, torch.arange(width - 1, device=device), **option_inputs)
+                    targets = option_ids[:, 1:].masked_fill(option_mask[:, 1:] == 0, IGNORE_INDEX)
+                    total += _summed_logprobs(rest, targets)
             except TypeError as error:
                 raise _NoPromptCache from error
-            targets = option_ids[:, 1:].masked_fill(option_mask[:, 1:] == 0, IGNORE_INDEX)
-            total += _summed_logprobs(rest, targets)
         scores[[p for g in batch for p in g.pairs]] = total
         if bar is not None:
             bar.update(rows)
@@ -364,7 +409,8 @@ def generate_greedy(
     """Greedy continuations of `prompts`, cut at the first newline (an answer is one line).
 
     Prompts are tokenised as in training (leading specials, left truncation to leave room for the
-    answer) and left-padded so every row's next token sits at the same position.
+    answer) and left-padded so every row's next token sits at the same position. A sequence stops
+    at its first newline or end-of-sequence token, and a batch as soon as all of its sequences have.
     """
     device = torch.device(device) if device is not None else _model_device(model)
     pad_id = _pad_id(tokenizer)
@@ -393,6 +439,7 @@ def generate_greedy(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
+                **({"stop_strings": ["\n"], "tokenizer": tokenizer} if FAST.stop_at_newline else {}),
             )
             for row, i in enumerate(rows):
                 text = tokenizer.decode(output[row, width:], skip_special_tokens=True)

@@ -16,7 +16,7 @@ distillation the rows with a teacher target, sharing one top-k per real position
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -27,19 +27,29 @@ from torch import Tensor
 from fedmkt.errors import FedMKTError
 from fedmkt.losses import EMPTY_SLOT, IGNORE_INDEX, sparse_kd_loss
 
-__all__ = ["OutputHead", "final_hidden_states", "head_training_loss", "head_knowledge", "ChunkKnowledge"]
+__all__ = [
+    "OutputHead",
+    "forward_without_head",
+    "final_hidden_states",
+    "head_training_loss",
+    "head_knowledge",
+    "head_label_logprobs",
+    "ChunkKnowledge",
+]
 
-# Elements of one chunk of logits: 2^25 fp32 values are 128 MiB, 128 rows at a 262k vocabulary.
-# Large enough that the matmul runs at full speed, small next to any model worth federating.
-CHUNK_ELEMENTS = 2**25
+# Elements of one chunk of logits: 2^24 fp32 values are 64 MiB, 64 rows at a 262k vocabulary.
+# Large enough that the matmul runs at full speed ([64, H] x [H, V] is ~20 GFLOP for Gemma-3),
+# small next to any model worth federating (a chunk's temporaries stay under ~300 MiB).
+CHUNK_ELEMENTS = 2**24
 
 
-def final_hidden_states(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """``[B, L, H]``: the hidden states the model's output head would read (after the final norm).
+def forward_without_head(model: Any, call: Callable[..., Any] | None = None, **inputs: Any) -> tuple[Tensor, Any]:
+    """``(hidden [B, L, H], output)``: the model's forward with its output head skipped.
 
-    The model runs its own forward, with a pre-hook that records the head's input and hands the
-    head zero positions instead, so no logits are computed and wrappers (PEFT, FSDP2's root unit,
-    DDP) behave as in any forward.
+    A pre-hook records the head's input (the final hidden states, after the final norm) and hands
+    the head zero positions instead, so no logits are computed while wrappers (PEFT, FSDP2's root
+    unit, DDP) and the key/value cache behave as in any forward. `call` runs the forward (default
+    ``model(**inputs)``); the output keeps everything but the logits.
     """
     head = model.get_output_embeddings()
     captured: list[Tensor] = []
@@ -51,15 +61,22 @@ def final_hidden_states(model: Any, input_ids: Tensor, attention_mask: Tensor) -
 
     handle = head.register_forward_pre_hook(record_and_skip)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        output = (call or model)(**inputs)
     finally:
         handle.remove()
+    input_ids = inputs["input_ids"]
     if len(captured) != 1 or captured[0].shape[:2] != input_ids.shape:
         raise FedMKTError(
             f"{type(model).__name__} did not pass [batch, length, hidden] states through its output head once. "
             "Fix: use a causal LM whose forward ends in its output embeddings (get_output_embeddings)."
         )
-    return captured[0]
+    return captured[0], output
+
+
+def final_hidden_states(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``[B, L, H]``: the hidden states the model's output head would read (see `forward_without_head`)."""
+    hidden, _ = forward_without_head(model, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return hidden
 
 
 @dataclass(frozen=True)
@@ -79,8 +96,12 @@ class OutputHead:
     """Rows per chunk; 0 picks ``CHUNK_ELEMENTS // V``."""
 
     @classmethod
-    def of(cls, model: Any, chunk_rows: int = 0) -> OutputHead:
-        """The head of a (PEFT-wrapped) causal LM. Refuses a trainable head, whose gradient this path skips."""
+    def of(cls, model: Any, chunk_rows: int = 0, trainable_ok: bool = False) -> OutputHead:
+        """The head of a (PEFT-wrapped) causal LM.
+
+        Refuses a trainable head (its gradient is never computed here) unless `trainable_ok`, for
+        scoring without gradients.
+        """
         head = model.get_output_embeddings()
         weight = getattr(head, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
@@ -88,7 +109,7 @@ class OutputHead:
                 f"{type(model).__name__}'s output head {type(head).__name__} is not a linear layer. "
                 "Fix: use a causal LM with a linear output head (lm_head)."
             )
-        if any(p.requires_grad for p in head.parameters()):
+        if not trainable_ok and any(p.requires_grad for p in head.parameters()):
             raise FedMKTError(
                 "the output head is trainable, but fedmkt trains it frozen (its gradient is never computed). "
                 "Fix: remove lm_head from lora.target_modules."
@@ -272,3 +293,13 @@ def head_knowledge(
         topk_ids=torch.cat(ids) if ids else empty[1],
         logsumexp=logsumexp,
     )
+
+
+@torch.no_grad()
+def head_label_logprobs(head: OutputHead, hidden: Tensor, labels: Tensor) -> Tensor:
+    """``[N]`` float32: ``log p(label)`` at each row of ``hidden`` ``[N, H]`` (every label a real token id)."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for part in head.chunks(hidden.shape[0]):
+        wide = head.logits(hidden[part]).float()
+        out[part] = wide.gather(1, labels[part].unsqueeze(1)).squeeze(1) - torch.logsumexp(wide, dim=-1)
+    return out

@@ -24,8 +24,9 @@ from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 from fedmkt.config import LoRAConfig, OptimizerConfig, TransferConfig
 from fedmkt.data.tokenize import IGNORE_INDEX
 from fedmkt.errors import FedMKTError
-from fedmkt.head import OutputHead, final_hidden_states, head_knowledge, head_training_loss
-from fedmkt.losses import loss_weights
+from fedmkt.fastpaths import FAST
+from fedmkt.head import ChunkKnowledge, OutputHead, final_hidden_states, head_knowledge, head_training_loss
+from fedmkt.losses import kd_objective, loss_weights, sparse_kd_loss, token_cross_entropy
 
 
 class PartyModule(L.LightningModule):
@@ -122,6 +123,8 @@ class PartyModule(L.LightningModule):
         self.kd_loss.reset()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if not FAST.chunked_head:
+            return self._training_step_on_full_logits(batch)
         targets = batch["targets"]
         has_label = targets != IGNORE_INDEX
         transfer = self.transfer
@@ -149,18 +152,44 @@ class PartyModule(L.LightningModule):
             ce_w, _ = loss_weights(has_label)
             hidden, where = self._hidden_rows(batch, has_label)
             loss, ce_rows, kd_rows = head_training_loss(OutputHead.of(self.model), hidden, targets[where], ce_w[where])
+        samples = len(targets)
+        ce = _per_sample_mean(ce_rows, where[0], has_label[where], samples)
+        distilled = mask[where] if distilling else None
+        kd_mean = (kd_rows * distilled).sum() / distilled.sum().clamp_min(1) if distilling else None
+        return self._checked(loss, ce, kd_mean)
+
+    def _training_step_on_full_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The same objective through the model's [B, L, V] logits (`fastpaths.FAST.chunked_head` off)."""
+        transfer = self.transfer
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        ce = token_cross_entropy(logits, batch["targets"])
+        if "kd_ids" not in batch:
+            return self._checked(ce.mean(), ce.detach(), None)
+        mask = batch["kd_mask"].bool()
+        kd_ids = torch.where(mask.unsqueeze(-1), batch["kd_ids"], -1)
+        kd = sparse_kd_loss(
+            logits,
+            kd_ids,
+            batch["kd_probs"],
+            transfer.temperature,
+            transfer.kd_loss,
+            tail=transfer.topk_target == "tail",
+        )
+        loss = kd_objective(ce, kd, mask, transfer.ce_weight, batch.get("kd_eligible"), transfer.temperature)
+        kd_mean = (kd.detach() * mask).sum() / mask.sum().clamp_min(1)
+        return self._checked(loss, ce.detach(), kd_mean)
+
+    def _checked(self, loss: torch.Tensor, ce: torch.Tensor, kd_mean: torch.Tensor | None) -> torch.Tensor:
+        """`loss`, after refusing a non-finite one and logging the phase's per-sample CE and KD means."""
         if not torch.isfinite(loss):
             raise FedMKTError(
                 f"{self.name}: loss became {loss.item()} at step {self.global_step}. "
                 "Fix: lower optimizer.lr, use precision 32-true, or check the data for empty answers."
             )
-        samples = len(targets)
-        ce = _per_sample_mean(ce_rows, where[0], has_label[where], samples)
+        samples = len(ce)
         self.task_loss.update(ce.mean())
         self.log("task_loss", ce.mean(), prog_bar=True, batch_size=samples)
-        if distilling:
-            distilled = mask[where]
-            kd_mean = (kd_rows * distilled).sum() / distilled.sum().clamp_min(1)
+        if kd_mean is not None:
             self.kd_loss.update(kd_mean)
             self.log("kd_loss", kd_mean, prog_bar=True, batch_size=samples)
         return loss
@@ -181,12 +210,19 @@ class PartyModule(L.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-sample CE, and top-k logits and log-sum-exp at every real (non-pad) position, moved to CPU."""
         mask = batch["attention_mask"].bool()
-        hidden, where = self._hidden_rows(batch, mask)
-        targets = batch["targets"][where]
-        knowledge = head_knowledge(
-            OutputHead.of(self.model), hidden, targets, self.transfer.top_k, self.transfer.temperature
-        )
-        losses = -_per_sample_mean(knowledge.label_logprob, where[0], targets != IGNORE_INDEX, len(mask))
+        if FAST.chunked_head:
+            hidden, where = self._hidden_rows(batch, mask)
+            targets = batch["targets"][where]
+            knowledge = head_knowledge(
+                OutputHead.of(self.model), hidden, targets, self.transfer.top_k, self.transfer.temperature
+            )
+            losses = -_per_sample_mean(knowledge.label_logprob, where[0], targets != IGNORE_INDEX, len(mask))
+        else:  # the [B, L, V] logits, then the same numbers from them
+            logits = self(batch["input_ids"], batch["attention_mask"])
+            losses = token_cross_entropy(logits, batch["targets"]).float()
+            values, ids = logits[mask].topk(self.transfer.top_k, dim=-1)
+            lse = torch.logsumexp(logits[mask].float() / self.transfer.temperature, dim=-1)
+            knowledge = ChunkKnowledge(torch.empty(0), values, ids, lse)
         return {
             "index": batch["index"].cpu(),
             "losses": losses.cpu(),

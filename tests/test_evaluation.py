@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -9,9 +10,16 @@ import torch
 from torch import nn
 
 from fedmkt.data.tasks import QAExample, load_task
-from fedmkt.data.tokenize import encode_prompt_answer
+from fedmkt.data.tokenize import encode_prompt_answer, prompt_ids
 from fedmkt.errors import FedMKTError
-from fedmkt.evaluation import choice_loglikelihoods, evaluate_multiple_choice, rouge_l, wilson_interval
+from fedmkt.evaluation import (
+    choice_loglikelihoods,
+    evaluate_multiple_choice,
+    generate_greedy,
+    rouge_l,
+    wilson_interval,
+)
+from fedmkt.fastpaths import plain
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +282,62 @@ def test_rouge_l():
     assert rouge_l(["the cat sat", "x"], ["the cat sat down", "x"]) == pytest.approx((6 / 7 + 1) / 2, abs=1e-4)
     with pytest.raises(FedMKTError, match="one per reference"):
         rouge_l(["a"], ["a", "b"])
+
+
+def _generate_then_cut(model, tokenizer, prompts, max_new_tokens):
+    """The answers as decoding every token up to the limit and cutting at the newline afterwards would give."""
+    texts = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt_ids(tokenizer, prompt)[0]])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=None,
+            )
+        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        texts.append(text.split("\n", 1)[0].strip())
+    return texts
+
+
+def test_generation_stops_each_sequence_at_its_newline_with_the_same_answers(tiny_llama, smollm2_tokenizer):
+    prompts = ["Question: What colour is the sky?\nAnswer:", "Q: Name a fruit.\nA:", "Hello"]
+    expected = _generate_then_cut(tiny_llama, smollm2_tokenizer, prompts, 12)
+    assert generate_greedy(tiny_llama, smollm2_tokenizer, prompts, batch_size=2, max_new_tokens=12) == expected
+
+
+def test_generation_ends_once_every_sequence_has_its_line(tiny_llama, smollm2_tokenizer):
+    # A head that always says "\n": every answer is one token long, so decoding stops after one step.
+    model = copy.deepcopy(tiny_llama)
+    newline = smollm2_tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[newline] = 10.0
+    model.lm_head = head
+    steps = []
+    hook = model.model.register_forward_hook(lambda *_: steps.append(1))
+    try:
+        answers = generate_greedy(model, smollm2_tokenizer, ["Question: Why?\nAnswer:"] * 3, max_new_tokens=20)
+    finally:
+        hook.remove()
+    assert answers == ["", "", ""]
+    assert len(steps) == 1  # the prompt's forward gives the newline; no further step
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_scoring_only_the_scored_rows_gives_the_plain_paths_numbers(
+    tiny_llama, smollm2_tokenizer, mixed_examples, share_prompt
+):
+    fast = choice_loglikelihoods(tiny_llama, smollm2_tokenizer, mixed_examples, batch_size=5, share_prompt=share_prompt)
+    with plain("scored_rows_only"):
+        slow = choice_loglikelihoods(
+            tiny_llama, smollm2_tokenizer, mixed_examples, batch_size=5, share_prompt=share_prompt
+        )
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert int(a.argmax()) == int(b.argmax())

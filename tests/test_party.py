@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch.utils.data import DataLoader
 from fedmkt.config import LoRAConfig, OptimizerConfig, TransferConfig
 from fedmkt.data.tokenize import IGNORE_INDEX, collate, encode_prompt_answer
 from fedmkt.errors import FedMKTError
+from fedmkt.fastpaths import plain
 from fedmkt.party import PartyModule
 
 try:
@@ -294,3 +297,35 @@ def test_predict_step_is_unaffected_by_padding(make_tiny_llama, smollm2_tokenize
     length = int(alone["lengths"][0])
     torch.testing.assert_close(together["losses"][1], alone["losses"][0], rtol=1e-5, atol=1e-5)
     assert torch.equal(together["topk_ids"][-length:], alone["topk_ids"])
+
+
+@pytest.mark.parametrize("topk_target", ["renormalize", "tail"])
+def test_the_plain_full_logits_path_gives_the_same_loss_gradient_and_knowledge(
+    make_tiny_llama, smollm2_tokenizer, topk_target
+):
+    module = make_module(make_tiny_llama, smollm2_tokenizer, ce_weight=0.4)
+    module.transfer.topk_target = topk_target
+    module.transfer.temperature = 2.0
+    kd_batch = add_kd_targets(make_batch(smollm2_tokenizer), len(smollm2_tokenizer))
+    g = torch.Generator().manual_seed(2)
+    b, length, k = kd_batch["kd_ids"].shape
+    kd_batch["kd_ids"] = torch.argsort(torch.rand(b, length, len(smollm2_tokenizer), generator=g), -1)[..., :k]
+    kd_batch["kd_probs"] = kd_batch["kd_probs"] * 0.8
+    kd_batch["kd_eligible"] = kd_batch["kd_mask"].clone()
+    kd_batch["index"] = torch.tensor([0, 1])
+    results = {}
+    for fast in (True, False):
+        module.zero_grad()
+        with contextlib.nullcontext() if fast else plain("chunked_head"):
+            loss = module.training_step(kd_batch, 0)
+            loss.backward()
+            with torch.no_grad():
+                shared = module.predict_step(kd_batch, 0)
+        results[fast] = loss.detach(), lora_grads(module), shared
+    (loss_a, grads_a, shared_a), (loss_b, grads_b, shared_b) = results[True], results[False]
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6)
+    assert torch.equal(shared_a["topk_ids"], shared_b["topk_ids"])
+    for key in ("losses", "topk_logits", "logsumexp"):
+        torch.testing.assert_close(shared_a[key], shared_b[key], rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from fedmkt.data.tasks import QAExample
 from fedmkt.data.tokenize import IGNORE_INDEX, collate, encode_prompt_answer
 from fedmkt.errors import FedMKTError
+from fedmkt.fastpaths import FAST
 
 
 @dataclass
@@ -89,8 +90,11 @@ class PartyDataModule(L.LightningDataModule):
 
         Predictions carry each sample's index; the payload puts them back in sample order.
         """
-        by_length = sorted(self.public, key=lambda sample: (-len(sample.input_ids), sample.index))
-        return _loader([s.as_item() for s in by_length], self.eval_batch_size, self.pad_id, False, self.seed)
+        if FAST.sorted_public:
+            order = sorted(self.public, key=lambda sample: (-len(sample.input_ids), sample.index))
+        else:
+            order = self.public
+        return _loader([s.as_item() for s in order], self.eval_batch_size, self.pad_id, False, self.seed)
 
 
 @dataclass
