@@ -264,7 +264,12 @@ def _dispatch(argv: list[str]) -> None:
 
 
 def _validate_before_printing(parser: ArgumentParser, sub_parsers: dict[str, ArgumentParser], argv: list[str]) -> None:
-    """`--print_config` checks the config as a run would before printing it (a bad value is an error, not output)."""
+    """`--print_config` checks the config as a run would before printing it (a bad value is an error, not output).
+
+    A config may be meant for other machines (GPUs, hub models, data paths that exist only there):
+    what this machine cannot check is listed on stderr as checks that apply where the run
+    happens, and the config is printed all the same. A value that is wrong anywhere is an error.
+    """
     from fedmkt.config import check_hardware, validate
     from fedmkt.data.parts import federation_data
     from fedmkt.run import validate_against_vocabularies
@@ -272,10 +277,15 @@ def _validate_before_printing(parser: ArgumentParser, sub_parsers: dict[str, Arg
     namespace = parser.parse_args([arg for arg in argv if not arg.startswith("--print_config")])
     config = run_config_from_namespace(sub_parsers[namespace.subcommand], namespace[namespace.subcommand])
     validate(config)
-    if config.federation.backend == "inprocess":
-        check_hardware(config)
-    federation_data(config, list(config.parties()))
-    validate_against_vocabularies(config)
+    elsewhere: list[str] = []
+    for check in (check_hardware, lambda c: federation_data(c, list(c.parties()))):
+        try:
+            check(config)
+        except FedMKTError as error:
+            elsewhere.append(str(error).split(" Fix:")[0])
+    validate_against_vocabularies(config, unreadable=elsewhere)
+    for note in elsewhere:
+        print(f"fedmkt: checked where the run happens, not here: {note}", file=sys.stderr)
 
 
 def _interrupted_line(interrupt: RunInterrupted) -> str:

@@ -226,10 +226,20 @@ def run_rounds(
     return summary
 
 
-def validate_against_vocabularies(config: RunConfig) -> None:
-    """Checks that need each party's tokenizer: `transfer.top_k` must fit every vocabulary."""
+def validate_against_vocabularies(config: RunConfig, unreadable: Optional[list[str]] = None) -> None:
+    """Checks that need each party's tokenizer: `transfer.top_k` must fit every vocabulary.
+
+    With `unreadable` (a list), a tokenizer this machine cannot load (a hub model out of reach, a
+    path on another machine) is noted there and its check skipped, instead of stopping.
+    """
     for name, party in config.parties().items():
-        size = len(load_tokenizer(party.model, config.cache_dir))
+        try:
+            size = len(load_tokenizer(party.model, config.cache_dir))
+        except FedMKTError as error:
+            if unreadable is None:
+                raise
+            unreadable.append(f"{config_key(name)}'s tokenizer is not readable here ({error})")
+            continue
         if config.transfer.top_k > size:
             raise FedMKTError(
                 f"transfer.top_k={config.transfer.top_k} exceeds {config_key(name)}'s vocabulary of {size} tokens. "

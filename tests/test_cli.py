@@ -90,6 +90,22 @@ def test_print_config_round_trips(tmp_path):
     assert again.returncode == 0 and yaml.safe_load(again.stdout) == yaml.safe_load(result.stdout)
 
 
+def test_a_config_for_gpu_machines_and_hub_models_prints_here_with_the_checks_left_for_there(monkeypatch, capsys):
+    # one_to_one.yaml: LLaMA-2 models from the hub on GPUs; this machine has neither.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("fedmkt.config._cuda_available", lambda: False)
+    with pytest.raises(SystemExit) as printed:  # jsonargparse exits 0 after printing
+        main(["fit", "--config", "one_to_one", "--print_config"])
+    assert printed.value.code in (0, None)
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["server"]["model"]["source"] == "meta-llama/Llama-2-7b-hf"
+    notes = [line for line in err.splitlines() if line.startswith("fedmkt: checked where the run happens")]
+    assert any("no usable GPU" in line for line in notes)
+    assert any("server's tokenizer is not readable here" in line for line in notes)
+    # a value wrong on any machine still stops the print
+    assert main(["fit", "--config", "one_to_one", "--transfer.top_k", "0", "--print_config"]) == 2
+
+
 def test_map_vocab_writes_every_source_token(tmp_path, capsys):
     from fedmkt.config import ModelSpec
     from fedmkt.models import load_tokenizer
