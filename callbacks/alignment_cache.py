@@ -1,4 +1,4 @@
-"""How a distillation phase used the receiver's alignment cache, logged where Lightning logs go."""
+"""How a distillation phase used the receiver's alignment cache, for the run's loggers."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from fedmkt.distillation import AlignmentCacheStats, TeacherAligners
 
 
 class AlignmentCacheCallback(L.Callback):
-    """Reports the alignment behind a phase's targets: cache hits, misses (maps built), samples, seconds.
+    """Reports the alignment behind a phase's targets: cache hits, misses (maps built), samples,
+    seconds, positions and the positions matched one-to-one.
 
     The alignment runs before the phase's data is built (`Participant.distill`), so by the time
     this phase's fit starts every aligner it needs is loaded; the callback takes the record of that
     alignment (`TeacherAligners.last_alignment`) at fit start and logs it as `alignment/hits`,
-    `alignment/misses`, `alignment/samples` and `alignment/seconds`: in `trainer.callback_metrics`
-    at every step, and once to each of the phase's loggers when training starts. Nothing of the
+    `alignment/misses`, `alignment/samples`, `alignment/seconds`, `alignment/positions` and
+    `alignment/matched`: in `trainer.callback_metrics` at every step, and once to any logger the
+    phase's trainer has; the participant returns `metrics` with the phase's stats, so the run's
+    loggers record them as `<party>/callbacks/alignment/...` every round. Nothing of the
     phase is left to free afterwards: the aligners and the on-disk maps are kept for later rounds
     on purpose, and the aligned targets belong to the phase's data.
     """

@@ -1,4 +1,4 @@
-"""The selection counts of a distillation phase, logged where Lightning logs go."""
+"""The selection counts of a distillation phase, for the progress bar and the run's loggers."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ class SelectiveTransferCallback(L.Callback):
     The `Selection` is computed by `Participant.distill` before the phase's data is built; this
     callback only reports it: `selected` on the progress bar, `selected/<teacher>` besides it in
     `trainer.callback_metrics` (both logged at every step, so the bar shows them from the first
-    batch), and all of them once to each of the phase's loggers when training starts, so no
-    logging interval can drop them.
+    batch), and all of them once to any logger the phase's trainer has. `metrics` is what the
+    participant returns with the phase's stats, which the run's loggers (W&B, metrics.csv) record
+    as `<party>/callbacks/...` for every round.
     """
 
     def __init__(self, selection: Selection) -> None:

@@ -63,6 +63,12 @@ class AlignmentCacheStats:
     seconds: float = 0.0
     """Wall time of the call, map builds included."""
 
+    positions: int = 0
+    """Receiver positions of the selected samples."""
+
+    matched: int = 0
+    """Of those, positions matched one-to-one to a teacher position (the rest get a one-hot on the next token)."""
+
 
 class TeacherAligners:
     """One receiver's `TokenAligner` per teacher, built on first use and kept across rounds.
@@ -106,7 +112,7 @@ class TeacherAligners:
         Unselected samples are never aligned, and a teacher no sample chose is never loaded.
         """
         start = time.perf_counter()
-        hits = misses = samples = 0
+        hits = misses = samples = positions = matched = 0
         targets = DistillationTargets.empty(len(public))
         for teacher_index, teacher in enumerate(selection.teachers):
             chosen = (selection.teacher_of_sample == teacher_index).nonzero().flatten().tolist()
@@ -137,5 +143,9 @@ class TeacherAligners:
             )
             for i, (ids, probs) in zip(chosen, aligned):
                 targets.ids[i], targets.probs[i] = ids.long(), probs.float()
-        self.last_alignment = AlignmentCacheStats(hits, misses, samples, time.perf_counter() - start)
+            positions += self.aligner(teacher).last_positions
+            matched += self.aligner(teacher).last_matched
+        self.last_alignment = AlignmentCacheStats(
+            hits, misses, samples, time.perf_counter() - start, positions, matched
+        )
         return targets

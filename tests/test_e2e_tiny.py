@@ -78,6 +78,28 @@ def test_run_dir_has_resolved_config_tokenizers_and_logs(tiny_run):
     assert len(offline_runs) == 1  # one W&B run per federated run
 
 
+def test_what_the_distillation_callbacks_measure_reaches_metrics_csv_every_round(tiny_run):
+    with open(tiny_run / "logs" / "metrics.csv") as file:
+        rows = [r for r in csv.DictReader(file) if int(float(r["round"])) > 0]
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert len(rows) == 2
+    for row, record in zip(rows, summary["rounds"]):
+        server = record["parties"]["server"]
+        # selection per teacher, as DualMinCE chose it this round
+        for teacher, count in server["teacher_counts"].items():
+            assert float(row[f"server/callbacks/selected/{teacher}"]) == count
+        assert float(row["server/callbacks/selected"]) == server["selected"]
+        # the alignment cache: round 1 builds or loads the maps, round 2 finds them in memory
+        positions = float(row["server/callbacks/alignment/positions"])
+        matched = float(row["server/callbacks/alignment/matched"])
+        assert float(row["server/callbacks/alignment/samples"]) == server["selected"]
+        assert 0 < matched <= positions
+        assert float(row["server/callbacks/alignment/hits"]) + float(row["server/callbacks/alignment/misses"]) == len(
+            [t for t, n in server["teacher_counts"].items() if n]
+        )
+    assert float(rows[1]["server/callbacks/alignment/misses"]) == 0
+
+
 def test_evaluate_command_reproduces_the_summary_accuracy(tiny_run, capsys):
     summary = json.loads((tiny_run / "summary.json").read_text())
     adapter = tiny_run / "adapters" / "round_2" / "client_1"

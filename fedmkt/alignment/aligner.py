@@ -44,6 +44,10 @@ class TokenAligner:
         self.receiver_strings = vocab_strings(receiver_tokenizer)
         self.teacher_bytes = token_bytes(teacher_tokenizer)
         self.receiver_bytes = token_bytes(receiver_tokenizer)
+        self.last_positions = 0
+        """Receiver positions of the last `align` call."""
+        self.last_matched = 0
+        """Of those, positions matched one-to-one to a teacher position."""
         self.vocab_map, self.vocab_map_cached = load_or_build_vocab_map_hit(
             teacher_tokenizer,
             receiver_tokenizer,
@@ -113,9 +117,12 @@ class TokenAligner:
         if len(counts) != 1:
             raise ValueError(f"align() needs one entry per sample in every list, got lengths {sorted(counts)}")
         out: list[tuple[Tensor, Tensor]] = []
+        self.last_positions = self.last_matched = 0
         for sample, (t_ids, top_ids, top_logits, r_ids) in enumerate(zip(*lists[:4])):
             r_ids = r_ids.reshape(-1).long()
             matched = self.match_positions(t_ids, r_ids)
+            self.last_positions += len(matched)
+            self.last_matched += int((matched >= 0).sum())
             fallback = torch.full_like(r_ids, -1)
             fallback[:-1] = r_ids[1:]
             lse = None if teacher_logsumexp is None else teacher_logsumexp[sample]

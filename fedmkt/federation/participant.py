@@ -232,9 +232,14 @@ class Participant:
             top_k=self.transfer.top_k,
             kd_positions=self.transfer.kd_positions,
         )
-        reporters = (SelectiveTransferCallback(selection), AlignmentCacheCallback(self.alignment))
-        stats = self._fit(self._trainer("distill", self.config.distill_epochs, reporters), data, seed)
-        return replace(stats, selected=selection.num_selected, teacher_counts=selection.counts())
+        selected, cache = SelectiveTransferCallback(selection), AlignmentCacheCallback(self.alignment)
+        stats = self._fit(self._trainer("distill", self.config.distill_epochs, (selected, cache)), data, seed)
+        return replace(
+            stats,
+            selected=selection.num_selected,
+            teacher_counts=selection.counts(),
+            callbacks=selected.metrics | cache.metrics,  # the run's loggers get them through the round's stats
+        )
 
     def evaluate(self) -> dict:
         """Scores of base + adapter on the common held-out set, and on this client's own set if it has one.

@@ -47,6 +47,12 @@ class PhaseStats:
     distill_task_loss: Optional[float] = None
     """A client's round: the task CE of its distillation phase (None: no distillation followed)."""
 
+    callbacks: dict[str, float] = field(default_factory=dict)
+    """What the distillation phase's callbacks measured: `selected` and `selected/<teacher>`
+    (`SelectiveTransferCallback`), `alignment/hits`, `/misses`, `/samples`, `/seconds`,
+    `/positions`, `/matched` (`AlignmentCacheCallback`). The run's loggers get them as
+    `<party>/callbacks/<name>`."""
+
     def then(self, distill: PhaseStats) -> PhaseStats:
         """A client's round entry: this local fine-tuning followed by the distillation `distill`."""
         return PhaseStats(
@@ -58,6 +64,7 @@ class PhaseStats:
             train_seconds=self.train_seconds + distill.train_seconds,
             ranks=next((r for r in (distill.ranks, self.ranks) if r is not None), 1),
             sharded=self.sharded or distill.sharded,
+            callbacks=dict(distill.callbacks),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +82,8 @@ class PhaseStats:
             entry["ranks"] = self.ranks
         if self.sharded:
             entry["sharded"] = True
+        if self.callbacks:
+            entry["callbacks"] = dict(self.callbacks)
         return entry
 
 
