@@ -208,7 +208,8 @@ class PartyModule(L.LightningModule):
     # ---- sharing knowledge -----------------------------------------------------------------
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Per-sample CE, and top-k logits and log-sum-exp at every real (non-pad) position, moved to CPU."""
+        """Per-sample CE, and at every real (non-pad) position the top-k logits, the log-sum-exp and the
+        label's log-probability, moved to CPU."""
         mask = batch["attention_mask"].bool()
         if FAST.chunked_head:
             hidden, where = self._hidden_rows(batch, mask)
@@ -220,9 +221,11 @@ class PartyModule(L.LightningModule):
         else:  # the [B, L, V] logits, then the same numbers from them
             logits = self(batch["input_ids"], batch["attention_mask"])
             losses = token_cross_entropy(logits, batch["targets"]).float()
+            rows, targets = logits[mask].float(), batch["targets"][mask]
             values, ids = logits[mask].topk(self.transfer.top_k, dim=-1)
-            lse = torch.logsumexp(logits[mask].float() / self.transfer.temperature, dim=-1)
-            knowledge = ChunkKnowledge(torch.empty(0), values, ids, lse)
+            lse = torch.logsumexp(rows / self.transfer.temperature, dim=-1)
+            picked = torch.log_softmax(rows, dim=-1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+            knowledge = ChunkKnowledge(torch.where(targets != IGNORE_INDEX, picked, 0.0), values, ids, lse)
         return {
             "index": batch["index"].cpu(),
             "losses": losses.cpu(),
@@ -231,6 +234,7 @@ class PartyModule(L.LightningModule):
             "topk_ids": knowledge.topk_ids.cpu(),
             "topk_logits": knowledge.topk_values.to(torch.float16).cpu(),
             "logsumexp": knowledge.logsumexp.cpu(),
+            "label_logprob": knowledge.label_logprob.cpu(),
         }
 
 

@@ -24,8 +24,17 @@ from safetensors.torch import save as save_safetensors
 
 from fedmkt.errors import FedMKTError
 
-_TENSOR_FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits", "logsumexp")
-_FLOAT_FIELDS = ("losses", "topk_logits", "logsumexp")
+_TENSOR_FIELDS = (
+    "sample_index",
+    "losses",
+    "offsets",
+    "token_ids",
+    "topk_ids",
+    "topk_logits",
+    "logsumexp",
+    "label_logprob",
+)
+_FLOAT_FIELDS = ("losses", "topk_logits", "logsumexp", "label_logprob")
 
 MAX_PAYLOAD_BYTES = 4 * 1024**3
 """Largest payload `from_bytes` accepts by default (4 GiB). The paper's exchange (1,000 public
@@ -85,6 +94,11 @@ class KnowledgePayload:
     """[T] float32: ``log sum_v exp(logit_v / temperature)`` over the sender's whole vocabulary at
     each position, so ``exp(topk_logits / temperature - logsumexp)`` are its true probabilities."""
 
+    label_logprob: torch.Tensor
+    """[T] float32: the log-probability (temperature 1) the sender gives each position's label,
+    0 where the position has none; the sample's loss is minus their mean over its answer
+    positions, which is how a receiver recomputes it (`fedmkt.received`)."""
+
     temperature: float = 1.0
     """The temperature `logsumexp` was taken at (the run's `transfer.temperature`)."""
 
@@ -120,6 +134,7 @@ class KnowledgePayload:
             topk_ids=self.topk_ids[rows],
             topk_logits=self.topk_logits[rows],
             logsumexp=self.logsumexp[rows],
+            label_logprob=self.label_logprob[rows],
         )
 
     def logsumexp_of(self, row: int) -> torch.Tensor:
@@ -221,13 +236,14 @@ class KnowledgePayload:
             )
         elif rows and self.topk_ids.shape[1] == 0:  # would count as distilled while carrying no logits
             problems.append("top-k has no columns (k = 0)")
-        if self.logsumexp.shape != (rows,):
-            problems.append(f"logsumexp shape {tuple(self.logsumexp.shape)} does not match {rows} token rows")
+        for name in ("logsumexp", "label_logprob"):
+            if getattr(self, name).shape != (rows,):
+                problems.append(f"{name} shape {tuple(getattr(self, name).shape)} does not match {rows} token rows")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             problems.append(f"temperature {self.temperature} is not positive")
         finite = [torch.isfinite(getattr(self, name).float()).all() for name in _FLOAT_FIELDS]
         if not all(bool(ok) for ok in finite):
-            problems.append("losses, logits or logsumexp contain NaN/inf")
+            problems.append("losses, logits, logsumexp or label_logprob contain NaN/inf")
         for name in ("token_ids", "topk_ids"):
             ids = getattr(self, name)
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):

@@ -247,6 +247,7 @@ def _payload(sender: str = "client_0", rows: int = 6, k: int = 2, vocab: int = 1
         topk_ids=torch.arange(rows * k).view(rows, k).remainder(vocab).to(torch.int16),
         topk_logits=torch.zeros(rows, k).half(),
         logsumexp=torch.full((rows,), 12.0),  # above every top-k value: a tail remains
+        label_logprob=torch.zeros(rows),
     )
 
 

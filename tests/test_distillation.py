@@ -79,6 +79,7 @@ def teacher_payload(sender, public, scored: dict[int, float], k=4, seed=0) -> Kn
         topk_ids=topk_ids.to(torch.int16),
         topk_logits=(torch.randn(rows, k, generator=g) * 3).sort(dim=1, descending=True).values.half(),
         logsumexp=torch.full((rows,), 12.0),  # above every top-k value: a tail remains
+        label_logprob=torch.zeros(rows),
     )
 
 

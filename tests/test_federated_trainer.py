@@ -42,6 +42,7 @@ def payload(
         topk_ids=torch.randint(100, (rows, k), generator=g).to(torch.int16),
         topk_logits=torch.randn(rows, k, generator=g).half(),
         logsumexp=torch.full((rows,), 12.0),  # above every top-k value: a tail remains
+        label_logprob=torch.zeros(rows),
     )
 
 

@@ -126,6 +126,7 @@ def _payload(sender: str = "client_0", vocab_size: int = 100, num_samples: int =
         topk_ids=torch.randint(0, vocab_size, (rows, 4), generator=generator, dtype=torch.int16),
         topk_logits=torch.randn(rows, 4, generator=generator).half(),
         logsumexp=torch.full((rows,), 12.0),  # above every top-k value: a tail remains
+        label_logprob=torch.zeros(rows),
     )
 
 

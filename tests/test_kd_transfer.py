@@ -38,6 +38,7 @@ def payload(temperature: float = 2.0) -> KnowledgePayload:
         topk_ids=torch.randint(50, (rows, k), generator=g).to(torch.int16),
         topk_logits=logits.half(),
         logsumexp=torch.logsumexp(logits / temperature, dim=1) + 0.7,  # 1 - e^-0.7 of the mass is outside
+        label_logprob=torch.zeros(rows),
         temperature=temperature,
     )
 

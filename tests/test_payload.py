@@ -12,7 +12,7 @@ from safetensors.torch import save as save_safetensors
 from fedmkt.errors import FedMKTError
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 
-FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits", "logsumexp")
+FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits", "logsumexp", "label_logprob")
 
 
 def make_payload(lengths=(2, 3, 1), k=4, vocab=50, sender="client_0", round_index=3, seed=0, id_dtype=None):
@@ -30,6 +30,7 @@ def make_payload(lengths=(2, 3, 1), k=4, vocab=50, sender="client_0", round_inde
         topk_ids=torch.randint(vocab, (rows, k), generator=g).to(id_dtype),
         topk_logits=(torch.randn(rows, k, generator=g) * 10).to(torch.float16),
         logsumexp=torch.full((rows,), 12.0),  # above every top-k value: a tail remains
+        label_logprob=torch.zeros(rows),
     )
 
 

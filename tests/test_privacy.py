@@ -31,7 +31,7 @@ from fedmkt.models import load_tokenizer
 from fedmkt.payload import KnowledgePayload
 from fedmkt.privacy import add_logit_noise
 
-FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits", "logsumexp")
+FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits", "logsumexp", "label_logprob")
 CLIENTS = ("client_0", "client_1")
 # 12 pooled questions: 4 public + 4 private per client; 1 round, evaluation off (not needed here).
 SETTINGS = [
@@ -190,7 +190,7 @@ def test_server_payload_holds_only_public_sample_knowledge(fedmkt_run, own_token
     _assert_public_only(send, own_tokenisation["server"], fedmkt_run.config.transfer.top_k)
 
 
-def test_wire_bytes_are_the_seven_payload_fields_and_nothing_else(fedmkt_run):
+def test_wire_bytes_are_the_eight_payload_fields_and_nothing_else(fedmkt_run):
     assert len(fedmkt_run.sends) == 3  # two clients up, the server down
     for send in fedmkt_run.sends:
         header_length = int.from_bytes(send.data[:8], "little")
@@ -198,11 +198,11 @@ def test_wire_bytes_are_the_seven_payload_fields_and_nothing_else(fedmkt_run):
         assert set(header) == set(FIELDS) | {"__metadata__"}
         assert set(header["__metadata__"]) == {"sender", "round", "vocab_size", "temperature"}
         # No weight, gradient or optimizer tensor: the only floats are one loss per sample, the top-k
-        # values and one log-sum-exp per position.
+        # values, and per position one log-sum-exp and one label log-probability.
         tensors = load_safetensors(send.data)
         floats = {name for name, t in tensors.items() if t.is_floating_point()}
-        assert floats == {"losses", "topk_logits", "logsumexp"}
-        assert tensors["logsumexp"].shape == tensors["token_ids"].shape
+        assert floats == {"losses", "topk_logits", "logsumexp", "label_logprob"}
+        assert tensors["logsumexp"].shape == tensors["label_logprob"].shape == tensors["token_ids"].shape
         # The wire size is exactly the header plus these tensors.
         assert len(send.data) == 8 + header_length + sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -275,6 +275,7 @@ class _Party:
             topk_ids=torch.arange(rows * k).view(rows, k).to(torch.int16),
             topk_logits=torch.zeros(rows, k).half(),
             logsumexp=torch.full((rows,), 12.0),  # above every top-k value: a tail remains
+            label_logprob=torch.zeros(rows),
         )
 
     def distill(self, round_index, payloads):
@@ -339,6 +340,7 @@ def _payload(rows: int = 2000, k: int = 16, scale: float = 6.0, dtype=torch.floa
         topk_ids=torch.randint(1000, (rows, k), generator=g).to(torch.int16),
         topk_logits=(torch.randn(rows, k, generator=g) * scale).sort(dim=-1, descending=True).values.to(dtype),
         logsumexp=torch.full((rows,), 12.0),  # above every top-k value: a tail remains
+        label_logprob=torch.zeros(rows),
     )
 
 

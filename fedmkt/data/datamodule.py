@@ -78,6 +78,8 @@ class PartyDataModule(L.LightningDataModule):
         self.shuffle_seed = seed
         """Seed of the next private epoch's order; the participant sets it per round."""
         self.private = tokenize_examples(private, tokenizer, max_length)
+        self.public_examples = public
+        """The public questions as text: what a teacher's tokens are checked against (`fedmkt.received`)."""
         self.public = tokenize_examples(public, tokenizer, max_length)
 
     def train_dataloader(self) -> DataLoader:

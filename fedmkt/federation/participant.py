@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +44,7 @@ from fedmkt.federation.protocol import PhaseStats
 from fedmkt.party import PartyModule
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 from fedmkt.privacy import add_logit_noise
+from fedmkt.received import Agreement, PublicTokens, verify_payload
 
 _PHASE_OFFSETS = {"fine_tune": 1, "distill": 2, "logit_noise": 3}
 
@@ -102,6 +104,7 @@ class Participant:
             transfer.topk_target,
         )
         self._public_losses: Optional[torch.Tensor] = None  # valid until the weights change
+        self._public_tokens: dict[str, PublicTokens] = {}  # each teacher's tokens of the public set
 
     @property
     def module(self) -> PartyModule:
@@ -192,6 +195,7 @@ class Participant:
             topk_ids=torch.cat([o["topk_ids"] for o in outputs]).to(id_dtype),
             topk_logits=torch.cat([o["topk_logits"] for o in outputs]),
             logsumexp=torch.cat([o["logsumexp"] for o in outputs]).float(),
+            label_logprob=torch.cat([o["label_logprob"] for o in outputs]).float(),
             temperature=self.transfer.temperature,
         ).in_sample_order()
         return add_logit_noise(payload, self.privacy, seed=phase_seed(self.seed, round_index, "logit_noise"))
@@ -218,6 +222,7 @@ class Participant:
         self.round_index = round_index
         if self.config.distill_epochs == 0:  # a frozen party (e.g. the LLM in LLM2SLM) learns nothing
             return PhaseStats()
+        teacher_payloads = self._verified(round_index, teacher_payloads)
         selection = select_teachers(
             self.public_losses(), teacher_payloads, require_improvement=self.transfer.selection == "dualmince"
         )
@@ -240,6 +245,34 @@ class Participant:
             teacher_counts=selection.counts(),
             callbacks=selected.metrics | cache.metrics,  # the run's loggers get them through the round's stats
         )
+
+    def _verified(self, round_index: int, payloads: dict[str, KnowledgePayload]) -> dict[str, KnowledgePayload]:
+        """The teachers' payloads checked against what this party knows (`fedmkt.received`), losses recomputed.
+
+        A payload that fails is left out with a warning (one bad client must not stop the server
+        learning from the others); if every one fails, the phase stops with the first reason.
+        """
+        verified, refused = {}, []
+        for teacher, payload in payloads.items():
+            tokenizer = self.alignment.teacher_tokenizers[teacher]
+            if teacher not in self._public_tokens:
+                self._public_tokens[teacher] = PublicTokens(tokenizer, self.data.public_examples, self.max_length)
+            agreed = Agreement(
+                round=round_index,
+                top_k=self.transfer.top_k,
+                max_length=self.max_length,
+                temperature=self.transfer.temperature,
+                tokenizer_size=len(tokenizer),
+                noised=self.privacy.logit_noise > 0,
+            )
+            try:
+                verified[teacher] = verify_payload(payload, agreed, self._public_tokens[teacher])
+            except FedMKTError as error:
+                refused.append(error)
+                warnings.warn(f"{self.name}: {error}", stacklevel=2)
+        if refused and not verified:
+            raise refused[0]
+        return verified
 
     def evaluate(self) -> dict:
         """Scores of base + adapter on the common held-out set, and on this client's own set if it has one.

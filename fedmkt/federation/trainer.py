@@ -32,6 +32,7 @@ from fedmkt.federation.protocol import FederatedParty, PhaseStats
 from fedmkt.federation.stages import StageRunner, run_one_by_one
 from fedmkt.federation.summary import log_metrics, results_table, write_summary
 from fedmkt.payload import KnowledgePayload
+from fedmkt.received import payload_byte_limit
 
 # Which steps of a round each mode runs (baselines are the method with steps removed or added).
 _MODE_STEPS = {
@@ -279,7 +280,8 @@ class FederatedTrainer:
         self._traffic[payload.sender]["bytes_sent"] += len(data) * len(receivers)
         for receiver in receivers:
             self._traffic[receiver.name]["bytes_received"] += len(data)
-        return KnowledgePayload.from_bytes(data, num_public=self.num_public)
+        limit = payload_byte_limit(self.num_public, self.config.data.max_length, self.config.transfer.top_k)
+        return KnowledgePayload.from_bytes(data, max_bytes=limit, num_public=self.num_public)
 
     def _write_summary(self) -> None:
         write_summary(self.run_dir, self.summary)

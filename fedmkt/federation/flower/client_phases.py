@@ -33,6 +33,7 @@ from fedmkt.federation.flower.node import NodeSettings, apply_to_config, inside_
 from fedmkt.federation.participant import Participant
 from fedmkt.models import load_tokenizer
 from fedmkt.payload import KnowledgePayload
+from fedmkt.received import payload_byte_limit
 from fedmkt.run import build_participant, quiet_lightning
 
 ClientState = Optional[dict[str, bytes]]
@@ -185,8 +186,9 @@ def run_phase(
         reply.blobs["payload"] = participant.share_knowledge(request.round).to_bytes()
     elif request.phase == "distill":
         num_public = participant.num_public
+        limit = payload_byte_limit(num_public, participant.max_length, participant.transfer.top_k)
         teachers = {
-            name.split("/", 1)[1]: KnowledgePayload.from_bytes(data, num_public=num_public)
+            name.split("/", 1)[1]: KnowledgePayload.from_bytes(data, max_bytes=limit, num_public=num_public)
             for name, data in request.blobs.items()
             if name.startswith("payload/")
         }

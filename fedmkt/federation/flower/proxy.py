@@ -66,6 +66,7 @@ class RemoteParticipant:
         num_public: int,
         timeout_s: Optional[float] = None,
         tokenizer: str = "",
+        max_payload_bytes: Optional[int] = None,
     ) -> None:
         self.name = name
         self.node_id = node_id
@@ -76,6 +77,8 @@ class RemoteParticipant:
         self.timeout_s = timeout_s
         self.tokenizer = tokenizer
         """Fingerprint of the tokenizer this client must use (checked on its node; empty: not checked)."""
+        self.max_payload_bytes = max_payload_bytes
+        """The largest payload this client may send (`fedmkt.received.payload_byte_limit`); refused unread above it."""
         self.stateful = False
         """Whether this client's node holds state of this run (its node then refuses to start afresh)."""
 
@@ -155,7 +158,9 @@ class RemoteParticipant:
     def _payload(self, answer: Reply) -> KnowledgePayload:
         if "payload" not in answer.blobs:
             raise RemoteParticipantError(f"{self.name}: share_knowledge replied without a payload")
-        payload = KnowledgePayload.from_bytes(answer.blobs["payload"], num_public=self.num_public)
+        payload = KnowledgePayload.from_bytes(
+            answer.blobs["payload"], max_bytes=self.max_payload_bytes, num_public=self.num_public
+        )
         if payload.sender != self.name:
             raise FedMKTError(
                 f"rejected payload: {self.name}'s SuperNode sent knowledge signed by {payload.sender}. Fix: check that node's --node-config partition-id."

@@ -28,6 +28,7 @@ from fedmkt.federation.flower.proxy import (
 from fedmkt.federation.flower.submit import check_supported
 from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.models import load_tokenizer
+from fedmkt.received import payload_byte_limit
 from fedmkt.run import build_participant, quiet_lightning, resume_state, run_rounds, save_tokenizers
 
 CONFIG_PATH_KEY = "config-path"
@@ -75,7 +76,17 @@ def serve(grid: Grid, config_text: str, resume: bool = False) -> dict:
     timeout = client_wait_s(config)
     num_public = server.num_public
     clients = [
-        RemoteParticipant(name, nodes[name], grid, config_text, run_dir, num_public, timeout, fingerprints[name])
+        RemoteParticipant(
+            name,
+            nodes[name],
+            grid,
+            config_text,
+            run_dir,
+            num_public,
+            timeout,
+            fingerprints[name],
+            max_payload_bytes=payload_byte_limit(num_public, config.data.max_length, config.transfer.top_k),
+        )
         for name in names
     ]
 

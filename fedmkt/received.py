@@ -1,0 +1,179 @@
+"""What a receiver checks in a teacher's payload before it trusts any number in it.
+
+`KnowledgePayload.validate` checks what any payload must satisfy (shapes, finite values, ids in
+the sender's vocabulary). A receiver knows more: the round, the agreed `top_k`, `max_length` and
+temperature, the sender's tokenizer, and the public questions themselves. `verify_payload` checks
+the payload against all of it, and recomputes the sender's per-sample loss from the label
+log-probabilities it sent, so DualMinCE never ranks teachers by a number the sender merely
+reported:
+
+* every sample's tokens must be the sender's tokenization of that public question (so a sender
+  cannot pass off other text, a node's private rows included, as public knowledge);
+* the loss is ``-mean(label_logprob)`` over the sample's answer positions, which the receiver finds
+  itself; a reported loss that disagrees is refused;
+* at temperature 1 each label log-probability must agree with the sender's own top-k logits and
+  log-sum-exp: a label among the top-k has exactly that logit's probability, any other label at
+  most the k-th one's. A low loss therefore needs a distribution that really puts mass on the
+  answer, which is what the receiver then distils.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from fedmkt.data.examples import QAExample
+from fedmkt.data.tokenize import IGNORE_INDEX, encode_prompt_answer
+from fedmkt.errors import FedMKTError
+from fedmkt.payload import KnowledgePayload
+
+__all__ = ["Agreement", "PublicTokens", "verify_payload", "payload_byte_limit"]
+
+LOSS_TOLERANCE = 1e-3
+"""Largest difference (absolute, plus the same relative) between a reported and a recomputed loss."""
+
+EMBEDDING_PADDING = 1024
+"""How many more output rows than tokenizer entries a model may have (OPT, Bloom and Qwen pad their
+embeddings to a round number)."""
+
+LOGPROB_TOLERANCE = 0.05
+"""Slack for comparing label log-probabilities with float16 top-k logits (their rounding at |x| ~ 30)."""
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What every party of a run agreed on, as far as one sender's payload is concerned."""
+
+    round: int
+    top_k: int
+    max_length: int
+    temperature: float
+    tokenizer_size: int
+    """The sender's tokenizer's size, as the receiver knows it."""
+
+    noised: bool = False
+    """Whether the run noises shared logits (`privacy.logit_noise`): the top-k then no longer match
+    the label log-probabilities, and that check is skipped."""
+
+
+class PublicTokens:
+    """The public questions in one sender's tokens, built on first use and kept across rounds."""
+
+    def __init__(self, tokenizer: Any, examples: list[QAExample], max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.examples = examples
+        self.max_length = max_length
+        self._encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, targets)`` of public sample `index` as the sender must have tokenized it."""
+        if index not in self._encoded:
+            example = self.examples[index]
+            self._encoded[index] = encode_prompt_answer(self.tokenizer, example.prompt, example.answer, self.max_length)
+        return self._encoded[index]
+
+
+def payload_byte_limit(num_public: int, max_length: int, top_k: int) -> int:
+    """The most bytes an honest payload about `num_public` samples can take, with room to spare.
+
+    Per position: a token id and k ids (4 bytes each at most), k float16 values, and two float32
+    numbers (log-sum-exp, label log-probability); per sample an index, a loss and an offset; plus
+    the safetensors header. Twice that, so no honest payload comes near it.
+    """
+    per_position = 4 + top_k * (4 + 2) + 4 + 4
+    per_sample = 8 + 4 + 8
+    return 2 * (num_public * (max_length * per_position + per_sample) + 64 * 1024)
+
+
+def verify_payload(payload: KnowledgePayload, agreed: Agreement, public: PublicTokens) -> KnowledgePayload:
+    """The payload with its losses recomputed from its label log-probabilities, or a one-line `FedMKTError`.
+
+    Nothing in the error quotes the payload's text or the public questions: only counts, keys and
+    sample indices.
+    """
+    problems = []
+    if payload.round != agreed.round:
+        problems.append(f"it is for round {payload.round}, not round {agreed.round}")
+    if payload.top_k != agreed.top_k:
+        problems.append(f"it carries top-{payload.top_k} logits where transfer.top_k is {agreed.top_k}")
+    if not agreed.tokenizer_size <= payload.vocab_size <= agreed.tokenizer_size + EMBEDDING_PADDING:
+        problems.append(
+            f"its vocabulary has {payload.vocab_size} ids for a tokenizer of {agreed.tokenizer_size} tokens"
+        )
+    if not math.isclose(payload.temperature, agreed.temperature):
+        problems.append(f"its log-sum-exp is at temperature {payload.temperature}, not {agreed.temperature}")
+    rows = payload.offsets.diff()
+    if len(rows) and int(rows.max()) > agreed.max_length:
+        problems.append(f"a sample has {int(rows.max())} positions, over data.max_length = {agreed.max_length}")
+    if bool((payload.losses < 0).any()):
+        problems.append("a loss is negative")
+    if bool((payload.label_logprob > LOGPROB_TOLERANCE).any()):
+        problems.append("a label log-probability is positive")
+    if problems:
+        raise _refused(payload, problems)
+
+    losses = torch.empty(len(payload), dtype=torch.float32)
+    wrong_tokens, wrong_loss, inconsistent = [], [], []
+    for row, index in enumerate(payload.sample_index.tolist()):
+        start, stop = int(payload.offsets[row]), int(payload.offsets[row + 1])
+        input_ids, targets = public(index)
+        if stop - start != len(input_ids) or not torch.equal(payload.token_ids[start:stop].long(), input_ids):
+            wrong_tokens.append(index)
+            continue
+        labelled = targets != IGNORE_INDEX
+        logprobs = payload.label_logprob[start:stop].float()
+        losses[row] = -logprobs[labelled].mean() if bool(labelled.any()) else 0.0
+        reported = float(payload.losses[row])
+        if abs(reported - float(losses[row])) > LOSS_TOLERANCE * (1 + abs(float(losses[row]))):
+            wrong_loss.append(index)
+        if (
+            not agreed.noised
+            and payload.temperature == 1.0
+            and not _consistent(payload, start, stop, targets, logprobs)
+        ):
+            inconsistent.append(index)
+    for indices, what in (
+        (wrong_tokens, "tokens that are not the sender's tokenization of public sample(s)"),
+        (wrong_loss, "losses that disagree with its label log-probabilities for public sample(s)"),
+        (inconsistent, "label log-probabilities that disagree with its own top-k logits for public sample(s)"),
+    ):
+        if indices:
+            problems.append(f"{what} {_first(indices)}")
+    if problems:
+        raise _refused(payload, problems)
+    return replace(payload, losses=losses)
+
+
+def _consistent(
+    payload: KnowledgePayload, start: int, stop: int, targets: torch.Tensor, logprobs: torch.Tensor
+) -> bool:
+    """At temperature 1, whether each labelled position's log-probability fits the sender's top-k and log-sum-exp."""
+    labelled = (targets != IGNORE_INDEX).nonzero().flatten()
+    if not len(labelled):
+        return True
+    ids = payload.topk_ids[start:stop][labelled].long()
+    values = payload.topk_logits[start:stop][labelled].float() - payload.logsumexp[start:stop][labelled, None]
+    label = targets[labelled]
+    claimed = logprobs[labelled]
+    listed = ids == label[:, None]
+    in_topk = listed.any(dim=1)
+    exact = torch.where(listed, values, torch.zeros_like(values)).sum(dim=1)
+    slack = LOGPROB_TOLERANCE * (1 + values.abs().amax(dim=1))
+    ok_listed = (claimed - exact).abs() <= slack
+    ok_other = claimed <= values.amin(dim=1) + slack
+    return bool(torch.where(in_topk, ok_listed, ok_other).all())
+
+
+def _first(indices: list[int], shown: int = 5) -> str:
+    more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
+    return ", ".join(str(i) for i in indices[:shown]) + more
+
+
+def _refused(payload: KnowledgePayload, problems: list[str]) -> FedMKTError:
+    return FedMKTError(
+        f"refused payload from {payload.sender}: {'; '.join(problems)}. Fix: nothing is distilled from it; "
+        "check that party's fedmkt version, model and config."
+    )

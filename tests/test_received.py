@@ -1,0 +1,135 @@
+"""fedmkt.received: a receiver refuses every payload that does not fit what it knows, and recomputes the losses.
+
+Each attack here passed `KnowledgePayload.from_bytes` before the receiver's checks existed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fedmkt.config import TransferConfig
+from fedmkt.errors import FedMKTError
+from fedmkt.payload import KnowledgePayload
+from fedmkt.received import Agreement, PublicTokens, payload_byte_limit, verify_payload
+
+try:
+    from test_federated_trainer import make_participant, qa
+except ImportError:  # tests/ imported as a package
+    from tests.test_federated_trainer import make_participant, qa
+
+TOP_K = 4
+
+
+@pytest.fixture
+def honest(smollm2_tokenizer, make_tiny_llama, tmp_path):
+    """A real participant's payload about the public set, and what the receiver knows."""
+    party = make_participant("peer", smollm2_tokenizer, make_tiny_llama, tmp_path, 1, TransferConfig(top_k=TOP_K))
+    payload = KnowledgePayload.from_bytes(party.share_knowledge(round_index=2).to_bytes())
+    public = PublicTokens(smollm2_tokenizer, qa(3, "public"), 48)
+    agreed = Agreement(round=2, top_k=TOP_K, max_length=48, temperature=1.0, tokenizer_size=len(smollm2_tokenizer))
+    return payload, agreed, public
+
+
+def refused(payload, agreed, public, *needles):
+    with pytest.raises(FedMKTError) as error:
+        verify_payload(payload, agreed, public)
+    message = str(error.value)
+    assert message.startswith(f"refused payload from {payload.sender}:") and "Fix:" in message and "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def test_an_honest_payload_passes_and_its_losses_are_recomputed(honest):
+    payload, agreed, public = honest
+    checked = verify_payload(payload, agreed, public)
+    torch.testing.assert_close(checked.losses, payload.losses, rtol=1e-5, atol=1e-5)
+    # the recomputed loss is minus the mean label log-probability over each sample's answer positions
+    for row, index in enumerate(payload.sample_index.tolist()):
+        _, targets = public(index)
+        start, stop = int(payload.offsets[row]), int(payload.offsets[row + 1])
+        expected = -payload.label_logprob[start:stop][targets != -100].mean()
+        torch.testing.assert_close(checked.losses[row], expected)
+
+
+def test_a_reported_loss_that_wins_every_sample_is_refused(honest):
+    payload, agreed, public = honest
+    refused(replace(payload, losses=torch.full_like(payload.losses, -1e30)), agreed, public, "a loss is negative")
+    small = replace(payload, losses=payload.losses * 0.5)  # plausible, but not what its log-probabilities say
+    refused(small, agreed, public, "losses that disagree with its label log-probabilities")
+
+
+def test_claiming_confidence_its_logits_do_not_show_is_refused(honest):
+    payload, agreed, public = honest
+    confident = replace(payload, label_logprob=payload.label_logprob * 0.1)
+    confident = replace(confident, losses=payload.losses * 0.1)  # the loss now matches the claim
+    refused(confident, agreed, public, "disagree with its own top-k logits")
+
+
+def test_more_logits_than_agreed_is_refused(honest):
+    payload, agreed, public = honest
+    wide = replace(
+        payload,
+        topk_ids=payload.topk_ids.repeat(1, 16),
+        topk_logits=payload.topk_logits.repeat(1, 16),
+    )
+    refused(wide, agreed, public, f"top-{TOP_K * 16} logits where transfer.top_k is {TOP_K}")
+
+
+def test_tokens_that_are_not_the_public_question_are_refused(honest):
+    payload, agreed, public = honest
+    refused(
+        replace(payload, token_ids=torch.zeros_like(payload.token_ids)), agreed, public, "not the sender's tokenization"
+    )
+    # A private row passed off as public sample 0: other text, so other tokens; the message quotes neither.
+    private, _ = PublicTokens(public.tokenizer, qa(1, "secret-private-record"), 48)(0)
+    rows = int(payload.offsets[1] - payload.offsets[0])
+    forged = payload.token_ids.clone()
+    forged[: min(rows, len(private))] = private[:rows].to(forged.dtype)
+    message = refused(replace(payload, token_ids=forged), agreed, public, "public sample(s) 0")
+    assert "secret" not in message
+
+
+def test_another_round_vocabulary_length_or_temperature_is_refused(honest):
+    payload, agreed, public = honest
+    refused(payload, replace(agreed, round=3), public, "for round 2, not round 3")
+    refused(payload, replace(agreed, tokenizer_size=agreed.tokenizer_size + 5000), public, "for a tokenizer of")
+    refused(payload, replace(agreed, max_length=4), public, "over data.max_length = 4")
+    refused(payload, replace(agreed, temperature=2.0), public, "temperature 1.0, not 2.0")
+
+
+def test_noise_skips_only_the_top_k_consistency_check(honest):
+    payload, agreed, public = honest
+    confident = replace(payload, label_logprob=payload.label_logprob * 0.1, losses=payload.losses * 0.1)
+    verify_payload(confident, replace(agreed, noised=True), public)  # noised top-k cannot be compared
+    refused(replace(payload, losses=payload.losses * 0.5), replace(agreed, noised=True), public, "disagree")
+
+
+def test_the_byte_limit_follows_the_public_set(honest):
+    payload, _, _ = honest
+    data = payload.to_bytes()
+    limit = payload_byte_limit(num_public=3, max_length=48, top_k=TOP_K)
+    assert len(data) < limit < 4 * 1024**3 // 1000  # far below the old fixed 4 GiB cap
+    # the paper's exchange (1,000 samples x 512 tokens x top-16, about 50 MB) fits its limit
+    assert 50e6 < payload_byte_limit(1000, 512, 16) < 200e6
+    with pytest.raises(FedMKTError, match="over the"):
+        KnowledgePayload.from_bytes(data, max_bytes=len(data) - 1)
+
+
+def test_a_receiver_leaves_a_refused_teacher_out_and_distils_from_the_rest(
+    smollm2_tokenizer, make_tiny_llama, tmp_path
+):
+    transfer = TransferConfig(top_k=TOP_K, selection="all")
+    receiver = make_participant("client_0", smollm2_tokenizer, make_tiny_llama, tmp_path, 0, transfer)
+    receiver.alignment.teacher_tokenizers = {"peer": smollm2_tokenizer, "liar": smollm2_tokenizer}
+    honest_teacher = make_participant("peer", smollm2_tokenizer, make_tiny_llama, tmp_path, 1, transfer)
+    payload = honest_teacher.share_knowledge(round_index=1)
+    liar = replace(payload, sender="liar", losses=torch.zeros_like(payload.losses))
+    with pytest.warns(UserWarning, match="refused payload from liar"):
+        stats = receiver.distill(1, {"peer": payload, "liar": liar})
+    assert stats.teacher_counts == {"peer": 3}
+    with pytest.raises(FedMKTError, match="refused payload from liar"):
+        receiver.distill(1, {"liar": liar})
