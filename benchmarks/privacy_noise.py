@@ -51,8 +51,8 @@ class NoiseProbe:
     def __enter__(self) -> NoiseProbe:
         probe = self
 
-        def noise(payload, privacy, seed):
-            noised = probe.original_noise(payload, privacy, seed)
+        def noise(payload, privacy, generator=None):
+            noised = probe.original_noise(payload, privacy, generator)
             raw, new = payload.topk_logits.float(), noised.topk_logits.float()
             log_p, log_q = raw.log_softmax(-1), new.log_softmax(-1)
             kept = int((new.argmax(-1) == raw.argmax(-1)).sum()) if raw.numel() else 0
@@ -165,11 +165,13 @@ def real_logit_distortion(noises: list[float], questions: int, top_k: int = 16, 
             token_ids=torch.zeros(rows, dtype=torch.int32),
             topk_ids=torch.zeros(rows, top_k, dtype=torch.int32),
             topk_logits=logits.half(),
+            logsumexp=torch.logsumexp(logits.float(), dim=-1),
+            label_logprob=torch.zeros(rows),
         )
         norms = (logits - logits.max(-1, keepdim=True).values).norm(dim=-1)
         for noise in [1e-9, *[n for n in noises if n > 0]]:  # 1e-9: the clipping alone
             noised = add_logit_noise(
-                payload, PrivacyConfig(logit_noise=noise, logit_clip=clip), seed=0
+                payload, PrivacyConfig(logit_noise=noise, logit_clip=clip), torch.Generator().manual_seed(0)
             ).topk_logits.float()
             raw = payload.topk_logits.float()
             log_p, log_q = raw.log_softmax(-1), noised.log_softmax(-1)

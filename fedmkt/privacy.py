@@ -11,7 +11,9 @@ receiver sees no mass outside the k ids.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import replace
+from typing import Optional
 
 import torch
 
@@ -19,18 +21,24 @@ from fedmkt.config import PrivacyConfig
 from fedmkt.payload import KnowledgePayload
 
 
-def add_logit_noise(payload: KnowledgePayload, privacy: PrivacyConfig, seed: int) -> KnowledgePayload:
+def add_logit_noise(
+    payload: KnowledgePayload, privacy: PrivacyConfig, generator: Optional[torch.Generator] = None
+) -> KnowledgePayload:
     """A copy of `payload` whose top-k logits are clipped and noised (ids and losses unchanged).
 
     Its `logsumexp` is that of the noised values (no tail mass), for the reason the module gives.
+    The noise comes from the operating system's entropy unless a `generator` is given (tests): a
+    seed derived from the run config would let every receiver, who holds that config, regenerate
+    the noise and subtract it.
     """
     if privacy.logit_noise <= 0:
         return payload
+    if generator is None:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
     logits = payload.topk_logits.float()
     centred = logits - logits.max(dim=-1, keepdim=True).values
     norms = centred.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     clipped = centred * (privacy.logit_clip / norms).clamp(max=1.0)
-    generator = torch.Generator().manual_seed(seed)
     noisy = clipped + privacy.logit_noise * torch.randn(clipped.shape, generator=generator)
     shared = noisy.to(payload.topk_logits.dtype)
     logsumexp = torch.logsumexp(shared.float() / payload.temperature, dim=-1)

@@ -356,12 +356,12 @@ def _clip_reference(logits: torch.Tensor, clip: float) -> torch.Tensor:
 
 def test_zero_noise_is_the_identity():
     payload = _payload()
-    assert add_logit_noise(payload, PrivacyConfig(logit_noise=0.0, logit_clip=0.5), seed=1) is payload
+    assert add_logit_noise(payload, PrivacyConfig(logit_noise=0.0, logit_clip=0.5), _generator(1)) is payload
 
 
 def test_noise_changes_only_the_logits():
     payload = _payload(dtype=torch.float16)
-    noisy = add_logit_noise(payload, PrivacyConfig(logit_noise=1.0), seed=1)
+    noisy = add_logit_noise(payload, PrivacyConfig(logit_noise=1.0), _generator(1))
     assert (noisy.sender, noisy.round, noisy.vocab_size) == (payload.sender, payload.round, payload.vocab_size)
     for name in ("sample_index", "losses", "offsets", "token_ids", "topk_ids"):
         assert torch.equal(getattr(noisy, name), getattr(payload, name)), name
@@ -374,7 +374,7 @@ def test_noise_withholds_the_true_logsumexp():
     # The log-sum-exp of the raw logits would tell the receiver their scale before clipping; under
     # noise the payload's is that of the noised top-k values, so their probabilities sum to 1.
     payload = _payload()
-    noisy = add_logit_noise(payload, PrivacyConfig(logit_noise=1.0), seed=1)
+    noisy = add_logit_noise(payload, PrivacyConfig(logit_noise=1.0), _generator(1))
     probs = (noisy.topk_logits.float() - noisy.logsumexp[:, None]).exp()
     torch.testing.assert_close(probs.sum(-1), torch.ones(len(probs)))
     assert not torch.allclose(noisy.logsumexp, payload.logsumexp)
@@ -388,7 +388,7 @@ def test_clipping_bounds_each_positions_centred_norm():
     )  # short and long rows
     centred_norms = (payload.topk_logits - payload.topk_logits.max(-1, keepdim=True).values).norm(dim=-1)
     assert (centred_norms > clip).any() and (centred_norms < clip).any()  # both kinds of rows occur
-    noisy = add_logit_noise(payload, PrivacyConfig(logit_noise=sigma, logit_clip=clip), seed=0).topk_logits
+    noisy = add_logit_noise(payload, PrivacyConfig(logit_noise=sigma, logit_clip=clip), _generator(0)).topk_logits
     reference = _clip_reference(payload.topk_logits, clip)
     assert torch.allclose(noisy, reference, atol=10 * sigma)  # with negligible noise: exactly the clipped logits
     assert float(noisy.norm(dim=-1).max()) <= clip + 10 * sigma * math.sqrt(payload.top_k)
@@ -399,17 +399,33 @@ def test_clipping_bounds_each_positions_centred_norm():
     )
 
 
-def test_same_seed_gives_the_same_noise_and_another_seed_does_not():
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_a_given_generator_is_reproducible():
     payload, privacy = _payload(), PrivacyConfig(logit_noise=2.0)
-    first = add_logit_noise(payload, privacy, seed=7).topk_logits
-    assert torch.equal(first, add_logit_noise(payload, privacy, seed=7).topk_logits)
-    assert not torch.equal(first, add_logit_noise(payload, privacy, seed=8).topk_logits)
+    first = add_logit_noise(payload, privacy, _generator(7)).topk_logits
+    assert torch.equal(first, add_logit_noise(payload, privacy, _generator(7)).topk_logits)
+    assert not torch.equal(first, add_logit_noise(payload, privacy, _generator(8)).topk_logits)
+
+
+def test_a_receiver_holding_the_run_config_cannot_regenerate_the_noise():
+    # The attack: noise seeded from the config's seed (and round, phase) can be regenerated and
+    # subtracted. Without a generator, the noise comes from OS entropy: two calls on the same
+    # payload differ, and no seed a receiver might derive reproduces either.
+    payload, privacy = _payload(rows=200), PrivacyConfig(logit_noise=2.0)
+    first = add_logit_noise(payload, privacy).topk_logits
+    second = add_logit_noise(payload, privacy).topk_logits
+    assert not torch.equal(first, second)
+    for seed in [0, 42, 42 + 1000 + 3, 42 + 2000 + 3]:  # the run seed and the old per-phase seeds
+        assert not torch.equal(first, add_logit_noise(payload, privacy, _generator(seed)).topk_logits)
 
 
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
 def test_noise_std_matches_logit_noise(sigma):
     payload = _payload(rows=2000, k=16)  # 32,000 noised values
-    noisy = add_logit_noise(payload, PrivacyConfig(logit_noise=sigma, logit_clip=10.0), seed=3).topk_logits
+    noisy = add_logit_noise(payload, PrivacyConfig(logit_noise=sigma, logit_clip=10.0), _generator(3)).topk_logits
     residual = noisy - _clip_reference(payload.topk_logits, 10.0)
     assert float(residual.std()) == pytest.approx(sigma, rel=0.03)
     assert abs(float(residual.mean())) < 0.03 * sigma

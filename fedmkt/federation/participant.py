@@ -46,7 +46,7 @@ from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 from fedmkt.privacy import add_logit_noise
 from fedmkt.received import Agreement, PublicTokens, verify_payload
 
-_PHASE_OFFSETS = {"fine_tune": 1, "distill": 2, "logit_noise": 3}
+_PHASE_OFFSETS = {"fine_tune": 1, "distill": 2}
 
 
 def phase_seed(seed: int, round_index: int, phase: str) -> int:
@@ -198,7 +198,7 @@ class Participant:
             label_logprob=torch.cat([o["label_logprob"] for o in outputs]).float(),
             temperature=self.transfer.temperature,
         ).in_sample_order()
-        return add_logit_noise(payload, self.privacy, seed=phase_seed(self.seed, round_index, "logit_noise"))
+        return add_logit_noise(payload, self.privacy)  # noise from OS entropy: no receiver can regenerate it
 
     def public_losses(self) -> torch.Tensor:
         """The receiver's own per-sample CE on the public data, for DualMinCE (reused if fresh)."""
