@@ -7,10 +7,14 @@ starts it, later ones reuse it, and it answers them with `client_phases.answer` 
 The client's state still travels with every request and reply (Flower's `context.state` stays the
 source of truth), so a worker that died or was replaced costs one rebuild, never a result.
 
-The worker listens on 127.0.0.1 (an OS-chosen port) and accepts only callers that prove they know
-the key in its folder (`multiprocessing.connection`'s HMAC handshake; only then are the pickled
-requests read). The folder is `<output-dir>/.fedmkt-worker/client_N/`: `address.json`, `key`
-(readable by the node's user only) and `worker.log` (each phase and its progress). The worker
+The worker listens on a Unix socket in a private folder of its own (mode 0700, under the system's
+temporary directory: socket paths must be short) and accepts only callers that prove they know
+the key in its folder: an HMAC-SHA256 challenge, answered within `HANDSHAKE_TIMEOUT_S` and
+compared in constant time; only then are the pickled requests read. A caller that says nothing is
+dropped after that timeout, so it cannot hold up a real request. The folder is
+`<output-dir>/.fedmkt-worker/client_N/` (mode 0700; a folder another user owns, or that others can
+read, is refused): `address.json`, `key` (mode 0600) and `worker.log` (each phase and its
+progress). The worker
 exits when the SuperNode that started it is gone, when the ClientApp process waiting for a phase
 dies (a stopped run stops its phase), or after `keep-alive-s` seconds without a request (node
 setting; 0: no worker, each ClientApp process answers its own message).
@@ -19,13 +23,16 @@ setting; 0: no worker, each ClientApp process answers its own message).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
-import multiprocessing
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +49,8 @@ from fedmkt.federation.flower.node import NodeSettings
 WORKER_DIR = ".fedmkt-worker"
 START_TIMEOUT_S = 300.0
 """How long a ClientApp waits for a worker it started to listen."""
+HANDSHAKE_TIMEOUT_S = 5.0
+"""How long the worker waits for a caller's answer to its challenge before dropping the caller."""
 
 
 @dataclass
@@ -109,7 +118,7 @@ def stop_workers(output_dir: Path, launcher_pids: set[int], timeout_s: float = 2
 
 def _connection(folder: Path, launcher_pid: int, keep_alive_s: float) -> Connection:
     """A connection to the listening worker of `folder`, started here if there is none."""
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)
     with FileLock(str(folder / "start.lock")):
         connection = _connect(folder)
         if connection is not None:
@@ -140,14 +149,59 @@ def _address(folder: Path) -> Optional[dict]:
         return None
 
 
+def private_folder(folder: Path) -> Path:
+    """`folder`, created with mode 0700 if missing (and narrowed to it if this user owns it); refused
+    if another user owns it."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid == os.getuid() and info.st_mode & 0o077:  # ours, made by an older fedmkt: tighten it
+        folder.chmod(0o700)
+        info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise FedMKTError(
+            f"the fedmkt worker folder {folder} is owned by uid {info.st_uid} with mode {oct(info.st_mode & 0o777)}; "
+            f"it must be this user's ({os.getuid()}) alone. Fix: remove it, or `chmod 700` it as its owner."
+        )
+    return folder
+
+
 def _connect(folder: Path) -> Optional[Connection]:
     record = _address(folder)
     if record is None or not _alive(int(record.get("pid", 0))):
         return None
     try:
-        return Client((record["host"], int(record["port"])), authkey=(folder / "key").read_bytes())
-    except (OSError, EOFError, KeyError, ValueError):  # gone since it wrote the file, or another key
+        socket_path = Path(record["socket"])
+        private_folder(socket_path.parent)  # never hand the key's proof to a socket someone else placed
+        connection = Client(str(socket_path), family="AF_UNIX")
+    except (OSError, EOFError, KeyError, ValueError, FedMKTError):  # gone since it wrote the file
         return None
+    try:
+        if not connection.poll(HANDSHAKE_TIMEOUT_S):
+            raise OSError("no challenge")
+        challenge = connection.recv_bytes(64)
+        connection.send_bytes(hmac.new((folder / "key").read_bytes(), challenge, hashlib.sha256).digest())
+        if not connection.poll(HANDSHAKE_TIMEOUT_S) or connection.recv_bytes(8) != b"ok":
+            raise OSError("refused")
+    except (OSError, EOFError):  # another worker's key, or it left
+        connection.close()
+        return None
+    return connection
+
+
+def _authenticated(connection: Connection, key: bytes) -> bool:
+    """Whether the caller proves it knows `key`: HMAC-SHA256 of a fresh challenge, within the timeout."""
+    try:
+        challenge = secrets.token_bytes(32)
+        connection.send_bytes(challenge)
+        if not connection.poll(HANDSHAKE_TIMEOUT_S):
+            return False  # a silent caller is dropped, not waited for
+        answer = connection.recv_bytes(64)
+        expected = hmac.new(key, challenge, hashlib.sha256).digest()
+        ok = hmac.compare_digest(answer, expected)
+        connection.send_bytes(b"ok" if ok else b"no")
+        return ok
+    except (OSError, EOFError):
+        return False
 
 
 def _wait_gone(folder: Path, timeout_s: float = 10.0) -> None:
@@ -187,21 +241,21 @@ def _alive(pid: int) -> bool:
 
 def serve(folder: Path, launcher_pid: int, keep_alive_s: float) -> None:
     """Listen for this node's requests until the SuperNode is gone or nothing came for `keep_alive_s`."""
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)
     key = secrets.token_bytes(32)
     key_file = folder / "key"
     key_file.unlink(missing_ok=True)
     descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(key)
-    listener = Listener(("127.0.0.1", 0), authkey=key)
-    host, port = listener.address
-    record = {"host": host, "port": port, "pid": os.getpid(), "launcher_pid": launcher_pid}
+    socket_path = Path(tempfile.mkdtemp(prefix="fedmkt-worker-")) / "socket"  # mkdtemp: mode 0700
+    listener = Listener(str(socket_path), family="AF_UNIX")
+    record = {"socket": str(socket_path), "pid": os.getpid(), "launcher_pid": launcher_pid}
     staging = folder / f"address.json.{os.getpid()}"
     staging.write_text(json.dumps(record))
     staging.replace(folder / "address.json")
     print(
-        f"fedmkt worker {os.getpid()}: listening on {host}:{port} for the ClientApps of process {launcher_pid}",
+        f"fedmkt worker {os.getpid()}: listening on {socket_path} for the ClientApps of process {launcher_pid}",
         flush=True,
     )
     signal.signal(signal.SIGTERM, lambda *_: _leave(folder))
@@ -215,7 +269,10 @@ def serve(folder: Path, launcher_pid: int, keep_alive_s: float) -> None:
     while True:
         try:
             connection = listener.accept()
-        except (OSError, EOFError, multiprocessing.AuthenticationError):  # a caller without the key, or gone
+        except (OSError, EOFError):  # a caller that is gone already
+            continue
+        if not _authenticated(connection, key):  # without the key, or silent: dropped
+            connection.close()
             continue
         with connection:
             try:
@@ -259,6 +316,7 @@ def _leave(folder: Path) -> None:
     record = _address(folder)
     if record and record.get("pid") == os.getpid():
         (folder / "address.json").unlink(missing_ok=True)
+        shutil.rmtree(Path(record["socket"]).parent, ignore_errors=True)
     print(f"fedmkt worker {os.getpid()}: leaving", flush=True)
     os._exit(0)
 
