@@ -47,7 +47,7 @@ from fedmkt.federation.flower.messages import (  # noqa: E402
     encode_reply,
     encode_request,
 )
-from fedmkt.federation.flower.node import node_settings  # noqa: E402
+from fedmkt.federation.flower.node import POLICY_KEYS, node_settings  # noqa: E402
 from fedmkt.federation.flower.proxy import RemoteParticipant, RemoteParticipantError, run_together  # noqa: E402
 from fedmkt.federation.flower.server_app import find_client_nodes  # noqa: E402
 from fedmkt.federation.protocol import PhaseStats  # noqa: E402
@@ -880,10 +880,13 @@ def test_each_node_reads_only_its_own_private_file(task_identity, tmp_path, monk
     assert "client_0.jsonl" not in shared and "client_1.jsonl" not in shared
     assert nodes[0]["data"]["path"] == str(REPO / "tests/data/own_data/client_0.jsonl")
     assert nodes[1]["data"]["columns"] == {"id": "qid", "prompt": "question", "choices": "options", "answer": "label"}
+    # the launcher lists the shared files in each node's policy (a node reads no file it does not list)
+    policy = {key: value for key, value in nodes[0].items() if key in POLICY_KEYS}
+    assert set(policy) == {"public", "public-sha256", "shared-eval", "shared-eval-sha256"}
     settings_file = tmp_path / "node_1.yaml"
-    settings_file.write_text(yaml.safe_dump({"data": nodes[1]["data"], "output_dir": str(tmp_path / "out_1")}))
+    settings_file.write_text(yaml.safe_dump({"data": nodes[1]["data"], "output_dir": str(tmp_path / "out_1")} | policy))
     node_configs = {
-        10: {"partition-id": 0, "data": nodes[0]["data"]["path"], "output-dir": str(tmp_path / "out_0")},
+        10: {"partition-id": 0, "data": nodes[0]["data"]["path"], "output-dir": str(tmp_path / "out_0")} | policy,
         11: {"partition-id": 1, "settings": str(settings_file)},
     }
     read: dict[int, list[str]] = {}

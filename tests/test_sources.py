@@ -216,3 +216,5 @@ def test_overlap_is_found_by_normalised_content_not_only_by_id():
     check_disjoint({"data.eval": [other]}, {"data.public": train})
     message = one_line(lambda: check_disjoint({"data.eval": [other, same_text]}, {"clients[1].data": train}))
     assert "1 example(s) of data.eval are also in clients[1].data" in message
+    # nothing of the training twin, which may be a private row on a Flower node, is quoted
+    assert "t1" not in message and "2+2" not in message

@@ -26,7 +26,9 @@ def running(tmp_path):
     """A worker of a stand-in SuperNode, answered once (so it is past its imports and listening)."""
     settings = node_settings({"partition-id": 0, "output-dir": str(tmp_path / "node"), "keep-alive-s": 60})
     supernode = subprocess.Popen(["sleep", "600"])
-    job = worker.Job(Request(phase="hello", client="client_0", config_text=""), settings, None, 1, 1, supernode.pid, os.getpid())
+    job = worker.Job(
+        Request(phase="hello", client="client_0", config_text=""), settings, None, 1, 1, supernode.pid, os.getpid()
+    )
     try:
         reply, _ = worker.call(job)
         assert reply.info["client"] == "client_0"

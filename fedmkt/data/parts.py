@@ -148,8 +148,10 @@ def check_disjoint(evaluations: dict[str, list[Example]], training: dict[str, li
             if hit is not None:
                 train_key, twin = hit
                 count = sum(content_key(e) in seen for e in examples)
+                # No text and no id of the training twin: on a Flower node this message reaches the
+                # server, and the twin may be a private row.
                 raise FedMKTError(
                     f"{count} example(s) of {eval_key} are also in {train_key} or another training set "
-                    f"(e.g. {example.prompt[:60]!r}, ids {example.uid!r} / {twin.uid!r}). "
+                    f"(e.g. the one with id {example.uid!r} in {eval_key}). "
                     f"Fix: remove them from {eval_key} or from the training sets."
                 )

@@ -174,6 +174,12 @@ def run_phase(
             f"cannot run {', '.join(request.then)} after {request.phase} in one message. Fix: run the same fedmkt version on every machine."
         )
     config = node_config(settings, request)
+    if request.phase == "adapter_state" and config.federation.mode != "fedavg":
+        # weights leave a node for FedAvg alone (and only if it joined: `check_policy`)
+        raise FedMKTError(
+            f"{settings.client}'s node sends its adapter weights only in a fedavg run, and this run is "
+            f"{config.federation.mode}. Fix: run the same fedmkt version on the server."
+        )
     key = hashlib.sha256(f"{run_id}\0{request.client}\0{request.config_text}\0{settings!r}".encode()).hexdigest()
     if settings.client in request.tokenizers and cache.will_build(key, state):  # before loading the model
         check_tokenizer(settings, config, request.tokenizers[settings.client])

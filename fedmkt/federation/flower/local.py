@@ -28,7 +28,7 @@ from fedmkt.config import RunConfig, run_config_from_text, validate
 from fedmkt.data.parts import federation_data
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
-from fedmkt.federation.flower.node import apply_to_config, node_settings
+from fedmkt.federation.flower.node import apply_to_config, content_sha256, node_settings
 from fedmkt.federation.flower.submit import submit
 from fedmkt.federation.flower.worker import stop_workers
 from fedmkt.run import claim_run_dir, validate_against_vocabularies
@@ -43,18 +43,37 @@ def split_config(resolved: str, run_dir: Path) -> tuple[str, list[dict[str, Any]
     """(the shared run config, one node-settings mapping per client) from a full resolved config.
 
     The clients' private sources move to their nodes' settings (relative paths made absolute, as a
-    node may start elsewhere); each node writes into `run_dir`, as an in-process run would.
+    node may start elsewhere); each node writes into `run_dir`, as an in-process run would. The
+    user who launches every node on this machine is every node's operator, so each node's policy
+    lists the shared files the run names, with their content digests as they are now.
     """
     data = yaml.safe_load(resolved)
+    shared = _shared_files(data.get("data") or {})
     nodes = []
     for index, client in enumerate(data.get("clients") or []):
-        settings: dict[str, Any] = {"partition-id": index, "output-dir": str(run_dir)}
+        settings: dict[str, Any] = {"partition-id": index, "output-dir": str(run_dir)} | shared
         for key in _PRIVATE_KEYS:
             source = client.pop(key, None)
             if source:
                 settings[key] = _absolute_source(source)
         nodes.append(settings)
     return yaml.safe_dump(data, sort_keys=False), nodes
+
+
+def _shared_files(data: dict) -> dict[str, str]:
+    """Node policy entries (`public`, `shared-eval`, `data-dir` and their `-sha256`) for the shared
+    files and folders of a run config's `data` section that exist on this machine."""
+    named = {
+        "public": (data.get("public") or {}).get("path"),
+        "shared-eval": (data.get("eval") or {}).get("path"),
+        "data-dir": data.get("data_dir"),
+    }
+    policy = {}
+    for key, path in named.items():
+        if path and not str(path).startswith(("embedded:", "hub:")) and Path(str(path)).expanduser().exists():
+            policy[key] = str(path)
+            policy[f"{key}-sha256"] = content_sha256(Path(str(path)).expanduser())
+    return policy
 
 
 def _absolute_source(source: dict) -> dict:

@@ -15,13 +15,28 @@ node-local YAML file that the `settings` key names (node-config keys win over th
   settings       a YAML file with the same keys, where `data`/`eval` may be full data sources
                  ({path, name, split, format, columns, limit}) and `model` a full model spec
 
-The node applies these to the shared run config it receives, so `build_participant` reads this
-client's private source and no other. Paths the server sends are checked against the output folder.
+The node's policy, which the server's run config must fit (checked before any model or file opens):
+
+  allow-remote-code   run a model's or tokenizer's own code from the hub (default false: never)
+  public, shared-eval the files this node agrees to read as the run's `data.public` / `data.eval`
+  data-dir            the folder it agrees to read as `data.data_dir` (embedded tasks need nothing)
+  *-sha256            (public-sha256, shared-eval-sha256, data-dir-sha256) the content digest that
+                      file or folder must still have (`fedmkt.federation.flower.node.content_sha256`)
+  max-length          the largest `data.max_length` it accepts (default 4096)
+  max-batch-size      the largest batch (`batch_size`, `eval_batch_size`) it accepts (default 256)
+  max-epochs          the largest `local_epochs` / `distill_epochs` it accepts (default 20)
+  min-logit-noise     its own least `privacy.logit_noise` on the logits it shares (default 0)
+  fedavg              whether it sends its adapter weights for FedAvg (default false: weights never leave it)
+  cache-dir           where it keeps converted models and vocabulary maps (the server's cache_dir is ignored)
+
+The node applies its settings to the shared run config it receives, so `build_participant` reads
+this client's private source and no other. Paths the server sends are checked against the output folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
@@ -31,8 +46,41 @@ import yaml
 from fedmkt.config import DataSource, ModelSpec, RunConfig
 from fedmkt.errors import FedMKTError
 
-NODE_KEYS = ("partition-id", "data", "eval", "model", "output-dir", "keep-alive-s", "settings")
+POLICY_KEYS = (
+    "allow-remote-code",
+    "public",
+    "public-sha256",
+    "shared-eval",
+    "shared-eval-sha256",
+    "data-dir",
+    "data-dir-sha256",
+    "max-length",
+    "max-batch-size",
+    "max-epochs",
+    "min-logit-noise",
+    "fedavg",
+    "cache-dir",
+)
+NODE_KEYS = ("partition-id", "data", "eval", "model", "output-dir", "keep-alive-s", "settings", *POLICY_KEYS)
 """The `--node-config` keys fedmkt reads (and the keys of a `settings` file)."""
+
+SHARED_SOURCES = {"public": "data.public", "shared-eval": "data.eval", "data-dir": "data.data_dir"}
+"""Policy key -> the run-config key whose file or folder it allows."""
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """What this node lets a run do on it, whatever the server's config asks."""
+
+    allow_remote_code: bool = False
+    allowed: tuple[tuple[str, str, Optional[str]], ...] = ()
+    """(run-config key, path, sha256 or None) of each shared file or folder the node agrees to read."""
+    max_length: int = 4096
+    max_batch_size: int = 256
+    max_epochs: int = 20
+    min_logit_noise: float = 0.0
+    fedavg: bool = False
+    cache_dir: Optional[str] = None
 
 
 @dataclass
@@ -48,6 +96,8 @@ class NodeSettings:
     """`model` came as a bare source: the run config's other model settings are kept."""
     keep_alive_s: float = 1800.0
     """How long the node's worker keeps the built party without a message (0: no worker)."""
+    policy: NodePolicy = NodePolicy()
+    """What the node lets a run do (see the module docstring)."""
 
     @property
     def client(self) -> str:
@@ -76,25 +126,102 @@ def node_settings(node_config: dict, num_clients: Optional[int] = None) -> NodeS
         model=model,
         model_source_only=source_only,
         keep_alive_s=_keep_alive(values.get("keep-alive-s")),
+        policy=_policy(values),
     )
 
 
 def apply_to_config(settings: NodeSettings, config: RunConfig) -> RunConfig:
-    """The shared run config with this node's own data, evaluation set and model for its client."""
+    """The shared run config with this node's own data, evaluation set, model and policy for its client.
+
+    The server's config is checked against the node's policy first (`check_policy`); nothing is
+    opened before that.
+    """
     if settings.index >= len(config.clients):
         raise FedMKTError(
             f"partition-id {settings.index} names no client of this run ({len(config.clients)} clients). "
             f"Fix: use partition-id 0 to {len(config.clients) - 1}."
         )
+    check_policy(settings, config)
+    policy = settings.policy
     config = dataclasses.replace(config, clients=list(config.clients))
     party = config.clients[settings.index]
     model = party.model
     if settings.model is not None:
-        model = (
-            dataclasses.replace(model, source=settings.model.source) if settings.model_source_only else settings.model
-        )
+        # A bare source keeps the run's random_init and dtype; what code runs and which revision
+        # loads are the node's alone (never the server's).
+        own = dataclasses.replace(model, source=settings.model.source, revision=None, trust_remote_code=False)
+        model = own if settings.model_source_only else settings.model
     config.clients[settings.index] = dataclasses.replace(party, data=settings.data, eval=settings.eval, model=model)
+    noise = max(config.privacy.logit_noise, policy.min_logit_noise)
+    config.privacy = dataclasses.replace(config.privacy, logit_noise=noise)
+    config.cache_dir = policy.cache_dir  # the node's own cache; the server's path is never used here
     return config
+
+
+def check_policy(settings: NodeSettings, config: RunConfig) -> None:
+    """Refuse a run config that asks this node for more than its policy allows (one line: key and fix)."""
+    policy, client = settings.policy, config.clients[settings.index]
+    problems = []
+    specs = {"server.model": config.server.model, f"clients[{settings.index}].model": client.model}
+    for key, spec in specs.items():
+        if spec.trust_remote_code and not policy.allow_remote_code:
+            problems.append(f"{key}.trust_remote_code is true but this node runs no remote code (allow-remote-code)")
+    if config.data.max_length > policy.max_length:
+        problems.append(f"data.max_length {config.data.max_length} > this node's max-length {policy.max_length}")
+    for key in ("batch_size", "eval_batch_size"):
+        if getattr(client, key) > policy.max_batch_size:
+            problems.append(
+                f"clients[{settings.index}].{key} {getattr(client, key)} > this node's max-batch-size {policy.max_batch_size}"
+            )
+    for key in ("local_epochs", "distill_epochs"):
+        if getattr(client, key) > policy.max_epochs:
+            problems.append(
+                f"clients[{settings.index}].{key} {getattr(client, key)} > this node's max-epochs {policy.max_epochs}"
+            )
+    if config.federation.mode == "fedavg" and not policy.fedavg:
+        problems.append("federation.mode is fedavg but this node does not send its adapter weights (fedavg)")
+    problems += _shared_source_problems(policy, config)
+    if problems:
+        raise FedMKTError(
+            f"{settings.client}'s node refuses this run: {'; '.join(problems)}. "
+            "Fix: change those keys in the run config, or (node operator) widen the node's policy in its settings."
+        )
+
+
+def _shared_source_problems(policy: NodePolicy, config: RunConfig) -> list[str]:
+    """The shared files and folders the run names that the node's policy does not list (or whose content changed)."""
+    named = {
+        "data.public": config.data.public.path if config.data.public else None,
+        "data.eval": config.data.eval.path if config.data.eval else None,
+        "data.data_dir": config.data.data_dir,
+    }
+    allowed = {key: (path, digest) for key, path, digest in policy.allowed}
+    problems = []
+    for key, path in named.items():
+        if path is None or (key != "data.data_dir" and str(path).startswith("embedded:")):
+            continue  # the preset's parts, or a task the package ships: nothing of the node's is opened
+        if key not in allowed or Path(str(path)).expanduser() != Path(allowed[key][0]).expanduser():
+            problems.append(f"{key} names {path}, which this node's policy does not list")
+            continue
+        expected = allowed[key][1]
+        if expected is not None and content_sha256(Path(str(path)).expanduser()) != expected:
+            problems.append(f"{key} ({path}) no longer has the content digest this node's policy names")
+    return problems
+
+
+def content_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's files (relative paths and bytes, in sorted order)."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    if not path.is_dir():
+        raise FedMKTError(f"{path} does not exist on this node. Fix: correct the node's policy path.")
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0" + content_sha256(file).encode())
+    return digest.hexdigest()
 
 
 def inside_output_dir(settings: NodeSettings, relative: str) -> Path:
@@ -113,6 +240,64 @@ def inside_output_dir(settings: NodeSettings, relative: str) -> Path:
             "Fix: remove the symbolic link there."
         )
     return target
+
+
+def _policy(values: dict) -> NodePolicy:
+    """The node's policy from its settings (defaults for what it does not set)."""
+    defaults = NodePolicy()
+    allowed = []
+    for key, config_key in SHARED_SOURCES.items():
+        if values.get(key):
+            digest = values.get(f"{key}-sha256")
+            allowed.append((config_key, str(values[key]), str(digest) if digest else None))
+        elif values.get(f"{key}-sha256"):
+            raise FedMKTError(f"node setting {key}-sha256 is set without {key}. Fix: name the path it is the digest of.")
+    return NodePolicy(
+        allow_remote_code=_flag(values.get("allow-remote-code"), "allow-remote-code"),
+        allowed=tuple(allowed),
+        max_length=_positive(values.get("max-length"), "max-length", defaults.max_length),
+        max_batch_size=_positive(values.get("max-batch-size"), "max-batch-size", defaults.max_batch_size),
+        max_epochs=_positive(values.get("max-epochs"), "max-epochs", defaults.max_epochs),
+        min_logit_noise=_noise(values.get("min-logit-noise")),
+        fedavg=_flag(values.get("fedavg"), "fedavg"),
+        cache_dir=str(Path(str(values["cache-dir"])).expanduser()) if values.get("cache-dir") else None,
+    )
+
+
+def _flag(value: Any, key: str) -> bool:
+    if value is None or value == "":
+        return False
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise FedMKTError(f"node setting {key} is {value!r}. Fix: use true or false.")
+
+
+def _positive(value: Any, key: str, default: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise FedMKTError(f"node setting {key} is {value!r}. Fix: use a whole number >= 1.")
+    return number
+
+
+def _noise(value: Any) -> float:
+    if value is None or value == "":
+        return 0.0
+    try:
+        noise = float(value)
+    except (TypeError, ValueError):
+        noise = -1.0
+    if not noise >= 0:
+        raise FedMKTError(f"node setting min-logit-noise is {value!r}. Fix: use a number >= 0.")
+    return noise
 
 
 def _partition_index(value: Any, num_clients: Optional[int]) -> int:

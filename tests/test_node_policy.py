@@ -1,0 +1,114 @@
+"""A Flower node's own policy: the server's run config must fit it before the node opens any model or file."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from fedmkt.config import DataSource, parse_run_config, shipped_configs  # noqa: E402
+from fedmkt.errors import FedMKTError  # noqa: E402
+from fedmkt.federation.flower import client_phases  # noqa: E402
+from fedmkt.federation.flower.messages import Request  # noqa: E402
+from fedmkt.federation.flower.node import apply_to_config, content_sha256, node_settings  # noqa: E402
+
+
+def run_config(*overrides: str):
+    return parse_run_config(["--config", "tiny", *overrides])
+
+
+def settings(tmp_path, **keys):
+    return node_settings({"partition-id": 0, "output-dir": str(tmp_path / "out"), **keys})
+
+
+def refused(settings_, config, *needles):
+    with pytest.raises(FedMKTError) as error:
+        apply_to_config(settings_, config)
+    message = str(error.value)
+    assert message.startswith("client_0's node refuses this run:") and "Fix:" in message and "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def test_remote_code_runs_only_where_the_node_allows_it(tmp_path):
+    config = run_config("--server.model.trust_remote_code", "true")
+    refused(settings(tmp_path), config, "server.model.trust_remote_code is true", "allow-remote-code")
+    assert apply_to_config(settings(tmp_path, **{"allow-remote-code": "true"}), config).server.model.trust_remote_code
+
+
+def test_a_node_model_source_takes_neither_revision_nor_remote_code_from_the_server(tmp_path):
+    config = run_config("--clients", '[{"model": {"source": "x", "revision": "evil-branch"}}]')
+    own = apply_to_config(settings(tmp_path, model="embedded:smollm2-135m-instruct"), config).clients[0].model
+    assert (own.source, own.revision, own.trust_remote_code) == ("embedded:smollm2-135m-instruct", None, False)
+
+
+def test_the_server_cannot_point_the_shared_sets_at_a_node_file(tmp_path):
+    private = tmp_path / "private.jsonl"  # the attack: the node's private file, named as the public set
+    private.write_text('{"prompt": "secret", "choices": [" a", " b"], "answer": 0}\n')
+    config = run_config("--data.public", f'{{"path": "{private}"}}', "--data.task", "null")
+    config.data.eval = DataSource(path="embedded:arc_easy")
+    message = refused(settings(tmp_path, data=str(private)), config, f"data.public names {private}")
+    assert "secret" not in message
+    config = run_config("--data.data_dir", str(tmp_path))
+    refused(settings(tmp_path), config, "data.data_dir names")
+
+
+def test_a_listed_shared_file_is_read_only_with_the_content_it_had(tmp_path):
+    public = tmp_path / "public.jsonl"
+    public.write_text('{"prompt": "Q", "choices": [" a", " b"], "answer": 0}\n')
+    policy = {"public": str(public), "public-sha256": content_sha256(public)}
+    config = run_config("--data.public", f'{{"path": "{public}"}}')
+    assert apply_to_config(settings(tmp_path, **policy), config).data.public.path == str(public)
+    public.write_text('{"prompt": "Q2", "choices": [" a", " b"], "answer": 1}\n')  # changed since
+    refused(settings(tmp_path, **policy), config, "no longer has the content digest")
+
+
+def test_sizes_and_epochs_over_the_node_limits_are_refused(tmp_path):
+    limits = {"max-length": 64, "max-batch-size": 2, "max-epochs": 1}
+    refused(
+        settings(tmp_path, **limits),
+        run_config(),
+        "data.max_length 96 > this node's max-length 64",
+        "clients[0].batch_size 4 > this node's max-batch-size 2",
+        "clients[0].eval_batch_size 16 > this node's max-batch-size 2",
+    )
+    config = run_config("--data.max_length", "64")
+    client = config.clients[0]
+    config.clients[0] = dataclasses.replace(client, batch_size=2, eval_batch_size=2, distill_epochs=3)
+    refused(settings(tmp_path, **limits), config, "clients[0].distill_epochs 3 > this node's max-epochs 1")
+
+
+def test_the_node_sets_its_own_noise_floor_and_cache(tmp_path):
+    config = run_config("--privacy.logit_noise", "0.5", "--cache_dir", "/server/chosen")
+    applied = apply_to_config(settings(tmp_path, **{"min-logit-noise": 2.0, "cache-dir": str(tmp_path / "c")}), config)
+    assert applied.privacy.logit_noise == 2.0 and applied.cache_dir == str(tmp_path / "c")
+    assert apply_to_config(settings(tmp_path), config).privacy.logit_noise == 0.5  # the run's, when higher
+    assert apply_to_config(settings(tmp_path), config).cache_dir is None  # never the server's path
+
+
+def test_adapter_weights_leave_only_a_node_that_joined_fedavg_in_a_fedavg_run(tmp_path):
+    refused(settings(tmp_path), run_config("--federation.mode", "fedavg"), "does not send its adapter weights")
+    apply_to_config(settings(tmp_path, fedavg="true"), run_config("--federation.mode", "fedavg"))
+    # In a fedmkt run the node refuses a request for its weights before it builds anything.
+    request = Request(phase="adapter_state", client="client_0", config_text=shipped_configs()["tiny.yaml"].read_text())
+    with pytest.raises(FedMKTError, match="adapter weights only in a fedavg run"):
+        client_phases.answer(request, settings(tmp_path), {"adapter": b""}, 1, client_phases.PartyCache())
+
+
+def test_bad_policy_values_are_one_line_errors(tmp_path):
+    for keys, needle in (
+        ({"max-length": "0"}, "max-length"),
+        ({"min-logit-noise": "-1"}, "min-logit-noise"),
+        ({"fedavg": "maybe"}, "fedavg"),
+        ({"public-sha256": "abc"}, "public-sha256 is set without public"),
+    ):
+        with pytest.raises(FedMKTError, match=needle):
+            settings(tmp_path, **keys)
+
+
+def test_policy_keys_are_dataclass_fields_of_the_settings(tmp_path):
+    policy = settings(tmp_path).policy
+    assert dataclasses.asdict(policy)["allow_remote_code"] is False and policy.max_epochs == 20
