@@ -49,7 +49,7 @@ import torch
 from fedmkt.config import ModelSpec, RunConfig, parse_run_config
 from fedmkt.data.parts import PartyData, party_data
 from fedmkt.evaluation import paired_bootstrap
-from fedmkt.federation.files import atomic_write_text
+from fedmkt.files import atomic_write_text
 from fedmkt.models import cache_root
 from fedmkt.payload import KnowledgePayload
 from fedmkt.run import build_participant, quiet_lightning

@@ -66,7 +66,7 @@ import yaml
 from fedmkt.config import RunConfig, parse_run_config
 from fedmkt.errors import RunInterrupted
 from fedmkt.evaluation import paired_bootstrap
-from fedmkt.federation.files import atomic_write_text
+from fedmkt.files import atomic_write_text
 from fedmkt.interrupts import stop_on_signals
 from fedmkt.run import fit
 
@@ -651,7 +651,11 @@ def table(report: dict, recorded: list[str], tries: list[str]) -> str:
 
 def plot(runs: dict[str, dict[str, dict]], path: Path) -> None:
     """FedMKT accuracy per round per party (with CI bars), the other modes' final accuracy at the last round."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"reproduce: matplotlib is not installed, so {path.name} is not drawn (pip install -e '.[plots]')")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,8 +13,6 @@ import functools
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from fedmkt.config import ModelSpec
 from fedmkt.errors import FedMKTError
+from fedmkt.files import atomic_write
 
 
 def cache_root(cache_dir: Optional[str] = None) -> Path:
@@ -61,9 +60,7 @@ def _gemma3_gguf() -> Path:
     expected_size = sum(chunk.stat().st_size for chunk in package.chunk_paths())
     with FileLock(f"{target}.lock"):
         if not target.is_file() or target.stat().st_size != expected_size:
-            partial = target.with_name(f"{target.name}.partial")
-            package.assemble(partial, overwrite=True)
-            os.replace(partial, target)
+            atomic_write(target, lambda tmp: package.assemble(tmp, overwrite=True))
     return target
 
 
@@ -179,9 +176,8 @@ def _converted_dir(resolved: ResolvedSource, cache_dir: Optional[str]) -> Path:
 
 def _convert_gguf(resolved: ResolvedSource, target: Path) -> None:
     """Dequantise a GGUF file once and save it as a regular HF folder (atomic rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-    try:
+
+    def convert(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file, dtype=torch.float32)
         # GGUF weights arrive dequantised; drop the quantizer marker so they save as plain tensors.
@@ -189,17 +185,15 @@ def _convert_gguf(resolved: ResolvedSource, target: Path) -> None:
         model.config.quantization_config = None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except FileExistsError:
-        pass  # another process converted it first
+
+    try:  # another process that converted it first wins (keep_existing)
+        atomic_write(target, convert, directory=True, keep_existing=True)
     except Exception as error:  # a corrupt or truncated file fails in many ways (ValueError, UnicodeDecodeError, ...)
         if not target.is_dir():
             raise FedMKTError(
                 f"could not read GGUF file {Path(resolved.path) / resolved.gguf_file} ({_one_line(error)}). "
                 "Fix: check the file is a complete, uncorrupted .gguf (download it again)."
             ) from error
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _loadable(spec: ModelSpec, cache_dir: Optional[str], key: str = "model.source") -> ResolvedSource:

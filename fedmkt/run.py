@@ -20,9 +20,9 @@ from fedmkt.data.parts import PartyData, federation_data, party_data
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
 from fedmkt.federation.distributed import coordinate, is_rank_zero, launch_ranks, party_processes
-from fedmkt.federation.files import atomic_write_dir, atomic_write_text
 from fedmkt.federation.participant import Participant
 from fedmkt.federation.trainer import FederatedTrainer
+from fedmkt.files import atomic_write_dir, atomic_write_text
 from fedmkt.models import cache_root, load_model, load_tokenizer
 from fedmkt.party import PartyModule
 

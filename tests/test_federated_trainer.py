@@ -11,15 +11,15 @@ import lightning as L
 import pytest
 import torch
 
-import fedmkt.federation.files as files_module
+import fedmkt.files as files_module
 from fedmkt.config import LoRAConfig, ModelSpec, OptimizerConfig, PartyConfig, RunConfig, TrainerConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule, _loader
 from fedmkt.data.tasks import QAExample
 from fedmkt.errors import FedMKTError
-from fedmkt.federation.files import atomic_write_text
 from fedmkt.federation.participant import Participant
 from fedmkt.federation.protocol import PhaseStats
 from fedmkt.federation.trainer import FederatedTrainer
+from fedmkt.files import atomic_write_text
 from fedmkt.party import PartyModule
 from fedmkt.payload import KnowledgePayload
 

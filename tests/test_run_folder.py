@@ -17,8 +17,8 @@ from filelock import FileLock
 
 from fedmkt.cli import main
 from fedmkt.errors import FedMKTError
-from fedmkt.federation.files import atomic_write_dir
 from fedmkt.federation.participant import Participant
+from fedmkt.files import atomic_write_dir
 
 FAST = [
     "--config",

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import torch
 
 from fedmkt.alignment.mined import nearest_tokens
 from fedmkt.alignment.tokens import is_byte_fallback, is_byte_level, normalize_token, special_token_ids, vocab_strings
+from fedmkt.files import atomic_write, atomic_write_text
 
 __all__ = [
     "build_vocab_map",
@@ -118,17 +117,11 @@ def _cache_path(src_tokenizer: Any, dst_tokenizer: Any, cache_dir: str | Path) -
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle: np.save would add ".npy" to a bare path
             np.save(handle, array, allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, save)
 
 
 def _load_cached(path: Path, length: int) -> np.ndarray | None:
@@ -209,13 +202,5 @@ def write_vocab_map_json(
             continue
         table[token] = dst_raw[target] if target >= 0 else None
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(table, handle, ensure_ascii=False, indent=0)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(out, json.dumps(table, ensure_ascii=False, indent=0))
     return out

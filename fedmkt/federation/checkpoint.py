@@ -22,9 +22,9 @@ from safetensors.torch import save as save_safetensors
 
 from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError, describe
-from fedmkt.federation.files import atomic_write_bytes, atomic_write_text, finite_or_none, json_default
 from fedmkt.federation.protocol import FederatedParty
 from fedmkt.federation.summary import write_summary
+from fedmkt.files import atomic_write_bytes, atomic_write_text, finite_or_none, json_default
 
 RESUME_MAY_CHANGE = {"run_dir", "federation.rounds", "logging", "federation.backend", "flower"}
 """Config keys a resumed run may set otherwise than the checkpoint's: they do not change what it computes."""

@@ -6,9 +6,6 @@ touches another participant's objects — what it learns about others arrives as
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -41,6 +38,7 @@ from fedmkt.federation.distributed import (
     sum_over_ranks,
 )
 from fedmkt.federation.protocol import PhaseStats
+from fedmkt.files import atomic_write_dir
 from fedmkt.party import PartyModule
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 from fedmkt.privacy import add_logit_noise
@@ -362,15 +360,13 @@ class Participant:
 
         `state` is an already gathered `adapter_state()` (how a sharded party's rank 0 writes).
         """
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
         if state is None:
             state = self.adapter_state()
-        self.module.model.save_pretrained(
-            tmp, safe_serialization=True, state_dict=under_model_keys(self.module.model, state)
+        model = self.module.model
+        atomic_write_dir(
+            directory,
+            lambda tmp: model.save_pretrained(tmp, safe_serialization=True, state_dict=under_model_keys(model, state)),
         )
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
 
 
 def _phase_mean(metric, spans_ranks: bool, empty: float) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import Logger
 
 from fedmkt.federation.distributed import is_rank_zero
-from fedmkt.federation.files import atomic_write_text, standard_json
+from fedmkt.files import atomic_write_text, standard_json
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

@@ -27,10 +27,10 @@ from safetensors.torch import save as save_safetensors
 from fedmkt.alignment.vocab_map import tokenizer_fingerprint
 from fedmkt.config import RunConfig, run_config_from_text
 from fedmkt.errors import FedMKTError, describe
-from fedmkt.federation.files import atomic_write_bytes, atomic_write_text
 from fedmkt.federation.flower.messages import Reply, Request
 from fedmkt.federation.flower.node import NodeSettings, apply_to_config, inside_output_dir
 from fedmkt.federation.participant import Participant
+from fedmkt.files import atomic_write_bytes, atomic_write_text
 from fedmkt.models import load_tokenizer
 from fedmkt.payload import KnowledgePayload
 from fedmkt.received import payload_byte_limit

@@ -22,6 +22,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Optional
 
+import psutil
 import yaml
 
 from fedmkt.config import RunConfig, run_config_from_text, validate
@@ -203,38 +204,27 @@ class LocalFederation:
 
 
 def _descendants(pid: int) -> set[int]:
-    """Every process below `pid` (Linux /proc; elsewhere none: the process groups still go)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        parents.setdefault(parent, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _started(pid: int) -> Optional[str]:
-    """When `pid` started (its /proc start time), to tell it from a later process with the same id."""
+    """Every process below `pid`."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        return {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def _started(pid: int) -> Optional[float]:
+    """When `pid` started, to tell it from a later process with the same id."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
 
 
 def _alive(pid: int) -> bool:
     """Whether `pid` still runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return state != "Z"
 
 
 def _signal(pid: int, signum: int, group: bool = False) -> None:

@@ -251,7 +251,9 @@ def _policy(values: dict) -> NodePolicy:
             digest = values.get(f"{key}-sha256")
             allowed.append((config_key, str(values[key]), str(digest) if digest else None))
         elif values.get(f"{key}-sha256"):
-            raise FedMKTError(f"node setting {key}-sha256 is set without {key}. Fix: name the path it is the digest of.")
+            raise FedMKTError(
+                f"node setting {key}-sha256 is set without {key}. Fix: name the path it is the digest of."
+            )
     return NodePolicy(
         allow_remote_code=_flag(values.get("allow-remote-code"), "allow-remote-code"),
         allowed=tuple(allowed),

@@ -27,7 +27,7 @@ from fedmkt.config import RunConfig, validate
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
 from fedmkt.federation.distributed import party_processes
-from fedmkt.federation.files import atomic_write_text
+from fedmkt.files import atomic_write_text
 
 CONNECTION = "fedmkt"
 """Name of the SuperLink connection in the private Flower config."""

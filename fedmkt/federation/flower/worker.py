@@ -40,11 +40,13 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Optional
 
+import psutil
 from filelock import FileLock
 
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.flower.messages import Reply, Request
 from fedmkt.federation.flower.node import NodeSettings
+from fedmkt.files import atomic_write_text
 
 WORKER_DIR = ".fedmkt-worker"
 START_TIMEOUT_S = 300.0
@@ -225,15 +227,11 @@ def _alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.AccessDenied:
         return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): the signal check stands
+    except psutil.Error:
+        return False
 
 
 # ---- the worker process ----------------------------------------------------------------------
@@ -251,9 +249,7 @@ def serve(folder: Path, launcher_pid: int, keep_alive_s: float) -> None:
     socket_path = Path(tempfile.mkdtemp(prefix="fedmkt-worker-")) / "socket"  # mkdtemp: mode 0700
     listener = Listener(str(socket_path), family="AF_UNIX")
     record = {"socket": str(socket_path), "pid": os.getpid(), "launcher_pid": launcher_pid}
-    staging = folder / f"address.json.{os.getpid()}"
-    staging.write_text(json.dumps(record))
-    staging.replace(folder / "address.json")
+    atomic_write_text(folder / "address.json", json.dumps(record))
     print(
         f"fedmkt worker {os.getpid()}: listening on {socket_path} for the ClientApps of process {launcher_pid}",
         flush=True,
