@@ -4,7 +4,7 @@ Every phase's `Trainer` gets `PhaseProgressBar`, which labels its bar with party
 round, and `PhaseDeadlineCallback` when a client's phase has a time limit. A distillation phase
 also gets `SelectiveTransferCallback` and `AlignmentCacheCallback`, which log its selection counts
 and how it used the alignment cache. What a distillation phase trains on is decided before its
-`Trainer` starts (`fedmkt.distillation`); no callback changes it.
+`Trainer` starts (`fedmkt.teacher_targets`); no callback changes it.
 """
 
 from fedmkt.callbacks.alignment_cache import AlignmentCacheCallback

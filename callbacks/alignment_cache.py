@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 import lightning as L
 
-from fedmkt.distillation import AlignmentCacheStats, TeacherAligners
+from fedmkt.teacher_targets import AlignmentCacheStats, TeacherAligners
 
 
 class AlignmentCacheCallback(L.Callback):

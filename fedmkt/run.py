@@ -24,7 +24,7 @@ from fedmkt.federation.participant import Participant
 from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.files import atomic_write_dir, atomic_write_text
 from fedmkt.models import cache_root, load_model, load_tokenizer
-from fedmkt.party import PartyModule
+from fedmkt.party_module import PartyModule
 
 SERVER = "server"
 

@@ -20,7 +20,7 @@ from fedmkt.federation.participant import Participant
 from fedmkt.federation.protocol import PhaseStats
 from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.files import atomic_write_text
-from fedmkt.party import PartyModule
+from fedmkt.party_module import PartyModule
 from fedmkt.payload import KnowledgePayload
 
 PUBLIC = 4

@@ -429,7 +429,7 @@ def test_grid_continues_a_run_from_its_mirror_in_a_fresh_checkout(reproduce, tmp
 SIGNALLING_GRID = """
 import importlib.util, os, signal, sys
 from pathlib import Path
-from fedmkt.party import PartyModule
+from fedmkt.party_module import PartyModule
 
 spec = importlib.util.spec_from_file_location("reproduce", sys.argv[1])
 reproduce = importlib.util.module_from_spec(spec)

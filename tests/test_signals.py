@@ -40,7 +40,7 @@ DRIVER = """
 import os, signal, sys
 import fedmkt.federation.participant as participant
 from fedmkt.cli import main
-from fedmkt.party import PartyModule
+from fedmkt.party_module import PartyModule
 
 phase, signum = sys.argv[1], getattr(signal, sys.argv[2])
 owner, name = {"training": (PartyModule, "training_step"), "prediction": (PartyModule, "predict_step"),

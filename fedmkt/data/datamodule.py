@@ -3,7 +3,7 @@
 Every party tokenizes the same public questions with its own tokenizer; sample `i` of the public
 set is the same question for everybody, which is what lets payloads refer to samples by index.
 The distillation data module is built from targets already selected and aligned
-(`fedmkt.distillation`) and holds its final items from construction on.
+(`fedmkt.teacher_targets`) and holds its final items from construction on.
 """
 
 from __future__ import annotations

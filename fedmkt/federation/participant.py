@@ -27,7 +27,6 @@ from fedmkt.callbacks import (
 from fedmkt.config import PartyConfig, PrivacyConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.examples import Example, Format
-from fedmkt.distillation import TeacherAligners, select_teachers
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice
 from fedmkt.federation.distributed import (
@@ -39,10 +38,11 @@ from fedmkt.federation.distributed import (
 )
 from fedmkt.federation.protocol import PhaseStats
 from fedmkt.files import atomic_write_dir
-from fedmkt.party import PartyModule
+from fedmkt.party_module import PartyModule
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 from fedmkt.privacy import add_logit_noise
 from fedmkt.received import Agreement, PublicTokens, verify_payload
+from fedmkt.teacher_targets import TeacherAligners, select_teachers
 
 _PHASE_OFFSETS = {"fine_tune": 1, "distill": 2}
 

@@ -27,9 +27,9 @@ from safetensors.torch import save as save_safetensors
 from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError, describe
 from fedmkt.federation.checkpoint import adapter_dir, read_checkpoint, restore_checkpoint, save_checkpoint
+from fedmkt.federation.client_stages import StageRunner, run_one_by_one
 from fedmkt.federation.distributed import is_rank_zero
 from fedmkt.federation.protocol import FederatedParty, PhaseStats
-from fedmkt.federation.stages import StageRunner, run_one_by_one
 from fedmkt.federation.summary import log_metrics, results_table, write_summary
 from fedmkt.payload import KnowledgePayload
 from fedmkt.received import payload_byte_limit

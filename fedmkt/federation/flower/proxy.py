@@ -27,6 +27,7 @@ from safetensors.torch import save as save_safetensors
 from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.checkpoint import read_checkpoint
+from fedmkt.federation.client_stages import Outcome
 from fedmkt.federation.flower.discovery import ask_nodes
 from fedmkt.federation.flower.messages import (
     PHASE_MESSAGE_TYPES,
@@ -37,7 +38,6 @@ from fedmkt.federation.flower.messages import (
     exchange,
 )
 from fedmkt.federation.protocol import PhaseStats
-from fedmkt.federation.stages import Outcome
 from fedmkt.payload import KnowledgePayload
 
 DEFAULT_CLIENT_TIMEOUT_S = 3600.0

@@ -14,7 +14,7 @@ from fedmkt.config import LoRAConfig, OptimizerConfig, TransferConfig
 from fedmkt.data.tokenize import IGNORE_INDEX, collate, encode_prompt_answer
 from fedmkt.errors import FedMKTError
 from fedmkt.fastpaths import plain
-from fedmkt.party import PartyModule
+from fedmkt.party_module import PartyModule
 
 try:
     from kd_reference import dense_kd_loss_reference, dense_tail_kd_loss_reference

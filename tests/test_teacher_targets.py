@@ -18,11 +18,11 @@ from fedmkt.callbacks import AlignmentCacheCallback, PhaseProgressBar, Selective
 from fedmkt.config import LoRAConfig, OptimizerConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, DistillationTargets, TokenizedSample
 from fedmkt.data.tokenize import IGNORE_INDEX
-from fedmkt.distillation import TeacherAligners, select_teachers, teacher_losses
 from fedmkt.errors import FedMKTError
-from fedmkt.party import PartyModule
+from fedmkt.party_module import PartyModule
 from fedmkt.payload import KnowledgePayload
 from fedmkt.selection import Selection
+from fedmkt.teacher_targets import TeacherAligners, select_teachers, teacher_losses
 
 WORDS = ["<pad>"] + [f"\u2581w{i}" for i in range(1, 24)]
 
