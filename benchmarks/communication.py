@@ -21,7 +21,7 @@ import argparse
 from safetensors.torch import save as save_safetensors
 
 from fedmkt.config import parse_run_config
-from fedmkt.run import build_participants, quiet_lightning
+from fedmkt.federation.parties import build_participants, quiet_lightning
 
 PAPER_POSITIONS = 1000 * 512
 

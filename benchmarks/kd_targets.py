@@ -36,8 +36,8 @@ import torch
 from fedmkt.alignment import TokenAligner, dtw_path
 from fedmkt.config import parse_run_config
 from fedmkt.data.parts import federation_data
+from fedmkt.federation.parties import build_participant
 from fedmkt.losses import sparse_kd_loss
-from fedmkt.run import build_participant
 
 UNLEARNABLE_LOG_PROB = -20.0
 

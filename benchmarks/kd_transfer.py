@@ -49,10 +49,10 @@ import torch
 from fedmkt.config import ModelSpec, RunConfig, parse_run_config
 from fedmkt.data.parts import PartyData, party_data
 from fedmkt.evaluation import paired_bootstrap
+from fedmkt.federation.parties import build_participant, quiet_lightning
 from fedmkt.files import atomic_write_text
 from fedmkt.models import cache_root
 from fedmkt.payload import KnowledgePayload
-from fedmkt.run import build_participant, quiet_lightning
 
 SMOLLM2 = "embedded:smollm2-135m-instruct"
 GEMMA = "embedded:gemma3-270m"

@@ -128,23 +128,16 @@ def _fit(parser: ArgumentParser, namespace) -> None:
     resume, backend, overwrite = namespace.pop("resume"), namespace.pop("backend"), namespace.pop("overwrite")
     if backend is not None:
         namespace["federation.backend"] = backend
-    if namespace["federation.backend"] == "flower":
-        from fedmkt.federation.flower.submit import submit
-
-        # The ServerApp starts in the SuperLink's folder: run_dir must not depend on this one.
+    flower = namespace["federation.backend"] == "flower"
+    if flower:  # the ServerApp starts in the SuperLink's folder: run_dir must not depend on this one
         namespace.run_dir = str(Path(resume if resume is not None else namespace.run_dir).expanduser().resolve())
-        try:
-            submit(
-                run_config_from_namespace(parser, namespace),
-                resolved_config=parser.dump(namespace),
-                resume=resume is not None,
-            )
-        except RunInterrupted as interrupt:  # the run was stopped on the SuperLink too
-            interrupt.run_dir = namespace.run_dir
-            raise
-        return
     config = run_config_from_namespace(parser, namespace)
-    fit(config, resolved_config=parser.dump(namespace), resume=resume, overwrite=overwrite)
+    try:
+        fit(config, resolved_config=parser.dump(namespace), resume=resume, overwrite=overwrite)
+    except RunInterrupted as interrupt:  # on Flower the run was stopped on the SuperLink too
+        if flower:
+            interrupt.run_dir = namespace.run_dir
+        raise
 
 
 def _launch_local(parser: ArgumentParser, namespace) -> None:
@@ -272,7 +265,7 @@ def _validate_before_printing(parser: ArgumentParser, sub_parsers: dict[str, Arg
     """
     from fedmkt.config import check_hardware, validate
     from fedmkt.data.parts import federation_data
-    from fedmkt.run import validate_against_vocabularies
+    from fedmkt.federation.parties import validate_against_vocabularies
 
     namespace = parser.parse_args([arg for arg in argv if not arg.startswith("--print_config")])
     config = run_config_from_namespace(sub_parsers[namespace.subcommand], namespace[namespace.subcommand])

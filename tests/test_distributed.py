@@ -277,7 +277,7 @@ def test_rank_timeout_must_be_positive():
 def _placement_worker(rank: int, port: int, results) -> None:
     import fedmkt.federation.participant as participant_module
     from fedmkt.federation.distributed import coordinate
-    from fedmkt.run import build_participants
+    from fedmkt.federation.parties import build_participants
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -414,7 +414,7 @@ def test_the_server_maps_partition_ids_to_nodes_and_names_what_is_missing(task_i
 def test_a_client_phase_through_messages_matches_the_in_process_participant(task_identity, tmp_path):
     """build_participant gives the same party as build_participants, and share_knowledge through
     proxy → messages → ClientApp (rebuilt party) returns the same payload."""
-    from fedmkt.run import build_participant, build_participants
+    from fedmkt.federation.parties import build_participant, build_participants
 
     text = TINY_TEXT.replace("pool_size: 24", "pool_size: 6").replace("max_length: 96", "max_length: 48")
     config = run_config_from_text(text)
@@ -603,8 +603,8 @@ def test_a_round_over_flower_messages_matches_in_process_with_two_messages_per_c
     """The trainer over RemoteParticipants and the real ClientApp (FakeGrid) gives the in-process
     round; fine-tune + share and distil + evaluate + save each travel as one message."""
     from fedmkt.federation.flower.proxy import FlowerStages
+    from fedmkt.federation.parties import build_participant, build_participants
     from fedmkt.federation.trainer import FederatedTrainer
-    from fedmkt.run import build_participant, build_participants
 
     text = (
         TINY_TEXT.replace("pool_size: 24", "pool_size: 6")
@@ -677,8 +677,8 @@ class Killed(BaseException):
 @pytest.fixture(scope="module")
 def small_in_process(tmp_path_factory):
     """The uninterrupted 2-round in-process run every restart must end at."""
+    from fedmkt.federation.parties import build_participants
     from fedmkt.federation.trainer import FederatedTrainer
-    from fedmkt.run import build_participants
 
     config = run_config_from_text(SMALL_TEXT)
     server, clients = build_participants(config)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import fedmkt.data.parts as parts_module
-import fedmkt.run as run_module
+import fedmkt.federation.parties as run_module
 from fedmkt.cli import main
 from fedmkt.config import run_config_from_text, shipped_configs
 from fedmkt.data.datamodule import tokenize_examples

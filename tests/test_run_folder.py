@@ -365,3 +365,65 @@ def test_resume_on_a_file_says_it_is_not_a_folder(tmp_path, capsys):
     path.write_text("{}")
     assert main(["fit", *FAST, "--resume", str(path)]) == 2
     assert "is a file, not a folder" in _error_line(capsys)
+
+
+# ---- the Flower backend: fit() dispatches, and a submission claims the folder as fit does -------
+
+
+def test_fit_with_the_flower_backend_submits_instead_of_running_in_process(tmp_path, monkeypatch):
+    from fedmkt.config import parse_run_config
+    from fedmkt.federation.flower import submit as submit_module
+    from fedmkt.run import fit
+
+    sent = {}
+
+    def fake_submit(config, resolved_config, resume=False, overwrite=False, **_):
+        sent.update(config=config, text=resolved_config, resume=resume, overwrite=overwrite)
+        return {"submitted": True}
+
+    monkeypatch.setattr(submit_module, "submit", fake_submit)
+    monkeypatch.setattr(Participant, "fine_tune", lambda *a: pytest.fail("a party trained in this process"))
+    config = parse_run_config(["--config", "tiny", "--federation.backend", "flower", "--run_dir", "rel/run"])
+    monkeypatch.chdir(tmp_path)
+    assert fit(config, overwrite=True) == {"submitted": True}
+    assert sent["overwrite"] and not sent["resume"]
+    assert sent["config"].run_dir == str(tmp_path / "rel" / "run")  # absolute: the ServerApp runs elsewhere
+    assert "backend: flower" in sent["text"]  # a script's config reaches the run as YAML text
+
+
+@pytest.fixture
+def superlink_stub(monkeypatch):
+    """A submit that finds a SuperLink and whose run "finishes" by writing a summary, without Flower."""
+    from fedmkt.federation.flower import submit as submit_module
+
+    runs = []
+
+    def finished(flwr, config, run_dir, resolved_config, stream, resume):
+        runs.append(run_dir)
+        (run_dir / "summary.json").write_text(json.dumps({"rounds": []}))
+        return 1, "finished:completed", ""
+
+    monkeypatch.setattr(submit_module, "_listening", lambda address: True)
+    monkeypatch.setattr(submit_module, "flwr_executable", lambda: "flwr")
+    monkeypatch.setattr(submit_module, "_run_on_superlink", finished)
+    return submit_module, runs
+
+
+def test_a_flower_submission_takes_the_run_lock_and_honours_overwrite(copy_of_finished, superlink_stub):
+    from fedmkt.config import parse_run_config
+
+    submit_module, runs = superlink_stub
+    config = parse_run_config([*FAST, "--federation.backend", "flower", "--run_dir", str(copy_of_finished)])
+    before = {p.name: p.stat().st_mtime_ns for p in copy_of_finished.iterdir()}
+    with pytest.raises(FedMKTError, match="already holds a run"):
+        submit_module.submit(config, resolved_config="seed: 1\n")
+    assert {p.name: p.stat().st_mtime_ns for p in copy_of_finished.iterdir()} == before and runs == []
+    holder = FileLock(str(copy_of_finished / "run.lock"))
+    holder.acquire()
+    try:
+        with pytest.raises(FedMKTError, match="in use by another fedmkt run"):
+            submit_module.submit(config, resolved_config="seed: 1\n", overwrite=True)
+    finally:
+        holder.release()
+    submit_module.submit(config, resolved_config="seed: 1\n", overwrite=True)
+    assert runs == [copy_of_finished] and not (copy_of_finished / "adapters").exists()  # replaced, as fit does

@@ -30,11 +30,11 @@ from fedmkt.errors import FedMKTError, describe
 from fedmkt.federation.flower.messages import Reply, Request
 from fedmkt.federation.flower.node import NodeSettings, apply_to_config, inside_output_dir
 from fedmkt.federation.participant import Participant
+from fedmkt.federation.parties import build_participant, quiet_lightning
 from fedmkt.files import atomic_write_bytes, atomic_write_text
 from fedmkt.models import load_tokenizer
 from fedmkt.payload import KnowledgePayload
 from fedmkt.received import payload_byte_limit
-from fedmkt.run import build_participant, quiet_lightning
 
 ClientState = Optional[dict[str, bytes]]
 """The client's state on its node: blob name → bytes (None before its first stateful phase)."""

@@ -32,7 +32,8 @@ from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
 from fedmkt.federation.flower.node import apply_to_config, content_sha256, node_settings
 from fedmkt.federation.flower.submit import submit
 from fedmkt.federation.flower.worker import stop_workers
-from fedmkt.run import claim_run_dir, validate_against_vocabularies
+from fedmkt.federation.parties import validate_against_vocabularies
+from fedmkt.federation.run_folder import claim_run_dir
 
 NODE_FILE = "node.yaml"
 """Each client's node settings, written to `<run_dir>/nodes/client_N/node.yaml`."""
@@ -343,7 +344,7 @@ def launch_local(
             data.setdefault("federation", {})["backend"] = "flower"
             data["flower"] = dict(data.get("flower") or {}, superlink=address, insecure=True, root_certificates=None)
             text = yaml.safe_dump(data, sort_keys=False)
-            return submit(run_config_from_text(text), resolved_config=text, resume=resume)
+            return submit(run_config_from_text(text), resolved_config=text, resume=resume, claim=False)
     except RunInterrupted as interrupt:  # the line printed says how to continue this run
         interrupt.run_dir, interrupt.command = str(run_dir), "launch-local"
         raise

@@ -26,10 +26,12 @@ from fedmkt.federation.flower.proxy import (
     RemoteParticipant,
 )
 from fedmkt.federation.flower.submit import check_supported
+from fedmkt.federation.parties import build_participant, quiet_lightning, save_tokenizers
+from fedmkt.federation.rounds import run_rounds
+from fedmkt.federation.run_folder import resume_state
 from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.models import load_tokenizer
 from fedmkt.received import payload_byte_limit
-from fedmkt.run import build_participant, quiet_lightning, resume_state, run_rounds, save_tokenizers
 
 CONFIG_PATH_KEY = "config-path"
 """Run-config key (see app/pyproject.toml) holding the path of the resolved config YAML."""

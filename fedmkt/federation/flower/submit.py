@@ -27,6 +27,7 @@ from fedmkt.config import RunConfig, validate
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
 from fedmkt.federation.distributed import party_processes
+from fedmkt.federation.run_folder import claim_run_dir
 from fedmkt.files import atomic_write_text
 
 CONNECTION = "fedmkt"
@@ -95,11 +96,23 @@ def check_supported(config: RunConfig) -> None:
         )
 
 
-def submit(config: RunConfig, resolved_config: str, stream: bool = True, resume: bool = False) -> dict:
+def submit(
+    config: RunConfig,
+    resolved_config: str,
+    stream: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    claim: bool = True,
+) -> dict:
     """Run FedMKT on the Flower SuperLink in `config.flower`; returns the summary from run_dir.
 
     With `resume`, the run continues in run_dir after its last round checkpoint (checked here first).
+    As `fit` does, it holds run_dir's lock while the run goes on (a second submission to the same
+    folder is refused) and refuses a folder that holds a run unless `resume` or `overwrite`;
+    `claim=False` is for a caller that holds the lock already (`launch-local`).
     """
+    if resume and overwrite:
+        raise FedMKTError("--resume and --overwrite contradict each other. Fix: give one of them.")
     validate(config)
     check_supported(config)
     run_dir = Path(config.run_dir).expanduser().resolve()
@@ -113,17 +126,41 @@ def submit(config: RunConfig, resolved_config: str, stream: bool = True, resume:
             )
             return state["summary"]
     flwr = flwr_executable()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    atomic_write_text(config_path, resolved_config)
-    (run_dir / "summary.json").unlink(missing_ok=True)  # so a stale one is never mistaken for this run's
-
-    if not _listening(config.flower.superlink):
+    if not _listening(config.flower.superlink):  # before the folder is touched: nothing is lost
         raise FedMKTError(
             f"cannot reach the Flower SuperLink at {config.flower.superlink} (nothing accepts connections there). Fix: start it "
             "(`flower-superlink --host 0.0.0.0 --port PORT --ssl-ca-certfile ... --ssl-certfile ... --ssl-keyfile ...`, see docs/flower.md) "
             "or set flower.superlink to its host:port."
         )
+    lock = claim_run_dir(run_dir, resume, overwrite) if claim else None
+    try:
+        run_id, status, details = _run_on_superlink(flwr, config, run_dir, resolved_config, stream, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+    if status != "finished:completed":
+        reason = " ".join(details.replace("ServerApp failed with exception:", "").split()) or "no details"
+        raise FedMKTError(
+            f"Flower run {run_id} ended as {status}: {reason}"
+            + ("" if "Fix:" in reason else f". Fix: see `flwr log {run_id}` on the SuperLink and the SuperNodes' logs.")
+        )
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():
+        raise FedMKTError(
+            f"Flower run {run_id} finished but {summary_file} is missing: the ServerApp wrote its outputs on the SuperLink's machine. "
+            "Fix: run `fedmkt fit` on the SuperLink's machine, or give run_dir a path on a file system both share."
+        )
+    print(f"\nsummary: {summary_file}")
+    return json.loads(summary_file.read_text())
+
+
+def _run_on_superlink(
+    flwr: str, config: RunConfig, run_dir: Path, resolved_config: str, stream: bool, resume: bool
+) -> tuple[Optional[int], str, str]:
+    """Write the run's config into its (claimed) folder, start the run and wait for it: (run id, status, details)."""
+    config_path = run_dir / "config.yaml"
+    atomic_write_text(config_path, resolved_config)
+    (run_dir / "summary.json").unlink(missing_ok=True)  # so a stale one is never mistaken for this run's
     with tempfile.TemporaryDirectory(prefix="fedmkt-flwr-home-") as home:
         write_flower_home(Path(home), config)
         env = dict(os.environ, FLWR_HOME=home)
@@ -147,21 +184,7 @@ def submit(config: RunConfig, resolved_config: str, stream: bool = True, resume:
             if "run_id" in started:
                 _stop_run(flwr, started["run_id"], env)
             raise
-
-    if status != "finished:completed":
-        reason = " ".join(details.replace("ServerApp failed with exception:", "").split()) or "no details"
-        raise FedMKTError(
-            f"Flower run {run_id} ended as {status}: {reason}"
-            + ("" if "Fix:" in reason else f". Fix: see `flwr log {run_id}` on the SuperLink and the SuperNodes' logs.")
-        )
-    summary_file = run_dir / "summary.json"
-    if not summary_file.is_file():
-        raise FedMKTError(
-            f"Flower run {run_id} finished but {summary_file} is missing: the ServerApp wrote its outputs on the SuperLink's machine. "
-            "Fix: run `fedmkt fit` on the SuperLink's machine, or give run_dir a path on a file system both share."
-        )
-    print(f"\nsummary: {summary_file}")
-    return json.loads(summary_file.read_text())
+    return run_id, status, details
 
 
 def _start(command: list[str], env: dict, echo: bool, started: dict[str, int]) -> tuple[Optional[int], str]:
