@@ -516,3 +516,40 @@ def test_results_table_shows_each_accuracy_with_its_interval_and_the_sample_size
     table = federation.trainer.results_table()
     assert "| server | 0.500 [0.25, 0.75] |" in table
     assert table.rstrip().endswith("accuracy [95 % Wilson CI] on n = 12 held-out examples")
+
+
+class PhaseRecorder(FakeParty):
+    """A FakeParty that records every phase the trainer calls on it, evaluation and saving included."""
+
+    def evaluate(self):
+        self.calls.append((self.name, "evaluate"))
+        return super().evaluate()
+
+    def save_adapter(self, directory: Path):
+        self.calls.append((self.name, "save_adapter"))
+        return super().save_adapter(directory)
+
+
+@pytest.mark.parametrize("mode", ["fedmkt", "llm2slm", "standalone"])
+@pytest.mark.parametrize(("every", "final"), [(True, False), (False, True), (False, False)])
+def test_the_round_plan_names_the_client_phases_the_trainer_runs_next(tmp_path, mode, every, final):
+    """The Flower backend sends a client's follow-up phases in one message on the plan's word
+    (`RoundPlan.client_follow_ups`); here the in-process trainer must run exactly those next."""
+    calls: list = []
+    config = run_config(rounds=2, clients=1)
+    config.federation.mode = mode
+    config.federation.evaluate_before = False
+    config.federation.evaluate_every_round, config.federation.evaluate_final = every, final
+    client = PhaseRecorder("client_0", calls, seed=200)
+    trainer = FederatedTrainer(PhaseRecorder("server", calls, seed=100), [client], config, tmp_path / "run")
+    trainer.fit()
+    names = {"share": "share_knowledge"}
+    sequence = [(entry[1], entry[2] if len(entry) > 2 else None) for entry in calls if entry[0] == "client_0"]
+    phases = [names.get(phase, phase) for phase, _ in sequence]
+    checked = 0
+    for position, (phase, round_index) in enumerate(sequence):
+        if phase in ("fine_tune", "distill"):
+            follow = trainer.plan.client_follow_ups(phase, round_index)
+            assert tuple(phases[position + 1 : position + 1 + len(follow)]) == follow, (phase, round_index, phases)
+            checked += bool(follow)
+    assert checked > 0 or mode == "standalone"

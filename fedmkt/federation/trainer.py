@@ -16,7 +16,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from safetensors.torch import save as save_safetensors
 
-from fedmkt.config import RunConfig
+from fedmkt.config import FederationConfig, RunConfig
 from fedmkt.errors import FedMKTError, describe
 from fedmkt.federation.checkpoint import adapter_dir, read_checkpoint, restore_checkpoint, save_checkpoint
 from fedmkt.federation.client_stages import StageRunner, run_one_by_one
@@ -45,6 +45,37 @@ _MODE_STEPS = {
 }
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """The protocol of one mode, stated once: the steps a round runs, and when parties are evaluated.
+
+    `FederatedTrainer` runs it; the Flower backend reads `client_follow_ups` to send a client's
+    consecutive phases in one message.
+    """
+
+    steps: frozenset[str]
+    federation: FederationConfig
+
+    @classmethod
+    def of(cls, config: RunConfig) -> RoundPlan:
+        return cls(frozenset(_MODE_STEPS[config.federation.mode]), config.federation)
+
+    def evaluates(self, round_index: int) -> bool:
+        """Whether the parties are evaluated after round `round_index`."""
+        federation = self.federation
+        return federation.evaluate_every_round or (federation.evaluate_final and round_index == federation.rounds)
+
+    def client_follow_ups(self, phase: str, round_index: int) -> tuple[str, ...]:
+        """The phases a client runs right after `phase` in round `round_index`, with nothing of the
+        server's in between: its share after its fine-tuning, its evaluation and adapter save after
+        its distillation (unless FedAvg averages the adapters first)."""
+        if phase == "fine_tune" and "client_share" in self.steps:
+            return ("share_knowledge",)
+        if phase == "distill" and "adapter_average" not in self.steps:
+            return ("evaluate", "save_adapter") if self.evaluates(round_index) else ("save_adapter",)
+        return ()
+
+
 class FederatedTrainer:
     """Runs the protocol over its parties (any `FederatedParty`) and records what each did."""
 
@@ -62,7 +93,8 @@ class FederatedTrainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.loggers = loggers or []
-        self.steps = _MODE_STEPS[config.federation.mode]
+        self.plan = RoundPlan.of(config)
+        self.steps = self.plan.steps
         self.num_public = server.num_public  # every party holds the same public samples
         self.summary: dict = {"config": asdict(config), "zero_shot": {}, "rounds": []}
         self._traffic: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes_sent": 0, "bytes_received": 0})
@@ -130,9 +162,7 @@ class FederatedTrainer:
             self._average_client_adapters([c for c in self.clients if c.name not in failed])
 
         stats = {name: phases.to_dict() for name, phases in trained.items()}
-        federation = self.config.federation
-        last_round = round_index == federation.rounds
-        if federation.evaluate_every_round or (federation.evaluate_final and last_round):
+        if self.plan.evaluates(round_index):
             learning = self._parties_that_learn()
             if self.server in learning:
                 stats[self.server.name] |= self._timed(self.server, "evaluate")

@@ -38,6 +38,7 @@ from fedmkt.federation.flower.messages import (
     exchange,
 )
 from fedmkt.federation.protocol import PhaseStats
+from fedmkt.federation.trainer import RoundPlan
 from fedmkt.payload import KnowledgePayload
 
 DEFAULT_CLIENT_TIMEOUT_S = 3600.0
@@ -322,18 +323,14 @@ class FlowerStages:
 
     def __init__(self, config: RunConfig, run_dir: Path) -> None:
         self.config = config
+        self.plan = RoundPlan.of(config)
         self.run_dir = Path(run_dir)
         self._ahead: dict[str, dict[tuple, Outcome]] = {}
 
     def follow_ups(self, phase: str, args: tuple) -> tuple[str, ...]:
-        """The phases that will run after `phase(*args)` for a client, as this config's protocol goes."""
-        federation = self.config.federation
-        if phase == "fine_tune" and federation.mode in ("fedmkt", "fedavg"):
-            return ("share_knowledge",)
-        if phase == "distill" and federation.mode != "fedavg":
-            evaluates = federation.evaluate_every_round or (federation.evaluate_final and args[0] == federation.rounds)
-            return ("evaluate", "save_adapter") if evaluates else ("save_adapter",)
-        return ()
+        """The phases that will run after `phase(*args)` for a client: the trainer's plan says (`RoundPlan`)."""
+        round_index = args[0] if args and isinstance(args[0], int) else 0
+        return self.plan.client_follow_ups(phase, round_index)
 
     def _adapter_path(self, client: RemoteParticipant, round_index: int) -> str:
         return client._relative(self.run_dir / "adapters" / f"round_{round_index}" / client.name)
