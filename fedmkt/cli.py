@@ -82,6 +82,31 @@ def _evaluate_parser() -> ArgumentParser:
     return parser
 
 
+def _export_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        description="Write a trained party as a folder transformers (--merge) or peft loads as it is.",
+        exit_on_error=False,
+    )
+    parser.add_argument("--run", type=str, required=True, help="The run_dir of a fedmkt run.")
+    parser.add_argument("--party", type=str, required=True, help="server, client_0, client_1, …")
+    parser.add_argument("--out", type=str, required=True, help="The folder to write (replaced if it exists).")
+    parser.add_argument("--round", type=Optional[int], default=None, help="The round's adapter (default: the last).")
+    parser.add_argument(
+        "--merge", action="store_true", help="Merge the adapter into the base (a plain transformers model)."
+    )
+    return parser
+
+
+def _generate_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Print a trained party's greedy completion of a prompt.", exit_on_error=False)
+    parser.add_argument("--run", type=str, required=True, help="The run_dir of a fedmkt run.")
+    parser.add_argument("--party", type=str, required=True, help="server, client_0, client_1, …")
+    parser.add_argument("--prompt", type=str, required=True, help="The text to complete.")
+    parser.add_argument("--round", type=Optional[int], default=None, help="The round's adapter (default: the last).")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="Most tokens generated.")
+    return parser
+
+
 def _map_vocab_parser() -> ArgumentParser:
     parser = ArgumentParser(
         description="Precompute a MinED vocabulary map between two tokenizers.", exit_on_error=False
@@ -173,6 +198,24 @@ def _plain(value) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
+def _export(parser: ArgumentParser, namespace) -> None:
+    from fedmkt.export import export_party
+
+    out, round_index = export_party(
+        Path(namespace.run), namespace.party, Path(namespace.out), namespace.round, namespace.merge
+    )
+    loader = "AutoModelForCausalLM" if namespace.merge else "peft.AutoPeftModelForCausalLM"
+    print(f"wrote {namespace.party}'s round-{round_index} model to {out} (load it with {loader}.from_pretrained)")
+
+
+def _generate(parser: ArgumentParser, namespace) -> None:
+    from fedmkt.export import generate_text
+
+    print(
+        generate_text(Path(namespace.run), namespace.party, namespace.prompt, namespace.round, namespace.max_new_tokens)
+    )
+
+
 def _map_vocab(parser: ArgumentParser, namespace) -> None:
     from fedmkt.alignment.vocab_map import write_vocab_map_json
     from fedmkt.config import ModelSpec
@@ -218,6 +261,8 @@ SUBCOMMANDS = {
         "Run FedMKT on a Flower SuperLink and one SuperNode per client started on this machine.",
     ),
     "evaluate": (_evaluate_parser, _evaluate, "Score a party on the held-out evaluation split."),
+    "export": (_export_parser, _export, "Write a trained party as a transformers or peft model folder."),
+    "generate": (_generate_parser, _generate, "Print a trained party's completion of a prompt."),
     "map-vocab": (_map_vocab_parser, _map_vocab, "Precompute a MinED vocabulary map."),
     "align-text": (
         _align_text_parser,

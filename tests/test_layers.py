@@ -21,7 +21,7 @@ LAYERS = [
         "fedmkt.head",
         "fedmkt.adapters",
     ),
-    ("fedmkt.received", "fedmkt.evaluation", "fedmkt.teacher_targets", "fedmkt.party_module"),
+    ("fedmkt.received", "fedmkt.evaluation", "fedmkt.teacher_targets", "fedmkt.party_module", "fedmkt.export"),
     ("fedmkt.callbacks",),
     ("fedmkt.federation",),
     ("fedmkt.federation.flower",),

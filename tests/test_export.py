@@ -1,0 +1,80 @@
+"""`fedmkt export` / `generate`: a trained party in a folder that plain transformers and peft load, scoring as fedmkt does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fedmkt.cli import main
+from fedmkt.config import run_config_from_text
+from fedmkt.data.parts import party_data
+from fedmkt.evaluation import choice_loglikelihoods, evaluate_multiple_choice
+from fedmkt.export import load_trained
+
+FAST = ["--config", "tiny", "--federation.rounds", "1", "--federation.evaluate_before", "false"]
+FAST += ["--logging.wandb", "false", "--data.pool_size", "9", "--data.max_length", "48"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    assert main(["fit", *FAST, "--run_dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def _questions(run_dir):
+    config = run_config_from_text((run_dir / "config.yaml").read_text())
+    return party_data(config, "client_0").evaluation
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_an_exported_party_loads_with_plain_transformers_or_peft_and_scores_the_same(trained, tmp_path, merge, capsys):
+    out = tmp_path / ("merged" if merge else "adapter")
+    args = ["export", "--run", str(trained), "--party", "client_0", "--out", str(out)]
+    assert main(args + (["--merge"] if merge else [])) == 0
+    assert "round-1 model" in capsys.readouterr().out
+    if merge:
+        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert not any("lora" in name for name, _ in model.named_parameters())
+    else:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+        assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+            (out / "base").resolve()
+        )  # a random-init base only fedmkt makes travels with the adapter
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    questions = _questions(trained)
+    ours, their_tokenizer, _ = load_trained(trained, "client_0")
+    expected = choice_loglikelihoods(ours, their_tokenizer, questions, max_length=48)
+    got = choice_loglikelihoods(model, tokenizer, questions, max_length=48)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    # and the same per-question record the run's summary holds for that round
+    summary = json.loads((trained / "summary.json").read_text())
+    recorded = summary["rounds"][0]["parties"]["client_0"]["eval_correct"]
+    assert evaluate_multiple_choice(model, tokenizer, questions, max_length=48)["correct"] == recorded
+
+
+def test_generate_prints_the_partys_greedy_completion(trained, capsys):
+    prompt = "Question: Which gas do plants take in?\nAnswer:"
+    args = ["generate", "--run", str(trained), "--party", "client_1", "--prompt", prompt, "--max_new_tokens", "5"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    # the oracle: the merged export, asked through plain transformers for 5 greedy tokens
+    model, tokenizer, _ = load_trained(trained, "client_1")
+    merged = model.merge_and_unload()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert printed == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
+
+
+def test_unknown_party_or_round_is_one_line(trained, capsys):
+    assert main(["export", "--run", str(trained), "--party", "client_9", "--out", "x"]) == 2
+    assert "unknown party `client_9`" in capsys.readouterr().err
+    assert main(["export", "--run", str(trained), "--party", "server", "--out", "x", "--round", "4"]) == 2
+    assert "no round-4 adapter of server. Fix: use --round with one of [1]" in capsys.readouterr().err
