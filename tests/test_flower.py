@@ -35,7 +35,6 @@ from fedmkt.cli import main  # noqa: E402
 from fedmkt.config import parse_run_config, run_config_from_text, shipped_configs  # noqa: E402
 from fedmkt.errors import FedMKTError  # noqa: E402
 from fedmkt.federation.flower import client_app, client_phases, submit  # noqa: E402
-from fedmkt.federation.flower.local import bind_flower_commands  # noqa: E402
 from fedmkt.federation.flower.messages import (  # noqa: E402
     PHASE_MESSAGE_TYPES,
     Reply,
@@ -1045,78 +1044,18 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited: {log.read_text()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"flower-superlink did not listen on {port}: {log.read_text()[-2000:]}")
-
-
 @pytest.fixture(scope="module")
 def superlink(tmp_path_factory):
-    """A SuperLink and SuperNodes for client_0 and client_1, insecure, on 127.0.0.1 (tests only)."""
+    """A SuperLink and SuperNodes for client_0 and client_1, insecure, on 127.0.0.1 (tests only),
+    started by fedmkt's own `local_federation` (what `fedmkt launch-local` runs)."""
     if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None:
         pytest.skip("Flower's flower-superlink/flower-supernode commands are not installed")
+    from fedmkt.federation.flower.local import local_federation
+
     base = tmp_path_factory.mktemp("flower")
-    link_port, *node_ports = _free_ports(3)
-    processes: list[subprocess.Popen] = []
-    commands = bind_flower_commands(base / "bin")  # the apps they spawn import this fedmkt, not another install's
-
-    def start(name: str, command: list[str]) -> subprocess.Popen:
-        env = dict(os.environ, FLWR_HOME=str(base / name), FLWR_TELEMETRY_ENABLED="0")
-        env["PATH"] = f"{commands}{os.pathsep}{env['PATH']}"
-        log = open(base / f"{name}.log", "w")
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        processes.append(process)
-        return process
-
-    try:
-        link = start(
-            "superlink",
-            [
-                "flower-superlink",
-                "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link_port),
-                "--disable-runtime-dependency-installation",
-            ],
-        )
-        _wait_for_port(link_port, link, base / "superlink.log")
-        for index, port in enumerate(node_ports):
-            start(
-                f"supernode_{index}",
-                [
-                    "flower-supernode",
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{link_port}",
-                    "--port",
-                    str(port),
-                    "--node-config",
-                    f'partition-id={index} output-dir="{base / f"node_{index}"}"',
-                ],
-            )
-        yield {"address": f"127.0.0.1:{link_port}", "logs": base}
-    finally:
-        for process in reversed(processes):  # each in its own session: its ServerApp/ClientApp children go with it
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    nodes = [{"partition-id": index, "output-dir": str(base / f"node_{index}")} for index in range(2)]
+    with local_federation(base, nodes, gpus=None) as (address, federation):
+        yield {"address": address, "logs": federation.logs}
 
 
 # own_data.yaml as shipped (2 rounds, one private file per client), through `fedmkt launch-local`.
