@@ -18,17 +18,19 @@ right). Outputs:
   <record>/reproduction/table.md    the same as tables, plus every recorded try
   <record>/reproduction/accuracy_per_round.png
   <record>/reproduction/runs/       each finished run's summary, named by task, mode and settings hash
-  <record>/reproduction/in_progress/  the last round checkpoint of each unfinished run (tracked in git)
   <record>/reproduction/tries/NAME/   a tuning try's report (see --try)
   <out>/<task>/<mode>-<hash>/       each run's folder (adapters, round checkpoints, logs)
+  <state>/in_progress/<cell>/       the last round checkpoint of each unfinished run (see --state-dir)
 
     OMP_NUM_THREADS=1 python benchmarks/reproduce.py --tasks arc_easy boolq
 
 The grid resumes where it stopped: a run whose summary is recorded under the same settings is
 reused, a run killed mid-way continues from its last round checkpoint, and one killed before its
-first checkpoint starts over. Each round checkpoint is mirrored into `in_progress/` (adapters,
-cached losses, RNG state: about 10 MB), so a fresh checkout of the repository continues the run too:
-the grid may span several sittings on different machines. SIGTERM or Ctrl-C stops it at once, in
+first checkpoint starts over. Each round checkpoint is mirrored into `--state-dir` (default
+`$FEDMKT_CACHE/reproduce`, else `~/.cache/fedmkt/reproduce`; adapters, cached losses, RNG state:
+about 10 MB a cell), outside the repository and outside `--out`, so the grid may span several
+sittings: copy that folder to continue on another machine. Only results (JSON, tables, the figure)
+are written into the repository. SIGTERM or Ctrl-C stops it at once, in
 any phase, with one line naming the checkpoint that the same command continues from (exit code
 143 / 130). `--modes` and `--tasks` run
 part of it; every call rewrites the outputs from what has finished (missing cells are listed).
@@ -68,6 +70,7 @@ from fedmkt.errors import RunInterrupted
 from fedmkt.evaluation import paired_bootstrap
 from fedmkt.files import atomic_write_text
 from fedmkt.interrupts import stop_on_signals
+from fedmkt.models import cache_root
 from fedmkt.run import fit
 
 MODES = ("zero_shot", "standalone", "fedmkt", "centralized", "fedmkt_no_kd", "llm2slm")
@@ -284,8 +287,8 @@ def recorded_summary(config: RunConfig, task: str, mode: str, record: Path) -> O
     return None
 
 
-def run_cell(config: RunConfig, task: str, mode: str, record: Path, label: str) -> dict:
-    """One grid cell: reused when recorded, resumed from its round checkpoint, or run."""
+def run_cell(config: RunConfig, task: str, mode: str, record: Path, label: str, state: Path) -> dict:
+    """One grid cell: reused when recorded, resumed from its round checkpoint (mirrored in `state`), or run."""
     name = cell_name(config, task, mode)
     recorded = record / "runs" / f"{name}.json"
     summary = recorded_summary(config, task, mode, record)
@@ -293,7 +296,7 @@ def run_cell(config: RunConfig, task: str, mode: str, record: Path, label: str) 
         print(f"{label}: reused {recorded}", flush=True)
         return summary
     run_dir = Path(config.run_dir)
-    mirror_dir = record / "in_progress" / name
+    mirror_dir = state / "in_progress" / name
     summary_path = run_dir / "summary.json"
     if summary_path.is_file() and finished(json.loads(summary_path.read_text()), config):
         summary = json.loads(summary_path.read_text())
@@ -798,6 +801,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="run folders")
     parser.add_argument("--record", type=Path, default=Path("benchmarks/results"), help="where results are recorded")
+    parser.add_argument(
+        "--state-dir", type=Path, default=None, help="round-checkpoint mirrors (default: the fedmkt cache's reproduce/)"
+    )
     parser.add_argument("--override", nargs="*", default=[], help="KEY=VALUE config overrides for every run")
     parser.add_argument(
         "--try",
@@ -810,6 +816,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--try {args.try_name!r}: use letters, digits, '.', '-' and '_' only (it names a folder)")
     modes = [mode for mode in GRID_ORDER if mode in args.modes]
     record = args.record / "reproduction"
+    state = args.state_dir or cache_root() / "reproduce"
     settings: dict = {"base_config": args.config, "part_size": args.part_size, "rounds": args.rounds, "tasks": {}}
     settings["overrides"] = args.override
     configs: dict[tuple[str, str], RunConfig] = {}
@@ -843,9 +850,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for index, (task, mode) in enumerate(cells, 1):
         try:
             with stop_on_signals():
-                run_cell(configs[task, mode], task, mode, record, f"[{index}/{len(cells)}] {task} {mode}")
+                run_cell(configs[task, mode], task, mode, record, f"[{index}/{len(cells)}] {task} {mode}", state)
         except RunInterrupted as interrupt:
-            mirror_dir = record / "in_progress" / cell_name(configs[task, mode], task, mode)
+            mirror_dir = state / "in_progress" / cell_name(configs[task, mode], task, mode)
             print(_interrupted_line(interrupt, f"{task} {mode}", mirror_dir), file=sys.stderr)
             return 128 + interrupt.signum
         report = report_now()  # after every cell

@@ -114,6 +114,10 @@ class OutputHead:
                 "the output head is trainable, but fedmkt trains it frozen (its gradient is never computed). "
                 "Fix: remove lm_head from lora.target_modules."
             )
+        bias = getattr(head, "bias", None)
+        if hasattr(weight, "full_tensor"):  # an FSDP2 shard (DTensor): the whole head, gathered from every rank
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if hasattr(bias, "full_tensor") else bias
         config = getattr(model, "config", None)
         softcap = getattr(config, "final_logit_softcapping", None)
         for name in ("logit_scale", "logits_scaling"):  # post-head scalings this path does not apply
@@ -122,7 +126,7 @@ class OutputHead:
                     f"{type(model).__name__} scales its logits ({name}), which fedmkt's output head does not do. "
                     "Fix: use another architecture for this party."
                 )
-        return cls(weight, getattr(head, "bias", None), float(softcap) if softcap else None, chunk_rows)
+        return cls(weight, bias, float(softcap) if softcap else None, chunk_rows)
 
     @property
     def vocab_size(self) -> int:

@@ -386,10 +386,10 @@ def test_checkpoint_mirror_keeps_exactly_the_last_round(reproduce, tmp_path):
 
 
 def test_grid_continues_a_run_from_its_mirror_in_a_fresh_checkout(reproduce, tmp_path, monkeypatch):
-    """A run cut after round 1 whose run folder is lost continues from the tracked mirror and ends as an
-    uninterrupted run does."""
+    """A run cut after round 1 whose run folder is lost continues from the mirror in the state folder
+    and ends as an uninterrupted run does."""
     arguments = ["--config", "tiny", "--tasks", "arc_easy", "--eval-size", "12", "--part-size", "8", "--rounds", "2"]
-    arguments += ["--modes", "fedmkt"]
+    arguments += ["--modes", "fedmkt", "--state-dir", str(tmp_path / "state")]
     whole = tmp_path / "whole"
     assert reproduce.main([*arguments, "--out", str(whole / "runs"), "--record", str(whole / "results")]) == 0
     (expected,) = (whole / "results" / "reproduction" / "runs").glob("*.json")
@@ -406,15 +406,16 @@ def test_grid_continues_a_run_from_its_mirror_in_a_fresh_checkout(reproduce, tmp
     monkeypatch.setattr(reproduce, "fit", killed_after_round_1)
     with pytest.raises(KeyboardInterrupt):
         reproduce.main([*arguments, "--out", str(out), "--record", str(record)])
-    (mirror_dir,) = (record / "reproduction" / "in_progress").iterdir()
+    (mirror_dir,) = (tmp_path / "state" / "in_progress").iterdir()
+    assert not (record / "reproduction" / "in_progress").exists()  # nothing large goes into the results
     assert json.loads((mirror_dir / reproduce.MIRROR_RECORD).read_text())["round"] == 1
-    shutil.rmtree(out)  # a fresh checkout has no run folders
+    shutil.rmtree(out)  # the run folders are gone; the state folder is what continues the run
 
     calls = []
     monkeypatch.setattr(reproduce, "fit", lambda *a, **k: calls.append(k) or real_fit(*a, **k))
     assert reproduce.main([*arguments, "--out", str(out), "--record", str(record)]) == 0
     assert calls == [{"resume": str(out / "arc_easy" / mirror_dir.name.removeprefix("arc_easy-")), "overwrite": False}]
-    assert not (record / "reproduction" / "in_progress" / mirror_dir.name).exists()  # replaced by the record
+    assert not mirror_dir.exists()  # replaced by the record
     resumed = json.loads((record / "reproduction" / "runs" / expected.name).read_text())
     uninterrupted = json.loads(expected.read_text())
     for got, want in zip(resumed["rounds"], uninterrupted["rounds"], strict=True):
@@ -451,7 +452,7 @@ def test_sigterm_stops_the_grid_in_any_phase_and_the_same_command_continues_it(r
     """Lightning alone swallows a SIGTERM that arrives outside its fit loop; the grid stops at once."""
     out, record = tmp_path / "runs", tmp_path / "results"
     arguments = ["--config", "tiny", "--tasks", "arc_easy", "--eval-size", "12", "--part-size", "8", "--rounds", "2"]
-    arguments += ["--modes", "fedmkt", "--out", str(out), "--record", str(record)]
+    arguments += ["--modes", "fedmkt", "--out", str(out), "--record", str(record), "--state-dir", str(tmp_path / "s")]
     result = subprocess.run(
         [sys.executable, "-c", SIGNALLING_GRID, str(SCRIPT), str(out), *arguments],
         capture_output=True,
@@ -459,7 +460,7 @@ def test_sigterm_stops_the_grid_in_any_phase_and_the_same_command_continues_it(r
         timeout=600,
     )
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
-    (mirror_dir,) = (record / "reproduction" / "in_progress").iterdir()
+    (mirror_dir,) = (tmp_path / "s" / "in_progress").iterdir()
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert last == (
         f"reproduce: stopped by SIGTERM in arc_easy fedmkt; its round-1 checkpoint is kept in {mirror_dir}. "
