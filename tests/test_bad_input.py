@@ -110,6 +110,7 @@ def _tiny_llama_config(folder: Path) -> None:
     ).save_pretrained(folder)
 
 
+@pytest.mark.slow
 def test_corrupt_gguf_is_one_line_in_a_real_process(tmp_path):
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(os.urandom(4096))

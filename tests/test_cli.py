@@ -55,6 +55,7 @@ def test_unknown_yaml_key_names_the_key(tmp_path):
     assert "transfer.topk" in _one_line_error(run_cli("fit", "--config", str(path)))
 
 
+@pytest.mark.slow
 def test_missing_model_file_names_the_file(tmp_path):
     path = _write_config(tmp_path, lambda d: d["server"]["model"].update(source=str(tmp_path / "missing.gguf")))
     assert "missing.gguf" in _one_line_error(run_cli("fit", "--config", str(path), "--run_dir", str(tmp_path / "run")))
@@ -64,6 +65,7 @@ def test_non_positive_top_k_names_the_key(tmp_path):
     assert "transfer.top_k" in _one_line_error(run_cli("fit", "--config", "tiny", "--transfer.top_k", "0"))
 
 
+@pytest.mark.slow
 def test_task_with_zero_samples_is_reported(tmp_path):
     import datasets
 
@@ -80,6 +82,7 @@ def test_debug_shows_the_traceback(capsys):
         main(["fit", "--config", "tiny", "--transfer.top_k", "-1", "--debug"])
 
 
+@pytest.mark.slow
 def test_print_config_round_trips(tmp_path):
     result = run_cli("fit", "--config", "tiny", "--transfer.top_k", "5", "--print_config")
     assert result.returncode == 0, result.stderr

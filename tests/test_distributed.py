@@ -204,6 +204,7 @@ def _phase_mean_worker(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_phase_means_sync_on_the_cpu_when_the_default_group_has_no_cpu_backend():
     results = mp.Manager().dict()
     mp.spawn(_phase_mean_worker, args=(_free_port(), results), nprocs=2, join=True)
@@ -308,6 +309,7 @@ def _placement_worker(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_load_only_their_parties_and_an_fsdp_party_is_never_whole_on_a_rank():
     results = mp.Manager().dict()
     mp.spawn(_placement_worker, args=(_free_port(), results), nprocs=2, join=True)

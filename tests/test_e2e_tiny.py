@@ -126,6 +126,7 @@ class Killed(BaseException):
     """Stands in for a SIGKILL: not an Exception, so nothing in the run may swallow it."""
 
 
+@pytest.mark.slow
 def test_a_run_killed_in_round_2_resumes_to_the_same_summary(tiny_run, tmp_path, monkeypatch):
     from fedmkt.federation.participant import Participant
 
@@ -208,6 +209,7 @@ PINNED_MUTUAL = {
 }
 
 
+@pytest.mark.slow
 def test_a_tiny_run_in_which_both_sides_distil_is_pinned(tmp_path):
     run_dir = tmp_path / "mutual"
     assert main(["fit", "--config", "tiny", "--run_dir", str(run_dir), *MUTUAL_OVERRIDES]) == 0

@@ -85,6 +85,7 @@ def test_a_client_that_raises_or_times_out_is_left_out_and_recorded(tmp_path, mo
     assert not _temporaries(run_dir)
 
 
+@pytest.mark.slow
 def test_below_min_clients_the_run_stops_with_one_line_and_the_round_1_checkpoint_intact(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     original = Participant.fine_tune

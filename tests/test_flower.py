@@ -466,6 +466,7 @@ def _gone(pid: int, timeout_s: float = 20.0) -> bool:
     return not _alive(pid)
 
 
+@pytest.mark.slow
 def test_the_node_worker_keeps_the_party_between_messages_and_leaves_with_its_supernode(task_identity, tmp_path):
     """Two messages reuse one worker (one party build) and answer as the ClientApp process itself
     does; the worker leaves when its SuperNode dies, when it sat idle for keep-alive-s, and when
@@ -598,6 +599,7 @@ def test_a_stage_goes_to_every_client_in_one_batch_and_failures_stay_per_client(
     assert all(m.metadata.ttl == pytest.approx(0.1 + 60.0) for m in grid.sent)  # the SuperLink drops them after that
 
 
+@pytest.mark.slow
 def test_a_round_over_flower_messages_matches_in_process_with_two_messages_per_client(task_identity, tmp_path):
     """The trainer over RemoteParticipants and the real ClientApp (FakeGrid) gives the in-process
     round; fine-tune + share and distil + evaluate + save each travel as one message."""
@@ -711,6 +713,7 @@ def _same_rounds(got: dict, expected: dict) -> None:
                     )
 
 
+@pytest.mark.slow
 def test_the_server_app_killed_after_round_1_resumes_to_the_uninterrupted_run(
     task_identity, tmp_path, monkeypatch, small_in_process
 ):
@@ -744,6 +747,7 @@ def test_the_server_app_killed_after_round_1_resumes_to_the_uninterrupted_run(
     assert all(r.sha256 == checkpoint["adapter_sha256"][r.client] for r in restores)
 
 
+@pytest.mark.slow
 def test_a_supernode_restarted_between_rounds_rejoins_from_its_own_folder(
     task_identity, tmp_path, monkeypatch, small_in_process
 ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 
@@ -88,6 +89,7 @@ def test_llm2slm_keeps_the_llm_frozen_and_transfers_one_way(tmp_path):
     assert not lora_b_is_zero(adapter(run_dir, "client_0"))
 
 
+@pytest.mark.slow
 def test_fedavg_leaves_homogeneous_clients_with_one_averaged_adapter(tmp_path):
     summary, run_dir = run_mode(tmp_path, "fedavg")
     first, second = adapter(run_dir, "client_0"), adapter(run_dir, "client_1")

@@ -106,6 +106,7 @@ def test_each_participant_holds_only_its_own_private_examples(monkeypatch):
     assert sorted(read) == ["data.eval", "data.public"]
 
 
+@pytest.mark.slow
 def test_a_generation_task_ends_with_rouge_l(tmp_path):
     run_dir = tmp_path / "run"
     args = ["fit", "--config", "tiny", "--run_dir", str(run_dir), "--data.task", "nq_open", "--data.eval_size", "6"]

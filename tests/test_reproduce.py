@@ -252,6 +252,7 @@ def test_a_client_override_sets_that_client_only_and_names_a_wrong_index(reprodu
         reproduce.grid_config("tiny", "arc_easy", "standalone", scale, tmp_path, ["clients.0.optimiser.lr=1e-4"])
 
 
+@pytest.mark.slow
 def test_grid_records_reuses_and_resumes(reproduce, tmp_path, monkeypatch):
     """A finished cell is reused without running; a cell with a round checkpoint resumes from it."""
     out, record = tmp_path / "runs", tmp_path / "results"
@@ -316,6 +317,7 @@ def test_grid_records_reuses_and_resumes(reproduce, tmp_path, monkeypatch):
     assert list(tried["tasks"]) == ["arc_easy"]
 
 
+@pytest.mark.slow
 def test_grids_side_by_side_each_report_the_cells_the_other_finished(reproduce, tmp_path, monkeypatch):
     """Two calls with other --modes run at once: the one that finishes last still reports both."""
     out = tmp_path / "runs"
@@ -385,6 +387,7 @@ def test_checkpoint_mirror_keeps_exactly_the_last_round(reproduce, tmp_path):
     assert reproduce.restore_mirror(tmp_path / "no-mirror", tmp_path / "other") == 0.0
 
 
+@pytest.mark.slow
 def test_grid_continues_a_run_from_its_mirror_in_a_fresh_checkout(reproduce, tmp_path, monkeypatch):
     """A run cut after round 1 whose run folder is lost continues from the mirror in the state folder
     and ends as an uninterrupted run does."""
@@ -448,6 +451,7 @@ sys.exit(reproduce.main(sys.argv[3:]))
 """
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_grid_in_any_phase_and_the_same_command_continues_it(reproduce, tmp_path, monkeypatch):
     """Lightning alone swallows a SIGTERM that arrives outside its fit loop; the grid stops at once."""
     out, record = tmp_path / "runs", tmp_path / "results"

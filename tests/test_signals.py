@@ -63,6 +63,7 @@ def round_1(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["training", "prediction", "evaluation"])
 @pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_signal_stops_the_run_with_its_exit_code_and_the_checkpoint_intact(round_1, tmp_path, phase, name, code):
