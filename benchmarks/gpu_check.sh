@@ -3,7 +3,9 @@
 #   1. the tiny federation on CUDA in bf16-mixed: losses finite, adapters saved, and a run stopped
 #      after round 1 then continued with --resume equals the uninterrupted run (numbers and adapter bytes);
 #   2. the KD-memory benchmark at V = 262,144 with peaks from torch.cuda.max_memory_allocated;
-#   3. whether the sparse KD backward (scatter_add_) is bitwise reproducible on CUDA.
+#   3. whether the sparse KD backward (scatter_add_) is bitwise reproducible on CUDA;
+#   4. throughput: full-size random-init Gemma-3-270M and SmolLM2 at length 512 in bf16, tokens/s,
+#      MFU and peak memory per phase, questions/s in evaluation (gpu_throughput.py).
 # No network: tiny random-init models whose config.json and real tokenizers (~35 MiB) come from
 # ASSETS, written beforehand where the embedded model packages are installed:
 #   python benchmarks/gpu_check.py assets gpu_check_assets
@@ -63,6 +65,13 @@ if [[ "$DEVICE" == cuda ]]; then
   timeout 120 python benchmarks/kd_determinism.py --device cuda
 else
   timeout 120 python benchmarks/kd_determinism.py --device cpu --vocab 16384 --length 64
+fi
+
+step "4. throughput per phase (full-size models, length 512, bf16)"
+if [[ "$DEVICE" == cuda ]]; then
+  timeout 420 python benchmarks/gpu_throughput.py --assets "$ASSETS" --out "$WORK/throughput.json"
+else
+  timeout 420 python benchmarks/gpu_throughput.py --assets "$ASSETS" --device cpu --quick
 fi
 
 step "done"
