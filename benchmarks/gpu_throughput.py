@@ -145,9 +145,6 @@ def measure(args: argparse.Namespace, name: str) -> list[dict]:
 
     seconds, peak = timed(device, evaluate, 1)
     rows.append({"model": name, "phase": "evaluate", "questions_per_s": len(questions) / seconds, "peak_gib": peak})
-    del module, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -179,7 +176,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.peak_tflops is None:
             args.peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
         print(f"device: {name}; bf16 peak {args.peak_tflops} TFLOP/s")
-    rows = [row for model in MODELS for row in measure(args, model)]
+    rows = []
+    for model in MODELS:  # one at a time: the first model's memory is freed before the second loads
+        rows += measure(args, model)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     print("\n| model | phase | tokens/s | questions/s | TFLOP/s | MFU | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
