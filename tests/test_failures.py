@@ -151,3 +151,24 @@ def test_a_client_timeout_makes_every_slow_client_fail_with_phase_timeout(tmp_pa
     assert "PhaseTimeout: phase exceeded its 1e-06 s limit" in line
     assert not (run_dir / "checkpoint").exists() and not (run_dir / "adapters").exists()
     assert not _temporaries(run_dir)
+
+
+@pytest.mark.slow
+def test_a_client_that_fails_its_evaluation_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    original = Participant.evaluate
+
+    def failing_evaluate(self):
+        if self.name == "client_1" and self.round_index == 1:
+            raise RuntimeError("out of memory while scoring")
+        return original(self)
+
+    monkeypatch.setattr(Participant, "evaluate", failing_evaluate)
+    every_round = ["--federation.evaluate_every_round", "true", "--federation.rounds", "2"]
+    with pytest.warns(UserWarning, match="round 1: client_1 failed and was left out"):
+        assert main(["fit", *SETTINGS, *every_round, "--run_dir", str(run_dir)]) == 0
+    first, second = json.loads((run_dir / "summary.json").read_text())["rounds"]
+    assert first["failed"] == {"client_1": "RuntimeError: out of memory while scoring"}
+    assert "eval_accuracy" not in first["parties"]["client_1"] and "eval_accuracy" in first["parties"]["client_0"]
+    assert first["parties"]["client_1"]["task_loss"] is not None  # its training of the round stands
+    assert second["failed"] == {} and "eval_accuracy" in second["parties"]["client_1"]  # back in round 2

@@ -167,8 +167,11 @@ class FederatedTrainer:
             if self.server in learning:
                 stats[self.server.name] |= self._timed(self.server, "evaluate")
             clients = [c for c in learning if c is not self.server]
-            for name, scores in self._client_stage("evaluate", clients, (), failed, tolerate=False).items():
+            # A client that cannot evaluate is reported like one that cannot train; its work of the
+            # round stands, and the round goes on while the quorum holds.
+            for name, scores in self._client_stage("evaluate", clients, (), failed).items():
                 stats[name] |= scores
+            self._require_quorum(round_index, failed)
         for party in self.parties:
             stats[party.name] |= self._traffic[party.name]
             stats[party.name]["timeline"] = self._timeline[party.name]  # save_adapter is added when it runs
