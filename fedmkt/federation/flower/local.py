@@ -153,6 +153,8 @@ class LocalFederation:
         self.output_dirs = list(output_dirs)
         """The nodes' output folders, where their SuperNodes' workers are found (`worker.py`)."""
         self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.watchdog: Optional[subprocess.Popen] = None
+        """Ends every started process if this one dies without stopping them (`watchdog.py`)."""
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -162,6 +164,16 @@ class LocalFederation:
             )
         self.processes.append((name, process))
         return process
+
+    def watch(self) -> None:
+        """Start the watchdog over every process started so far (in a session of its own, so that
+        whatever kills this process's group spares it)."""
+        pids = [str(process.pid) for _, process in self.processes]
+        command = [sys.executable, "-m", "fedmkt.federation.flower.watchdog", str(os.getpid()), *pids]
+        with open(self.logs / "watchdog.log", "wb") as log:
+            self.watchdog = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
 
     def check_alive(self) -> None:
         for name, process in self.processes:
@@ -202,6 +214,10 @@ class LocalFederation:
         for pid in running():
             _signal(pid, signal.SIGKILL)
         self.processes.clear()
+        if self.watchdog is not None:  # stopped in order: nothing left for it to end
+            self.watchdog.kill()
+            self.watchdog.wait()
+            self.watchdog = None
 
 
 def _descendants(pid: int) -> set[int]:
@@ -304,6 +320,7 @@ def local_federation(
                 ],
                 env,
             )
+        federation.watch()
         yield f"127.0.0.1:{link_port}", federation
     finally:
         federation.stop()
