@@ -62,14 +62,51 @@ def lightning_strategy(trainer: TrainerConfig) -> Any:
     """The `strategy` argument for this party's Lightning trainers.
 
     `fsdp` becomes `ModelParallelStrategy` (FSDP2, data-parallel over the party's devices;
-    `PartyModule.configure_model` shards it); anything else is passed to Lightning as written.
+    `PartyModule.configure_model` shards it). A single-GPU party (`auto` on a machine with CUDA)
+    gets `ResidentSingleDeviceStrategy`, which leaves the model on the GPU between phases; anything
+    else is passed to Lightning as written.
     """
+    device = resident_device(trainer)
+    if device is not None:
+        return resident_strategy(device)
     if not shards_weights(trainer):
         return trainer.strategy
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     # fedmkt's launch_ranks has already created the process group (and its timeout); Lightning reuses it.
     return ModelParallelStrategy(data_parallel_size=party_processes(trainer), tensor_parallel_size=1)
+
+
+def resident_device(trainer: TrainerConfig) -> Optional[torch.device]:
+    """The one CUDA device a single-process party runs on, or None (CPU, several devices, a named strategy)."""
+    if trainer.strategy != "auto" or trainer.accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        return None
+    devices = trainer.devices
+    if isinstance(devices, (list, tuple)) and len(devices) == 1:
+        return torch.device("cuda", int(devices[0]))
+    if devices in (1, "1", "auto"):
+        return torch.device("cuda", 0)
+    return None
+
+
+def resident_strategy(device: torch.device) -> Any:
+    """Lightning's single-device strategy, minus its move of the model to the CPU when a phase ends.
+
+    Lightning's teardown moves the module to the CPU after every fit and predict, and the next
+    phase's setup moves it back: for heterogeneous.yaml about 165 GB of host-device copies a round.
+    The party itself decides when to leave the device (`Participant._park`). The optimizer is
+    rebuilt every phase, so nothing else of the teardown is needed.
+    """
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class ResidentSingleDeviceStrategy(SingleDeviceStrategy):
+        def teardown(self) -> None:
+            self.precision_plugin.teardown()
+            assert self.accelerator is not None
+            self.accelerator.teardown()
+            self.checkpoint_io.teardown()
+
+    return ResidentSingleDeviceStrategy(device=device)
 
 
 def party_processes(trainer: TrainerConfig) -> int:

@@ -317,15 +317,20 @@ class Participant:
         }
 
     def _park(self) -> None:
-        """Move the model off the accelerator while other parties work, unless it is sharded.
+        """Move the model off the accelerator while other parties work, unless it fits there.
 
-        FSDP2 shards stay on their devices: they are bound to the party's device mesh, and each
-        shard is small by design.
+        A model on a GPU with at least `RESIDENT_FREE_SHARE` of its memory still free stays (the
+        next phase starts at once, without a copy each way); otherwise it goes to the CPU. FSDP2
+        shards stay on their devices: they are bound to the party's device mesh, and each shard is
+        small by design.
         """
-        if not is_sharded(self.module.model):
-            self.module.cpu()
-        else:  # FSDP2 keeps the root unit (embeddings, head) gathered after a forward; free it
+        if is_sharded(self.module.model):  # FSDP2 keeps the root unit (embeddings, head) gathered after a forward
             self.module.model.reshard()
+            return
+        device = next(self.module.parameters()).device
+        if device.type == "cuda" and room_to_stay(device):
+            return
+        self.module.cpu()
 
     # ---- state for checkpoints and adapter averaging --------------------------------------
 
@@ -367,6 +372,16 @@ class Participant:
             directory,
             lambda tmp: model.save_pretrained(tmp, safe_serialization=True, state_dict=under_model_keys(model, state)),
         )
+
+
+RESIDENT_FREE_SHARE = 0.5
+"""A party stays on its GPU between phases while at least this share of the GPU's memory is free."""
+
+
+def room_to_stay(device: torch.device) -> bool:
+    """Whether a party on `device` may stay there: enough memory is left for the other parties' phases."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free >= RESIDENT_FREE_SHARE * total
 
 
 def _phase_mean(metric, spans_ranks: bool, empty: float) -> float:
