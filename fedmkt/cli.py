@@ -67,6 +67,11 @@ def _launch_local_parser() -> ArgumentParser:
         action="store_true",
         help="Replace the run already in run_dir (its config, summary, checkpoint, adapters and logs).",
     )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="TLS and SuperNode authentication: the SuperLink admits only the SuperNodes whose keys it registered.",
+    )
     return parser
 
 
@@ -169,6 +174,7 @@ def _launch_local(parser: ArgumentParser, namespace) -> None:
     from fedmkt.federation.flower.local import launch_local
 
     resume, gpus, overwrite = namespace.pop("resume"), namespace.pop("gpus"), namespace.pop("overwrite")
+    auth = namespace.pop("auth")
     if resume is not None and overwrite:
         raise FedMKTError("--resume and --overwrite contradict each other. Fix: give one of them.")
     namespace["federation.backend"] = "flower"
@@ -179,6 +185,7 @@ def _launch_local(parser: ArgumentParser, namespace) -> None:
         gpus=gpus,
         overwrite=overwrite,
         resume=resume is not None,
+        auth=auth,
     )
 
 

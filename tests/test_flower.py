@@ -1058,8 +1058,8 @@ def superlink(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("flower")
     nodes = [{"partition-id": index, "output-dir": str(base / f"node_{index}")} for index in range(2)]
-    with local_federation(base, nodes, gpus=None) as (address, federation):
-        yield {"address": address, "logs": federation.logs}
+    with local_federation(base, nodes, gpus=None) as (link, federation):
+        yield {"address": link.address, "logs": federation.logs}
 
 
 # own_data.yaml as shipped (2 rounds, one private file per client), through `fedmkt launch-local`.
@@ -1240,7 +1240,9 @@ def test_ctrl_c_on_fit_stops_the_run_on_the_superlink_too(superlink, tmp_path):
     assert process.returncode == 128 + signal.SIGINT and "stopped by SIGINT" in err, err
 
     home = tmp_path / "flwr-home"
-    submit.write_flower_home(home, run_config_from_text(TINY_TEXT.replace("127.0.0.1:8000", superlink["address"])))
+    submit.write_flower_home(
+        home, run_config_from_text(TINY_TEXT.replace("127.0.0.1:8000", superlink["address"])).flower
+    )
     (home / "config.toml").write_text((home / "config.toml").read_text() + "insecure = true\n")
     command = ["flwr", "ls", submit.CONNECTION, "--run-id", str(run_id), "--format", "json"]
     deadline, status = time.monotonic() + 60, ""

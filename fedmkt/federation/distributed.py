@@ -79,7 +79,11 @@ def lightning_strategy(trainer: TrainerConfig) -> Any:
 
 def resident_device(trainer: TrainerConfig) -> Optional[torch.device]:
     """The one CUDA device a single-process party runs on, or None (CPU, several devices, a named strategy)."""
-    if trainer.strategy != "auto" or trainer.accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+    if (
+        trainer.strategy != "auto"
+        or trainer.accelerator not in ("auto", "gpu", "cuda")
+        or not torch.cuda.is_available()
+    ):
         return None
     devices = trainer.devices
     if isinstance(devices, (list, tuple)) and len(devices) == 1:

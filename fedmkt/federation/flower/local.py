@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Optional
@@ -25,12 +26,13 @@ from typing import Any, Optional
 import psutil
 import yaml
 
-from fedmkt.config import RunConfig, run_config_from_text, validate
+from fedmkt.config import FlowerConfig, RunConfig, run_config_from_text, validate
 from fedmkt.data.parts import federation_data
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
+from fedmkt.federation.flower.credentials import write_local_tls, write_node_key
 from fedmkt.federation.flower.node import apply_to_config, content_sha256, node_settings
-from fedmkt.federation.flower.submit import submit
+from fedmkt.federation.flower.submit import flwr_executable, submit, write_flower_home
 from fedmkt.federation.flower.worker import stop_workers
 from fedmkt.federation.parties import validate_against_vocabularies
 from fedmkt.federation.run_folder import claim_run_dir
@@ -265,12 +267,42 @@ def _wait_listening(federation: LocalFederation, port: int, timeout_s: float = 1
     )
 
 
+@dataclass(frozen=True)
+class LocalLink:
+    """How to reach a local SuperLink: its address and, with authentication, the CA that signed it."""
+
+    address: str
+    root_certificates: Optional[Path] = None
+
+
+def _register_node(public_key: Path, link: LocalLink, home: Path, env: dict[str, str]) -> None:
+    """`flwr supernode register` the key with the SuperLink (only registered SuperNodes may join)."""
+    flower = FlowerConfig(
+        superlink=link.address,
+        insecure=link.root_certificates is None,
+        root_certificates=str(link.root_certificates) if link.root_certificates else None,
+    )
+    write_flower_home(home, flower)
+    command = [flwr_executable(), "supernode", "register", str(public_key)]
+    done = subprocess.run(command, env=dict(env, FLWR_HOME=str(home)), capture_output=True, text=True, timeout=120)
+    if done.returncode != 0 or "registered successfully" not in done.stdout:
+        raise FedMKTError(
+            f"could not register SuperNode key {public_key.name} with the local SuperLink ({' '.join(done.stdout.split())[-200:]}). "
+            "Fix: see the SuperLink's log in the run folder's nodes/superlink.log."
+        )
+
+
 @contextmanager
 def local_federation(
-    run_dir: Path, nodes: list[dict[str, Any]], gpus: Optional[str] = None
-) -> Iterator[tuple[str, LocalFederation]]:
-    """A SuperLink and one SuperNode per entry of `nodes` on 127.0.0.1 (no TLS: nothing leaves this
-    machine); yields the SuperLink's address and the processes, and stops them all on exit."""
+    run_dir: Path, nodes: list[dict[str, Any]], gpus: Optional[str] = None, auth: bool = False
+) -> Iterator[tuple[LocalLink, LocalFederation]]:
+    """A SuperLink and one SuperNode per entry of `nodes` on 127.0.0.1; yields how to reach the
+    SuperLink and the processes, and stops them all on exit.
+
+    Without `auth` nothing is encrypted (nothing leaves this machine). With it the SuperLink runs
+    TLS with a throw-away CA and admits only SuperNodes whose keys were registered
+    (`--enable-supernode-auth`): each node gets its own key pair, registered before it starts.
+    """
     server_gpu, client_gpus = gpu_assignment(gpus, len(nodes))
     link_port, *node_ports = free_ports(1 + len(nodes))
     federation = LocalFederation(
@@ -279,6 +311,13 @@ def local_federation(
     commands = bind_flower_commands(run_dir / "nodes" / "bin")
     base_env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
     base_env["PATH"] = os.pathsep.join([str(commands), str(Path(sys.executable).parent), base_env.get("PATH", "")])
+    credentials = run_dir / "nodes" / "credentials"
+    tls = write_local_tls(credentials) if auth else None
+    link = LocalLink(f"127.0.0.1:{link_port}", tls.ca_certificate if tls else None)
+    security = ["--insecure"]
+    if tls is not None:
+        security = ["--ssl-ca-certfile", str(tls.ca_certificate), "--ssl-certfile", str(tls.server_certificate)]
+        security += ["--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth"]
     try:
         link_env = dict(base_env, FLWR_HOME=str(run_dir / "nodes" / "superlink"))
         if server_gpu is not None:
@@ -287,7 +326,7 @@ def local_federation(
             "superlink",
             [
                 str(commands / "flower-superlink"),
-                "--insecure",
+                *security,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -306,11 +345,17 @@ def local_federation(
             env = dict(base_env, FLWR_HOME=str(folder / "flwr"))
             if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
+            node_security = ["--insecure"]
+            if tls is not None:
+                private, public = write_node_key(credentials, name)
+                _register_node(public, link, credentials / "register-home", base_env)
+                node_security = ["--root-certificates", str(tls.ca_certificate), "--auth-supernode-private-key"]
+                node_security.append(str(private))
             federation.start(
                 name,
                 [
                     str(commands / "flower-supernode"),
-                    "--insecure",
+                    *node_security,
                     "--superlink",
                     f"127.0.0.1:{link_port}",
                     "--port",
@@ -321,7 +366,7 @@ def local_federation(
                 env,
             )
         federation.watch()
-        yield f"127.0.0.1:{link_port}", federation
+        yield link, federation
     finally:
         federation.stop()
 
@@ -331,7 +376,12 @@ def _toml_string(text: str) -> str:
 
 
 def launch_local(
-    config: RunConfig, resolved: str, gpus: Optional[str] = None, overwrite: bool = False, resume: bool = False
+    config: RunConfig,
+    resolved: str,
+    gpus: Optional[str] = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    auth: bool = False,
 ) -> dict:
     """Run `config` on a Flower federation started on this machine; returns the summary in run_dir.
 
@@ -355,11 +405,17 @@ def launch_local(
     gpu_assignment(gpus, len(config.clients))  # a bad --gpus fails before anything starts
     lock = claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
     try:
-        with local_federation(run_dir, nodes, gpus) as (address, _):
+        with local_federation(run_dir, nodes, gpus, auth) as (link, _):
             data = yaml.safe_load(shared)
             data["run_dir"] = str(run_dir)
             data.setdefault("federation", {})["backend"] = "flower"
-            data["flower"] = dict(data.get("flower") or {}, superlink=address, insecure=True, root_certificates=None)
+            certificates = str(link.root_certificates) if link.root_certificates else None
+            data["flower"] = dict(
+                data.get("flower") or {},
+                superlink=link.address,
+                insecure=certificates is None,
+                root_certificates=certificates,
+            )
             text = yaml.safe_dump(data, sort_keys=False)
             return submit(run_config_from_text(text), resolved_config=text, resume=resume, claim=False)
     except RunInterrupted as interrupt:  # the line printed says how to continue this run

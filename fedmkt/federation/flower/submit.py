@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from fedmkt.config import RunConfig, validate
+from fedmkt.config import FlowerConfig, RunConfig, validate
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
 from fedmkt.federation.distributed import party_processes
@@ -53,19 +53,19 @@ def flwr_executable() -> str:
     return executable
 
 
-def write_flower_home(home: Path, config: RunConfig) -> None:
-    """A Flower config home whose default connection is the SuperLink in `config.flower`."""
+def write_flower_home(home: Path, flower: FlowerConfig) -> None:
+    """A Flower config home whose default connection is the SuperLink `flower` names."""
     lines = [
         "[superlink]",
         f'default = "{CONNECTION}"',
         "",
         f"[superlink.{CONNECTION}]",
-        f"address = {json.dumps(config.flower.superlink)}",
+        f"address = {json.dumps(flower.superlink)}",
     ]
-    if config.flower.insecure:
+    if flower.insecure:
         lines.append("insecure = true")
-    elif config.flower.root_certificates:
-        certificates = Path(config.flower.root_certificates).expanduser().resolve()
+    elif flower.root_certificates:
+        certificates = Path(flower.root_certificates).expanduser().resolve()
         if not certificates.is_file():
             raise FedMKTError(
                 f"flower.root_certificates {certificates} does not exist. Fix: point it at the CA certificate (PEM) that signed the SuperLink's certificate."
@@ -162,7 +162,7 @@ def _run_on_superlink(
     atomic_write_text(config_path, resolved_config)
     (run_dir / "summary.json").unlink(missing_ok=True)  # so a stale one is never mistaken for this run's
     with tempfile.TemporaryDirectory(prefix="fedmkt-flwr-home-") as home:
-        write_flower_home(Path(home), config)
+        write_flower_home(Path(home), config.flower)
         env = dict(os.environ, FLWR_HOME=home)
         command = [
             flwr,

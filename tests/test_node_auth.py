@@ -1,0 +1,75 @@
+"""`launch-local --auth`: TLS, and a SuperLink that admits only the SuperNodes whose keys it registered."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from fedmkt.federation.flower.credentials import write_local_tls, write_node_key  # noqa: E402
+from fedmkt.federation.flower.local import free_ports, local_federation  # noqa: E402
+from fedmkt.federation.flower.submit import flwr_executable, write_flower_home  # noqa: E402
+
+
+def test_credentials_are_private_and_in_the_formats_flower_reads(tmp_path):
+    tls = write_local_tls(tmp_path / "tls")
+    private, public = write_node_key(tmp_path / "tls", "client_0")
+    assert (tmp_path / "tls").stat().st_mode & 0o777 == 0o700
+    assert tls.server_key.stat().st_mode & 0o777 == 0o600 and private.stat().st_mode & 0o777 == 0o600
+    assert tls.ca_certificate.read_text().startswith("-----BEGIN CERTIFICATE-----")
+    assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert private.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+
+
+@pytest.mark.slow
+def test_an_unregistered_supernode_is_refused_and_a_registered_one_joins(tmp_path):
+    if shutil.which("flower-superlink") is None:
+        pytest.skip("Flower's commands are not installed")
+    nodes = [{"partition-id": 0, "output-dir": str(tmp_path / "node_0")}]
+    with local_federation(tmp_path, nodes, auth=True) as (link, federation):
+        assert link.root_certificates is not None
+        # A SuperNode with a key of its own that nobody registered, pointed at the same SuperLink.
+        private, _ = write_node_key(tmp_path / "intruder", "intruder")
+        env = dict(os.environ, FLWR_HOME=str(tmp_path / "intruder" / "flwr"), FLWR_TELEMETRY_ENABLED="0")
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+        log = tmp_path / "intruder.log"
+        with open(log, "wb") as out:
+            intruder = subprocess.Popen(
+                ["flower-supernode", "--root-certificates", str(link.root_certificates)]
+                + ["--auth-supernode-private-key", str(private), "--superlink", link.address]
+                + ["--port", str(free_ports(1)[0]), "--node-config", "partition-id=1", "--max-retries", "2"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            intruder.wait(timeout=120)
+        finally:
+            intruder.kill()
+        assert "Failed to activate SuperNode" in log.read_text()
+        # The registered node is the only one the SuperLink lists as online.
+        home = tmp_path / "cli"
+        from fedmkt.config import FlowerConfig
+
+        write_flower_home(home, FlowerConfig(superlink=link.address, root_certificates=str(link.root_certificates)))
+        deadline = time.monotonic() + 60
+        listed = ""
+        while time.monotonic() < deadline and listed.count("online") < 1:
+            listed = subprocess.run(
+                [flwr_executable(), "supernode", "list"],
+                env=dict(os.environ, FLWR_HOME=str(home)),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+            time.sleep(1)
+        assert listed.count("online") == 1, listed
+        federation.check_alive()
