@@ -9,6 +9,7 @@ how the Flower apps read it.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -301,14 +302,38 @@ class FlowerConfig:
 
 
 @dataclass
+class DPConfig:
+    """Differentially private fine-tuning on each client's private data (DP-SGD, Opacus's RDP accountant)."""
+
+    enabled: bool = False
+    """Train every client's private fine-tuning phase with DP-SGD: per-sample gradients clipped to
+    max_grad_norm, Gaussian noise added, batches drawn by Poisson sampling; LoRA parameters only."""
+
+    max_grad_norm: float = 1.0
+    """C: each sample's gradient (all LoRA parameters together) is clipped to this L2 norm."""
+
+    noise_multiplier: Optional[float] = None
+    """sigma: the noise's standard deviation is sigma * C. Give this or target_epsilon."""
+
+    target_epsilon: Optional[float] = None
+    """The epsilon the whole run may spend (every round's fine-tuning); sigma is chosen to meet it."""
+
+    delta: float = 1e-5
+    """delta of the (epsilon, delta) guarantee; below 1 / (private samples) to mean anything."""
+
+
+@dataclass
 class PrivacyConfig:
-    """Optional protection of the shared logits (not a formal DP guarantee)."""
+    """Protection of what leaves a party: DP-SGD on private data, and optional noise on the shared logits."""
 
     logit_noise: float = 0.0
     """Standard deviation of Gaussian noise added to every shared top-k logit (0: off)."""
 
     logit_clip: float = 10.0
     """Each position's top-k logits, centred on their max, are clipped to this L2 norm before noise."""
+
+    dp: DPConfig = field(default_factory=DPConfig)
+    """DP-SGD on each client's private fine-tuning (a formal (epsilon, delta) guarantee for that data)."""
 
 
 @dataclass
@@ -386,6 +411,43 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _dp_checks(config: RunConfig) -> list[tuple[bool, str, str]]:
+    dp = config.privacy.dp
+    if not dp.enabled:
+        return []
+    checks = [
+        (
+            (dp.noise_multiplier is None) != (dp.target_epsilon is None),
+            "privacy.dp needs exactly one of noise_multiplier and target_epsilon",
+            "set privacy.dp.target_epsilon (e.g. 8) or privacy.dp.noise_multiplier (e.g. 1.0), not both",
+        ),
+        (dp.max_grad_norm > 0, "privacy.dp.max_grad_norm must be > 0", "use e.g. 1.0"),
+        (0 < dp.delta < 1, "privacy.dp.delta must be in (0, 1)", "use e.g. 1e-5"),
+        (
+            dp.noise_multiplier is None or dp.noise_multiplier > 0,
+            "privacy.dp.noise_multiplier must be > 0",
+            "use e.g. 1.0",
+        ),
+        (dp.target_epsilon is None or dp.target_epsilon > 0, "privacy.dp.target_epsilon must be > 0", "use e.g. 8"),
+    ]
+    checks.append(
+        (
+            importlib.util.find_spec("opacus") is not None,
+            "privacy.dp needs Opacus, which is not installed",
+            "pip install 'fedmkt[dp]' (or opacus)",
+        )
+    )
+    for index, client in enumerate(config.clients):
+        checks.append(
+            (
+                client.trainer.accumulate_grad_batches == 1 and client.trainer.strategy == "auto",
+                f"privacy.dp trains clients[{index}] on one device without gradient accumulation",
+                f"set clients[{index}].trainer.strategy: auto and accumulate_grad_batches: 1",
+            )
+        )
+    return checks
+
+
 def validate(config: RunConfig) -> None:
     """Reject values that parse but cannot work, naming the key and the fix."""
     checks = [
@@ -394,6 +456,7 @@ def validate(config: RunConfig) -> None:
         (config.transfer.temperature > 0, "transfer.temperature must be > 0", "use e.g. 1.0"),
         (config.privacy.logit_noise >= 0, "privacy.logit_noise must be >= 0", "use 0 to switch it off"),
         (config.privacy.logit_clip > 0, "privacy.logit_clip must be > 0", "use e.g. 10.0"),
+        *_dp_checks(config),
         (len(config.clients) >= 1, "clients is empty", "list at least one client under `clients:`"),
         (config.federation.rounds >= 1, "federation.rounds must be >= 1", "set federation.rounds: 2"),
         (

@@ -34,6 +34,7 @@ SECTIONS = (
     ("transfer", config_module.TransferConfig, "transfer"),
     ("federation", config_module.FederationConfig, "federation"),
     ("privacy", config_module.PrivacyConfig, "privacy"),
+    ("privacy.dp", config_module.DPConfig, "privacy.dp"),
     ("logging", config_module.LoggingConfig, "logging"),
     ("flower", config_module.FlowerConfig, "flower"),
 )

@@ -13,7 +13,7 @@ head runs a chunk at a time on the rows a loss or payload reads (`fedmkt.head`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from fedmkt.config import LoRAConfig, OptimizerConfig, TransferConfig
 from fedmkt.data.tokenize import IGNORE_INDEX
+from fedmkt.dp import DPPlan, private_step
 from fedmkt.errors import FedMKTError
 from fedmkt.fastpaths import FAST
 from fedmkt.head import ChunkKnowledge, OutputHead, final_hidden_states, head_knowledge, head_training_loss
@@ -44,6 +45,8 @@ class PartyModule(L.LightningModule):
         self.name = name
         self.optimizer_config = optimizer
         self.transfer = transfer
+        self.dp_plan: Optional[DPPlan] = None
+        """Set for a client's private fine-tuning under `privacy.dp`: training steps are then DP-SGD steps."""
         self.save_hyperparameters(
             {"lora": vars(lora), "optimizer": vars(optimizer), "transfer": vars(transfer), "name": name}
         )
@@ -122,9 +125,24 @@ class PartyModule(L.LightningModule):
         self.task_loss.reset()
         self.kd_loss.reset()
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    @property
+    def automatic_optimization(self) -> bool:
+        """Lightning steps the optimizer, except in DP-SGD, which steps it itself (`_private_step`)."""
+        return self.dp_plan is None
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:  # Lightning's own __init__ sets it; the plan decides
+        pass
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
+        if self.dp_plan is not None:
+            return self._private_step(batch)
+        return self._checked(*self._objective(batch))
+
+    def _objective(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(the batch's objective, each sample's task CE, the mean KD over distilled positions or None)."""
         if not FAST.chunked_head:
-            return self._training_step_on_full_logits(batch)
+            return self._objective_on_full_logits(batch)
         targets = batch["targets"]
         has_label = targets != IGNORE_INDEX
         transfer = self.transfer
@@ -156,15 +174,43 @@ class PartyModule(L.LightningModule):
         ce = _per_sample_mean(ce_rows, where[0], has_label[where], samples)
         distilled = mask[where] if distilling else None
         kd_mean = (kd_rows * distilled).sum() / distilled.sum().clamp_min(1) if distilling else None
-        return self._checked(loss, ce, kd_mean)
+        return loss, ce, kd_mean
 
-    def _training_step_on_full_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _private_step(self, batch: dict[str, torch.Tensor]) -> None:
+        """One DP-SGD step on a Poisson batch (possibly empty): per-sample clipped gradients plus noise."""
+        plan = self.dp_plan
+        assert plan is not None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        rows = len(batch["input_ids"]) if batch else 0
+        losses: list[torch.Tensor] = []
+
+        def loss_of(row: int) -> torch.Tensor:
+            sample = {key: value[row : row + 1] for key, value in batch.items() if isinstance(value, torch.Tensor)}
+            loss, ce, _ = self._objective(sample)
+            losses.append(ce.detach())
+            return loss
+
+        grads, _ = private_step(params, [lambda row=row: loss_of(row) for row in range(rows)], plan)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        optimizer.step()
+        self.lr_schedulers().step()
+        if losses:
+            ce = torch.cat(losses)
+            self._checked(ce.mean(), ce, None)
+        return None
+
+    def _objective_on_full_logits(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """The same objective through the model's [B, L, V] logits (`fastpaths.FAST.chunked_head` off)."""
         transfer = self.transfer
         logits = self(batch["input_ids"], batch["attention_mask"])
         ce = token_cross_entropy(logits, batch["targets"])
         if "kd_ids" not in batch:
-            return self._checked(ce.mean(), ce.detach(), None)
+            return ce.mean(), ce.detach(), None
         mask = batch["kd_mask"].bool()
         kd_ids = torch.where(mask.unsqueeze(-1), batch["kd_ids"], -1)
         kd = sparse_kd_loss(
@@ -177,7 +223,7 @@ class PartyModule(L.LightningModule):
         )
         loss = kd_objective(ce, kd, mask, transfer.ce_weight, batch.get("kd_eligible"), transfer.temperature)
         kd_mean = (kd.detach() * mask).sum() / mask.sum().clamp_min(1)
-        return self._checked(loss, ce.detach(), kd_mean)
+        return loss, ce.detach(), kd_mean
 
     def _checked(self, loss: torch.Tensor, ce: torch.Tensor, kd_mean: torch.Tensor | None) -> torch.Tensor:
         """`loss`, after refusing a non-finite one and logging the phase's per-sample CE and KD means."""

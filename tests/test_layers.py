@@ -20,6 +20,7 @@ LAYERS = [
         "fedmkt.privacy",
         "fedmkt.head",
         "fedmkt.adapters",
+        "fedmkt.dp",
     ),
     ("fedmkt.received", "fedmkt.evaluation", "fedmkt.teacher_targets", "fedmkt.party_module", "fedmkt.export"),
     ("fedmkt.callbacks",),

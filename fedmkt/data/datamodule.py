@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from fedmkt.data.tasks import QAExample
 from fedmkt.data.tokenize import IGNORE_INDEX, collate, encode_prompt_answer
+from fedmkt.dp import DPPlan, poisson_batches
 from fedmkt.errors import FedMKTError
 from fedmkt.fastpaths import FAST
 
@@ -77,6 +78,8 @@ class PartyDataModule(L.LightningDataModule):
         self.seed = seed
         self.shuffle_seed = seed
         """Seed of the next private epoch's order; the participant sets it per round."""
+        self.dp_plan: Optional[DPPlan] = None
+        """Under `privacy.dp`, the private epoch is Poisson-sampled batches (`fedmkt.dp`); the participant sets it."""
         self.private = tokenize_examples(private, tokenizer, max_length)
         self.public_examples = public
         """The public questions as text: what a teacher's tokens are checked against (`fedmkt.received`)."""
@@ -85,7 +88,15 @@ class PartyDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.private:
             raise FedMKTError(f"{self.name} has no private data. Fix: raise data.pool_size or use fewer clients.")
-        return _loader([s.as_item() for s in self.private], self.batch_size, self.pad_id, True, self.shuffle_seed)
+        items = [s.as_item() for s in self.private]
+        if self.dp_plan is not None:  # each sample drawn with probability q per step; a batch may be empty
+            pad_id = self.pad_id
+            return DataLoader(
+                items,
+                batch_sampler=poisson_batches(len(items), self.dp_plan),
+                collate_fn=lambda batch: collate(batch, pad_id) if batch else {},
+            )
+        return _loader(items, self.batch_size, self.pad_id, True, self.shuffle_seed)
 
     def predict_dataloader(self) -> DataLoader:
         """The public set longest first, so each batch holds samples of similar length (little padding).

@@ -27,6 +27,7 @@ from fedmkt.callbacks import (
 from fedmkt.config import PartyConfig, PrivacyConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
 from fedmkt.data.examples import Example, Format
+from fedmkt.dp import DPPlan, epsilon_after, plan_dp
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice
 from fedmkt.federation.distributed import (
@@ -73,6 +74,7 @@ class Participant:
         own_evaluation: Optional[list[Example]] = None,
         data_format: Format = "multiple_choice",
         max_new_tokens: int = 32,
+        rounds: int = 1,
     ) -> None:
         self.name = name
         self.config = config
@@ -93,6 +95,8 @@ class Participant:
         self.seed = seed
         self.phase_timeout_s = phase_timeout_s
         self.privacy = privacy or PrivacyConfig()
+        self.rounds = rounds
+        """The run's rounds: what a DP-SGD plan spreads its epsilon over."""
         self.alignment = TeacherAligners(
             tokenizer,
             peer_tokenizers,
@@ -124,8 +128,11 @@ class Participant:
     def _label(self, phase: str) -> str:
         return f"{self.name} · {phase} · round {self.round_index}"
 
-    def _trainer(self, phase: str, max_epochs: int = 1, reporters: tuple[L.Callback, ...] = ()) -> L.Trainer:
-        """A phase's Trainer; `reporters` are callbacks that log what the phase was given (never change it)."""
+    def _trainer(
+        self, phase: str, max_epochs: int = 1, reporters: tuple[L.Callback, ...] = (), clip: bool = True
+    ) -> L.Trainer:
+        """A phase's Trainer; `reporters` are callbacks that log what the phase was given (never change it).
+        `clip=False` leaves gradient clipping to the phase (DP-SGD clips each sample's gradient itself)."""
         settings = self.config.trainer
         progress = [PhaseProgressBar(self._label(phase))] if settings.enable_progress_bar else []
         return L.Trainer(
@@ -135,7 +142,7 @@ class Participant:
             precision=settings.precision,
             max_epochs=max_epochs,
             accumulate_grad_batches=settings.accumulate_grad_batches,
-            gradient_clip_val=self.config.optimizer.grad_clip or None,
+            gradient_clip_val=(self.config.optimizer.grad_clip or None) if clip else None,
             callbacks=list(reporters)
             + progress
             + ([PhaseDeadlineCallback(self.phase_timeout_s)] if self.phase_timeout_s else []),
@@ -167,14 +174,29 @@ class Participant:
     # ---- phases ---------------------------------------------------------------------------
 
     def fine_tune(self, round_index: int) -> PhaseStats:
-        """Step 1: local fine-tuning on private data (task CE)."""
+        """Step 1: local fine-tuning on private data (task CE; DP-SGD under `privacy.dp`)."""
         self.round_index = round_index
         if self.config.local_epochs == 0 or not self.data.private:
             return PhaseStats()
-        trainer = self._trainer("fine_tune", self.config.local_epochs)
+        plan = self.dp_plan()
+        trainer = self._trainer("fine_tune", self.config.local_epochs, clip=plan is None)
         seed = phase_seed(self.seed, round_index, "fine_tune")
         self.data.shuffle_seed = seed  # a fresh private-data order every round
-        return self._fit(trainer, self.data, seed)
+        self.module.dp_plan = self.data.dp_plan = plan
+        try:
+            stats = self._fit(trainer, self.data, seed)
+        finally:
+            self.module.dp_plan = self.data.dp_plan = None
+        if plan is None:
+            return stats
+        return replace(stats, dp_epsilon=epsilon_after(plan, round_index), dp_delta=plan.delta)
+
+    def dp_plan(self) -> Optional[DPPlan]:
+        """This client's DP-SGD plan under `privacy.dp` (None for the server and without DP)."""
+        dp = self.privacy.dp
+        if not dp.enabled or self.name == "server":
+            return None
+        return plan_dp(dp, len(self.data.private), self.config.batch_size, self.config.local_epochs, self.rounds)
 
     def share_knowledge(self, round_index: int) -> KnowledgePayload:
         """Steps 2/7: per-sample CE and top-k logits on the public data (noised if privacy asks)."""

@@ -106,6 +106,7 @@ def build_participant(config: RunConfig, name: str, data: Optional[PartyData] = 
         own_evaluation=data.own_evaluation,
         data_format=data.format,
         max_new_tokens=config.data.max_new_tokens,
+        rounds=config.federation.rounds,
     )
 
 

@@ -47,6 +47,13 @@ class PhaseStats:
     distill_task_loss: Optional[float] = None
     """A client's round: the task CE of its distillation phase (None: no distillation followed)."""
 
+    dp_epsilon: Optional[float] = None
+    """A client's round under `privacy.dp`: the epsilon its private data has spent so far, every
+    round up to this one (at `dp_delta`)."""
+
+    dp_delta: Optional[float] = None
+    """The delta of that guarantee."""
+
     callbacks: dict[str, float] = field(default_factory=dict)
     """What the distillation phase's callbacks measured: `selected` and `selected/<teacher>`
     (`SelectiveTransferCallback`), `alignment/hits`, `/misses`, `/samples`, `/seconds`,
@@ -64,6 +71,8 @@ class PhaseStats:
             train_seconds=self.train_seconds + distill.train_seconds,
             ranks=next((r for r in (distill.ranks, self.ranks) if r is not None), 1),
             sharded=self.sharded or distill.sharded,
+            dp_epsilon=self.dp_epsilon,
+            dp_delta=self.dp_delta,
             callbacks=dict(distill.callbacks),
         )
 
@@ -82,6 +91,8 @@ class PhaseStats:
             entry["ranks"] = self.ranks
         if self.sharded:
             entry["sharded"] = True
+        if self.dp_epsilon is not None:
+            entry |= {"dp_epsilon": self.dp_epsilon, "dp_delta": self.dp_delta}
         if self.callbacks:
             entry["callbacks"] = dict(self.callbacks)
         return entry

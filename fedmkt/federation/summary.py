@@ -60,6 +60,9 @@ def results_table(summary: dict, parties: list[str]) -> str:
     zero_shot = summary["zero_shot"]
     header = ["party"] + (["zero-shot"] if zero_shot else []) + [f"round {r['round']}" for r in rounds]
     header += ["selected (last)", "MB sent (last)"]
+    private = bool(rounds) and any(e.get("dp_epsilon") is not None for e in rounds[-1]["parties"].values())
+    if private:
+        header.append("DP ε (last)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     sizes, generation = set(), False
     for party in parties:
@@ -72,6 +75,10 @@ def results_table(summary: dict, parties: list[str]) -> str:
             generation |= entry.get("eval_rouge_l") is not None
         last = rounds[-1]["parties"][party] if rounds else {}
         cells += [str(last.get("selected", "–")), f"{last.get('bytes_sent', 0) / 1e6:.2f}"]
+        if private:
+            cells.append(
+                "–" if last.get("dp_epsilon") is None else f"{last['dp_epsilon']:.2f} (δ = {last['dp_delta']:g})"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     if sizes:
         metric = "Rouge-L (exact match)" if generation else "accuracy [95 % Wilson CI]"
