@@ -112,3 +112,13 @@ def test_bad_policy_values_are_one_line_errors(tmp_path):
 def test_policy_keys_are_dataclass_fields_of_the_settings(tmp_path):
     policy = settings(tmp_path).policy
     assert dataclasses.asdict(policy)["allow_remote_code"] is False and policy.max_epochs == 20
+
+
+def test_the_runs_model_settings_for_a_client_do_not_bind_a_node_that_names_its_own(tmp_path):
+    config = run_config()
+    config.clients[0] = dataclasses.replace(
+        config.clients[0], model=dataclasses.replace(config.clients[0].model, trust_remote_code=True)
+    )
+    refused(settings(tmp_path), config, "clients[0].model.trust_remote_code is true")
+    own = apply_to_config(settings(tmp_path, model="embedded:smollm2-135m-instruct"), config)
+    assert own.clients[0].model.trust_remote_code is False

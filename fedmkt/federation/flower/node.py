@@ -162,7 +162,9 @@ def check_policy(settings: NodeSettings, config: RunConfig) -> None:
     """Refuse a run config that asks this node for more than its policy allows (one line: key and fix)."""
     policy, client = settings.policy, config.clients[settings.index]
     problems = []
-    specs = {"server.model": config.server.model, f"clients[{settings.index}].model": client.model}
+    specs = {"server.model": config.server.model}  # loaded here for its tokenizer
+    if settings.model is None:  # the node loads the run's model for its client; its own model is its own choice
+        specs[f"clients[{settings.index}].model"] = client.model
     for key, spec in specs.items():
         if spec.trust_remote_code and not policy.allow_remote_code:
             problems.append(f"{key}.trust_remote_code is true but this node runs no remote code (allow-remote-code)")
