@@ -88,7 +88,13 @@ Centralized trains only the server. Their cell is the zero-shot model, marked `s
 IGNORED_SETTINGS = {"run_dir", "cache_dir", "logging"}
 """Config keys that do not change results, left out of the settings hash."""
 
-ADDED_LATER = {"data": {"public_size": None}, "transfer": {"topk_target": "renormalize"}}
+ADDED_LATER = {
+    "data": {"public_size": None},
+    "transfer": {"topk_target": "renormalize"},
+    "privacy": {
+        "dp": {"enabled": False, "max_grad_norm": 1.0, "noise_multiplier": None, "target_epsilon": None, "delta": 1e-5}
+    },
+}
 """Keys added to the config after runs were recorded, with the value that does what the code did
 before them: at that value they are left out of the settings hash, so every run recorded before
 them keeps its hash."""

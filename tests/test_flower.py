@@ -885,7 +885,8 @@ def test_each_node_reads_only_its_own_private_file(task_identity, tmp_path, monk
     assert nodes[1]["data"]["columns"] == {"id": "qid", "prompt": "question", "choices": "options", "answer": "label"}
     # the launcher lists the shared files in each node's policy (a node reads no file it does not list)
     policy = {key: value for key, value in nodes[0].items() if key in POLICY_KEYS}
-    assert set(policy) == {"public", "public-sha256", "shared-eval", "shared-eval-sha256"}
+    assert {"public", "public-sha256", "shared-eval", "shared-eval-sha256"} <= set(policy)
+    assert policy["allow-remote-code"] is False and policy["fedavg"] is False  # nothing the run does not ask
     settings_file = tmp_path / "node_1.yaml"
     settings_file.write_text(yaml.safe_dump({"data": nodes[1]["data"], "output_dir": str(tmp_path / "out_1")} | policy))
     node_configs = {

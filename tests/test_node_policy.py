@@ -122,3 +122,22 @@ def test_the_runs_model_settings_for_a_client_do_not_bind_a_node_that_names_its_
     refused(settings(tmp_path), config, "clients[0].model.trust_remote_code is true")
     own = apply_to_config(settings(tmp_path, model="embedded:smollm2-135m-instruct"), config)
     assert own.clients[0].model.trust_remote_code is False
+
+
+def test_launch_local_gives_its_nodes_a_policy_that_admits_its_own_run(tmp_path):
+    import yaml
+
+    from fedmkt.federation.flower.local import split_config
+
+    data = yaml.safe_load(shipped_configs()["tiny.yaml"].read_text())
+    for client in data["clients"]:
+        client["local_epochs"] = 40  # more than a node admits by default
+    shared, nodes = split_config(yaml.safe_dump(data), tmp_path / "run")
+    config = run_config()
+    config.clients = [dataclasses.replace(c, local_epochs=40) for c in config.clients]
+    for node in nodes:
+        assert node["max-epochs"] == 40 and node["fedavg"] is False
+        apply_to_config(node_settings(node), config)  # admitted
+    refused(
+        settings(tmp_path), config, "clients[0].local_epochs 40 > this node's max-epochs 20"
+    )  # a default node is not

@@ -31,7 +31,7 @@ from fedmkt.data.parts import federation_data
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
 from fedmkt.federation.flower.credentials import write_local_tls, write_node_key
-from fedmkt.federation.flower.node import apply_to_config, content_sha256, node_settings
+from fedmkt.federation.flower.node import NodePolicy, apply_to_config, content_sha256, node_settings
 from fedmkt.federation.flower.submit import flwr_executable, submit, write_flower_home
 from fedmkt.federation.flower.worker import stop_workers
 from fedmkt.federation.parties import validate_against_vocabularies
@@ -56,12 +56,30 @@ def split_config(resolved: str, run_dir: Path) -> tuple[str, list[dict[str, Any]
     nodes = []
     for index, client in enumerate(data.get("clients") or []):
         settings: dict[str, Any] = {"partition-id": index, "output-dir": str(run_dir)} | shared
+        settings |= _policy_for_the_run(data, client)
         for key in _PRIVATE_KEYS:
             source = client.pop(key, None)
             if source:
                 settings[key] = _absolute_source(source)
         nodes.append(settings)
     return yaml.safe_dump(data, sort_keys=False), nodes
+
+
+def _policy_for_the_run(data: dict, client: dict) -> dict[str, Any]:
+    """Node policy limits that admit what the run config asks of this client (its operator wrote that
+    config), never lower than the node defaults."""
+    defaults = NodePolicy()
+    model = client.get("model") or {}
+    server_model = (data.get("server") or {}).get("model") or {}
+    return {
+        "max-length": max(defaults.max_length, int((data.get("data") or {}).get("max_length") or 0)),
+        "max-batch-size": max(
+            defaults.max_batch_size, *(int(client.get(k) or 0) for k in ("batch_size", "eval_batch_size"))
+        ),
+        "max-epochs": max(defaults.max_epochs, *(int(client.get(k) or 0) for k in ("local_epochs", "distill_epochs"))),
+        "allow-remote-code": bool(model.get("trust_remote_code") or server_model.get("trust_remote_code")),
+        "fedavg": (data.get("federation") or {}).get("mode") == "fedavg",
+    }
 
 
 def _shared_files(data: dict) -> dict[str, str]:
