@@ -336,6 +336,7 @@ def test_client_state_persists_in_the_node_context_and_save_adapter_writes_it(ta
                 client="client_0",
                 config_text=TINY_TEXT,
                 path="adapters/round_1/client_0",
+                run="demo",
                 round=1,
             )
         ),
@@ -344,7 +345,7 @@ def test_client_state_persists_in_the_node_context_and_save_adapter_writes_it(ta
     )
     reply = client_app.handle(request, context)
     assert not reply.has_error()
-    folder = tmp_path / "node" / "adapters" / "round_1" / "client_0"
+    folder = tmp_path / "node" / "runs" / "demo" / "adapters" / "round_1" / "client_0"  # the run's own folder
     assert torch.equal(
         load_file(folder / "adapter_model.safetensors")["layer.lora_A.weight"],
         _FakeParticipant.weights["layer.lora_A.weight"],
@@ -651,9 +652,16 @@ def test_a_round_over_flower_messages_matches_in_process_with_two_messages_per_c
             "eval_accuracy",
         ):
             assert ours[party][key] == pytest.approx(entry[key], abs=1e-5), (party, key)
-    for index in range(2):  # each node wrote its adapter into its own folder, as in-process
+    for index in range(2):  # each node wrote its adapter into the run's folder of its own, as in-process
         node = load_file(
-            tmp_path / f"node_{index}" / "adapters" / "round_1" / f"client_{index}" / "adapter_model.safetensors"
+            tmp_path
+            / f"node_{index}"
+            / "runs"
+            / run_dir.name
+            / "adapters"
+            / "round_1"
+            / f"client_{index}"
+            / "adapter_model.safetensors"
         )
         local = load_file(
             tmp_path / "inprocess" / "adapters" / "round_1" / f"client_{index}" / "adapter_model.safetensors"
@@ -829,8 +837,8 @@ def test_the_quorum_error_names_the_fix_of_each_backend(tmp_path):
 # ---- a node writes only inside its own folder --------------------------------------------------
 
 
-def _save_request(path: str) -> Message:
-    request = Request(phase="save_adapter", client="client_0", config_text=TINY_TEXT, path=path)
+def _save_request(path: str, run: str = "demo") -> Message:
+    request = Request(phase="save_adapter", client="client_0", config_text=TINY_TEXT, path=path, run=run)
     return Message(encode_request(request), dst_node_id=7, message_type="query.save_adapter")
 
 
@@ -850,19 +858,55 @@ def test_a_node_refuses_paths_that_leave_its_output_folder_and_deletes_nothing(t
     for bad in (str(outside), "../outside", "adapters/../../outside", ""):
         with pytest.raises(FedMKTError, match="refused to write.*own output folder"):
             client_app.handle(_save_request(bad), context)
-    (node_dir / "adapters").mkdir(parents=True)
-    (node_dir / "adapters" / "escape").symlink_to(outside)
+    for bad_run in ("", "..", "../outside", "a/b", str(outside)):  # the run name picks a folder too
+        with pytest.raises(FedMKTError, match="refused the run name.*Fix:"):
+            client_app.handle(_save_request("adapters/round_1/client_0", run=bad_run), context)
+    run_dir = node_dir / "runs" / "demo"
+    (run_dir / "adapters").mkdir(parents=True)
+    (run_dir / "adapters" / "escape").symlink_to(outside)
     with pytest.raises(FedMKTError, match="outside this node's output folder"):
         client_app.handle(_save_request("adapters/escape"), context)
+    (node_dir / "runs" / "elsewhere").symlink_to(outside)
+    with pytest.raises(FedMKTError, match="outside this node's output folder"):
+        client_app.handle(_save_request("adapters/round_1/client_0", run="elsewhere"), context)
     assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
 
-    target = node_dir / "adapters" / "round_1" / "client_0"
+    target = run_dir / "adapters" / "round_1" / "client_0"
     target.mkdir(parents=True)
     (target / "notes.txt").write_text("the node's own file")
     assert not client_app.handle(_save_request("adapters/round_1/client_0"), context).has_error()
     names = ["adapter_config.json", "adapter_model.safetensors", "node_state.json", "notes.txt"]
     assert sorted(p.name for p in target.iterdir()) == names
     assert (target / "notes.txt").read_text() == "the node's own file"  # nothing there was deleted
+
+
+def test_two_runs_served_by_one_node_keep_their_adapters_apart(task_identity, tmp_path):
+    """Run B's round-1 adapter does not replace run A's: each run has its own folder on the node,
+    named after the server's run folder; a node started for one run (`run-dir`) writes there."""
+    node_dir = tmp_path / "node"
+
+    def save(run: str, weight: float, node_config: dict) -> None:
+        context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+        party = _FakeParticipant()
+        party.weights = {"layer.lora_A.weight": torch.full((2, 2), weight)}
+        client_app.write_state(context, client_phases.capture_state(party))
+        assert not client_app.handle(_save_request("adapters/round_1/client_0", run=run), context).has_error()
+
+    node = {"partition-id": 0, "output-dir": str(node_dir), "keep-alive-s": 0}
+    save("run-a", 1.0, node)
+    save("run-b", 2.0, node)
+    weights = {
+        run: load_file(node_dir / "runs" / run / "adapters" / "round_1" / "client_0" / "adapter_model.safetensors")
+        for run in ("run-a", "run-b")
+    }
+    assert weights["run-a"]["layer.lora_A.weight"].unique().tolist() == [1.0]
+    assert weights["run-b"]["layer.lora_A.weight"].unique().tolist() == [2.0]
+    assert not (node_dir / "adapters").exists()
+
+    only = tmp_path / "the-run"
+    save("run-c", 3.0, node | {"run-dir": str(only)})
+    written = load_file(only / "adapters" / "round_1" / "client_0" / "adapter_model.safetensors")
+    assert written["layer.lora_A.weight"].unique().tolist() == [3.0]
 
 
 # ---- node-owned data and settings --------------------------------------------------------------

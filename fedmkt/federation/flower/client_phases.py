@@ -127,10 +127,10 @@ def answer(
         )
     start = time.time()
     if request.phase == "save_adapter":  # copies the stored state; no model is built
-        digest = write_state(state, inside_output_dir(settings, request.path), request.round)
+        digest = write_state(state, inside_output_dir(settings, request.run, request.path), request.round)
         return Reply(info={"start": start, "end": time.time(), "sha256": digest}), state
     if request.phase == "load_adapter":  # adopts a state saved in this node's folder; no model is built
-        state = read_state(inside_output_dir(settings, request.path), request.sha256)
+        state = read_state(inside_output_dir(settings, request.run, request.path), request.sha256)
         return Reply(info={"start": start, "end": time.time()}), state
     try:
         reply, new_state = run_phase(request, settings, state, cache, start, run_id)
@@ -222,7 +222,9 @@ def run_phase(
             elif phase == "evaluate":
                 entry["stats"] = participant.evaluate()
             else:  # save_adapter: what the phase before stored
-                entry["sha256"] = write_state(state, inside_output_dir(settings, request.path), request.round)
+                entry["sha256"] = write_state(
+                    state, inside_output_dir(settings, request.run, request.path), request.round
+                )
         except Exception as error:  # reported as that phase's failure; the phase before stands
             entry["error"] = describe(error)
         entry["end"] = time.time()

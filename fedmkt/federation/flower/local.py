@@ -55,7 +55,7 @@ def split_config(resolved: str, run_dir: Path) -> tuple[str, list[dict[str, Any]
     shared = _shared_files(data.get("data") or {})
     nodes = []
     for index, client in enumerate(data.get("clients") or []):
-        settings: dict[str, Any] = {"partition-id": index, "output-dir": str(run_dir)} | shared
+        settings: dict[str, Any] = {"partition-id": index, "output-dir": str(run_dir), "run-dir": str(run_dir)} | shared
         settings |= _policy_for_the_run(data, client)
         for key in _PRIVATE_KEYS:
             source = client.pop(key, None)

@@ -50,7 +50,9 @@ class Request:
     config_text: str
     round: int = 0
     path: str = ""
-    """For save_adapter: where to write, relative to the node's output folder."""
+    """For save_adapter/load_adapter: where, relative to this run's folder on the node."""
+    run: str = ""
+    """The name of the server's run folder: the node keeps each run's outputs in a folder of that name."""
     blobs: dict[str, bytes] = field(default_factory=dict)
     tokenizers: dict[str, str] = field(default_factory=dict)
     """Client name → the fingerprint of the tokenizer the run expects it to use (its node checks its own)."""
@@ -106,6 +108,7 @@ def encode_request(request: Request) -> RecordDict:
         "config": request.config_text,
         "round": request.round,
         "path": request.path,
+        "run": request.run,
         "tokenizers": json.dumps(request.tokenizers),
         "then": json.dumps(request.then),
         "fresh": request.fresh,
@@ -127,6 +130,7 @@ def decode_request(content: RecordDict) -> Request:
         config_text=str(fields["config"]),
         round=int(fields["round"]),
         path=str(fields["path"]),
+        run=str(fields.get("run", "")),
         blobs=_read_blobs(content),
         tokenizers=json.loads(str(fields.get("tokenizers", "{}"))),
         then=json.loads(str(fields.get("then", "[]"))),

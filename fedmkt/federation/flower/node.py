@@ -9,7 +9,10 @@ node-local YAML file that the `settings` key names (node-config keys win over th
   eval           path of the client's own held-out set (optional)
   model          base model source (hub name, local dir, .gguf, embedded:NAME); other model
                  settings (random_init, dtype) stay those of the run config
-  output-dir     folder the node writes its adapters into (default: ./fedmkt-client_N)
+  output-dir     the node's folder (default: ./fedmkt-client_N); each run's adapters go to their own
+                 subfolder `runs/<the server's run folder name>/`, so that no run overwrites another's
+  run-dir        instead, the one folder this node's run writes into (`launch-local` sets it to the
+                 run folder, as `fit` would use)
   keep-alive-s   seconds the node's worker keeps the built party after its last message
                  (default 1800; 0: no worker, every message rebuilds the party; see worker.py)
   settings       a YAML file with the same keys, where `data`/`eval` may be full data sources
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
@@ -61,7 +65,7 @@ POLICY_KEYS = (
     "fedavg",
     "cache-dir",
 )
-NODE_KEYS = ("partition-id", "data", "eval", "model", "output-dir", "keep-alive-s", "settings", *POLICY_KEYS)
+NODE_KEYS = ("partition-id", "data", "eval", "model", "output-dir", "run-dir", "keep-alive-s", "settings", *POLICY_KEYS)
 """The `--node-config` keys fedmkt reads (and the keys of a `settings` file)."""
 
 SHARED_SOURCES = {"public": "data.public", "shared-eval": "data.eval", "data-dir": "data.data_dir"}
@@ -89,6 +93,9 @@ class NodeSettings:
 
     index: int
     output_dir: Path
+    """The node's own folder (its worker's socket, and `runs/<run>/` for each run's outputs)."""
+    run_dir: Optional[Path] = None
+    """Set: every run this node serves writes here (a node started for one run); unset: per-run folders."""
     data: Optional[DataSource] = None
     eval: Optional[DataSource] = None
     model: Optional[ModelSpec] = None
@@ -121,6 +128,7 @@ def node_settings(node_config: dict, num_clients: Optional[int] = None) -> NodeS
     return NodeSettings(
         index=index,
         output_dir=Path(str(output)).expanduser() if output else Path.cwd() / f"fedmkt-client_{index}",
+        run_dir=Path(str(values["run-dir"])).expanduser() if values.get("run-dir") else None,
         data=_source(values.get("data"), "data"),
         eval=_source(values.get("eval"), "eval"),
         model=model,
@@ -226,15 +234,38 @@ def content_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def inside_output_dir(settings: NodeSettings, relative: str) -> Path:
-    """`relative` (sent by the server) under this node's output folder; anything that could leave it is refused."""
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def run_folder(settings: NodeSettings, run: str) -> Path:
+    """Where this node keeps the outputs of the run named `run` (the server's run folder name):
+    `<output-dir>/runs/<run>`, so that two runs served by one node never write over each other."""
+    if settings.run_dir is not None:
+        return settings.run_dir
+    if not _RUN_NAME.fullmatch(run or ""):
+        raise FedMKTError(
+            f"refused the run name {run!r}: a node keeps each run's outputs under runs/<name>, and the name must be "
+            "one folder name of letters, digits, '.', '_' or '-'. Fix: give the run folder such a name, "
+            "and run the same fedmkt version on the server."
+        )
+    folder = settings.output_dir / "runs" / run
+    if not folder.resolve().is_relative_to(settings.output_dir.resolve()):  # a symbolic link out of the node's folder
+        raise FedMKTError(
+            f"refused to write to {folder}: it resolves to {folder.resolve()}, outside this node's output folder "
+            f"{settings.output_dir.resolve()}. Fix: remove the symbolic link there."
+        )
+    return folder
+
+
+def inside_output_dir(settings: NodeSettings, run: str, relative: str) -> Path:
+    """`relative` (sent by the server) under this run's folder on this node; anything that could leave it is refused."""
     path = PurePosixPath(relative)
     if not relative or path.is_absolute() or ".." in path.parts or "\\" in relative:
         raise FedMKTError(
             f"refused to write to {relative!r}: a node writes only inside its own output folder {settings.output_dir}, "
             "and the server may name only a relative path without '..'. Fix: run the same fedmkt version on the server."
         )
-    root = settings.output_dir.resolve()
+    root = run_folder(settings, run).resolve()
     target = (root / Path(*path.parts)).resolve()
     if not target.is_relative_to(root):  # a symbolic link inside the folder that points out of it
         raise FedMKTError(

@@ -106,6 +106,7 @@ class RemoteParticipant:
             config_text=self.config_text,
             round=round_index,
             path=path,
+            run=self.run_dir.name,
             blobs=blobs,
             tokenizers={self.name: self.tokenizer} if self.tokenizer else {},
             then=list(then),
