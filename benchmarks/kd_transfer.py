@@ -45,12 +45,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load as load_safetensors
 
 from fedmkt.config import ModelSpec, RunConfig, parse_run_config
 from fedmkt.data.parts import PartyData, party_data
+from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import paired_bootstrap
 from fedmkt.federation.parties import build_participant, quiet_lightning
-from fedmkt.files import atomic_write_text
+from fedmkt.files import atomic_write_bytes, atomic_write_text
 from fedmkt.models import cache_root
 from fedmkt.payload import KnowledgePayload
 
@@ -161,13 +163,43 @@ def teacher_step(bench: Bench, model: str, data: PartyData) -> tuple[dict, Path]
         stats = teacher.fine_tune(1)
         scores = _scores(teacher.evaluate())
         payload = teacher.share_knowledge(1)
-        payload_path.write_bytes(payload.to_bytes())
+        atomic_write_bytes(payload_path, payload.to_bytes())
         _free(teacher)
         return scores | {"task_loss": stats.task_loss}
 
     if not payload_path.is_file():
         (bench.state / f"{name}.json").unlink(missing_ok=True)  # a result without its payload is incomplete
+    elif (bench.state / f"{name}.json").is_file() and not _readable(payload_path):
+        _refresh_payload(config, data, payload_path)
     return cached(bench, name, compute), payload_path
+
+
+def _readable(payload_path: Path) -> bool:
+    try:
+        KnowledgePayload.from_bytes(payload_path.read_bytes())
+    except FedMKTError:
+        return False
+    return True
+
+
+def _refresh_payload(config: Any, data: PartyData, payload_path: Path) -> None:
+    """A stored payload that this version can no longer read (an older one lacks a field a receiver
+    now checks) is made again: the seeded fine-tuning gives the same teacher, so the fields the older
+    payload has must come back identical, and every result computed from it stands."""
+    print(f"[kd_transfer] {payload_path.name}: older payload format, remaking it from the same teacher", flush=True)
+    old = load_safetensors(payload_path.read_bytes())
+    teacher = build_participant(config, "server", data=data)
+    teacher.fine_tune(1)
+    payload = teacher.share_knowledge(1).to_bytes()
+    _free(teacher)
+    new = load_safetensors(payload)
+    changed = [name for name in old if name not in new or not torch.equal(old[name], new[name])]
+    if changed:
+        raise FedMKTError(
+            f"the teacher fine-tuned again gives other {changed} than {payload_path} holds, so the results distilled "
+            f"from it cannot be kept. Fix: delete {payload_path.parent} and run again."
+        )
+    atomic_write_bytes(payload_path, payload)
 
 
 def zero_shot_step(bench: Bench, model: str, data: PartyData) -> dict:

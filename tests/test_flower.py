@@ -1142,9 +1142,9 @@ def test_launch_local_reproduces_the_in_process_run(tmp_path, monkeypatch):
     config = tmp_path / "own_data_longer.yaml"
     text = shipped_configs()["own_data.yaml"].read_text()
     config.write_text(
-        text.replace("\n    optimizer: {lr: 1.0e-3}", "\n    local_epochs: 40\n    optimizer: {lr: 1.0e-3}")
+        text.replace("\n    optimizer: {lr: 1.0e-3}", "\n    local_epochs: 150\n    optimizer: {lr: 1.0e-3}")
     )
-    assert config.read_text().count("local_epochs: 40") == 2
+    assert config.read_text().count("local_epochs: 150") == 2
     settings = [*SETTINGS, "--config", str(config)]
     flower_dir, inprocess_dir = tmp_path / "flower", tmp_path / "inprocess"
     started = time.monotonic()
