@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load as load_safetensors
 
 from fedmkt.config import ModelSpec, RunConfig, parse_run_config
 from fedmkt.data.parts import PartyData, party_data
@@ -167,10 +166,9 @@ def teacher_step(bench: Bench, model: str, data: PartyData) -> tuple[dict, Path]
         _free(teacher)
         return scores | {"task_loss": stats.task_loss}
 
-    if not payload_path.is_file():
-        (bench.state / f"{name}.json").unlink(missing_ok=True)  # a result without its payload is incomplete
-    elif (bench.state / f"{name}.json").is_file() and not _readable(payload_path):
-        _refresh_payload(config, data, payload_path)
+    if not payload_path.is_file() or not _readable(payload_path):
+        # a result without its payload, or with one this version cannot read, is incomplete
+        (bench.state / f"{name}.json").unlink(missing_ok=True)
     return cached(bench, name, compute), payload_path
 
 
@@ -182,24 +180,9 @@ def _readable(payload_path: Path) -> bool:
     return True
 
 
-def _refresh_payload(config: Any, data: PartyData, payload_path: Path) -> None:
-    """A stored payload that this version can no longer read (an older one lacks a field a receiver
-    now checks) is made again: the seeded fine-tuning gives the same teacher, so the fields the older
-    payload has must come back identical, and every result computed from it stands."""
-    print(f"[kd_transfer] {payload_path.name}: older payload format, remaking it from the same teacher", flush=True)
-    old = load_safetensors(payload_path.read_bytes())
-    teacher = build_participant(config, "server", data=data)
-    teacher.fine_tune(1)
-    payload = teacher.share_knowledge(1).to_bytes()
-    _free(teacher)
-    new = load_safetensors(payload)
-    changed = [name for name in old if name not in new or not torch.equal(old[name], new[name])]
-    if changed:
-        raise FedMKTError(
-            f"the teacher fine-tuned again gives other {changed} than {payload_path} holds, so the results distilled "
-            f"from it cannot be kept. Fix: delete {payload_path.parent} and run again."
-        )
-    atomic_write_bytes(payload_path, payload)
+def payload_digest(payload_path: Path) -> int:
+    """The payload's content as a number for a step key: a student distilled from other bytes is another step."""
+    return int(hashlib.sha256(payload_path.read_bytes()).hexdigest()[:15], 16)
 
 
 def zero_shot_step(bench: Bench, model: str, data: PartyData) -> dict:
@@ -232,7 +215,7 @@ def student_step(bench: Bench, pair: str, control: bool, payload_path: Path, dat
     teacher, student = PAIRS[pair]
     config = pair_config(bench, teacher, student)
     kind = "control" if control else "kd"
-    name = bench.key(pair, kind, config.clients[0], config.transfer, payload_path.name)
+    name = bench.key(pair, kind, config.clients[0], config.transfer, payload_path.name, payload_digest(payload_path))
 
     def compute() -> dict:
         payload = KnowledgePayload.from_bytes(payload_path.read_bytes())

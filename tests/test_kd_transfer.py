@@ -87,3 +87,30 @@ def test_report_gap_closed_and_difference_to_the_control(kd_transfer, tmp_path):
 def test_overrides_need_a_try_name(kd_transfer):
     with pytest.raises(SystemExit):
         kd_transfer.main(["--override", "transfer.topk_target=tail"])
+
+
+def test_a_student_step_is_keyed_by_the_teacher_payloads_bytes(kd_transfer, tmp_path, monkeypatch):
+    """A teacher payload made again (other bytes, same file name) must not reuse a student's stored result,
+    and a stored payload this version cannot read sends the teacher step back to work."""
+    bench = kd_transfer.Bench("quick", kd_transfer.base_config("quick", []), tmp_path)
+    names = []
+
+    def cached(bench, name, compute):
+        names.append(name)
+        return {}
+
+    monkeypatch.setattr(kd_transfer, "cached", cached)
+    path = tmp_path / "teacher.payload"
+    for temperature in (1.0, 2.0):
+        path.write_bytes(payload(temperature).to_bytes())
+        kd_transfer.student_step(bench, "same_tokenizer", False, path, data=None)
+    assert names[0] != names[1]
+
+    teacher = kd_transfer.pair_config(bench, kd_transfer.SMOLLM2, kd_transfer.SMOLLM2)
+    transfer = teacher.transfer
+    name = bench.key("teacher", "smollm2-135m-instruct", teacher.server, transfer.top_k, transfer.temperature)
+    stored = tmp_path / f"{name}.json"
+    stored.write_text("{}")
+    (tmp_path / f"{name}.payload").write_bytes(b"written by an older version")
+    kd_transfer.teacher_step(bench, kd_transfer.SMOLLM2, data=None)
+    assert not stored.exists()  # its result went with the payload it could not read
