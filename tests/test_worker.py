@@ -59,7 +59,9 @@ def test_a_silent_caller_does_not_hold_up_a_real_request(running):
     finally:
         silent.close()
     assert reply.info["client"] == "client_0"
-    assert waited < worker.HANDSHAKE_TIMEOUT_S + 5  # at most one handshake timeout, never the keep-alive
+    # At most about one handshake timeout (5 s), never the worker's 60 s keep-alive; the margin is
+    # for a loaded 2-core machine, where the call itself can take seconds.
+    assert waited < worker.HANDSHAKE_TIMEOUT_S + 25
 
 
 def test_a_caller_without_the_key_is_refused_and_the_worker_serves_on(running):
