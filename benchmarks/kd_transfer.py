@@ -123,17 +123,21 @@ def pair_config(bench: Bench, teacher: str, student: str) -> RunConfig:
     return config
 
 
+_PROGRAM = Path(sys.argv[0]).stem or "kd_transfer"
+"""The benchmark running (dp_cost.py shares these steps), as its progress lines name it."""
+
+
 def cached(bench: Bench, name: str, compute: Callable[[], dict]) -> dict:
     """The stored result of step `name`, or computed now and stored before anything else runs."""
     path = bench.state / f"{name}.json"
     if path.is_file():
-        print(f"[kd_transfer] {name}: reused {path}", flush=True)
+        print(f"[{_PROGRAM}] {name}: reused {path}", flush=True)
         return json.loads(path.read_text())
-    print(f"[kd_transfer] {name}: running", flush=True)
+    print(f"[{_PROGRAM}] {name}: running", flush=True)
     start = time.perf_counter()
     result = compute() | {"seconds": round(time.perf_counter() - start, 1)}
     atomic_write_text(path, json.dumps(result))
-    print(f"[kd_transfer] {name}: done in {result['seconds']:.0f} s ({_accuracy_text(result)})", flush=True)
+    print(f"[{_PROGRAM}] {name}: done in {result['seconds']:.0f} s ({_accuracy_text(result)})", flush=True)
     return result
 
 
@@ -141,12 +145,12 @@ def _accuracy_text(result: dict) -> str:
     return f"accuracy {result['eval_accuracy']:.3f}" if "eval_accuracy" in result else "no evaluation"
 
 
-def _scores(stats: dict) -> dict:
+def eval_scores(stats: dict) -> dict:
     keep = ("eval_accuracy", "eval_accuracy_ci", "eval_n", "eval_correct", "eval_seconds")
     return {key: stats[key] for key in keep}
 
 
-def _free(*objects: Any) -> None:
+def release(*objects: Any) -> None:
     del objects
     gc.collect()
 
@@ -160,10 +164,10 @@ def teacher_step(bench: Bench, model: str, data: PartyData) -> tuple[dict, Path]
     def compute() -> dict:
         teacher = build_participant(config, "server", data=data)
         stats = teacher.fine_tune(1)
-        scores = _scores(teacher.evaluate())
+        scores = eval_scores(teacher.evaluate())
         payload = teacher.share_knowledge(1)
         atomic_write_bytes(payload_path, payload.to_bytes())
-        _free(teacher)
+        release(teacher)
         return scores | {"task_loss": stats.task_loss}
 
     if not payload_path.is_file() or not _readable(payload_path):
@@ -191,8 +195,8 @@ def zero_shot_step(bench: Bench, model: str, data: PartyData) -> dict:
 
     def compute() -> dict:
         student = build_participant(config, "client_0", data=data)
-        scores = _scores(student.evaluate())
-        _free(student)
+        scores = eval_scores(student.evaluate())
+        release(student)
         return scores
 
     return cached(bench, name, compute)
@@ -223,9 +227,9 @@ def student_step(bench: Bench, pair: str, control: bool, payload_path: Path, dat
             payload = equal_logits(payload)
         party = build_participant(config, "client_0", data=data)
         stats = party.distill(1, {"server": payload})
-        scores = _scores(party.evaluate())
+        scores = eval_scores(party.evaluate())
         alignment = alignment_losses(party, payload, data) if not control else {}
-        _free(party)
+        release(party)
         return scores | {"kd_loss": stats.kd_loss, "task_loss": stats.task_loss, "alignment": alignment}
 
     return cached(bench, name, compute)
