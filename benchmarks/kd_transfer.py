@@ -48,12 +48,14 @@ import torch
 
 from fedmkt.config import ModelSpec, RunConfig, parse_run_config
 from fedmkt.data.parts import PartyData, party_data
+from fedmkt.data.tokenize import IGNORE_INDEX
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import paired_bootstrap
 from fedmkt.federation.parties import build_participant, quiet_lightning
 from fedmkt.files import atomic_write_bytes, atomic_write_text
 from fedmkt.models import cache_root
 from fedmkt.payload import KnowledgePayload
+from fedmkt.received import PublicTokens
 
 SMOLLM2 = "embedded:smollm2-135m-instruct"
 GEMMA = "embedded:gemma3-270m"
@@ -202,16 +204,39 @@ def zero_shot_step(bench: Bench, model: str, data: PartyData) -> dict:
     return cached(bench, name, compute)
 
 
-def equal_logits(payload: KnowledgePayload) -> KnowledgePayload:
+def equal_logits(
+    payload: KnowledgePayload, public: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+) -> KnowledgePayload:
     """The control's payload: each position's top-k values replaced by one value (no ranking).
 
     The value keeps the top-k's total probability (``T * (logsumexp(x / T) - log k)``), so under
-    `topk_target: tail` the control moves the same mass onto the same ids, spread evenly.
+    `topk_target: tail` the control moves the same mass onto the same ids, spread evenly. The label
+    log-probabilities and losses are those of the control's own distribution (a label among the
+    top-k gets the even share, any other keeps its own), so a receiver's checks pass as for a teacher
+    that really had no ranking; `public(index)` gives a public sample's (input_ids, targets) in the
+    teacher's tokens.
     """
     scaled = payload.topk_logits.float() / payload.temperature
     k = scaled.shape[1]
     level = payload.temperature * (torch.logsumexp(scaled, dim=1, keepdim=True) - torch.log(torch.tensor(float(k))))
-    return replace(payload, topk_logits=level.expand_as(scaled).to(payload.topk_logits.dtype).contiguous())
+    level = level.to(payload.topk_logits.dtype)  # as sent: the even share is computed from what a receiver reads
+    even_share = level[:, 0].float() / payload.temperature - payload.logsumexp.float()
+    label_logprob = payload.label_logprob.clone()
+    losses = payload.losses.clone()
+    for row, index in enumerate(payload.sample_index.tolist()):
+        start, stop = int(payload.offsets[row]), int(payload.offsets[row + 1])
+        _, targets = public(index)
+        labelled = targets != IGNORE_INDEX
+        listed = (payload.topk_ids[start:stop].long() == targets[:, None]).any(dim=1) & labelled
+        span = label_logprob[start:stop]
+        span[listed] = even_share[start:stop][listed].to(span.dtype)
+        losses[row] = -span[labelled].float().mean() if bool(labelled.any()) else 0.0
+    return replace(
+        payload,
+        topk_logits=level.expand_as(scaled).contiguous(),
+        label_logprob=label_logprob,
+        losses=losses,
+    )
 
 
 def student_step(bench: Bench, pair: str, control: bool, payload_path: Path, data: PartyData) -> dict:
@@ -223,9 +248,10 @@ def student_step(bench: Bench, pair: str, control: bool, payload_path: Path, dat
 
     def compute() -> dict:
         payload = KnowledgePayload.from_bytes(payload_path.read_bytes())
-        if control:
-            payload = equal_logits(payload)
         party = build_participant(config, "client_0", data=data)
+        if control:
+            tokenizer = party.alignment.teacher_tokenizers["server"]
+            payload = equal_logits(payload, PublicTokens(tokenizer, party.data.public_examples, party.max_length))
         stats = party.distill(1, {"server": payload})
         scores = eval_scores(party.evaluate())
         alignment = alignment_losses(party, payload, data) if not control else {}

@@ -38,14 +38,22 @@ def payload(temperature: float = 2.0) -> KnowledgePayload:
         topk_ids=torch.randint(50, (rows, k), generator=g).to(torch.int16),
         topk_logits=logits.half(),
         logsumexp=torch.logsumexp(logits / temperature, dim=1) + 0.7,  # 1 - e^-0.7 of the mass is outside
-        label_logprob=torch.zeros(rows),
+        label_logprob=-torch.arange(1.0, rows + 1),
         temperature=temperature,
     )
 
 
+def targets_with_one_label_listed_and_one_not(sent: KnowledgePayload):
+    """Public sample 0 in the sender's tokens: position 1's label is its 3rd top-k id, position 3's is no top-k id."""
+    targets = torch.full((5,), -100)
+    targets[1] = int(sent.topk_ids[1, 2])
+    targets[3] = next(i for i in range(50) if i not in sent.topk_ids[3].tolist())
+    return lambda index: (sent.token_ids.long(), targets)
+
+
 def test_the_control_keeps_ids_and_top_k_mass_but_no_ranking(kd_transfer):
     sent = payload()
-    control = kd_transfer.equal_logits(sent)
+    control = kd_transfer.equal_logits(sent, targets_with_one_label_listed_and_one_not(sent))
     assert torch.equal(control.topk_ids, sent.topk_ids) and torch.equal(control.logsumexp, sent.logsumexp)
     values = control.topk_logits.float()
     assert torch.equal(values, values[:, :1].expand_as(values))  # one value per position
@@ -114,3 +122,19 @@ def test_a_student_step_is_keyed_by_the_teacher_payloads_bytes(kd_transfer, tmp_
     (tmp_path / f"{name}.payload").write_bytes(b"written by an older version")
     kd_transfer.teacher_step(bench, kd_transfer.SMOLLM2, data=None)
     assert not stored.exists()  # its result went with the payload it could not read
+
+
+def test_the_controls_label_log_probabilities_are_its_own_and_pass_a_receivers_checks(kd_transfer):
+    """At T = 1 a receiver refuses a payload whose label log-probabilities disagree with its top-k
+    (fedmkt.received); the control's must be those of its even distribution, and its loss their mean."""
+    from fedmkt.received import Agreement, verify_payload
+
+    sent = payload(temperature=1.0)
+    public = targets_with_one_label_listed_and_one_not(sent)
+    control = kd_transfer.equal_logits(sent, public)
+    even = control.topk_logits[1, 0].float() - control.logsumexp[1]  # log(top-k mass / k)
+    assert float(control.label_logprob[1]) == pytest.approx(float(even), abs=1e-6)
+    assert float(control.label_logprob[3]) == float(sent.label_logprob[3])  # not listed: its own
+    assert float(control.losses[0]) == pytest.approx(-(float(even) + float(sent.label_logprob[3])) / 2, abs=1e-6)
+    agreed = Agreement(round=1, top_k=4, max_length=16, temperature=1.0, tokenizer_size=50)
+    verify_payload(control, agreed, public)  # passes
