@@ -11,7 +11,7 @@ import base64
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -117,11 +117,48 @@ def check_resumable(state: dict, config: RunConfig, run_dir: Path) -> None:
     """Refuse a checkpoint saved under another config: the continued run would silently differ."""
     saved = state["summary"]["config"]
     current = finite_or_none(json.loads(json.dumps(asdict(config), default=json_default)))
-    differing = _differing_keys(saved, current, ignore=RESUME_MAY_CHANGE)
+    differing = [
+        key
+        for key in _differing_keys(saved, current, ignore=RESUME_MAY_CHANGE)
+        if not _added_later_at_default(key, saved, config)
+    ]
     if differing:
         raise FedMKTError(
             f"--resume config differs from the checkpoint's at {', '.join(differing)}. Fix: resume with {Path(run_dir) / 'config.yaml'}."
         )
+
+
+def _added_later_at_default(dotted: str, saved: dict, config: RunConfig) -> bool:
+    """True for a key the checkpoint lacks and the config leaves at its default.
+
+    Such a key was added to fedmkt after the checkpoint was saved, and a new key's default keeps
+    what the code did before it (`privacy.dp` off, for one), so the continued run computes the
+    same as the interrupted one would have."""
+    *parents, key = dotted.split(".")
+    node: object = saved
+    owner: object = config
+    for part in parents:
+        if not isinstance(node, dict) or part not in node or not is_dataclass(owner):
+            return False
+        node, owner = node[part], getattr(owner, part)
+    if not isinstance(node, dict) or key in node or not is_dataclass(owner):
+        return False
+    declared = {f.name: f for f in fields(owner)}.get(key)
+    if declared is None:
+        return False
+    if declared.default is not MISSING:
+        default = declared.default
+    elif declared.default_factory is not MISSING:
+        default = declared.default_factory()
+    else:
+        return False
+    return _as_json(getattr(owner, key)) == _as_json(default)
+
+
+def _as_json(value: object) -> object:
+    """A config value as the checkpoint stores it."""
+    value = asdict(value) if is_dataclass(value) else value
+    return finite_or_none(json.loads(json.dumps(value, default=json_default)))
 
 
 def _differing_keys(saved: dict, current: dict, ignore: set[str], prefix: str = "") -> list[str]:
