@@ -116,7 +116,7 @@ def read_checkpoint(run_dir: Path) -> dict:
 def check_resumable(state: dict, config: RunConfig, run_dir: Path) -> None:
     """Refuse a checkpoint saved under another config: the continued run would silently differ."""
     saved = state["summary"]["config"]
-    current = finite_or_none(json.loads(json.dumps(asdict(config), default=json_default)))
+    current = _as_json(config)
     differing = [
         key
         for key in _differing_keys(saved, current, ignore=RESUME_MAY_CHANGE)
