@@ -10,6 +10,7 @@ per-question results (`eval_correct`) for every party and the same losses (withi
     OMP_NUM_THREADS=2 python benchmarks/round_speed.py           # the reproduction's scale (about 1.5 h on 2 cores)
     python benchmarks/round_speed.py --quick                     # the same comparison in under 10 minutes
     python benchmarks/round_speed.py --off chunked_head          # one fast path against the rest
+    OMP_NUM_THREADS=2 python benchmarks/round_speed.py --work-dir runs/round_speed   # resumable: a rerun reuses finished rounds
 
 The last line reads `round speedup: X.XX× (results identical: yes|no)`.
 """
@@ -64,6 +65,27 @@ def run_once(scale: dict, run_dir: Path, off: tuple[str, ...]) -> dict:
         return fit(config, overwrite=run_dir.exists())
 
 
+def _record_path(work: Path, name: str) -> Path:
+    return work / f"{name}_round.json"
+
+
+def record_round(work: Path, name: str, scale: dict, off: tuple[str, ...], summary: dict) -> None:
+    """Keep a finished round's summary beside its folder, so that a rerun with the same
+    `--work-dir` resumes after it instead of running it again."""
+    _record_path(work, name).write_text(json.dumps({"scale": scale, "off": list(off), "summary": summary}))
+
+
+def finished_round(work: Path, name: str, scale: dict, off: tuple[str, ...]) -> Optional[dict]:
+    """The summary of this round from an earlier run in `work` at the same scale and paths, if any."""
+    path = _record_path(work, name)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("scale") != scale or record.get("off") != list(off):
+        return None
+    return record["summary"]
+
+
 def phase_seconds(summary: dict) -> dict[tuple[str, str], float]:
     """(party, phase) -> seconds spent in that phase in the round (phases a party ran twice add up)."""
     seconds: dict[tuple[str, str], float] = {}
@@ -109,19 +131,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--off", nargs="+", choices=names, default=names, help="fast paths the baseline turns off")
     parser.add_argument("--loss-rtol", type=float, default=1e-3, help="relative tolerance for the phase losses")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
-    parser.add_argument("--work-dir", type=Path, default=None, help="where the two runs' folders go")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="where the two runs' folders go; rerun with the same one to resume after a finished round",
+    )
     args = parser.parse_args(argv)
     scale = SCALES["quick" if args.quick else "full"]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="round_speed_"))
+    work.mkdir(parents=True, exist_ok=True)
     print(f"round_speed: {'quick' if args.quick else 'full'} scale {scale}; plain paths: {', '.join(args.off)}")
     print(f"machine: {machine()}; run folders in {work}", flush=True)
     summaries, walls = {}, {}
     for name, off in (("plain", tuple(args.off)), ("fast", ())):
-        print(f"round_speed: running the {name} round", flush=True)
-        start = time.perf_counter()
-        summaries[name] = run_once(scale, work / name, off)
+        summaries[name] = finished_round(work, name, scale, off)
+        if summaries[name] is not None:
+            print(f"round_speed: reusing the {name} round finished earlier in {work / name}", flush=True)
+        else:
+            print(f"round_speed: running the {name} round", flush=True)
+            start = time.perf_counter()
+            summaries[name] = run_once(scale, work / name, off)
+            record_round(work, name, scale, off, summaries[name])
+            print(f"round_speed: {name} round done in {time.perf_counter() - start:.0f} s", flush=True)
         walls[name] = summaries[name]["rounds"][0]["wall_seconds"]
-        print(f"round_speed: {name} round done in {time.perf_counter() - start:.0f} s", flush=True)
     fast, slow = phase_seconds(summaries["fast"]), phase_seconds(summaries["plain"])
     print("\n| party | phase | plain s | fast s | speedup |")
     print("|---|---|---|---|---|")
