@@ -219,6 +219,45 @@ def _group_by_prompt(encoded: list[tuple[Tensor, Tensor]], sizes: list[int]) -> 
     return groups
 
 
+class _PendingHeadRows:
+    """Hidden rows waiting for the output head, sent through it together so that its chunks are full.
+
+    The head's weight is read whole for every call: at Gemma-3's 262,144 tokens a call for the few
+    prompt rows of one batch costs nearly what a full 64-row chunk does. So rows from several
+    batches queue here, and each label's log-probability is added to its answer option's score.
+    """
+
+    def __init__(self, head: OutputHead, scores: Tensor) -> None:
+        self.head, self.scores = head, scores
+        self._clear()
+
+    def _clear(self) -> None:
+        self.hidden: list[Tensor] = []
+        self.labels: list[Tensor] = []
+        self.reads: list[Tensor] = []
+        self.pairs: list[Tensor] = []
+        self.rows = 0
+
+    def add(self, hidden: Tensor, labels: Tensor, reads: Tensor, pairs: Tensor) -> None:
+        """Score `labels` [N] at rows `reads` [N] of `hidden` [M, H], adding to the options `pairs` [N]."""
+        self.hidden.append(hidden)
+        self.labels.append(labels)
+        self.reads.append(reads + self.rows)
+        self.pairs.append(pairs.cpu())
+        self.rows += hidden.shape[0]
+        if self.rows >= 4 * self.head.rows_per_chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.hidden:
+            return
+        logprobs = head_label_logprobs(
+            self.head, torch.cat(self.hidden), torch.cat(self.labels), rows=torch.cat(self.reads)
+        )
+        self.scores.index_add_(0, torch.cat(self.pairs), logprobs.double().cpu())
+        self._clear()
+
+
 @torch.no_grad()  # see _score_pairs
 def _score_shared_prompts(
     model: Any,
@@ -243,8 +282,9 @@ def _score_shared_prompts(
         groups.sort(key=lambda g: (-max(len(c) for c in g.continuations), -len(g.prompt)))
     else:
         groups.sort(key=lambda g: -len(g.prompt))
-    scores = torch.empty(len(encoded), dtype=torch.float64)
+    scores = torch.zeros(len(encoded), dtype=torch.float64)
     head = _output_head(model)
+    pending = _PendingHeadRows(head, scores) if head is not None else None
     start = 0
     while start < len(groups):
         stop, rows = start, 0
@@ -258,9 +298,8 @@ def _score_shared_prompts(
         prompt_mask = prompts["attention_mask"].to(device)
         last = lengths - 1
         prompt_inputs = {"input_ids": prompts["input_ids"].to(device), "attention_mask": prompt_mask, "use_cache": True}
-        if head is not None:
+        if pending is not None:
             hidden, output = _without_head(model, **prompt_inputs)
-            at_last_hidden = hidden[torch.arange(len(batch), device=device), last]  # [G, H]
         else:
             keep = torch.unique(last)
             logits, output = _logits_at(model, keep, **prompt_inputs)
@@ -270,42 +309,94 @@ def _score_shared_prompts(
         if cache is None or not hasattr(cache, "reorder_cache"):
             raise _NoPromptCache
         owner = torch.tensor([i for i, g in enumerate(batch) for _ in g.pairs], device=device)
+        pairs = torch.tensor([p for g in batch for p in g.pairs])
         continuations = [c for g in batch for c in g.continuations]
         first_tokens = torch.stack([c[:1] for c in continuations]).to(device)  # [R, 1]
-        if head is not None:
-            total = head_label_logprobs(head, at_last_hidden[owner], first_tokens[:, 0]).double().cpu()
+        if pending is not None:  # options of one question share the prompt's last row: one head row each
+            at_last_hidden = hidden[torch.arange(len(batch), device=device), last]  # [G, H]
+            pending.add(at_last_hidden, first_tokens[:, 0], owner, pairs)
         else:
             at_last = logits[torch.arange(len(batch), device=device), torch.searchsorted(keep, last)]  # [G, V]
-            total = _summed_logprobs(at_last[owner].unsqueeze(1), first_tokens)
+            scores[pairs] = _summed_logprobs(at_last[owner].unsqueeze(1), first_tokens)
 
         width = max(len(c) for c in continuations)
         if width > 1:  # the rest of each option, predicted by its own earlier tokens
-            cache.reorder_cache(owner)
-            options = collate([{"input_ids": c} for c in continuations], pad_id)
-            option_ids = options["input_ids"].to(device)
-            option_mask = options["attention_mask"].to(device)
-            option_inputs = {
-                "input_ids": option_ids,
-                "attention_mask": torch.cat([prompt_mask[owner], option_mask], dim=1),
-                "position_ids": lengths[owner, None] + torch.arange(width, device=device),
-                cache_key: cache,
-            }
             try:  # without explicit positions and the cache, the continuation would be scored wrongly
-                if head is not None:  # the head only on the option positions that predict a real token
-                    hidden, _ = _without_head(model, **option_inputs)
-                    scored = option_mask[:, 1:].bool()
-                    logprobs = head_label_logprobs(head, hidden[:, :-1][scored], option_ids[:, 1:][scored])
-                    total += _row_sums(logprobs, scored.nonzero()[:, 0], len(continuations))
+                if pending is not None:
+                    rest, labels, reads, options_of = _option_rest_rows(
+                        model, cache, cache_key, owner, continuations, prompt_mask, lengths, pad_id
+                    )
+                    pending.add(rest, labels, reads, pairs[options_of])
                 else:
-                    rest, _ = _logits_at(model, torch.arange(width - 1, device=device), **option_inputs)
+                    cache.reorder_cache(owner)
+                    options = collate([{"input_ids": c} for c in continuations], pad_id)
+                    option_ids = options["input_ids"].to(device)
+                    option_mask = options["attention_mask"].to(device)
+                    rest, _ = _logits_at(
+                        model,
+                        torch.arange(width - 1, device=device),
+                        input_ids=option_ids,
+                        attention_mask=torch.cat([prompt_mask[owner], option_mask], dim=1),
+                        position_ids=lengths[owner, None] + torch.arange(width, device=device),
+                        **{cache_key: cache},
+                    )
                     targets = option_ids[:, 1:].masked_fill(option_mask[:, 1:] == 0, IGNORE_INDEX)
-                    total += _summed_logprobs(rest, targets)
+                    scores[pairs] += _summed_logprobs(rest, targets)
             except TypeError as error:
                 raise _NoPromptCache from error
-        scores[[p for g in batch for p in g.pairs]] = total
         if bar is not None:
             bar.update(rows)
+    if pending is not None:
+        pending.flush()
     return scores
+
+
+def _option_rest_rows(
+    model: Any,
+    cache: Any,
+    cache_key: str,
+    owner: Tensor,
+    continuations: list[Tensor],
+    prompt_mask: Tensor,
+    lengths: Tensor,
+    pad_id: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What the head must score for each option's tokens after the first: ``(hidden [M, H],
+    labels [N], reads [N], options [N])``, label n predicted at row ``reads[n]`` for option ``options[n]``.
+
+    Continues the prompts' cache with only what is read: options of two or more tokens, without
+    their last token (it predicts nothing). A hidden state that several options share (same prompt,
+    same tokens so far, e.g. " the red one" and " the blue one" after " the") is kept once.
+    """
+    device = prompt_mask.device
+    longer = [r for r, c in enumerate(continuations) if len(c) > 1]
+    runs = owner[torch.tensor(longer, device=device)]
+    cache.reorder_cache(runs)
+    options = collate([{"input_ids": continuations[r][:-1]} for r in longer], pad_id)
+    option_ids = options["input_ids"].to(device)
+    width = option_ids.shape[1]
+    hidden, _ = _without_head(
+        model,
+        input_ids=option_ids,
+        attention_mask=torch.cat([prompt_mask[runs], options["attention_mask"].to(device)], dim=1),
+        position_ids=lengths[runs, None] + torch.arange(width, device=device),
+        **{cache_key: cache},
+    )
+    owners = owner.tolist()
+    row_of: dict[tuple[int, tuple[int, ...]], int] = {}  # (prompt, option tokens so far) -> row
+    positions, reads, labels, options_of = [], [], [], []
+    for run, r in enumerate(longer):
+        tokens = continuations[r].tolist()
+        for j in range(len(tokens) - 1):
+            key = (owners[r], tuple(tokens[: j + 1]))
+            if key not in row_of:
+                row_of[key] = len(positions)
+                positions.append(run * width + j)
+            reads.append(row_of[key])
+            labels.append(tokens[j + 1])
+            options_of.append(r)
+    rows = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(positions, device=device)]
+    return rows, torch.tensor(labels, device=device), torch.tensor(reads, device=device), torch.tensor(options_of)
 
 
 def choice_loglikelihoods(

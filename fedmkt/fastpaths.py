@@ -23,8 +23,10 @@ class FastPaths:
     payload reads (`fedmkt.head`); off: full [B, L, V] logits, then the losses on them."""
 
     scored_rows_only: bool = True
-    """Evaluation runs the output head only on the positions it scores and batches answer options
-    of similar width; off: logits at every kept column of the batch, options batched by prompt length."""
+    """Evaluation runs the output head only on the positions it scores, once per distinct hidden
+    state (options of a question share the prompt's last one, and any common first tokens), in
+    full chunks across batches; options run without their last token and are batched by width.
+    Off: logits at every kept column of the batch, options batched by prompt length."""
 
     sorted_public: bool = True
     """The public-logit pass batches samples of similar length; off: in sample order."""

@@ -132,9 +132,14 @@ class OutputHead:
     def vocab_size(self) -> int:
         return int(self.weight.shape[0])
 
+    @property
+    def rows_per_chunk(self) -> int:
+        """`chunk_rows`, or as many rows as fit `CHUNK_ELEMENTS` logits."""
+        return self.chunk_rows or max(1, CHUNK_ELEMENTS // self.vocab_size)
+
     def chunks(self, rows: int) -> Iterator[slice]:
-        """Consecutive row slices of at most `chunk_rows` rows."""
-        size = self.chunk_rows or max(1, CHUNK_ELEMENTS // self.vocab_size)
+        """Consecutive row slices of at most `rows_per_chunk` rows."""
+        size = self.rows_per_chunk
         for start in range(0, rows, size):
             yield slice(start, min(start + size, rows))
 
@@ -300,10 +305,20 @@ def head_knowledge(
 
 
 @torch.no_grad()
-def head_label_logprobs(head: OutputHead, hidden: Tensor, labels: Tensor) -> Tensor:
-    """``[N]`` float32: ``log p(label)`` at each row of ``hidden`` ``[N, H]`` (every label a real token id)."""
-    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+def head_label_logprobs(head: OutputHead, hidden: Tensor, labels: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+    """``[N]`` float32: ``log p(labels[n])`` at row ``rows[n]`` of ``hidden`` ``[M, H]`` (every label a real token id).
+
+    Without `rows`, label n reads row n (``M = N``). With them, several labels can share a row (the
+    options of one question after its prompt), which then runs through the head once.
+    """
+    out = torch.empty(labels.shape[0], dtype=torch.float32, device=hidden.device)
     for part in head.chunks(hidden.shape[0]):
         wide = head.logits(hidden[part]).float()
-        out[part] = wide.gather(1, labels[part].unsqueeze(1)).squeeze(1) - torch.logsumexp(wide, dim=-1)
+        lse = torch.logsumexp(wide, dim=-1)
+        if rows is None:
+            out[part] = wide.gather(1, labels[part].unsqueeze(1)).squeeze(1) - lse
+            continue
+        reading = ((rows >= part.start) & (rows < part.stop)).nonzero().squeeze(1)
+        local = rows[reading] - part.start
+        out[reading] = wide[local, labels[reading]] - lse[local]
     return out

@@ -341,3 +341,37 @@ def test_scoring_only_the_scored_rows_gives_the_plain_paths_numbers(
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
         assert int(a.argmax()) == int(b.argmax())
+
+
+def test_options_sharing_their_first_tokens_run_those_rows_through_the_head_once(
+    tiny_llama, smollm2_tokenizer, monkeypatch
+):
+    from fedmkt.head import OutputHead
+
+    example = QAExample(
+        "shared", "Question: Which one is ripe?\nAnswer:", (" the red one", " the red two", " the green one", " no"), 0
+    )
+    options = []
+    for choice in example.choices:
+        input_ids, targets = encode_prompt_answer(smollm2_tokenizer, example.prompt, choice, 96)
+        options.append(tuple(input_ids[int((targets != -100).nonzero()[0]) + 1 :].tolist()))
+    assert options[0][:2] == options[1][:2] and options[0][0] == options[2][0]  # " the red", " the"
+    # One row after the prompt, then one per distinct option prefix that predicts a further token.
+    expected_rows = 1 + len({option[:j] for option in options for j in range(1, len(option))})
+    projected = []
+    project = OutputHead.project
+    monkeypatch.setattr(
+        OutputHead, "project", lambda self, hidden: projected.append(len(hidden)) or project(self, hidden)
+    )
+    embedded = []
+    hook = tiny_llama.model.embed_tokens.register_forward_hook(lambda m, i, o: embedded.append(i[0].numel()))
+    try:
+        (scores,) = choice_loglikelihoods(tiny_llama, smollm2_tokenizer, [example], batch_size=8, max_length=96)
+    finally:
+        hook.remove()
+    assert sum(projected) == expected_rows < sum(len(option) for option in options)
+    # The options continue the prompt without their last token (it predicts nothing); " no" is one token.
+    longer = [option for option in options if len(option) > 1]
+    assert embedded[1:] == [len(longer) * (max(map(len, longer)) - 1)]
+    expected = [reference_loglikelihood(tiny_llama, smollm2_tokenizer, example.prompt, c, 96) for c in example.choices]
+    torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=0)

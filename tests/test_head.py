@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from fedmkt.errors import FedMKTError
-from fedmkt.head import OutputHead, final_hidden_states, head_knowledge, head_training_loss
+from fedmkt.head import OutputHead, final_hidden_states, head_knowledge, head_label_logprobs, head_training_loss
 
 try:
     from kd_reference import dense_kd_loss_reference, dense_tail_kd_loss_reference
@@ -170,6 +170,26 @@ def test_knowledge_is_the_top_k_label_logprob_and_logsumexp_of_each_row():
     torch.testing.assert_close(got.logsumexp, torch.logsumexp(logits / 2.0, -1), rtol=1e-5, atol=1e-5)
     logprob = torch.log_softmax(logits, -1).gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
     torch.testing.assert_close(got.label_logprob, torch.where(labels >= 0, logprob, 0.0), rtol=1e-5, atol=1e-5)
+
+
+def test_label_logprobs_read_shared_rows_across_chunks():
+    """Labels that share a hidden row (options after one prompt) get that row's log-softmax."""
+    model = tiny("gemma3_softcapped")
+    input_ids, attention_mask = batch(3)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[attention_mask.bool()]
+        hidden = final_hidden_states(model, input_ids, attention_mask)[attention_mask.bool()]
+    logprobs = torch.log_softmax(logits, -1)
+    rows = torch.tensor([0, 0, 0, 5, 4, 4, 9, 10, 10, 3])  # chunks of 4 rows: several read across them
+    labels = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 8, 96])
+    head = OutputHead.of(model, chunk_rows=4)
+    got = head_label_logprobs(head, hidden, labels, rows=rows)
+    expected = torch.stack([logprobs[r, label] for r, label in zip(rows.tolist(), labels.tolist())])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    own = torch.arange(len(hidden)) * 7 % VOCAB  # without rows: label n at row n
+    torch.testing.assert_close(
+        head_label_logprobs(head, hidden, own), logprobs[torch.arange(len(hidden)), own], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_a_trainable_head_is_refused_with_the_fix():
