@@ -7,10 +7,10 @@ by `--off` off (default: all of them, i.e. the code path before them). Prints th
 phase of each party from the round's timeline, the ratios, and whether the two runs agree: the same
 per-question results (`eval_correct`) for every party and the same losses (within `--loss-rtol`).
 
-    OMP_NUM_THREADS=2 python benchmarks/round_speed.py           # the reproduction's scale (about 1.5 h on 2 cores)
+    OMP_NUM_THREADS=2 python benchmarks/round_speed.py           # the reproduction's scale (about 45 min on 2 cores)
     python benchmarks/round_speed.py --quick                     # the same comparison in under 10 minutes
     python benchmarks/round_speed.py --off chunked_head          # one fast path against the rest
-    OMP_NUM_THREADS=2 python benchmarks/round_speed.py --work-dir runs/round_speed   # resumable: a rerun reuses finished rounds
+    OMP_NUM_THREADS=2 python benchmarks/round_speed.py --work-dir runs/round_speed   # resumable: a rerun reuses finished rounds (new folder after a code change)
 
 The last line reads `round speedup: X.XX× (results identical: yes|no)`.
 """
@@ -135,7 +135,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--work-dir",
         type=Path,
         default=None,
-        help="where the two runs' folders go; rerun with the same one to resume after a finished round",
+        help="where the two runs' folders go; rerun with the same one to resume after a finished round "
+        "(use a new one once the code has changed)",
     )
     args = parser.parse_args(argv)
     scale = SCALES["quick" if args.quick else "full"]

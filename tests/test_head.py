@@ -180,7 +180,9 @@ def test_label_logprobs_read_shared_rows_across_chunks():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[attention_mask.bool()]
         hidden = final_hidden_states(model, input_ids, attention_mask)[attention_mask.bool()]
     logprobs = torch.log_softmax(logits, -1)
-    rows = torch.tensor([0, 0, 0, 5, 4, 4, 9, 10, 10, 3])  # chunks of 4 rows: several read across them
+    rows = torch.tensor(
+        [0, 0, 0, 5, 4, 4, 9, 10, 10, 3]
+    )  # 4-row chunks: labels read rows of three of them, some rows twice
     labels = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 8, 96])
     head = OutputHead.of(model, chunk_rows=4)
     got = head_label_logprobs(head, hidden, labels, rows=rows)
