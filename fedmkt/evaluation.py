@@ -143,82 +143,6 @@ def _without_head(model: Any, **kwargs: Any) -> tuple[Tensor, Any]:
     return forward_without_head(model, call=lambda **inputs: _call(model, **inputs), **kwargs)
 
 
-def _row_sums(values: Tensor, rows: Tensor, count: int) -> Tensor:
-    """``[count]`` float64: the sum of `values` per row index in `rows`, on the CPU."""
-    return torch.zeros(count, dtype=torch.float64).index_add_(0, rows.cpu(), values.double().cpu())
-
-
-def _summed_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """Sum over positions of log p(target); targets equal to -100 count zero. [B, K, V], [B, K] -> [B]."""
-    mask = targets != IGNORE_INDEX
-    logprobs = F.log_softmax(logits.float(), dim=-1)
-    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(dim=1).double().cpu()
-
-
-# no_grad, not inference_mode: an FSDP2 model's all-gather buffers first filled in inference mode
-# become inference tensors, which the party's later training can no longer write into.
-@torch.no_grad()
-def _score_pairs(
-    model: Any,
-    encoded: list[tuple[Tensor, Tensor]],
-    batch_size: int,
-    pad_id: int,
-    device: torch.device,
-    bar: Any = None,
-) -> Tensor:
-    """Summed log-probability of each answer given its prompt, one full forward per (prompt, answer)."""
-    # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    scores = torch.empty(len(encoded), dtype=torch.float64)
-    head = _output_head(model)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = collate([{"input_ids": encoded[i][0], "targets": encoded[i][1]} for i in rows], pad_id)
-        targets = batch["targets"].to(device)
-        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-        if head is not None:  # the head on the scored positions only
-            hidden, _ = _without_head(model, **inputs)
-            scored = targets != IGNORE_INDEX
-            logprobs = head_label_logprobs(head, hidden[scored], targets[scored])
-            scores[rows] = _row_sums(logprobs, scored.nonzero()[:, 0], len(rows))
-        else:
-            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-            logits, _ = _logits_at(model, keep, **inputs)
-            scores[rows] = _summed_logprobs(logits, targets[:, keep])
-        if bar is not None:
-            bar.update(len(rows))
-    return scores
-
-
-class _NoPromptCache(Exception):
-    """The model returned no key/value cache that can be expanded over answer options."""
-
-
-@dataclass
-class _PromptGroup:
-    """Answer options that share the same (possibly truncated) prompt tokens."""
-
-    prompt: Tensor
-    pairs: list[int] = field(default_factory=list)
-    continuations: list[Tensor] = field(default_factory=list)
-
-
-def _group_by_prompt(encoded: list[tuple[Tensor, Tensor]], sizes: list[int]) -> list[_PromptGroup]:
-    groups: list[_PromptGroup] = []
-    pair = 0
-    for size in sizes:
-        by_prompt: dict[tuple[int, ...], _PromptGroup] = {}
-        for input_ids, targets in encoded[pair : pair + size]:
-            cut = int((targets != IGNORE_INDEX).nonzero()[0]) + 1  # prompt = tokens up to the first predictor
-            group = by_prompt.setdefault(tuple(input_ids[:cut].tolist()), _PromptGroup(input_ids[:cut]))
-            group.pairs.append(pair)
-            group.continuations.append(input_ids[cut:])
-            pair += 1
-        groups.extend(by_prompt.values())
-    return groups
-
-
 class _PendingHeadRows:
     """Hidden rows waiting for the output head, sent through it together so that its chunks are full.
 
@@ -256,6 +180,81 @@ class _PendingHeadRows:
         )
         self.scores.index_add_(0, torch.cat(self.pairs), logprobs.double().cpu())
         self._clear()
+
+
+def _summed_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """Sum over positions of log p(target); targets equal to -100 count zero. [B, K, V], [B, K] -> [B]."""
+    mask = targets != IGNORE_INDEX
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(dim=1).double().cpu()
+
+
+# no_grad, not inference_mode: an FSDP2 model's all-gather buffers first filled in inference mode
+# become inference tensors, which the party's later training can no longer write into.
+@torch.no_grad()
+def _score_pairs(
+    model: Any,
+    encoded: list[tuple[Tensor, Tensor]],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    bar: Any = None,
+) -> Tensor:
+    """Summed log-probability of each answer given its prompt, one full forward per (prompt, answer)."""
+    # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    scores = torch.zeros(len(encoded), dtype=torch.float64)
+    head = _output_head(model)
+    pending = _PendingHeadRows(head, scores) if head is not None else None
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = collate([{"input_ids": encoded[i][0], "targets": encoded[i][1]} for i in rows], pad_id)
+        targets = batch["targets"].to(device)
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        if pending is not None:  # the head on the scored positions only
+            hidden, _ = _without_head(model, **inputs)
+            scored = targets != IGNORE_INDEX
+            picked = hidden[scored]
+            pairs = torch.tensor(rows)[scored.nonzero()[:, 0].cpu()]
+            pending.add(picked, targets[scored], torch.arange(len(picked), device=device), pairs)
+        else:
+            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+            logits, _ = _logits_at(model, keep, **inputs)
+            scores[rows] = _summed_logprobs(logits, targets[:, keep])
+        if bar is not None:
+            bar.update(len(rows))
+    if pending is not None:
+        pending.flush()
+    return scores
+
+
+class _NoPromptCache(Exception):
+    """The model returned no key/value cache that can be expanded over answer options."""
+
+
+@dataclass
+class _PromptGroup:
+    """Answer options that share the same (possibly truncated) prompt tokens."""
+
+    prompt: Tensor
+    pairs: list[int] = field(default_factory=list)
+    continuations: list[Tensor] = field(default_factory=list)
+
+
+def _group_by_prompt(encoded: list[tuple[Tensor, Tensor]], sizes: list[int]) -> list[_PromptGroup]:
+    groups: list[_PromptGroup] = []
+    pair = 0
+    for size in sizes:
+        by_prompt: dict[tuple[int, ...], _PromptGroup] = {}
+        for input_ids, targets in encoded[pair : pair + size]:
+            cut = int((targets != IGNORE_INDEX).nonzero()[0]) + 1  # prompt = tokens up to the first predictor
+            group = by_prompt.setdefault(tuple(input_ids[:cut].tolist()), _PromptGroup(input_ids[:cut]))
+            group.pairs.append(pair)
+            group.continuations.append(input_ids[cut:])
+            pair += 1
+        groups.extend(by_prompt.values())
+    return groups
 
 
 @torch.no_grad()  # see _score_pairs
