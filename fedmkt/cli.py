@@ -94,7 +94,12 @@ def _export_parser() -> ArgumentParser:
     )
     parser.add_argument("--run", type=str, required=True, help="The run_dir of a fedmkt run.")
     parser.add_argument("--party", type=str, required=True, help="server, client_0, client_1, …")
-    parser.add_argument("--out", type=str, required=True, help="The folder to write (replaced if it exists).")
+    parser.add_argument(
+        "--out",
+        type=str,
+        required=True,
+        help="The folder to write: new, empty, or an earlier fedmkt export (which it replaces).",
+    )
     parser.add_argument("--round", type=Optional[int], default=None, help="The round's adapter (default: the last).")
     parser.add_argument(
         "--merge", action="store_true", help="Merge the adapter into the base (a plain transformers model)."
@@ -206,6 +211,9 @@ def _plain(value) -> str:
 
 
 def _export(parser: ArgumentParser, namespace) -> None:
+    from fedmkt.output_folders import check_export_target
+
+    check_export_target(namespace.out, namespace.run)  # a refusal needs no model: before the heavy imports
     from fedmkt.export import export_party
 
     out, round_index = export_party(

@@ -24,6 +24,7 @@ from fedmkt.data.tokenize import prompt_ids
 from fedmkt.errors import FedMKTError
 from fedmkt.files import atomic_write_dir
 from fedmkt.models import load_model, load_tokenizer
+from fedmkt.output_folders import EXPORT_MARKER, check_export_target, export_marker_text
 
 __all__ = ["export_party", "generate_text", "load_trained"]
 
@@ -86,15 +87,21 @@ def load_trained(run_dir: Path, party: str, round_index: Optional[int] = None) -
 def export_party(
     run_dir: Path, party: str, out: Path, round_index: Optional[int] = None, merge: bool = False
 ) -> tuple[Path, int]:
-    """Write the party's trained model to `out` (see the module docstring); returns (out, round)."""
-    run_dir, out = Path(run_dir), Path(out)
+    """Write the party's trained model to `out` (see the module docstring); returns (out, round).
+
+    `out` must be new, empty or an earlier export (`fedmkt.output_folders`): checked before anything loads.
+    """
+    run_dir = Path(run_dir)
+    out = check_export_target(out, run_dir)
     model, tokenizer, round_index = load_trained(run_dir, party, round_index)
     spec = _run_config(run_dir).parties()[party].model
+    marker = export_marker_text(run_dir, party, round_index, merge)
     if merge:
 
         def write_merged(folder: Path) -> None:
             model.merge_and_unload().save_pretrained(folder, safe_serialization=True)
             tokenizer.save_pretrained(folder)
+            (folder / EXPORT_MARKER).write_text(marker)
 
         atomic_write_dir(out, write_merged)
         return out, round_index
@@ -118,6 +125,7 @@ def export_party(
             model.peft_config["default"].revision = spec.revision
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        (folder / EXPORT_MARKER).write_text(marker)
 
     atomic_write_dir(out, write_adapter)
     return out, round_index

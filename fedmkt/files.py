@@ -42,15 +42,30 @@ def atomic_write(
                 os.fsync(file.fileno())
         if keep_existing and path.exists():
             return  # another process finished first; ours is removed below
-        if directory:
-            shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        if directory and path.is_dir() and not path.is_symlink():
+            _swap_in_folder(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         _remove(tmp)  # no partial files left behind
         raise
     finally:
         if tmp.exists() and tmp != path:
             _remove(tmp)
+
+
+def _swap_in_folder(new: Path, path: Path) -> None:
+    """Put folder `new` at `path`, whose old folder is moved aside first and removed only once `new`
+    is in place: a failed rename puts the old folder back, so nothing is lost on the way."""
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+    os.rmdir(aside)
+    os.replace(path, aside)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:

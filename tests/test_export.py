@@ -78,3 +78,25 @@ def test_unknown_party_or_round_is_one_line(trained, capsys):
     assert "unknown party `client_9`" in capsys.readouterr().err
     assert main(["export", "--run", str(trained), "--party", "server", "--out", "x", "--round", "4"]) == 2
     assert "no round-4 adapter of server. Fix: use --round with one of [1]" in capsys.readouterr().err
+
+
+def test_a_second_export_replaces_the_first_and_nothing_else(trained, tmp_path, capsys):
+    out = tmp_path / "exports" / "client_0"
+    (tmp_path / "exports" / "keep.txt").parent.mkdir(parents=True)
+    (tmp_path / "exports" / "keep.txt").write_text("mine")
+    base = ["export", "--run", str(trained), "--party", "client_0", "--out", str(out)]
+    assert main(base) == 0
+    marker = json.loads((out / "fedmkt_export.json").read_text())
+    assert marker == {
+        "fedmkt_export": 1,
+        "run": str(trained.resolve()),
+        "party": "client_0",
+        "round": 1,
+        "merged": False,
+    }
+    assert main([*base, "--merge"]) == 0
+    assert not (out / "adapter_config.json").exists() and (out / "config.json").is_file()
+    assert json.loads((out / "fedmkt_export.json").read_text())["merged"] is True
+    assert (tmp_path / "exports" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["client_0", "keep.txt"]
+    assert (trained / "summary.json").is_file()

@@ -8,7 +8,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [
-    ("fedmkt.errors", "fedmkt.files", "fedmkt.fastpaths", "fedmkt.interrupts", "fedmkt.config"),
+    (
+        "fedmkt.errors",
+        "fedmkt.files",
+        "fedmkt.output_folders",
+        "fedmkt.fastpaths",
+        "fedmkt.interrupts",
+        "fedmkt.config",
+    ),
     (
         "fedmkt.config_reference",
         "fedmkt.losses",

@@ -33,8 +33,11 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> FileLock:
     """Lock `run_dir` for this run and make sure it holds no other run's results.
 
     A second run on the same folder is refused while the first holds the lock; a folder holding a
-    run is refused unless the run resumes it or `--overwrite` asks to replace it.
+    run is refused unless the run resumes it or `--overwrite` asks to replace it. `--overwrite`
+    removes only a run's own outputs, and only in a folder a fedmkt run has claimed before (it holds
+    `run.lock`): a user's own `config.yaml` or `logs/` in a folder never used as a run_dir stay.
     """
+    claimed_before = (run_dir / LOCK_FILE).is_file()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(run_dir / LOCK_FILE))
@@ -55,6 +58,12 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> FileLock:
         raise FedMKTError(
             f"run_dir {run_dir} already holds a run ({', '.join(held)}). "
             f"Fix: continue it with --resume {run_dir}, replace it with --overwrite, or give another --run_dir."
+        )
+    if held and overwrite and not claimed_before:
+        lock.release()
+        raise FedMKTError(
+            f"run_dir {run_dir} holds {', '.join(held)} but no fedmkt run ever used it (no {LOCK_FILE}), "
+            "so --overwrite will not remove them. Fix: give another --run_dir, or move those files yourself."
         )
     if overwrite:
         for name in held:
