@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from copy import deepcopy
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,7 +48,6 @@ import torch
 
 from fedmkt.config import ModelSpec, RunConfig, parse_run_config
 from fedmkt.data.parts import PartyData, party_data
-from fedmkt.data.tokenize import IGNORE_INDEX
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import paired_bootstrap
 from fedmkt.federation.parties import build_participant, quiet_lightning
@@ -56,6 +55,7 @@ from fedmkt.files import atomic_write_bytes, atomic_write_text
 from fedmkt.models import cache_root
 from fedmkt.payload import KnowledgePayload
 from fedmkt.received import PublicTokens
+from fedmkt.teacher_controls import flat_topk
 
 SMOLLM2 = "embedded:smollm2-135m-instruct"
 GEMMA = "embedded:gemma3-270m"
@@ -204,41 +204,6 @@ def zero_shot_step(bench: Bench, model: str, data: PartyData) -> dict:
     return cached(bench, name, compute)
 
 
-def equal_logits(
-    payload: KnowledgePayload, public: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
-) -> KnowledgePayload:
-    """The control's payload: each position's top-k values replaced by one value (no ranking).
-
-    The value keeps the top-k's total probability (``T * (logsumexp(x / T) - log k)``), so under
-    `topk_target: tail` the control moves the same mass onto the same ids, spread evenly. The label
-    log-probabilities and losses are those of the control's own distribution (a label among the
-    top-k gets the even share, any other keeps its own), so a receiver's checks pass as for a teacher
-    that really had no ranking; `public(index)` gives a public sample's (input_ids, targets) in the
-    teacher's tokens.
-    """
-    scaled = payload.topk_logits.float() / payload.temperature
-    k = scaled.shape[1]
-    level = payload.temperature * (torch.logsumexp(scaled, dim=1, keepdim=True) - torch.log(torch.tensor(float(k))))
-    level = level.to(payload.topk_logits.dtype)  # as sent: the even share is computed from what a receiver reads
-    even_share = level[:, 0].float() / payload.temperature - payload.logsumexp.float()
-    label_logprob = payload.label_logprob.clone()
-    losses = payload.losses.clone()
-    for row, index in enumerate(payload.sample_index.tolist()):
-        start, stop = int(payload.offsets[row]), int(payload.offsets[row + 1])
-        _, targets = public(index)
-        labelled = targets != IGNORE_INDEX
-        listed = (payload.topk_ids[start:stop].long() == targets[:, None]).any(dim=1) & labelled
-        span = label_logprob[start:stop]
-        span[listed] = even_share[start:stop][listed].to(span.dtype)
-        losses[row] = -span[labelled].float().mean() if bool(labelled.any()) else 0.0
-    return replace(
-        payload,
-        topk_logits=level.expand_as(scaled).contiguous(),
-        label_logprob=label_logprob,
-        losses=losses,
-    )
-
-
 def student_step(bench: Bench, pair: str, control: bool, payload_path: Path, data: PartyData) -> dict:
     """Distil a fresh student from the teacher's payload (or the control's) and evaluate it."""
     teacher, student = PAIRS[pair]
@@ -251,7 +216,10 @@ def student_step(bench: Bench, pair: str, control: bool, payload_path: Path, dat
         party = build_participant(config, "client_0", data=data)
         if control:
             tokenizer = party.alignment.teacher_tokenizers["server"]
-            payload = equal_logits(payload, PublicTokens(tokenizer, party.data.public_examples, party.max_length))
+            public = PublicTokens(tokenizer, party.data.public_examples, party.max_length)
+            payload = flat_topk(
+                payload, lambda row: public(int(payload.sample_index[row]), payload.answer_text(row))[1]
+            )
         stats = party.distill(1, {"server": payload})
         scores = eval_scores(party.evaluate())
         alignment = alignment_losses(party, payload, data) if not control else {}

@@ -196,6 +196,11 @@ class DataConfig:
     eval: Optional[DataSource] = None
     """The common held-out set every party is scored on (null: the preset's evaluation part)."""
 
+    public_labels: Optional[bool] = None
+    """Whether the public set's answers are read. null: when the source has them; false: never,
+    whatever the source holds (each party then answers the public questions itself and shares
+    along its own answer; see docs/architecture.md); true: required (an error for a source without them)."""
+
     max_length: int = 256
     """Maximum tokens per sample (prompt truncated from the left)."""
 
@@ -230,6 +235,11 @@ class TransferConfig:
     reference's target; over-states the teacher's confidence where its mass is spread); tail: the
     teacher's true probabilities on the k ids (from the log-sum-exp it shares) plus one class for
     the rest of its mass, matched against the student's mass outside those ids."""
+
+    teacher: Literal["real", "random", "hard"] = "real"
+    """What a party shares as a teacher. real: its knowledge; the controls that separate knowledge
+    from format: hard, its real answer with flat top-k values (no ranking); random, an answer drawn
+    uniformly among the options with flat top-k values (unlabelled multiple-choice public sets)."""
 
     sequence_alignment: Literal["dtw", "offsets"] = "offsets"
     """How a teacher's positions are matched to a receiver's. offsets: positions whose tokens end

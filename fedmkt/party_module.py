@@ -254,8 +254,9 @@ class PartyModule(L.LightningModule):
     # ---- sharing knowledge -----------------------------------------------------------------
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Per-sample CE, and at every real (non-pad) position the top-k logits, the log-sum-exp and the
-        label's log-probability, moved to CPU."""
+        """Per-sample NLL of the answer (summed over its tokens; the participant divides it by the
+        answer's bytes), and at every real (non-pad) position the top-k logits, the log-sum-exp and
+        the label's log-probability, moved to CPU."""
         mask = batch["attention_mask"].bool()
         if FAST.chunked_head:
             hidden, where = self._hidden_rows(batch, mask)
@@ -263,10 +264,11 @@ class PartyModule(L.LightningModule):
             knowledge = head_knowledge(
                 OutputHead.of(self.model), hidden, targets, self.transfer.top_k, self.transfer.temperature
             )
-            losses = -_per_sample_mean(knowledge.label_logprob, where[0], targets != IGNORE_INDEX, len(mask))
+            nll = -_per_sample_sum(knowledge.label_logprob, where[0], targets != IGNORE_INDEX, len(mask))
         else:  # the [B, L, V] logits, then the same numbers from them
             logits = self(batch["input_ids"], batch["attention_mask"])
-            losses = token_cross_entropy(logits, batch["targets"]).float()
+            answer_tokens = (batch["targets"] != IGNORE_INDEX).sum(dim=1)
+            nll = token_cross_entropy(logits, batch["targets"]).float() * answer_tokens
             rows, targets = logits[mask].float(), batch["targets"][mask]
             values, ids = logits[mask].topk(self.transfer.top_k, dim=-1)
             lse = torch.logsumexp(rows / self.transfer.temperature, dim=-1)
@@ -274,7 +276,7 @@ class PartyModule(L.LightningModule):
             knowledge = ChunkKnowledge(torch.where(targets != IGNORE_INDEX, picked, 0.0), values, ids, lse)
         return {
             "index": batch["index"].cpu(),
-            "losses": losses.cpu(),
+            "nll": nll.cpu(),
             "lengths": mask.sum(-1).cpu(),
             "token_ids": batch["input_ids"][mask].cpu(),
             "topk_ids": knowledge.topk_ids.cpu(),
@@ -282,6 +284,14 @@ class PartyModule(L.LightningModule):
             "logsumexp": knowledge.logsumexp.cpu(),
             "label_logprob": knowledge.label_logprob.cpu(),
         }
+
+
+def _per_sample_sum(
+    values: torch.Tensor, sample_of_row: torch.Tensor, counted: torch.Tensor, samples: int
+) -> torch.Tensor:
+    """Each sample's sum of `values` over its `counted` rows (0 for a sample with none), ``[samples]``."""
+    kept = torch.where(counted, values.float(), 0.0)
+    return torch.zeros(samples, dtype=torch.float32, device=values.device).index_add_(0, sample_of_row, kept)
 
 
 def _per_sample_mean(

@@ -4,8 +4,9 @@ A `KnowledgePayload` holds, for every public sample the sender scored, its per-s
 its top-k next-token logits at every token position (values + ids) with the log-sum-exp of the
 whole vocabulary's logits there (so the receiver knows the teacher's true probabilities on the k
 ids and the mass of the rest), plus the sender's own token ids for that sample (needed by the
-receiver to align the two tokenizations). Rows are ragged:
-sample `s` owns rows `offsets[s]:offsets[s+1]`.
+receiver to align the two tokenizations), and the answer text it shared along (the gold answer
+of a labelled public set, else its own answer) as UTF-8 bytes. Rows are ragged:
+sample `s` owns rows `offsets[s]:offsets[s+1]` and answer bytes `answer_offsets[s]:answer_offsets[s+1]`.
 
 Payloads travel as safetensors bytes — never pickles, never Python lists — so the receiver can
 deserialise untrusted input safely, and the byte count we report is the real wire size.
@@ -33,6 +34,8 @@ _TENSOR_FIELDS = (
     "topk_logits",
     "logsumexp",
     "label_logprob",
+    "answer_bytes",
+    "answer_offsets",
 )
 _FLOAT_FIELDS = ("losses", "topk_logits", "logsumexp", "label_logprob")
 
@@ -76,7 +79,8 @@ class KnowledgePayload:
     """[N] long: index of each sample in the public dataset."""
 
     losses: torch.Tensor
-    """[N] float32: the sender's token-mean CE on each sample's labels."""
+    """[N] float32: the sender's NLL of each sample's answer, in nats per UTF-8 byte of the answer text
+    (comparable across tokenizers)."""
 
     offsets: torch.Tensor
     """[N+1] long: row ranges of each sample in the per-token tensors."""
@@ -99,8 +103,39 @@ class KnowledgePayload:
     0 where the position has none; the sample's loss is minus their mean over its answer
     positions, which is how a receiver recomputes it (`fedmkt.received`)."""
 
+    answer_bytes: torch.Tensor = None  # type: ignore[assignment]
+    """[B] uint8: the answer texts the samples were shared along, UTF-8, one after another."""
+
+    answer_offsets: torch.Tensor = None  # type: ignore[assignment]
+    """[N+1] long: byte ranges of each sample's answer text in `answer_bytes`."""
+
     temperature: float = 1.0
     """The temperature `logsumexp` was taken at (the run's `transfer.temperature`)."""
+
+    def __post_init__(self) -> None:
+        if self.answer_bytes is None:  # no answers given: empty texts (a receiver refuses them)
+            self.answer_bytes = torch.zeros(0, dtype=torch.uint8)
+            self.answer_offsets = torch.zeros(len(self.sample_index) + 1, dtype=torch.long)
+
+    @staticmethod
+    def encode_answers(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(answer_bytes, answer_offsets)` for the answer texts of the samples, in order."""
+        encoded = [text.encode("utf-8") for text in texts]
+        lengths = torch.tensor([len(b) for b in encoded], dtype=torch.long)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        data = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if any(encoded) else None
+        return (data.clone() if data is not None else torch.zeros(0, dtype=torch.uint8)), offsets
+
+    def answer_text(self, row: int) -> str:
+        """The `row`-th sample's answer text (a `FedMKTError` where its bytes are not UTF-8)."""
+        start, end = int(self.answer_offsets[row]), int(self.answer_offsets[row + 1])
+        try:
+            return bytes(self.answer_bytes[start:end].tolist()).decode("utf-8")
+        except UnicodeDecodeError:
+            raise FedMKTError(
+                f"rejected payload from {self.sender}: the answer text of its sample row {row} is not UTF-8. "
+                "Fix: nothing is distilled from it; check the sender's fedmkt version."
+            ) from None
 
     @property
     def top_k(self) -> int:
@@ -125,8 +160,13 @@ class KnowledgePayload:
             return self
         starts, lengths = self.offsets[:-1][order], self.offsets.diff()[order]
         rows = torch.cat([torch.arange(int(s), int(s + n)) for s, n in zip(starts, lengths)]) if len(order) else starts
+        text_starts, text_lengths = self.answer_offsets[:-1][order], self.answer_offsets.diff()[order]
+        text_rows = [torch.arange(int(s), int(s + n)) for s, n in zip(text_starts, text_lengths)]
+        text_rows = torch.cat(text_rows) if text_rows else torch.zeros(0, dtype=torch.long)
         return replace(
             self,
+            answer_bytes=self.answer_bytes[text_rows],
+            answer_offsets=torch.cat([torch.zeros(1, dtype=torch.long), text_lengths.cumsum(0)]),
             sample_index=self.sample_index[order],
             losses=self.losses[order],
             offsets=torch.cat([torch.zeros(1, dtype=self.offsets.dtype), lengths.cumsum(0)]),
@@ -212,7 +252,7 @@ class KnowledgePayload:
             name
             for name in _TENSOR_FIELDS
             if getattr(self, name).is_floating_point() != (name in _FLOAT_FIELDS)
-            or getattr(self, name).dtype in (torch.bool, torch.uint8)
+            or (getattr(self, name).dtype in (torch.bool, torch.uint8)) != (name == "answer_bytes")
             or getattr(self, name).is_complex()
         ]
         if wrong_dtype:  # ids must be integers and values floats before anything below compares them
@@ -236,6 +276,15 @@ class KnowledgePayload:
             )
         elif rows and self.topk_ids.shape[1] == 0:  # would count as distilled while carrying no logits
             problems.append("top-k has no columns (k = 0)")
+        text_bytes = int(self.answer_bytes.numel())
+        if self.answer_bytes.ndim != 1 or self.answer_offsets.shape != (n + 1,):
+            problems.append(f"answer_bytes/answer_offsets shapes do not fit {n} samples")
+        elif (
+            int(self.answer_offsets[0]) != 0
+            or int(self.answer_offsets[-1]) != text_bytes
+            or bool((self.answer_offsets.diff() < 0).any())
+        ):
+            problems.append("answer_offsets are not a non-decreasing cover of the answer bytes")
         for name in ("logsumexp", "label_logprob"):
             if getattr(self, name).shape != (rows,):
                 problems.append(f"{name} shape {tuple(getattr(self, name).shape)} does not match {rows} token rows")

@@ -7,10 +7,15 @@ the payload against all of it, and recomputes the sender's per-sample loss from 
 log-probabilities it sent, so DualMinCE never ranks teachers by a number the sender merely
 reported:
 
-* every sample's tokens must be the sender's tokenization of that public question (so a sender
-  cannot pass off other text, a node's private rows included, as public knowledge);
-* the loss is ``-mean(label_logprob)`` over the sample's answer positions, which the receiver finds
-  itself; a reported loss that disagrees is refused;
+* every sample's answer text must be an answer the public question allows: its gold answer on a
+  labelled public set; on an unlabelled one, one of its options (multiple choice) or a text of at
+  most `data.max_new_tokens` tokens (generation);
+* every sample's tokens must be the sender's tokenization of that public question followed by
+  that answer (so a sender cannot pass off other text, a node's private rows included, as public
+  knowledge);
+* the loss is ``-sum(label_logprob)`` over the sample's answer positions divided by the answer's
+  UTF-8 bytes (nats per byte, comparable across tokenizers), which the receiver finds itself; a
+  reported loss that disagrees is refused;
 * at temperature 1 each label log-probability must agree with the sender's own top-k logits and
   log-sum-exp: a label among the top-k has exactly that logit's probability, any other label at
   most the k-th one's. A low loss therefore needs a distribution that really puts mass on the
@@ -25,12 +30,12 @@ from typing import Any
 
 import torch
 
-from fedmkt.data.examples import QAExample
+from fedmkt.data.examples import Example, QAExample
 from fedmkt.data.tokenize import IGNORE_INDEX, encode_prompt_answer
 from fedmkt.errors import FedMKTError
 from fedmkt.payload import KnowledgePayload
 
-__all__ = ["Agreement", "PublicTokens", "verify_payload", "payload_byte_limit"]
+__all__ = ["Agreement", "PublicTokens", "allowed_answer", "verify_payload", "payload_byte_limit"]
 
 LOSS_TOLERANCE = 1e-3
 """Largest difference (absolute, plus the same relative) between a reported and a recomputed loss."""
@@ -58,33 +63,51 @@ class Agreement:
     """Whether the run noises shared logits (`privacy.logit_noise`): the top-k then no longer match
     the label log-probabilities, and that check is skipped."""
 
+    public_labelled: bool = True
+    """Whether the public set has answers: then every sample must be shared along its gold answer."""
+
+    max_new_tokens: int = 32
+    """Unlabelled generation: the most answer tokens a sender's own answer may have."""
+
 
 class PublicTokens:
-    """The public questions in one sender's tokens, built on first use and kept across rounds."""
+    """The public questions in one sender's tokens, followed by an answer, built on first use and kept."""
 
-    def __init__(self, tokenizer: Any, examples: list[QAExample], max_length: int) -> None:
+    def __init__(self, tokenizer: Any, examples: list[Example], max_length: int) -> None:
         self.tokenizer = tokenizer
         self.examples = examples
         self.max_length = max_length
-        self._encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._encoded: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids, targets)`` of public sample `index` as the sender must have tokenized it."""
-        if index not in self._encoded:
-            example = self.examples[index]
-            self._encoded[index] = encode_prompt_answer(self.tokenizer, example.prompt, example.answer, self.max_length)
-        return self._encoded[index]
+    def __call__(self, index: int, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, targets)`` of public sample `index` answered with `answer`, as the sender must
+        have tokenized it."""
+        key = (index, answer)
+        if key not in self._encoded:
+            prompt = self.examples[index].prompt
+            self._encoded[key] = encode_prompt_answer(self.tokenizer, prompt, answer, self.max_length)
+        return self._encoded[key]
+
+
+def allowed_answer(example: Example, answer: str, labelled: bool) -> bool:
+    """Whether `answer` is one the public question allows (its gold answer, or one of its options)."""
+    if labelled:
+        return answer == example.answer
+    if isinstance(example, QAExample):
+        return answer in example.choices
+    return bool(answer.strip()) and "\n" not in answer.strip()
 
 
 def payload_byte_limit(num_public: int, max_length: int, top_k: int) -> int:
     """The most bytes an honest payload about `num_public` samples can take, with room to spare.
 
-    Per position: a token id and k ids (4 bytes each at most), k float16 values, and two float32
-    numbers (log-sum-exp, label log-probability); per sample an index, a loss and an offset; plus
-    the safetensors header. Twice that, so no honest payload comes near it.
+    Per position: a token id and k ids (4 bytes each at most), k float16 values, two float32
+    numbers (log-sum-exp, label log-probability) and room for 32 bytes of answer text; per sample an
+    index, a loss and two offsets; plus the safetensors header. Twice that, so no honest payload
+    comes near it.
     """
-    per_position = 4 + top_k * (4 + 2) + 4 + 4
-    per_sample = 8 + 4 + 8
+    per_position = 4 + top_k * (4 + 2) + 4 + 4 + 32
+    per_sample = 8 + 4 + 8 + 8
     return 2 * (num_public * (max_length * per_position + per_sample) + 64 * 1024)
 
 
@@ -116,16 +139,28 @@ def verify_payload(payload: KnowledgePayload, agreed: Agreement, public: PublicT
         raise _refused(payload, problems)
 
     losses = torch.empty(len(payload), dtype=torch.float32)
-    wrong_tokens, wrong_loss, inconsistent = [], [], []
+    wrong_answer, wrong_tokens, wrong_loss, inconsistent = [], [], [], []
     for row, index in enumerate(payload.sample_index.tolist()):
         start, stop = int(payload.offsets[row]), int(payload.offsets[row + 1])
-        input_ids, targets = public(index)
+        answer = payload.answer_text(row)
+        if not answer or not allowed_answer(public.examples[index], answer, agreed.public_labelled):
+            wrong_answer.append(index)
+            continue
+        try:
+            input_ids, targets = public(index, answer)
+        except FedMKTError:  # an answer that cannot be a sample (no tokens, no room for the prompt)
+            wrong_answer.append(index)
+            continue
         if stop - start != len(input_ids) or not torch.equal(payload.token_ids[start:stop].long(), input_ids):
             wrong_tokens.append(index)
             continue
         labelled = targets != IGNORE_INDEX
+        generated = not agreed.public_labelled and not isinstance(public.examples[index], QAExample)
+        if generated and int(labelled.sum()) > agreed.max_new_tokens:
+            wrong_answer.append(index)
+            continue
         logprobs = payload.label_logprob[start:stop].float()
-        losses[row] = -logprobs[labelled].mean() if bool(labelled.any()) else 0.0
+        losses[row] = -logprobs[labelled].sum() / len(answer.encode("utf-8"))
         reported = float(payload.losses[row])
         if abs(reported - float(losses[row])) > LOSS_TOLERANCE * (1 + abs(float(losses[row]))):
             wrong_loss.append(index)
@@ -136,6 +171,10 @@ def verify_payload(payload: KnowledgePayload, agreed: Agreement, public: PublicT
         ):
             inconsistent.append(index)
     for indices, what in (
+        (
+            wrong_answer,
+            "answers the public question does not allow (not its gold answer, options or length) for public sample(s)",
+        ),
         (wrong_tokens, "tokens that are not the sender's tokenization of public sample(s)"),
         (wrong_loss, "losses that disagree with its label log-probabilities for public sample(s)"),
         (inconsistent, "label log-probabilities that disagree with its own top-k logits for public sample(s)"),

@@ -32,6 +32,19 @@ class Selection:
         return {name: int((self.teacher_of_sample == i).sum()) for i, name in enumerate(self.teachers)}
 
 
+def best_teachers(teacher_losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[N] long: per sample the index (into the sorted teacher names) of its lowest-loss teacher, -1
+    where no teacher scored it; ties to the teacher listed first, as in `dual_min_ce`.
+
+    On an unlabelled public set this is whose answer the receiver scores itself on before comparing.
+    """
+    names = sorted(teacher_losses)
+    if not names:
+        return torch.zeros(0, dtype=torch.long)
+    best_loss, best = torch.stack([teacher_losses[name].float() for name in names]).min(dim=0)
+    return torch.where(best_loss < float("inf"), best, torch.full_like(best, -1))
+
+
 def dual_min_ce(
     own_losses: torch.Tensor, teacher_losses: dict[str, torch.Tensor], require_improvement: bool = True
 ) -> Selection:

@@ -82,7 +82,7 @@ def _batch(indices: list[int], lengths: list[int]) -> dict[str, torch.Tensor]:
     positions = torch.cat([torch.full((n,), i) * 100 + torch.arange(n) for i, n in zip(indices, lengths)])
     return {
         "index": torch.tensor(indices),
-        "losses": torch.tensor(indices, dtype=torch.float),
+        "nll": torch.tensor(indices, dtype=torch.float),
         "lengths": torch.tensor(lengths),
         "token_ids": positions,
         "topk_ids": positions[:, None].repeat(1, 2),
@@ -101,7 +101,7 @@ def test_merging_rank_shards_keeps_each_sample_once_with_its_own_positions():
         for row, index in enumerate(batch["index"].tolist()):
             values = batch["token_ids"][starts[row] : starts[row + 1]]
             assert values.tolist() == [index * 100 + p for p in range(int(batch["lengths"][row]))]
-            assert batch["losses"][row] == index
+            assert batch["nll"][row] == index
             assert batch["topk_ids"].shape[0] == batch["token_ids"].shape[0]
 
 

@@ -14,6 +14,7 @@ import torch
 import fedmkt.files as files_module
 from fedmkt.config import LoRAConfig, ModelSpec, OptimizerConfig, PartyConfig, RunConfig, TrainerConfig, TransferConfig
 from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule, _loader
+from fedmkt.data.examples import without_answer
 from fedmkt.data.tasks import QAExample
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.participant import Participant
@@ -352,7 +353,9 @@ def qa(n: int, tag: str) -> list[QAExample]:
     ]
 
 
-def make_participant(name, tokenizer, make_tiny_llama, cache_dir, seed, transfer):
+def make_participant(name, tokenizer, make_tiny_llama, cache_dir, seed, transfer, unlabelled=False, gold=False):
+    """A tiny participant on 3 public questions (without their answers with `unlabelled`; `gold` keeps
+    them aside for the diagnostic)."""
     config = PartyConfig(
         model=ModelSpec("embedded:smollm2-135m-instruct"),
         lora=LoRAConfig(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"]),
@@ -362,9 +365,21 @@ def make_participant(name, tokenizer, make_tiny_llama, cache_dir, seed, transfer
         eval_batch_size=3,
     )
     module = PartyModule(make_tiny_llama(len(tokenizer), seed=seed), config.lora, config.optimizer, transfer, name=name)
-    data = PartyDataModule(name, qa(2, f"{name}-private"), qa(3, "public"), tokenizer, 48, 2, 3, seed)
+    public = [without_answer(e) for e in qa(3, "public")] if unlabelled else qa(3, "public")
+    data = PartyDataModule(name, qa(2, f"{name}-private"), public, tokenizer, 48, 2, 3, seed)
     return Participant(
-        name, config, transfer, module, tokenizer, data, qa(2, "eval"), {"peer": tokenizer}, cache_dir, 48, seed
+        name,
+        config,
+        transfer,
+        module,
+        tokenizer,
+        data,
+        qa(2, "eval"),
+        {"peer": tokenizer},
+        cache_dir,
+        48,
+        seed,
+        public_gold=qa(3, "public") if gold else None,
     )
 
 
@@ -442,7 +457,7 @@ def test_participant_distill_selects_aligns_builds_its_data_then_trains(
 
         return wrapped
 
-    monkeypatch.setattr(participant_module, "select_teachers", spy("select", participant_module.select_teachers))
+    monkeypatch.setattr(participant_module, "dual_min_ce", spy("select", participant_module.dual_min_ce))
     monkeypatch.setattr(party.alignment, "align_selected", spy("align", party.alignment.align_selected))
     monkeypatch.setattr(participant_module, "DistillationDataModule", spy("data", DistillationDataModule))
     fit = party._fit

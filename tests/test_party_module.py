@@ -280,8 +280,8 @@ def test_predict_step_matches_topk_and_cross_entropy_at_real_positions(make_tiny
         assert torch.equal(out["token_ids"][rows], batch["input_ids"][b, :length])
         assert torch.equal(out["topk_ids"][rows], ids)
         assert torch.equal(out["topk_logits"][rows], values.to(torch.float16))
-        expected = F.cross_entropy(logits[b], batch["targets"][b], ignore_index=IGNORE_INDEX)
-        torch.testing.assert_close(out["losses"][b], expected, rtol=1e-5, atol=1e-6)
+        expected = F.cross_entropy(logits[b], batch["targets"][b], ignore_index=IGNORE_INDEX, reduction="sum")
+        torch.testing.assert_close(out["nll"][b], expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(
             out["logsumexp"][rows], torch.logsumexp(logits[b, :length], -1), rtol=1e-5, atol=1e-5
         )
@@ -295,7 +295,7 @@ def test_predict_step_is_unaffected_by_padding(make_tiny_llama, smollm2_tokenize
         together = module.predict_step(make_batch(smollm2_tokenizer), 0)
         alone = module.predict_step(make_batch(smollm2_tokenizer, PROMPTS[1:]), 0)
     length = int(alone["lengths"][0])
-    torch.testing.assert_close(together["losses"][1], alone["losses"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together["nll"][1], alone["nll"][0], rtol=1e-5, atol=1e-5)
     assert torch.equal(together["topk_ids"][-length:], alone["topk_ids"])
 
 
@@ -327,5 +327,5 @@ def test_the_plain_full_logits_path_gives_the_same_loss_gradient_and_knowledge(
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6)
     assert torch.equal(shared_a["topk_ids"], shared_b["topk_ids"])
-    for key in ("losses", "topk_logits", "logsumexp"):
+    for key in ("nll", "topk_logits", "logsumexp"):
         torch.testing.assert_close(shared_a[key], shared_b[key], rtol=1e-5, atol=1e-5)

@@ -12,13 +12,26 @@ from safetensors.torch import save as save_safetensors
 from fedmkt.errors import FedMKTError
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 
-FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits", "logsumexp", "label_logprob")
+FIELDS = (
+    "sample_index",
+    "losses",
+    "offsets",
+    "token_ids",
+    "topk_ids",
+    "topk_logits",
+    "logsumexp",
+    "label_logprob",
+    "answer_bytes",
+    "answer_offsets",
+)
+ANSWERS = (" yes", " no", " café")  # one text per sample, the last with a 2-byte character
 
 
 def make_payload(lengths=(2, 3, 1), k=4, vocab=50, sender="client_0", round_index=3, seed=0, id_dtype=None):
     g = torch.Generator().manual_seed(seed)
     rows = sum(lengths)
     id_dtype = id_dtype or smallest_id_dtype(vocab)
+    answer_bytes, answer_offsets = KnowledgePayload.encode_answers([ANSWERS[i % 3] for i in range(len(lengths))])
     return KnowledgePayload(
         sender=sender,
         round=round_index,
@@ -31,7 +44,29 @@ def make_payload(lengths=(2, 3, 1), k=4, vocab=50, sender="client_0", round_inde
         topk_logits=(torch.randn(rows, k, generator=g) * 10).to(torch.float16),
         logsumexp=torch.full((rows,), 12.0),  # above every top-k value: a tail remains
         label_logprob=torch.zeros(rows),
+        answer_bytes=answer_bytes,
+        answer_offsets=answer_offsets,
     )
+
+
+def test_answer_texts_travel_as_utf8_and_follow_their_samples_when_sorted():
+    payload = make_payload()  # sample_index [2, 1, 0]
+    back = KnowledgePayload.from_bytes(payload.to_bytes())
+    assert [back.answer_text(row) for row in range(3)] == list(ANSWERS)
+    assert back.answer_bytes.dtype == torch.uint8 and len(back.answer_bytes) == len(" yes no café".encode())
+    ordered = back.in_sample_order()
+    assert ordered.sample_index.tolist() == [0, 1, 2]
+    assert [ordered.answer_text(row) for row in range(3)] == list(reversed(ANSWERS))
+    assert torch.equal(ordered.sample(0)[0], back.sample(2)[0])  # tokens moved with their answer
+
+
+def test_validate_rejects_answer_offsets_that_do_not_cover_the_bytes():
+    payload = make_payload()
+    payload.answer_offsets = payload.answer_offsets.clone()
+    payload.answer_offsets[-1] += 3
+    with pytest.raises(FedMKTError) as error:
+        payload.validate()
+    _assert_one_line_error(error, "answer_offsets")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,18 @@ from fedmkt.models import load_tokenizer
 from fedmkt.payload import KnowledgePayload
 from fedmkt.privacy import add_logit_noise
 
-FIELDS = ("sample_index", "losses", "offsets", "token_ids", "topk_ids", "topk_logits", "logsumexp", "label_logprob")
+FIELDS = (
+    "sample_index",
+    "losses",
+    "offsets",
+    "token_ids",
+    "topk_ids",
+    "topk_logits",
+    "logsumexp",
+    "label_logprob",
+    "answer_bytes",
+    "answer_offsets",
+)
 CLIENTS = ("client_0", "client_1")
 # 12 pooled questions: 4 public + 4 private per client; 1 round, evaluation off (not needed here).
 SETTINGS = [
@@ -190,7 +201,7 @@ def test_server_payload_holds_only_public_sample_knowledge(fedmkt_run, own_token
     _assert_public_only(send, own_tokenisation["server"], fedmkt_run.config.transfer.top_k)
 
 
-def test_wire_bytes_are_the_eight_payload_fields_and_nothing_else(fedmkt_run):
+def test_wire_bytes_are_the_payload_fields_and_nothing_else(fedmkt_run):
     assert len(fedmkt_run.sends) == 3  # two clients up, the server down
     for send in fedmkt_run.sends:
         header_length = int.from_bytes(send.data[:8], "little")
@@ -203,6 +214,11 @@ def test_wire_bytes_are_the_eight_payload_fields_and_nothing_else(fedmkt_run):
         floats = {name for name, t in tensors.items() if t.is_floating_point()}
         assert floats == {"losses", "topk_logits", "logsumexp", "label_logprob"}
         assert tensors["logsumexp"].shape == tensors["label_logprob"].shape == tensors["token_ids"].shape
+        # the answer each sample was shared along: here the public set's own (labelled) answers, as UTF-8
+        assert (
+            tensors["answer_bytes"].dtype == torch.uint8
+            and len(tensors["answer_offsets"]) == len(tensors["losses"]) + 1
+        )
         # The wire size is exactly the header plus these tensors.
         assert len(send.data) == 8 + header_length + sum(t.numel() * t.element_size() for t in tensors.values())
 

@@ -47,11 +47,14 @@ def test_an_honest_payload_passes_and_its_losses_are_recomputed(honest):
     payload, agreed, public = honest
     checked = verify_payload(payload, agreed, public)
     torch.testing.assert_close(checked.losses, payload.losses, rtol=1e-5, atol=1e-5)
-    # the recomputed loss is minus the mean label log-probability over each sample's answer positions
+    # the recomputed loss is minus the summed label log-probability over each sample's answer
+    # positions, per UTF-8 byte of the answer text
     for row, index in enumerate(payload.sample_index.tolist()):
-        _, targets = public(index)
+        answer = public.examples[index].answer
+        assert payload.answer_text(row) == answer
+        _, targets = public(index, answer)
         start, stop = int(payload.offsets[row]), int(payload.offsets[row + 1])
-        expected = -payload.label_logprob[start:stop][targets != -100].mean()
+        expected = -payload.label_logprob[start:stop][targets != -100].sum() / len(answer.encode("utf-8"))
         torch.testing.assert_close(checked.losses[row], expected)
 
 
@@ -85,7 +88,8 @@ def test_tokens_that_are_not_the_public_question_are_refused(honest):
         replace(payload, token_ids=torch.zeros_like(payload.token_ids)), agreed, public, "not the sender's tokenization"
     )
     # A private row passed off as public sample 0: other text, so other tokens; the message quotes neither.
-    private, _ = PublicTokens(public.tokenizer, qa(1, "secret-private-record"), 48)(0)
+    secret = qa(1, "secret-private-record")
+    private, _ = PublicTokens(public.tokenizer, secret, 48)(0, secret[0].answer)
     rows = int(payload.offsets[1] - payload.offsets[0])
     forged = payload.token_ids.clone()
     forged[: min(rows, len(private))] = private[:rows].to(forged.dtype)
@@ -133,3 +137,45 @@ def test_a_receiver_leaves_a_refused_teacher_out_and_distils_from_the_rest(
     assert stats.teacher_counts == {"peer": 3}
     with pytest.raises(FedMKTError, match="refused payload from liar"):
         receiver.distill(1, {"liar": liar})
+
+
+def _with_answers(payload, texts):
+    answer_bytes, answer_offsets = KnowledgePayload.encode_answers(texts)
+    return replace(payload, answer_bytes=answer_bytes, answer_offsets=answer_offsets)
+
+
+def test_an_answer_the_question_does_not_allow_is_refused(honest):
+    """Labelled: only the gold answer; unlabelled: one of the options; never bytes that are not UTF-8."""
+    payload, agreed, public = honest
+    texts = [payload.answer_text(row) for row in range(len(payload))]
+    other = next(c for c in public.examples[0].choices if c != texts[0])
+    # labelled: another option (with tokens that would not match either) is refused as an answer
+    refused(_with_answers(payload, [other, *texts[1:]]), agreed, public, "does not allow", "public sample(s) 0")
+    refused(
+        _with_answers(payload, [" not an option", *texts[1:]]),
+        replace(agreed, public_labelled=False),
+        public,
+        "does not allow",
+    )
+    broken = _with_answers(payload, texts)
+    broken.answer_bytes[0] = 0xFF
+    with pytest.raises(FedMKTError, match="not UTF-8"):
+        verify_payload(broken, agreed, public)
+
+
+def test_an_unlabelled_payload_along_any_option_passes(smollm2_tokenizer, make_tiny_llama, tmp_path):
+    """A sender on an unlabelled public set shares along its own options; a receiver accepts each."""
+    from fedmkt.data.examples import without_answer
+
+    transfer = TransferConfig(top_k=TOP_K)
+    party = make_participant("peer", smollm2_tokenizer, make_tiny_llama, tmp_path, 1, transfer, unlabelled=True)
+    payload = KnowledgePayload.from_bytes(party.share_knowledge(round_index=2).to_bytes())
+    examples = [without_answer(e) for e in qa(3, "public")]
+    public = PublicTokens(smollm2_tokenizer, examples, 48)
+    agreed = Agreement(2, TOP_K, 48, 1.0, len(smollm2_tokenizer), public_labelled=False)
+    checked = verify_payload(payload, agreed, public)
+    own = party.own_answers()
+    assert [payload.answer_text(row) for row in range(len(payload))] == own.texts
+    for row, example in enumerate(qa(3, "public")):  # its own loss is its NLL of its own option, per byte
+        expected = own.nll_per_byte(row, example, own.texts[row])
+        assert float(checked.losses[row]) == pytest.approx(expected, rel=1e-3, abs=1e-4)

@@ -332,5 +332,5 @@ def test_cache_callback_reports_a_miss_then_hits_and_never_touches_the_data(
 
 def test_targets_must_cover_every_public_sample():
     public = public_set()
-    with pytest.raises(ValueError, match="4 public samples"):
+    with pytest.raises(ValueError, match="targets for 3 public samples do not cover"):
         DistillationDataModule(public, DistillationTargets.empty(3), batch_size=8, pad_id=0, seed=0, top_k=4)

@@ -83,7 +83,11 @@ class PartyDataModule(L.LightningDataModule):
         self.private = tokenize_examples(private, tokenizer, max_length)
         self.public_examples = public
         """The public questions as text: what a teacher's tokens are checked against (`fedmkt.received`)."""
-        self.public = tokenize_examples(public, tokenizer, max_length)
+        labelled = all(example.labelled for example in public)
+        self.public = tokenize_examples(public, tokenizer, max_length) if labelled else []
+        """The public samples with their gold answers (empty for an unlabelled public set)."""
+        self.scored: Optional[list[TokenizedSample]] = None
+        """What the next predict scores, when not `public`: the public questions with this party's own answers."""
 
     def train_dataloader(self) -> DataLoader:
         if not self.private:
@@ -103,10 +107,11 @@ class PartyDataModule(L.LightningDataModule):
 
         Predictions carry each sample's index; the payload puts them back in sample order.
         """
+        samples = self.public if self.scored is None else self.scored
         if FAST.sorted_public:
-            order = sorted(self.public, key=lambda sample: (-len(sample.input_ids), sample.index))
+            order = sorted(samples, key=lambda sample: (-len(sample.input_ids), sample.index))
         else:
-            order = self.public
+            order = samples
         return _loader([s.as_item() for s in order], self.eval_batch_size, self.pad_id, False, self.seed)
 
 
@@ -128,6 +133,8 @@ class DistillationDataModule(L.LightningDataModule):
 
     Items are built here, once: a sample with targets is distilled where its aligned rows are
     non-empty; one without (not selected) still trains with the task CE and has no KD term.
+    `public` may be a subset of the public set (an unlabelled one: the selected samples, each with
+    its teacher's answer); `targets` is indexed by public sample index.
     """
 
     def __init__(
@@ -141,8 +148,8 @@ class DistillationDataModule(L.LightningDataModule):
         kd_positions: str = "all",
     ) -> None:
         super().__init__()
-        if len(targets.ids) != len(public) or len(targets.probs) != len(public):
-            raise ValueError(f"{len(public)} public samples need as many targets, got {len(targets.ids)}")
+        if len(targets.ids) != len(targets.probs) or any(sample.index >= len(targets.ids) for sample in public):
+            raise ValueError(f"targets for {len(targets.ids)} public samples do not cover the samples given")
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.seed = seed

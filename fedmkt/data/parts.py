@@ -5,6 +5,11 @@ Each part comes from an explicit data source (`data.public`, `data.eval`, `clien
 task into eval + public + K private parts. `party_data` reads only what one party may hold — a
 client's private source is read by that client alone — so the same call serves every party in one
 process and one party on its own machine.
+
+`data.public_labels` decides whether the public set keeps its answers. Without them, every public
+example reaches the party stripped of its answer (`without_answer`); the gold answers of a
+labelled source are kept apart, in `PartyData.public_gold`, for the one diagnostic that may read
+them (how often a party's own answer is the gold one).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from fedmkt.config import DataSource, RunConfig
-from fedmkt.data.examples import Example, Format, content_key, format_of
+from fedmkt.data.examples import Example, Format, content_key, format_of, without_answer
 from fedmkt.data.sources import load_source
 from fedmkt.data.tasks import TASK_FORMATS, FederatedSplit, load_task, split_task
 from fedmkt.errors import FedMKTError
@@ -32,6 +37,11 @@ class PartyData:
     evaluation: list[Example]
     own_evaluation: Optional[list[Example]]
     format: Format
+    public_labelled: bool = True
+    """Whether `public` carries its answers (else each party answers the public questions itself)."""
+    public_gold: Optional[list[Example]] = None
+    """Unlabelled public set from a labelled source: the same questions with their answers, read
+    only for the `public_answer_accuracy` diagnostic (never batched, never shared)."""
 
 
 class SourceReader:
@@ -77,14 +87,41 @@ class SourceReader:
             )
         return self._split
 
-    def source(self, key: str, source: DataSource, check_format: bool = True) -> list[Example]:
+    def source(
+        self, key: str, source: DataSource, check_format: bool = True, answers_optional: bool = False
+    ) -> list[Example]:
         if key not in self._loaded:
-            self._loaded[key] = load_source(source, key, self.format if check_format else None)
+            self._loaded[key] = load_source(source, key, self.format if check_format else None, answers_optional)
         return self._loaded[key]
 
-    def public(self) -> list[Example]:
+    def public_as_read(self) -> list[Example]:
         data = self.config.data
-        return self.source("data.public", data.public) if data.public is not None else self.split("data.public").public
+        if data.public is None:
+            return self.split("data.public").public
+        return self.source("data.public", data.public, answers_optional=True)
+
+    def public_labelled(self) -> bool:
+        """Whether the run's public set keeps its answers (`data.public_labels`, else whether the source has them)."""
+        wanted, examples = self.config.data.public_labels, self.public_as_read()
+        has_answers = all(example.labelled for example in examples)
+        if wanted and not has_answers:
+            raise FedMKTError(
+                f"data.public_labels is true but data.public ({self.config.data.public.path}) has no answer column. "
+                "Fix: set data.public_labels: false (or null) to use it unlabelled, or point data.public at a source with answers."
+            )
+        return has_answers if wanted is None else wanted
+
+    def public(self) -> list[Example]:
+        """The public set as every party holds it: without answers when the run's public set is unlabelled."""
+        examples = self.public_as_read()
+        return examples if self.public_labelled() else [without_answer(example) for example in examples]
+
+    def public_gold(self) -> Optional[list[Example]]:
+        """The labelled source's examples behind an unlabelled public set (the diagnostic's only input)."""
+        examples = self.public_as_read()
+        if self.public_labelled() or not all(example.labelled for example in examples):
+            return None
+        return examples
 
     def evaluation(self) -> list[Example]:
         data = self.config.data
@@ -110,16 +147,25 @@ def party_data(config: RunConfig, name: str, loader: Optional[SourceReader] = No
         clients = range(len(config.clients)) if centralized else ()
         training = {f"clients[{i}].data": loader.private(i) for i in clients}
         # Centralized: the server trains on all the data there is, the public part included (which
-        # FedMKT's server also trains on), so it bounds what federating can give the server.
-        private = (list(public) if centralized else []) + [e for part in training.values() for e in part]
+        # FedMKT's server also trains on), so it bounds what federating can give the server; an
+        # unlabelled public part has nothing to train on.
+        labelled_public = list(public) if centralized and loader.public_labelled() else []
+        private = labelled_public + [e for part in training.values() for e in part]
     else:
         index = int(name.split("_", 1)[1])
         private = loader.private(index)
         training = {f"clients[{index}].data": private}
         own_evaluation = loader.own_evaluation(index)
     evaluations = {"data.eval": evaluation} | ({f"{name}.eval": own_evaluation} if own_evaluation is not None else {})
-    check_disjoint(evaluations, {"data.public": public} | training)
-    return PartyData(public, private, evaluation, own_evaluation, loader.format)
+    check_disjoint(evaluations, {"data.public": loader.public_as_read()} | training)
+    labelled = loader.public_labelled()
+    if config.transfer.teacher == "random" and (labelled or loader.format != "multiple_choice"):
+        raise FedMKTError(
+            "transfer.teacher: random draws each teacher's answer among a question's options, which needs an "
+            "unlabelled multiple-choice public set. Fix: set data.public_labels: false (multiple choice), or use "
+            "transfer.teacher: hard."
+        )
+    return PartyData(public, private, evaluation, own_evaluation, loader.format, labelled, loader.public_gold())
 
 
 def federation_data(config: RunConfig, names: list[str]) -> dict[str, PartyData]:
@@ -131,7 +177,7 @@ def federation_data(config: RunConfig, names: list[str]) -> dict[str, PartyData]
     evaluations |= {
         f"clients[{i}].eval": e for i in range(len(config.clients)) if (e := loader.own_evaluation(i)) is not None
     }
-    training = {"data.public": loader.public()} | {
+    training = {"data.public": loader.public_as_read()} | {
         f"clients[{i}].data": loader.private(i) for i in range(len(config.clients))
     }
     check_disjoint(evaluations, training)

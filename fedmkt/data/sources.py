@@ -3,7 +3,9 @@
 A source is `{path, name, split, format, columns, limit}` (`fedmkt.config.DataSource`). Every kind
 goes through `datasets`, then each row is mapped through `columns` onto the fields of its format
 (`multiple_choice`: prompt, choices, answer; `generation`: prompt, response; an optional `id`) and
-checked, so a bad row stops the run before any model loads, with the key to fix.
+checked, so a bad row stops the run before any model loads, with the key to fix. A public source
+may lack the answer field (`answer` or `response`): its rows are then read as questions without
+answers (`answers_optional`); every other set needs them.
 """
 
 from __future__ import annotations
@@ -26,15 +28,20 @@ FIELDS: dict[str, tuple[str, ...]] = {
 """The fields each format needs; `id` and (multiple choice) `labels` are optional."""
 
 _OPTIONAL_FIELDS = ("id", "labels")
+ANSWER_FIELD = {"multiple_choice": "answer", "generation": "response"}
+"""The field that holds the gold answer, per format (what an unlabelled public source lacks)."""
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 EMBEDDED_PREFIX = "embedded:"
 HUB_PREFIX = "hub:"
 
 
-def load_source(source: DataSource, key: str, expected: Optional[Format] = None) -> list[Example]:
+def load_source(
+    source: DataSource, key: str, expected: Optional[Format] = None, answers_optional: bool = False
+) -> list[Example]:
     """The examples of `source` (config key `key`, e.g. `clients[0].data`, named in every error).
 
-    `expected` is the format the run scores in; a source of the other format is refused.
+    `expected` is the format the run scores in; a source of the other format is refused. With
+    `answers_optional` (the public set) a source without the answer field gives examples without answers.
     """
     if source.limit is not None and source.limit < 1:
         raise FedMKTError(f"{key}.limit is {source.limit}. Fix: set it to a positive number of rows, or null for all.")
@@ -42,8 +49,8 @@ def load_source(source: DataSource, key: str, expected: Optional[Format] = None)
         examples = _embedded(source, key)
     else:
         dataset = _load_dataset(source, key)
-        declared = source.format or _infer_format(dataset.column_names, source.columns)
-        examples = _rows_to_examples(dataset, source, declared, key)
+        declared = source.format or _infer_format(dataset.column_names, source.columns, expected)
+        examples = _rows_to_examples(dataset, source, declared, key, answers_optional)
     if source.limit is not None:
         examples = examples[: source.limit]
     if not examples:
@@ -166,9 +173,14 @@ def _one_split(loaded, source: DataSource, key: str):
     return loaded[source.split]
 
 
-def _infer_format(column_names: list[str], columns: Optional[Mapping[str, str]]) -> Format:
+def _infer_format(column_names: list[str], columns: Optional[Mapping[str, str]], expected: Optional[Format]) -> Format:
+    """Choices make multiple choice, a response generation; a prompt-only source is of the run's format."""
     mapped = set(column_names) | set(columns or {})
-    return "generation" if "response" in mapped and "choices" not in mapped else "multiple_choice"
+    if "choices" in mapped:
+        return "multiple_choice"
+    if "response" in mapped:
+        return "generation"
+    return expected or "multiple_choice"
 
 
 def _lookup(row: Mapping[str, Any], column: str) -> Any:
@@ -194,7 +206,9 @@ def _has_column(dataset, column: str) -> bool:
     return True
 
 
-def _rows_to_examples(dataset, source: DataSource, fmt: Format, key: str) -> list[Example]:
+def _rows_to_examples(
+    dataset, source: DataSource, fmt: Format, key: str, answers_optional: bool = False
+) -> list[Example]:
     columns = dict(source.columns or {})
     unknown = sorted(set(columns) - set(FIELDS["multiple_choice"]) - set(FIELDS["generation"]) - set(_OPTIONAL_FIELDS))
     if unknown:
@@ -203,8 +217,9 @@ def _rows_to_examples(dataset, source: DataSource, fmt: Format, key: str) -> lis
             "response, id or labels."
         )
     other: Format = "generation" if fmt == "multiple_choice" else "multiple_choice"
+    needed = [f for f in FIELDS[fmt] if not (answers_optional and f == ANSWER_FIELD[fmt])]
     if all(_has_column(dataset, columns.get(f, f)) for f in FIELDS[other]) and not all(
-        _has_column(dataset, columns.get(f, f)) for f in FIELDS[fmt]
+        _has_column(dataset, columns.get(f, f)) for f in needed
     ):
         raise FedMKTError(
             f"{key}: {source.path} holds {other} rows but {key}.format is {fmt}. "
@@ -213,7 +228,8 @@ def _rows_to_examples(dataset, source: DataSource, fmt: Format, key: str) -> lis
     mapping = {field: columns.get(field, field) for field in (*FIELDS[fmt], *_OPTIONAL_FIELDS)}
     for field, column in mapping.items():
         if not _has_column(dataset, column):
-            if field in _OPTIONAL_FIELDS and field not in columns:
+            optional = field in _OPTIONAL_FIELDS or (answers_optional and field == ANSWER_FIELD[fmt])
+            if optional and field not in columns:
                 continue
             raise FedMKTError(
                 f"{key}: {source.path} has no column {column!r} for field {field!r} (columns: {', '.join(dataset.column_names)}). "
@@ -268,7 +284,8 @@ def _example(values: Mapping[str, Any], fmt: Format, default_uid: str) -> Exampl
     uid = str(values["id"]) if values.get("id") is not None else default_uid
     prompt = _text(values, "prompt")
     if fmt == "generation":
-        return GenerationExample(uid, prompt, _continuation(prompt, _text(values, "response")))
+        response = _continuation(prompt, _text(values, "response")) if "response" in values else None
+        return GenerationExample(uid, prompt, response)
     choices = values["choices"]
     if (
         not isinstance(choices, (list, tuple))
@@ -277,5 +294,9 @@ def _example(values: Mapping[str, Any], fmt: Format, default_uid: str) -> Exampl
     ):
         raise ValueError(f"has choices {choices!r}; expected a list of at least two non-empty strings")
     labels = values.get("labels")
-    index = _answer_index(values["answer"], list(choices), list(labels) if labels is not None else None)
+    index = (
+        _answer_index(values["answer"], list(choices), list(labels) if labels is not None else None)
+        if "answer" in values
+        else None
+    )
     return QAExample(uid, prompt, tuple(_continuation(prompt, c) for c in choices), index)

@@ -263,7 +263,7 @@ def _select_samples(batch: dict[str, torch.Tensor], keep: list[int]) -> dict[str
     starts = torch.cat([torch.zeros(1, dtype=torch.long), batch["lengths"].long().cumsum(0)])
     positions = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in keep])
     rows = torch.tensor(keep)
-    per_sample = {"index", "losses", "lengths"}
+    per_sample = {"index", "nll", "lengths"}
     return {key: value[rows] if key in per_sample else value[positions] for key, value in batch.items()}
 
 

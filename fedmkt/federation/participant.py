@@ -25,8 +25,9 @@ from fedmkt.callbacks import (
     SelectiveTransferCallback,
 )
 from fedmkt.config import PartyConfig, PrivacyConfig, TransferConfig
-from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule
+from fedmkt.data.datamodule import DistillationDataModule, PartyDataModule, TokenizedSample
 from fedmkt.data.examples import Example, Format
+from fedmkt.data.tokenize import encode_prompt_answer
 from fedmkt.dp import DPPlan, epsilon_after, plan_dp
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice
@@ -42,8 +43,11 @@ from fedmkt.files import atomic_write_dir
 from fedmkt.party_module import PartyModule
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 from fedmkt.privacy import add_logit_noise
+from fedmkt.public_answers import OwnAnswers, answer_public, text_bytes
 from fedmkt.received import Agreement, PublicTokens, verify_payload
-from fedmkt.teacher_targets import TeacherAligners, select_teachers
+from fedmkt.selection import best_teachers, dual_min_ce
+from fedmkt.teacher_controls import flat_topk, random_answers
+from fedmkt.teacher_targets import TeacherAligners, teacher_losses
 
 _PHASE_OFFSETS = {"fine_tune": 1, "distill": 2}
 
@@ -75,6 +79,7 @@ class Participant:
         data_format: Format = "multiple_choice",
         max_new_tokens: int = 32,
         rounds: int = 1,
+        public_gold: Optional[list[Example]] = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -107,6 +112,13 @@ class Participant:
         )
         self._public_losses: Optional[torch.Tensor] = None  # valid until the weights change
         self._public_tokens: dict[str, PublicTokens] = {}  # each teacher's tokens of the public set
+        self.public_labelled = all(example.labelled for example in data.public_examples)
+        """Whether the public set has answers; without them this party answers the questions itself."""
+        self.public_gold = public_gold
+        """The gold answers behind an unlabelled public set, read only for `public_answer_accuracy`."""
+        self.public_answer_accuracy: Optional[float] = None
+        """How often the answers this party last shared equal the gold ones (None: not known)."""
+        self._own_answers: Optional[OwnAnswers] = None  # valid until the weights change
 
     @property
     def module(self) -> PartyModule:
@@ -118,7 +130,7 @@ class Participant:
     @property
     def num_public(self) -> int:
         """Samples in the public set (the same questions for every party)."""
-        return len(self.data.public)
+        return len(self.data.public_examples)
 
     @property
     def module_loaded(self) -> bool:
@@ -162,6 +174,7 @@ class Participant:
         trainer.fit(self.module, datamodule=datamodule)
         self._park()
         self._public_losses = None
+        self._own_answers = None
         spans_ranks = trainer.world_size > 1
         return PhaseStats(
             task_loss=_phase_mean(self.module.task_loss, spans_ranks, empty=float("nan")),
@@ -199,42 +212,123 @@ class Participant:
         return plan_dp(dp, len(self.data.private), self.config.batch_size, self.config.local_epochs, self.rounds)
 
     def share_knowledge(self, round_index: int) -> KnowledgePayload:
-        """Steps 2/7: per-sample CE and top-k logits on the public data (noised if privacy asks)."""
+        """Steps 2/7: per-sample loss and top-k logits along each public question's answer (noised if
+        privacy asks): the gold answer of a labelled public set, else this party's own answer."""
         self.round_index = round_index
-        outputs = self._predict_public("share_knowledge")
+        answers = self._shared_answers(round_index)
+        outputs = self._predict_public("share_knowledge", answers)
         lengths = torch.cat([o["lengths"] for o in outputs])
+        index = torch.cat([o["index"] for o in outputs]).long()
+        texts = [answers[i] for i in index.tolist()]
         id_dtype = smallest_id_dtype(self.module.vocab_size)
+        answer_bytes, answer_offsets = KnowledgePayload.encode_answers(texts)
         payload = KnowledgePayload(
             sender=self.name,
             round=round_index,
             vocab_size=self.module.vocab_size,
-            sample_index=torch.cat([o["index"] for o in outputs]).long(),
-            losses=torch.cat([o["losses"] for o in outputs]),
+            sample_index=index,
+            losses=torch.cat([o["nll"] for o in outputs]) / torch.tensor([text_bytes(t) for t in texts]),
             offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
             token_ids=torch.cat([o["token_ids"] for o in outputs]).to(id_dtype),
             topk_ids=torch.cat([o["topk_ids"] for o in outputs]).to(id_dtype),
             topk_logits=torch.cat([o["topk_logits"] for o in outputs]),
             logsumexp=torch.cat([o["logsumexp"] for o in outputs]).float(),
             label_logprob=torch.cat([o["label_logprob"] for o in outputs]).float(),
+            answer_bytes=answer_bytes,
+            answer_offsets=answer_offsets,
             temperature=self.transfer.temperature,
         ).in_sample_order()
+        if self.transfer.teacher != "real":  # a control: the same answers' positions, no ranking
+            public = PublicTokens(self.tokenizer, self.data.public_examples, self.max_length)
+            payload = flat_topk(
+                payload, lambda row: public(int(payload.sample_index[row]), payload.answer_text(row))[1]
+            )
         return add_logit_noise(payload, self.privacy)  # noise from OS entropy: no receiver can regenerate it
 
+    def _shared_answers(self, round_index: int) -> list[Optional[str]]:
+        """The answer each public question is shared along (None: this party has none to share)."""
+        examples = self.data.public_examples
+        if self.public_labelled:
+            return [example.answer for example in examples]
+        own = self.own_answers()
+        if self.public_gold is not None:
+            self.public_answer_accuracy = own.accuracy_against(self.public_gold)
+        if self.transfer.teacher == "random":
+            return list(random_answers(examples, self.seed + 1000 * round_index + 3))
+        return list(own.texts)
+
+    def own_answers(self) -> OwnAnswers:
+        """This party's own answers to the unlabelled public questions (reused while its weights stand)."""
+        if self._own_answers is None:
+            model, device = self._scoring_model()
+            progress = self._label("answer public") if self.config.trainer.enable_progress_bar else None
+            self._own_answers = answer_public(
+                model,
+                self.tokenizer,
+                self.data.public_examples,
+                self.data_format,
+                self.config.eval_batch_size,
+                self.max_length,
+                self.max_new_tokens,
+                device,
+                progress,
+            )
+            self._park()
+        return self._own_answers
+
     def public_losses(self) -> torch.Tensor:
-        """The receiver's own per-sample CE on the public data, for DualMinCE (reused if fresh)."""
+        """The receiver's own per-sample NLL per byte of the gold answers, for DualMinCE (reused if fresh)."""
         if self._public_losses is None:
-            self._predict_public("public_losses")
+            self._predict_public("public_losses", [example.answer for example in self.data.public_examples])
         return self._public_losses
 
-    def _predict_public(self, phase: str) -> list[dict[str, torch.Tensor]]:
-        """Score every public sample (all ranks' shards when the party spans ranks); caches the CE."""
+    def losses_on(self, answers: list[Optional[str]]) -> torch.Tensor:
+        """The receiver's own NLL per byte of each public question answered with `answers` (+inf where None).
+
+        Multiple choice reads the per-option NLLs of its own answering pass; generation scores the texts.
+        """
+        losses = torch.full((self.num_public,), float("inf"))
+        if self.data_format == "multiple_choice":
+            own = self.own_answers()
+            for index, (example, answer) in enumerate(zip(self.data.public_examples, answers)):
+                if answer is not None:
+                    losses[index] = own.nll_per_byte(index, example, answer)
+            return losses
+        outputs = self._predict_public("own_losses", answers, cache=False)
+        index = torch.cat([o["index"] for o in outputs]).long()
+        nll = torch.cat([o["nll"] for o in outputs])
+        losses[index] = nll / torch.tensor([text_bytes(answers[i]) for i in index.tolist()])
+        return losses
+
+    def _samples(self, answers: list[Optional[str]]) -> list[TokenizedSample]:
+        """The public questions followed by `answers`, in this party's tokens (questions without one left out)."""
+        examples = self.data.public_examples
+        return [
+            TokenizedSample(i, *encode_prompt_answer(self.tokenizer, examples[i].prompt, answer, self.max_length))
+            for i, answer in enumerate(answers)
+            if answer is not None
+        ]
+
+    def _predict_public(
+        self, phase: str, answers: list[Optional[str]], cache: bool = True
+    ) -> list[dict[str, torch.Tensor]]:
+        """Score the public questions answered with `answers` (all ranks' shards when the party spans
+        ranks); with `cache`, keeps the NLL per byte of gold answers for DualMinCE."""
         L.seed_everything(self.seed, verbose=False)
-        outputs = self._trainer(phase).predict(self.module, datamodule=self.data)
+        self.data.scored = None if self.public_labelled and cache else self._samples(answers)
+        try:
+            outputs = self._trainer(phase).predict(self.module, datamodule=self.data)
+        finally:
+            self.data.scored = None
         self._park()
         if party_processes(self.config.trainer) > 1:  # each rank predicted a shard of the public data
             outputs = gather_predictions(outputs)
-        index = torch.cat([o["index"] for o in outputs]).long()
-        self._public_losses = torch.cat([o["losses"] for o in outputs])[index.argsort()]
+        if self.public_labelled and cache:
+            index = torch.cat([o["index"] for o in outputs]).long()
+            nll = torch.cat([o["nll"] for o in outputs])
+            per_byte = nll / torch.tensor([text_bytes(answers[i]) for i in index.tolist()])
+            self._public_losses = torch.full((self.num_public,), float("inf"))
+            self._public_losses[index] = per_byte
         return outputs
 
     def distill(self, round_index: int, teacher_payloads: dict[str, KnowledgePayload]) -> PhaseStats:
@@ -243,13 +337,25 @@ class Participant:
         if self.config.distill_epochs == 0:  # a frozen party (e.g. the LLM in LLM2SLM) learns nothing
             return PhaseStats()
         teacher_payloads = self._verified(round_index, teacher_payloads)
-        selection = select_teachers(
-            self.public_losses(), teacher_payloads, require_improvement=self.transfer.selection == "dualmince"
-        )
-        targets = self.alignment.align_selected(selection, teacher_payloads, self.data.public)
+        losses = teacher_losses(teacher_payloads, self.num_public)
+        if self.public_labelled:
+            own, samples = self.public_losses(), list(self.data.public)
+        else:  # each sample's best teacher's answer: the receiver's own loss and its training text
+            answers = _best_teachers_answers(best_teachers(losses), teacher_payloads, self.num_public)
+            own = self.losses_on(answers)
+        selection = dual_min_ce(own, losses, require_improvement=self.transfer.selection == "dualmince")
+        if not self.public_labelled:  # no label to train on: only the selected samples, on their teacher's answer
+            chosen = set((selection.teacher_of_sample >= 0).nonzero().flatten().tolist())
+            samples = [s for s in self._samples(answers) if s.index in chosen]
+            if not samples:
+                return PhaseStats(selected=0, teacher_counts=selection.counts())
+        by_index: list[Optional[TokenizedSample]] = [None] * self.num_public
+        for sample in samples:
+            by_index[sample.index] = sample
+        targets = self.alignment.align_selected(selection, teacher_payloads, by_index)
         seed = phase_seed(self.seed, round_index, "distill")
         data = DistillationDataModule(
-            public=self.data.public,
+            public=samples,
             targets=targets,
             batch_size=self.config.batch_size,
             pad_id=self.data.pad_id,
@@ -284,6 +390,8 @@ class Participant:
                 temperature=self.transfer.temperature,
                 tokenizer_size=len(tokenizer),
                 noised=self.privacy.logit_noise > 0,
+                public_labelled=self.public_labelled,
+                max_new_tokens=self.max_new_tokens,
             )
             try:
                 verified[teacher] = verify_payload(payload, agreed, self._public_tokens[teacher])
@@ -303,18 +411,23 @@ class Participant:
         `eval_n`. The own set gives the same keys with the prefix `own_eval`.
         """
         start = time.perf_counter()
-        model = self.module.model
-        if is_sharded(model):  # evaluated through its shards, where they live: never whole on one device
-            device = next(model.parameters()).device
-        else:
-            use_gpu = torch.cuda.is_available() and self.config.trainer.accelerator in ("auto", "gpu", "cuda")
-            device = torch.device("cuda" if use_gpu else "cpu")
-            model = model.to(device)
+        model, device = self._scoring_model()
         stats = self._score(model, self.evaluation, "eval", device)
         if self.own_evaluation:
             stats |= self._score(model, self.own_evaluation, "own_eval", device)
         self._park()
+        if self.public_answer_accuracy is not None:  # the diagnostic of the answers this party last shared
+            stats["public_answer_accuracy"] = self.public_answer_accuracy
         return stats | {"eval_seconds": time.perf_counter() - start}
+
+    def _scoring_model(self) -> tuple[torch.nn.Module, torch.device]:
+        """The model on the device it scores on (evaluation, answering): a GPU where the party may use one."""
+        model = self.module.model
+        if is_sharded(model):  # scored through its shards, where they live: never whole on one device
+            return model, next(model.parameters()).device
+        use_gpu = torch.cuda.is_available() and self.config.trainer.accelerator in ("auto", "gpu", "cuda")
+        device = torch.device("cuda" if use_gpu else "cpu")
+        return model.to(device), device
 
     def _score(self, model, examples: list[Example], prefix: str, device: torch.device) -> dict:
         label = self._label("evaluate" if prefix == "eval" else "evaluate own set")
@@ -364,6 +477,7 @@ class Participant:
         """Adopt LoRA weights (fedavg's average, or a checkpoint's); the cached own losses are stale then."""
         load_adapter_state(self.module.model, state)
         self._public_losses = None
+        self._own_answers = None
 
     def load_adapter(self, directory: Path) -> None:
         """Restore LoRA weights saved by `save_adapter`."""
@@ -394,6 +508,20 @@ class Participant:
             directory,
             lambda tmp: model.save_pretrained(tmp, safe_serialization=True, state_dict=under_model_keys(model, state)),
         )
+
+
+def _best_teachers_answers(
+    best: torch.Tensor, payloads: dict[str, KnowledgePayload], num_public: int
+) -> list[Optional[str]]:
+    """Per public sample, the answer text its best teacher shared along (None: no teacher scored it)."""
+    names = sorted(payloads)
+    rows = {name: {int(i): row for row, i in enumerate(payloads[name].sample_index.tolist())} for name in names}
+    answers: list[Optional[str]] = [None] * num_public
+    for index, teacher in enumerate(best.tolist()):
+        if teacher >= 0:
+            name = names[teacher]
+            answers[index] = payloads[name].answer_text(rows[name][index])
+    return answers
 
 
 RESIDENT_FREE_SHARE = 0.5

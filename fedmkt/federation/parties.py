@@ -107,6 +107,7 @@ def build_participant(config: RunConfig, name: str, data: Optional[PartyData] = 
         data_format=data.format,
         max_new_tokens=config.data.max_new_tokens,
         rounds=config.federation.rounds,
+        public_gold=data.public_gold,
     )
 
 

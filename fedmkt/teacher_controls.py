@@ -1,0 +1,56 @@
+"""Control teachers that separate knowledge from format: the same payload with its ranking removed.
+
+`transfer.teacher: hard` shares a party's real answer with flat top-k values; `random` an answer
+drawn uniformly among the options with flat top-k values (the answer is drawn by the sharing party,
+`random_answers`). What a student gains from such a teacher is what the public questions' format
+and a pseudo-label give, not the teacher's soft knowledge.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from fedmkt.data.examples import QAExample
+from fedmkt.data.tokenize import IGNORE_INDEX
+from fedmkt.payload import KnowledgePayload
+
+__all__ = ["flat_topk", "random_answers"]
+
+
+def flat_topk(payload: KnowledgePayload, targets_of: Callable[[int], torch.Tensor]) -> KnowledgePayload:
+    """`payload` with each position's top-k values replaced by one value (no ranking).
+
+    The value keeps the top-k's total probability (``T * (logsumexp(x / T) - log k)``), so under
+    `topk_target: tail` the same mass lands on the same ids, spread evenly. The label
+    log-probabilities and losses are those of this flat distribution (a label among the top-k gets
+    the even share, any other keeps its own), so a receiver's checks pass it as any teacher;
+    `targets_of(row)` gives the payload row's next-token targets in the sender's tokens.
+    """
+    scaled = payload.topk_logits.float() / payload.temperature
+    k = scaled.shape[1]
+    level = payload.temperature * (torch.logsumexp(scaled, dim=1, keepdim=True) - torch.log(torch.tensor(float(k))))
+    level = level.to(payload.topk_logits.dtype)  # as sent: the even share is computed from what a receiver reads
+    even_share = level[:, 0].float() / payload.temperature - payload.logsumexp.float()
+    label_logprob = payload.label_logprob.clone()
+    losses = payload.losses.clone()
+    for row in range(len(payload)):
+        start, stop = int(payload.offsets[row]), int(payload.offsets[row + 1])
+        targets = targets_of(row)
+        labelled = targets != IGNORE_INDEX
+        listed = (payload.topk_ids[start:stop].long() == targets[:, None]).any(dim=1) & labelled
+        span = label_logprob[start:stop]
+        span[listed] = even_share[start:stop][listed].to(span.dtype)
+        losses[row] = -span[labelled].float().sum() / max(1, len(payload.answer_text(row).encode("utf-8")))
+    return replace(
+        payload, topk_logits=level.expand_as(scaled).contiguous(), label_logprob=label_logprob, losses=losses
+    )
+
+
+def random_answers(examples: list[QAExample], seed: int) -> list[str]:
+    """One option per question, drawn uniformly and reproducibly from `seed` (the random teacher's answers)."""
+    draw = random.Random(seed)
+    return [example.choices[draw.randrange(len(example.choices))] for example in examples]
