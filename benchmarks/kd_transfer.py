@@ -21,6 +21,13 @@ collide on one receiver token, and the teacher's probability mass left outside i
     OMP_NUM_THREADS=2 python benchmarks/kd_transfer.py                       # writes benchmarks/results/kd_transfer.json
     python benchmarks/kd_transfer.py --scale quick                           # the same steps in minutes
     python benchmarks/kd_transfer.py --try tail --override transfer.topk_target=tail
+    OMP_NUM_THREADS=2 python benchmarks/kd_transfer.py --unlabelled          # writes benchmarks/results/kd_transfer_unlabelled.json
+
+`--unlabelled` reads the public part without its answers (`data.public_labels: false`): the
+teacher shares along its own answers, and the gold public answers are never read. Each student is
+then compared with two control teachers (`transfer.teacher`): `hard`, the teacher's own answers
+with flat top-k values (the `control` of the labelled run, so `control_*` holds it), and `random`,
+an option drawn uniformly with flat values (what the format alone gives).
 
 Every step (teacher fine-tuning, each evaluation, each distillation) is stored in `--state-dir`
 (default `$FEDMKT_CACHE/kd_transfer`, else `~/.cache/fedmkt/kd_transfer`) as soon as it ends, keyed
@@ -40,7 +47,7 @@ import sys
 import time
 from collections.abc import Callable
 from copy import deepcopy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,6 +55,7 @@ import torch
 
 from fedmkt.config import ModelSpec, RunConfig, parse_run_config
 from fedmkt.data.parts import PartyData, party_data
+from fedmkt.data.tokenize import encode_prompt_answer
 from fedmkt.errors import FedMKTError
 from fedmkt.evaluation import paired_bootstrap
 from fedmkt.federation.parties import build_participant, quiet_lightning
@@ -93,6 +101,10 @@ class Bench:
         return (
             "-".join(str(p) for p in parts if isinstance(p, str)) + "-" + hashlib.sha256(text.encode()).hexdigest()[:10]
         )
+
+
+CONTROLS = ("hard", "random")
+"""The control teachers of an `--unlabelled` run, each a `transfer.teacher` setting of the real teacher."""
 
 
 def base_config(scale: str, overrides: list[str]) -> RunConfig:
@@ -157,25 +169,33 @@ def release(*objects: Any) -> None:
     gc.collect()
 
 
-def teacher_step(bench: Bench, model: str, data: PartyData) -> tuple[dict, Path]:
-    """Fine-tune `model` on the labelled part, evaluate it, and store its knowledge of the public part."""
+def teacher_step(bench: Bench, model: str, data: PartyData, unlabelled: bool = False) -> tuple[dict, dict[str, Path]]:
+    """Fine-tune `model` on the labelled part, evaluate it, and store its knowledge of the public part.
+
+    Returns the result and the payload files by teacher kind: `real`, and with `unlabelled` the
+    controls of `CONTROLS` shared by the same fine-tuned teacher.
+    """
     config = pair_config(bench, model, model)
-    name = bench.key("teacher", model.split(":")[-1], config.server, config.transfer.top_k, config.transfer.temperature)
-    payload_path = bench.state / f"{name}.payload"
+    parts = ["teacher", model.split(":")[-1], config.server, config.transfer.top_k, config.transfer.temperature]
+    name = bench.key(*parts, *(["unlabelled"] if unlabelled else []))
+    kinds = ("real", *CONTROLS) if unlabelled else ("real",)
+    paths = {kind: bench.state / (f"{name}.payload" if kind == "real" else f"{name}-{kind}.payload") for kind in kinds}
 
     def compute() -> dict:
         teacher = build_participant(config, "server", data=data)
         stats = teacher.fine_tune(1)
         scores = eval_scores(teacher.evaluate())
-        payload = teacher.share_knowledge(1)
-        atomic_write_bytes(payload_path, payload.to_bytes())
+        for kind, path in paths.items():
+            teacher.transfer = replace(teacher.transfer, teacher=kind)
+            atomic_write_bytes(path, teacher.share_knowledge(1).to_bytes())
+        accuracy = {"public_answer_accuracy": teacher.public_answer_accuracy} if unlabelled else {}
         release(teacher)
-        return scores | {"task_loss": stats.task_loss}
+        return scores | {"task_loss": stats.task_loss} | accuracy
 
-    if not payload_path.is_file() or not _readable(payload_path):
-        # a result without its payload, or with one this version cannot read, is incomplete
+    if not all(path.is_file() and _readable(path) for path in paths.values()):
+        # a result without its payloads, or with one this version cannot read, is incomplete
         (bench.state / f"{name}.json").unlink(missing_ok=True)
-    return cached(bench, name, compute), payload_path
+    return cached(bench, name, compute), paths
 
 
 def _readable(payload_path: Path) -> bool:
@@ -204,11 +224,17 @@ def zero_shot_step(bench: Bench, model: str, data: PartyData) -> dict:
     return cached(bench, name, compute)
 
 
-def student_step(bench: Bench, pair: str, control: bool, payload_path: Path, data: PartyData) -> dict:
-    """Distil a fresh student from the teacher's payload (or the control's) and evaluate it."""
+def student_step(
+    bench: Bench, pair: str, control: bool, payload_path: Path, data: PartyData, kind: Optional[str] = None
+) -> dict:
+    """Distil a fresh student from the teacher's payload (or the control's) and evaluate it.
+
+    `control` flattens the payload's top-k here; a payload a control teacher already shared is given
+    with its own `kind` name and `control` off.
+    """
     teacher, student = PAIRS[pair]
     config = pair_config(bench, teacher, student)
-    kind = "control" if control else "kd"
+    kind = kind or ("control" if control else "kd")
     name = bench.key(pair, kind, config.clients[0], config.transfer, payload_path.name, payload_digest(payload_path))
 
     def compute() -> dict:
@@ -222,7 +248,7 @@ def student_step(bench: Bench, pair: str, control: bool, payload_path: Path, dat
             )
         stats = party.distill(1, {"server": payload})
         scores = eval_scores(party.evaluate())
-        alignment = alignment_losses(party, payload, data) if not control else {}
+        alignment = alignment_losses(party, payload, data) if kind == "kd" else {}
         release(party)
         return scores | {"kd_loss": stats.kd_loss, "task_loss": stats.task_loss, "alignment": alignment}
 
@@ -241,7 +267,10 @@ def alignment_losses(party: Any, payload: KnowledgePayload, data: PartyData) -> 
     matched = positions = slots = unmapped = collided = 0
     for row in range(len(payload)):
         token_ids, topk_ids, _ = payload.sample(row)
-        receiver_ids = party.data.public[int(payload.sample_index[row])].input_ids
+        example = party.data.public_examples[int(payload.sample_index[row])]
+        receiver_ids = encode_prompt_answer(
+            party.tokenizer, example.prompt, payload.answer_text(row), party.max_length
+        )[0]
         match = aligner.match_positions(token_ids, receiver_ids)
         positions += len(match)
         hit = match[match >= 0]
@@ -276,6 +305,14 @@ def report(bench: Bench, overrides: list[str], results: dict) -> dict:
         zero_shot = got["zero_shot"]["eval_accuracy"]
         student_acc = got["kd"]["eval_accuracy"]
         diff, interval = paired_bootstrap(got["kd"]["eval_correct"], got["control"]["eval_correct"])
+        controls = {}
+        for control in CONTROLS if "random" in got else ():
+            versus, versus_ci = paired_bootstrap(got["kd"]["eval_correct"], got[control]["eval_correct"])
+            controls |= {
+                f"{control}_control_acc": got[control]["eval_accuracy"],
+                f"{control}_control_ci": list(got[control]["eval_accuracy_ci"]),
+                f"diff_vs_{control}": {"diff": versus, "ci": versus_ci},
+            }
         gap = teacher_acc - zero_shot
         pairs[pair] = {
             "teacher": teacher,
@@ -293,8 +330,12 @@ def report(bench: Bench, overrides: list[str], results: dict) -> dict:
             "control_gap_closed": (got["control"]["eval_accuracy"] - zero_shot) / gap if gap > 0 else None,
             "kd_loss": got["kd"]["kd_loss"],
             "alignment": got["kd"]["alignment"],
-            "seconds": {part: got[part]["seconds"] for part in ("teacher", "zero_shot", "kd", "control")},
+            "seconds": {part: got[part]["seconds"] for part in ("teacher", "zero_shot", "kd", *CONTROLS) if part in got}
+            | {"control": got["control"]["seconds"]},
+            **controls,
         }
+        if "public_answer_accuracy" in got["teacher"]:
+            pairs[pair]["teacher_public_answer_accuracy"] = got["teacher"]["public_answer_accuracy"]
     config = bench.config
     return {
         "settings": {
@@ -310,6 +351,7 @@ def report(bench: Bench, overrides: list[str], results: dict) -> dict:
             "overrides": overrides,
             "machine": machine(),
         },
+        "public_labels": config.data.public_labels is not False,
         "n_eval": config.data.eval_size,
         "n_labelled": results.get("n_labelled"),
         "pairs": pairs,
@@ -354,12 +396,12 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(scale: str, overrides: list[str], state: Path, pairs: list[str]) -> dict:
+def run(scale: str, overrides: list[str], state: Path, pairs: list[str], unlabelled: bool = False) -> dict:
     quiet_lightning()
-    config = base_config(scale, overrides)
+    config = base_config(scale, [*overrides, *(["data.public_labels=false"] if unlabelled else [])])
     bench = Bench(scale, config, state / scale)
     bench.state.mkdir(parents=True, exist_ok=True)
-    split = party_data(config, "client_0")
+    split = party_data(config, "client_0")  # unlabelled: the public part without its answers (no gold)
     labelled = PartyData(split.public, split.private, split.evaluation, None, split.format)
     public_only = PartyData(split.public, [], split.evaluation, None, split.format)
     print(
@@ -372,14 +414,19 @@ def run(scale: str, overrides: list[str], state: Path, pairs: list[str]) -> dict
     for pair in pairs:
         teacher, student = PAIRS[pair]
         if teacher not in teachers:
-            teachers[teacher] = teacher_step(bench, teacher, labelled)
-        teacher_result, payload_path = teachers[teacher]
+            teachers[teacher] = teacher_step(bench, teacher, labelled, unlabelled)
+        teacher_result, payloads = teachers[teacher]
         results[pair] = {
             "teacher": teacher_result,
             "zero_shot": zero_shot_step(bench, student, public_only),
-            "kd": student_step(bench, pair, False, payload_path, public_only),
-            "control": student_step(bench, pair, True, payload_path, public_only),
+            "kd": student_step(bench, pair, False, payloads["real"], public_only),
         }
+        if unlabelled:  # the hard teacher is the control: the same answers with flat top-k values
+            for control in CONTROLS:
+                results[pair][control] = student_step(bench, pair, False, payloads[control], public_only, control)
+            results[pair]["control"] = results[pair]["hard"]
+        else:
+            results[pair]["control"] = student_step(bench, pair, True, payloads["real"], public_only)
     return report(bench, overrides, results)
 
 
@@ -391,22 +438,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=None, help="where each step's result is kept")
     parser.add_argument("--try", dest="try_name", default=None, help="write to results/kd_transfer/tries/NAME.json")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--unlabelled", action="store_true", help="the public part without its answers: teachers share their own"
+    )
     args = parser.parse_args(argv)
     if args.override and not args.try_name and args.out is None:
         parser.error(
             "--override changes the settings: name the try with --try NAME (kd_transfer.json holds the defaults)"
         )
     state = args.state_dir or cache_root() / "kd_transfer"
-    result = run(args.scale, args.override, state, args.pairs)
+    result = run(args.scale, args.override, state, args.pairs, args.unlabelled)
     results_dir = Path(__file__).parent / "results"
+    stem = "kd_transfer_unlabelled" if args.unlabelled else "kd_transfer"
     if args.out is not None:
         out = args.out
     elif args.try_name:
         out = results_dir / "kd_transfer" / "tries" / f"{args.try_name}.json"
     elif args.scale == "full":
-        out = results_dir / "kd_transfer.json"
+        out = results_dir / f"{stem}.json"
     else:
-        out = state / args.scale / "kd_transfer.json"
+        out = state / args.scale / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1))
     print(table(result))

@@ -13,6 +13,10 @@ per-question results (`eval_correct`) for every party and the same losses (withi
     OMP_NUM_THREADS=2 python benchmarks/round_speed.py --work-dir runs/round_speed   # resumable: a rerun reuses finished rounds (new folder after a code change)
 
 The last line reads `round speedup: X.XX× (results identical: yes|no)`.
+
+`--unlabelled` measures instead what a public set without labels costs: a labelled round and one
+with `data.public_labels: false` (each party answers the public questions itself), both on the
+fast paths, in one command. Its last line reads `unlabelled round cost: X.XX× a labelled round`.
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ SCALES = {"full": {"eval_size": 1000, "part_size": 300}, "quick": {"eval_size": 
 PHASES = ("fine_tune", "share_knowledge", "distill", "evaluate")
 
 
-def run_once(scale: dict, run_dir: Path, off: tuple[str, ...]) -> dict:
-    """One round of demo.yaml at `scale` with the fast paths in `off` turned off; its summary."""
+def run_once(scale: dict, run_dir: Path, off: tuple[str, ...], unlabelled: bool = False) -> dict:
+    """One round of demo.yaml at `scale` with the fast paths in `off` turned off (and the public
+    set read without its answers with `unlabelled`); its summary."""
     config = parse_run_config(
         [
+            *(["--data.public_labels", "false"] if unlabelled else []),
             "--config",
             "demo",
             "--data.eval_size",
@@ -84,6 +90,37 @@ def finished_round(work: Path, name: str, scale: dict, off: tuple[str, ...]) -> 
     if record.get("scale") != scale or record.get("off") != list(off):
         return None
     return record["summary"]
+
+
+def unlabelled_cost(scale: dict, work: Path, out: Optional[Path]) -> int:
+    """A labelled round and an unlabelled one on the fast paths: per-phase seconds and the round's ratio."""
+    summaries = {}
+    for name in ("labelled", "unlabelled"):
+        summaries[name] = finished_round(work, name, scale, ())
+        if summaries[name] is None:
+            print(f"round_speed: running the {name} round", flush=True)
+            summaries[name] = run_once(scale, work / name, (), unlabelled=name == "unlabelled")
+            record_round(work, name, scale, (), summaries[name])
+        else:
+            print(f"round_speed: reusing the {name} round finished earlier in {work / name}", flush=True)
+    labelled, unlabelled = phase_seconds(summaries["labelled"]), phase_seconds(summaries["unlabelled"])
+    print("\n| party | phase | labelled s | unlabelled s | cost |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for key in sorted(labelled, key=lambda k: (k[0] != "server", k[0], PHASES.index(k[1]))):
+        ratio = unlabelled.get(key, float("nan")) / labelled[key]
+        rows.append(
+            {"party": key[0], "phase": key[1], "labelled_s": labelled[key], "unlabelled_s": unlabelled.get(key)}
+        )
+        print(f"| {key[0]} | {key[1]} | {labelled[key]:.1f} | {unlabelled.get(key, float('nan')):.1f} | {ratio:.2f}× |")
+    walls = {name: summaries[name]["rounds"][0]["wall_seconds"] for name in summaries}
+    cost = walls["unlabelled"] / walls["labelled"]
+    print(f"| whole round | | {walls['labelled']:.1f} | {walls['unlabelled']:.1f} | {cost:.2f}× |")
+    if out is not None:
+        record = {"scale": scale, "machine": machine(), "phases": rows, "round_seconds": walls, "cost": cost}
+        out.write_text(json.dumps(record, indent=1))
+    print(f"unlabelled round cost: {cost:.2f}× a labelled round")
+    return 0
 
 
 def phase_seconds(summary: dict) -> dict[tuple[str, str], float]:
@@ -138,10 +175,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="where the two runs' folders go; rerun with the same one to resume after a finished round "
         "(use a new one once the code has changed)",
     )
+    parser.add_argument(
+        "--unlabelled", action="store_true", help="compare a round on an unlabelled public set with a labelled one"
+    )
     args = parser.parse_args(argv)
     scale = SCALES["quick" if args.quick else "full"]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="round_speed_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.unlabelled:
+        print(f"round_speed: {'quick' if args.quick else 'full'} scale {scale}; labelled against unlabelled public set")
+        print(f"machine: {machine()}; run folders in {work}", flush=True)
+        return unlabelled_cost(scale, work, args.out)
     print(f"round_speed: {'quick' if args.quick else 'full'} scale {scale}; plain paths: {', '.join(args.off)}")
     print(f"machine: {machine()}; run folders in {work}", flush=True)
     summaries, walls = {}, {}

@@ -8,8 +8,14 @@ adapter of a round and its tokenizer, and writes
   Hugging Face-compatible server);
 * without: the adapter and the tokenizer, which `AutoPeftModelForCausalLM.from_pretrained(out)`
   loads. A hub base is named by its hub id (and revision); a base only this machine has (an
-  embedded or `.gguf` model, converted, or a random-init one) is written to `out/base/` and
-  named by that path.
+  embedded or `.gguf` model, converted, or a random-init one) is written to `out/base/` and named
+  `base`, relative to the export, so the folder can be moved or copied: load it with
+  `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out)` (peft reads a
+  relative base name against the current folder, so `AutoPeftModelForCausalLM` loads it from inside
+  `out`). A base in a local model folder is named by its absolute path.
+
+The export's files get the permissions the user's umask gives, so others can read what is meant
+to be handed on.
 """
 
 from __future__ import annotations
@@ -103,7 +109,7 @@ def export_party(
             tokenizer.save_pretrained(folder)
             (folder / EXPORT_MARKER).write_text(marker)
 
-        atomic_write_dir(out, write_merged)
+        atomic_write_dir(out, write_merged, shared=True)
         return out, round_index
 
     local_dir = Path(spec.source).expanduser()
@@ -119,7 +125,7 @@ def export_party(
             # loaded afresh: the PEFT model's own base has the adapter's layers injected into it
             _base_model(run_dir, party).save_pretrained(folder / "base", safe_serialization=True)
             tokenizer.save_pretrained(folder / "base")
-            base_name = str((out / "base").resolve())
+            base_name = "base"  # relative to the export: the folder travels
         model.peft_config["default"].base_model_name_or_path = base_name
         if from_hub and spec.revision:
             model.peft_config["default"].revision = spec.revision
@@ -127,7 +133,7 @@ def export_party(
         tokenizer.save_pretrained(folder)
         (folder / EXPORT_MARKER).write_text(marker)
 
-    atomic_write_dir(out, write_adapter)
+    atomic_write_dir(out, write_adapter, shared=True)
     return out, round_index
 
 

@@ -19,13 +19,20 @@ from typing import Any
 
 
 def atomic_write(
-    path: Path, write: Callable[[Path], None], *, directory: bool = False, keep_existing: bool = False
+    path: Path,
+    write: Callable[[Path], None],
+    *,
+    directory: bool = False,
+    keep_existing: bool = False,
+    shared: bool = False,
 ) -> None:
     """Have `write` fill a temporary sibling of `path` (a file, or a folder with `directory`), then
     rename it to `path`: a crash or a full disk leaves the previous version (or none), never half of one.
 
     A file is fsynced before the rename. With `keep_existing`, a `path` that exists by then (another
     process finished first) is kept and this write discarded. The temporary is removed on failure.
+    A temporary is private to its owner (0600/0700); with `shared` the result gets the permissions
+    the user's umask gives a new file or folder (what a model folder meant for others needs).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +47,8 @@ def atomic_write(
         if not directory:
             with open(tmp, "rb+") as file:
                 os.fsync(file.fileno())
+        if shared:
+            os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
         if keep_existing and path.exists():
             return  # another process finished first; ours is removed below
         if directory and path.is_dir() and not path.is_symlink():
@@ -52,6 +61,12 @@ def atomic_write(
     finally:
         if tmp.exists() and tmp != path:
             _remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _swap_in_folder(new: Path, path: Path) -> None:
@@ -85,9 +100,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling folder with `write(folder)`, then rename it to `path` (replacing it)."""
-    atomic_write(path, write, directory=True)
+def atomic_write_dir(path: Path, write: Callable[[Path], None], shared: bool = False) -> None:
+    """Fill a temporary sibling folder with `write(folder)`, then rename it to `path` (replacing it);
+    `shared`: with the permissions the umask gives (see `atomic_write`)."""
+    atomic_write(path, write, directory=True, shared=shared)
 
 
 def finite_or_none(value: Any) -> Any:

@@ -31,7 +31,9 @@ def _questions(run_dir):
 
 
 @pytest.mark.parametrize("merge", [True, False])
-def test_an_exported_party_loads_with_plain_transformers_or_peft_and_scores_the_same(trained, tmp_path, merge, capsys):
+def test_an_exported_party_loads_with_plain_transformers_or_peft_and_scores_the_same(
+    trained, tmp_path, merge, capsys, monkeypatch
+):
     out = tmp_path / ("merged" if merge else "adapter")
     args = ["export", "--run", str(trained), "--party", "client_0", "--out", str(out)]
     assert main(args + (["--merge"] if merge else [])) == 0
@@ -42,10 +44,10 @@ def test_an_exported_party_loads_with_plain_transformers_or_peft_and_scores_the_
     else:
         from peft import AutoPeftModelForCausalLM
 
+        monkeypatch.chdir(out)  # peft reads the relative base name against the current folder
         model = AutoPeftModelForCausalLM.from_pretrained(out).eval()
-        assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
-            (out / "base").resolve()
-        )  # a random-init base only fedmkt makes travels with the adapter
+        # a random-init base only fedmkt makes travels with the adapter, named relative to it
+        assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
     tokenizer = AutoTokenizer.from_pretrained(out)
     questions = _questions(trained)
     ours, their_tokenizer, _ = load_trained(trained, "client_0")
@@ -100,3 +102,46 @@ def test_a_second_export_replaces_the_first_and_nothing_else(trained, tmp_path, 
     assert (tmp_path / "exports" / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["client_0", "keep.txt"]
     assert (trained / "summary.json").is_file()
+
+
+def test_an_adapter_export_travels_and_others_can_read_it(trained, tmp_path, monkeypatch):
+    """Copied elsewhere, the export loads with plain peft + transformers; its files follow the umask."""
+    import os
+    import shutil
+    import stat
+
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    out = tmp_path / "made" / "client_0"
+    old_mask = os.umask(0o022)
+    try:
+        assert main(["export", "--run", str(trained), "--party", "client_0", "--out", str(out)]) == 0
+    finally:
+        os.umask(old_mask)
+    for path in (out, out / "adapter_config.json", out / "base", out / "base" / "config.json"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o044 == 0o044, (path, oct(mode))  # group and others may read
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(out, moved)
+    shutil.rmtree(out)
+    base = AutoModelForCausalLM.from_pretrained(moved / "base")
+    model = PeftModel.from_pretrained(base, moved).eval()
+    monkeypatch.chdir(moved)
+    auto = AutoPeftModelForCausalLM.from_pretrained(moved).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, auto(input_ids=ids).logits)
+    ours, _, _ = load_trained(trained, "client_0")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [("--prompt", "  ", "--prompt is empty"), ("--max_new_tokens", "0", "--max_new_tokens is 0")],
+)
+def test_generate_refuses_an_empty_prompt_or_no_tokens_in_one_line(tmp_path, capsys, flag, value, needle):
+    argv = ["generate", "--run", str(tmp_path), "--party", "server", "--prompt", "Hi", flag, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Fix:" in err

@@ -941,9 +941,9 @@ def test_each_node_reads_only_its_own_private_file(task_identity, tmp_path, monk
     original = parts.load_source
     current = []
 
-    def recording(source, key, expected=None):
+    def recording(source, key, expected=None, answers_optional=False):
         read.setdefault(current[-1], []).append(f"{key}={Path(source.path).name}")
-        return original(source, key, expected)
+        return original(source, key, expected, answers_optional)
 
     monkeypatch.setattr(parts, "load_source", recording)
     grid = FakeGrid({10: client_app.handle, 11: client_app.handle}, node_configs)

@@ -103,3 +103,29 @@ def test_a_student_step_is_keyed_by_the_teacher_payloads_bytes(kd_transfer, tmp_
     (tmp_path / f"{name}.payload").write_bytes(b"written by an older version")
     kd_transfer.teacher_step(bench, kd_transfer.SMOLLM2, data=None)
     assert not stored.exists()  # its result went with the payload it could not read
+
+
+def test_an_unlabelled_report_compares_the_student_with_both_control_teachers(kd_transfer, tmp_path):
+    config = kd_transfer.base_config("quick", ["data.public_labels=false"])
+    bench = kd_transfer.Bench("quick", config, tmp_path)
+
+    def result(correct: str) -> dict:
+        n = len(correct)
+        return {"eval_accuracy": correct.count("1") / n, "eval_accuracy_ci": [0.0, 1.0], "eval_correct": correct}
+
+    hard, random = result("1110000000") | {"seconds": 2.0}, result("1000000000") | {"seconds": 3.0}
+    got = {
+        "teacher": result("1111111000") | {"seconds": 1.0, "public_answer_accuracy": 0.75},
+        "zero_shot": result("1100000000") | {"seconds": 1.0},
+        "kd": result("1111100000") | {"seconds": 1.0, "kd_loss": 1.0, "alignment": {}},
+        "hard": hard,
+        "random": random,
+        "control": hard,
+    }
+    report = kd_transfer.report(bench, [], {"same_tokenizer": got})
+    pair = report["pairs"]["same_tokenizer"]
+    assert report["public_labels"] is False
+    assert pair["hard_control_acc"] == pair["control_acc"] == 0.3 and pair["random_control_acc"] == 0.1
+    assert pair["diff_vs_hard"]["diff"] == pytest.approx(0.2) and pair["diff_vs_random"]["diff"] == pytest.approx(0.4)
+    assert pair["teacher_public_answer_accuracy"] == 0.75
+    assert pair["seconds"] == {"teacher": 1.0, "zero_shot": 1.0, "kd": 1.0, "hard": 2.0, "random": 3.0, "control": 2.0}

@@ -165,11 +165,11 @@ def test_a_path_that_does_not_exist(tmp_path):
     "rows, columns, needle",
     [
         ([{"prompt": "Q", "choices": ["a", "b"]}], None, "no column 'answer' for field 'answer'"),
-        ([{"prompt": "Q", "choices": ["a", "b"], "answer": 2}], None, "row 0 of"),
+        ([{"prompt": "Q", "choices": ["a", "b"], "answer": 2}], None, "line 1 of"),
         (
             [{"prompt": "Q", "choices": ["a", "b"], "answer": 1}, {"prompt": "", "choices": ["a", "b"], "answer": 0}],
             None,
-            "row 1 of",
+            "line 2 of",
         ),
         (
             [{"prompt": "Q", "choices": ["a", "b"], "answer": 1}],
@@ -195,7 +195,8 @@ def test_an_empty_source(tmp_path):
     (tmp_path / "empty.json").write_text("[]")
     for path in (tmp_path / "empty.jsonl", tmp_path / "empty.json"):
         message = one_line(lambda path=path: load(path, key="data.public"))
-        assert "data.public" in message and ("no rows" in message or "cannot parse" in message)
+        assert "data.public" in message and ("is empty" in message or "no rows" in message or "cannot parse" in message)
+    assert "is empty" in one_line(lambda: load(tmp_path / "empty.jsonl", key="data.public"))
 
 
 def test_the_wrong_format(tmp_path):

@@ -112,6 +112,10 @@ def _load_dataset(source: DataSource, key: str):
         raise FedMKTError(
             f"{key}.path: {path.name} is not a data file fedmkt reads. Fix: use a .jsonl, .json, .csv or .parquet file."
         )
+    if not path.read_bytes().strip():
+        raise FedMKTError(
+            f"{key}.path: {path} is empty. Fix: put one example per line in it, or point {key}.path at another file."
+        )
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # malformed JSON/CSV surfaces as several datasets/pyarrow types
@@ -245,7 +249,9 @@ def _rows_to_examples(
         try:
             examples.append(_example(values, fmt, f"{label}-{index}"))
         except (TypeError, ValueError) as error:
-            raise FedMKTError(f"{key}: row {index} of {source.path} {error}. Fix: repair or drop that row.") from None
+            suffix = Path(source.path).suffix.lower()  # files count lines from 1 (a CSV's first is its header)
+            where = {".jsonl": f"line {index + 1}", ".csv": f"line {index + 2}"}.get(suffix, f"row {index}")
+            raise FedMKTError(f"{key}: {where} of {source.path} {error}. Fix: repair or drop that row.") from None
     return examples
 
 
