@@ -89,8 +89,8 @@ IGNORED_SETTINGS = {"run_dir", "cache_dir", "logging"}
 """Config keys that do not change results, left out of the settings hash."""
 
 ADDED_LATER = {
-    "data": {"public_size": None},
-    "transfer": {"topk_target": "renormalize"},
+    "data": {"public_size": None, "public_labels": None},
+    "transfer": {"topk_target": "renormalize", "teacher": "real"},
     "privacy": {
         "dp": {"enabled": False, "max_grad_norm": 1.0, "noise_multiplier": None, "target_epsilon": None, "delta": 1e-5}
     },
@@ -99,11 +99,12 @@ ADDED_LATER = {
 before them: at that value they are left out of the settings hash, so every run recorded before
 them keeps its hash."""
 
-KD_OBJECTIVE = "per-sample"
-"""How the KD term is weighted against CE (`fedmkt.losses.loss_weights`: per-sample means, KD x T^2).
-Part of the settings of every run whose KD term is on, and stored in its record: a record without
-it was run with the earlier weighting (KD summed over the batch's eligible positions), so it is
-never reused for a run of today's code."""
+KD_OBJECTIVE = "per-sample, selection per byte"
+"""How the KD term is weighted against CE (`fedmkt.losses.loss_weights`: per-sample means, KD x T^2)
+and how DualMinCE compares losses (NLL per UTF-8 byte of the answer). Part of the settings of every
+run whose KD term is on, and stored in its record: a record without it, or with an earlier value
+("per-sample": token-mean losses; none: KD summed over the batch's eligible positions), was run by
+earlier code, so it is never reused for a run of today's code."""
 
 
 def mode_arguments(mode: str) -> list[str]:

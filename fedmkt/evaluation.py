@@ -5,7 +5,8 @@ after the prompt; no generation, no answer parsing. `acc` takes the raw summed l
 `acc_norm` divides it by the continuation's length in characters so long options are not penalised
 for having more tokens. (lm-evaluation-harness describes acc_norm as byte-length normalisation; its
 code divides by `len()` of the option string, i.e. characters, which is the same for ASCII text.
-We count the continuation as trained on, i.e. with its leading space, so every option gets +1.)
+Like lm-eval's `completion_len`, the length is the option's without the space that joins it to the
+prompt: fedmkt stores options as continuations, " Paris", and counts 5 characters for it.)
 
 A generation example is answered by greedy decoding up to the first newline and scored with Rouge-L
 (the paper's metric) and exact match after SQuAD-style normalisation. Accuracies come with a 95 %
@@ -445,6 +446,12 @@ def choice_loglikelihoods(
     return list(flat.split(sizes))
 
 
+def completion_len(prompt: str, continuation: str) -> int:
+    """Characters of an option as lm-eval's acc_norm counts them: without the space joining it to the prompt."""
+    joined = continuation.startswith(" ") and not prompt[-1:].isspace()
+    return max(1, len(continuation) - 1) if joined else max(1, len(continuation))
+
+
 def evaluate_multiple_choice(
     model: Any,
     tokenizer: Any,
@@ -470,7 +477,7 @@ def evaluate_multiple_choice(
     acc, acc_norm = MeanMetric(sync_on_compute=False), MeanMetric(sync_on_compute=False)
     hits = []
     for example, scores in zip(examples, loglikelihoods):
-        lengths = torch.tensor([len(choice) for choice in example.choices], dtype=torch.float64)
+        lengths = torch.tensor([completion_len(example.prompt, c) for c in example.choices], dtype=torch.float64)
         hits.append(int(scores.argmax()) == example.answer_index)
         acc.update(float(hits[-1]))
         acc_norm.update(float(int((scores / lengths).argmax()) == example.answer_index))

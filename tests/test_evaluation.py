@@ -375,3 +375,17 @@ def test_options_sharing_their_first_tokens_run_those_rows_through_the_head_once
     assert embedded[1:] == [len(longer) * (max(map(len, longer)) - 1)]
     expected = [reference_loglikelihood(tiny_llama, smollm2_tokenizer, example.prompt, c, 96) for c in example.choices]
     torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_acc_and_acc_norm_as_lm_eval_scores_them_worked_out_by_hand(monkeypatch):
+    """Options " ab" and " abcde" with summed log-likelihoods -2.1 and -5.0, gold the second:
+    acc picks " ab" (-2.1 > -5.0): 0. acc_norm divides by 2 and 5 characters (the joining space is
+    not counted): -1.05 < -1.0 picks " abcde": 1. Counting the space (3 and 6 characters) would pick
+    " ab" (-0.70 > -0.83) and give 0."""
+    import fedmkt.evaluation as evaluation
+
+    example = QAExample("h", "Question: ?\nAnswer:", (" ab", " abcde"), 1)
+    monkeypatch.setattr(evaluation, "choice_loglikelihoods", lambda *a, **k: [torch.tensor([-2.1, -5.0])])
+    scores = evaluation.evaluate_multiple_choice(None, None, [example])
+    assert (scores["acc"], scores["acc_norm"]) == (0.0, 1.0)
+    assert evaluation.completion_len("Answer:", " ab") == 2 and evaluation.completion_len("Answer: ", "ab") == 2
