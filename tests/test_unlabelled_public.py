@@ -170,3 +170,32 @@ def test_control_teachers_share_flat_top_k_along_an_option(tmp_path, sent, contr
         assert bool((values == values[:, :1]).all())  # no ranking left
         for row, index in enumerate(payload.sample_index.tolist()):
             assert payload.answer_text(row) in [" " + c for c in rows[index]["choices"]]
+
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL: not an Exception, so nothing in the run may swallow it."""
+
+
+@pytest.mark.slow
+def test_an_unlabelled_run_killed_in_round_2_resumes_to_the_same_summary(tmp_path, monkeypatch):
+    """The answers a party shares are made again from the restored adapter, so a resumed run ends as
+    an uninterrupted one does."""
+    from fedmkt.federation.participant import Participant
+
+    argv = ["fit", "--config", "tiny", "--logging.wandb", "false", "--federation.evaluate_before", "false"]
+    argv += ["--data.public_labels", "false", "--data.pool_size", "24"]
+    assert main([*argv, "--run_dir", str(tmp_path / "whole")]) == 0
+    original = Participant.distill
+
+    def distill_then_die(self, round_index, payloads):
+        if round_index == 2 and self.name == "server":
+            raise Killed()
+        return original(self, round_index, payloads)
+
+    monkeypatch.setattr(Participant, "distill", distill_then_die)
+    with pytest.raises(Killed):
+        main([*argv, "--run_dir", str(tmp_path / "killed")])
+    monkeypatch.setattr(Participant, "distill", original)
+    assert main([*argv, "--resume", str(tmp_path / "killed")]) == 0
+    whole, resumed = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("whole", "killed"))
+    assert [_comparable(r) for r in resumed["rounds"]] == [_comparable(r) for r in whole["rounds"]]
