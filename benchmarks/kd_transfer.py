@@ -384,14 +384,27 @@ def table(result: dict) -> str:
     def pct(value: float, interval: list[float]) -> str:
         return f"{100 * value:.1f} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
+    def signed(diff: dict) -> str:
+        return f"{100 * diff['diff']:+.1f} [{100 * diff['ci'][0]:+.1f}, {100 * diff['ci'][1]:+.1f}]"
+
+    unlabelled = any("diff_vs_random" in pair for pair in result["pairs"].values())
+    if unlabelled:  # the control is the hard teacher; the random one is a column of its own
+        lines[2] = lines[2].replace(
+            "| control | KD − control |", "| hard control | KD − hard | random control | KD − random |"
+        )
+        lines[3] = "|---|---|---|---|---|---|---|---|---|"
     for name, pair in result["pairs"].items():
-        diff = pair["diff_vs_control"]
         gap = "–" if pair["gap_closed"] is None else f"{pair['gap_closed']:.2f} ({pair['control_gap_closed']:.2f})"
+        random = (
+            f"| {pct(pair['random_control_acc'], pair['random_control_ci'])} | {signed(pair['diff_vs_random'])} "
+            if unlabelled
+            else ""
+        )
         lines.append(
             f"| {name} | {pct(pair['teacher_acc'], pair['teacher_ci'])} "
             f"| {pct(pair['student_zero_shot_acc'], pair['student_zero_shot_ci'])} "
             f"| {pct(pair['student_acc'], pair['ci'])} | {pct(pair['control_acc'], pair['control_ci'])} "
-            f"| {100 * diff['diff']:+.1f} [{100 * diff['ci'][0]:+.1f}, {100 * diff['ci'][1]:+.1f}] | {gap} |"
+            f"| {signed(pair['diff_vs_control'])} {random}| {gap} |"
         )
     return "\n".join(lines)
 
