@@ -225,7 +225,7 @@ def _export(parser: ArgumentParser, namespace) -> None:
 
 def _generate(parser: ArgumentParser, namespace) -> None:
     if not namespace.prompt.strip():
-        raise FedMKTError("--prompt is empty. Fix: pass the text to complete, e.g. --prompt 'Question: ...\nAnswer:'.")
+        raise FedMKTError("--prompt is empty. Fix: pass the text to complete, e.g. --prompt 'Question: ... Answer:'.")
     if namespace.max_new_tokens < 1:
         raise FedMKTError(f"--max_new_tokens is {namespace.max_new_tokens}. Fix: give at least 1 (default 64).")
     from fedmkt.export import generate_text
