@@ -308,9 +308,32 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     return parser, sub_parsers
 
 
+def _with_run_config(argv: list[str]) -> list[str]:
+    """`fit`/`launch-local` without `--config`: a `--resume RUN_DIR` reads the run's own config.yaml;
+    with neither, one line says what to pass."""
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command not in ("fit", "launch-local") or any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    if any(arg in ("-h", "--help") for arg in argv):
+        return argv
+    resume = next((argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--resume"), None)
+    resume = resume or next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--resume=")), None)
+    if resume is None:
+        raise FedMKTError(
+            f"`fedmkt {command}` needs a config. Fix: pass --config (e.g. --config demo.yaml), or --resume RUN_DIR to continue a run."
+        )
+    saved = Path(resume) / "config.yaml"
+    if not saved.is_file():
+        raise FedMKTError(
+            f"--resume {resume} holds no config.yaml to continue from. Fix: pass the run_dir of a fedmkt run, or give --config."
+        )
+    at = argv.index(command) + 1
+    return [*argv[:at], "--config", str(saved), *argv[at:]]
+
+
 def _dispatch(argv: list[str]) -> None:
     parser, sub_parsers = build_parser()
-    argv = resolve_config_arguments(argv)
+    argv = resolve_config_arguments(_with_run_config(argv))
     if any(arg.startswith("--print_config") for arg in argv) and any(
         command in argv for command in ("fit", "launch-local", "evaluate")
     ):

@@ -1034,7 +1034,7 @@ def test_missing_flwr_and_a_resume_without_checkpoint_are_one_line(tmp_path, cap
     assert main(["fit", "--config", "tiny", "--backend", "flower", "--run_dir", str(tmp_path / "run")]) == 2
     assert "pip install" in _error_line(capsys)
     assert main(["fit", "--config", "tiny", "--backend", "flower", "--resume", str(tmp_path)]) == 2
-    assert "start afresh without --resume" in _error_line(capsys)
+    assert "--overwrite in place of --resume" in _error_line(capsys)
 
 
 def test_multi_process_parties_are_refused_on_the_flower_backend(tmp_path, capsys):

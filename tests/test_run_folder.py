@@ -427,3 +427,28 @@ def test_a_flower_submission_takes_the_run_lock_and_honours_overwrite(copy_of_fi
         holder.release()
     submit_module.submit(config, resolved_config="seed: 1\n", overwrite=True)
     assert runs == [copy_of_finished] and not (copy_of_finished / "adapters").exists()  # replaced, as fit does
+
+
+def test_resume_without_a_config_reads_the_runs_own(copy_of_finished, capsys):
+    before = _snapshot(copy_of_finished)
+    assert main(["fit", "--resume", str(copy_of_finished)]) == 0
+    assert "nothing left to do" in capsys.readouterr().out
+    assert _snapshot(copy_of_finished) == before
+
+
+def test_fit_without_a_config_or_a_run_to_resume_says_what_to_pass(tmp_path, capsys):
+    assert main(["fit"]) == 2
+    line = _error_line(capsys)
+    assert "pass --config (e.g. --config demo.yaml)" in line
+    assert main(["fit", "--resume", str(tmp_path)]) == 2
+    assert "holds no config.yaml" in _error_line(capsys)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again_with_overwrite(copy_of_finished, capsys):
+    """The rerun's advice and --resume's agree: no checkpoint, so --overwrite (never --resume)."""
+    shutil.rmtree(copy_of_finished / "checkpoint")
+    assert main(["fit", *FAST, "--federation.rounds", "1", "--run_dir", str(copy_of_finished)]) == 2
+    rerun = _error_line(capsys)
+    assert "before its first round checkpoint" in rerun and "--overwrite" in rerun and "--resume " not in rerun
+    assert main(["fit", *FAST, "--federation.rounds", "1", "--resume", str(copy_of_finished)]) == 2
+    assert "--overwrite" in _error_line(capsys)

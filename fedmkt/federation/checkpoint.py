@@ -98,7 +98,8 @@ def read_checkpoint(run_dir: Path) -> dict:
     if not path.is_file():
         raise FedMKTError(
             f"no round checkpoint in {run_dir} ({path} is missing). "
-            "Fix: pass the run_dir of a run that finished at least one round, or start afresh without --resume."
+            "Fix: pass the run_dir of a run that finished at least one round, or start this one again with "
+            "--overwrite in place of --resume (nothing of it can be continued)."
         )
     try:
         state = json.loads(path.read_bytes().decode("utf-8"))

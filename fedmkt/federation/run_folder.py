@@ -53,6 +53,12 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> FileLock:
             "Fix: choose a writable --run_dir, or fix the folder's permissions."
         ) from error
     held = _held_outputs(run_dir)
+    if held and not resume and not overwrite and not (run_dir / "checkpoint" / "checkpoint.json").is_file():
+        lock.release()
+        raise FedMKTError(
+            f"run_dir {run_dir} holds a run stopped before its first round checkpoint ({', '.join(held)}), "
+            "so there is nothing to --resume. Fix: start it again with --overwrite, or give another --run_dir."
+        )
     if held and not resume and not overwrite:
         lock.release()
         raise FedMKTError(
