@@ -292,6 +292,15 @@ SUBCOMMANDS = {
 """Subcommand → (its parser, the plain function it runs, one-line help)."""
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedmkt")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     """The top-level parser and its sub-parsers by subcommand name."""
     parser = ArgumentParser(
@@ -300,6 +309,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         exit_on_error=False,
     )
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
+    parser.add_argument("--version", action="version", version=f"fedmkt {_version()}")
     subcommands = parser.add_subcommands()
     sub_parsers = {}
     for name, (make_parser, _, help_text) in SUBCOMMANDS.items():

@@ -191,3 +191,12 @@ def test_align_text_dtw_table(capsys):
 def test_align_text_rejects_an_empty_text(capsys):
     assert main(["align-text", "--src", "embedded:gemma3-270m", "--dst", "embedded:gemma3-270m", "--text", ""]) != 0
     assert "--text is empty" in capsys.readouterr().err
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fedmkt {version('fedmkt')}"
