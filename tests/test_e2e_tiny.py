@@ -140,17 +140,28 @@ def test_a_run_killed_in_round_2_resumes_to_the_same_summary(tiny_run, tmp_path,
 
     monkeypatch.setattr(Participant, "distill", distill_then_die)
     with pytest.raises(Killed):
-        main(["fit", "--config", "tiny", "--run_dir", str(run_dir)])
+        main(["fit", "--config", "tiny", "--run_dir", str(run_dir), "--logging.wandb", "true"])
     checkpoint = json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text())
     assert checkpoint["round"] == 1
     assert not list(run_dir.rglob(".*.tmp*")) and not (run_dir / "adapters" / "round_2").exists()
 
     monkeypatch.setattr(Participant, "distill", original)
-    assert main(["fit", "--config", "tiny", "--resume", str(run_dir)]) == 0
+    assert main(["fit", "--config", "tiny", "--resume", str(run_dir), "--logging.wandb", "true"]) == 0
     resumed = json.loads((run_dir / "summary.json").read_text())
     uninterrupted = json.loads((tiny_run / "summary.json").read_text())
     assert _without_timings(resumed["rounds"]) == _without_timings(uninterrupted["rounds"])
     assert _without_timings(resumed["zero_shot"]) == _without_timings(uninterrupted["zero_shot"])
+    # one record: the metrics go on in logs/metrics.csv, and W&B resumes the run of the first sitting
+    assert not list(run_dir.glob("logs_resumed_*"))
+
+    def rounds_logged(folder):
+        with open(folder / "logs" / "metrics.csv") as file:
+            return sorted(int(float(row["round"])) for row in csv.DictReader(file) if row["round"])
+
+    assert rounds_logged(run_dir) == rounds_logged(tiny_run)
+    run_id = (run_dir / "wandb" / "run_id").read_text().strip()
+    sittings = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(sittings) == 2 and all(folder.name.endswith(f"-{run_id}") for folder in sittings)
 
 
 def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys):

@@ -6,7 +6,9 @@ Both backends end here: the in-process `fit` and the Flower ServerApp hand their
 
 from __future__ import annotations
 
+import csv
 import os
+import secrets
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -15,19 +17,28 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from fedmkt.config import RunConfig
 from fedmkt.federation.trainer import FederatedTrainer
+from fedmkt.files import atomic_write_text
+
+WANDB_RUN_ID = "wandb/run_id"
+"""Where a run keeps its W&B run id, so that a resumed run logs to the same W&B run."""
 
 
-def make_loggers(config: RunConfig, run_dir: Path, resumed: bool = False) -> list[Logger]:
+def make_loggers(config: RunConfig, run_dir: Path, resumed_at: Optional[int] = None) -> list[Logger]:
     """W&B (offline unless told otherwise; one run per federated run) and a CSV fallback.
 
-    A resumed run logs its CSV next to the original's instead of overwriting it.
+    A run resumed at round `resumed_at` goes on in the same records: its CSV rows are appended to
+    `logs/metrics.csv` after the rows of the rounds its checkpoint holds, and W&B resumes the run
+    of the id the first sitting stored (`resume="allow"`).
     """
     loggers: list[Logger] = []
     if config.logging.csv:
-        version = "logs"
-        while resumed and (run_dir / version).exists():
-            version = f"logs_resumed_{len(list(run_dir.glob('logs*')))}"
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=version))
+        csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="logs")
+        kept = _rows_before(run_dir / "logs" / "metrics.csv", resumed_at) if resumed_at is not None else []
+        writer = csv_logger.experiment  # its start empties metrics.csv: the kept rows are written back
+        if kept:
+            writer.metrics = kept
+            writer.save()
+        loggers.append(csv_logger)
     if config.logging.wandb:
         if config.logging.wandb_offline:
             os.environ.setdefault("WANDB_MODE", "offline")
@@ -37,11 +48,32 @@ def make_loggers(config: RunConfig, run_dir: Path, resumed: bool = False) -> lis
                 name=run_dir.name,
                 save_dir=str(run_dir),
                 offline=config.logging.wandb_offline,
+                id=_wandb_run_id(run_dir),
+                resume="allow",
             )
         )
     for logger in loggers:
         logger.log_hyperparams(asdict(config))
     return loggers
+
+
+def _rows_before(metrics: Path, round_index: int) -> list[dict]:
+    """The rows of an earlier sitting's metrics.csv for the rounds before `round_index`."""
+    if not metrics.is_file():
+        return []
+    with open(metrics, newline="") as file:
+        rows = list(csv.DictReader(file))
+    return [row for row in rows if row.get("round") in (None, "") or float(row["round"]) < round_index]
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    """The run's W&B id: made on its first sitting, read on every later one."""
+    path = run_dir / WANDB_RUN_ID
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    atomic_write_text(path, run_id + "\n")
+    return run_id
 
 
 def run_rounds(
@@ -51,7 +83,7 @@ def run_rounds(
     checkpoint `state` (if any), log to the run's loggers, close them with the run's outcome, and
     print the results table. `report` is False on the ranks that do not write the run folder."""
     start_round = trainer.restore(state) if state is not None else 1
-    trainer.loggers = make_loggers(config, run_dir, resumed=state is not None) if report else []
+    trainer.loggers = make_loggers(config, run_dir, start_round if state is not None else None) if report else []
     status = "failed"
     try:
         summary = trainer.fit(start_round)
