@@ -67,7 +67,7 @@ import yaml
 
 from fedmkt.config import RunConfig, parse_run_config
 from fedmkt.errors import RunInterrupted
-from fedmkt.evaluation import paired_bootstrap
+from fedmkt.evaluation import paired_bootstrap, pooled_paired_bootstrap
 from fedmkt.files import atomic_write_text
 from fedmkt.interrupts import stop_on_signals
 from fedmkt.models import cache_root
@@ -89,7 +89,7 @@ IGNORED_SETTINGS = {"run_dir", "cache_dir", "logging"}
 """Config keys that do not change results, left out of the settings hash."""
 
 ADDED_LATER = {
-    "data": {"public_size": None, "public_labels": None},
+    "data": {"public_size": None, "public_labels": None, "client_tasks": None, "eval_sets": None},
     "transfer": {"topk_target": "renormalize", "teacher": "real"},
     "privacy": {
         "dp": {"enabled": False, "max_grad_norm": 1.0, "noise_multiplier": None, "target_epsilon": None, "delta": 1e-5}
@@ -98,6 +98,21 @@ ADDED_LATER = {
 """Keys added to the config after runs were recorded, with the value that does what the code did
 before them: at that value they are left out of the settings hash, so every run recorded before
 them keeps its hash."""
+
+PARTY_KEYS_ADDED_LATER = {"optimizer": {"schedule": "phase"}}
+"""Party keys added later, with the value that does what the code did before them (each phase its
+own learning-rate schedule): left out of the hash at that value, and what a record without them ran."""
+
+
+def as_run_then(config: dict) -> dict:
+    """A recorded config with every party key added later set to what the code did when it ran."""
+    config = json.loads(json.dumps(config))
+    for party in [config["server"], *config["clients"]]:
+        for part, defaults in PARTY_KEYS_ADDED_LATER.items():
+            for key, value in defaults.items():
+                party.setdefault(part, {}).setdefault(key, value)
+    return config
+
 
 KD_OBJECTIVE = "per-sample, selection per byte"
 """How the KD term is weighted against CE (`fedmkt.losses.loss_weights`: per-sample means, KD x T^2)
@@ -120,7 +135,19 @@ def mode_arguments(mode: str) -> list[str]:
     return ["--federation.mode", mode, *final_only]
 
 
-def grid_config(base: str, task: str, mode: str, scale: dict, out: Path, overrides: list[str]) -> RunConfig:
+SEED_STRIDE = 100
+"""Seed `s` of a cell trains with `training_seed = seed + SEED_STRIDE * s` (seed 0: the config's own
+seed): the split stays fixed, and no two seeds share a party's LoRA-init or phase seed."""
+
+
+def seed_arguments(base_seed: int, seed_index: int) -> list[str]:
+    """The override that makes a run seed `seed_index` of its cell (none for seed 0)."""
+    return [] if seed_index == 0 else ["--training_seed", str(base_seed + SEED_STRIDE * seed_index)]
+
+
+def grid_config(
+    base: str, task: str, mode: str, scale: dict, out: Path, overrides: list[str], seed_index: int = 0
+) -> RunConfig:
     """The RunConfig of one cell: base config, task, scale, the user's overrides, then the mode.
 
     The mode's own settings come last, so an override cannot turn one mode into another (a
@@ -149,6 +176,7 @@ def grid_config(base: str, task: str, mode: str, scale: dict, out: Path, overrid
     if per_client:
         arguments += ["--clients", json.dumps(_clients_with(parse_run_config(arguments), per_client))]
     arguments += mode_arguments(mode)
+    arguments += seed_arguments(parse_run_config(arguments).seed, seed_index)
     config = parse_run_config(arguments)
     # One folder per settings, so tries of other settings (even running side by side) never meet.
     config.run_dir = str(out / task / f"{mode}-{settings_hash(config)}")
@@ -203,7 +231,7 @@ def _unread_keys(tree: dict) -> dict[str, tuple[str, ...]]:
     everything = tuple(tree["transfer"])
     if mode == "zero_shot":
         return {
-            "data": POOL_KEYS,
+            "data": (*POOL_KEYS, "public_labels"),
             "transfer": everything,
             "privacy": tuple(tree["privacy"]),
             "federation": ("rounds",),
@@ -212,6 +240,7 @@ def _unread_keys(tree: dict) -> dict[str, tuple[str, ...]]:
         }
     if mode == "standalone":
         return {
+            "data": ("public_labels",),
             "transfer": everything,
             "privacy": tuple(tree["privacy"]),
             "server": TRAINING_KEYS,
@@ -255,7 +284,14 @@ def settings_of(config: RunConfig | dict, kd_objective: Optional[str] = KD_OBJEC
         for key, value in defaults.items():
             if key in tree[part] and tree[part][key] == value:
                 tree[part].pop(key)
+    for party in [tree["server"], *tree["clients"]]:
+        for part, defaults in PARTY_KEYS_ADDED_LATER.items():
+            for key, value in defaults.items():
+                if party.get(part, {}).get(key) == value:
+                    party[part].pop(key)
     settings = {key: value for key, value in tree.items() if key not in IGNORED_SETTINGS}
+    if settings.get("training_seed") is None:  # the config's seed: as every run before the key existed
+        settings.pop("training_seed", None)
     if active_kd and kd_objective is not None:
         settings["kd_objective"] = kd_objective
     return settings
@@ -439,14 +475,44 @@ def final_entry(summary: dict, party: str) -> Optional[dict]:
     return scored[-1] if scored else None
 
 
-def cell_of(entry: dict) -> dict:
-    """A report cell from a party's summary entry (its accuracy, Wilson interval, n and per-question record)."""
+def cell_of(entry: dict, prefix: str = "eval") -> dict:
+    """A report cell from a party's summary entry: accuracy, acc_norm, Wilson interval, n and the
+    per-question record, of the held-out set `prefix` names (`eval`, `eval_arc_easy`, ...)."""
     return {
-        "acc": entry["eval_accuracy"],
-        "ci": list(entry["eval_accuracy_ci"]),
-        "n": entry["eval_n"],
-        "correct": entry.get("eval_correct"),
+        "acc": entry[f"{prefix}_accuracy"],
+        "acc_norm": entry.get(f"{prefix}_accuracy_norm"),
+        "ci": list(entry[f"{prefix}_accuracy_ci"]),
+        "n": entry[f"{prefix}_n"],
+        "correct": entry.get(f"{prefix}_correct"),
     }
+
+
+def seed_report(cells_by_seed: dict[str, dict[str, list[Optional[dict]]]], pairs: list[tuple[str, str]]) -> dict:
+    """Each seed's accuracy per party and mode, and each pair's difference pooled over the seeds
+    both sides finished (`pooled_paired_bootstrap`: the questions are resampled, not the seeds).
+
+    `cells_by_seed[party][mode]` lists one cell (or None, not run yet) per seed; a mode that does not
+    depend on the training seed lists the same cell for every seed."""
+    report: dict = {"parties": {}, "pooled_differences": {}}
+    for party, by_mode in cells_by_seed.items():
+        report["parties"][party] = {
+            mode: [None if cell is None else cell["acc"] for cell in cells] for mode, cells in by_mode.items()
+        }
+        for a, b in pairs:
+            both = [
+                (x["correct"], y["correct"])
+                for x, y in zip(by_mode.get(a, []), by_mode.get(b, []))
+                if x and y and x.get("correct") and y.get("correct")
+            ]
+            if not both or "same_as" in (by_mode[a][0] or {}):
+                continue
+            diff, ci = pooled_paired_bootstrap([x for x, _ in both], [y for _, y in both])
+            report["pooled_differences"].setdefault(party, {})[f"{a}-{b}"] = {
+                "diff": diff,
+                "ci": ci,
+                "seeds": len(both),
+            }
+    return report
 
 
 def _held_out_settings(config: dict) -> list:
@@ -509,8 +575,9 @@ def assemble(runs: dict[str, dict[str, dict]]) -> dict:
 def fedmkt_per_round(summary: Optional[dict], zero_shot_cells: dict[str, Optional[dict]]) -> dict[str, list[dict]]:
     """FedMKT's accuracy after each round, and its paired difference from zero-shot, per party.
 
-    Rounds run in sequence and each phase restarts its learning-rate schedule, so round k of this
-    run is what a k-round run gives: the rows answer "how many rounds" without more runs."""
+    Under `optimizer.schedule: phase` each phase restarts its learning-rate schedule, so round k is
+    what a k-round run gives; under `run` (the default) round k is part-way along one decay over all
+    rounds, so the rows show the run's course, not what a shorter run would reach."""
     if summary is None:
         return {}
     rows: dict[str, list[dict]] = {}
@@ -603,7 +670,8 @@ def _percent(cell: Optional[dict]) -> str:
         return "–"
     low, high = cell["ci"]
     mark = " =ZS" if cell.get("same_as") else ""
-    return f"{100 * cell['acc']:.1f} [{100 * low:.1f}, {100 * high:.1f}]{mark}"
+    norm = f" ({100 * cell['acc_norm']:.1f})" if cell.get("acc_norm") is not None else ""
+    return f"{100 * cell['acc']:.1f} [{100 * low:.1f}, {100 * high:.1f}]{norm}{mark}"
 
 
 def _points(item: Optional[dict]) -> str:
@@ -617,7 +685,7 @@ def table(report: dict, recorded: list[str], tries: list[str]) -> str:
     lines = []
     for task, result in report["tasks"].items():
         lines += [
-            f"## {task}: accuracy (%) [95 % Wilson CI], n = {result['n_eval']} held-out questions",
+            f"## {task}: accuracy (%) [95 % Wilson CI] (acc_norm), n = {result['n_eval']} held-out questions",
             "",
             "| party | " + " | ".join(MODES) + " |",
             "|---|" + "---|" * len(MODES),
@@ -638,7 +706,7 @@ def table(report: dict, recorded: list[str], tries: list[str]) -> str:
         if result.get("fedmkt_per_round"):
             lines += [
                 "",
-                "FedMKT after each round (a k-round run is this run's first k rounds): accuracy (%) "
+                "FedMKT after each round (one learning-rate schedule over all rounds): accuracy (%) "
                 "[Wilson CI] and minus zero-shot (points) [paired bootstrap CI]:",
                 "",
                 "| party | round | fedmkt | fedmkt-zero_shot |",
@@ -651,12 +719,32 @@ def table(report: dict, recorded: list[str], tries: list[str]) -> str:
                     )
         lines += ["", "The paper's shape (verdicts from the paired intervals above):", ""]
         lines += [f"- {c['claim']}: **{c['verdict']}** ({c['evidence']})" for c in result["paper_shape"]]
+        if result.get("seeds"):
+            lines += ["", *seeds_table(result["seeds"])]
         if result["missing"]:
             lines += ["", f"Not run yet: {', '.join(result['missing'])}."]
         lines.append("")
     lines += tries
     lines += ["## Every recorded run (task-mode-settings hash)", "", *[f"- {name}" for name in recorded], ""]
     return "\n".join(lines)
+
+
+def seeds_table(seeds: dict) -> list[str]:
+    """Markdown lines: each seed's accuracy per party and mode, then the differences pooled over seeds."""
+    lines = [f"Seeds ({seeds['count']}; LoRA init and batch order, the split fixed): accuracy (%) per seed:", ""]
+    lines += ["| party | mode | " + " | ".join(f"seed {i}" for i in range(seeds["count"])) + " |"]
+    lines += ["|---|---|" + "---|" * seeds["count"]]
+    for party, by_mode in seeds["parties"].items():
+        for mode, accs in by_mode.items():
+            lines.append(
+                f"| {party} | {mode} | " + " | ".join("–" if a is None else f"{100 * a:.1f}" for a in accs) + " |"
+            )
+    lines += ["", "Pooled over seeds (points) [95 % paired bootstrap CI over questions]:", ""]
+    lines += ["| party | difference | pooled | seeds |", "|---|---|---|---|"]
+    for party, items in seeds["pooled_differences"].items():
+        for key, item in items.items():
+            lines.append(f"| {party} | {key} | {_points(item)} | {item['seeds']} |")
+    return lines
 
 
 def plot(runs: dict[str, dict[str, dict]], path: Path) -> None:
@@ -737,13 +825,23 @@ def tries_table(record: Path) -> list[str]:
     return [*lines, ""]
 
 
-def write_outputs(runs: dict[str, dict[str, dict]], settings: dict, record: Path, name: Optional[str] = None) -> dict:
-    """reproduction.json, table.md and the PNG: the main report, or with `name` a tuning try's."""
+def write_outputs(
+    runs: dict[str, dict[str, dict]],
+    settings: dict,
+    record: Path,
+    name: Optional[str] = None,
+    seeds: Optional[dict[str, dict]] = None,
+) -> dict:
+    """reproduction.json, table.md and the PNG: the main report, or with `name` a tuning try's.
+    `seeds`: per task, the `seed_report` of a multi-seed grid."""
     report = {
         "settings": settings,
         "wall_seconds": sum(s.get("wall_seconds") or 0.0 for by_mode in runs.values() for s in by_mode.values()),
         "tasks": assemble(runs),
     }
+    for task, seed_result in (seeds or {}).items():
+        if task in report["tasks"]:
+            report["tasks"][task]["seeds"] = seed_result
     report["settings"]["wall_seconds_per_run"] = {
         f"{task}/{mode}": summary.get("wall_seconds")
         for task, by_mode in runs.items()
@@ -764,6 +862,35 @@ def write_outputs(runs: dict[str, dict[str, dict]], settings: dict, record: Path
         main = json.loads((record / "reproduction.json").read_text())
         atomic_write_text(record / "reproduction" / "table.md", table(main, recorded, tries_table(record)))
     return report
+
+
+def seed_cells(
+    by_mode: dict[str, dict], task: str, seeded: dict[tuple[str, str, int], RunConfig], count: int, record: Path
+) -> dict:
+    """`seed_report` of one task: seed 0 from its finished runs, seeds 1.. from the record; Zero-Shot
+    (no training) and the parties a mode leaves untrained are the same model in every seed."""
+    names = _party_names(by_mode) if by_mode else []
+    zero_shot = by_mode.get("zero_shot")
+    cells: dict[str, dict[str, list[Optional[dict]]]] = {party: {} for party in names}
+    for mode in MODES:
+        summaries = [by_mode.get(mode)] + [
+            recorded_summary(seeded[task, mode, s], task, mode, record) if (task, mode, s) in seeded else None
+            for s in range(1, count)
+        ]
+        if mode == "zero_shot":
+            summaries = [zero_shot] * count
+        for party in names:
+            source = [zero_shot] * count if party in UNTRAINED.get(mode, ()) else summaries
+            entries = [final_entry(summary, party) if summary else None for summary in source]
+            row = [cell_of(entry) if entry else None for entry in entries]
+            if party in UNTRAINED.get(mode, ()):
+                row = [None if cell is None else cell | {"same_as": "zero_shot"} for cell in row]
+            if any(row):
+                cells[party][mode] = row
+    pairs = [("fedmkt", baseline) for baseline in BASELINES] + [("standalone", "zero_shot")]
+    result = seed_report(cells, pairs)
+    result["count"] = count
+    return result
 
 
 def recorded_runs(
@@ -806,6 +933,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--part-size", type=int, default=300, help="questions in the public part and in each private part"
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="run every trained mode with this many training seeds (the split fixed)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="run folders")
     parser.add_argument("--record", type=Path, default=Path("benchmarks/results"), help="where results are recorded")
     parser.add_argument(
@@ -819,6 +949,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         help=f"name of a tuning try: its report goes to <record>/reproduction/{TRIES}/NAME/ (default: the main report)",
     )
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: use 1 or more")
     if args.try_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.try_name):
         parser.error(f"--try {args.try_name!r}: use letters, digits, '.', '-' and '_' only (it names a folder)")
     modes = [mode for mode in GRID_ORDER if mode in args.modes]
@@ -827,6 +959,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings: dict = {"base_config": args.config, "part_size": args.part_size, "rounds": args.rounds, "tasks": {}}
     settings["overrides"] = args.override
     configs: dict[tuple[str, str], RunConfig] = {}
+    seeded: dict[tuple[str, str, int], RunConfig] = {}  # seeds 1.. of each trained mode
+    settings["seeds"] = args.seeds
     # Every finished run of these settings is reported, also those a call with other --modes ran,
     # and in the main report those of other --tasks: a call that runs BoolQ keeps ARC-Easy's
     # results. A try reports only the tasks it was run on.
@@ -839,6 +973,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         }
         for mode in GRID_ORDER:
             configs[task, mode] = grid_config(args.config, task, mode, scale, args.out, args.override)
+            for seed_index in range(1, args.seeds if mode != "zero_shot" else 1):
+                seeded[task, mode, seed_index] = grid_config(
+                    args.config, task, mode, scale, args.out, args.override, seed_index
+                )
 
     def report_now() -> dict:
         # Read from the record each time, not kept in memory: a grid running side by side with
@@ -850,16 +988,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "n_eval": configs[task, GRID_ORDER[0]].data.eval_size,
                     **{f"settings_hash_{m}": settings_hash(configs[task, m]) for m in GRID_ORDER},
                 }
-        return write_outputs(runs, dict(settings), args.record, args.try_name)
+        seeds = {task: seed_cells(runs.get(task, {}), task, seeded, args.seeds, record) for task in runs}
+        return write_outputs(runs, dict(settings), args.record, args.try_name, seeds if args.seeds > 1 else None)
 
-    cells = [(task, mode) for task in args.tasks for mode in modes]
+    cells = [(task, mode, 0) for task in args.tasks for mode in modes]
+    cells += [
+        (task, mode, s) for s in range(1, args.seeds) for task in args.tasks for mode in modes if mode != "zero_shot"
+    ]
     report = report_now()
-    for index, (task, mode) in enumerate(cells, 1):
+    for index, (task, mode, seed_index) in enumerate(cells, 1):
+        config = seeded[task, mode, seed_index] if seed_index else configs[task, mode]
+        label = f"[{index}/{len(cells)}] {task} {mode}" + (f" seed {seed_index}" if seed_index else "")
         try:
             with stop_on_signals():
-                run_cell(configs[task, mode], task, mode, record, f"[{index}/{len(cells)}] {task} {mode}", state)
+                run_cell(config, task, mode, record, label, state)
         except RunInterrupted as interrupt:
-            mirror_dir = state / "in_progress" / cell_name(configs[task, mode], task, mode)
+            mirror_dir = state / "in_progress" / cell_name(config, task, mode)
             print(_interrupted_line(interrupt, f"{task} {mode}", mirror_dir), file=sys.stderr)
             return 128 + interrupt.signum
         report = report_now()  # after every cell

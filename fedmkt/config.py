@@ -102,7 +102,11 @@ class OptimizerConfig:
     """AdamW weight decay."""
 
     warmup_ratio: float = 0.008
-    """Fraction of a phase's optimizer steps spent warming up."""
+    """Fraction of the schedule's optimizer steps spent warming up (the run's, or a phase's)."""
+
+    schedule: Literal["run", "phase"] = "run"
+    """run: one warm-up and one cosine decay over all of the party's steps of all rounds (each phase
+    takes its planned share of it); phase: every phase restarts warm-up and decay at full rate."""
 
     grad_clip: float = 1.0
     """Gradient-norm clip (Lightning `gradient_clip_val`); 0 disables."""
@@ -177,24 +181,36 @@ class DataConfig:
     into eval + public + one private part per client. Explicit sources (`public`, `eval`,
     `clients[i].data`) replace the preset's parts; null: every part must be given."""
 
+    client_tasks: Optional[list[str]] = None
+    """Domains preset (instead of `task`): client i's private part comes from embedded task
+    `client_tasks[i]` (one distinct task per client), the public part evenly from all of them, and
+    every party is scored on a held-out set of each (`eval_<task>_*`, pooled as `eval_*`)."""
+
     data_dir: Optional[str] = None
     """Load the preset task from this `datasets.save_to_disk` folder instead of the embedded copy."""
 
     eval_size: int = 100
-    """Preset: held-out questions for evaluation (never trained on)."""
+    """Preset: held-out questions for evaluation (never trained on). Domains preset: per task, the
+    last rows of its shuffle, at most as many as its training pool leaves."""
 
     pool_size: Optional[int] = None
-    """Preset: training-pool size, cut into 1 public + K private parts (None: all remaining rows)."""
+    """Preset: training-pool size, cut into 1 public + K private parts (None: all remaining rows).
+    Domains preset: per task, its public share + its client's private part."""
 
     public_size: Optional[int] = None
     """Preset: rows of the pool in the public part; the K private parts share the rest equally
-    (None: the pool is cut into 1 public + K private parts of one size)."""
+    (None: the pool is cut into 1 public + K private parts of one size). Domains preset: the whole
+    public set, drawn evenly from the tasks (None: half of each task's pool)."""
 
     public: Optional[DataSource] = None
     """The public set every party holds and shares logits on (null: the preset's public part)."""
 
     eval: Optional[DataSource] = None
     """The common held-out set every party is scored on (null: the preset's evaluation part)."""
+
+    eval_sets: Optional[dict[str, DataSource]] = None
+    """Named held-out sets every party is scored on instead of `eval`, each reported as
+    `eval_<name>_*` and all of them pooled as `eval_*` (null: the domains preset's set per task)."""
 
     public_labels: Optional[bool] = None
     """Whether the public set's answers are read. null: when the source has them; false: never,
@@ -381,13 +397,22 @@ class RunConfig:
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     seed: int = 42
-    """Seed for data splits, LoRA init and training order."""
+    """Seed for data splits, and for LoRA init and training order unless `training_seed` is set."""
+
+    training_seed: Optional[int] = None
+    """Seed for LoRA init, batch order and each phase's randomness (null: `seed`), so that runs of
+    one split can differ only in training."""
 
     run_dir: str = "runs/fedmkt"
     """Where summary.json, adapters, logs and the resolved config go."""
 
     cache_dir: Optional[str] = None
     """Converted models and vocabulary maps (default: $FEDMKT_CACHE or ~/.cache/fedmkt)."""
+
+    @property
+    def train_seed(self) -> int:
+        """The seed training draws from: `training_seed`, else `seed`."""
+        return self.seed if self.training_seed is None else self.training_seed
 
     def parties(self) -> dict[str, PartyConfig]:
         """`{"server": ..., "client_0": ..., ...}`: the names used in payloads, logs and summary.json."""
@@ -458,6 +483,43 @@ def _dp_checks(config: RunConfig) -> list[tuple[bool, str, str]]:
     return checks
 
 
+def _domain_checks(config: RunConfig) -> list[tuple[bool, str, str]]:
+    """The domains preset and named evaluation sets: one task per client, one set of held-out sets."""
+    data = config.data
+    checks = [
+        (
+            not (data.eval is not None and data.eval_sets is not None),
+            "data.eval and data.eval_sets are both set",
+            "give the held-out questions as one set (data.eval) or as named sets (data.eval_sets), not both",
+        ),
+        (
+            data.eval_sets is None or (len(data.eval_sets) >= 1 and all(data.eval_sets)),
+            "data.eval_sets is empty or has an empty name",
+            "name each held-out set, e.g. eval_sets: {arc_easy: {path: ...}}, or set it to null",
+        ),
+    ]
+    tasks = data.client_tasks
+    if tasks is None:
+        return checks
+    return checks + [
+        (
+            data.task is None,
+            "data.task and data.client_tasks are both set",
+            "keep one preset: data.task (one task) or data.client_tasks (one per client)",
+        ),
+        (
+            len(tasks) == len(config.clients),
+            f"data.client_tasks names {len(tasks)} task(s) for {len(config.clients)} client(s)",
+            "name one embedded task per client, in the clients' order",
+        ),
+        (
+            len(set(tasks)) == len(tasks),
+            f"data.client_tasks repeats a task ({', '.join(tasks)})",
+            "give each client a different task",
+        ),
+    ]
+
+
 def validate(config: RunConfig) -> None:
     """Reject values that parse but cannot work, naming the key and the fix."""
     checks = [
@@ -485,6 +547,7 @@ def validate(config: RunConfig) -> None:
             "set it to a number of seconds, e.g. 1800 (30 minutes)",
         ),
         (config.data.eval_size >= 1, "data.eval_size must be >= 1", "set data.eval_size: 100"),
+        *_domain_checks(config),
         (config.data.max_new_tokens >= 1, "data.max_new_tokens must be >= 1", "set data.max_new_tokens: 32"),
         (
             config.server.data is None and config.server.eval is None,

@@ -62,11 +62,25 @@ def paired_bootstrap(a: str, b: str, resamples: int = 10_000, seed: int = 0) -> 
     draws questions with replacement and scores both models on the same draw, so the interval
     reflects how much the two differ on shared questions rather than each model's own noise.
     """
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired records must be non-empty and equally long ({len(a)} vs {len(b)})")
-    x = np.frombuffer(a.encode(), dtype=np.uint8) - ord("0")
-    y = np.frombuffer(b.encode(), dtype=np.uint8) - ord("0")
-    delta = (x.astype(np.int64) - y).astype(np.float64)
+    return pooled_paired_bootstrap([a], [b], resamples, seed)
+
+
+def pooled_paired_bootstrap(
+    a: list[str], b: list[str], resamples: int = 10_000, seed: int = 0
+) -> tuple[float, list[float]]:
+    """`paired_bootstrap` over several seeds: `a[s]` and `b[s]` are the records of seed `s` (the
+    same questions in every seed). Each question's difference is averaged over the seeds first, and
+    the resamples draw questions, so a question counts once however many seeds scored it."""
+    if not a or len(a) != len(b):
+        raise ValueError(f"pooled records need one record per seed on each side ({len(a)} vs {len(b)})")
+    deltas = []
+    for first, second in zip(a, b):
+        if len(first) != len(second) or not first or len(first) != len(a[0]):
+            raise ValueError(f"paired records must be non-empty and equally long ({len(first)} vs {len(second)})")
+        x = np.frombuffer(first.encode(), dtype=np.uint8) - ord("0")
+        y = np.frombuffer(second.encode(), dtype=np.uint8) - ord("0")
+        deltas.append((x.astype(np.int64) - y).astype(np.float64))
+    delta = np.mean(deltas, axis=0)
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
     for start in range(0, resamples, 1000):  # chunks keep memory at 1000 x n
@@ -489,6 +503,27 @@ def evaluate_multiple_choice(
         "n": len(examples),
         "acc_ci": list(wilson_interval(correct, len(examples))),
         "correct": "".join("1" if hit else "0" for hit in hits),
+    }
+
+
+def pool_scores(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scores of several held-out sets as one set's: each mean weighted by its set's size, the
+    interval from the pooled count, the per-question record concatenated in the sets' order."""
+    n = sum(part["n"] for part in parts)
+    if "acc" not in parts[0]:
+        return {
+            "rouge_l": sum(part["rouge_l"] * part["n"] for part in parts) / n,
+            "exact_match": sum(part["exact_match"] * part["n"] for part in parts) / n,
+            "n": n,
+        }
+    correct = "".join(part["correct"] for part in parts)
+    hits = correct.count("1")
+    return {
+        "acc": hits / n,
+        "acc_norm": sum(part["acc_norm"] * part["n"] for part in parts) / n,
+        "n": n,
+        "acc_ci": list(wilson_interval(hits, n)),
+        "correct": correct,
     }
 
 

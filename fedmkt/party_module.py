@@ -28,6 +28,7 @@ from fedmkt.errors import FedMKTError
 from fedmkt.fastpaths import FAST
 from fedmkt.head import ChunkKnowledge, OutputHead, final_hidden_states, head_knowledge, head_training_loss
 from fedmkt.losses import kd_objective, loss_weights, sparse_kd_loss, token_cross_entropy
+from fedmkt.schedule import ScheduleSpan, phase_lr_lambda
 
 
 class PartyModule(L.LightningModule):
@@ -68,6 +69,9 @@ class PartyModule(L.LightningModule):
         # single-device party trains on rank 0 alone, where an implicit sync would wait forever.
         self.task_loss = MeanMetric(sync_on_compute=False)
         self.kd_loss = MeanMetric(sync_on_compute=False)
+        self.schedule_span: Optional[ScheduleSpan] = None
+        """This phase's part of the run's learning-rate schedule (set by the participant; None: a
+        schedule of the phase's own)."""
 
     def configure_model(self) -> None:
         """Shard the model with FSDP2 when this phase's trainer uses `ModelParallelStrategy` (fsdp).
@@ -245,6 +249,10 @@ class PartyModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        if config.schedule == "run" and self.schedule_span is not None:  # this phase's part of the run's schedule
+            factor = phase_lr_lambda(self.schedule_span, total, config.warmup_ratio)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         # Rounded down: a warm-up step starts at lr 0, so with few steps a rounded-up warm-up would
         # waste a whole (sometimes the only) optimizer step of a phase.
         warmup = int(config.warmup_ratio * total)

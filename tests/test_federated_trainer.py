@@ -328,7 +328,7 @@ def test_results_table_lists_accuracy_per_round_selection_and_traffic(federation
     last = federation.trainer.summary["rounds"][-1]["parties"]
     for name, line in rows.items():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[1:4] == ["0.500", "0.600", "0.700"]
+        assert cells[1:4] == ["0.500 (0.500)", "0.600 (0.500)", "0.700 (0.500)"]  # acc (acc_norm)
         assert cells[4] == str(last[name]["selected"])
         assert cells[5] == f"{last[name]['bytes_sent'] / 1e6:.2f}"
 
@@ -462,8 +462,9 @@ def test_participant_distill_selects_aligns_builds_its_data_then_trains(
     monkeypatch.setattr(participant_module, "DistillationDataModule", spy("data", DistillationDataModule))
     fit = party._fit
 
-    def spy_fit(trainer, data, seed):
+    def spy_fit(trainer, data, seed, phase):
         events.append("fit")
+        assert phase == "distill"
         assert data is seen["data"]
         defaults = {type(c).__name__ for c in L.Trainer(logger=False, enable_progress_bar=False).callbacks}
         names = {type(c).__name__ for c in trainer.callbacks} - defaults
@@ -476,7 +477,7 @@ def test_participant_distill_selects_aligns_builds_its_data_then_trains(
         }
         seen["masks"] = [item["kd_mask"].clone() for item in data.items]
         seen["trainer"] = trainer
-        return fit(trainer, data, seed)
+        return fit(trainer, data, seed, phase)
 
     monkeypatch.setattr(party, "_fit", spy_fit)
     stats = party.distill(1, teacher)
@@ -530,7 +531,33 @@ def test_results_table_shows_each_accuracy_with_its_interval_and_the_sample_size
     }
     table = federation.trainer.results_table()
     assert "| server | 0.500 [0.25, 0.75] |" in table
-    assert table.rstrip().endswith("accuracy [95 % Wilson CI] on n = 12 held-out examples")
+    assert table.rstrip().endswith("accuracy [95 % Wilson CI] (acc_norm) on n = 12 held-out examples")
+
+
+def test_results_table_gives_each_named_held_out_set_a_row_and_the_pooled_one(tmp_path):
+    calls: list = []
+    trainer = FederatedTrainer(
+        FakeParty("server", calls), [FakeParty("client_0", calls)], run_config(clients=1), tmp_path
+    )
+    entry = {
+        "eval_accuracy": 0.55, "eval_accuracy_norm": 0.6, "eval_n": 300, "eval_accuracy_ci": [0.49, 0.61],
+        "eval_arc_easy_accuracy": 0.7, "eval_arc_easy_accuracy_norm": 0.65, "eval_arc_easy_n": 200,
+        "eval_arc_easy_accuracy_ci": [0.63, 0.76],
+        "eval_commonsense_qa_accuracy": 0.25, "eval_commonsense_qa_accuracy_norm": 0.5, "eval_commonsense_qa_n": 100,
+        "eval_commonsense_qa_accuracy_ci": [0.17, 0.35],
+    }  # fmt: skip
+    trainer.summary["zero_shot"] = {"server": entry, "client_0": entry}
+    lines = trainer.results_table().splitlines()
+    assert lines[0] == "| party | held-out set | zero-shot | selected (last) | MB sent (last) |"
+    assert lines[2:5] == [
+        "| server | arc_easy | 0.700 [0.63, 0.76] (0.650) | – | 0.00 |",
+        "| server | commonsense_qa | 0.250 [0.17, 0.35] (0.500) | – | 0.00 |",
+        "| server | pooled | 0.550 [0.49, 0.61] (0.600) | – | 0.00 |",
+    ]
+    assert (
+        lines[-1]
+        == "accuracy [95 % Wilson CI] (acc_norm) on held-out examples: arc_easy 200; commonsense_qa 100; pooled 300"
+    )
 
 
 class PhaseRecorder(FakeParty):

@@ -232,7 +232,7 @@ def test_every_recorded_run_keeps_the_hash_it_was_recorded_under(reproduce):
     for record in records:
         summary = json.loads(record.read_text())
         # Parsed again today, the config holds every key the code now has.
-        config = run_config_from_text(yaml.safe_dump(summary["config"]))
+        config = run_config_from_text(yaml.safe_dump(reproduce.as_run_then(summary["config"])))
         objective = summary.get("kd_objective")  # None: recorded before the KD weighting was stored
         assert record.stem.rsplit("-", 1)[1] == reproduce.settings_hash(config, objective), record.name
         if reproduce.distils(config) and objective is None:  # an older weighting is never reused today
@@ -488,3 +488,34 @@ def test_a_try_name_that_is_not_a_plain_folder_name_is_refused(reproduce, name, 
     with pytest.raises(SystemExit):
         reproduce.main(["--tasks", "arc_easy", "--try", name])
     assert "--try" in capsys.readouterr().err
+
+
+def test_a_difference_pooled_over_seeds_averages_each_question_over_the_seeds(reproduce):
+    from fedmkt.evaluation import pooled_paired_bootstrap
+
+    a, b = "1101001110", "1001011010"
+    assert pooled_paired_bootstrap([a], [b]) == reproduce.paired_bootstrap(a, b)
+    # Seed 0: +1 on every question; seed 1: no difference -> +0.5 on every question, no spread.
+    assert pooled_paired_bootstrap(["1111", "1010"], ["0000", "1010"]) == (0.5, [0.5, 0.5])
+    with pytest.raises(ValueError, match="one record per seed"):
+        pooled_paired_bootstrap(["1"], ["1", "0"])
+
+
+def test_seed_s_of_a_cell_changes_only_the_training_seed(reproduce, tmp_path):
+    scale = {"eval_size": 12, "part_size": 8, "rounds": 1}
+    first = reproduce.grid_config("tiny", "arc_easy", "fedmkt", scale, tmp_path, [])
+    third = reproduce.grid_config("tiny", "arc_easy", "fedmkt", scale, tmp_path, [], seed_index=2)
+    assert first.training_seed is None and third.training_seed == first.seed + 2 * reproduce.SEED_STRIDE
+    assert third.seed == first.seed and third.data == first.data  # the same split and held-out questions
+    assert reproduce.settings_hash(first) != reproduce.settings_hash(third)
+
+
+def test_the_seed_report_lists_each_seed_and_pools_only_seeds_both_sides_finished(reproduce):
+    def cell(correct):
+        return {"acc": correct.count("1") / len(correct), "correct": correct}
+
+    cells = {"client_0": {"fedmkt": [cell("1100"), cell("1110"), None], "standalone": [cell("1000")] * 3}}
+    report = reproduce.seed_report(cells, [("fedmkt", "standalone")])
+    assert report["parties"]["client_0"]["fedmkt"] == [0.5, 0.75, None]
+    pooled = report["pooled_differences"]["client_0"]["fedmkt-standalone"]
+    assert pooled["seeds"] == 2 and pooled["diff"] == pytest.approx((0.25 + 0.5) / 2)

@@ -20,7 +20,7 @@ from typing import Optional
 from fedmkt.config import DataSource, RunConfig
 from fedmkt.data.examples import Example, Format, content_key, format_of, without_answer
 from fedmkt.data.sources import load_source
-from fedmkt.data.tasks import TASK_FORMATS, FederatedSplit, load_task, split_task
+from fedmkt.data.tasks import TASK_FORMATS, FederatedSplit, load_task, split_domains, split_task
 from fedmkt.errors import FedMKTError
 
 __all__ = ["PartyData", "SourceReader", "party_data", "federation_data", "check_disjoint"]
@@ -42,6 +42,8 @@ class PartyData:
     public_gold: Optional[list[Example]] = None
     """Unlabelled public set from a labelled source: the same questions with their answers, read
     only for the `public_answer_accuracy` diagnostic (never batched, never shared)."""
+    evaluation_sets: Optional[dict[str, list[Example]]] = None
+    """Named held-out sets (`data.eval_sets` or the domains preset's tasks); `evaluation` pools them."""
 
 
 class SourceReader:
@@ -56,12 +58,25 @@ class SourceReader:
     def _run_format(self) -> Format:
         """The preset task's format, else that of the common evaluation set (every set must match)."""
         data = self.config.data
-        if data.task is not None:
-            if data.task not in TASK_FORMATS:
+        if data.task is not None or data.client_tasks is not None:
+            key, tasks = (
+                ("data.task", [data.task]) if data.task is not None else ("data.client_tasks", data.client_tasks)
+            )
+            unknown = [task for task in tasks if task not in TASK_FORMATS]
+            if unknown:
                 raise FedMKTError(
-                    f"data.task: unknown task {data.task!r}. Fix: use one of {', '.join(TASK_FORMATS)}, or null."
+                    f"{key}: unknown task {unknown[0]!r}. Fix: use one of {', '.join(TASK_FORMATS)}, or null."
                 )
-            return TASK_FORMATS[data.task]  # type: ignore[return-value]
+            formats = {TASK_FORMATS[task] for task in tasks}
+            if len(formats) > 1:
+                raise FedMKTError(
+                    f"data.client_tasks mixes multiple-choice and generation tasks ({', '.join(tasks)}). "
+                    "Fix: give every client a task of one format."
+                )
+            return formats.pop()  # type: ignore[return-value]
+        if data.eval_sets is not None:
+            name, source = next(iter(data.eval_sets.items()))
+            return format_of(self.source(f"data.eval_sets.{name}", source, check_format=False)[0])
         if data.eval is None:
             raise FedMKTError(
                 "data.eval is not set and there is no data.task preset. Fix: set data.eval to a data source, or set data.task."
@@ -71,10 +86,18 @@ class SourceReader:
     def split(self, missing_key: str) -> FederatedSplit:
         """The preset's carve of `data.task` (the same on every machine for the same seed)."""
         data = self.config.data
-        if data.task is None:
+        if data.task is None and data.client_tasks is None:
             raise FedMKTError(
                 f"{missing_key} is not set and there is no data.task preset. Fix: set {missing_key} to a data source, or set data.task."
             )
+        if self._split is None and data.client_tasks is not None:
+            if data.data_dir is not None:
+                raise FedMKTError(
+                    "data.data_dir replaces one preset task's rows, but data.client_tasks names several. "
+                    "Fix: set data.data_dir: null, or give the parts as sources (data.public, clients[i].data, data.eval_sets)."
+                )
+            tasks = {task: load_task(task) for task in data.client_tasks}
+            self._split = split_domains(tasks, data.eval_size, data.pool_size, self.config.seed, data.public_size)
         if self._split is None:
             examples = load_task(data.task, data.data_dir)
             self._split = split_task(
@@ -123,9 +146,36 @@ class SourceReader:
             return None
         return examples
 
-    def evaluation(self) -> list[Example]:
+    def evaluation_sets(self) -> Optional[dict[str, list[Example]]]:
+        """The named held-out sets: `data.eval_sets`, else the domains preset's one per task, else None."""
         data = self.config.data
-        return self.source("data.eval", data.eval) if data.eval is not None else self.split("data.eval").evaluation
+        if data.eval_sets is not None:
+            named = {name: self.source(f"data.eval_sets.{name}", source) for name, source in data.eval_sets.items()}
+        elif data.eval is None and data.client_tasks is not None:
+            named = self.split("data.eval").evaluation_sets
+        else:
+            return None
+        keys = [(f"data.eval_sets.{name}", examples) for name, examples in named.items()]
+        for position, (key, examples) in enumerate(keys):  # a question in two sets would count twice pooled
+            check_disjoint({key: examples}, dict(keys[:position]))
+        return named
+
+    def evaluation(self) -> list[Example]:
+        """The common held-out set: `data.eval`, the named sets pooled, or the preset's part."""
+        data = self.config.data
+        if data.eval is not None:
+            return self.source("data.eval", data.eval)
+        named = self.evaluation_sets()
+        if named is not None:
+            return [example for examples in named.values() for example in examples]
+        return self.split("data.eval").evaluation
+
+    def evaluation_keys(self) -> dict[str, list[Example]]:
+        """Every common held-out set under the key that names it in errors."""
+        named = self.evaluation_sets()
+        if named is None:
+            return {"data.eval": self.evaluation()}
+        return {f"data.eval_sets.{name}": examples for name, examples in named.items()}
 
     def private(self, client: int) -> list[Example]:
         source = self.config.clients[client].data
@@ -156,7 +206,7 @@ def party_data(config: RunConfig, name: str, loader: Optional[SourceReader] = No
         private = loader.private(index)
         training = {f"clients[{index}].data": private}
         own_evaluation = loader.own_evaluation(index)
-    evaluations = {"data.eval": evaluation} | ({f"{name}.eval": own_evaluation} if own_evaluation is not None else {})
+    evaluations = loader.evaluation_keys() | ({f"{name}.eval": own_evaluation} if own_evaluation is not None else {})
     check_disjoint(evaluations, {"data.public": loader.public_as_read()} | training)
     labelled = loader.public_labelled()
     if config.transfer.teacher == "random" and (labelled or loader.format != "multiple_choice"):
@@ -165,7 +215,16 @@ def party_data(config: RunConfig, name: str, loader: Optional[SourceReader] = No
             "unlabelled multiple-choice public set. Fix: set data.public_labels: false (multiple choice), or use "
             "transfer.teacher: hard."
         )
-    return PartyData(public, private, evaluation, own_evaluation, loader.format, labelled, loader.public_gold())
+    return PartyData(
+        public,
+        private,
+        evaluation,
+        own_evaluation,
+        loader.format,
+        labelled,
+        loader.public_gold(),
+        loader.evaluation_sets(),
+    )
 
 
 def federation_data(config: RunConfig, names: list[str]) -> dict[str, PartyData]:
@@ -173,7 +232,7 @@ def federation_data(config: RunConfig, names: list[str]) -> dict[str, PartyData]
     set checked against every training set of the federation (public and all private)."""
     loader = SourceReader(config)
     parts = {name: party_data(config, name, loader) for name in names}
-    evaluations = {"data.eval": loader.evaluation()}
+    evaluations = loader.evaluation_keys()
     evaluations |= {
         f"clients[{i}].eval": e for i in range(len(config.clients)) if (e := loader.own_evaluation(i)) is not None
     }

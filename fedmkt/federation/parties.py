@@ -19,6 +19,7 @@ from fedmkt.data.parts import SERVER, PartyData, federation_data, party_data
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.distributed import is_rank_zero, party_processes
 from fedmkt.federation.participant import Participant
+from fedmkt.federation.trainer import trained_phases
 from fedmkt.files import atomic_write_dir
 from fedmkt.models import cache_root, load_model, load_tokenizer
 from fedmkt.party_module import PartyModule
@@ -67,9 +68,10 @@ def build_participant(config: RunConfig, name: str, data: Optional[PartyData] = 
     peer_specs = {n: p.model for n, p in parties.items() if (n == SERVER) != (name == SERVER)}
 
     def build_module() -> PartyModule:
-        L.seed_everything(config.seed + index, verbose=False)  # distinct, reproducible LoRA inits
+        base = load_model(party.model, config.cache_dir, seed=config.seed + index)  # a random-init base: from `seed`
+        L.seed_everything(config.train_seed + index, verbose=False)  # distinct, reproducible LoRA inits
         return PartyModule(
-            load_model(party.model, config.cache_dir, seed=config.seed + index),
+            base,
             party.lora,
             party.optimizer,
             config.transfer,
@@ -87,7 +89,7 @@ def build_participant(config: RunConfig, name: str, data: Optional[PartyData] = 
         config.data.max_length,
         party.batch_size,
         party.eval_batch_size,
-        config.seed,
+        config.train_seed,
     )
     return Participant(
         name,
@@ -100,7 +102,7 @@ def build_participant(config: RunConfig, name: str, data: Optional[PartyData] = 
         TokenizersOnDemand(peer_specs, config.cache_dir),
         cache_root(config.cache_dir) / "vocab_maps",
         config.data.max_length,
-        config.seed,
+        config.train_seed,
         phase_timeout_s=None if name == SERVER else config.federation.client_timeout_s,
         privacy=config.privacy,
         own_evaluation=data.own_evaluation,
@@ -108,6 +110,8 @@ def build_participant(config: RunConfig, name: str, data: Optional[PartyData] = 
         max_new_tokens=config.data.max_new_tokens,
         rounds=config.federation.rounds,
         public_gold=data.public_gold,
+        evaluation_sets=data.evaluation_sets,
+        trained_phases=trained_phases(config.federation.mode, name),
     )
 
 

@@ -53,45 +53,71 @@ def log_metrics(loggers: Iterable[Logger], stats: dict[str, dict], step: int) ->
 def results_table(summary: dict, parties: list[str]) -> str:
     """Score per party per round (round 0 = zero-shot) as a markdown table.
 
-    Multiple choice: accuracy with its 95 % Wilson interval; generation: Rouge-L (exact match).
-    A line under the table names the held-out set's size.
+    Multiple choice: accuracy with its 95 % Wilson interval and acc_norm; generation: Rouge-L (exact
+    match). With named held-out sets (e.g. one per domain) each party gets a row per set and one for
+    all of them pooled. A line under the table names the held-out sets' sizes.
     """
     rounds = summary["rounds"]
     zero_shot = summary["zero_shot"]
-    header = ["party"] + (["zero-shot"] if zero_shot else []) + [f"round {r['round']}" for r in rounds]
+    scored_entries = {
+        party: ([zero_shot[party]] if zero_shot else []) + [record["parties"][party] for record in rounds]
+        for party in parties
+    }
+    sets = named_sets(entry for entries in scored_entries.values() for entry in entries)
+    header = ["party"] + (["held-out set"] if sets else [])
+    header += (["zero-shot"] if zero_shot else []) + [f"round {r['round']}" for r in rounds]
     header += ["selected (last)", "MB sent (last)"]
     private = bool(rounds) and any(e.get("dp_epsilon") is not None for e in rounds[-1]["parties"].values())
     if private:
         header.append("DP ε (last)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    sizes, generation = set(), False
+    sizes: dict[str, set] = {}
+    generation = False
     for party in parties:
-        cells = [party]
-        scored = ([zero_shot[party]] if zero_shot else []) + [record["parties"][party] for record in rounds]
-        for entry in scored:
-            cells.append(_score_cell(entry))
-            if entry.get("eval_n") is not None:
-                sizes.add(entry["eval_n"])
-            generation |= entry.get("eval_rouge_l") is not None
         last = rounds[-1]["parties"][party] if rounds else {}
-        cells += [str(last.get("selected", "–")), f"{last.get('bytes_sent', 0) / 1e6:.2f}"]
+        tail = [str(last.get("selected", "–")), f"{last.get('bytes_sent', 0) / 1e6:.2f}"]
         if private:
-            cells.append(
+            tail.append(
                 "–" if last.get("dp_epsilon") is None else f"{last['dp_epsilon']:.2f} (δ = {last['dp_delta']:g})"
             )
-        lines.append("| " + " | ".join(cells) + " |")
+        for name in [*sets, None] if sets else [None]:
+            prefix = "eval" if name is None else f"eval_{name}"
+            cells = [party] + ([name or "pooled"] if sets else [])
+            for entry in scored_entries[party]:
+                cells.append(_score_cell(entry, prefix))
+                if entry.get(f"{prefix}_n") is not None:
+                    sizes.setdefault(name or "pooled", set()).add(entry[f"{prefix}_n"])
+                generation |= entry.get(f"{prefix}_rouge_l") is not None
+            lines.append("| " + " | ".join(cells + tail) + " |")
     if sizes:
-        metric = "Rouge-L (exact match)" if generation else "accuracy [95 % Wilson CI]"
-        lines.append(f"\n{metric} on n = {', '.join(str(n) for n in sorted(sizes))} held-out examples")
+        metric = "Rouge-L (exact match)" if generation else "accuracy [95 % Wilson CI] (acc_norm)"
+        if sets:
+            counts = "; ".join(f"{name} {', '.join(str(n) for n in sorted(ns))}" for name, ns in sizes.items())
+            lines.append(f"\n{metric} on held-out examples: {counts}")
+        else:
+            lines.append(f"\n{metric} on n = {', '.join(str(n) for n in sorted(sizes['pooled']))} held-out examples")
     return "\n".join(lines)
 
 
-def _score_cell(entry: dict) -> str:
-    """`0.533 [0.41, 0.65]` for an accuracy, `0.212 (0.10)` for Rouge-L and exact match, – if unscored."""
-    if entry.get("eval_accuracy") is not None:
-        cell = f"{entry['eval_accuracy']:.3f}"
-        interval = entry.get("eval_accuracy_ci")
-        return cell + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
-    if entry.get("eval_rouge_l") is not None:
-        return f"{entry['eval_rouge_l']:.3f} ({entry['eval_exact_match']:.2f})"
+def named_sets(entries: Iterable[dict]) -> list[str]:
+    """The named held-out sets scored in these entries (`eval_<name>_n`), in the order first seen."""
+    names: dict[str, None] = {}
+    for entry in entries:
+        for key in entry or {}:
+            if key.startswith("eval_") and key.endswith("_n") and key != "eval_n":
+                names[key[len("eval_") : -len("_n")]] = None
+    return list(names)
+
+
+def _score_cell(entry: dict, prefix: str = "eval") -> str:
+    """`0.533 [0.41, 0.65] (0.550)`: accuracy, Wilson interval, acc_norm; `0.212 (0.10)` for Rouge-L
+    and exact match; – if unscored."""
+    if entry.get(f"{prefix}_accuracy") is not None:
+        cell = f"{entry[f'{prefix}_accuracy']:.3f}"
+        interval = entry.get(f"{prefix}_accuracy_ci")
+        cell += f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+        norm = entry.get(f"{prefix}_accuracy_norm")
+        return cell + (f" ({norm:.3f})" if norm is not None else "")
+    if entry.get(f"{prefix}_rouge_l") is not None:
+        return f"{entry[f'{prefix}_rouge_l']:.3f} ({entry[f'{prefix}_exact_match']:.2f})"
     return "–"

@@ -45,6 +45,18 @@ _MODE_STEPS = {
 }
 
 
+def trained_phases(mode: str, party: str) -> tuple[str, ...]:
+    """The training phases `party` runs each round in `mode`, in the order it runs them."""
+    steps = _MODE_STEPS[mode]
+    if party == "server":
+        return tuple(
+            phase for phase, step in (("fine_tune", "server_train"), ("distill", "server_distil")) if step in steps
+        )
+    return tuple(
+        phase for phase, step in (("fine_tune", "client_train"), ("distill", "client_distil")) if step in steps
+    )
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     """The protocol of one mode, stated once: the steps a round runs, and when parties are evaluated.
