@@ -6,7 +6,9 @@ standard deviation `logit_noise`. This blurs what the logits reveal about a part
 NOT a formal differential-privacy guarantee — no privacy accountant tracks the spent budget.
 The true log-sum-exp over the vocabulary is not shared then (it would reveal the logits' scale
 before clipping): the payload's `logsumexp` becomes that of the noised top-k values, so a
-receiver sees no mass outside the k ids.
+receiver sees no mass outside the k ids. Nor are the un-noised losses and label log-probabilities
+(they would reveal what the noise hides): both are sent as zeros, and a receiver ranks the sender
+by the loss it derives from the noised distribution itself (`fedmkt.received`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from fedmkt.payload import KnowledgePayload
 def add_logit_noise(
     payload: KnowledgePayload, privacy: PrivacyConfig, generator: Optional[torch.Generator] = None
 ) -> KnowledgePayload:
-    """A copy of `payload` whose top-k logits are clipped and noised (ids and losses unchanged).
+    """A copy of `payload` whose top-k logits are clipped and noised (ids unchanged; losses and
+    label log-probabilities withheld as zeros).
 
     Its `logsumexp` is that of the noised values (no tail mass), for the reason the module gives.
     The noise comes from the operating system's entropy unless a `generator` is given (tests): a
@@ -42,4 +45,10 @@ def add_logit_noise(
     noisy = clipped + privacy.logit_noise * torch.randn(clipped.shape, generator=generator)
     shared = noisy.to(payload.topk_logits.dtype)
     logsumexp = torch.logsumexp(shared.float() / payload.temperature, dim=-1)
-    return replace(payload, topk_logits=shared, logsumexp=logsumexp)
+    return replace(
+        payload,
+        topk_logits=shared,
+        logsumexp=logsumexp,
+        losses=torch.zeros_like(payload.losses),
+        label_logprob=torch.zeros_like(payload.label_logprob),
+    )

@@ -16,10 +16,17 @@ reported:
 * the loss is ``-sum(label_logprob)`` over the sample's answer positions divided by the answer's
   UTF-8 bytes (nats per byte, comparable across tokenizers), which the receiver finds itself; a
   reported loss that disagrees is refused;
+* at every position the log-sum-exp must be at least that of the sender's own top-k logits (else
+  the listed probabilities would sum past 1);
 * at temperature 1 each label log-probability must agree with the sender's own top-k logits and
   log-sum-exp: a label among the top-k has exactly that logit's probability, any other label at
-  most the k-th one's. A low loss therefore needs a distribution that really puts mass on the
-  answer, which is what the receiver then distils.
+  most the k-th one's, within the float16 rounding of that logit itself (a tolerance the sender
+  cannot widen with a far-off filler logit). A low loss therefore needs a distribution that really
+  puts mass on the answer, which is what the receiver then distils;
+* where the label log-probabilities cannot be checked against the top-k (noised logits, or a
+  temperature other than 1), they are not used: the loss that ranks the sender is the one the
+  receiver derives from the distribution it would distil (the listed probability of each answer
+  token, or the most an unlisted one can have).
 """
 
 from __future__ import annotations
@@ -44,8 +51,16 @@ EMBEDDING_PADDING = 1024
 """How many more output rows than tokenizer entries a model may have (OPT, Bloom and Qwen pad their
 embeddings to a round number)."""
 
-LOGPROB_TOLERANCE = 0.05
-"""Slack for comparing label log-probabilities with float16 top-k logits (their rounding at |x| ~ 30)."""
+LOGPROB_TOLERANCE = 1e-3
+"""Constant slack (nats) for comparing label log-probabilities with the top-k logits, on top of the
+float16 rounding of the logit compared (`FLOAT16_ROUNDING` of its magnitude)."""
+
+FLOAT16_ROUNDING = 2.0**-11
+"""Float16's largest relative rounding error (half a unit in the last of its 11 significant bits)."""
+
+UNLISTED_LOGPROB_FLOOR = -30.0
+"""A derived log-probability for a token the shared distribution gives no mass (noised logits share
+none outside the k ids): finite, and lower than any real teacher's."""
 
 
 @dataclass(frozen=True)
@@ -135,9 +150,12 @@ def verify_payload(payload: KnowledgePayload, agreed: Agreement, public: PublicT
         problems.append("a loss is negative")
     if bool((payload.label_logprob > LOGPROB_TOLERANCE).any()):
         problems.append("a label log-probability is positive")
+    if len(payload.logsumexp) and bool((_topk_logsumexp_excess(payload) > 0).any()):
+        problems.append("a log-sum-exp is below that of its own top-k logits")
     if problems:
         raise _refused(payload, problems)
 
+    derived = agreed.noised or payload.temperature != 1.0  # label log-probabilities cannot be checked
     losses = torch.empty(len(payload), dtype=torch.float32)
     wrong_answer, wrong_tokens, wrong_loss, inconsistent = [], [], [], []
     for row, index in enumerate(payload.sample_index.tolist()):
@@ -159,16 +177,16 @@ def verify_payload(payload: KnowledgePayload, agreed: Agreement, public: PublicT
         if generated and int(labelled.sum()) > agreed.max_new_tokens:
             wrong_answer.append(index)
             continue
+        answer_bytes = len(answer.encode("utf-8"))
+        if derived:  # ranked by the distribution it would teach, not by numbers it reports
+            losses[row] = -_distilled_logprobs(payload, start, stop, targets).sum() / answer_bytes
+            continue
         logprobs = payload.label_logprob[start:stop].float()
-        losses[row] = -logprobs[labelled].sum() / len(answer.encode("utf-8"))
+        losses[row] = -logprobs[labelled].sum() / answer_bytes
         reported = float(payload.losses[row])
         if abs(reported - float(losses[row])) > LOSS_TOLERANCE * (1 + abs(float(losses[row]))):
             wrong_loss.append(index)
-        if (
-            not agreed.noised
-            and payload.temperature == 1.0
-            and not _consistent(payload, start, stop, targets, logprobs)
-        ):
+        if not _consistent(payload, start, stop, targets, logprobs):
             inconsistent.append(index)
     for indices, what in (
         (
@@ -199,11 +217,40 @@ def _consistent(
     claimed = logprobs[labelled]
     listed = ids == label[:, None]
     in_topk = listed.any(dim=1)
+    raw = payload.topk_logits[start:stop][labelled].float()
     exact = torch.where(listed, values, torch.zeros_like(values)).sum(dim=1)
-    slack = LOGPROB_TOLERANCE * (1 + values.abs().amax(dim=1))
-    ok_listed = (claimed - exact).abs() <= slack
-    ok_other = claimed <= values.amin(dim=1) + slack
+    own_logit = torch.where(listed, raw, torch.zeros_like(raw)).sum(dim=1).abs()
+    ok_listed = (claimed - exact).abs() <= LOGPROB_TOLERANCE + FLOAT16_ROUNDING * own_logit
+    smallest = values.amin(dim=1)
+    smallest_logit = raw.amin(dim=1).abs()
+    ok_other = claimed <= smallest + LOGPROB_TOLERANCE + FLOAT16_ROUNDING * smallest_logit
     return bool(torch.where(in_topk, ok_listed, ok_other).all())
+
+
+def _topk_logsumexp_excess(payload: KnowledgePayload) -> torch.Tensor:
+    """Per position, how far the log-sum-exp of the top-k logits (at the payload's temperature)
+    exceeds the shared log-sum-exp, beyond float16 rounding: positive means the shared one is too low."""
+    raw = payload.topk_logits.float() / payload.temperature
+    rounding = FLOAT16_ROUNDING * raw.abs().amax(dim=1)
+    return torch.logsumexp(raw, dim=1) - payload.logsumexp.float() - LOGPROB_TOLERANCE - rounding
+
+
+def _distilled_logprobs(payload: KnowledgePayload, start: int, stop: int, targets: torch.Tensor) -> torch.Tensor:
+    """Each answer token's log-probability under the distribution the receiver would distil (the
+    top-k at the payload's temperature): its listed probability, or for an unlisted token the most
+    it can have (the smallest listed one, and no more than the mass left outside the k ids)."""
+    labelled = (targets != IGNORE_INDEX).nonzero().flatten()
+    if not len(labelled):
+        return torch.zeros(0)
+    ids = payload.topk_ids[start:stop][labelled].long()
+    logprobs = payload.topk_logits[start:stop][labelled].float() / payload.temperature
+    logprobs = logprobs - payload.logsumexp[start:stop][labelled, None].float()
+    listed = ids == targets[labelled][:, None]
+    exact = torch.where(listed, logprobs, torch.zeros_like(logprobs)).sum(dim=1)
+    outside = (1.0 - logprobs.exp().sum(dim=1) - LOGPROB_TOLERANCE).clamp_min(0.0)  # float32 sums leave ~1e-7
+    bound = torch.minimum(logprobs.amin(dim=1).exp(), outside)
+    unlisted = bound.clamp_min(math.exp(UNLISTED_LOGPROB_FLOOR)).log()
+    return torch.where(listed.any(dim=1), exact, unlisted)
 
 
 def _first(indices: list[int], shown: int = 5) -> str:

@@ -375,12 +375,14 @@ def test_zero_noise_is_the_identity():
     assert add_logit_noise(payload, PrivacyConfig(logit_noise=0.0, logit_clip=0.5), _generator(1)) is payload
 
 
-def test_noise_changes_only_the_logits():
+def test_noise_changes_the_logits_and_withholds_the_losses_and_label_log_probabilities():
     payload = _payload(dtype=torch.float16)
     noisy = add_logit_noise(payload, PrivacyConfig(logit_noise=1.0), _generator(1))
     assert (noisy.sender, noisy.round, noisy.vocab_size) == (payload.sender, payload.round, payload.vocab_size)
-    for name in ("sample_index", "losses", "offsets", "token_ids", "topk_ids"):
+    for name in ("sample_index", "offsets", "token_ids", "topk_ids"):
         assert torch.equal(getattr(noisy, name), getattr(payload, name)), name
+    # Un-noised, they would tell a receiver what the noise hides: sent as zeros.
+    assert not noisy.losses.any() and not noisy.label_logprob.any()
     assert noisy.topk_logits.dtype == torch.float16 and noisy.topk_logits.shape == payload.topk_logits.shape
     assert not torch.equal(noisy.topk_logits, payload.topk_logits)
     noisy.validate(num_public=2)  # still a valid payload (finite values)
@@ -452,8 +454,9 @@ def test_the_noise_is_applied_to_what_crosses_the_wire(fedavg_run, fedmkt_run):
     clip = fedavg_run.config.privacy.logit_clip
     for client in CLIENTS:
         (raw,), (noised,) = _sends_from(fedmkt_run, client), _sends_from(fedavg_run, client)
-        for name in ("sample_index", "losses", "offsets", "token_ids", "topk_ids"):
+        for name in ("sample_index", "offsets", "token_ids", "topk_ids"):
             assert torch.equal(getattr(raw.payload, name), getattr(noised.payload, name)), name
+        assert raw.payload.losses.any() and not noised.payload.losses.any()  # withheld under noise
         assert noised.payload.topk_logits.dtype == torch.float16
         residual = noised.payload.topk_logits.float() - _clip_reference(raw.payload.topk_logits, clip)
         assert residual.numel() > 500

@@ -105,11 +105,63 @@ def test_another_round_vocabulary_length_or_temperature_is_refused(honest):
     refused(payload, replace(agreed, temperature=2.0), public, "temperature 1.0, not 2.0")
 
 
-def test_noise_skips_only_the_top_k_consistency_check(honest):
+def _answer_rows(payload, public):
+    """Per sample: (start, stop, targets) of its positions, in the payload's order."""
+    rows = []
+    for row, index in enumerate(payload.sample_index.tolist()):
+        _, targets = public(index, payload.answer_text(row))
+        rows.append((int(payload.offsets[row]), int(payload.offsets[row + 1]), targets))
+    return rows
+
+
+def test_a_far_off_filler_logit_does_not_widen_the_tolerance(honest):
+    """The attack: one top-k value of -60,000 per position once widened the slack to ~3,000 nats,
+    so a listed label could claim probability 1 (loss 0) whatever its logit said."""
     payload, agreed, public = honest
-    confident = replace(payload, label_logprob=payload.label_logprob * 0.1, losses=payload.losses * 0.1)
-    verify_payload(confident, replace(agreed, noised=True), public)  # noised top-k cannot be compared
-    refused(replace(payload, losses=payload.losses * 0.5), replace(agreed, noised=True), public, "disagree")
+    logits, claimed = payload.topk_logits.clone(), payload.label_logprob.clone()
+    for start, stop, targets in _answer_rows(payload, public):
+        for position in (targets != -100).nonzero().flatten().tolist():
+            row = start + position
+            label = int(targets[position])
+            listed = (payload.topk_ids[row] == label).nonzero().flatten().tolist()
+            others = [j for j in range(TOP_K) if j not in listed]
+            logits[row, others[-1]] = -60000.0  # the filler (lowering a logit keeps the log-sum-exp valid)
+            claimed[row] = 0.0
+    forged = replace(payload, topk_logits=logits, label_logprob=claimed, losses=torch.zeros_like(payload.losses))
+    refused(forged, agreed, public, "disagree with its own top-k logits")
+
+
+def test_a_log_sum_exp_below_that_of_its_own_top_k_is_refused(honest):
+    payload, agreed, public = honest
+    low = payload.topk_logits.float().amax(dim=1) - 5.0  # the listed probabilities would sum to far more than 1
+    forged = replace(payload, logsumexp=low, label_logprob=torch.minimum(payload.label_logprob, torch.zeros(1)))
+    refused(forged, agreed, public, "below that of its own top-k logits")
+
+
+@pytest.mark.parametrize("noised, temperature", [(True, 1.0), (False, 2.0)])
+def test_where_log_probabilities_cannot_be_checked_the_sender_is_ranked_by_what_it_would_teach(
+    honest, noised, temperature
+):
+    """Noised logits or T != 1: the reported losses and label log-probabilities are not used. A sender
+    claiming loss 0 is ranked by the loss of its shared distribution on the answer."""
+    payload, agreed, public = honest
+    shared = replace(
+        payload,
+        temperature=temperature,
+        logsumexp=torch.logsumexp(payload.topk_logits.float() / temperature, dim=1),  # no mass outside the k ids
+        losses=torch.zeros_like(payload.losses),
+        label_logprob=torch.zeros_like(payload.label_logprob),
+    )
+    checked = verify_payload(shared, replace(agreed, noised=noised, temperature=temperature), public)
+    for row, (start, stop, targets) in enumerate(_answer_rows(payload, public)):
+        total = 0.0
+        for position in (targets != -100).nonzero().flatten().tolist():
+            distribution = torch.log_softmax(payload.topk_logits[start + position].float() / temperature, dim=0)
+            listed = (payload.topk_ids[start + position] == targets[position]).nonzero().flatten()
+            total += float(distribution[listed[0]]) if len(listed) else -30.0  # unlisted: no mass, the floor
+        answer_bytes = len(payload.answer_text(row).encode("utf-8"))
+        assert float(checked.losses[row]) == pytest.approx(-total / answer_bytes, rel=1e-4)
+        assert float(checked.losses[row]) > 0  # not the claimed 0
 
 
 def test_the_byte_limit_follows_the_public_set(honest):
