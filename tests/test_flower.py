@@ -363,7 +363,10 @@ def test_client_state_persists_in_the_node_context_and_save_adapter_writes_it(ta
     assert restored.losses is None
     client_app.handle(request, context)  # the same folder again: the stale losses file goes
     assert not (folder / "public_losses.safetensors").exists()
-    assert client_phases.LOSSES_BLOB not in client_phases.read_state(folder, "")
+    fresh = json.loads((folder / "node_state.json").read_text())["adapter_sha256"]
+    assert client_phases.LOSSES_BLOB not in client_phases.read_state(folder, fresh)
+    with pytest.raises(FedMKTError, match="names no sha256"):  # an empty hash once skipped the check
+        client_phases.read_state(folder, "")
 
 
 def test_client_app_answers_hello_and_refuses_messages_for_another_client(task_identity):

@@ -28,6 +28,21 @@ def test_credentials_are_private_and_in_the_formats_flower_reads(tmp_path):
     assert private.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
 
 
+def test_a_key_file_is_written_anew_never_through_a_link_or_with_an_old_mode(tmp_path):
+    folder = tmp_path / "tls"
+    folder.mkdir()
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("the attacker's file")
+    (folder / "client_0").symlink_to(elsewhere)  # the attack: a link planted where the key goes
+    loose = folder / "server.key"
+    loose.write_text("old")
+    loose.chmod(0o644)  # an existing file once kept its own mode
+    tls = write_local_tls(folder)
+    private, _ = write_node_key(folder, "client_0")
+    assert elsewhere.read_text() == "the attacker's file" and not private.is_symlink()
+    assert private.stat().st_mode & 0o777 == 0o600 and tls.server_key.stat().st_mode & 0o777 == 0o600
+
+
 @pytest.mark.slow
 def test_an_unregistered_supernode_is_refused_and_a_registered_one_joins(tmp_path):
     if shutil.which("flower-superlink") is None:

@@ -96,6 +96,35 @@ def test_adapter_weights_leave_only_a_node_that_joined_fedavg_in_a_fedavg_run(tm
     request = Request(phase="adapter_state", client="client_0", config_text=shipped_configs()["tiny.yaml"].read_text())
     with pytest.raises(FedMKTError, match="adapter weights only in a fedavg run"):
         client_phases.answer(request, settings(tmp_path), {"adapter": b""}, 1, client_phases.PartyCache())
+    # Nor does it take weights in: a server could otherwise overwrite the node's adapter at will.
+    request = dataclasses.replace(request, phase="load_adapter_state")
+    with pytest.raises(FedMKTError, match="takes in adapter weights only in a fedavg run"):
+        client_phases.answer(request, settings(tmp_path), {"adapter": b""}, 1, client_phases.PartyCache())
+
+
+def test_the_node_owns_privacy_whatever_the_server_asks(tmp_path):
+    """The attacks: a server switches DP off, asks epsilon = 1e6, or widens top-k and the clip."""
+    strict = settings(
+        tmp_path, **{"require-dp": "true", "max-dp-epsilon": "8", "max-dp-delta": "1e-5", "max-top-k": "16", "max-logit-clip": "10"}
+    )  # fmt: skip
+    refused(strict, run_config(), "privacy.dp.enabled is false")
+    dp = ["--privacy.dp.enabled", "true", "--privacy.dp.target_epsilon"]
+    refused(strict, run_config(*dp, "1e6"), "target_epsilon 1000000.0 > this node's max-dp-epsilon 8.0")
+    refused(
+        strict,
+        run_config("--privacy.dp.enabled", "true", "--privacy.dp.noise_multiplier", "0.01"),
+        "cannot bound epsilon before it reads its data",
+    )
+    refused(strict, run_config(*dp, "4", "--privacy.dp.delta", "0.1"), "delta 0.1 > this node's max-dp-delta")
+    refused(strict, run_config(*dp, "4", "--transfer.top_k", "64"), "top_k 64 > this node's max-top-k 16")
+    refused(
+        strict, run_config(*dp, "4", "--privacy.logit_clip", "1e4"), "logit_clip 10000.0 > this node's max-logit-clip"
+    )
+    applied = apply_to_config(strict, run_config(*dp, "4"))
+    assert applied.privacy.dp.enabled and applied.privacy.dp.target_epsilon == 4
+    # Setting only a cap on epsilon requires DP as well (no DP spends an unbounded epsilon).
+    refused(settings(tmp_path, **{"max-dp-epsilon": "8"}), run_config(), "privacy.dp.enabled is false")
+    apply_to_config(settings(tmp_path), run_config())  # no such keys: the run's own choice, as before
 
 
 def test_bad_policy_values_are_one_line_errors(tmp_path):
@@ -103,6 +132,10 @@ def test_bad_policy_values_are_one_line_errors(tmp_path):
         ({"max-length": "0"}, "max-length"),
         ({"min-logit-noise": "-1"}, "min-logit-noise"),
         ({"fedavg": "maybe"}, "fedavg"),
+        ({"max-dp-epsilon": "0"}, "max-dp-epsilon"),
+        ({"max-logit-clip": "inf"}, "max-logit-clip"),
+        ({"max-top-k": "0"}, "max-top-k"),
+        ({"require-dp": "sure"}, "require-dp"),
         ({"public-sha256": "abc"}, "public-sha256 is set without public"),
     ):
         with pytest.raises(FedMKTError, match=needle):

@@ -174,10 +174,11 @@ def run_phase(
             f"cannot run {', '.join(request.then)} after {request.phase} in one message. Fix: run the same fedmkt version on every machine."
         )
     config = node_config(settings, request)
-    if request.phase == "adapter_state" and config.federation.mode != "fedavg":
-        # weights leave a node for FedAvg alone (and only if it joined: `check_policy`)
+    if request.phase in ("adapter_state", "load_adapter_state") and config.federation.mode != "fedavg":
+        # weights leave or replace a node's for FedAvg alone (and only if it joined: `check_policy`)
+        what = "sends" if request.phase == "adapter_state" else "takes in"
         raise FedMKTError(
-            f"{settings.client}'s node sends its adapter weights only in a fedavg run, and this run is "
+            f"{settings.client}'s node {what} adapter weights only in a fedavg run, and this run is "
             f"{config.federation.mode}. Fix: run the same fedmkt version on the server."
         )
     key = hashlib.sha256(f"{run_id}\0{request.client}\0{request.config_text}\0{settings!r}".encode()).hexdigest()
@@ -293,8 +294,13 @@ def read_state(directory: Path, expected_sha256: str) -> dict[str, bytes]:
             "Fix: start this SuperNode with the output-dir it used in the interrupted run."
         )
     state = {name: path.read_bytes() for name, path in files.items()}
+    if not expected_sha256:  # an empty hash would skip the one check that ties the weights to the run
+        raise FedMKTError(
+            f"a request to restore the adapter in {directory} names no sha256 to check it against. "
+            "Fix: run the same fedmkt version on the server (its checkpoint records each adapter's hash)."
+        )
     found = hashlib.sha256(state[ADAPTER_FILES[0]]).hexdigest()
-    if expected_sha256 and found != expected_sha256:
+    if found != expected_sha256:
         raise FedMKTError(
             f"the adapter in {directory} (sha256 {found[:12]}) is not the one the server's checkpoint recorded "
             f"({expected_sha256[:12]}). Fix: start this SuperNode with the output-dir of the run being resumed."

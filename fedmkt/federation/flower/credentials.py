@@ -40,7 +40,10 @@ def _private_folder(folder: Path) -> Path:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """A new file readable by its owner alone: an existing file (or a symbolic link planted in its
+    place) is removed first, never written through, and never keeps its own mode."""
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(data)
 

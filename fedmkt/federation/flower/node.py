@@ -29,6 +29,12 @@ The node's policy, which the server's run config must fit (checked before any mo
   max-batch-size      the largest batch (`batch_size`, `eval_batch_size`) it accepts (default 256)
   max-epochs          the largest `local_epochs` / `distill_epochs` it accepts (default 20)
   min-logit-noise     its own least `privacy.logit_noise` on the logits it shares (default 0)
+  max-top-k           the most logits per position it shares (`transfer.top_k`; default: no cap)
+  max-logit-clip      the largest `privacy.logit_clip` it accepts (default: no cap)
+  require-dp          its private fine-tuning must run under DP-SGD (`privacy.dp.enabled`; default false)
+  max-dp-epsilon      the most epsilon the run may spend on its data (`privacy.dp.target_epsilon`;
+                      setting it requires DP, with a target epsilon the node can check before it reads its data)
+  max-dp-delta        the largest `privacy.dp.delta` it accepts
   fedavg              whether it sends its adapter weights for FedAvg (default false: weights never leave it)
   cache-dir           where it keeps converted models and vocabulary maps (the server's cache_dir is ignored)
 
@@ -62,6 +68,11 @@ POLICY_KEYS = (
     "max-batch-size",
     "max-epochs",
     "min-logit-noise",
+    "max-top-k",
+    "max-logit-clip",
+    "require-dp",
+    "max-dp-epsilon",
+    "max-dp-delta",
     "fedavg",
     "cache-dir",
 )
@@ -83,6 +94,11 @@ class NodePolicy:
     max_batch_size: int = 256
     max_epochs: int = 20
     min_logit_noise: float = 0.0
+    max_top_k: Optional[int] = None
+    max_logit_clip: Optional[float] = None
+    require_dp: bool = False
+    max_dp_epsilon: Optional[float] = None
+    max_dp_delta: Optional[float] = None
     fedavg: bool = False
     cache_dir: Optional[str] = None
 
@@ -190,12 +206,43 @@ def check_policy(settings: NodeSettings, config: RunConfig) -> None:
             )
     if config.federation.mode == "fedavg" and not policy.fedavg:
         problems.append("federation.mode is fedavg but this node does not send its adapter weights (fedavg)")
+    problems += _privacy_problems(policy, config)
     problems += _shared_source_problems(policy, config)
     if problems:
         raise FedMKTError(
             f"{settings.client}'s node refuses this run: {'; '.join(problems)}. "
             "Fix: change those keys in the run config, or (node operator) widen the node's policy in its settings."
         )
+
+
+def _privacy_problems(policy: NodePolicy, config: RunConfig) -> list[str]:
+    """What the run would reveal of this node's data beyond what its policy allows."""
+    problems = []
+    if policy.max_top_k is not None and config.transfer.top_k > policy.max_top_k:
+        problems.append(f"transfer.top_k {config.transfer.top_k} > this node's max-top-k {policy.max_top_k}")
+    if policy.max_logit_clip is not None and config.privacy.logit_clip > policy.max_logit_clip:
+        problems.append(
+            f"privacy.logit_clip {config.privacy.logit_clip} > this node's max-logit-clip {policy.max_logit_clip}"
+        )
+    dp = config.privacy.dp
+    needs_dp = policy.require_dp or policy.max_dp_epsilon is not None or policy.max_dp_delta is not None
+    if needs_dp and not dp.enabled:
+        problems.append("privacy.dp.enabled is false but this node requires DP-SGD on its data (require-dp / max-dp-*)")
+    if not dp.enabled:
+        return problems
+    if policy.max_dp_epsilon is not None:
+        if dp.target_epsilon is None:
+            problems.append(
+                "privacy.dp.target_epsilon is null (a noise_multiplier alone), so this node cannot bound epsilon "
+                f"before it reads its data; set privacy.dp.target_epsilon <= its max-dp-epsilon {policy.max_dp_epsilon}"
+            )
+        elif dp.target_epsilon > policy.max_dp_epsilon:
+            problems.append(
+                f"privacy.dp.target_epsilon {dp.target_epsilon} > this node's max-dp-epsilon {policy.max_dp_epsilon}"
+            )
+    if policy.max_dp_delta is not None and dp.delta > policy.max_dp_delta:
+        problems.append(f"privacy.dp.delta {dp.delta} > this node's max-dp-delta {policy.max_dp_delta}")
+    return problems
 
 
 def _shared_source_problems(policy: NodePolicy, config: RunConfig) -> list[str]:
@@ -294,6 +341,11 @@ def _policy(values: dict) -> NodePolicy:
         max_batch_size=_positive(values.get("max-batch-size"), "max-batch-size", defaults.max_batch_size),
         max_epochs=_positive(values.get("max-epochs"), "max-epochs", defaults.max_epochs),
         min_logit_noise=_noise(values.get("min-logit-noise")),
+        max_top_k=_positive(values.get("max-top-k"), "max-top-k", None),
+        max_logit_clip=_positive_number(values.get("max-logit-clip"), "max-logit-clip"),
+        require_dp=_flag(values.get("require-dp"), "require-dp"),
+        max_dp_epsilon=_positive_number(values.get("max-dp-epsilon"), "max-dp-epsilon"),
+        max_dp_delta=_positive_number(values.get("max-dp-delta"), "max-dp-delta"),
         fedavg=_flag(values.get("fedavg"), "fedavg"),
         cache_dir=str(Path(str(values["cache-dir"])).expanduser()) if values.get("cache-dir") else None,
     )
@@ -311,7 +363,20 @@ def _flag(value: Any, key: str) -> bool:
     raise FedMKTError(f"node setting {key} is {value!r}. Fix: use true or false.")
 
 
-def _positive(value: Any, key: str, default: int) -> int:
+def _positive_number(value: Any, key: str) -> Optional[float]:
+    """A cap the node sets (a number > 0), or None where it sets none."""
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not number > 0 or number == float("inf"):
+        raise FedMKTError(f"node setting {key} is {value!r}. Fix: use a number > 0.")
+    return number
+
+
+def _positive(value: Any, key: str, default: Optional[int]) -> Optional[int]:
     if value is None or value == "":
         return default
     try:

@@ -243,7 +243,7 @@ def serve(folder: Path, launcher_pid: int, keep_alive_s: float) -> None:
     key = secrets.token_bytes(32)
     key_file = folder / "key"
     key_file.unlink(missing_ok=True)
-    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(key)
     socket_path = Path(tempfile.mkdtemp(prefix="fedmkt-worker-")) / "socket"  # mkdtemp: mode 0700
