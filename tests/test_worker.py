@@ -64,6 +64,62 @@ def test_a_silent_caller_does_not_hold_up_a_real_request(running):
     assert waited < worker.HANDSHAKE_TIMEOUT_S + 25
 
 
+def _same_worker_answers_soon(job, folder, record) -> float:
+    """Seconds a real call takes, asserting it was this worker (not a fresh one started around it)."""
+    start = time.monotonic()
+    reply, _ = worker.call(job)
+    waited = time.monotonic() - start
+    assert reply.info["client"] == "client_0"
+    assert json.loads((folder / "address.json").read_text())["pid"] == record["pid"]
+    return waited
+
+
+def test_a_caller_that_sends_half_a_message_is_hung_up_at_the_deadline(running):
+    """The attack: one byte of a message header once held the worker's only accepting thread."""
+    job, folder, record = running
+    stalling = socket.socket(socket.AF_UNIX)
+    stalling.connect(record["socket"])
+    stalling.sendall(b"\x00")
+    try:
+        assert _same_worker_answers_soon(job, folder, record) < 4  # its handshake runs beside the stalled one
+        stalling.settimeout(worker.HANDSHAKE_TIMEOUT_S + 10)
+        stalling.recv(64)  # the challenge
+        assert stalling.recv(64) == b""  # then hung up at the deadline, though the caller never closed
+    finally:
+        stalling.close()
+
+
+def test_silent_callers_side_by_side_do_not_add_up(running):
+    """The attack: five silent connections once stalled the worker 5 s each."""
+    job, folder, record = running
+    silent = []
+    for _ in range(5):
+        silent.append(socket.socket(socket.AF_UNIX))
+        silent[-1].connect(record["socket"])
+    try:
+        assert _same_worker_answers_soon(job, folder, record) < 4
+    finally:
+        for connection in silent:
+            connection.close()
+
+
+def test_a_superseded_worker_leaves_and_removes_its_socket_folder(running):
+    _, folder, record = running
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        taken = dict(record, pid=other.pid, socket="/nonexistent/socket")
+        (folder / "address.json").write_text(json.dumps(taken))  # another worker has taken the folder over
+        deadline = time.monotonic() + 10
+        while worker._alive(record["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not worker._alive(record["pid"])
+        assert not os.path.exists(os.path.dirname(record["socket"]))
+        assert json.loads((folder / "address.json").read_text())["pid"] == other.pid  # not its to withdraw
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_caller_without_the_key_is_refused_and_the_worker_serves_on(running):
     job, folder, record = running
     intruder = Client(record["socket"], family="AF_UNIX")

@@ -10,14 +10,17 @@ source of truth), so a worker that died or was replaced costs one rebuild, never
 The worker listens on a Unix socket in a private folder of its own (mode 0700, under the system's
 temporary directory: socket paths must be short) and accepts only callers that prove they know
 the key in its folder: an HMAC-SHA256 challenge, answered within `HANDSHAKE_TIMEOUT_S` and
-compared in constant time; only then are the pickled requests read. A caller that says nothing is
-dropped after that timeout, so it cannot hold up a real request. The folder is
+compared in constant time; only then are the pickled requests read. Each caller's handshake runs in
+a thread of its own, hung up at that deadline whatever the caller sends (silence, or half a
+message), and at most `MAX_HANDSHAKES` run at once (the socket's backlog holds more), so no caller
+can hold up a real request; the requests themselves are answered one at a time. The folder is
 `<output-dir>/.fedmkt-worker/client_N/` (mode 0700; a folder another user owns, or that others can
 read, is refused): `address.json`, `key` (mode 0600) and `worker.log` (each phase and its
 progress). The worker
 exits when the SuperNode that started it is gone, when the ClientApp process waiting for a phase
-dies (a stopped run stops its phase), or after `keep-alive-s` seconds without a request (node
-setting; 0: no worker, each ClientApp process answers its own message).
+dies (a stopped run stops its phase), when another worker has taken its folder over (between
+phases: its model goes with it, and its socket folder is removed), or after `keep-alive-s` seconds
+without a request (node setting; 0: no worker, each ClientApp process answers its own message).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import hashlib
 import hmac
 import json
 import os
+import queue
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +58,10 @@ START_TIMEOUT_S = 300.0
 """How long a ClientApp waits for a worker it started to listen."""
 HANDSHAKE_TIMEOUT_S = 5.0
 """How long the worker waits for a caller's answer to its challenge before dropping the caller."""
+MAX_HANDSHAKES = 8
+"""Callers in their handshake at once; one more is hung up at once (a real caller retries)."""
+BACKLOG = 64
+"""Connections the socket queues before the worker accepts them."""
 
 
 @dataclass
@@ -247,7 +256,8 @@ def serve(folder: Path, launcher_pid: int, keep_alive_s: float) -> None:
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(key)
     socket_path = Path(tempfile.mkdtemp(prefix="fedmkt-worker-")) / "socket"  # mkdtemp: mode 0700
-    listener = Listener(str(socket_path), family="AF_UNIX")
+    listener = Listener(str(socket_path), family="AF_UNIX", backlog=BACKLOG)
+    _OWN["socket_dir"] = socket_path.parent
     record = {"socket": str(socket_path), "pid": os.getpid(), "launcher_pid": launcher_pid}
     atomic_write_text(folder / "address.json", json.dumps(record))
     print(
@@ -257,24 +267,16 @@ def serve(folder: Path, launcher_pid: int, keep_alive_s: float) -> None:
     signal.signal(signal.SIGTERM, lambda *_: _leave(folder))
     status = {"busy_caller": 0, "last": None}  # no idle clock while the imports below run
     threading.Thread(target=_watch, args=(folder, launcher_pid, keep_alive_s, status), daemon=True).start()
+    jobs: queue.Queue = queue.Queue()
+    threading.Thread(target=_accept, args=(listener, key, jobs), daemon=True).start()
 
     from fedmkt.federation.flower.client_phases import PartyCache, answer  # the heavy imports, once
 
     status["last"] = time.monotonic()
     cache = PartyCache()
     while True:
-        try:
-            connection = listener.accept()
-        except (OSError, EOFError):  # a caller that is gone already
-            continue
-        if not _authenticated(connection, key):  # without the key, or silent: dropped
-            connection.close()
-            continue
+        connection, job = jobs.get()
         with connection:
-            try:
-                job: Job = connection.recv()
-            except (OSError, EOFError):
-                continue
             if job.launcher_pid != launcher_pid:  # this folder now belongs to a restarted SuperNode
                 connection.send(("stale",))
                 _leave(folder)
@@ -297,6 +299,53 @@ def serve(folder: Path, launcher_pid: int, keep_alive_s: float) -> None:
             status["busy_caller"], status["last"] = 0, time.monotonic()
 
 
+_OWN: dict[str, Path] = {}
+"""This worker's own socket folder (removed when it leaves, whoever's address the folder holds)."""
+
+
+def _accept(listener: Listener, key: bytes, jobs: queue.Queue) -> None:
+    """Accept callers for ever, each handshake in a thread of its own, at most `MAX_HANDSHAKES` at once."""
+    slots = threading.BoundedSemaphore(MAX_HANDSHAKES)
+    while True:
+        try:
+            connection = listener.accept()
+        except (OSError, EOFError):  # a caller that is gone already
+            continue
+        if not slots.acquire(blocking=False):  # too many callers mid-handshake: this one is hung up
+            connection.close()
+            continue
+        threading.Thread(target=_admit, args=(connection, key, jobs, slots), daemon=True).start()
+
+
+def _admit(connection: Connection, key: bytes, jobs: queue.Queue, slots: threading.BoundedSemaphore) -> None:
+    """Queue the caller's request if it proves it holds the key within the deadline; else hang up."""
+    deadline = threading.Timer(HANDSHAKE_TIMEOUT_S, _hang_up, args=(connection,))
+    deadline.start()
+    try:
+        admitted = _authenticated(connection, key)
+    finally:
+        deadline.cancel()
+        slots.release()
+    if not admitted:  # without the key, silent, or too slow: dropped
+        connection.close()
+        return
+    try:
+        job: Job = connection.recv()  # a caller that holds the key
+    except (OSError, EOFError):
+        connection.close()
+        return
+    jobs.put((connection, job))
+
+
+def _hang_up(connection: Connection) -> None:
+    """Wake a handshake blocked on a caller's half-sent message by shutting the socket down."""
+    try:
+        with socket.socket(fileno=os.dup(connection.fileno())) as handle:
+            handle.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed already
+        pass
+
+
 def _watch(folder: Path, launcher_pid: int, keep_alive_s: float, status: dict) -> None:
     while True:
         time.sleep(0.5)
@@ -305,14 +354,19 @@ def _watch(folder: Path, launcher_pid: int, keep_alive_s: float, status: dict) -
             _leave(folder)
         if not caller and status["last"] is not None and time.monotonic() - status["last"] > keep_alive_s:
             _leave(folder)
+        record = _address(folder)
+        if not caller and status["last"] is not None and record and record.get("pid") != os.getpid():
+            _leave(folder)  # superseded: another worker answers this node now
 
 
 def _leave(folder: Path) -> None:
-    """Exit at once (also from the watch thread, mid-phase), withdrawing the address if it is ours."""
+    """Exit at once (also from the watch thread, mid-phase): withdraw the address if it is ours, and
+    remove this worker's own socket folder in any case."""
     record = _address(folder)
     if record and record.get("pid") == os.getpid():
         (folder / "address.json").unlink(missing_ok=True)
-        shutil.rmtree(Path(record["socket"]).parent, ignore_errors=True)
+    if "socket_dir" in _OWN:
+        shutil.rmtree(_OWN["socket_dir"], ignore_errors=True)
     print(f"fedmkt worker {os.getpid()}: leaving", flush=True)
     os._exit(0)
 
