@@ -176,6 +176,7 @@ def _converted_dir(resolved: ResolvedSource, cache_dir: Optional[str]) -> Path:
 
 def _convert_gguf(resolved: ResolvedSource, target: Path) -> None:
     """Dequantise a GGUF file once and save it as a regular HF folder (atomic rename)."""
+    _say(f"converting {resolved.gguf_file} to a Hugging Face model once (a minute or two), cached in {target}")
 
     def convert(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
@@ -194,6 +195,40 @@ def _convert_gguf(resolved: ResolvedSource, target: Path) -> None:
                 f"could not read GGUF file {Path(resolved.path) / resolved.gguf_file} ({_one_line(error)}). "
                 "Fix: check the file is a complete, uncorrupted .gguf (download it again)."
             ) from error
+
+
+def _say(message: str) -> None:
+    """One line on stderr about a long one-off step, so a silent minute has a reason."""
+    import sys
+
+    print(f"fedmkt: {message}", file=sys.stderr, flush=True)
+
+
+def _tokenizer_loadable(spec: ModelSpec, cache_dir: Optional[str], key: str) -> ResolvedSource:
+    """Where to load the tokenizer: a GGUF source's converted model if it exists, else its tokenizer
+    alone, converted once (seconds, a few MB) rather than the whole model (minutes, a GB or more)."""
+    resolved = resolve_source(spec.source, key)
+    if resolved.gguf_file is None:
+        return resolved
+    model_dir = _converted_dir(resolved, cache_dir)
+    if (model_dir / "config.json").is_file():
+        return ResolvedSource(str(model_dir))
+    target = cache_root(cache_dir) / "tokenizers" / model_dir.name
+    if not (target / "tokenizer_config.json").is_file():
+        _say(f"reading the tokenizer of {resolved.gguf_file} once, cached in {target}")
+
+        def convert(tmp: Path) -> None:
+            AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file).save_pretrained(tmp)
+
+        try:
+            atomic_write(target, convert, directory=True, keep_existing=True)
+        except Exception as error:  # a corrupt or truncated file fails in many ways
+            if not target.is_dir():
+                raise FedMKTError(
+                    f"could not read the tokenizer of GGUF file {Path(resolved.path) / resolved.gguf_file} "
+                    f"({_one_line(error)}). Fix: check the file is a complete, uncorrupted .gguf (download it again)."
+                ) from error
+    return ResolvedSource(str(target))
 
 
 def _loadable(spec: ModelSpec, cache_dir: Optional[str], key: str = "model.source") -> ResolvedSource:
@@ -223,7 +258,7 @@ def load_tokenizer(
     spec: ModelSpec, cache_dir: Optional[str] = None, key: str = "model.source"
 ) -> PreTrainedTokenizerBase:
     """The party's real tokenizer (pad token defaulting to EOS); errors name `key`, where the source was given."""
-    where = _loadable(spec, cache_dir, key)
+    where = _tokenizer_loadable(spec, cache_dir, key)
     try:
         return _load_tokenizer_cached(where.path, spec.revision, spec.trust_remote_code)
     except FedMKTError:

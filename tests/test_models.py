@@ -302,3 +302,15 @@ def test_config_groups_are_independent_between_parties():
         "v_proj",
         "o_proj",
     ]
+
+
+def test_a_gguf_tokenizer_loads_without_converting_the_model(tmp_path, smollm2_tokenizer, capsys):
+    """Tokenizer-only commands (map-vocab, align-text) once converted the whole model: minutes and a GB."""
+    tokenizer = load_tokenizer(ModelSpec("embedded:smollm2-135m-instruct"), cache_dir=str(tmp_path))
+    assert not (tmp_path / "models").exists()  # no weights converted
+    (folder,) = (tmp_path / "tokenizers").iterdir()
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 20e6
+    assert "reading the tokenizer of SmolLM2-135M-Instruct.Q4_1.gguf once" in capsys.readouterr().err
+    text = "Question: Which gas do plants take in?\nAnswer: carbon dioxide"
+    assert tokenizer(text)["input_ids"] == smollm2_tokenizer(text)["input_ids"]
+    assert len(tokenizer) == len(smollm2_tokenizer) and tokenizer.get_vocab() == smollm2_tokenizer.get_vocab()
