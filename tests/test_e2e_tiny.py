@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import math
 from pathlib import Path
 
@@ -231,3 +232,27 @@ def test_a_tiny_run_in_which_both_sides_distil_is_pinned(tmp_path):
             assert entry["task_loss"] == pytest.approx(task_loss, rel=1e-4), (record["round"], party)
             assert entry["kd_loss"] == pytest.approx(kd_loss, rel=1e-4), (record["round"], party)
             assert (entry["selected"], entry["teacher_counts"]) == (selected, teachers), (record["round"], party)
+
+
+def _documented_path(relative: str) -> str:
+    """A written path as docs/outputs.md names it: rounds as round_N, party names as <party>."""
+    path = re.sub(r"round_\d+", "round_N", relative)
+    return re.sub(r"(server|client_\d+)", "<party>", path)
+
+
+def test_docs_outputs_names_every_file_and_summary_key_a_run_writes(tiny_run):
+    """docs/outputs.md is the reference for other tools: nothing a run writes may be missing from it."""
+    text = (Path(__file__).parents[1] / "docs" / "outputs.md").read_text()
+    covered = ("adapters/round_N/<party>/", "tokenizers/<party>/", "wandb/")  # folders documented as a whole
+    for path in sorted(p for p in tiny_run.rglob("*") if p.is_file()):
+        name = _documented_path(str(path.relative_to(tiny_run)))
+        if name.startswith(covered):
+            assert f"`{next(c for c in covered if name.startswith(c))}" in text, name
+        else:
+            assert f"`{name}`" in text or f"`{name.rsplit('/', 1)[-1]}`" in text, name
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    keys = set(summary) | {key for record in summary["rounds"] for key in record}
+    keys |= {key for entry in summary["zero_shot"].values() for key in entry}
+    keys |= {key for record in summary["rounds"] for entry in record["parties"].values() for key in entry}
+    missing = sorted(key for key in keys if f"`{key}`" not in text and f'"{key}"' not in text)
+    assert missing == [], f"summary keys not in docs/outputs.md: {missing}"
