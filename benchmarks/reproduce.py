@@ -63,8 +63,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from fedmkt.config import RunConfig, parse_run_config
 from fedmkt.errors import RunInterrupted
 from fedmkt.evaluation import paired_bootstrap, pooled_paired_bootstrap
@@ -166,47 +164,15 @@ def grid_config(
         "--logging.wandb",
         "false",
     ]
-    per_client = []
-    for item in overrides:
+    for item in overrides:  # `clients.N.KEY=VALUE` sets one client's key (`fedmkt.config.expand_client_overrides`)
         key, _, value = item.partition("=")
-        if CLIENT_KEY.match(key):
-            per_client.append((key, value))
-        else:
-            arguments += [f"--{key}", value]
-    if per_client:
-        arguments += ["--clients", json.dumps(_clients_with(parse_run_config(arguments), per_client))]
+        arguments += [f"--{key}", value]
     arguments += mode_arguments(mode)
     arguments += seed_arguments(parse_run_config(arguments).seed, seed_index)
     config = parse_run_config(arguments)
     # One folder per settings, so tries of other settings (even running side by side) never meet.
     config.run_dir = str(out / task / f"{mode}-{settings_hash(config)}")
     return config
-
-
-CLIENT_KEY = re.compile(r"^clients\.(\d+)\.(\w+(?:\.\w+)*)$")
-"""`clients.N.KEY=VALUE`: one client's setting (the config's parser takes a list only as a whole)."""
-
-
-def _clients_with(config: RunConfig, per_client: list[tuple[str, str]]) -> list[dict]:
-    """The config's client list as plain data, with each `clients.N.KEY` override set in it."""
-    clients = [asdict(client) for client in config.clients]
-    for key, value in per_client:
-        index, path = CLIENT_KEY.match(key).groups()
-        if int(index) >= len(clients):
-            raise SystemExit(
-                f"--override {key}: the config has {len(clients)} clients, so N in clients.N runs from 0 to {len(clients) - 1}"
-            )
-        node = clients[int(index)]
-        *parents, leaf = path.split(".")
-        for name in parents:
-            if not isinstance(node.get(name), dict):
-                raise SystemExit(f"--override {key}: a client has no setting {name!r}; see the YAML's clients entries")
-            node = node[name]
-        if leaf not in node:
-            raise SystemExit(f"--override {key}: a client has no setting {leaf!r}; see the YAML's clients entries")
-        # YAML reads `1e-4` as text; a float setting takes any float literal.
-        node[leaf] = float(value) if isinstance(node[leaf], float) else yaml.safe_load(value)
-    return clients
 
 
 POOL_KEYS = ("pool_size", "public_size")

@@ -17,7 +17,12 @@ from typing import Literal, Optional
 
 from jsonargparse import ArgumentParser
 
-from fedmkt.config import resolve_config_arguments, run_config_from_namespace, run_config_parser
+from fedmkt.config import (
+    expand_client_overrides,
+    resolve_config_arguments,
+    run_config_from_namespace,
+    run_config_parser,
+)
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.interrupts import stop_on_signals
 
@@ -343,7 +348,7 @@ def _with_run_config(argv: list[str]) -> list[str]:
 
 def _dispatch(argv: list[str]) -> None:
     parser, sub_parsers = build_parser()
-    argv = resolve_config_arguments(_with_run_config(argv))
+    argv = expand_client_overrides(resolve_config_arguments(_with_run_config(argv)))
     if any(arg.startswith("--print_config") for arg in argv) and any(
         command in argv for command in ("fit", "launch-local", "evaluate")
     ):

@@ -9,12 +9,16 @@ how the Flower apps read it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from fedmkt.errors import FedMKTError
@@ -677,6 +681,119 @@ def resolve_config_arguments(argv: list[str]) -> list[str]:
     return resolved
 
 
+CLIENT_OVERRIDE = re.compile(r"^--clients\.(\d+)\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?:=(.*))?$", re.S)
+"""`--clients.N.KEY VALUE` (or `=VALUE`): one key of one client, e.g. `--clients.0.optimizer.lr 0.01`."""
+
+
+def expand_client_overrides(argv: list[str]) -> list[str]:
+    """`argv` with every `--clients.N.KEY VALUE` folded into one `--clients LIST`: the config's client
+    list (from its `--config` file and any `--clients` before) with those keys set, every other key
+    kept. jsonargparse takes a list only whole, so a per-item key needs this step.
+
+    A whole `--clients LIST` that leaves out keys the config file set for a client is still taken
+    as given, with one line on stderr naming what went back to its default.
+    """
+    overrides, rest, position = [], [], None
+    index = 0
+    while index < len(argv):
+        match = CLIENT_OVERRIDE.match(argv[index])
+        if match is None:
+            rest.append(argv[index])
+            index += 1
+            continue
+        value = match.group(3)
+        if value is None:
+            if index + 1 >= len(argv):
+                raise FedMKTError(f"{argv[index]} has no value. Fix: give one, e.g. {argv[index]} 0.01.")
+            value, index = argv[index + 1], index + 1
+        overrides.append((int(match.group(1)), match.group(2), value))
+        position = len(rest) if position is None else position
+        index += 1
+    _warn_dropped_client_keys(rest)
+    if not overrides:
+        return rest
+    config_args = _config_arguments(rest)
+    clients = [dataclasses.asdict(client) for client in parse_run_config(config_args).clients]
+    for client, key, value in overrides:
+        _set_client_key(clients, client, key, value)
+    return [*rest[:position], "--clients", json.dumps(clients), *rest[position:]]
+
+
+def _config_arguments(argv: list[str]) -> list[str]:
+    """The `--config FILE` and `--clients LIST` arguments of `argv`, in order (what fixes the client list)."""
+    kept = []
+    for index, arg in enumerate(argv):
+        if arg in ("--config", "--clients") and index + 1 < len(argv):
+            kept += [arg, argv[index + 1]]
+        elif arg.startswith(("--config=", "--clients=")):
+            kept.append(arg)
+    return kept
+
+
+def _set_client_key(clients: list[dict], index: int, key: str, value: str) -> None:
+    flag = f"--clients.{index}.{key}"
+    if index >= len(clients):
+        raise FedMKTError(
+            f"{flag}: the config has {len(clients)} client(s). Fix: use an index from 0 to {len(clients) - 1}."
+        )
+    node: Any = clients[index]
+    *parents, leaf = key.split(".")
+    for name in parents:
+        if not isinstance(node.get(name), dict):
+            raise FedMKTError(
+                f"{flag}: a client has no group {name!r}. Fix: see `fedmkt fit --help` for the keys of clients."
+            )
+        node = node[name]
+    if leaf not in node:
+        raise FedMKTError(
+            f"{flag}: a client has no key {leaf!r}. Fix: see `fedmkt fit --help` for the keys of clients."
+        )
+    parsed = yaml.safe_load(value)
+    if isinstance(node[leaf], float) and isinstance(parsed, (int, str)):  # YAML reads 1e-4 as text
+        try:
+            parsed = float(value)
+        except ValueError:
+            raise FedMKTError(f"{flag} is {value!r}, not a number. Fix: give a number, e.g. 0.01.") from None
+    node[leaf] = parsed
+
+
+def _warn_dropped_client_keys(argv: list[str]) -> None:
+    """One line on stderr when a whole `--clients LIST` leaves out keys the config file set."""
+    import sys
+
+    given = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--clients"]
+    given += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--clients=")]
+    files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    if not given or not files:
+        return
+    try:
+        from_file = (yaml.safe_load(Path(files[-1]).read_text()) or {}).get("clients") or []
+        replacement = yaml.safe_load(given[-1]) or []
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # the parser reports an unreadable file or list itself
+    dropped = []
+    for index, (old, new) in enumerate(zip(from_file, replacement)):
+        if isinstance(old, dict) and isinstance(new, dict):
+            dropped += [f"clients[{index}].{key}" for key in _missing_keys(old, new)]
+    if dropped:
+        print(
+            f"fedmkt: --clients replaces the config's client list whole: {', '.join(dropped)} go back to their "
+            "defaults. Fix: to change one key, use --clients.N.KEY VALUE (e.g. --clients.0.optimizer.lr 0.01).",
+            file=sys.stderr,
+        )
+
+
+def _missing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Keys of `old` that `new` lacks, each named at the highest level it is missing at."""
+    missing = []
+    for key, value in old.items():
+        if key not in new:
+            missing.append(f"{prefix}{key}")
+        elif isinstance(value, dict) and isinstance(new[key], dict):
+            missing += _missing_keys(value, new[key], f"{prefix}{key}.")
+    return missing
+
+
 def run_config_parser(description: str) -> ArgumentParser:
     """A parser for every RunConfig key, plus `--config FILE`; `fedmkt fit` and `evaluate` extend it."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
@@ -702,7 +819,8 @@ def parse_run_config(args: list[str]) -> RunConfig:
     ARGS are config arguments only (`--config`, `--transfer.top_k 8`, …), not fit's own flags.
     """
     parser = run_config_parser("config")
-    return run_config_from_namespace(parser, parser.parse_args(resolve_config_arguments(args)))
+    arguments = expand_client_overrides(resolve_config_arguments(args))
+    return run_config_from_namespace(parser, parser.parse_args(arguments))
 
 
 def run_config_from_text(text: str) -> RunConfig:

@@ -200,3 +200,37 @@ def test_version_prints_the_installed_version(capsys):
         main(["--version"])
     assert stop.value.code == 0
     assert capsys.readouterr().out.strip() == f"fedmkt {version('fedmkt')}"
+
+
+def test_one_key_of_one_client_is_set_on_the_command_line_and_every_other_key_kept():
+    from fedmkt.config import parse_run_config
+
+    base = parse_run_config(["--config", "tiny"])
+    changed = parse_run_config(["--config", "tiny", "--clients.1.optimizer.lr", "1e-2", "--clients.0.batch_size=2"])
+    assert changed.clients[1].optimizer.lr == 0.01 and changed.clients[0].batch_size == 2
+    assert changed.clients[0].optimizer == base.clients[0].optimizer and changed.server == base.server
+    assert [c.model for c in changed.clients] == [c.model for c in base.clients]  # random_init kept
+
+
+@pytest.mark.parametrize(
+    "arguments, needle",
+    [
+        (["--clients.5.optimizer.lr", "1"], "the config has 2 client(s)"),
+        (["--clients.0.optimizer.nope", "1"], "a client has no key 'nope'"),
+        (["--clients.0.optimizer.lr", "fast"], "is 'fast', not a number"),
+    ],
+)
+def test_a_wrong_client_key_is_one_line(arguments, needle, capsys):
+    assert main(["fit", "--config", "tiny", *arguments, "--print_config"]) == 2
+    error = capsys.readouterr().err
+    assert needle in error and error.count("\n") == 1
+
+
+def test_a_whole_client_list_that_drops_keys_says_which(capsys):
+    source = '{"model": {"source": "embedded:smollm2-135m-instruct"}}'
+    with pytest.raises(SystemExit) as printed:  # --print_config prints and exits, as jsonargparse does
+        main(["fit", "--config", "tiny", "--clients", f"[{source}, {source}]", "--print_config"])
+    assert printed.value.code == 0
+    error = capsys.readouterr().err
+    assert "clients[0].model.random_init" in error and "go back to their defaults" in error
+    assert "--clients.N.KEY VALUE" in error

@@ -119,7 +119,7 @@ def test_a_far_off_filler_logit_does_not_widen_the_tolerance(honest):
     so a listed label could claim probability 1 (loss 0) whatever its logit said."""
     payload, agreed, public = honest
     logits, claimed = payload.topk_logits.clone(), payload.label_logprob.clone()
-    for start, stop, targets in _answer_rows(payload, public):
+    for start, _stop, targets in _answer_rows(payload, public):
         for position in (targets != -100).nonzero().flatten().tolist():
             row = start + position
             label = int(targets[position])
@@ -153,7 +153,7 @@ def test_where_log_probabilities_cannot_be_checked_the_sender_is_ranked_by_what_
         label_logprob=torch.zeros_like(payload.label_logprob),
     )
     checked = verify_payload(shared, replace(agreed, noised=noised, temperature=temperature), public)
-    for row, (start, stop, targets) in enumerate(_answer_rows(payload, public)):
+    for row, (start, _stop, targets) in enumerate(_answer_rows(payload, public)):
         total = 0.0
         for position in (targets != -100).nonzero().flatten().tolist():
             distribution = torch.log_softmax(payload.topk_logits[start + position].float() / temperature, dim=0)
