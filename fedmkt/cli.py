@@ -81,13 +81,22 @@ def _launch_local_parser() -> ArgumentParser:
 
 
 def _evaluate_parser() -> ArgumentParser:
-    parser = run_config_parser("Score one party (base model + optional LoRA adapter) on the run's held-out split.")
+    parser = run_config_parser(
+        "Score one party (base model + optional LoRA adapter) on the run's held-out split: "
+        "`--run RUN_DIR --party P [--round N]` for a trained run, or `--config X [--adapter DIR]`."
+    )
+    parser.add_argument(
+        "--run", type=Optional[str], default=None, help="The run_dir of a fedmkt run (its config and adapters)."
+    )
     parser.add_argument("--party", type=str, default="server", help="server, client_0, client_1, …")
+    parser.add_argument(
+        "--round", type=Optional[int], default=None, help="With --run: the round's adapter (default: the last)."
+    )
     parser.add_argument(
         "--adapter",
         type=Optional[str],
         default=None,
-        help="LoRA adapter folder (e.g. RUN_DIR/adapters/round_2/server).",
+        help="LoRA adapter folder (e.g. RUN_DIR/adapters/round_2/server); with --run, from --round instead.",
     )
     return parser
 
@@ -148,7 +157,6 @@ def _align_text_parser() -> ArgumentParser:
     parser.add_argument("--dst", type=str, required=True, help="Receiver model spec (same forms as map-vocab).")
     parser.add_argument("--text", type=str, required=True, help="The text both tokenizers encode.")
     parser.add_argument(
-        "--sequence-alignment",
         "--sequence_alignment",
         dest="sequence_alignment",
         type=Literal["dtw", "offsets"],
@@ -202,7 +210,19 @@ def _launch_local(parser: ArgumentParser, namespace) -> None:
 def _evaluate(parser: ArgumentParser, namespace) -> None:
     from fedmkt.run import evaluate_party
 
-    scores = evaluate_party(run_config_from_namespace(parser, namespace), namespace.party, namespace.adapter)
+    run, round_index, adapter = namespace.pop("run"), namespace.pop("round"), namespace.adapter
+    if run is None and round_index is not None:
+        raise FedMKTError("--round picks a run's adapter. Fix: give --run RUN_DIR with it, or --adapter DIR.")
+    if run is not None and adapter is not None:
+        raise FedMKTError(
+            "--run and --adapter both name the adapter. Fix: give --run RUN_DIR [--round N], or --adapter DIR."
+        )
+    if run is not None:
+        from fedmkt.export import adapter_of
+
+        _, found = adapter_of(Path(run), namespace.party, round_index)
+        adapter = str(found)
+    scores = evaluate_party(run_config_from_namespace(parser, namespace), namespace.party, adapter)
     print(" ".join(f"{key}={_plain(value)}" for key, value in scores.items()))
 
 
@@ -327,10 +347,23 @@ def _with_run_config(argv: list[str]) -> list[str]:
     """`fit`/`launch-local` without `--config`: a `--resume RUN_DIR` reads the run's own config.yaml;
     with neither, one line says what to pass."""
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    if command not in ("fit", "launch-local") or any(a == "--config" or a.startswith("--config=") for a in argv):
+    if command not in ("fit", "launch-local", "evaluate") or any(
+        a == "--config" or a.startswith("--config=") for a in argv
+    ):
         return argv
     if any(arg in ("-h", "--help") for arg in argv):
         return argv
+    if command == "evaluate":  # `--run RUN_DIR` scores a run's party with the run's own config
+        run = next((argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--run"), None)
+        run = run or next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--run=")), None)
+        if run is None:
+            raise FedMKTError(
+                "`fedmkt evaluate` needs a run or a config. Fix: pass --run RUN_DIR --party P, or --config X."
+            )
+        if not (Path(run) / "config.yaml").is_file():
+            raise FedMKTError(f"--run {run} holds no config.yaml. Fix: pass the run_dir of a fedmkt run.")
+        at = argv.index(command) + 1
+        return [*argv[:at], "--config", str(Path(run) / "config.yaml"), *argv[at:]]
     resume = next((argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--resume"), None)
     resume = resume or next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--resume=")), None)
     if resume is None:
@@ -422,8 +455,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if debug or type(error).__name__ != "ArgumentError":
             raise
         problem = " ".join(str(error).split())
+        command = next((arg for arg in argv if arg in SUBCOMMANDS), "fit")
         print(
-            f"fedmkt: config error: {problem}. Fix: correct that key or value (see `fedmkt fit --help`, or `--print_config` for the resolved config).",
+            f"fedmkt: config error: {problem}. Fix: correct that key or value (see `fedmkt {command} --help`"
+            + (
+                ", or `--print_config` for the resolved config)."
+                if command in ("fit", "launch-local", "evaluate")
+                else ")."
+            ),
             file=sys.stderr,
         )
         return 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -525,6 +526,40 @@ def pool_scores(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "acc_ci": list(wilson_interval(hits, n)),
         "correct": correct,
     }
+
+
+def summary_keys(scores: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """An evaluation function's scores under summary.json's keys (`eval_accuracy`, `own_eval_rouge_l`, ...)."""
+    if "rouge_l" in scores:
+        return {
+            f"{prefix}_rouge_l": scores["rouge_l"],
+            f"{prefix}_exact_match": scores["exact_match"],
+            f"{prefix}_n": scores["n"],
+        }
+    return {
+        f"{prefix}_accuracy": scores["acc"],
+        f"{prefix}_accuracy_norm": scores["acc_norm"],
+        f"{prefix}_n": scores["n"],
+        f"{prefix}_accuracy_ci": scores["acc_ci"],
+        f"{prefix}_correct": scores["correct"],
+    }
+
+
+def held_out_scores(
+    score: Callable[[list, str], dict[str, Any]],
+    evaluation: list,
+    named: Optional[dict[str, list]] = None,
+) -> dict[str, Any]:
+    """The `eval_*` keys of one model: on `evaluation`, or with named held-out sets on each of them
+    (`eval_<name>_*`) and pooled (`eval_*`, each question scored once). `score(examples, what)` is
+    the evaluation function, `what` naming the set for progress bars."""
+    if not named:
+        return summary_keys(score(evaluation, "evaluate"), "eval")
+    parts = {name: score(examples, f"evaluate {name}") for name, examples in named.items()}
+    keys = summary_keys(pool_scores(list(parts.values())), "eval")
+    for name, scores in parts.items():
+        keys |= summary_keys(scores, f"eval_{name}")
+    return keys
 
 
 @torch.no_grad()  # see _score_pairs

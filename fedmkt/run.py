@@ -93,10 +93,11 @@ def _fit_locked(
 
 
 def evaluate_party(config: RunConfig, party: str = SERVER, adapter: Optional[str] = None) -> dict:
-    """Held-out scores of one party's base model, optionally with a saved LoRA adapter."""
+    """Held-out scores of one party's base model, optionally with a saved LoRA adapter, under
+    summary.json's keys (`eval_accuracy`, ..., and `eval_<name>_*` per named held-out set)."""
     from peft import PeftModel
 
-    from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice
+    from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice, held_out_scores
 
     parties = config.parties()
     if party not in parties:
@@ -122,16 +123,21 @@ def evaluate_party(config: RunConfig, party: str = SERVER, adapter: Optional[str
                 f"Fix: pass {party}'s own adapter, e.g. RUN_DIR/adapters/round_1/{party}."
             ) from error
     tokenizer = load_tokenizer(spec.model, config.cache_dir)
-    settings = {
-        "batch_size": spec.eval_batch_size,
-        "max_length": config.data.max_length,
-        "progress": f"{party} · evaluate",
-    }
-    if data.format == "generation":
-        return evaluate_generation(
-            model, tokenizer, data.evaluation, max_new_tokens=config.data.max_new_tokens, **settings
-        )
-    return evaluate_multiple_choice(model, tokenizer, data.evaluation, **settings)
+    settings = {"batch_size": spec.eval_batch_size, "max_length": config.data.max_length}
+
+    def score(examples: list, what: str) -> dict:
+        if data.format == "generation":
+            return evaluate_generation(
+                model,
+                tokenizer,
+                examples,
+                max_new_tokens=config.data.max_new_tokens,
+                progress=f"{party} · {what}",
+                **settings,
+            )
+        return evaluate_multiple_choice(model, tokenizer, examples, progress=f"{party} · {what}", **settings)
+
+    return held_out_scores(score, data.evaluation, data.evaluation_sets)
 
 
 def config_text(config: RunConfig) -> str:

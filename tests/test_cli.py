@@ -179,7 +179,7 @@ def test_align_text_dtw_table(capsys):
         "embedded:smollm2-135m-instruct",
         "--text",
         "Planets orbit the sun.",
-        "--sequence-alignment",
+        "--sequence_alignment",
         "dtw",
     ]
     assert main(argv) == 0

@@ -103,15 +103,22 @@ def test_what_the_distillation_callbacks_measure_reaches_metrics_csv_every_round
 
 def test_evaluate_command_reproduces_the_summary_accuracy(tiny_run, capsys):
     summary = json.loads((tiny_run / "summary.json").read_text())
+    entry = summary["rounds"][-1]["parties"]["client_1"]
     adapter = tiny_run / "adapters" / "round_2" / "client_1"
     code = main(
         ["evaluate", "--config", str(tiny_run / "config.yaml"), "--party", "client_1", "--adapter", str(adapter)]
     )
     assert code == 0
     printed = dict(item.split("=") for item in capsys.readouterr().out.split())
-    assert float(printed["acc"]) == pytest.approx(
-        summary["rounds"][-1]["parties"]["client_1"]["eval_accuracy"], abs=5e-5
-    )
+    assert set(printed) == {"eval_accuracy", "eval_accuracy_norm", "eval_n", "eval_accuracy_ci", "eval_correct"}
+    assert set(printed) <= set(entry)  # the keys of summary.json
+    assert float(printed["eval_accuracy"]) == pytest.approx(entry["eval_accuracy"], abs=5e-5)
+    assert printed["eval_correct"] == entry["eval_correct"]
+    # The same from the run folder alone, by party and round.
+    assert main(["evaluate", "--run", str(tiny_run), "--party", "client_1", "--round", "2"]) == 0
+    assert dict(item.split("=") for item in capsys.readouterr().out.split()) == printed
+    assert main(["evaluate", "--run", str(tiny_run), "--party", "client_1", "--round", "7"]) == 2
+    assert "--round with one of [1, 2]" in capsys.readouterr().err
 
 
 def _without_timings(value):

@@ -30,7 +30,7 @@ from fedmkt.data.examples import Example, Format
 from fedmkt.data.tokenize import encode_prompt_answer
 from fedmkt.dp import DPPlan, epsilon_after, plan_dp
 from fedmkt.errors import FedMKTError
-from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice, pool_scores
+from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice, held_out_scores, summary_keys
 from fedmkt.federation.distributed import (
     gather_predictions,
     lightning_strategy,
@@ -437,18 +437,11 @@ class Participant:
         """
         start = time.perf_counter()
         model, device = self._scoring_model()
-        if self.evaluation_sets:
-            named = {
-                name: self._scores(model, examples, f"evaluate {name}", device)
-                for name, examples in self.evaluation_sets.items()
-            }
-            stats = self._keyed(pool_scores(list(named.values())), "eval")
-            for name, scores in named.items():
-                stats |= self._keyed(scores, f"eval_{name}")
-        else:
-            stats = self._keyed(self._scores(model, self.evaluation, "evaluate", device), "eval")
+        stats = held_out_scores(
+            lambda examples, what: self._scores(model, examples, what, device), self.evaluation, self.evaluation_sets
+        )
         if self.own_evaluation:
-            stats |= self._keyed(self._scores(model, self.own_evaluation, "evaluate own set", device), "own_eval")
+            stats |= summary_keys(self._scores(model, self.own_evaluation, "evaluate own set", device), "own_eval")
         self._park()
         if self.public_answer_accuracy is not None:  # the diagnostic of the answers this party last shared
             stats["public_answer_accuracy"] = self.public_answer_accuracy
@@ -472,23 +465,6 @@ class Participant:
                 model, self.tokenizer, examples, max_new_tokens=self.max_new_tokens, progress=progress, **settings
             )
         return evaluate_multiple_choice(model, self.tokenizer, examples, progress=progress, **settings)
-
-    @staticmethod
-    def _keyed(scores: dict, prefix: str) -> dict:
-        """Scores under the summary's keys (`eval_accuracy`, `own_eval_rouge_l`, ...)."""
-        if "rouge_l" in scores:
-            return {
-                f"{prefix}_rouge_l": scores["rouge_l"],
-                f"{prefix}_exact_match": scores["exact_match"],
-                f"{prefix}_n": scores["n"],
-            }
-        return {
-            f"{prefix}_accuracy": scores["acc"],
-            f"{prefix}_accuracy_norm": scores["acc_norm"],
-            f"{prefix}_n": scores["n"],
-            f"{prefix}_accuracy_ci": scores["acc_ci"],
-            f"{prefix}_correct": scores["correct"],
-        }
 
     def _park(self) -> None:
         """Move the model off the accelerator while other parties work, unless it fits there.
