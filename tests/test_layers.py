@@ -29,6 +29,7 @@ LAYERS = [
         "fedmkt.adapters",
         "fedmkt.dp",
         "fedmkt.teacher_controls",
+        "fedmkt.schedule",
     ),
     (
         "fedmkt.received",
