@@ -1106,8 +1106,19 @@ def superlink(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("flower")
     nodes = [{"partition-id": index, "output-dir": str(base / f"node_{index}")} for index in range(2)]
+    from fedmkt.federation.flower.control_auth import TOKEN_ENV
+
     with local_federation(base, nodes, gpus=None) as (link, federation):
-        yield {"address": link.address, "logs": federation.logs}
+        # The operator's token for its Control API: what `fedmkt fit --backend flower` reads to submit.
+        before = os.environ.get(TOKEN_ENV)
+        os.environ[TOKEN_ENV] = str(link.control_token)
+        try:
+            yield {"address": link.address, "logs": federation.logs, "token": link.control_token}
+        finally:
+            if before is None:
+                os.environ.pop(TOKEN_ENV, None)
+            else:
+                os.environ[TOKEN_ENV] = before
 
 
 # own_data.yaml as shipped (2 rounds, one private file per client), through `fedmkt launch-local`.
@@ -1292,6 +1303,9 @@ def test_ctrl_c_on_fit_stops_the_run_on_the_superlink_too(superlink, tmp_path):
         home, run_config_from_text(TINY_TEXT.replace("127.0.0.1:8000", superlink["address"])).flower
     )
     (home / "config.toml").write_text((home / "config.toml").read_text() + "insecure = true\n")
+    from fedmkt.federation.flower.control_auth import write_cli_credentials
+
+    write_cli_credentials(home, superlink["address"], superlink["token"])
     command = ["flwr", "ls", submit.CONNECTION, "--run-id", str(run_id), "--format", "json"]
     deadline, status = time.monotonic() + 60, ""
     while not status.startswith("finished") and time.monotonic() < deadline:

@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from fedmkt.federation.flower.control_auth import write_cli_credentials  # noqa: E402
 from fedmkt.federation.flower.credentials import write_local_tls, write_node_key  # noqa: E402
 from fedmkt.federation.flower.local import free_ports, local_federation  # noqa: E402
 from fedmkt.federation.flower.submit import flwr_executable, write_flower_home  # noqa: E402
@@ -75,6 +76,7 @@ def test_an_unregistered_supernode_is_refused_and_a_registered_one_joins(tmp_pat
         from fedmkt.config import FlowerConfig
 
         write_flower_home(home, FlowerConfig(superlink=link.address, root_certificates=str(link.root_certificates)))
+        write_cli_credentials(home, link.address, link.control_token)
         deadline = time.monotonic() + 60
         listed = ""
         while time.monotonic() < deadline and listed.count("online") < 1:
@@ -88,3 +90,35 @@ def test_an_unregistered_supernode_is_refused_and_a_registered_one_joins(tmp_pat
             time.sleep(1)
         assert listed.count("online") == 1, listed
         federation.check_alive()
+
+
+@pytest.mark.slow
+def test_only_the_operator_registers_a_key_or_starts_a_run_on_the_control_api(tmp_path):
+    """The attack: anyone who reached the Control API's port could register a SuperNode key and
+    `flwr run` an app of their own. Without the operator's token both are refused."""
+    if shutil.which("flower-superlink") is None:
+        pytest.skip("Flower's commands are not installed")
+    from fedmkt.config import FlowerConfig
+    from fedmkt.federation.flower.submit import app_dir
+
+    nodes = [{"partition-id": 0, "output-dir": str(tmp_path / "node_0")}]
+    with local_federation(tmp_path, nodes, auth=True) as (link, _):
+        flower = FlowerConfig(superlink=link.address, root_certificates=str(link.root_certificates))
+        stranger, operator = tmp_path / "stranger", tmp_path / "operator"
+        write_flower_home(stranger, flower)  # knows the address and the CA, not the token
+        write_flower_home(operator, flower)
+        write_cli_credentials(operator, link.address, link.control_token)
+        _, public = write_node_key(tmp_path / "keys", "intruder")
+
+        def flwr(home, *arguments):
+            env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0")
+            done = subprocess.run([flwr_executable(), *arguments], env=env, capture_output=True, text=True, timeout=120)
+            return done.returncode, done.stdout + done.stderr
+
+        code, said = flwr(stranger, "supernode", "register", str(public))
+        assert code != 0 and "registered successfully" not in said and "Authentication failed" in said, said
+        code, said = flwr(stranger, "run", str(app_dir()), "fedmkt")
+        assert code != 0 and "Successfully started run" not in said, said
+        code, said = flwr(operator, "supernode", "list")  # the operator's own token: admitted
+        assert code == 0 and "Authentication failed" not in said, said
+        assert link.control_token.stat().st_mode & 0o777 == 0o600

@@ -30,7 +30,8 @@ from fedmkt.config import FlowerConfig, RunConfig, run_config_from_text, validat
 from fedmkt.data.parts import federation_data
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
-from fedmkt.federation.flower.credentials import write_local_tls, write_node_key
+from fedmkt.federation.flower.control_auth import TOKEN_ENV, write_cli_credentials, write_token
+from fedmkt.federation.flower.credentials import _private_folder, write_local_tls, write_node_key
 from fedmkt.federation.flower.node import NodePolicy, apply_to_config, content_sha256, node_settings
 from fedmkt.federation.flower.submit import flwr_executable, submit, write_flower_home
 from fedmkt.federation.flower.worker import stop_workers
@@ -157,8 +158,14 @@ def bind_flower_commands(folder: Path) -> Path:
     for name, entry in scripts.items():
         module, _, attribute = entry.value.partition(":")
         script = folder / name
+        # The SuperLink admits Control API requests only with the operator's token (`control_auth`).
+        guard = (
+            "from fedmkt.federation.flower.control_auth import install\ninstall()\n"
+            if name == "flower-superlink"
+            else ""
+        )
         script.write_text(
-            f"#!{sys.executable}\nimport sys\nfrom {module} import {attribute.split('.')[0]} as main\n"
+            f"#!{sys.executable}\nimport sys\n{guard}from {module} import {attribute.split('.')[0]} as main\n"
             f"sys.argv[0] = {name!r}\nsys.exit(main())\n"
         )
         script.chmod(0o755)
@@ -291,6 +298,8 @@ class LocalLink:
 
     address: str
     root_certificates: Optional[Path] = None
+    control_token: Optional[Path] = None
+    """The file holding the token its Control API requires (`control_auth`)."""
 
 
 def _register_node(public_key: Path, link: LocalLink, home: Path, env: dict[str, str]) -> None:
@@ -301,6 +310,8 @@ def _register_node(public_key: Path, link: LocalLink, home: Path, env: dict[str,
         root_certificates=str(link.root_certificates) if link.root_certificates else None,
     )
     write_flower_home(home, flower)
+    if link.control_token is not None:
+        write_cli_credentials(home, link.address, link.control_token)
     command = [flwr_executable(), "supernode", "register", str(public_key)]
     done = subprocess.run(command, env=dict(env, FLWR_HOME=str(home)), capture_output=True, text=True, timeout=120)
     if done.returncode != 0 or "registered successfully" not in done.stdout:
@@ -329,15 +340,16 @@ def local_federation(
     commands = bind_flower_commands(run_dir / "nodes" / "bin")
     base_env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
     base_env["PATH"] = os.pathsep.join([str(commands), str(Path(sys.executable).parent), base_env.get("PATH", "")])
-    credentials = run_dir / "nodes" / "credentials"
+    credentials = _private_folder(run_dir / "nodes" / "credentials")
     tls = write_local_tls(credentials) if auth else None
-    link = LocalLink(f"127.0.0.1:{link_port}", tls.ca_certificate if tls else None)
+    token = write_token(credentials)
+    link = LocalLink(f"127.0.0.1:{link_port}", tls.ca_certificate if tls else None, token)
     security = ["--insecure"]
     if tls is not None:
         security = ["--ssl-ca-certfile", str(tls.ca_certificate), "--ssl-certfile", str(tls.server_certificate)]
         security += ["--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth"]
     try:
-        link_env = dict(base_env, FLWR_HOME=str(run_dir / "nodes" / "superlink"))
+        link_env = dict(base_env, FLWR_HOME=str(run_dir / "nodes" / "superlink"), **{TOKEN_ENV: str(token)})
         if server_gpu is not None:
             link_env["CUDA_VISIBLE_DEVICES"] = server_gpu
         federation.start(
@@ -435,7 +447,13 @@ def launch_local(
                 root_certificates=certificates,
             )
             text = yaml.safe_dump(data, sort_keys=False)
-            return submit(run_config_from_text(text), resolved_config=text, resume=resume, claim=False)
+            return submit(
+                run_config_from_text(text),
+                resolved_config=text,
+                resume=resume,
+                claim=False,
+                control_token=link.control_token,
+            )
     except RunInterrupted as interrupt:  # the line printed says how to continue this run
         interrupt.run_dir, interrupt.command = str(run_dir), "launch-local"
         raise

@@ -27,6 +27,7 @@ from fedmkt.config import FlowerConfig, RunConfig, validate
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
 from fedmkt.federation.distributed import party_processes
+from fedmkt.federation.flower.control_auth import TOKEN_ENV, write_cli_credentials
 from fedmkt.federation.run_folder import claim_run_dir
 from fedmkt.files import atomic_write_text
 
@@ -103,13 +104,16 @@ def submit(
     resume: bool = False,
     overwrite: bool = False,
     claim: bool = True,
+    control_token: Optional[Path] = None,
 ) -> dict:
     """Run FedMKT on the Flower SuperLink in `config.flower`; returns the summary from run_dir.
 
     With `resume`, the run continues in run_dir after its last round checkpoint (checked here first).
     As `fit` does, it holds run_dir's lock while the run goes on (a second submission to the same
     folder is refused) and refuses a folder that holds a run unless `resume` or `overwrite`;
-    `claim=False` is for a caller that holds the lock already (`launch-local`).
+    `claim=False` is for a caller that holds the lock already (`launch-local`). `control_token`
+    (else the file `FEDMKT_CONTROL_TOKEN_FILE` names) is the token the SuperLink's Control API
+    requires, when it was started with one (`control_auth`).
     """
     if resume and overwrite:
         raise FedMKTError("--resume and --overwrite contradict each other. Fix: give one of them.")
@@ -134,7 +138,8 @@ def submit(
         )
     lock = claim_run_dir(run_dir, resume, overwrite) if claim else None
     try:
-        run_id, status, details = _run_on_superlink(flwr, config, run_dir, resolved_config, stream, resume)
+        token = control_token or (Path(os.environ[TOKEN_ENV]) if os.environ.get(TOKEN_ENV) else None)
+        run_id, status, details = _run_on_superlink(flwr, config, run_dir, resolved_config, stream, resume, token)
     finally:
         if lock is not None:
             lock.release()
@@ -155,7 +160,13 @@ def submit(
 
 
 def _run_on_superlink(
-    flwr: str, config: RunConfig, run_dir: Path, resolved_config: str, stream: bool, resume: bool
+    flwr: str,
+    config: RunConfig,
+    run_dir: Path,
+    resolved_config: str,
+    stream: bool,
+    resume: bool,
+    control_token: Optional[Path] = None,
 ) -> tuple[Optional[int], str, str]:
     """Write the run's config into its (claimed) folder, start the run and wait for it: (run id, status, details)."""
     config_path = run_dir / "config.yaml"
@@ -163,6 +174,8 @@ def _run_on_superlink(
     (run_dir / "summary.json").unlink(missing_ok=True)  # so a stale one is never mistaken for this run's
     with tempfile.TemporaryDirectory(prefix="fedmkt-flwr-home-") as home:
         write_flower_home(Path(home), config.flower)
+        if control_token is not None:
+            write_cli_credentials(Path(home), config.flower.superlink, control_token)
         env = dict(os.environ, FLWR_HOME=home)
         command = [
             flwr,
