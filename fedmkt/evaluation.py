@@ -33,6 +33,7 @@ from fedmkt.data.tokenize import IGNORE_INDEX, collate, encode_prompt_answer, pr
 from fedmkt.errors import FedMKTError
 from fedmkt.fastpaths import FAST
 from fedmkt.head import OutputHead, forward_without_head, head_label_logprobs
+from fedmkt.progress import LineProgress, on_terminal
 
 __all__ = [
     "choice_loglikelihoods",
@@ -92,9 +93,12 @@ def pooled_paired_bootstrap(
 
 
 def _progress(total: int, description: Optional[str]):
-    """A tqdm bar over `total` items, or None when there is nothing to describe."""
+    """A tqdm bar over `total` items (plain lines when the output is not a terminal), or None when
+    there is nothing to describe."""
     if description is None:
         return None
+    if not on_terminal():
+        return LineProgress(total, description)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=description, unit="q", leave=False, dynamic_ncols=True)

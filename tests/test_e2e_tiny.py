@@ -263,3 +263,19 @@ def test_docs_outputs_names_every_file_and_summary_key_a_run_writes(tiny_run):
     keys |= {key for record in summary["rounds"] for entry in record["parties"].values() for key in entry}
     missing = sorted(key for key in keys if f"`{key}`" not in text and f'"{key}"' not in text)
     assert missing == [], f"summary keys not in docs/outputs.md: {missing}"
+
+
+def test_a_run_logged_to_a_file_says_each_phase_in_plain_lines(tmp_path, capfd):
+    """Output that is not a terminal (here: pytest's capture) gets lines, never carriage returns."""
+    on = ["--server.trainer.enable_progress_bar", "true", "--clients.0.trainer.enable_progress_bar", "true"]
+    argv = ["fit", "--config", "tiny", "--run_dir", str(tmp_path / "run"), "--logging.wandb", "false"]
+    assert main([*argv, "--federation.rounds", "1", *on]) == 0
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    for label in ("client_0 · fine_tune · round 1", "server · distill · round 1", "client_0 · evaluate · round 1"):
+        started = [line for line in lines if line.startswith(f"{label}: started, ")]
+        finished = [line for line in lines if line.startswith(f"{label}: done, ")]
+        assert started and finished, (label, err[-2000:])
+        assert re.search(r"in \d+\.\d s$", finished[-1])
+    assert not any(line.startswith("client_1 · fine_tune") for line in lines)  # its bar stayed off, as configured

@@ -14,6 +14,7 @@ LAYERS = [
         "fedmkt.output_folders",
         "fedmkt.fastpaths",
         "fedmkt.interrupts",
+        "fedmkt.progress",
         "fedmkt.config",
     ),
     (

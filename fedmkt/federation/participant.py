@@ -21,6 +21,7 @@ from fedmkt.adapters import adapter_state, is_sharded, load_adapter_state, under
 from fedmkt.callbacks import (
     AlignmentCacheCallback,
     PhaseDeadlineCallback,
+    PhaseLines,
     PhaseProgressBar,
     SelectiveTransferCallback,
 )
@@ -43,6 +44,7 @@ from fedmkt.files import atomic_write_dir
 from fedmkt.party_module import PartyModule
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 from fedmkt.privacy import add_logit_noise
+from fedmkt.progress import on_terminal
 from fedmkt.public_answers import OwnAnswers, answer_public, text_bytes
 from fedmkt.received import Agreement, PublicTokens, verify_payload
 from fedmkt.schedule import ScheduleSpan, run_span
@@ -153,7 +155,10 @@ class Participant:
         """A phase's Trainer; `reporters` are callbacks that log what the phase was given (never change it).
         `clip=False` leaves gradient clipping to the phase (DP-SGD clips each sample's gradient itself)."""
         settings = self.config.trainer
-        progress = [PhaseProgressBar(self._label(phase))] if settings.enable_progress_bar else []
+        bars = settings.enable_progress_bar and on_terminal()  # a log gets plain lines instead of bars
+        progress: list[L.Callback] = []
+        if settings.enable_progress_bar:
+            progress.append(PhaseProgressBar(self._label(phase)) if bars else PhaseLines(self._label(phase)))
         return L.Trainer(
             accelerator=settings.accelerator,
             devices=settings.devices,
@@ -168,7 +173,7 @@ class Participant:
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
-            enable_progress_bar=settings.enable_progress_bar,
+            enable_progress_bar=bars,
             num_sanity_val_steps=0,
             # An FSDP2 party's all-gather buffers must not become inference tensors in a predict:
             # its next training phase writes into them (gloo runs already get no_grad from Lightning).
