@@ -171,12 +171,18 @@ def _align_text_parser() -> ArgumentParser:
 
 
 def _fit(parser: ArgumentParser, namespace) -> None:
-    from fedmkt.run import fit
-
     resume, backend, overwrite = namespace.pop("resume"), namespace.pop("backend"), namespace.pop("overwrite")
     if backend is not None:
         namespace["federation.backend"] = backend
     flower = namespace["federation.backend"] == "flower"
+    if resume is not None and not overwrite:  # refusals that need no model come before the heavy imports
+        from fedmkt.federation.checkpoint_record import finished_line, read_checkpoint, resume_folder
+
+        if int(read_checkpoint(resume_folder(resume))["round"]) >= namespace["federation.rounds"]:
+            print(finished_line(Path(resume), namespace["federation.rounds"]))
+            return
+    from fedmkt.run import fit
+
     if flower:  # the ServerApp starts in the SuperLink's folder: run_dir must not depend on this one
         namespace.run_dir = str(Path(resume if resume is not None else namespace.run_dir).expanduser().resolve())
     config = run_config_from_namespace(parser, namespace)

@@ -17,6 +17,7 @@ import yaml
 from fedmkt.config import RunConfig, check_hardware, validate
 from fedmkt.data.parts import SERVER, PartyData, federation_data, party_data
 from fedmkt.errors import FedMKTError, RunInterrupted
+from fedmkt.federation.checkpoint_record import finished_line
 from fedmkt.federation.distributed import coordinate, is_rank_zero, launch_ranks
 from fedmkt.federation.parties import (
     build_participants,
@@ -60,10 +61,7 @@ def fit(
     validate_against_vocabularies(config)
     state = resume_state(config, resume) if resume is not None else None
     if state is not None and int(state["round"]) >= config.federation.rounds:
-        print(
-            f"fedmkt: {resume} already finished all {config.federation.rounds} rounds; nothing left to do "
-            "(raise --federation.rounds to continue it further)."
-        )
+        print(finished_line(resume, config.federation.rounds))
         return state["summary"]
     run_dir = Path(config.run_dir)
     lock = None if launched_peer_rank() else claim_run_dir(run_dir, resume is not None, overwrite)

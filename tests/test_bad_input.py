@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,13 +40,22 @@ def _assert_nothing_partial(run_dir: Path) -> None:
         assert not (run_dir / written_by_a_round).exists(), written_by_a_round
 
 
+ERROR_LINE = re.compile(r"fedmkt: (\w+ )?error")
+"""How an error line starts (`fedmkt: error: …`, `fedmkt: config error: …`)."""
+
+
+def _converted(cache: Path) -> list[Path]:
+    """What the cache holds of converted GGUF models and tokenizers."""
+    return [entry for kind in ("models", "tokenizers") if (cache / kind).is_dir() for entry in (cache / kind).iterdir()]
+
+
 def fit_error(capsys, run_dir: Path, *args: str) -> str:
     """`fedmkt fit --config tiny ARGS` in-process: exit code 2 and one `fedmkt: …` line, no traceback."""
     code = main(["fit", "--config", "tiny", "--run_dir", str(run_dir), *FAST, *args])
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("fedmkt:")]
+    lines = [line for line in err.splitlines() if ERROR_LINE.match(line)]  # progress lines may come before it
     assert len(lines) == 1, err
     assert "Fix:" in lines[0]
     _assert_nothing_partial(run_dir)
@@ -136,11 +146,16 @@ def test_corrupt_gguf_is_one_line_in_a_real_process(tmp_path):
         timeout=300,
     )
     assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr  # no traceback
-    assert "could not read GGUF file" in lines[0] and str(corrupt) in lines[0] and "Fix:" in lines[0]
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if ERROR_LINE.match(line)]
+    assert len(lines) == 1, result.stderr
+    assert (
+        re.search("could not read (the tokenizer of )?GGUF file", lines[0])
+        and str(corrupt) in lines[0]
+        and "Fix:" in lines[0]
+    )
     _assert_nothing_partial(run_dir)
-    assert not _temporaries(cache) and not list((cache / "models").iterdir())  # no half-converted model
+    assert not _temporaries(cache) and not _converted(cache)  # no half-converted model or tokenizer
 
 
 def test_truncated_gguf_names_the_file(tmp_path, capsys):
@@ -151,8 +166,8 @@ def test_truncated_gguf_names_the_file(tmp_path, capsys):
         truncated.write_bytes(file.read(3_000_000))
     cache = tmp_path / "cache"
     line = fit_error(capsys, tmp_path / "run", "--server.model.source", str(truncated), "--cache_dir", str(cache))
-    assert "could not read GGUF file" in line and "truncated.gguf" in line
-    assert not _temporaries(cache) and not list((cache / "models").iterdir())
+    assert re.search("could not read (the tokenizer of )?GGUF file", line) and "truncated.gguf" in line
+    assert not _temporaries(cache) and not _converted(cache)
 
 
 def test_model_directory_without_config_json(tmp_path, capsys):

@@ -61,6 +61,21 @@ def test_missing_model_file_names_the_file(tmp_path):
     assert "missing.gguf" in _one_line_error(run_cli("fit", "--config", str(path), "--run_dir", str(tmp_path / "run")))
 
 
+def test_a_missing_model_names_the_party_whose_source_it_is(tmp_path, capsys):
+    argv = [
+        "fit",
+        "--config",
+        "tiny",
+        "--clients.1.model.source",
+        str(tmp_path / "nope"),
+        "--run_dir",
+        str(tmp_path / "r"),
+    ]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "clients[1].model.source" in error and error.count("\n") == 1
+
+
 def test_non_positive_top_k_names_the_key(tmp_path):
     assert "transfer.top_k" in _one_line_error(run_cli("fit", "--config", "tiny", "--transfer.top_k", "0"))
 

@@ -324,7 +324,7 @@ def test_ranks_load_only_their_parties_and_an_fsdp_party_is_never_whole_on_a_ran
     # The same score as the whole model in one process (its LoRA starts as a no-op).
     from fedmkt.run import evaluate_party
 
-    whole = evaluate_party(_config(), "server")["acc"]
+    whole = evaluate_party(_config(), "server")["eval_accuracy"]
     assert results[0]["accuracy"] == results[1]["accuracy"] == pytest.approx(whole, abs=1e-9)
 
 

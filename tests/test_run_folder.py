@@ -398,7 +398,7 @@ def superlink_stub(monkeypatch):
 
     runs = []
 
-    def finished(flwr, config, run_dir, resolved_config, stream, resume):
+    def finished(flwr, config, run_dir, resolved_config, stream, resume, control_token=None):
         runs.append(run_dir)
         (run_dir / "summary.json").write_text(json.dumps({"rounds": []}))
         return 1, "finished:completed", ""

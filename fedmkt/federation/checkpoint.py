@@ -22,6 +22,7 @@ from safetensors.torch import save as save_safetensors
 
 from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError, describe
+from fedmkt.federation.checkpoint_record import read_checkpoint  # noqa: F401  (re-exported)
 from fedmkt.federation.protocol import FederatedParty
 from fedmkt.federation.summary import write_summary
 from fedmkt.files import atomic_write_bytes, atomic_write_text, finite_or_none, json_default
@@ -90,28 +91,6 @@ def restore_checkpoint(run_dir: Path, parties: Sequence[FederatedParty], config:
     summary["config"] = asdict(config)
     restore_rng_state(state["rng"])
     return summary
-
-
-def read_checkpoint(run_dir: Path) -> dict:
-    """The round checkpoint record of `run_dir`, or a one-line error naming what is wrong with it."""
-    path = Path(run_dir) / "checkpoint" / "checkpoint.json"
-    if not path.is_file():
-        raise FedMKTError(
-            f"no round checkpoint in {run_dir} ({path} is missing). "
-            "Fix: pass the run_dir of a run that finished at least one round, or start this one again with "
-            "--overwrite in place of --resume (nothing of it can be continued)."
-        )
-    try:
-        state = json.loads(path.read_bytes().decode("utf-8"))
-        if not isinstance(state, dict) or not {"round", "summary", "rng"} <= set(state):
-            raise ValueError("it lacks the round, summary or rng entries")
-        int(state["round"])
-    except (ValueError, TypeError, UnicodeDecodeError) as error:
-        raise FedMKTError(
-            f"round checkpoint {path} is empty or damaged ({type(error).__name__}: {' '.join(str(error).split())}). "
-            "Fix: the run cannot be continued from it; start afresh with --overwrite (or another run_dir)."
-        ) from error
-    return state
 
 
 def check_resumable(state: dict, config: RunConfig, run_dir: Path) -> None:

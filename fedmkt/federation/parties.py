@@ -64,7 +64,7 @@ def build_participant(config: RunConfig, name: str, data: Optional[PartyData] = 
     index = list(parties).index(name)
     party = parties[name]
     data = data if data is not None else party_data(config, name)  # read on this party's machine only
-    tokenizer = load_tokenizer(party.model, config.cache_dir)
+    tokenizer = load_tokenizer(party.model, config.cache_dir, key=f"{config_key(name)}.model.source")
     peer_specs = {n: p.model for n, p in parties.items() if (n == SERVER) != (name == SERVER)}
 
     def build_module() -> PartyModule:
@@ -129,7 +129,7 @@ def validate_against_vocabularies(config: RunConfig, unreadable: Optional[list[s
     """
     for name, party in config.parties().items():
         try:
-            size = len(load_tokenizer(party.model, config.cache_dir))
+            size = len(load_tokenizer(party.model, config.cache_dir, key=f"{config_key(name)}.model.source"))
         except FedMKTError as error:
             if unreadable is None:
                 raise

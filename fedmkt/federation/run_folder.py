@@ -11,6 +11,7 @@ from filelock import FileLock, Timeout
 from fedmkt.config import RunConfig
 from fedmkt.errors import FedMKTError
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
+from fedmkt.federation.checkpoint_record import resume_folder
 
 RUN_OUTPUTS = ("config.yaml", "summary.json", "checkpoint", "adapters", "tokenizers", "logs", "wandb")
 
@@ -80,11 +81,7 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> FileLock:
 
 def resume_state(config: RunConfig, resume: str) -> dict:
     """The checkpoint a `--resume` continues (checked against `config`)."""
-    folder = Path(resume)
-    if folder.exists() and not folder.is_dir():
-        raise FedMKTError(f"--resume {resume} is a file, not a folder. Fix: pass the run_dir of the interrupted run.")
-    if not folder.is_dir():
-        raise FedMKTError(f"--resume folder {resume} does not exist. Fix: pass the run_dir of the interrupted run.")
+    folder = resume_folder(resume)
     state = read_checkpoint(folder)
     check_resumable(state, config, folder)
     return state

@@ -26,6 +26,7 @@ from typing import Optional
 from fedmkt.config import FlowerConfig, RunConfig, validate
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
+from fedmkt.federation.checkpoint_record import finished_line
 from fedmkt.federation.distributed import party_processes
 from fedmkt.federation.flower.control_auth import TOKEN_ENV, write_cli_credentials
 from fedmkt.federation.run_folder import claim_run_dir
@@ -124,10 +125,7 @@ def submit(
         state = read_checkpoint(run_dir)
         check_resumable(state, config, run_dir)
         if int(state["round"]) >= config.federation.rounds:
-            print(
-                f"fedmkt: {run_dir} already finished all {config.federation.rounds} rounds; nothing left to do "
-                "(raise --federation.rounds to continue it further)."
-            )
+            print(finished_line(run_dir, config.federation.rounds))
             return state["summary"]
     flwr = flwr_executable()
     if not _listening(config.flower.superlink):  # before the folder is touched: nothing is lost
