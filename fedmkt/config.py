@@ -9,6 +9,7 @@ how the Flower apps read it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import json
@@ -671,14 +672,80 @@ def check_config_file(path: Path) -> None:
 
 
 def resolve_config_arguments(argv: list[str]) -> list[str]:
-    """`argv` with the value of every `--config` resolved by `resolve_config_path`."""
-    resolved = list(argv)
-    for i, arg in enumerate(resolved):
-        if arg == "--config" and i + 1 < len(resolved):
-            resolved[i + 1] = resolve_config_path(resolved[i + 1])
-        elif arg.startswith("--config="):
-            resolved[i] = "--config=" + resolve_config_path(arg.split("=", 1)[1])
+    """`argv` with the value of every `--config` resolved by `resolve_config_path`, each followed by
+    the overrides of `config_relative_paths` (so later arguments still take precedence)."""
+    resolved = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--config" and index + 1 < len(argv):
+            path = resolve_config_path(argv[index + 1])
+            resolved += ["--config", path, *config_relative_paths(Path(path))]
+            index += 2
+            continue
+        if arg.startswith("--config="):
+            path = resolve_config_path(arg.split("=", 1)[1])
+            resolved += [f"--config={path}", *config_relative_paths(Path(path))]
+        else:
+            resolved.append(arg)
+        index += 1
     return resolved
+
+
+def config_relative_paths(config_file: Path) -> list[str]:
+    """Overrides that read the config's relative input paths from the config file's folder.
+
+    A data source's `path`, `data.data_dir` and a model `source` that name a file or folder beside
+    the config (and not an absolute path) become absolute, so a config with its files runs from any
+    working folder, as a Lightning or litgpt config does. Output folders (`run_dir`, `cache_dir`)
+    stay relative to the working folder, where a run's outputs are expected.
+    """
+    try:
+        values = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []  # the parser reports an unreadable file itself
+    if not isinstance(values, dict):
+        return []
+    folder = config_file.resolve().parent
+
+    def beside(value: object) -> Optional[str]:
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            return None
+        if re.match(r"^[A-Za-z][\w.+-]*:", value):  # embedded:TASK, hub:OWNER/NAME
+            return None
+        candidate = folder / value
+        return str(candidate) if candidate.exists() else None
+
+    def source_path(source: object) -> Optional[str]:
+        return beside(source.get("path")) if isinstance(source, dict) else None
+
+    overrides: list[str] = []
+    data = values.get("data") if isinstance(values.get("data"), dict) else {}
+    for key in ("public", "eval"):
+        if (path := source_path(data.get(key))) is not None:
+            overrides += [f"--data.{key}.path", path]
+    if isinstance(data.get("eval_sets"), dict):
+        sets = {name: dict(source) for name, source in data["eval_sets"].items() if isinstance(source, dict)}
+        changed = {name: path for name, source in sets.items() if (path := source_path(source)) is not None}
+        if changed:
+            overrides += [
+                "--data.eval_sets",
+                json.dumps({n: dict(s, **({"path": changed[n]} if n in changed else {})) for n, s in sets.items()}),
+            ]
+    if (path := beside(data.get("data_dir"))) is not None:
+        overrides += ["--data.data_dir", path]
+    parties = [("server", values.get("server"))]
+    parties += [(f"clients.{i}", client) for i, client in enumerate(values.get("clients") or [])]
+    for prefix, party in parties:
+        if not isinstance(party, dict):
+            continue
+        model = party.get("model")
+        if isinstance(model, dict) and (path := beside(model.get("source"))) is not None:
+            overrides += [f"--{prefix}.model.source", path]
+        for key in ("data", "eval"):
+            if (path := source_path(party.get(key))) is not None:
+                overrides += [f"--{prefix}.{key}.path", path]
+    return overrides
 
 
 CLIENT_OVERRIDE = re.compile(r"^--clients\.(\d+)\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?:=(.*))?$", re.S)
@@ -713,7 +780,11 @@ def expand_client_overrides(argv: list[str]) -> list[str]:
     if not overrides:
         return rest
     config_args = _config_arguments(rest)
-    clients = [dataclasses.asdict(client) for client in parse_run_config(config_args).clients]
+    parser = run_config_parser("config")  # not parse_run_config: these arguments are resolved already
+    clients = [
+        dataclasses.asdict(client)
+        for client in run_config_from_namespace(parser, parser.parse_args(config_args)).clients
+    ]
     for client, key, value in overrides:
         _set_client_key(clients, client, key, value)
     return [*rest[:position], "--clients", json.dumps(clients), *rest[position:]]
@@ -804,7 +875,15 @@ def run_config_parser(description: str) -> ArgumentParser:
         help="YAML config: a path or a shipped name (demo, tiny, heterogeneous, …).",
     )
     parser.add_class_arguments(RunConfig)
+    for action in parser._actions:  # keys no server reads: still parsed (validate refuses a value), not offered
+        if action.option_strings and action.option_strings[0] in UNOFFERED_SERVER_OPTIONS:
+            action.help = argparse.SUPPRESS
     return parser
+
+
+UNOFFERED_SERVER_OPTIONS = {f"--server.{key}{suffix}" for key in ("data", "eval") for suffix in ("", ".help")}
+"""PartyConfig keys only clients read (the server has no private data): hidden from `--help` and
+from a printed config; a config that holds them as null still parses, and validate refuses a value."""
 
 
 def run_config_from_namespace(parser: ArgumentParser, namespace: Namespace) -> RunConfig:

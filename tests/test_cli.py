@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +250,15 @@ def test_a_whole_client_list_that_drops_keys_says_which(capsys):
     error = capsys.readouterr().err
     assert "clients[0].model.random_init" in error and "go back to their defaults" in error
     assert "--clients.N.KEY VALUE" in error
+
+
+def test_fit_help_offers_no_key_the_server_never_reads(capsys):
+    from fedmkt.config import parse_run_config
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    assert "--server.eval_batch_size" in text and "--server.local_epochs" in text
+    assert not re.search(r"--server\.(data|eval)\b(?!_)", text)
+    # A saved config holding them as null (every run's config.yaml so far) still parses.
+    assert parse_run_config(["--config", "tiny", "--server.data", "null", "--server.eval", "null"]).server.data is None

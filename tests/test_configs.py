@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -99,3 +100,44 @@ def test_swapping_a_model_is_a_yaml_edit(tmp_path):
     path = tmp_path / "swapped.yaml"
     path.write_text(text)
     assert parse(str(path)).server.model.source == "some-org/some-model"
+
+
+# ---- paths relative to the config file ----------------------------------------------------------
+
+
+def test_a_configs_input_paths_are_read_from_its_folder_whatever_the_working_folder(tmp_path, monkeypatch):
+    import shutil
+
+    shipped = shipped_configs()["own_data.yaml"]
+    moved = tmp_path / "project" / "configs"
+    shutil.copytree(shipped.parent / "own_data", moved / "own_data")
+    text = shipped.read_text().replace("path: own_data/eval.jsonl", "path: own_data/absent.jsonl")
+    (moved / "mine.yaml").write_text(text.replace("source: embedded:gemma3-270m", "source: google/gemma-3-270m"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = parse_run_config(["--config", str(moved / "mine.yaml"), "--clients.1.data.path", "given.jsonl"])
+    assert config.data.public.path == str(moved / "own_data" / "public.jsonl")
+    assert config.clients[0].data.path == str(moved / "own_data" / "client_0.jsonl")
+    assert config.clients[1].data.path == "given.jsonl"  # the command line still overrides
+    assert config.clients[1].data.columns["prompt"] == "question"  # the rest of that client kept
+    assert config.data.eval.path == "own_data/absent.jsonl"  # nothing there: left as written, for the error to name
+    assert config.server.model.source == "google/gemma-3-270m"  # no such folder beside the config: a hub name
+    assert config.clients[0].model.source == "embedded:smollm2-135m-instruct"
+    assert config.run_dir == "runs/own_data"  # outputs stay relative to the working folder
+
+
+def test_named_held_out_sets_and_absolute_paths_keep_their_other_keys(tmp_path):
+    from fedmkt.config import config_relative_paths
+
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    (tmp_path / "c.yaml").write_text(
+        "data:\n  eval_sets:\n    first: {path: a.jsonl, limit: 3}\n    second: {path: /abs/b.jsonl}\n"
+        "  public: {path: 'hub:owner/name', split: train}\n"
+    )
+    overrides = config_relative_paths(tmp_path / "c.yaml")
+    assert overrides[0] == "--data.eval_sets" and len(overrides) == 2
+    assert json.loads(overrides[1]) == {
+        "first": {"path": str(tmp_path / "a.jsonl"), "limit": 3},
+        "second": {"path": "/abs/b.jsonl"},
+    }

@@ -104,12 +104,12 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def test_named_held_out_sets_from_files_are_scored_apart_and_must_not_share_a_question(tmp_path):
-    own = Path(__file__).parent / "data" / "own_data"
+    own = Path(__file__).parents[1] / "lightning_configs" / "own_data"
     rows = [json.loads(line) for line in (own / "eval.jsonl").read_text().splitlines()]
     first, second = _jsonl(tmp_path / "first.jsonl", rows[:3]), _jsonl(tmp_path / "second.jsonl", rows[3:])
     text = (Path(__file__).parents[1] / "lightning_configs" / "own_data.yaml").read_text()
     for name in ("public", "client_0", "client_1", "eval"):
-        text = text.replace(f"tests/data/own_data/{name}.jsonl", str(own / f"{name}.jsonl"))
+        text = text.replace(f"own_data/{name}.jsonl", str(own / f"{name}.jsonl"))
     yaml_path = tmp_path / "own.yaml"
     yaml_path.write_text(text)
     sets = json.dumps({"first": {"path": str(first)}, "second": {"path": str(second)}})

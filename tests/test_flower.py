@@ -924,11 +924,11 @@ def test_each_node_reads_only_its_own_private_file(task_identity, tmp_path, monk
     from fedmkt.data import parts
     from fedmkt.federation.flower.local import split_config
 
-    monkeypatch.chdir(REPO)  # own_data.yaml's shared sets are relative to the repository
+    monkeypatch.chdir(REPO / "lightning_configs")  # split_config reads text: own_data/ relative to the working folder
     text = OWN_DATA_TEXT.replace("rounds: 2", "rounds: 1")
     shared, nodes = split_config(text, tmp_path / "run")
     assert "client_0.jsonl" not in shared and "client_1.jsonl" not in shared
-    assert nodes[0]["data"]["path"] == str(REPO / "tests/data/own_data/client_0.jsonl")
+    assert nodes[0]["data"]["path"] == str(REPO / "lightning_configs/own_data/client_0.jsonl")
     assert nodes[1]["data"]["columns"] == {"id": "qid", "prompt": "question", "choices": "options", "answer": "label"}
     # the launcher lists the shared files in each node's policy (a node reads no file it does not list)
     policy = {key: value for key, value in nodes[0].items() if key in POLICY_KEYS}
@@ -1151,7 +1151,7 @@ def _processes_naming(text: str) -> list[str]:
 def test_launch_local_reproduces_the_in_process_run(tmp_path, monkeypatch):
     if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None:
         pytest.skip("Flower's flower-superlink/flower-supernode commands are not installed")
-    monkeypatch.chdir(REPO)  # own_data.yaml's files are relative to the repository
+    monkeypatch.chdir(REPO / "lightning_configs")  # the copy's own_data/ files, from the working folder
     # Clients that fine-tune for a few seconds, so that "at the same time" can show in the spans.
     config = tmp_path / "own_data_longer.yaml"
     text = shipped_configs()["own_data.yaml"].read_text()

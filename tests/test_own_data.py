@@ -16,13 +16,13 @@ from fedmkt.data.datamodule import tokenize_examples
 from fedmkt.data.sources import load_source
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ROOT / "tests" / "data" / "own_data"
+FILES = ROOT / "lightning_configs" / "own_data"
 FAST = ["--logging.wandb", "false", "--logging.csv", "false"]
 
 
 def own_data_text(extra_client_0: str = "") -> str:
     """own_data.yaml with absolute data paths (tests may run from any folder)."""
-    text = shipped_configs()["own_data.yaml"].read_text().replace("path: tests/data/own_data/", f"path: {FILES}/")
+    text = shipped_configs()["own_data.yaml"].read_text().replace("path: own_data/", f"path: {FILES}/")
     if extra_client_0:
         marker = f"      path: {FILES}/client_0.jsonl"
         line_end = text.index("\n", text.index(marker))

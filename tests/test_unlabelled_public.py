@@ -17,7 +17,7 @@ import torch
 from fedmkt.cli import main
 from fedmkt.federation.trainer import FederatedTrainer
 
-DATA = Path(__file__).parent / "data" / "own_data"
+DATA = Path(__file__).parents[1] / "lightning_configs" / "own_data"
 FAST = ["--federation.rounds", "1", "--logging.wandb", "false", "--federation.evaluate_before", "false"]
 TIMING = {"train_seconds", "eval_seconds", "timeline", "wall_seconds", "public_answer_accuracy"}
 
@@ -28,7 +28,7 @@ def _own_data(tmp_path: Path, public: Path, *extra: str, **files: Path) -> list[
     text = (Path(__file__).parents[1] / "lightning_configs" / "own_data.yaml").read_text()
     for name in ("public", "client_0", "client_1", "eval"):
         path = public if name == "public" else files.get(name, DATA / f"{name}.jsonl")
-        text = text.replace(f"tests/data/own_data/{name}.jsonl", str(path))
+        text = text.replace(f"own_data/{name}.jsonl", str(path))
     config = tmp_path / f"own_data_{len(list(tmp_path.glob('own_data_*.yaml')))}.yaml"
     config.write_text(text)
     return ["fit", "--config", str(config), *FAST, *extra]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import secrets
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -34,7 +35,9 @@ def make_loggers(config: RunConfig, run_dir: Path, resumed_at: Optional[int] = N
     if config.logging.csv:
         csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="logs")
         kept = _rows_before(run_dir / "logs" / "metrics.csv", resumed_at) if resumed_at is not None else []
-        writer = csv_logger.experiment  # its start empties metrics.csv: the kept rows are written back
+        with warnings.catch_warnings():  # its "will be deleted" notice: the kept rows are written back
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            writer = csv_logger.experiment  # its start empties metrics.csv
         if kept:
             writer.metrics = kept
             writer.save()
