@@ -82,9 +82,11 @@ def _launch_local_parser() -> ArgumentParser:
 
 def _evaluate_parser() -> ArgumentParser:
     parser = run_config_parser(
-        "Score one party (base model + optional LoRA adapter) on the run's held-out split: "
-        "`--run RUN_DIR --party P [--round N]` for a trained run, or `--config X [--adapter DIR]`."
+        "Score a model on an evaluation set: `--model RUN_DIR --party P [--round N] --eval SOURCE`, or "
+        "`--model` an exported folder or a model spec [--adapter DIR] (reads only the model and SOURCE); "
+        "or a party on a run's own held-out sets: `--run RUN_DIR --party P [--round N]`, `--config X [--adapter DIR]`."
     )
+    _add_model_scoring_arguments(parser, with_party=False)
     parser.add_argument(
         "--run", type=Optional[str], default=None, help="The run_dir of a fedmkt run (its config and adapters)."
     )
@@ -99,6 +101,87 @@ def _evaluate_parser() -> ArgumentParser:
         help="LoRA adapter folder (e.g. RUN_DIR/adapters/round_2/server); with --run, from --round instead.",
     )
     return parser
+
+
+def _add_model_scoring_arguments(parser: ArgumentParser, with_party: bool = True) -> None:
+    """The options of `evaluate --model` (also listed in `evaluate --help`)."""
+    parser.add_argument(
+        "--model",
+        type=Optional[str],
+        default=None,
+        help="What to score: a run_dir (with --party, --round), a `fedmkt export` folder, or a model spec "
+        "(embedded:NAME, hub name, local folder, .gguf) with an optional --adapter.",
+    )
+    parser.add_argument(
+        "--eval",
+        type=Optional[str],
+        default=None,
+        help="With --model: a data source as in the configs ({path: eval.jsonl, columns: {...}}, embedded:TASK, "
+        "hub:OWNER/NAME) or a task name (a run's own held-out set of it, else the data.task preset's).",
+    )
+    parser.add_argument(
+        "--out",
+        type=Optional[str],
+        default=None,
+        help="With --model: a JSON file for the scores and each question's result.",
+    )
+    parser.add_argument("--batch_size", type=int, default=16, help="With --model: questions per forward pass.")
+    parser.add_argument(
+        "--max_length",
+        type=Optional[int],
+        default=None,
+        help="With --model: tokens per question (default: the run's, else 512).",
+    )
+    parser.add_argument(
+        "--max_new_tokens", type=int, default=32, help="With --model, generation sets: most tokens generated."
+    )
+    parser.add_argument(
+        "--eval_size",
+        type=Optional[int],
+        default=None,
+        help="With --model and a task name outside a run: held-out questions (default 100).",
+    )
+    if with_party:
+        parser.add_argument("--party", type=Optional[str], default=None, help="With a run_dir: server, client_0, …")
+        parser.add_argument(
+            "--round", type=Optional[int], default=None, help="With a run_dir: the round's adapter (default: the last)."
+        )
+        parser.add_argument(
+            "--adapter", type=Optional[str], default=None, help="With a model spec: a LoRA adapter folder."
+        )
+        parser.add_argument("--seed", type=int, default=42, help="With a task name outside a run: the preset's seed.")
+        parser.add_argument(
+            "--cache_dir", type=Optional[str], default=None, help="Converted models (default: the fedmkt cache)."
+        )
+
+
+def _evaluate_model(argv: list[str]) -> None:
+    """`fedmkt evaluate --model …`: parsed apart from the run config, which this form does not need."""
+    parser = ArgumentParser(prog="fedmkt evaluate", description=_evaluate_parser().description, exit_on_error=False)
+    _add_model_scoring_arguments(parser)
+    namespace = parser.parse_args(argv)
+    if namespace.eval is None:
+        raise FedMKTError(
+            "--model needs the set to score it on. Fix: add --eval SOURCE (e.g. --eval arc_easy or --eval '{path: eval.jsonl}')."
+        )
+    from fedmkt.model_scoring import evaluation_examples, evaluation_set, load_scored_model, score_model
+
+    wanted = evaluation_set(namespace.eval)
+    scored = load_scored_model(
+        namespace.model, namespace.party, namespace["round"], namespace.adapter, namespace.cache_dir
+    )
+    name, examples = evaluation_examples(wanted, scored.run_config, namespace.seed, namespace.eval_size)
+    run = scored.run_config
+    max_length = namespace.max_length or (run.data.max_length if run is not None else 512)
+    scores, record = score_model(scored, examples, namespace.batch_size, max_length, namespace.max_new_tokens)
+    print(" ".join(f"{key}={_plain(value)}" for key, value in scores.items()))
+    if namespace.out is not None:
+        import json
+
+        from fedmkt.files import atomic_write_text
+
+        report = {**scored.description, "eval": name, **scores, "questions": record}
+        atomic_write_text(Path(namespace.out), json.dumps(report, indent=2) + "\n")
 
 
 def _export_parser() -> ArgumentParser:
@@ -216,6 +299,12 @@ def _launch_local(parser: ArgumentParser, namespace) -> None:
 def _evaluate(parser: ArgumentParser, namespace) -> None:
     from fedmkt.run import evaluate_party
 
+    for option in ("model", "eval", "out", "batch_size", "max_length", "max_new_tokens", "eval_size"):
+        value = namespace.pop(option)
+        if option in ("model", "eval", "out", "max_length", "eval_size") and value is not None:
+            raise FedMKTError(
+                f"--{option} goes with --model. Fix: add --model MODEL --eval SOURCE, or drop --{option}."
+            )
     run, round_index, adapter = namespace.pop("run"), namespace.pop("round"), namespace.adapter
     if run is None and round_index is not None:
         raise FedMKTError("--round picks a run's adapter. Fix: give --run RUN_DIR with it, or --adapter DIR.")
@@ -386,6 +475,13 @@ def _with_run_config(argv: list[str]) -> list[str]:
 
 
 def _dispatch(argv: list[str]) -> None:
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command == "evaluate" and any(a == "--model" or a.startswith("--model=") for a in argv):
+        if any(a in ("--config", "--run") or a.startswith(("--config=", "--run=")) for a in argv):
+            raise FedMKTError("--model names the model alone. Fix: drop --config/--run (a run folder goes in --model).")
+        at = argv.index(command) + 1
+        _evaluate_model(argv[at:])
+        return
     parser, sub_parsers = build_parser()
     argv = expand_client_overrides(resolve_config_arguments(_with_run_config(argv)))
     if any(arg.startswith("--print_config") for arg in argv) and any(

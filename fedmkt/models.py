@@ -295,9 +295,11 @@ class TokenizersOnDemand(Mapping):
         return len(self._specs)
 
 
-def load_model(spec: ModelSpec, cache_dir: Optional[str] = None, seed: int = 0) -> PreTrainedModel:
-    """The party's base causal LM (frozen later by the LoRA wrapper)."""
-    where = _loadable(spec, cache_dir)
+def load_model(
+    spec: ModelSpec, cache_dir: Optional[str] = None, seed: int = 0, key: str = "model.source"
+) -> PreTrainedModel:
+    """The party's base causal LM (frozen later by the LoRA wrapper); errors name `key`."""
+    where = _loadable(spec, cache_dir, key)
     dtype = getattr(torch, spec.dtype)
     try:
         if spec.random_init is None:
