@@ -25,15 +25,22 @@ def flat_topk(payload: KnowledgePayload, targets_of: Callable[[int], torch.Tenso
     """`payload` with each position's top-k values replaced by one value (no ranking).
 
     The value keeps the top-k's total probability (``T * (logsumexp(x / T) - log k)``), so under
-    `topk_target: tail` the same mass lands on the same ids, spread evenly. The label
+    `topk_target: tail` the same mass lands on the same ids, spread evenly. That mass is capped at
+    the whole vocabulary's (the float16 values may round it above) and the value rounded down to
+    float16, so the flat top-k never claims more than the shared log-sum-exp allows: a receiver
+    refuses a payload whose top-k outweighs it, and two round-ups (the sender's values, then the
+    flat one) can add up to more than the rounding it allows for. The label
     log-probabilities and losses are those of this flat distribution (a label among the top-k gets
     the even share, any other keeps its own), so a receiver's checks pass it as any teacher;
     `targets_of(row)` gives the payload row's next-token targets in the sender's tokens.
     """
     scaled = payload.topk_logits.float() / payload.temperature
     k = scaled.shape[1]
-    level = payload.temperature * (torch.logsumexp(scaled, dim=1, keepdim=True) - torch.log(torch.tensor(float(k))))
-    level = level.to(payload.topk_logits.dtype)  # as sent: the even share is computed from what a receiver reads
+    mass = torch.minimum(torch.logsumexp(scaled, dim=1), payload.logsumexp.float())[:, None]  # at most all of it
+    exact = payload.temperature * (mass - torch.log(torch.tensor(float(k))))
+    level = exact.to(payload.topk_logits.dtype)
+    lower = torch.nextafter(level, torch.full_like(level, float("-inf")))
+    level = torch.where(level.float() > exact, lower, level)  # as sent, and never above the exact value
     even_share = level[:, 0].float() / payload.temperature - payload.logsumexp.float()
     label_logprob = payload.label_logprob.clone()
     losses = payload.losses.clone()

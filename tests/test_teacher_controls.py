@@ -88,3 +88,25 @@ def test_random_answers_are_options_drawn_evenly_and_reproducibly():
     assert drawn == random_answers(questions, seed=7) and drawn != random_answers(questions, seed=8)
     counts = {option: drawn.count(option) for option in (" a", " b", " c", " d")}
     assert all(900 <= count <= 1100 for count in counts.values()), counts  # 1000 each, ±5 sd
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_control_of_a_peaked_payload_never_outweighs_its_log_sum_exp(temperature):
+    """Top-k that hold nearly all the mass, with values that float16 rounds up: the flat values must
+    still pass the receiver's rule that the top-k's log-sum-exp is at most the shared one."""
+    from fedmkt.received import _topk_logsumexp_excess
+
+    sent = payload(temperature)
+    g = torch.Generator().manual_seed(1)
+    peaked = torch.cat([30 + torch.rand(5, 1, generator=g) * 8, torch.randn(5, 3, generator=g) + 20], dim=1)
+    rounded = peaked.half()
+    # the whole vocabulary's log-sum-exp: the exact top-k (not the rounded ones) and almost nothing else
+    true_lse = torch.logsumexp(peaked / temperature, dim=1) + 1e-6
+    sent = KnowledgePayload(**{**sent.__dict__, "topk_logits": rounded, "logsumexp": true_lse})
+    public = OnePublicQuestion(sent)
+    control = flat_topk(sent, lambda row: public(0, ANSWER)[1])
+    assert bool((_topk_logsumexp_excess(control) <= 0).all())
+    # and keeps the mass up to float16 steps: one step down, and the rounding of the values it came from
+    mass = (control.topk_logits.float() / temperature - control.logsumexp[:, None]).exp().sum(1)
+    steps = 3 * 2.0**-11 * control.topk_logits[:, 0].float().abs() / temperature
+    assert bool((mass <= 1.0 + 1e-6).all()) and bool((mass >= torch.exp(-steps) - 1e-6).all())
