@@ -54,7 +54,8 @@ class DataSource:
 
     path: str
     """A `.jsonl`/`.json`/`.csv`/`.parquet` file, a `datasets.save_to_disk` folder, an embedded task
-    (`embedded:arc_easy`, `embedded:nq_open`, ...) or a Hugging Face Hub dataset `hub:OWNER/NAME`."""
+    (`embedded:arc_easy`, `embedded:nq_open`, ...) or a Hugging Face Hub dataset `hub:OWNER/NAME`. A
+    relative path in a config file is read from that file's folder when something is there."""
 
     name: Optional[str] = None
     """Hub datasets: the dataset config (`datasets.load_dataset(NAME, name)`)."""

@@ -39,6 +39,7 @@ LAYERS = [
         "fedmkt.teacher_targets",
         "fedmkt.party_module",
         "fedmkt.export",
+        "fedmkt.model_scoring",
     ),
     ("fedmkt.callbacks",),
     ("fedmkt.federation",),
