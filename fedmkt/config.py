@@ -624,14 +624,16 @@ def shipped_configs() -> dict[str, Path]:
 
 
 def resolve_config_path(value: str) -> str:
-    """A path stays a path; a bare name (with or without `.yaml`) becomes a shipped config."""
-    if Path(value).exists():
+    """A path stays a path; a bare name (with or without `.yaml`) becomes a shipped config. An existing
+    file wins over a shipped name; a folder of that name (such as `own_data/`, the files beside
+    `own_data.yaml`) does not."""
+    shipped = shipped_configs()
+    bare = [str(shipped[name]) for name in (value, f"{value}.yaml") if name in shipped and "/" not in value]
+    if Path(value).exists() and not (bare and Path(value).is_dir()):
         check_config_file(Path(value))
         return value
-    shipped = shipped_configs()
-    for name in (value, f"{value}.yaml"):
-        if name in shipped and "/" not in value:
-            return str(shipped[name])
+    if bare:
+        return bare[0]
     raise FedMKTError(
         f"config file `{value}` not found. Fix: give an existing path or a shipped config name ({', '.join(sorted(shipped))})."
     )

@@ -25,6 +25,8 @@ def test_bare_names_resolve_to_shipped_configs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert Path(resolve_config_path("tiny.yaml")) == TINY
     assert Path(resolve_config_path("tiny")) == TINY
+    (tmp_path / "tiny").mkdir()  # a folder of that name (data beside a config) is not a config
+    assert Path(resolve_config_path("tiny")) == TINY
     local = tmp_path / "tiny.yaml"
     local.write_text("seed: 1\n")
     assert resolve_config_path("tiny.yaml") == "tiny.yaml"  # an existing path wins over the shipped name
