@@ -18,6 +18,7 @@ from typing import Literal, Optional
 from jsonargparse import ArgumentParser
 
 from fedmkt.config import (
+    DataConfig,
     expand_client_overrides,
     resolve_config_arguments,
     run_config_from_namespace,
@@ -80,12 +81,15 @@ def _launch_local_parser() -> ArgumentParser:
     return parser
 
 
+EVALUATE_DESCRIPTION = (
+    "Score a model on an evaluation set: `--model RUN_DIR --party P [--round N] --eval SOURCE`, or "
+    "`--model` an exported folder or a model spec [--adapter DIR] (reads only the model and SOURCE); "
+    "or a party on a run's own held-out sets: `--run RUN_DIR --party P [--round N]`, `--config X [--adapter DIR]`."
+)
+
+
 def _evaluate_parser() -> ArgumentParser:
-    parser = run_config_parser(
-        "Score a model on an evaluation set: `--model RUN_DIR --party P [--round N] --eval SOURCE`, or "
-        "`--model` an exported folder or a model spec [--adapter DIR] (reads only the model and SOURCE); "
-        "or a party on a run's own held-out sets: `--run RUN_DIR --party P [--round N]`, `--config X [--adapter DIR]`."
-    )
+    parser = run_config_parser(EVALUATE_DESCRIPTION)
     _add_model_scoring_arguments(parser, with_party=False)
     parser.add_argument(
         "--run", type=Optional[str], default=None, help="The run_dir of a fedmkt run (its config and adapters)."
@@ -139,7 +143,7 @@ def _add_model_scoring_arguments(parser: ArgumentParser, with_party: bool = True
         "--eval_size",
         type=Optional[int],
         default=None,
-        help="With --model and a task name outside a run: held-out questions (default 100).",
+        help=f"With --model and a task name outside a run: held-out questions (default {DataConfig.eval_size}).",
     )
     if with_party:
         parser.add_argument("--party", type=Optional[str], default=None, help="With a run_dir: server, client_0, …")
@@ -157,7 +161,7 @@ def _add_model_scoring_arguments(parser: ArgumentParser, with_party: bool = True
 
 def _evaluate_model(argv: list[str]) -> None:
     """`fedmkt evaluate --model …`: parsed apart from the run config, which this form does not need."""
-    parser = ArgumentParser(prog="fedmkt evaluate", description=_evaluate_parser().description, exit_on_error=False)
+    parser = ArgumentParser(prog="fedmkt evaluate", description=EVALUATE_DESCRIPTION, exit_on_error=False)
     _add_model_scoring_arguments(parser)
     namespace = parser.parse_args(argv)
     if namespace.eval is None:

@@ -25,7 +25,7 @@ from fedmkt.data.tasks import TASK_FORMATS, load_task, split_task
 from fedmkt.errors import FedMKTError
 from fedmkt.output_folders import EXPORT_MARKER
 
-__all__ = ["ScoredModel", "load_scored_model", "evaluation_set", "evaluation_examples", "score_model"]
+__all__ = ["ScoredModel", "attach_adapter", "load_scored_model", "evaluation_set", "evaluation_examples", "score_model"]
 
 
 @dataclass
@@ -77,21 +77,29 @@ def load_scored_model(
     spec = ModelSpec(source=model)
     tokenizer = load_tokenizer(spec, cache_dir, key="--model")
     base = load_model(spec, cache_dir, key="--model")
-    loaded = _with_adapter(base, adapter) if adapter is not None else base
+    loaded = attach_adapter(base, adapter) if adapter is not None else base
     return ScoredModel(loaded.eval(), tokenizer, {"model": model, "adapter": adapter})
 
 
-def _with_adapter(base: Any, adapter: str) -> Any:
+def attach_adapter(base: Any, adapter: str, party: Optional[str] = None) -> Any:
+    """`base` with the LoRA adapter in folder `adapter`, or a one-line error (naming `party`'s own
+    adapter as the fix when the model is a run's party)."""
     from peft import PeftModel
 
     if not (Path(adapter) / "adapter_config.json").is_file():
-        raise FedMKTError(f"no LoRA adapter at {adapter} (no adapter_config.json). Fix: pass a folder peft saved.")
+        example = f"a folder such as RUN_DIR/adapters/round_1/{party}" if party else "a folder peft saved"
+        raise FedMKTError(f"no LoRA adapter at {adapter}. Fix: pass {example}.")
     try:
         return PeftModel.from_pretrained(base, adapter)
-    except (RuntimeError, ValueError, OSError, KeyError) as error:
+    except (RuntimeError, ValueError, OSError, KeyError) as error:  # another model's adapter: sizes, modules
+        whose = f"{party}'s model" if party else "the model"
+        fix = (
+            f"pass {party}'s own adapter, e.g. RUN_DIR/adapters/round_1/{party}"
+            if party
+            else "pass the adapter trained on this base model"
+        )
         raise FedMKTError(
-            f"adapter {adapter} does not fit the model ({type(error).__name__}: {' '.join(str(error).split())[:300]}). "
-            "Fix: pass the adapter trained on this base model."
+            f"adapter {adapter} does not fit {whose} ({type(error).__name__}: {' '.join(str(error).split())[:300]}). Fix: {fix}."
         ) from error
 
 
@@ -105,7 +113,7 @@ def _adapter_export(folder: Path) -> ScoredModel:
     base = AutoModelForCausalLM.from_pretrained(
         str(beside) if base_name and beside.is_dir() else base_name, revision=settings.get("revision")
     )
-    model = _with_adapter(base, str(folder)).eval()
+    model = attach_adapter(base, str(folder)).eval()
     return ScoredModel(model, AutoTokenizer.from_pretrained(folder), {"model": str(folder)})
 
 
@@ -166,7 +174,7 @@ def score_model(
     from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice
 
     what = scored.description.get("party") or Path(scored.description["model"]).name
-    if isinstance(examples[0], GenerationExample) if examples else False:
+    if examples and isinstance(examples[0], GenerationExample):
         scores = evaluate_generation(
             scored.model,
             scored.tokenizer,

@@ -93,8 +93,6 @@ def _fit_locked(
 def evaluate_party(config: RunConfig, party: str = SERVER, adapter: Optional[str] = None) -> dict:
     """Held-out scores of one party's base model, optionally with a saved LoRA adapter, under
     summary.json's keys (`eval_accuracy`, ..., and `eval_<name>_*` per named held-out set)."""
-    from peft import PeftModel
-
     from fedmkt.evaluation import evaluate_generation, evaluate_multiple_choice, held_out_scores
 
     parties = config.parties()
@@ -104,22 +102,9 @@ def evaluate_party(config: RunConfig, party: str = SERVER, adapter: Optional[str
     data = party_data(config, party)
     model = load_model(spec.model, config.cache_dir, seed=config.seed + list(parties).index(party))
     if adapter is not None:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FedMKTError(
-                f"no LoRA adapter at {adapter}. Fix: pass a folder such as RUN_DIR/adapters/round_1/{party}."
-            )
-        try:
-            model = PeftModel.from_pretrained(model, adapter)
-        except (
-            RuntimeError,
-            ValueError,
-            OSError,
-            KeyError,
-        ) as error:  # another party's adapter: size mismatch, unknown modules
-            raise FedMKTError(
-                f"adapter {adapter} does not fit {party}'s model ({type(error).__name__}: {' '.join(str(error).split())[:300]}). "
-                f"Fix: pass {party}'s own adapter, e.g. RUN_DIR/adapters/round_1/{party}."
-            ) from error
+        from fedmkt.model_scoring import attach_adapter
+
+        model = attach_adapter(model, adapter, party)
     tokenizer = load_tokenizer(spec.model, config.cache_dir)
     settings = {"batch_size": spec.eval_batch_size, "max_length": config.data.max_length}
 
