@@ -506,7 +506,7 @@ def _validate_before_printing(parser: ArgumentParser, sub_parsers: dict[str, Arg
     """
     from fedmkt.config import check_hardware, validate
     from fedmkt.data.parts import federation_data
-    from fedmkt.federation.parties import validate_against_vocabularies
+    from fedmkt.vocabulary_sizes import validate_against_vocabularies
 
     namespace = parser.parse_args([arg for arg in argv if not arg.startswith("--print_config")])
     config = run_config_from_namespace(sub_parsers[namespace.subcommand], namespace[namespace.subcommand])

@@ -19,17 +19,13 @@ from fedmkt.data.parts import SERVER, PartyData, federation_data, party_data
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint_record import finished_line
 from fedmkt.federation.distributed import coordinate, is_rank_zero, launch_ranks
-from fedmkt.federation.parties import (
-    build_participants,
-    quiet_lightning,
-    save_tokenizers,
-    validate_against_vocabularies,
-)
+from fedmkt.federation.parties import build_participants, quiet_lightning, save_tokenizers
 from fedmkt.federation.rounds import run_rounds
 from fedmkt.federation.run_folder import claim_run_dir, launched_peer_rank, resume_state
 from fedmkt.federation.trainer import FederatedTrainer
 from fedmkt.files import atomic_write_text
 from fedmkt.models import load_model, load_tokenizer
+from fedmkt.vocabulary_sizes import validate_against_vocabularies
 
 
 def fit(

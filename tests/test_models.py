@@ -113,9 +113,9 @@ def test_missing_local_paths_are_errors_not_hub_names(source):
 
 
 def test_hub_names_pass_through(monkeypatch):
-    import fedmkt.models
+    import fedmkt.model_sources
 
-    monkeypatch.setattr(fedmkt.models, "hub_status", lambda endpoint, source: "found")  # as with network access
+    monkeypatch.setattr(fedmkt.model_sources, "hub_status", lambda endpoint, source: "found")  # as with network access
     assert resolve_source("meta-llama/Llama-2-7b-hf") == ResolvedSource("meta-llama/Llama-2-7b-hf")
     assert resolve_source("gpt2") == ResolvedSource("gpt2")
 

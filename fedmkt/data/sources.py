@@ -158,7 +158,7 @@ def _hub_reachable(name: str) -> bool:
 
     from huggingface_hub import constants
 
-    from fedmkt.models import hub_status
+    from fedmkt.model_sources import hub_status
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False

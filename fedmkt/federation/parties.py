@@ -119,24 +119,3 @@ def save_tokenizers(run_dir: Path, tokenizers: dict[str, Any]) -> None:
     """Every party's tokenizer under run_dir/tokenizers: with the adapters, what reproduces a checkpoint."""
     for name, tokenizer in tokenizers.items():
         atomic_write_dir(run_dir / "tokenizers" / name, tokenizer.save_pretrained)
-
-
-def validate_against_vocabularies(config: RunConfig, unreadable: Optional[list[str]] = None) -> None:
-    """Checks that need each party's tokenizer: `transfer.top_k` must fit every vocabulary.
-
-    With `unreadable` (a list), a tokenizer this machine cannot load (a hub model out of reach, a
-    path on another machine) is noted there and its check skipped, instead of stopping.
-    """
-    for name, party in config.parties().items():
-        try:
-            size = len(load_tokenizer(party.model, config.cache_dir, key=f"{config_key(name)}.model.source"))
-        except FedMKTError as error:
-            if unreadable is None:
-                raise
-            unreadable.append(f"{config_key(name)}'s tokenizer is not readable here ({error})")
-            continue
-        if config.transfer.top_k > size:
-            raise FedMKTError(
-                f"transfer.top_k={config.transfer.top_k} exceeds {config_key(name)}'s vocabulary of {size} tokens. "
-                f"Fix: set transfer.top_k to at most {size} (e.g. 16)."
-            )

@@ -35,8 +35,8 @@ from fedmkt.federation.flower.credentials import _private_folder, write_local_tl
 from fedmkt.federation.flower.node import NodePolicy, apply_to_config, content_sha256, node_settings
 from fedmkt.federation.flower.submit import flwr_executable, submit, write_flower_home
 from fedmkt.federation.flower.worker import stop_workers
-from fedmkt.federation.parties import validate_against_vocabularies
 from fedmkt.federation.run_folder import claim_run_dir
+from fedmkt.vocabulary_sizes import validate_against_vocabularies
 
 NODE_FILE = "node.yaml"
 """Each client's node settings, written to `<run_dir>/nodes/client_N/node.yaml`."""
