@@ -63,6 +63,7 @@ from fedmkt.files import atomic_write_bytes, atomic_write_text
 from fedmkt.models import cache_root
 from fedmkt.payload import KnowledgePayload
 from fedmkt.received import PublicTokens
+from fedmkt.selection import scored_bytes, scored_targets
 from fedmkt.teacher_controls import flat_topk
 
 SMOLLM2 = "embedded:smollm2-135m-instruct"
@@ -243,8 +244,14 @@ def student_step(
         if control:
             tokenizer = party.alignment.teacher_tokenizers["server"]
             public = PublicTokens(tokenizer, party.data.public_examples, party.max_length)
+            positions, rows = config.transfer.kd_positions, range(len(payload))
+            examples = [party.data.public_examples[int(payload.sample_index[row])] for row in rows]
             payload = flat_topk(
-                payload, lambda row: public(int(payload.sample_index[row]), payload.answer_text(row))[1]
+                payload,
+                lambda row: scored_targets(
+                    *public(int(payload.sample_index[row]), payload.answer_text(row)), positions
+                ),
+                torch.tensor([scored_bytes(examples[row].prompt, payload.answer_text(row), positions) for row in rows]),
             )
         stats = party.distill(1, {"server": payload})
         scores = eval_scores(party.evaluate())

@@ -29,6 +29,7 @@ from fedmkt.fastpaths import FAST
 from fedmkt.head import ChunkKnowledge, OutputHead, final_hidden_states, head_knowledge, head_training_loss
 from fedmkt.losses import kd_objective, loss_weights, sparse_kd_loss, token_cross_entropy
 from fedmkt.schedule import ScheduleSpan, phase_lr_lambda
+from fedmkt.selection import scored_targets
 
 
 class PartyModule(L.LightningModule):
@@ -262,22 +263,24 @@ class PartyModule(L.LightningModule):
     # ---- sharing knowledge -----------------------------------------------------------------
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Per-sample NLL of the answer (summed over its tokens; the participant divides it by the
-        answer's bytes), and at every real (non-pad) position the top-k logits, the log-sum-exp and
-        the label's log-probability, moved to CPU."""
+        """Per-sample NLL of the scored text (`fedmkt.selection.scored_targets`: the answer, or prompt
+        and answer under `kd_positions: all`; summed over its tokens, the participant divides it by
+        the text's bytes), and at every real (non-pad) position the top-k logits, the log-sum-exp and
+        the scored label's log-probability, moved to CPU."""
         mask = batch["attention_mask"].bool()
+        scored = scored_targets(batch["input_ids"], batch["targets"], self.transfer.kd_positions, mask)
         if FAST.chunked_head:
             hidden, where = self._hidden_rows(batch, mask)
-            targets = batch["targets"][where]
+            targets = scored[where]
             knowledge = head_knowledge(
                 OutputHead.of(self.model), hidden, targets, self.transfer.top_k, self.transfer.temperature
             )
             nll = -_per_sample_sum(knowledge.label_logprob, where[0], targets != IGNORE_INDEX, len(mask))
         else:  # the [B, L, V] logits, then the same numbers from them
             logits = self(batch["input_ids"], batch["attention_mask"])
-            answer_tokens = (batch["targets"] != IGNORE_INDEX).sum(dim=1)
-            nll = token_cross_entropy(logits, batch["targets"]).float() * answer_tokens
-            rows, targets = logits[mask].float(), batch["targets"][mask]
+            scored_tokens = (scored != IGNORE_INDEX).sum(dim=1)
+            nll = token_cross_entropy(logits, scored).float() * scored_tokens
+            rows, targets = logits[mask].float(), scored[mask]
             values, ids = logits[mask].topk(self.transfer.top_k, dim=-1)
             lse = torch.logsumexp(rows / self.transfer.temperature, dim=-1)
             picked = torch.log_softmax(rows, dim=-1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)

@@ -13,19 +13,21 @@ reported:
 * every sample's tokens must be the sender's tokenization of that public question followed by
   that answer (so a sender cannot pass off other text, a node's private rows included, as public
   knowledge);
-* the loss is ``-sum(label_logprob)`` over the sample's answer positions divided by the answer's
-  UTF-8 bytes (nats per byte, comparable across tokenizers), which the receiver finds itself; a
-  reported loss that disagrees is refused;
+* the loss is ``-sum(label_logprob)`` over the positions the receiver distils (the answer's, or
+  every position's next token under `kd_positions: all`: `fedmkt.selection.scored_targets`)
+  divided by that text's UTF-8 bytes (nats per byte, comparable across tokenizers), which the
+  receiver finds itself; a reported loss that disagrees is refused. A teacher that sends any
+  distribution it likes at a prompt position pays for it in the loss that ranks it;
 * at every position the log-sum-exp must be at least that of the sender's own top-k logits (else
   the listed probabilities would sum past 1);
-* at temperature 1 each label log-probability must agree with the sender's own top-k logits and
+* at temperature 1 each scored label log-probability must agree with the sender's own top-k logits and
   log-sum-exp: a label among the top-k has exactly that logit's probability, any other label at
   most the k-th one's, within the float16 rounding of that logit itself (a tolerance the sender
   cannot widen with a far-off filler logit). A low loss therefore needs a distribution that really
   puts mass on the answer, which is what the receiver then distils;
 * where the label log-probabilities cannot be checked against the top-k (noised logits, or a
   temperature other than 1), they are not used: the loss that ranks the sender is the one the
-  receiver derives from the distribution it would distil (the listed probability of each answer
+  receiver derives from the distribution it would distil (the listed probability of each scored
   token, or the most an unlisted one can have).
 """
 
@@ -41,6 +43,7 @@ from fedmkt.data.examples import Example, QAExample
 from fedmkt.data.tokenize import IGNORE_INDEX, encode_prompt_answer
 from fedmkt.errors import FedMKTError
 from fedmkt.payload import KnowledgePayload
+from fedmkt.selection import scored_bytes, scored_targets
 
 __all__ = ["Agreement", "PublicTokens", "allowed_answer", "verify_payload", "payload_byte_limit"]
 
@@ -83,6 +86,9 @@ class Agreement:
 
     max_new_tokens: int = 32
     """Unlabelled generation: the most answer tokens a sender's own answer may have."""
+
+    kd_positions: str = "all"
+    """`transfer.kd_positions`: the positions the receiver distils, so the ones checked and scored."""
 
 
 class PublicTokens:
@@ -177,12 +183,13 @@ def verify_payload(payload: KnowledgePayload, agreed: Agreement, public: PublicT
         if generated and int(labelled.sum()) > agreed.max_new_tokens:
             wrong_answer.append(index)
             continue
-        answer_bytes = len(answer.encode("utf-8"))
+        text_bytes = scored_bytes(public.examples[index].prompt, answer, agreed.kd_positions)
+        targets = scored_targets(input_ids, targets, agreed.kd_positions)
         if derived:  # ranked by the distribution it would teach, not by numbers it reports
-            losses[row] = -_distilled_logprobs(payload, start, stop, targets).sum() / answer_bytes
+            losses[row] = -_distilled_logprobs(payload, start, stop, targets).sum() / text_bytes
             continue
         logprobs = payload.label_logprob[start:stop].float()
-        losses[row] = -logprobs[labelled].sum() / answer_bytes
+        losses[row] = -logprobs[targets != IGNORE_INDEX].sum() / text_bytes
         reported = float(payload.losses[row])
         if abs(reported - float(losses[row])) > LOSS_TOLERANCE * (1 + abs(float(losses[row]))):
             wrong_loss.append(index)

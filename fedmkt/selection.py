@@ -4,13 +4,45 @@ Per sample, the teacher is the candidate with the lowest loss (on the server: ar
 clients; on a client there is one candidate, the server). The sample is distilled only if that
 teacher's loss is strictly lower than the receiver's own loss — knowledge flows only where the
 teacher knows better. Everything else still trains with the task CE, with no KD term.
+
+Every loss DualMinCE compares is over the text the receiver distils (`scored_targets`): the
+answer under `transfer.kd_positions: answer`, prompt and answer under `all`, in nats per UTF-8
+byte of that text (`scored_bytes`). A teacher therefore wins a sample only by predicting well
+where it teaches, and a receiver verifies every position it distils (`fedmkt.received`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from fedmkt.data.tokenize import IGNORE_INDEX
+
+
+def scored_targets(
+    input_ids: torch.Tensor, targets: torch.Tensor, kd_positions: str, attention_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The next-token labels a sample's score sums over, shaped like `input_ids` (``[L]`` or ``[B, L]``).
+
+    `answer`: `targets` (the answer's tokens). `all`: every position's next token (the positions a
+    receiver distils: all but the last real one); `attention_mask` marks right padding.
+    """
+    if kd_positions == "answer":
+        return targets
+    following = input_ids[..., 1:]
+    if attention_mask is not None:
+        following = torch.where(attention_mask[..., 1:].bool(), following, torch.full_like(following, IGNORE_INDEX))
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[..., :-1] = following
+    return labels
+
+
+def scored_bytes(prompt: str, answer: str, kd_positions: str) -> int:
+    """UTF-8 bytes of the scored text: the unit every party's score is in, whatever its tokenizer."""
+    answer_bytes = len(answer.encode("utf-8"))
+    return answer_bytes if kd_positions == "answer" else answer_bytes + len(prompt.encode("utf-8"))
 
 
 @dataclass

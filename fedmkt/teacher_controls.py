@@ -21,7 +21,9 @@ from fedmkt.payload import KnowledgePayload
 __all__ = ["flat_topk", "random_answers"]
 
 
-def flat_topk(payload: KnowledgePayload, targets_of: Callable[[int], torch.Tensor]) -> KnowledgePayload:
+def flat_topk(
+    payload: KnowledgePayload, targets_of: Callable[[int], torch.Tensor], scored_bytes: torch.Tensor
+) -> KnowledgePayload:
     """`payload` with each position's top-k values replaced by one value (no ranking).
 
     The value keeps the top-k's total probability (``T * (logsumexp(x / T) - log k)``), so under
@@ -32,7 +34,8 @@ def flat_topk(payload: KnowledgePayload, targets_of: Callable[[int], torch.Tenso
     flat one) can add up to more than the rounding it allows for. The label
     log-probabilities and losses are those of this flat distribution (a label among the top-k gets
     the even share, any other keeps its own), so a receiver's checks pass it as any teacher;
-    `targets_of(row)` gives the payload row's next-token targets in the sender's tokens.
+    `targets_of(row)` gives the payload row's scored next-token targets in the sender's tokens
+    (`fedmkt.selection.scored_targets`), `scored_bytes[row]` its scored text's bytes.
     """
     scaled = payload.topk_logits.float() / payload.temperature
     k = scaled.shape[1]
@@ -51,7 +54,7 @@ def flat_topk(payload: KnowledgePayload, targets_of: Callable[[int], torch.Tenso
         listed = (payload.topk_ids[start:stop].long() == targets[:, None]).any(dim=1) & labelled
         span = label_logprob[start:stop]
         span[listed] = even_share[start:stop][listed].to(span.dtype)
-        losses[row] = -span[labelled].float().sum() / max(1, len(payload.answer_text(row).encode("utf-8")))
+        losses[row] = -span[labelled].float().sum() / max(1, int(scored_bytes[row]))
     return replace(
         payload, topk_logits=level.expand_as(scaled).contiguous(), label_logprob=label_logprob, losses=losses
     )

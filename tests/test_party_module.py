@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import lightning as L
 import pytest
@@ -260,8 +261,12 @@ def test_nan_loss_raises_fedmkt_error(make_tiny_llama, smollm2_tokenizer):
 # ---- knowledge sharing --------------------------------------------------------------------------
 
 
-def test_predict_step_matches_topk_and_cross_entropy_at_real_positions(make_tiny_llama, smollm2_tokenizer):
+@pytest.mark.parametrize("kd_positions", ["all", "answer"])
+def test_predict_step_matches_topk_and_cross_entropy_at_real_positions(
+    make_tiny_llama, smollm2_tokenizer, kd_positions
+):
     module = make_module(make_tiny_llama, smollm2_tokenizer, top_k=5).eval()
+    module.transfer = replace(module.transfer, kd_positions=kd_positions)
     batch = make_batch(smollm2_tokenizer)
     batch["index"] = torch.tensor([7, 3])
     lengths = batch["attention_mask"].sum(-1)
@@ -280,7 +285,10 @@ def test_predict_step_matches_topk_and_cross_entropy_at_real_positions(make_tiny
         assert torch.equal(out["token_ids"][rows], batch["input_ids"][b, :length])
         assert torch.equal(out["topk_ids"][rows], ids)
         assert torch.equal(out["topk_logits"][rows], values.to(torch.float16))
-        expected = F.cross_entropy(logits[b], batch["targets"][b], ignore_index=IGNORE_INDEX, reduction="sum")
+        if kd_positions == "answer":  # the answer's tokens
+            expected = F.cross_entropy(logits[b], batch["targets"][b], ignore_index=IGNORE_INDEX, reduction="sum")
+        else:  # every real token after the first, predicted from the one before
+            expected = F.cross_entropy(logits[b, : length - 1], batch["input_ids"][b, 1:length], reduction="sum")
         torch.testing.assert_close(out["nll"][b], expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(
             out["logsumexp"][rows], torch.logsumexp(logits[b, :length], -1), rtol=1e-5, atol=1e-5

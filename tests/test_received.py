@@ -47,15 +47,33 @@ def test_an_honest_payload_passes_and_its_losses_are_recomputed(honest):
     payload, agreed, public = honest
     checked = verify_payload(payload, agreed, public)
     torch.testing.assert_close(checked.losses, payload.losses, rtol=1e-5, atol=1e-5)
-    # the recomputed loss is minus the summed label log-probability over each sample's answer
-    # positions, per UTF-8 byte of the answer text
+    # under kd_positions: all (the default) the recomputed loss is minus the summed label
+    # log-probability over every position but each sample's last, per UTF-8 byte of prompt and answer
+    for row, index in enumerate(payload.sample_index.tolist()):
+        example = public.examples[index]
+        assert payload.answer_text(row) == example.answer
+        start, stop = int(payload.offsets[row]), int(payload.offsets[row + 1])
+        expected = -payload.label_logprob[start : stop - 1].sum() / len((example.prompt + example.answer).encode())
+        torch.testing.assert_close(checked.losses[row], expected)
+        assert bool((payload.label_logprob[start : stop - 1] < 0).all())  # every predicted token is scored
+
+
+def test_scoring_the_answer_alone_recomputes_over_its_positions(smollm2_tokenizer, make_tiny_llama, tmp_path):
+    transfer = TransferConfig(top_k=TOP_K, kd_positions="answer")
+    party = make_participant("peer", smollm2_tokenizer, make_tiny_llama, tmp_path, 1, transfer)
+    payload = party.share_knowledge(round_index=2)
+    public = PublicTokens(smollm2_tokenizer, qa(3, "public"), 48)
+    agreed = Agreement(2, TOP_K, 48, 1.0, len(smollm2_tokenizer), kd_positions="answer")
+    checked = verify_payload(payload, agreed, public)
     for row, index in enumerate(payload.sample_index.tolist()):
         answer = public.examples[index].answer
-        assert payload.answer_text(row) == answer
         _, targets = public(index, answer)
         start, stop = int(payload.offsets[row]), int(payload.offsets[row + 1])
         expected = -payload.label_logprob[start:stop][targets != -100].sum() / len(answer.encode("utf-8"))
         torch.testing.assert_close(checked.losses[row], expected)
+    # the same payload, checked as if prompt positions were distilled, scores them: it claimed nothing there
+    with pytest.raises(FedMKTError, match="disagree"):
+        verify_payload(payload, replace(agreed, kd_positions="all"), public)
 
 
 def test_a_reported_loss_that_wins_every_sample_is_refused(honest):
@@ -105,12 +123,14 @@ def test_another_round_vocabulary_length_or_temperature_is_refused(honest):
     refused(payload, replace(agreed, temperature=2.0), public, "temperature 1.0, not 2.0")
 
 
-def _answer_rows(payload, public):
-    """Per sample: (start, stop, targets) of its positions, in the payload's order."""
+def _scored_rows(payload, public):
+    """Per sample under kd_positions: all: (start, stop, labels), labels being each position's next
+    token (-100 at the last), in the payload's order."""
     rows = []
     for row, index in enumerate(payload.sample_index.tolist()):
-        _, targets = public(index, payload.answer_text(row))
-        rows.append((int(payload.offsets[row]), int(payload.offsets[row + 1]), targets))
+        input_ids, _ = public(index, payload.answer_text(row))
+        labels = torch.cat([input_ids[1:], torch.tensor([-100])])
+        rows.append((int(payload.offsets[row]), int(payload.offsets[row + 1]), labels))
     return rows
 
 
@@ -119,7 +139,7 @@ def test_a_far_off_filler_logit_does_not_widen_the_tolerance(honest):
     so a listed label could claim probability 1 (loss 0) whatever its logit said."""
     payload, agreed, public = honest
     logits, claimed = payload.topk_logits.clone(), payload.label_logprob.clone()
-    for start, _stop, targets in _answer_rows(payload, public):
+    for start, _stop, targets in _scored_rows(payload, public):
         for position in (targets != -100).nonzero().flatten().tolist():
             row = start + position
             label = int(targets[position])
@@ -143,7 +163,7 @@ def test_where_log_probabilities_cannot_be_checked_the_sender_is_ranked_by_what_
     honest, noised, temperature
 ):
     """Noised logits or T != 1: the reported losses and label log-probabilities are not used. A sender
-    claiming loss 0 is ranked by the loss of its shared distribution on the answer."""
+    claiming loss 0 is ranked by the loss of its shared distribution on the scored text."""
     payload, agreed, public = honest
     shared = replace(
         payload,
@@ -153,14 +173,15 @@ def test_where_log_probabilities_cannot_be_checked_the_sender_is_ranked_by_what_
         label_logprob=torch.zeros_like(payload.label_logprob),
     )
     checked = verify_payload(shared, replace(agreed, noised=noised, temperature=temperature), public)
-    for row, (start, _stop, targets) in enumerate(_answer_rows(payload, public)):
+    for row, (start, _stop, targets) in enumerate(_scored_rows(payload, public)):
         total = 0.0
         for position in (targets != -100).nonzero().flatten().tolist():
             distribution = torch.log_softmax(payload.topk_logits[start + position].float() / temperature, dim=0)
             listed = (payload.topk_ids[start + position] == targets[position]).nonzero().flatten()
             total += float(distribution[listed[0]]) if len(listed) else -30.0  # unlisted: no mass, the floor
-        answer_bytes = len(payload.answer_text(row).encode("utf-8"))
-        assert float(checked.losses[row]) == pytest.approx(-total / answer_bytes, rel=1e-4)
+        example = public.examples[int(payload.sample_index[row])]
+        text_bytes = len((example.prompt + payload.answer_text(row)).encode("utf-8"))
+        assert float(checked.losses[row]) == pytest.approx(-total / text_bytes, rel=1e-4)
         assert float(checked.losses[row]) > 0  # not the claimed 0
 
 
@@ -215,19 +236,77 @@ def test_an_answer_the_question_does_not_allow_is_refused(honest):
         verify_payload(broken, agreed, public)
 
 
-def test_an_unlabelled_payload_along_any_option_passes(smollm2_tokenizer, make_tiny_llama, tmp_path):
+@pytest.mark.parametrize("kd_positions", ["answer", "all"])
+def test_an_unlabelled_payload_along_any_option_passes(smollm2_tokenizer, make_tiny_llama, tmp_path, kd_positions):
     """A sender on an unlabelled public set shares along its own options; a receiver accepts each."""
     from fedmkt.data.examples import without_answer
 
-    transfer = TransferConfig(top_k=TOP_K)
+    transfer = TransferConfig(top_k=TOP_K, kd_positions=kd_positions)
     party = make_participant("peer", smollm2_tokenizer, make_tiny_llama, tmp_path, 1, transfer, unlabelled=True)
     payload = KnowledgePayload.from_bytes(party.share_knowledge(round_index=2).to_bytes())
     examples = [without_answer(e) for e in qa(3, "public")]
     public = PublicTokens(smollm2_tokenizer, examples, 48)
-    agreed = Agreement(2, TOP_K, 48, 1.0, len(smollm2_tokenizer), public_labelled=False)
+    agreed = Agreement(2, TOP_K, 48, 1.0, len(smollm2_tokenizer), public_labelled=False, kd_positions=kd_positions)
     checked = verify_payload(payload, agreed, public)
     own = party.own_answers()
     assert [payload.answer_text(row) for row in range(len(payload))] == own.texts
+    if kd_positions == "all":  # the sender's loss is the one it would have as a receiver of the same text
+        torch.testing.assert_close(checked.losses, party.losses_on(own.texts), rtol=1e-4, atol=1e-5)
+        return
     for row, example in enumerate(qa(3, "public")):  # its own loss is its NLL of its own option, per byte
         expected = own.nll_per_byte(row, example, own.texts[row])
         assert float(checked.losses[row]) == pytest.approx(expected, rel=1e-3, abs=1e-4)
+
+
+def _consistent_forgery(payload, public, attacker_token: int = 42):
+    """The attack: at answer positions the label as top-1 with a huge margin (log-probability ~0);
+    at every other position `attacker_token` as top-1 with p > 0.99, the label unlisted and its
+    log-probability claimed at the most the top-k allow. Self-consistent, so it passes every check
+    that reads only the sender's own numbers."""
+    ids, logits = payload.topk_ids.clone(), torch.zeros_like(payload.topk_logits)
+    claimed = torch.zeros_like(payload.label_logprob)
+    for row, (start, stop, labels) in enumerate(_scored_rows(payload, public)):
+        index = int(payload.sample_index[row])
+        _, answer_targets = public(index, payload.answer_text(row))
+        for position in range(stop - start - 1):
+            label = int(labels[position])
+            steered = attacker_token if attacker_token != label else attacker_token + 1
+            top = label if int(answer_targets[position]) != -100 else steered
+            fillers = [t for t in range(100, 100 + TOP_K) if t != label][: TOP_K - 1]
+            ids[start + position] = torch.tensor([top, *fillers], dtype=ids.dtype)
+            logits[start + position, 0] = 20.0
+    lse = torch.logsumexp(logits.float(), dim=1) + 1e-4  # almost all mass in the top-k
+    listed = logits.float() - lse[:, None]
+    for start, stop, labels in _scored_rows(payload, public):
+        for position in range(stop - start - 1):
+            at = start + position
+            hit = (ids[at] == int(labels[position])).nonzero().flatten()
+            claimed[at] = listed[at, hit[0]] if len(hit) else listed[at].min()
+    forged = replace(payload, topk_ids=ids, topk_logits=logits, logsumexp=lse, label_logprob=claimed)
+    return forged, claimed
+
+
+def test_a_consistent_forger_that_steers_prompt_positions_loses_every_sample(honest):
+    """Under kd_positions: all a receiver distils prompt positions too, so they are scored: the
+    forger's p > 0.99 on its own token there costs it every sample against an honest receiver."""
+    from fedmkt.selection import dual_min_ce
+
+    payload, agreed, public = honest
+    own = verify_payload(payload, agreed, public).losses  # an honest receiver's own scores
+    forged, claimed = _consistent_forgery(payload, public)
+    answer_only = replace(agreed, kd_positions="answer")
+    # scored on the answer alone, the forgery passes and wins every sample
+    for scoring in (answer_only, agreed):
+        losses = torch.zeros(len(payload))
+        for row, (start, stop, _labels) in enumerate(_scored_rows(payload, public)):
+            index = int(payload.sample_index[row])
+            example = public.examples[index]
+            _, answer_targets = public(index, example.answer)
+            scored = (
+                claimed[start:stop][answer_targets != -100] if scoring is answer_only else claimed[start : stop - 1]
+            )
+            text = example.answer if scoring is answer_only else example.prompt + example.answer
+            losses[row] = -scored.sum() / len(text.encode("utf-8"))
+        checked = verify_payload(replace(forged, losses=losses), scoring, public)
+        wins = dual_min_ce(own, {"forger": checked.losses}).num_selected
+        assert wins == (len(payload) if scoring is answer_only else 0), (scoring.kd_positions, checked.losses, own)

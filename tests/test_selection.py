@@ -83,3 +83,16 @@ def test_selection_counts_list_every_teacher_even_with_zero():
     selection = Selection(["a", "b", "c"], torch.tensor([2, -1, 2, 0]))
     assert selection.counts() == {"a": 1, "b": 0, "c": 2}
     assert selection.num_selected == 3
+
+
+def test_scored_targets_are_the_answer_or_every_next_token_up_to_the_padding():
+    from fedmkt.selection import scored_bytes, scored_targets
+
+    input_ids = torch.tensor([[5, 6, 7, 8], [5, 9, 0, 0]])
+    targets = torch.tensor([[-100, -100, 8, -100], [9, -100, -100, -100]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert torch.equal(scored_targets(input_ids, targets, "answer", mask), targets)
+    expected = torch.tensor([[6, 7, 8, -100], [9, -100, -100, -100]])
+    assert torch.equal(scored_targets(input_ids, targets, "all", mask), expected)
+    assert torch.equal(scored_targets(input_ids[0], targets[0], "all"), expected[0])
+    assert scored_bytes("Q: é?", " b", "answer") == 2 and scored_bytes("Q: é?", " b", "all") == 2 + 6

@@ -54,7 +54,7 @@ class OnePublicQuestion:
 def test_the_control_keeps_ids_and_top_k_mass_but_no_ranking():
     sent = payload()
     public = OnePublicQuestion(sent)
-    control = flat_topk(sent, lambda row: public(0, ANSWER)[1])
+    control = flat_topk(sent, lambda row: public(0, ANSWER)[1], torch.tensor([3]))
     assert torch.equal(control.topk_ids, sent.topk_ids) and torch.equal(control.logsumexp, sent.logsumexp)
     values = control.topk_logits.float()
     assert torch.equal(values, values[:, :1].expand_as(values))  # one value per position
@@ -68,14 +68,14 @@ def test_the_controls_label_log_probabilities_are_its_own_and_pass_a_receivers_c
     the control's are those of its even distribution, and its loss their sum per byte of the answer."""
     sent = payload(temperature=1.0)
     public = OnePublicQuestion(sent)
-    control = flat_topk(sent, lambda row: public(0, ANSWER)[1])
+    control = flat_topk(sent, lambda row: public(0, ANSWER)[1], torch.tensor([3]))
     even = control.topk_logits[1, 0].float() - control.logsumexp[1]  # log(top-k mass / k)
     assert float(control.label_logprob[1]) == pytest.approx(float(even), abs=1e-6)
     assert float(control.label_logprob[3]) == float(sent.label_logprob[3])  # not listed: its own
     assert float(control.losses[0]) == pytest.approx(-(float(even) + float(sent.label_logprob[3])) / 3, abs=1e-6)
-    agreed = Agreement(round=1, top_k=4, max_length=16, temperature=1.0, tokenizer_size=50)
+    agreed = Agreement(round=1, top_k=4, max_length=16, temperature=1.0, tokenizer_size=50, kd_positions="answer")
     verify_payload(control, agreed, public)  # passes
-    forged = flat_topk(sent, lambda row: public(0, ANSWER)[1])
+    forged = flat_topk(sent, lambda row: public(0, ANSWER)[1], torch.tensor([3]))
     forged.label_logprob[1] = 0.0  # claims certainty its flat top-k does not give
     forged.losses[0] = -float(forged.label_logprob[3]) / 3
     with pytest.raises(Exception, match="disagree with its own top-k"):
@@ -104,7 +104,7 @@ def test_a_control_of_a_peaked_payload_never_outweighs_its_log_sum_exp(temperatu
     true_lse = torch.logsumexp(peaked / temperature, dim=1) + 1e-6
     sent = KnowledgePayload(**{**sent.__dict__, "topk_logits": rounded, "logsumexp": true_lse})
     public = OnePublicQuestion(sent)
-    control = flat_topk(sent, lambda row: public(0, ANSWER)[1])
+    control = flat_topk(sent, lambda row: public(0, ANSWER)[1], torch.tensor([3]))
     assert bool((_topk_logsumexp_excess(control) <= 0).all())
     # and keeps the mass up to float16 steps: one step down, and the rounding of the values it came from
     mass = (control.topk_logits.float() / temperature - control.logsumexp[:, None]).exp().sum(1)

@@ -45,10 +45,10 @@ from fedmkt.party_module import PartyModule
 from fedmkt.payload import KnowledgePayload, smallest_id_dtype
 from fedmkt.privacy import add_logit_noise
 from fedmkt.progress import on_terminal
-from fedmkt.public_answers import OwnAnswers, answer_public, text_bytes
+from fedmkt.public_answers import OwnAnswers, answer_public
 from fedmkt.received import Agreement, PublicTokens, verify_payload
 from fedmkt.schedule import ScheduleSpan, run_span
-from fedmkt.selection import best_teachers, dual_min_ce
+from fedmkt.selection import best_teachers, dual_min_ce, scored_bytes, scored_targets
 from fedmkt.teacher_controls import flat_topk, random_answers
 from fedmkt.teacher_targets import TeacherAligners, teacher_losses
 
@@ -247,6 +247,7 @@ class Participant:
         lengths = torch.cat([o["lengths"] for o in outputs])
         index = torch.cat([o["index"] for o in outputs]).long()
         texts = [answers[i] for i in index.tolist()]
+        scored = self._scored_bytes(index.tolist(), answers)
         id_dtype = smallest_id_dtype(self.module.vocab_size)
         answer_bytes, answer_offsets = KnowledgePayload.encode_answers(texts)
         payload = KnowledgePayload(
@@ -254,7 +255,7 @@ class Participant:
             round=round_index,
             vocab_size=self.module.vocab_size,
             sample_index=index,
-            losses=torch.cat([o["nll"] for o in outputs]) / torch.tensor([text_bytes(t) for t in texts]),
+            losses=torch.cat([o["nll"] for o in outputs]) / scored,
             offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
             token_ids=torch.cat([o["token_ids"] for o in outputs]).to(id_dtype),
             topk_ids=torch.cat([o["topk_ids"] for o in outputs]).to(id_dtype),
@@ -267,9 +268,12 @@ class Participant:
         ).in_sample_order()
         if self.transfer.teacher != "real":  # a control: the same answers' positions, no ranking
             public = PublicTokens(self.tokenizer, self.data.public_examples, self.max_length)
-            payload = flat_topk(
-                payload, lambda row: public(int(payload.sample_index[row]), payload.answer_text(row))[1]
-            )
+            positions = self.transfer.kd_positions
+
+            def targets_of(row: int) -> torch.Tensor:
+                return scored_targets(*public(int(payload.sample_index[row]), payload.answer_text(row)), positions)
+
+            payload = flat_topk(payload, targets_of, self._scored_bytes(payload.sample_index.tolist(), answers))
         return add_logit_noise(payload, self.privacy)  # noise from OS entropy: no receiver can regenerate it
 
     def _shared_answers(self, round_index: int) -> list[Optional[str]]:
@@ -303,8 +307,14 @@ class Participant:
             self._park()
         return self._own_answers
 
+    def _scored_bytes(self, indices: list[int], answers: list[Optional[str]]) -> torch.Tensor:
+        """Bytes of each public sample's scored text (`fedmkt.selection.scored_bytes`), as the divisor of its NLL."""
+        examples, positions = self.data.public_examples, self.transfer.kd_positions
+        return torch.tensor([scored_bytes(examples[i].prompt, answers[i], positions) for i in indices])
+
     def public_losses(self) -> torch.Tensor:
-        """The receiver's own per-sample NLL per byte of the gold answers, for DualMinCE (reused if fresh)."""
+        """The receiver's own per-sample NLL per byte of the scored text along the gold answers, for
+        DualMinCE (reused if fresh)."""
         if self._public_losses is None:
             self._predict_public("public_losses", [example.answer for example in self.data.public_examples])
         return self._public_losses
@@ -312,10 +322,11 @@ class Participant:
     def losses_on(self, answers: list[Optional[str]]) -> torch.Tensor:
         """The receiver's own NLL per byte of each public question answered with `answers` (+inf where None).
 
-        Multiple choice reads the per-option NLLs of its own answering pass; generation scores the texts.
+        Scoring the answer alone, multiple choice reads the per-option NLLs of its own answering
+        pass; otherwise (generation, or prompt and answer under `kd_positions: all`) the texts are scored.
         """
         losses = torch.full((self.num_public,), float("inf"))
-        if self.data_format == "multiple_choice":
+        if self.data_format == "multiple_choice" and self.transfer.kd_positions == "answer":
             own = self.own_answers()
             for index, (example, answer) in enumerate(zip(self.data.public_examples, answers)):
                 if answer is not None:
@@ -324,7 +335,7 @@ class Participant:
         outputs = self._predict_public("own_losses", answers, cache=False)
         index = torch.cat([o["index"] for o in outputs]).long()
         nll = torch.cat([o["nll"] for o in outputs])
-        losses[index] = nll / torch.tensor([text_bytes(answers[i]) for i in index.tolist()])
+        losses[index] = nll / self._scored_bytes(index.tolist(), answers)
         return losses
 
     def _samples(self, answers: list[Optional[str]]) -> list[TokenizedSample]:
@@ -353,7 +364,7 @@ class Participant:
         if self.public_labelled and cache:
             index = torch.cat([o["index"] for o in outputs]).long()
             nll = torch.cat([o["nll"] for o in outputs])
-            per_byte = nll / torch.tensor([text_bytes(answers[i]) for i in index.tolist()])
+            per_byte = nll / self._scored_bytes(index.tolist(), answers)
             self._public_losses = torch.full((self.num_public,), float("inf"))
             self._public_losses[index] = per_byte
         return outputs
@@ -421,6 +432,7 @@ class Participant:
                 noised=self.privacy.logit_noise > 0,
                 public_labelled=self.public_labelled,
                 max_new_tokens=self.max_new_tokens,
+                kd_positions=self.transfer.kd_positions,
             )
             try:
                 verified[teacher] = verify_payload(payload, agreed, self._public_tokens[teacher])
