@@ -1,9 +1,9 @@
 """How many DualMinCE selections comparing losses per byte changes against comparing token means.
 
 Runs a config (default: the demo, 2 rounds) and, at every distillation, selects the samples twice
-from the same losses: as fedmkt does (each party's answer NLL per UTF-8 byte of the answer) and as
-the reference does (the NLL's mean over the party's own answer tokens, i.e. the same sums divided
-by each party's token count). Between parties with one tokenizer both order samples alike; across
+from the same losses: as fedmkt does (each party's NLL of the scored text per UTF-8 byte of it: the
+answer, or prompt and answer under `kd_positions: all`) and as the reference does (the NLL's mean
+over the party's own scored tokens, i.e. the same sums divided by each party's token count). Between parties with one tokenizer both order samples alike; across
 tokenizers they differ where one tokenizer cuts the answer more finely. Prints, per round and
 receiver, how many samples each rule selects and on how many the two disagree.
 
@@ -25,16 +25,18 @@ import torch
 import fedmkt.federation.participant as participant_module
 from fedmkt.config import parse_run_config
 from fedmkt.data.tokenize import IGNORE_INDEX, encode_prompt_answer
-from fedmkt.public_answers import text_bytes
 from fedmkt.run import fit
+from fedmkt.selection import scored_bytes, scored_targets
 
 
-def tokens_per_byte(tokenizer, examples, max_length: int) -> torch.Tensor:
-    """Per public sample, the answer's token count in `tokenizer` divided by its UTF-8 bytes."""
+def tokens_per_byte(tokenizer, examples, max_length: int, kd_positions: str) -> torch.Tensor:
+    """Per public sample, the scored text's token count in `tokenizer` divided by its UTF-8 bytes."""
     ratios = []
     for example in examples:
-        _, targets = encode_prompt_answer(tokenizer, example.prompt, example.answer, max_length)
-        ratios.append(int((targets != IGNORE_INDEX).sum()) / text_bytes(example.answer))
+        scored = scored_targets(
+            *encode_prompt_answer(tokenizer, example.prompt, example.answer, max_length), kd_positions
+        )
+        ratios.append(int((scored != IGNORE_INDEX).sum()) / scored_bytes(example.prompt, example.answer, kd_positions))
     return torch.tensor(ratios)
 
 
@@ -56,10 +58,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def select(own, teacher_losses, require_improvement=True):
         party = receiver["party"]
-        examples, length = party.data.public_examples, party.max_length
-        own_ratio = tokens_per_byte(party.tokenizer, examples, length)
+        examples, length, positions = party.data.public_examples, party.max_length, party.transfer.kd_positions
+        own_ratio = tokens_per_byte(party.tokenizer, examples, length, positions)
         token_mean = {
-            name: losses / tokens_per_byte(party.alignment.teacher_tokenizers[name], examples, length)
+            name: losses / tokens_per_byte(party.alignment.teacher_tokenizers[name], examples, length, positions)
             for name, losses in teacher_losses.items()
         }
         by_byte = original_select(own, teacher_losses, require_improvement)

@@ -120,6 +120,13 @@ run whose KD term is on, and stored in its record: a record without it, or with 
 earlier code, so it is never reused for a run of today's code."""
 
 
+SELECTION_SCORE = "distilled positions"
+"""What DualMinCE scores (`fedmkt.selection.scored_targets`): every position the receiver distils,
+prompt included under `kd_positions: all`. Part of the settings of every run that selects under
+`all`, and stored in its record: a record without it scored the answer alone, so it is never
+reused for a run of today's code (under `kd_positions: answer` the score did not change)."""
+
+
 def mode_arguments(mode: str) -> list[str]:
     """Command-line overrides that turn the base config into one mode of the grid."""
     if mode == "zero_shot":
@@ -233,11 +240,25 @@ def distils(config: RunConfig | dict) -> bool:
     return mode in ("fedmkt", "fedavg", "llm2slm") and float(tree["transfer"]["ce_weight"]) < 1.0
 
 
-def settings_of(config: RunConfig | dict, kd_objective: Optional[str] = KD_OBJECTIVE) -> dict:
+def selects(config: RunConfig | dict) -> bool:
+    """Whether a run of this config selects public samples by scoring prompt positions too (DualMinCE under `kd_positions: all`)."""
+    tree = asdict(config) if isinstance(config, RunConfig) else config
+    return (
+        tree["federation"]["mode"] in ("fedmkt", "fedavg", "llm2slm")
+        and tree["transfer"].get("kd_positions", "all") == "all"
+    )
+
+
+def settings_of(
+    config: RunConfig | dict,
+    kd_objective: Optional[str] = KD_OBJECTIVE,
+    selection_score: Optional[str] = SELECTION_SCORE,
+) -> dict:
     """The config as JSON, without the keys that do not change this run's results.
 
     `kd_objective` is the KD weighting the run used (`KD_OBJECTIVE` for today's code, None for a
     record made before it was stored); it is part of the settings only where the KD term is on.
+    `selection_score` likewise (`SELECTION_SCORE`), where `selects`.
     """
     tree = asdict(config) if isinstance(config, RunConfig) else config
     tree = json.loads(json.dumps(tree, default=str))
@@ -260,21 +281,33 @@ def settings_of(config: RunConfig | dict, kd_objective: Optional[str] = KD_OBJEC
         settings.pop("training_seed", None)
     if active_kd and kd_objective is not None:
         settings["kd_objective"] = kd_objective
+    if selects(tree) and selection_score is not None:
+        settings["selection_score"] = selection_score
     return settings
 
 
-def settings_hash(config: RunConfig | dict, kd_objective: Optional[str] = KD_OBJECTIVE) -> str:
-    return hashlib.sha256(json.dumps(settings_of(config, kd_objective), sort_keys=True).encode()).hexdigest()[:10]
+def settings_hash(
+    config: RunConfig | dict,
+    kd_objective: Optional[str] = KD_OBJECTIVE,
+    selection_score: Optional[str] = SELECTION_SCORE,
+) -> str:
+    settings = settings_of(config, kd_objective, selection_score)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def finished(summary: dict, config: RunConfig, kd_objective: Optional[str] = KD_OBJECTIVE) -> bool:
+def finished(
+    summary: dict,
+    config: RunConfig,
+    kd_objective: Optional[str] = KD_OBJECTIVE,
+    selection_score: Optional[str] = SELECTION_SCORE,
+) -> bool:
     """Whether `summary` is a complete run of exactly `config`'s settings.
 
     `kd_objective`: the KD weighting the summary's run used (a record says which in its own
     `kd_objective`; a run folder named by today's settings hash holds a run of today's code).
     """
     recorded = summary.get("config", {})
-    if not recorded or settings_of(recorded, kd_objective) != settings_of(config):
+    if not recorded or settings_of(recorded, kd_objective, selection_score) != settings_of(config):
         return False
     if config.federation.mode == "zero_shot":
         return bool(summary.get("zero_shot"))
@@ -291,7 +324,7 @@ def recorded_summary(config: RunConfig, task: str, mode: str, record: Path) -> O
     recorded = record / "runs" / f"{cell_name(config, task, mode)}.json"
     if recorded.is_file():
         summary = json.loads(recorded.read_text())
-        if finished(summary, config, summary.get("kd_objective")):
+        if finished(summary, config, summary.get("kd_objective"), summary.get("selection_score")):
             return summary
     return None
 
@@ -328,6 +361,8 @@ def run_cell(config: RunConfig, task: str, mode: str, record: Path, label: str, 
     summary["settings_hash"] = settings_hash(config)
     if distils(config):
         summary["kd_objective"] = KD_OBJECTIVE
+    if selects(config):
+        summary["selection_score"] = SELECTION_SCORE
     recorded.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(recorded, json.dumps(summary, indent=1, default=str))  # a grid alongside may read it
     shutil.rmtree(mirror_dir, ignore_errors=True)  # the finished record replaces the checkpoint

@@ -21,12 +21,17 @@ def script():
     return module
 
 
-def test_tokens_per_byte_counts_the_answer_tokens(script, smollm2_tokenizer):
+def test_tokens_per_byte_counts_the_scored_tokens(script, smollm2_tokenizer):
     from fedmkt.data.examples import QAExample
 
-    example = QAExample("q", "Question: 2 + 2?\nAnswer:", (" four", " five"), 0)
+    prompt = "Question: 2 + 2?\nAnswer:"
+    example = QAExample("q", prompt, (" four", " five"), 0)
     tokens = len(smollm2_tokenizer(" four", add_special_tokens=False)["input_ids"])
-    assert float(script.tokens_per_byte(smollm2_tokenizer, [example], 64)[0]) == pytest.approx(tokens / 5)
+    assert float(script.tokens_per_byte(smollm2_tokenizer, [example], 64, "answer")[0]) == pytest.approx(tokens / 5)
+    # every token but the first is predicted (SmolLM2 adds no BOS), per byte of prompt and answer
+    every = len(smollm2_tokenizer(prompt, add_special_tokens=False)["input_ids"]) + tokens - 1
+    ratio = float(script.tokens_per_byte(smollm2_tokenizer, [example], 64, "all")[0])
+    assert ratio == pytest.approx(every / (len(prompt) + 5))
 
 
 def test_the_per_byte_counts_are_the_runs_selections(script, tmp_path, monkeypatch, capsys):

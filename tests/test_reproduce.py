@@ -235,9 +235,12 @@ def test_every_recorded_run_keeps_the_hash_it_was_recorded_under(reproduce):
         # Parsed again today, the config holds every key the code now has.
         config = run_config_from_text(yaml.safe_dump(reproduce.as_run_then(summary["config"])))
         objective = summary.get("kd_objective")  # None: recorded before the KD weighting was stored
-        assert record.stem.rsplit("-", 1)[1] == reproduce.settings_hash(config, objective), record.name
+        score = summary.get("selection_score")  # None: recorded when DualMinCE scored the answer alone
+        assert record.stem.rsplit("-", 1)[1] == reproduce.settings_hash(config, objective, score), record.name
         if reproduce.distils(config) and objective is None:  # an older weighting is never reused today
-            assert reproduce.settings_hash(config) != reproduce.settings_hash(config, objective)
+            assert reproduce.settings_hash(config) != reproduce.settings_hash(config, objective, score)
+        if reproduce.selects(config) and score is None:  # nor an older selection score
+            assert reproduce.settings_hash(config) != reproduce.settings_hash(config, objective, score)
 
 
 def test_a_client_override_sets_that_client_only_and_names_a_wrong_index(reproduce, tmp_path):
