@@ -12,7 +12,7 @@ scored as `transfer.kd_positions` says: the receiver's mean NLL per scored token
 a forger that wins the sample could move per position (quartiles over samples). Under
 `kd_positions: answer` the prompt positions are not distilled at all.
 
-    OMP_NUM_THREADS=1 python benchmarks/forger_budget.py                # demo, 200 public samples, ~1 min
+    OMP_NUM_THREADS=1 python benchmarks/forger_budget.py                # the demo's 50 public samples, ~1 min
     python benchmarks/forger_budget.py --config tiny --samples 20 --out budget.json
 """
 
