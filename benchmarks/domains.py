@@ -9,7 +9,7 @@ scored on a held-out set of each task. Two variants of the public set, each with
 Zero-Shot and Standalone never read the public set's labels, so both variants share those runs.
 Per task, every accuracy comes with its Wilson interval (acc_norm beside it), and every difference
 with a paired bootstrap interval on the same questions, pooled over the seeds that both sides have
-finished (`--seeds`). The runs that distil are evaluated after every round; the per-round figure
+finished (`--seeds`). The runs that distill are evaluated after every round; the per-round figure
 and the diagnostics (the server's selections per client, how often each party's public answers are
 the gold ones) show where knowledge stops. Outputs:
 

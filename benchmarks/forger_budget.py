@@ -1,6 +1,6 @@
 """How far a consistent forger can still move a receiver's distillation targets.
 
-DualMinCE distils a sample from a teacher only if the teacher's NLL of the scored text is below
+DualMinCE distills a sample from a teacher only if the teacher's NLL of the scored text is below
 the receiver's own, and a receiver checks each scored label log-probability against the teacher's
 top-k (fedmkt.received). At a scored position whose next token is y, the mass a teacher puts on
 any other token is at most 1 - q(y), so -log(1 - moved) <= -log q(y): a teacher that wins a

@@ -8,7 +8,7 @@ modes on the same held-out questions:
   fedmkt         the method (evaluated after every round: the per-round figure)
   centralized    the server trains on the public and all private parts
   fedmkt_no_kd   FedMKT with lambda = 1: the public labels without the KD term
-  llm2slm        the server is frozen; clients distil from it one way
+  llm2slm        the server is frozen; clients distill from it one way
 
 Every accuracy comes with its 95 % Wilson interval, and every FedMKT-minus-baseline difference with
 a paired bootstrap interval over the same questions (the runs record which questions each party got
@@ -121,7 +121,7 @@ earlier code, so it is never reused for a run of today's code."""
 
 
 SELECTION_SCORE = "distilled positions"
-"""What DualMinCE scores (`fedmkt.selection.scored_targets`): every position the receiver distils,
+"""What DualMinCE scores (`fedmkt.selection.scored_targets`): every position the receiver distills,
 prompt included under `kd_positions: all`. Part of the settings of every run that selects under
 `all`, and stored in its record: a record without it scored the answer alone, so it is never
 reused for a run of today's code (under `kd_positions: answer` the score did not change)."""
@@ -233,8 +233,8 @@ def _unread_keys(tree: dict) -> dict[str, tuple[str, ...]]:
     return {}
 
 
-def distils(config: RunConfig | dict) -> bool:
-    """Whether a run of this config has a KD term (some party distils with lambda < 1)."""
+def distills(config: RunConfig | dict) -> bool:
+    """Whether a run of this config has a KD term (some party distills with lambda < 1)."""
     tree = asdict(config) if isinstance(config, RunConfig) else config
     mode = tree["federation"]["mode"]
     return mode in ("fedmkt", "fedavg", "llm2slm") and float(tree["transfer"]["ce_weight"]) < 1.0
@@ -262,7 +262,7 @@ def settings_of(
     """
     tree = asdict(config) if isinstance(config, RunConfig) else config
     tree = json.loads(json.dumps(tree, default=str))
-    active_kd = distils(tree)
+    active_kd = distills(tree)
     for part, keys in _unread_keys(tree).items():
         for section in tree[part] if part == "clients" else [tree[part]]:
             for key in keys:
@@ -359,7 +359,7 @@ def run_cell(config: RunConfig, task: str, mode: str, record: Path, label: str, 
         # Time of the work kept: earlier sittings up to their last checkpoint, plus this sitting.
         summary["wall_seconds"] = mirror.seconds()
     summary["settings_hash"] = settings_hash(config)
-    if distils(config):
+    if distills(config):
         summary["kd_objective"] = KD_OBJECTIVE
     if selects(config):
         summary["selection_score"] = SELECTION_SCORE

@@ -8,7 +8,7 @@ from fedmkt.selection import Selection
 
 
 class SelectiveTransferCallback(L.Callback):
-    """Logs how many public samples the phase distils, in all and per teacher.
+    """Logs how many public samples the phase distills, in all and per teacher.
 
     The `Selection` is computed by `Participant.distill` before the phase's data is built; this
     callback only reports it: `selected` on the progress bar, `selected/<teacher>` besides it in

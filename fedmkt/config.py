@@ -247,10 +247,10 @@ class TransferConfig:
     """Soft-target cross-entropy or KL divergence."""
 
     selection: Literal["dualmince", "all"] = "dualmince"
-    """dualmince: distil a sample only where the teacher's CE beats the receiver's; all: ablation."""
+    """dualmince: distill a sample only where the teacher's CE beats the receiver's; all: ablation."""
 
     kd_positions: Literal["all", "answer"] = "all"
-    """Distil at every non-pad position, or only where the task loss has a label."""
+    """Distill at every non-pad position, or only where the task loss has a label."""
 
     topk_target: Literal["renormalize", "tail"] = "renormalize"
     """What a teacher's top-k logits become. renormalize: a softmax over the k values (the

@@ -1,6 +1,6 @@
 """Task cross-entropy and sparse top-k knowledge distillation.
 
-FedMKT distils from teachers that only ever send their top-k (token id, probability) pairs per
+FedMKT distills from teachers that only ever send their top-k (token id, probability) pairs per
 position. The reference implementation scatters those pairs into a dense ``[batch, length, vocab]``
 target (about 1 GiB per teacher per 4x512 batch at a 262k vocabulary) and then builds a full
 ``log_softmax`` and a full product on top of it. Here the loss works on the k pairs directly:

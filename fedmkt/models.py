@@ -129,7 +129,7 @@ def load_tokenizer(
 class TokenizersOnDemand(Mapping):
     """Tokenizers by party name, each loaded on first access.
 
-    A party needs its peers' tokenizers only to align their logits when it distils; a process that
+    A party needs its peers' tokenizers only to align their logits when it distills; a process that
     runs one phase of one party (a Flower ClientApp) skips loading, e.g., a 262k-token vocabulary
     for the phases that never read it.
     """

@@ -13,7 +13,7 @@ reported:
 * every sample's tokens must be the sender's tokenization of that public question followed by
   that answer (so a sender cannot pass off other text, a node's private rows included, as public
   knowledge);
-* the loss is ``-sum(label_logprob)`` over the positions the receiver distils (the answer's, or
+* the loss is ``-sum(label_logprob)`` over the positions the receiver distills (the answer's, or
   every position's next token under `kd_positions: all`: `fedmkt.selection.scored_targets`)
   divided by that text's UTF-8 bytes (nats per byte, comparable across tokenizers), which the
   receiver finds itself; a reported loss that disagrees is refused. A teacher that sends any
@@ -24,10 +24,10 @@ reported:
   log-sum-exp: a label among the top-k has exactly that logit's probability, any other label at
   most the k-th one's, within the float16 rounding of that logit itself (a tolerance the sender
   cannot widen with a far-off filler logit). A low loss therefore needs a distribution that really
-  puts mass on the answer, which is what the receiver then distils;
+  puts mass on the answer, which is what the receiver then distills;
 * where the label log-probabilities cannot be checked against the top-k (noised logits, or a
   temperature other than 1), they are not used: the loss that ranks the sender is the one the
-  receiver derives from the distribution it would distil (the listed probability of each scored
+  receiver derives from the distribution it would distill (the listed probability of each scored
   token, or the most an unlisted one can have).
 """
 
@@ -88,7 +88,7 @@ class Agreement:
     """Unlabelled generation: the most answer tokens a sender's own answer may have."""
 
     kd_positions: str = "all"
-    """`transfer.kd_positions`: the positions the receiver distils, so the ones checked and scored."""
+    """`transfer.kd_positions`: the positions the receiver distills, so the ones checked and scored."""
 
 
 class PublicTokens:
@@ -243,7 +243,7 @@ def _topk_logsumexp_excess(payload: KnowledgePayload) -> torch.Tensor:
 
 
 def _distilled_logprobs(payload: KnowledgePayload, start: int, stop: int, targets: torch.Tensor) -> torch.Tensor:
-    """Each answer token's log-probability under the distribution the receiver would distil (the
+    """Each answer token's log-probability under the distribution the receiver would distill (the
     top-k at the payload's temperature): its listed probability, or for an unlisted token the most
     it can have (the smallest listed one, and no more than the mass left outside the k ids)."""
     labelled = (targets != IGNORE_INDEX).nonzero().flatten()

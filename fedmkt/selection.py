@@ -1,14 +1,14 @@
-"""DualMinCE: which public samples a receiver distils, and from whom.
+"""DualMinCE: which public samples a receiver distills, and from whom.
 
 Per sample, the teacher is the candidate with the lowest loss (on the server: argmin over the
 clients; on a client there is one candidate, the server). The sample is distilled only if that
 teacher's loss is strictly lower than the receiver's own loss — knowledge flows only where the
 teacher knows better. Everything else still trains with the task CE, with no KD term.
 
-Every loss DualMinCE compares is over the text the receiver distils (`scored_targets`): the
+Every loss DualMinCE compares is over the text the receiver distills (`scored_targets`): the
 answer under `transfer.kd_positions: answer`, prompt and answer under `all`, in nats per UTF-8
 byte of that text (`scored_bytes`). A teacher therefore wins a sample only by predicting well
-where it teaches, and a receiver verifies every position it distils (`fedmkt.received`).
+where it teaches, and a receiver verifies every position it distills (`fedmkt.received`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def scored_targets(
     """The next-token labels a sample's score sums over, shaped like `input_ids` (``[L]`` or ``[B, L]``).
 
     `answer`: `targets` (the answer's tokens). `all`: every position's next token (the positions a
-    receiver distils: all but the last real one); `attention_mask` marks right padding.
+    receiver distills: all but the last real one); `attention_mask` marks right padding.
     """
     if kd_positions == "answer":
         return targets

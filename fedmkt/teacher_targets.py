@@ -39,7 +39,7 @@ def teacher_losses(payloads: Mapping[str, KnowledgePayload], num_public: int) ->
 def select_teachers(
     own_losses: torch.Tensor, payloads: Mapping[str, KnowledgePayload], require_improvement: bool = True
 ) -> Selection:
-    """Which public samples the receiver distils and from which teacher (DualMinCE, or "all")."""
+    """Which public samples the receiver distills and from which teacher (DualMinCE, or "all")."""
     return dual_min_ce(own_losses, teacher_losses(payloads, len(own_losses)), require_improvement)
 
 
@@ -128,7 +128,7 @@ class TeacherAligners:
             rows = [payload.sample(row_of_sample[i]) for i in chosen]
             if self.topk_target == "tail" and payload.temperature != self.temperature:
                 raise FedMKTError(
-                    f"{teacher}'s log-sum-exp was taken at temperature {payload.temperature}, this party distils at "
+                    f"{teacher}'s log-sum-exp was taken at temperature {payload.temperature}, this party distills at "
                     f"{self.temperature}. Fix: give every party the same transfer.temperature."
                 )
             aligned = self.aligner(teacher).align(

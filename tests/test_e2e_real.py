@@ -72,7 +72,7 @@ def test_one_real_round_trains_and_exchanges_knowledge(real_run):
     # Real pretrained models are confident on some answers: the server's CE is far below ln(V).
     assert parties["server"]["task_loss"] < math.log(VOCAB["server"]) / 2
     # The server's CE beats the SLMs' on most public questions (46 of 50 in the demo), so the
-    # clients distil something in this round, and the KD figures below are not vacuous.
+    # clients distill something in this round, and the KD figures below are not vacuous.
     assert parties["client_0"]["selected"] + parties["client_1"]["selected"] > 0
     for name, party in parties.items():
         # Where anything was distilled, the KD term is a real cross-entropy (> 0) ...

@@ -606,7 +606,7 @@ def test_a_stage_goes_to_every_client_in_one_batch_and_failures_stay_per_client(
 @pytest.mark.slow
 def test_a_round_over_flower_messages_matches_in_process_with_two_messages_per_client(task_identity, tmp_path):
     """The trainer over RemoteParticipants and the real ClientApp (FakeGrid) gives the in-process
-    round; fine-tune + share and distil + evaluate + save each travel as one message."""
+    round; fine-tune + share and distill + evaluate + save each travel as one message."""
     from fedmkt.federation.flower.proxy import FlowerStages
     from fedmkt.federation.parties import build_participant, build_participants
     from fedmkt.federation.trainer import FederatedTrainer

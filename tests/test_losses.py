@@ -284,7 +284,7 @@ def test_token_ce_rejects_out_of_range_targets():
 
 
 def test_kd_objective_is_a_per_sample_mix():
-    # Sample 0 distils positions 0-1 (KD mean 1.5), sample 1 position 0 (KD 4); CE 1 and 3.
+    # Sample 0 distills positions 0-1 (KD mean 1.5), sample 1 position 0 (KD 4); CE 1 and 3.
     ce = torch.tensor([1.0, 3.0])
     kd = torch.tensor([[1.0, 2.0, 100.0], [4.0, 200.0, 300.0]])
     mask = torch.tensor([[True, True, False], [True, False, False]])
@@ -379,7 +379,7 @@ def test_kd_objective_gradient_weights():
     mask = torch.tensor([[True, False, True], [False, False, True]])
     kd_objective(ce, kd, mask, 0.25).backward()
     torch.testing.assert_close(ce.grad, torch.full((2,), 0.25 / 2))
-    # sample 0 distils 2 positions, sample 1 one: (1 - lambda) / (2 * count)
+    # sample 0 distills 2 positions, sample 1 one: (1 - lambda) / (2 * count)
     torch.testing.assert_close(kd.grad, torch.tensor([[0.75 / 4, 0, 0.75 / 4], [0, 0, 0.75 / 2]]))
 
 

@@ -79,7 +79,7 @@ def test_centralized_trains_only_the_server_on_the_whole_pool(tmp_path):
 
 def test_llm2slm_keeps_the_llm_frozen_and_transfers_one_way(tmp_path):
     summary, run_dir = run_mode(tmp_path, "llm2slm")
-    # The server would distil for an epoch in fedmkt mode: what freezes it here is the mode alone.
+    # The server would distill for an epoch in fedmkt mode: what freezes it here is the mode alone.
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["server"]["distill_epochs"] >= 1
     parties = summary["rounds"][0]["parties"]
     assert lora_b_is_zero(adapter(run_dir, "server"))

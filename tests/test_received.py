@@ -287,7 +287,7 @@ def _consistent_forgery(payload, public, attacker_token: int = 42):
 
 
 def test_a_consistent_forger_that_steers_prompt_positions_loses_every_sample(honest):
-    """Under kd_positions: all a receiver distils prompt positions too, so they are scored: the
+    """Under kd_positions: all a receiver distills prompt positions too, so they are scored: the
     forger's p > 0.99 on its own token there costs it every sample against an honest receiver."""
     from fedmkt.selection import dual_min_ce
 

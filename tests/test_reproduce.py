@@ -237,7 +237,7 @@ def test_every_recorded_run_keeps_the_hash_it_was_recorded_under(reproduce):
         objective = summary.get("kd_objective")  # None: recorded before the KD weighting was stored
         score = summary.get("selection_score")  # None: recorded when DualMinCE scored the answer alone
         assert record.stem.rsplit("-", 1)[1] == reproduce.settings_hash(config, objective, score), record.name
-        if reproduce.distils(config) and objective is None:  # an older weighting is never reused today
+        if reproduce.distills(config) and objective is None:  # an older weighting is never reused today
             assert reproduce.settings_hash(config) != reproduce.settings_hash(config, objective, score)
         if reproduce.selects(config) and score is None:  # nor an older selection score
             assert reproduce.settings_hash(config) != reproduce.settings_hash(config, objective, score)

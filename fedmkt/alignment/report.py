@@ -1,7 +1,7 @@
 """A readable account of how one teacher's positions land on a receiver's, for one text.
 
 This is what `fedmkt align-text` prints. It runs the same :class:`TokenAligner` (vocabulary map from
-the same cache, same sequence alignment) that the rounds use, so a pair of models that distils
+the same cache, same sequence alignment) that the rounds use, so a pair of models that distills
 badly can be inspected position by position: which receiver positions take a teacher's
 distribution, from which teacher token, and what the teacher's token becomes in the receiver's
 vocabulary; and which fall back to the one-hot on the receiver's next token.

@@ -1,6 +1,6 @@
 """One phase over several clients, with the span each client spent in it.
 
-The round protocol runs each client stage (fine-tune, share, distil, evaluate, save) through a
+The round protocol runs each client stage (fine-tune, share, distill, evaluate, save) through a
 `StageRunner`, so the backend decides how clients run: in-process one after the other, on Flower
 all at once (one message per client, replies collected as they come). Either way every client's
 outcome is kept apart, so one failing client is left out without stopping the others, and the

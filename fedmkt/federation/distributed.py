@@ -9,7 +9,7 @@ walks the same protocol in lock-step:
   become a payload);
 * a single-device party runs its phases on rank 0 only;
 * either way rank 0's result — stats, payload, or the error that made a client fail — is broadcast,
-  so all ranks take the same branch (quorum, failures) and a multi-rank receiver distils from the
+  so all ranks take the same branch (quorum, failures) and a multi-rank receiver distills from the
   same teacher payload on every rank;
 * summary.json, logs and checkpoint files are written by rank 0 alone. An fsdp party's weights are
   sharded, so its evaluation runs on all its ranks in lock-step and its adapter is gathered from

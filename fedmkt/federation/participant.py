@@ -61,7 +61,7 @@ def phase_seed(seed: int, round_index: int, phase: str) -> int:
 
 
 class Participant:
-    """A server or client in this process: fine-tune, share knowledge, distil, evaluate (a `FederatedParty`)."""
+    """A server or client in this process: fine-tune, share knowledge, distill, evaluate (a `FederatedParty`)."""
 
     def __init__(
         self,

@@ -39,7 +39,7 @@ class PhaseStats:
     """FSDP2: each rank held 1/ranks of the weights."""
 
     selected: int = 0
-    """Distillation: public samples DualMinCE chose to distil."""
+    """Distillation: public samples DualMinCE chose to distill."""
 
     teacher_counts: dict[str, int] = field(default_factory=dict)
     """Distillation: how many of those each teacher contributed."""
@@ -119,7 +119,7 @@ class FederatedParty(Protocol):
         ...
 
     def distill(self, round_index: int, teacher_payloads: dict[str, KnowledgePayload]) -> PhaseStats:
-        """Select, align and distil from the teachers' payloads."""
+        """Select, align and distill from the teachers' payloads."""
         ...
 
     def evaluate(self) -> dict[str, Any]:

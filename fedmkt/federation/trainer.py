@@ -2,9 +2,9 @@
 
 One round (the 11 steps of the paper):
   1–3   each client fine-tunes on its private data, then shares top-k logits + losses on the public data;
-  4–6   the server selects (DualMinCE), aligns and distils from the clients;
+  4–6   the server selects (DualMinCE), aligns and distills from the clients;
   7–8   the server shares its own top-k logits + losses;
-  9–11  each client selects, aligns and distils from the server.
+  9–11  each client selects, aligns and distills from the server.
 Every payload crosses the boundary as bytes (counted, then validated on arrival). What a round
 leaves behind is written by `checkpoint.py` (adapters, checkpoint) and `summary.py` (summary.json,
 metrics, the results table).
@@ -36,9 +36,9 @@ from fedmkt.received import payload_byte_limit
 
 # Which steps of a round each mode runs (baselines are the method with steps removed or added).
 _MODE_STEPS = {
-    "fedmkt": {"client_train", "client_share", "server_distil", "server_share", "client_distil"},
-    "fedavg": {"client_train", "client_share", "server_distil", "server_share", "client_distil", "adapter_average"},
-    "llm2slm": {"client_train", "server_share", "client_distil"},
+    "fedmkt": {"client_train", "client_share", "server_distill", "server_share", "client_distill"},
+    "fedavg": {"client_train", "client_share", "server_distill", "server_share", "client_distill", "adapter_average"},
+    "llm2slm": {"client_train", "server_share", "client_distill"},
     "standalone": {"client_train"},
     "centralized": {"server_train"},
     "zero_shot": set(),
@@ -50,10 +50,10 @@ def trained_phases(mode: str, party: str) -> tuple[str, ...]:
     steps = _MODE_STEPS[mode]
     if party == "server":
         return tuple(
-            phase for phase, step in (("fine_tune", "server_train"), ("distill", "server_distil")) if step in steps
+            phase for phase, step in (("fine_tune", "server_train"), ("distill", "server_distill")) if step in steps
         )
     return tuple(
-        phase for phase, step in (("fine_tune", "client_train"), ("distill", "client_distil")) if step in steps
+        phase for phase, step in (("fine_tune", "client_train"), ("distill", "client_distill")) if step in steps
     )
 
 
@@ -154,13 +154,13 @@ class FederatedTrainer:
                         failed[name] = describe(error)
         self._require_quorum(round_index, failed)
 
-        # Steps 4–6: the server distils from the clients (or, centralized, trains on all data).
-        if "server_distil" in self.steps:
+        # Steps 4–6: the server distills from the clients (or, centralized, trains on all data).
+        if "server_distill" in self.steps:
             trained[self.server.name] = self._timed(self.server, "distill", round_index, client_knowledge)
         if "server_train" in self.steps:
             trained[self.server.name] = self._timed(self.server, "fine_tune", round_index)
 
-        # Steps 7–11: the server shares its knowledge; each client distils from it.
+        # Steps 7–11: the server shares its knowledge; each client distills from it.
         if "server_share" in self.steps:
             answering = [c for c in self.clients if c.name not in failed]
             shared = self._timed(self.server, "share_knowledge", round_index)
@@ -244,8 +244,8 @@ class FederatedTrainer:
 
     def _parties_that_learn(self) -> list[FederatedParty]:
         """Parties whose weights this mode changes (others keep their zero-shot accuracy)."""
-        server_learns = bool(self.steps & {"server_distil", "server_train"})
-        clients_learn = bool(self.steps & {"client_train", "client_distil"})
+        server_learns = bool(self.steps & {"server_distill", "server_train"})
+        clients_learn = bool(self.steps & {"client_train", "client_distill"})
         return ([self.server] if server_learns else []) + (self.clients if clients_learn else [])
 
     def _require_quorum(self, round_index: int, failed: dict[str, str]) -> None:

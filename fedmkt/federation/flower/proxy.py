@@ -315,7 +315,7 @@ class FlowerStages:
 
     Each message costs a fresh ClientApp process on its node and two polls, so phases that the
     protocol always runs next go in the same message: fine-tune is followed by
-    share-knowledge (modes that share), distil by evaluate (in rounds that evaluate) and
+    share-knowledge (modes that share), distill by evaluate (in rounds that evaluate) and
     save-adapter (not fedavg, whose averaging comes between). Their outcomes are kept until the
     trainer asks for that phase, and then returned without another message. Anything else, or any
     other message to that client, sends as usual, so a guess that does not come true costs time,
