@@ -79,8 +79,9 @@ class KnowledgePayload:
     """[N] long: index of each sample in the public dataset."""
 
     losses: torch.Tensor
-    """[N] float32: the sender's NLL of each sample's answer, in nats per UTF-8 byte of the answer text
-    (comparable across tokenizers)."""
+    """[N] float32: the sender's NLL of each sample's scored text (the answer, or prompt and answer
+    under `kd_positions: all`: `fedmkt.selection.scored_targets`), in nats per UTF-8 byte of that
+    text (comparable across tokenizers)."""
 
     offsets: torch.Tensor
     """[N+1] long: row ranges of each sample in the per-token tensors."""
@@ -99,9 +100,10 @@ class KnowledgePayload:
     each position, so ``exp(topk_logits / temperature - logsumexp)`` are its true probabilities."""
 
     label_logprob: torch.Tensor
-    """[T] float32: the log-probability (temperature 1) the sender gives each position's label,
-    0 where the position has none; the sample's loss is minus their mean over its answer
-    positions, which is how a receiver recomputes it (`fedmkt.received`)."""
+    """[T] float32: the log-probability (temperature 1) the sender gives each position's scored
+    label (its next token where that is scored), 0 where the position has none; the sample's loss
+    is minus their sum per byte of the scored text, which is how a receiver recomputes it
+    (`fedmkt.received`)."""
 
     answer_bytes: torch.Tensor = None  # type: ignore[assignment]
     """[B] uint8: the answer texts the samples were shared along, UTF-8, one after another."""
