@@ -281,3 +281,17 @@ def test_a_run_logged_to_a_file_says_each_phase_in_plain_lines(tmp_path, capfd):
         assert started and finished, (label, err[-2000:])
         assert re.search(r"in \d+\.\d s$", finished[-1])
     assert not any(line.startswith("client_1 · fine_tune") for line in lines)  # its bar stayed off, as configured
+
+
+def test_a_default_wandb_logger_starts_without_warnings(tmp_path, capfd, monkeypatch):
+    from fedmkt.federation.rounds import make_loggers
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    config = parse_run_config(["--config", "tiny", "--logging.wandb", "true", "--logging.csv", "false"])
+    (logger,) = make_loggers(config, tmp_path / "run")
+    try:
+        logger.experiment  # noqa: B018  (starts the W&B run)
+    finally:
+        logger.experiment.finish()
+    err = capfd.readouterr().err
+    assert "WARNING" not in err, err

@@ -12,7 +12,7 @@ import secrets
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
@@ -46,7 +46,7 @@ def make_loggers(config: RunConfig, run_dir: Path, resumed_at: Optional[int] = N
         if config.logging.wandb_offline:
             os.environ.setdefault("WANDB_MODE", "offline")
         loggers.append(
-            WandbLogger(
+            QuietWandbLogger(
                 project=config.logging.wandb_project,
                 name=run_dir.name,
                 save_dir=str(run_dir),
@@ -58,6 +58,15 @@ def make_loggers(config: RunConfig, run_dir: Path, resumed_at: Optional[int] = N
     for logger in loggers:
         logger.log_hyperparams(asdict(config))
     return loggers
+
+
+class QuietWandbLogger(WandbLogger):
+    """Lightning's WandbLogger without the `anonymous` key it always hands `wandb.init`: wandb
+    ignores that setting now and prints a warning for any value, on every default run."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._wandb_init.pop("anonymous", None)
 
 
 def _rows_before(metrics: Path, round_index: int) -> list[dict]:
