@@ -28,6 +28,7 @@ from fedmkt.model_sources import (  # noqa: F401  (cache_root, hub_status and re
     hub_status,
     resolve_source,
 )
+from fedmkt.progress import on_terminal
 
 
 def _convert_gguf(resolved: ResolvedSource, target: Path) -> None:
@@ -157,6 +158,10 @@ def load_model(
     """The party's base causal LM (frozen later by the LoRA wrapper); errors name `key`."""
     where = _loadable(spec, cache_dir, key)
     dtype = getattr(torch, spec.dtype)
+    if not on_terminal():  # a log gets one line per phase, not a bar's carriage returns
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         if spec.random_init is None:
             return AutoModelForCausalLM.from_pretrained(

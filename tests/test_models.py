@@ -314,3 +314,11 @@ def test_a_gguf_tokenizer_loads_without_converting_the_model(tmp_path, smollm2_t
     text = "Question: Which gas do plants take in?\nAnswer: carbon dioxide"
     assert tokenizer(text)["input_ids"] == smollm2_tokenizer(text)["input_ids"]
     assert len(tokenizer) == len(smollm2_tokenizer) and tokenizer.get_vocab() == smollm2_tokenizer.get_vocab()
+
+
+def test_loading_into_a_log_draws_no_progress_bar(make_tiny_llama, smollm2_tokenizer, tmp_path, capfd):
+    folder = tmp_path / "model"
+    make_tiny_llama(64).save_pretrained(folder)
+    capfd.readouterr()
+    load_model(ModelSpec(str(folder)))  # stderr is captured here: not a terminal
+    assert "Loading weights" not in capfd.readouterr().err

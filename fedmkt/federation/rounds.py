@@ -43,6 +43,8 @@ def make_loggers(config: RunConfig, run_dir: Path, resumed_at: Optional[int] = N
             writer.save()
         loggers.append(csv_logger)
     if config.logging.wandb:
+        import wandb
+
         if config.logging.wandb_offline:
             os.environ.setdefault("WANDB_MODE", "offline")
         loggers.append(
@@ -53,6 +55,7 @@ def make_loggers(config: RunConfig, run_dir: Path, resumed_at: Optional[int] = N
                 offline=config.logging.wandb_offline,
                 id=_wandb_run_id(run_dir),
                 resume="allow",
+                settings=wandb.Settings(quiet=True),  # where the run is saved, not a page of sparklines at the end
             )
         )
     for logger in loggers:
