@@ -122,3 +122,61 @@ def test_only_the_operator_registers_a_key_or_starts_a_run_on_the_control_api(tm
         code, said = flwr(operator, "supernode", "list")  # the operator's own token: admitted
         assert code == 0 and "Authentication failed" not in said, said
         assert link.control_token.stat().st_mode & 0o777 == 0o600
+
+
+def _acquire_task(port: int) -> int:
+    """What a stranger on this machine gets when it asks a Runtime API for a pending app task (and
+    the token that acts for it) the way Flower's SuperExec does, without the SuperExec's secret."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+
+    response = httpx.post(
+        f"http://127.0.0.1:{port}/v1/runtime/acquire-task",
+        content=AcquireTaskRequest().SerializeToString(),
+        headers={"content-type": "application/protobuf"},
+        timeout=30,
+    )
+    return response.status_code
+
+
+@pytest.mark.slow
+def test_a_stranger_cannot_take_the_apps_tasks_from_the_runtime_api(tmp_path):
+    """The attack: in Flower's default subprocess mode the SuperLink's and each SuperNode's Runtime
+    API hands a pending ServerApp or ClientApp task, with its token, to any caller (status 200);
+    whoever takes it runs the operator's run with code of their own. Each now answers only the
+    SuperExec that holds its secret."""
+    if shutil.which("flower-superlink") is None:
+        pytest.skip("Flower's commands are not installed")
+    nodes = [{"partition-id": 0, "output-dir": str(tmp_path / "node_0")}]
+    with local_federation(tmp_path, nodes) as (link, federation):
+        link_port = int(link.address.rsplit(":", 1)[1])
+        node_port = int(_command_of(federation, "client_0")[0])
+        _wait_for_port(node_port)
+        assert _acquire_task(link_port) == 401
+        assert _acquire_task(node_port) == 401
+        federation.check_alive()  # the SuperExecs we started, with the secrets, are up
+        secrets = sorted((tmp_path / "nodes" / "credentials").glob("superexec_*.secret"))
+        assert [path.name for path in secrets] == ["superexec_client_0.secret", "superexec_superlink.secret"]
+        assert all(path.stat().st_mode & 0o777 == 0o600 for path in secrets)
+
+
+def _wait_for_port(port: int, timeout_s: float = 60.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def _command_of(federation, name: str) -> list[str]:
+    """The arguments after `--port` in the command line of the process `name` (its Runtime API port first)."""
+    import psutil
+
+    process = next(process for label, process in federation.processes if label == name)
+    arguments = psutil.Process(process.pid).cmdline()
+    return arguments[arguments.index("--port") + 1 :]

@@ -1,11 +1,14 @@
-"""Keys and certificates for an authenticated Flower federation: TLS for the SuperLink, a key pair per SuperNode.
+"""Keys and certificates for an authenticated Flower federation: TLS for the SuperLink, a key pair per
+SuperNode, a SuperExec secret per SuperLink and SuperNode.
 
 Flower authenticates SuperNodes only over TLS: the SuperLink (started with
 `--enable-supernode-auth`) admits a SuperNode whose public key was registered with
 `flwr supernode register`, and the SuperNode signs its requests with the private key. For
 `fedmkt launch-local --auth` everything runs on one machine, so fedmkt makes a throw-away CA
 and a certificate for 127.0.0.1 itself; on real machines the operators bring their own
-(docs/flower.md). Private keys are written with mode 0600 in a folder of mode 0700.
+(docs/flower.md). A SuperLink or SuperNode in Flower's process isolation hands its tasks only to a
+SuperExec that signs its requests with their shared secret. Private keys and secrets are written with
+mode 0600 in a folder of mode 0700.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["LocalTLS", "write_local_tls", "write_node_key"]
+__all__ = ["LocalTLS", "write_local_tls", "write_node_key", "write_superexec_secret"]
 
 
 @dataclass(frozen=True)
@@ -105,3 +109,11 @@ def write_node_key(folder: Path, name: str) -> tuple[Path, Path]:
         key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     )
     return private, public
+
+
+def write_superexec_secret(folder: Path, name: str) -> Path:
+    """A fresh random secret that `name` (a SuperLink or SuperNode) and its SuperExec share, in
+    `folder/superexec_<name>.secret` (0600): Flower reads the file's exact bytes."""
+    path = _private_folder(folder) / f"superexec_{name}.secret"
+    _write_private(path, secrets.token_bytes(32))
+    return path

@@ -31,7 +31,12 @@ from fedmkt.data.parts import federation_data
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
 from fedmkt.federation.flower.control_auth import TOKEN_ENV, write_cli_credentials, write_token
-from fedmkt.federation.flower.credentials import _private_folder, write_local_tls, write_node_key
+from fedmkt.federation.flower.credentials import (
+    _private_folder,
+    write_local_tls,
+    write_node_key,
+    write_superexec_secret,
+)
 from fedmkt.federation.flower.node import NodePolicy, apply_to_config, content_sha256, node_settings
 from fedmkt.federation.flower.submit import flwr_executable, submit, write_flower_home
 from fedmkt.federation.flower.worker import stop_workers
@@ -344,6 +349,8 @@ def local_federation(
     tls = write_local_tls(credentials) if auth else None
     token = write_token(credentials)
     link = LocalLink(f"127.0.0.1:{link_port}", tls.ca_certificate if tls else None, token)
+    link_runtime = ["--root-certificates", str(tls.ca_certificate)] if tls else ["--insecure"]
+    link_secret = write_superexec_secret(credentials, "superlink")
     security = ["--insecure"]
     if tls is not None:
         security = ["--ssl-ca-certfile", str(tls.ca_certificate), "--ssl-certfile", str(tls.server_certificate)]
@@ -362,16 +369,19 @@ def local_federation(
                 "--port",
                 str(link_port),
                 "--disable-runtime-dependency-installation",
+                *_isolated(link_secret),
             ],
             link_env,
         )
         _wait_listening(federation, link_port)
+        _start_superexec(federation, commands, link_secret, "superlink", link_port, link_runtime, link_env)
         for settings, port, gpu in zip(nodes, node_ports, client_gpus):
             name = f"client_{settings['partition-id']}"
             folder = run_dir / "nodes" / name
             folder.mkdir(parents=True, exist_ok=True)
             settings_file = folder / NODE_FILE
             settings_file.write_text(yaml.safe_dump(settings, sort_keys=False))
+            node_secret = write_superexec_secret(credentials, name)
             env = dict(base_env, FLWR_HOME=str(folder / "flwr"))
             if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -392,13 +402,49 @@ def local_federation(
                     str(port),
                     "--node-config",
                     f"partition-id={settings['partition-id']} settings={_toml_string(str(settings_file))}",
+                    *_isolated(node_secret),
                 ],
                 env,
             )
+            _start_superexec(federation, commands, node_secret, name, port, ["--insecure"], env)
         federation.watch()
         yield link, federation
     finally:
         federation.stop()
+
+
+def _isolated(secret: Path) -> list[str]:
+    """Flags that make a SuperLink or SuperNode leave its apps to a SuperExec we start, which must
+    prove it holds `secret` before it may take a task.
+
+    In Flower's default subprocess mode the Runtime API hands a pending ServerApp or ClientApp task,
+    and the token that acts for it, to any caller that reaches its port; with the secret only our
+    SuperExec gets it."""
+    return ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+
+
+def _start_superexec(
+    federation: LocalFederation,
+    commands: Path,
+    secret: Path,
+    name: str,
+    runtime_port: int,
+    security: list[str],
+    env: dict[str, str],
+) -> None:
+    """The SuperExec that runs `name`'s apps (with `name`'s environment), signing with `secret`."""
+    federation.start(
+        f"{name}_superexec",
+        [
+            str(commands / "flower-superexec"),
+            "--runtime-api-address",
+            f"127.0.0.1:{runtime_port}",
+            *security,
+            "--superexec-auth-secret-file",
+            str(secret),
+        ],
+        env,
+    )
 
 
 def _toml_string(text: str) -> str:
