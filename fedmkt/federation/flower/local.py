@@ -163,12 +163,12 @@ def bind_flower_commands(folder: Path) -> Path:
     for name, entry in scripts.items():
         module, _, attribute = entry.value.partition(":")
         script = folder / name
-        # The SuperLink admits Control API requests only with the operator's token (`control_auth`).
-        guard = (
-            "from fedmkt.federation.flower.control_auth import install\ninstall()\n"
-            if name == "flower-superlink"
-            else ""
-        )
+        # The SuperLink admits Control API requests only with the operator's token (`control_auth`);
+        # a ClientApp process runs only the apps its node trusts (`app_trust`).
+        guard = {
+            "flower-superlink": "from fedmkt.federation.flower.control_auth import install\ninstall()\n",
+            "flwr-clientapp": "from fedmkt.federation.flower.app_trust import install\ninstall()\n",
+        }.get(name, "")
         script.write_text(
             f"#!{sys.executable}\nimport sys\n{guard}from {module} import {attribute.split('.')[0]} as main\n"
             f"sys.argv[0] = {name!r}\nsys.exit(main())\n"

@@ -37,6 +37,8 @@ The node's policy, which the server's run config must fit (checked before any mo
   max-dp-delta        the largest `privacy.dp.delta` it accepts
   fedavg              whether it sends its adapter weights for FedAvg (default false: weights never leave it)
   cache-dir           where it keeps converted models and vocabulary maps (the server's cache_dir is ignored)
+  trusted-apps        sha256 of Flower apps (FABs) it runs besides the fedmkt app its own installation
+                      builds, which it always runs (`app_trust.py`; default: no other)
 
 The node applies its settings to the shared run config it receives, so `build_participant` reads
 this client's private source and no other. Paths the server sends are checked against the output folder.
@@ -75,6 +77,7 @@ POLICY_KEYS = (
     "max-dp-delta",
     "fedavg",
     "cache-dir",
+    "trusted-apps",
 )
 NODE_KEYS = ("partition-id", "data", "eval", "model", "output-dir", "run-dir", "keep-alive-s", "settings", *POLICY_KEYS)
 """The `--node-config` keys fedmkt reads (and the keys of a `settings` file)."""
@@ -101,6 +104,8 @@ class NodePolicy:
     max_dp_delta: Optional[float] = None
     fedavg: bool = False
     cache_dir: Optional[str] = None
+    trusted_apps: tuple[str, ...] = ()
+    """sha256 of the Flower apps it runs besides its own fedmkt app (`app_trust.py`)."""
 
 
 @dataclass
@@ -348,7 +353,22 @@ def _policy(values: dict) -> NodePolicy:
         max_dp_delta=_positive_number(values.get("max-dp-delta"), "max-dp-delta"),
         fedavg=_flag(values.get("fedavg"), "fedavg"),
         cache_dir=str(Path(str(values["cache-dir"])).expanduser()) if values.get("cache-dir") else None,
+        trusted_apps=_digests(values.get("trusted-apps")),
     )
+
+
+def _digests(value: Any) -> tuple[str, ...]:
+    """sha256 hex digests from a YAML list or a comma-separated string."""
+    if value is None or value == "":
+        return ()
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    digests = tuple(str(item).strip().lower() for item in items if str(item).strip())
+    wrong = [digest for digest in digests if not re.fullmatch(r"[0-9a-f]{64}", digest)]
+    if wrong:
+        raise FedMKTError(
+            f"node setting trusted-apps holds {wrong[0]!r}, not a sha256. Fix: list each app's 64-hex-digit FAB sha256."
+        )
+    return digests
 
 
 def _flag(value: Any, key: str) -> bool:

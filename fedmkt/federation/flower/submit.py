@@ -28,6 +28,7 @@ from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
 from fedmkt.federation.checkpoint_record import finished_line
 from fedmkt.federation.distributed import party_processes
+from fedmkt.federation.flower.app_trust import app_dir
 from fedmkt.federation.flower.control_auth import TOKEN_ENV, write_cli_credentials
 from fedmkt.federation.run_folder import claim_run_dir
 from fedmkt.files import atomic_write_text
@@ -36,11 +37,6 @@ CONNECTION = "fedmkt"
 """Name of the SuperLink connection in the private Flower config."""
 
 _STATUS_POLL_S = 3.0
-
-
-def app_dir() -> Path:
-    """The Flower App project folder installed with fedmkt."""
-    return Path(__file__).resolve().parent / "app"
 
 
 def flwr_executable() -> str:
