@@ -585,16 +585,19 @@ def test_a_stage_goes_to_every_client_in_one_batch_and_failures_stay_per_client(
         RemoteParticipant(f"client_{i}", 7 + i, grid, TINY_TEXT, tmp_path, num_public=3, timeout_s=0.1)
         for i in range(4)
     ]
+    before = time.time()
     outcomes = run_together("fine_tune", [(client, (2,)) for client in clients])
     assert grid.batches == [["train.fine_tune"] * 4]  # one push carrying every client's message
     assert grid.pulls >= 2  # replies collected as they came, until the wait for the silent node ended
     assert [decode_request(m.content).round for m in grid.sent] == [2, 2, 2, 2]
     assert outcomes["client_0"].value == PhaseStats(task_loss=0.5) and outcomes["client_0"].error is None
-    assert outcomes["client_0"].span("fine_tune") == {
+    span = outcomes["client_0"].span("fine_tune")
+    assert {key: span[key] for key in ("phase", "start", "end")} == {
         "phase": "fine_tune",
         "start": 10.0,
         "end": 12.5,
     }  # the node's clock
+    assert before <= span["sent"] <= time.time()  # when the server sent the message (for its latency)
     assert isinstance(outcomes["client_1"].error, RemoteParticipantError) and "out of memory" in str(
         outcomes["client_1"].error
     )

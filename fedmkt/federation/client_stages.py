@@ -28,10 +28,13 @@ class Outcome:
     end: float = 0.0
     followed: dict[str, Outcome] = field(default_factory=dict)
     """Backends that run several phases per call: the outcomes of the phases that ran right after."""
+    sent: Optional[float] = None
+    """Backends that message the client: when the server sent the message that started this phase."""
 
     def span(self, phase: str) -> dict:
         """This call as a `timeline` entry."""
-        return {"phase": phase, "start": self.start, "end": self.end}
+        span = {"phase": phase, "start": self.start, "end": self.end}
+        return span if self.sent is None else span | {"sent": self.sent}
 
 
 StageRunner = Callable[[str, Sequence[tuple[Any, tuple]]], dict[str, Outcome]]

@@ -38,6 +38,7 @@ from fedmkt.federation.flower.credentials import (
     write_superexec_secret,
 )
 from fedmkt.federation.flower.node import NodePolicy, apply_to_config, content_sha256, node_settings
+from fedmkt.federation.flower.polling import superexec_env
 from fedmkt.federation.flower.submit import flwr_executable, submit, write_flower_home
 from fedmkt.federation.flower.worker import stop_workers
 from fedmkt.federation.run_folder import claim_run_dir
@@ -164,10 +165,12 @@ def bind_flower_commands(folder: Path) -> Path:
         module, _, attribute = entry.value.partition(":")
         script = folder / name
         # The SuperLink admits Control API requests only with the operator's token (`control_auth`);
-        # a ClientApp process runs only the apps its node trusts (`app_trust`).
+        # a ClientApp process runs only the apps its node trusts (`app_trust`); a SuperNode asks
+        # for messages every fraction of a second (`polling`).
         guard = {
             "flower-superlink": "from fedmkt.federation.flower.control_auth import install\ninstall()\n",
             "flwr-clientapp": "from fedmkt.federation.flower.app_trust import install\ninstall()\n",
+            "flower-supernode": "from fedmkt.federation.flower.polling import install\ninstall()\n",
         }.get(name, "")
         script.write_text(
             f"#!{sys.executable}\nimport sys\n{guard}from {module} import {attribute.split('.')[0]} as main\n"
@@ -443,7 +446,7 @@ def _start_superexec(
             "--superexec-auth-secret-file",
             str(secret),
         ],
-        env,
+        superexec_env(env),
     )
 
 

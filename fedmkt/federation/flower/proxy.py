@@ -278,7 +278,7 @@ def run_together(
             reply = answers.get(client.name)
             outcome.value, info = client.result(phase, reply)
             if "start" in info and "end" in info:
-                outcome.start, outcome.end = float(info["start"]), float(info["end"])
+                outcome.start, outcome.end, outcome.sent = float(info["start"]), float(info["end"]), sent
             outcome.followed = _followed(client, info.get("then", {}), reply)
             client.stateful |= phase in STATEFUL_PHASES
         except Exception as error:  # this client failed or sent something unusable; the others go on
