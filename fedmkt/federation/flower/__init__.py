@@ -18,6 +18,11 @@ implemented twice.
   node.py         what a node owns: its client's private data, model, output folder
   submit.py       `fedmkt fit --backend flower`: `flwr run` of the packaged app, then wait
   local.py        `fedmkt launch-local`: SuperLink + one SuperNode per client on this machine
+  control_auth.py the Control API behind the operator's token
+  credentials.py  TLS, SuperNode keys and SuperExec secrets for a local federation
+  app_trust.py    which Flower apps a node runs (its own fedmkt app, and those it lists)
+  polling.py      how often a local SuperNode and SuperExec ask for work
+  clientapp_server.py  a node's ClientApp processes forked from one that imported them once
   app/            the Flower App project (pyproject.toml + thin component modules) that
                   `flwr run` builds into a FAB
 """

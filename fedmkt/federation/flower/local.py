@@ -11,10 +11,12 @@ shared config the SuperLink receives names no client's private data.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +32,7 @@ from fedmkt.config import FlowerConfig, RunConfig, run_config_from_text, validat
 from fedmkt.data.parts import federation_data
 from fedmkt.errors import FedMKTError, RunInterrupted
 from fedmkt.federation.checkpoint import check_resumable, read_checkpoint
+from fedmkt.federation.flower.clientapp_server import SERVER_ENV, launcher_script
 from fedmkt.federation.flower.control_auth import TOKEN_ENV, write_cli_credentials, write_token
 from fedmkt.federation.flower.credentials import (
     _private_folder,
@@ -167,13 +170,15 @@ def bind_flower_commands(folder: Path) -> Path:
         # The SuperLink admits Control API requests only with the operator's token (`control_auth`);
         # a ClientApp process runs only the apps its node trusts (`app_trust`); a SuperNode asks
         # for messages every fraction of a second (`polling`).
+        # `flwr-clientapp` hands its work to the node's ClientApp server where one runs (`clientapp_server`).
         guard = {
             "flower-superlink": "from fedmkt.federation.flower.control_auth import install\ninstall()\n",
-            "flwr-clientapp": "from fedmkt.federation.flower.app_trust import install\ninstall()\n",
             "flower-supernode": "from fedmkt.federation.flower.polling import install\ninstall()\n",
         }.get(name, "")
         script.write_text(
-            f"#!{sys.executable}\nimport sys\n{guard}from {module} import {attribute.split('.')[0]} as main\n"
+            launcher_script(sys.executable)
+            if name == "flwr-clientapp"
+            else f"#!{sys.executable}\nimport sys\n{guard}from {module} import {attribute.split('.')[0]} as main\n"
             f"sys.argv[0] = {name!r}\nsys.exit(main())\n"
         )
         script.chmod(0o755)
@@ -190,6 +195,14 @@ class LocalFederation:
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.watchdog: Optional[subprocess.Popen] = None
         """Ends every started process if this one dies without stopping them (`watchdog.py`)."""
+        self.folders: list[Path] = []
+        """Private folders of the processes' sockets, removed by `stop`."""
+
+    def private_folder(self, prefix: str) -> Path:
+        """A new folder of mode 0700 (short, for a Unix socket's path) that `stop` removes."""
+        folder = Path(tempfile.mkdtemp(prefix=prefix))
+        self.folders.append(folder)
+        return folder
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -249,6 +262,9 @@ class LocalFederation:
         for pid in running():
             _signal(pid, signal.SIGKILL)
         self.processes.clear()
+        for folder in self.folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.folders.clear()
         if self.watchdog is not None:  # stopped in order: nothing left for it to end
             self.watchdog.kill()
             self.watchdog.wait()
@@ -409,11 +425,24 @@ def local_federation(
                 ],
                 env,
             )
-            _start_superexec(federation, commands, node_secret, name, port, ["--insecure"], env)
+            clientapps = federation.private_folder("fedmkt-clientapp-") / "socket"
+            federation.start(f"{name}_clientapps", [sys.executable, "-m", CLIENTAPP_SERVER, str(clientapps)], env)
+            _start_superexec(
+                federation,
+                commands,
+                node_secret,
+                name,
+                port,
+                ["--insecure"],
+                dict(env, **{SERVER_ENV: str(clientapps)}),
+            )
         federation.watch()
         yield link, federation
     finally:
         federation.stop()
+
+
+CLIENTAPP_SERVER = "fedmkt.federation.flower.clientapp_server"
 
 
 def _isolated(secret: Path) -> list[str]:
