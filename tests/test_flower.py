@@ -1125,7 +1125,7 @@ def superlink(tmp_path_factory):
 
 
 # own_data.yaml as shipped (2 rounds, one private file per client), through `fedmkt launch-local`.
-# Flower starts a fresh ClientApp process per message (~15 s of imports each), which makes this the
+# Flower starts a ClientApp per message (forked from a process that imported it), and the worker builds each party once; still the
 # suite's slowest test. The rounds cross every state hand-over: fine-tune → share (restored
 # adapter), share → distill (restored public losses), distill → evaluate / save_adapter (restored
 # distilled adapter), round 1 → round 2 fine-tune.
