@@ -6,6 +6,11 @@ pinned to one GPU through CUDA_VISIBLE_DEVICES; then it submits the run like `fe
 flower`, streams its log, and stops everything it started when the run ends, fails or is
 interrupted. The run goes through the same engine as a federation over several machines: the
 shared config the SuperLink receives names no client's private data.
+
+The SuperLink and every SuperNode run in Flower's process isolation, each beside a SuperExec that
+holds its secret (no other caller gets their apps' tasks), and each SuperNode beside a ClientApp
+server that forks its ClientApp processes (`clientapp_server`); the Flower commands they run come
+from `run_dir/nodes/bin/`, with fedmkt's checks in place (`control_auth`, `app_trust`, `polling`).
 """
 
 from __future__ import annotations
