@@ -168,3 +168,20 @@ def test_a_node_runs_no_code_of_an_app_it_does_not_trust(tmp_path):
         assert digest in refused and "runs only the fedmkt app" in refused
         assert not (markers / "ran_on_node_0").exists()
         federation.check_alive()
+
+
+def test_commands_writes_into_a_new_folder_and_refuses_to_replace_a_users_own_files(tmp_path, capsys):
+    folder = tmp_path / "bin"
+    assert app_trust.main(["commands", str(folder)]) == 0
+    assert "app_trust import install" in (folder / "flwr-clientapp").read_text()
+    assert app_trust.main(["commands", str(folder)]) == 0  # an earlier `commands` folder is rewritten
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "flwr").write_text("the user's own flwr")
+    capsys.readouterr()
+    assert app_trust.main(["commands", str(theirs)]) == 2
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and "already holds flwr" in said and "Fix:" in said
+    assert (theirs / "flwr").read_text() == "the user's own flwr" and sorted(p.name for p in theirs.iterdir()) == [
+        "flwr"
+    ]

@@ -79,15 +79,32 @@ def install() -> None:
     module.pull_task_input = pull_checked
 
 
+COMMANDS_MARKER = ".fedmkt-commands"
+"""The file that says a folder's Flower commands are ones `commands DIR` wrote (and may replace)."""
+
+
 def main(argv: list[str]) -> int:
     """`commands DIR`: write Flower's commands into DIR with the node's checks in place; put DIR first on
     the PATH of the SuperNode's `flower-superexec`, which starts each ClientApp by name."""
     if len(argv) != 2 or argv[0] != "commands":
         print("usage: python -m fedmkt.federation.flower.app_trust commands DIR", file=sys.stderr)
         return 2
-    from fedmkt.federation.flower.local import bind_flower_commands
+    from fedmkt.federation.flower.local import FLOWER_COMMANDS, bind_flower_commands
 
-    folder = bind_flower_commands(Path(argv[1]).expanduser())
+    folder = Path(argv[1]).expanduser()
+    marker = folder / COMMANDS_MARKER
+    taken = [name for name in FLOWER_COMMANDS if (folder / name).exists()]
+    if taken and not marker.is_file():
+        print(
+            f"fedmkt: {folder} already holds {', '.join(taken)}, which fedmkt did not write there. "
+            "Fix: name a new or empty folder (or one an earlier `app_trust commands` wrote).",
+            file=sys.stderr,
+        )
+        return 2
+    bind_flower_commands(folder)
+    marker.write_text(
+        "Flower's commands with fedmkt's checks, written by `python -m fedmkt.federation.flower.app_trust commands`\n"
+    )
     print(
         f"Flower's commands, with fedmkt's checks, are in {folder}; run the SuperNode's SuperExec with PATH={folder}:$PATH"
     )
